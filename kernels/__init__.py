@@ -1,0 +1,1 @@
+"""Triton kernels and their pure-PyTorch references; no knowledge of models or graphs."""

@@ -1,0 +1,1 @@
+"""FX graph analysis and rewriting: find attention sites, lift the pre-RoPE query, rewrite."""

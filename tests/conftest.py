@@ -1,0 +1,20 @@
+"""Test-wide setup: without a GPU, Triton kernels run through Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, hence here, at collection.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# CI runs on 2 slow cores; property tests are about coverage of cases, not wall-clock limits.
+settings.register_profile(
+    "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
