@@ -1,0 +1,1 @@
+"""Sub-commands of the ``macopt`` command line, one module each."""
