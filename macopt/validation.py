@@ -33,8 +33,9 @@ def check_decode_inputs(
             f"k: expected batch {batch} and head_dim {head_dim} (from q), got {tuple(k.shape)}"
         )
     if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: head_dim {head_dim} is not supported; expected one of "
-                         f"{SUPPORTED_HEAD_DIMS}")
+        raise ValueError(
+            f"q: head_dim {head_dim} is not supported; expected one of {SUPPORTED_HEAD_DIMS}"
+        )
     n_kv_heads = k.shape[1]
     if n_kv_heads == 0 or n_q_heads % n_kv_heads != 0:
         raise ValueError(
@@ -66,7 +67,9 @@ def check_decode_inputs(
         tensors["key_mask"] = key_mask
     for name, t in tensors.items():
         if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (the device of q), got {t.device}")
+            raise ValueError(
+                f"{name}: expected device {q.device} (the device of q), got {t.device}"
+            )
 
 
 def check_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor):
@@ -81,7 +84,9 @@ def check_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_
             if t.dtype != torch.float32:
                 raise ValueError(f"{arg}: states are float32, got {t.dtype}")
     if o_a.shape != o_b.shape:
-        raise ValueError(f"o_b: expected the shape of o_a {tuple(o_a.shape)}, got {tuple(o_b.shape)}")
+        raise ValueError(
+            f"o_b: expected the shape of o_a {tuple(o_a.shape)}, got {tuple(o_b.shape)}"
+        )
     for name, t in (("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b)):
         if t.device != o_a.device:
             raise ValueError(f"{name}: expected device {o_a.device}, got {t.device}")
