@@ -1,0 +1,283 @@
+"""Split-KV decode attention (FlashDecoding) with GQA, returning attention states.
+
+One decode query per row: ``q[B, Hq, D]`` attends keys ``[starts[b], ends[b])`` of
+``k, v[B, Hkv, N, D]`` (intersected with ``key_mask[b]`` when given); query head ``h`` reads KV
+head ``h // g``. The keys of each row are cut into ``num_splits`` runtime-sized chunks; each
+(batch row, KV head, split) program streams its chunk once for the whole query group and writes
+a partial state, and :func:`macopt.kernels.merge.merge_states_into` merges the splits.
+
+Lengths stay on the device and the split count comes from static shapes only, so a launch never
+syncs with the host and can be captured in a CUDA graph.
+
+>>> o, lse = decode_attention_state(q, k, v, starts, ends, None, scale=q.shape[-1] ** -0.5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from macopt.kernels.merge import merge_states_into
+
+Tensor = torch.Tensor
+
+# Every output and workspace buffer comes from here; tests swap in a NaN-filling allocator to
+# prove that the kernels write every element.
+_new_empty = torch.empty
+
+_LOG2_E = 1.4426950408889634
+_LN_2 = tl.constexpr(0.6931471805599453)  # a constexpr: jitted code may read it
+_MAX_SPLITS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the split-KV decode kernel (see :func:`_launch_config`)."""
+
+    block_n: int  # keys per step of a program's loop
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the K/V loads (GPU only)
+    num_splits: int  # programs per (batch row, KV head); the merge kernel runs when > 1
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, starts_ptr, ends_ptr, mask_ptr, o_ptr, lse_ptr,
+    qk_scale_log2, n_kv_heads, n_keys, group, num_splits,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_start_b, stride_start_h, stride_end_b, stride_end_h,
+    stride_mask_b, stride_mask_n,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_lb, stride_lh, stride_ls,
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # A program owns one (batch row, KV head, split): the g query heads of the group are the rows
+    # of one [BLOCK_G, D] tile, so each [BLOCK_N, D] K/V block is read once for all of them.
+    kv_pid = tl.program_id(0)
+    split = tl.program_id(1)
+    batch = (kv_pid // n_kv_heads).to(tl.int64)  # int64: batch * stride can pass 2**31
+    kv_head = (kv_pid % n_kv_heads).to(tl.int64)
+
+    rows = tl.arange(0, BLOCK_G)
+    row_ok = rows < group
+    q_heads = kv_head * group + rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM  # BLOCK_D pads 80 and 96 to a power of two
+
+    # Ranges are addressed per query head: head stride 0 shares a row's range with all its heads,
+    # 1 gives each query head its own (MAC); the group streams the union of its heads' ranges.
+    start_ptrs = starts_ptr + batch * stride_start_b + q_heads * stride_start_h
+    end_ptrs = ends_ptr + batch * stride_end_b + q_heads * stride_end_h
+    row_start = tl.maximum(tl.load(start_ptrs, mask=row_ok, other=0).to(tl.int32), 0)
+    row_end = tl.minimum(tl.load(end_ptrs, mask=row_ok, other=0).to(tl.int32), n_keys)
+    group_start = tl.min(tl.where(row_ok, row_start, n_keys), axis=0)
+    group_end = tl.max(tl.where(row_ok, row_end, 0), axis=0)
+
+    # This split's chunk of the group's key range, a whole number of blocks long.
+    group_len = tl.maximum(group_end - group_start, 0)
+    chunk = tl.cdiv(tl.cdiv(group_len, num_splits), BLOCK_N) * BLOCK_N
+    split_start = group_start + split * chunk
+    split_end = tl.minimum(split_start + chunk, group_end)
+
+    q = tl.load(
+        q_ptr + batch * stride_qb + q_heads[:, None] * stride_qh + dims[None, :] * stride_qd,
+        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+
+    running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)  # log2 units
+    running_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for block_start in range(split_start, split_end, BLOCK_N):
+        keys = block_start + tl.arange(0, BLOCK_N)
+        key_ok = keys < split_end
+        if HAS_MASK:
+            attend = tl.load(mask_ptr + batch * stride_mask_b + keys * stride_mask_n,
+                             mask=key_ok, other=0)
+            key_ok = key_ok & (attend != 0)
+        keys64 = keys.to(tl.int64)
+        kv_tile_ok = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + keys64[:, None] * stride_kn + dims[None, :] * stride_kd,
+                    mask=kv_tile_ok, other=0.0)
+        v = tl.load(v_base + keys64[:, None] * stride_vn + dims[None, :] * stride_vd,
+                    mask=kv_tile_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        in_row_range = (keys[None, :] >= row_start[:, None]) & (keys[None, :] < row_end[:, None])
+        scores = tl.where(key_ok[None, :] & in_row_range, scores, float("-inf"))
+
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with no key yet
+        rescale = tl.exp2(running_max - shift)
+        p = tl.exp2(scores - shift[:, None])
+        running_sum = running_sum * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        running_max = new_max
+
+    has_keys = running_sum > 0
+    o = acc / tl.where(has_keys, running_sum, 1.0)[:, None]
+    log2_sum = tl.log2(tl.where(has_keys, running_sum, 1.0))
+    lse = tl.where(has_keys, (running_max + log2_sum) * _LN_2, float("-inf"))
+
+    out_offsets = batch * stride_ob + q_heads * stride_oh + split * stride_os
+    tl.store(o_ptr + out_offsets[:, None] + dims[None, :] * stride_od,
+             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(lse_ptr + batch * stride_lb + q_heads * stride_lh + split * stride_ls, lse,
+             mask=row_ok)
+
+
+@functools.cache
+def _multiprocessor_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # CPU interpreter: every program runs in Python, so fewer is faster
+
+
+def _launch_config(
+    batch: int, kv_heads: int, n_keys: int, head_dim: int, group: int, device: torch.device,
+    element_size: int = 2,
+) -> DecodeConfig:
+    """Pick block size, warps, pipelining depth and split count from static shapes only.
+
+    Decode is bound by reading K and V once, so the goal is to keep every SM streaming:
+    - splits: ~4 programs per SM so that batch 1 fills the chip (B * Hkv = 8 programs alone
+      would use 8 of 132 SMs); at least 2 blocks of the cache per split and at most 64 splits,
+      so the partial states stay tiny next to K/V. Each split's chunk is recomputed on the
+      device from the real lengths: a short sequence in a large static cache still spreads
+      over all splits.
+    - block_n: 64 keys make a 32 KB K + V stage for D = 128 in bf16; wider rows (D = 256, fp32)
+      take 32 keys. Compiled for sm_90 with 3 stages this is ~70 KB of shared memory and
+      < 150 registers a thread, so three programs fit an SM with loads in flight.
+    The group size does not change the K/V bytes; it only sets the query tile (<= 16 rows).
+    """
+    del group  # the query tile is padded to 16 rows for every group the ops allow
+    padded_dim = triton.next_power_of_2(head_dim)
+    block_n = 64 if 2 * padded_dim * element_size <= 512 else 32
+    target_programs = 4 * _multiprocessor_count(device)
+    splits = triton.cdiv(target_programs, max(batch * kv_heads, 1))
+    splits = max(1, min(splits, triton.cdiv(n_keys, 2 * block_n), _MAX_SPLITS))
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, num_splits=splits)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resolve_config(q: Tensor, k: Tensor, overrides: dict[str, int | None]) -> DecodeConfig:
+    batch, kv_heads, n_keys, head_dim = k.shape
+    config = _launch_config(batch, kv_heads, n_keys, head_dim, q.shape[1] // kv_heads,
+                            q.device, k.element_size())
+    chosen = {name: value for name, value in overrides.items() if value is not None}
+    config = dataclasses.replace(config, **chosen)
+    if config.num_splits < 1 or config.block_n < 16:
+        raise ValueError(f"expected num_splits >= 1 and block_n >= 16, got {config}")
+    return config
+
+
+def _range_strides(bounds: Tensor) -> tuple[int, int]:
+    """(batch, query-head) strides of ``starts``/``ends`` given as ``[B]`` or ``[B, Hq]``."""
+    return (bounds.stride(0), bounds.stride(1) if bounds.dim() == 2 else 0)
+
+
+def _launch_split_kernel(
+    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, key_mask: Tensor | None,
+    scale: float, o: Tensor, lse: Tensor, config: DecodeConfig,
+) -> None:
+    """Run the split kernel writing states ``o[B, Hq, S, D]``, ``lse[B, Hq, S]``."""
+    batch, kv_heads, n_keys, head_dim = k.shape
+    # Without a mask the kernel never reads its pointer; starts stands in for it.
+    mask = key_mask.view(torch.uint8) if key_mask is not None else starts
+    mask_strides = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
+    grid = (batch * kv_heads, config.num_splits)  # splits on axis 1: its 65535 limit is ample
+    _decode_split_kernel[grid](
+        q, k, v, starts, ends, mask, o, lse,
+        scale * _LOG2_E, kv_heads, n_keys, q.shape[1] // kv_heads, config.num_splits,
+        *q.stride(), *k.stride(), *v.stride(),
+        *_range_strides(starts), *_range_strides(ends),
+        *mask_strides,
+        *o.stride(), *lse.stride(),
+        HAS_MASK=key_mask is not None,
+        UPCAST=_interpreting(),
+        # fp32 inputs: 3xTF32 keeps fp32 accuracy on tensor cores (plain ieee spills registers)
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        HEAD_DIM=head_dim,
+        BLOCK_G=max(16, triton.next_power_of_2(q.shape[1] // kv_heads)),
+        BLOCK_N=config.block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+def _decode(
+    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, key_mask: Tensor | None,
+    scale: float, out_dtype: torch.dtype, config: DecodeConfig,
+) -> tuple[Tensor, Tensor]:
+    batch, q_heads, head_dim = q.shape
+    o = _new_empty((batch, q_heads, head_dim), dtype=out_dtype, device=q.device)
+    lse = _new_empty((batch, q_heads), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    if config.num_splits == 1:  # the single split's state is the answer: write it directly
+        _launch_split_kernel(q, k, v, starts, ends, key_mask, scale,
+                             o.unsqueeze(2), lse.unsqueeze(2), config)
+        return o, lse
+    parts_o = _new_empty((batch, q_heads, config.num_splits, head_dim),
+                         dtype=torch.float32, device=q.device)
+    parts_lse = _new_empty((batch, q_heads, config.num_splits), dtype=torch.float32,
+                           device=q.device)
+    _launch_split_kernel(q, k, v, starts, ends, key_mask, scale, parts_o, parts_lse, config)
+    merge_states_into(parts_o, parts_lse, o, lse)
+    return o, lse
+
+
+def decode_attention_state(
+    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, key_mask: Tensor | None,
+    scale: float, num_splits: int | None = None, *, block_n: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """State ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])`` of one decode query per row.
+
+    Keys of row ``b`` are ``[starts[b], ends[b])`` of ``k, v[B, Hkv, N, D]`` (any strides),
+    intersected with ``key_mask[b]`` (bool ``[B, N]``, True = attend) when given; ``starts`` or
+    ``ends`` of shape ``[B, Hq]`` give each query head its own range. A query with no key gets
+    the empty state ``(0, -inf)``. ``num_splits``, ``block_n``, ``num_warps`` and ``num_stages``
+    override :func:`_launch_config` (for benchmarks and tests).
+
+    >>> o, lse = decode_attention_state(q, k, v, starts, ends, None, scale=0.125)
+    """
+    overrides = {"num_splits": num_splits, "block_n": block_n, "num_warps": num_warps,
+                 "num_stages": num_stages}
+    config = _resolve_config(q, k, overrides)
+    return _decode(q, k, v, starts, ends, key_mask, scale, torch.float32, config)
+
+
+def decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, key_mask: Tensor | None,
+    scale: float, num_splits: int | None = None, *, block_n: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> Tensor:
+    """Decode attention output ``o[B, Hq, D]`` in ``q.dtype``; a row with no key gives zeros.
+
+    Same arguments as :func:`decode_attention_state`.
+
+    >>> o = decode_attention(q, k, v, starts, ends, key_mask, scale=0.125, num_splits=8)
+    """
+    overrides = {"num_splits": num_splits, "block_n": block_n, "num_warps": num_warps,
+                 "num_stages": num_stages}
+    config = _resolve_config(q, k, overrides)
+    return _decode(q, k, v, starts, ends, key_mask, scale, q.dtype, config)[0]
