@@ -1,0 +1,218 @@
+"""``optimize``, ``explain`` and the ``macopt`` torch.compile backends.
+
+Eager execution: ``optimize`` changes no module code. Eager runs of an optimized model take
+the unmodified attention path (Hugging Face's ``sdpa``), which computes exactly what the
+rewritten ``exact`` graph computes, so the numbers agree by construction. Methods that keep
+per-site state (MAC) will run eagerly through the ``macopt_eager`` backend instead, which
+rewrites the traced graph with the same passes and runs it without Inductor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+
+from macopt.config import MethodConfig
+from macopt.passes import scope
+from macopt.passes._compat import (
+    aot_autograd,
+    compile_fx,
+    dynamo,
+    inductor_config,
+    make_boxed_func,
+    select_decomp_table,
+)
+from macopt.passes.manager import MacoptPasses, run_passes
+from macopt.passes.report import SiteReport
+from macopt.report import Explanation
+from macopt.validation import SUPPORTED_HEAD_DIMS
+
+FilterFn = Callable[[torch.nn.Module, str], bool]
+_ATTENTION_CLASS = re.compile(r"attention", re.IGNORECASE)
+
+
+def optimize(
+    model: torch.nn.Module,
+    config: MethodConfig,
+    *,
+    overrides: dict[str, MethodConfig | None] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> torch.nn.Module:
+    """Put ``model``'s attention modules in scope of macopt's passes, in place.
+
+    The user's own ``torch.compile`` then rewrites their decode attention to ``config``'s
+    method. ``overrides`` maps an attention module's qualified name to another config (None:
+    leave it alone); ``filter_fn(module, name)`` returning False leaves a module alone.
+
+    >>> import macopt, torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=128, num_attention_heads=2,
+    ...     num_key_value_heads=1, num_hidden_layers=1, intermediate_size=64, vocab_size=64))
+    >>> _ = macopt.optimize(model, macopt.ExactConfig())
+    >>> model.forward = torch.compile(model.forward, fullgraph=True)  # rewrites at compile
+    """
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"config: expected a macopt MethodConfig (e.g. macopt.ExactConfig()), "
+                        f"got {type(config).__name__}")
+    _use_sdpa(model)
+    _check_model_supports(model, config)
+    plan = _plan_scope(model, config, overrides or {}, filter_fn)
+    for _, module in model.named_modules():
+        scope.untag(module)
+    for name, (module, module_config) in plan.items():
+        scope.tag(module, name, module_config)
+    install_passes()
+    return model
+
+
+def explain(model: torch.nn.Module) -> Explanation:
+    """What the passes found and did at each attention site of an optimized, compiled model.
+
+    Reports come from the graphs compiled so far (decode and prefill graphs separately).
+
+    >>> import macopt
+    >>> print(macopt.explain(model).table())  # doctest: +SKIP
+    """
+    reports = [r for m in model.modules() for r in scope.reports_of(m)]
+    if not reports:
+        raise ValueError(
+            "explain: no attention site of this model has been through macopt's passes yet. "
+            "Call macopt.optimize(model, config), compile, and run one step (or use `macopt "
+            "inspect MODEL`). A graph loaded from Inductor's FX graph cache reruns no pass: "
+            "set torch._inductor.config.fx_graph_cache = False to see its report.")
+    return Explanation(sorted(reports, key=_report_order))
+
+
+def install_passes() -> MacoptPasses:
+    """Install macopt's pass manager for every later Inductor compile (idempotent), keeping
+    any post-grad pass already installed by wrapping it."""
+    current = inductor_config.post_grad_custom_post_pass
+    if isinstance(current, MacoptPasses):
+        return current
+    manager = MacoptPasses(previous=current)
+    inductor_config.post_grad_custom_post_pass = manager
+    return manager
+
+
+def backend(config: MethodConfig | None = None, *, inductor: bool = True) -> Callable:
+    """A torch.compile backend running macopt's passes for this compile only.
+
+    ``config`` also applies to sites outside optimized modules (plain PyTorch models);
+    ``inductor=False`` runs the rewritten graph without Inductor (the ``macopt_eager`` path).
+
+    >>> backend = macopt.backend(macopt.ExactConfig())
+    >>> compiled = torch.compile(model, backend=backend)  # doctest: +SKIP
+    """
+    if not inductor:
+        return _eager_backend(config)
+
+    def compile_with_passes(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        manager = MacoptPasses(default_config=config, previous=_user_pass())
+        patches = {"post_grad_custom_post_pass": manager}
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+    return compile_with_passes
+
+
+def _eager_backend(config: MethodConfig | None) -> Callable:
+    def rewrite(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        run_passes(gm.graph, config)
+        gm.recompile()
+        return make_boxed_func(gm)
+
+    return aot_autograd(fw_compiler=rewrite, decompositions=select_decomp_table())
+
+
+def _user_pass() -> object | None:
+    current = inductor_config.post_grad_custom_post_pass
+    return current.previous if isinstance(current, MacoptPasses) else current
+
+
+def _use_sdpa(model: torch.nn.Module) -> None:
+    """Hugging Face models: select the ``sdpa`` attention (Inductor does not reliably fuse the
+    eager softmax pattern, and SDPA nodes are what the passes find)."""
+    hf_config = getattr(model, "config", None)
+    if not hasattr(hf_config, "_attn_implementation"):
+        return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("sdpa")
+    else:
+        hf_config._attn_implementation = "sdpa"
+    if hf_config._attn_implementation != "sdpa":
+        raise ValueError(
+            f"{type(model).__name__} cannot use the 'sdpa' attention implementation (it keeps "
+            f"{hf_config._attn_implementation!r}), so its attention has no SDPA site for macopt "
+            "to rewrite. Leave this model unoptimized.")
+
+
+def _check_model_supports(model: torch.nn.Module, config: MethodConfig) -> None:
+    """Fail early, before tagging anything, on what a Hugging Face config already rules out."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not hasattr(hf_config, "num_attention_heads"):
+        return
+    text = getattr(hf_config, "get_text_config", lambda: hf_config)()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{type(model).__name__} has head dim {head_dim}; macopt's decode "
+                         f"kernels support {SUPPORTED_HEAD_DIMS}. Leave this model unoptimized.")
+    has_rope = any(hasattr(text, a) for a in ("rope_parameters", "rope_theta", "rotary_dim"))
+    if config.needs_pre_rope_query and not has_rope:
+        raise ValueError(f"{type(model).__name__} ({text.model_type}) has no RoPE, and method "
+                         f"{config.method!r} needs the pre-RoPE query; use macopt.ExactConfig().")
+
+
+def _plan_scope(
+    model: torch.nn.Module,
+    config: MethodConfig,
+    overrides: dict[str, MethodConfig | None],
+    filter_fn: FilterFn | None,
+) -> dict[str, tuple[torch.nn.Module, MethodConfig]]:
+    """Attention modules to tag and their configs; raises before anything is tagged."""
+    found = attention_modules(model)
+    if not found:
+        raise ValueError(f"no attention module found in {type(model).__name__}: optimize() "
+                         "tags modules whose class name contains 'Attention' and that call "
+                         "scaled_dot_product_attention. Rename the module class, or compile with "
+                         "backend=macopt.backend(config) to rewrite every SDPA site.")
+    unknown = set(overrides) - set(found)
+    if unknown:
+        raise ValueError(f"overrides: no attention module named {sorted(unknown)}; "
+                         f"attention modules are {list(found)[:4]}...")
+    plan = {}
+    for name, module in found.items():
+        chosen = overrides.get(name, config)
+        if chosen is not None and (filter_fn is None or filter_fn(module, name)):
+            plan[name] = (module, chosen)
+    if not plan:
+        raise ValueError("every attention module was excluded by overrides or filter_fn; "
+                         "nothing to optimize")
+    return plan
+
+
+def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Outermost modules whose class name says attention, by qualified name."""
+    found: dict[str, torch.nn.Module] = {}
+    for name, module in model.named_modules():
+        if module is model or any(name.startswith(p + ".") for p in found):
+            continue
+        if _ATTENTION_CLASS.search(type(module).__name__):
+            found[name] = module
+    return found
+
+
+def _report_order(report: SiteReport) -> tuple:
+    numbers = tuple(int(x) for x in re.findall(r"\d+", report.layer))
+    return (report.phase, numbers, report.layer)
+
+
+def _register_backends() -> None:
+    registered = set(dynamo.list_backends(exclude_tags=()))
+    if "macopt" not in registered:
+        dynamo.register_backend(backend(), name="macopt")
+    if "macopt_eager" not in registered:
+        dynamo.register_backend(backend(inductor=False), name="macopt_eager")
+
+
+_register_backends()

@@ -1,0 +1,77 @@
+"""Every private torch import macopt's passes use, in one place.
+
+Torch moves these between releases; supporting a new release should mean editing this file
+only. Works with torch 2.11 through 2.13.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch._dynamo as dynamo
+import torch._inductor.config as inductor_config
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.utils import counters as dynamo_counters
+from torch._inductor.compile_fx import compile_fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.decomposition import select_decomp_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.operator_schemas import normalize_function
+
+__all__ = [
+    "CustomGraphPass",
+    "FakeTensorMode",
+    "SDPA_TARGETS",
+    "aot_autograd",
+    "compile_fx",
+    "dynamo",
+    "dynamo_counters",
+    "get_hash_for_files",
+    "inductor_config",
+    "make_boxed_func",
+    "module_ids_in_stack",
+    "normalize_function",
+    "run_and_get_code",
+    "select_decomp_table",
+    "statically_known_true",
+]
+
+_aten = torch.ops.aten
+# Every aten attention op a post-grad graph may hold (CPU picks _for_cpu; CUDA the others).
+SDPA_TARGETS = tuple(
+    getattr(_aten, name).default
+    for name in (
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if hasattr(_aten, name)
+)
+
+
+def module_ids_in_stack(node: torch.fx.Node) -> list[tuple[int | None, str, type]]:
+    """``(id(module) or None, dynamo source path, class)`` of the modules around ``node``,
+    outermost first. Dynamo keys ``nn_module_stack`` by ``str(id(module))`` (``@n`` suffix on
+    repeated calls); other tracers use other keys, hence the ``None``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for key, (path, cls) in stack.items():
+        head = str(key).split("@", 1)[0]
+        out.append((int(head) if head.isdigit() else None, str(path), cls))
+    return out
+
+
+def make_boxed_func(fn):  # noqa: ANN001, ANN201  (torch's own signature)
+    """aot_autograd's boxed calling convention (moved between torch releases)."""
+    from torch._functorch.aot_autograd import make_boxed_func as boxed
+
+    return boxed(fn)
+
+
+def run_and_get_code(fn, *args, **kwargs):  # noqa: ANN001, ANN201
+    """``(fn(...), [generated source of every Inductor compile during the call])``."""
+    from torch._inductor.utils import run_and_get_code as run
+
+    return run(fn, *args, **kwargs)

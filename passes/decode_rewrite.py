@@ -1,0 +1,159 @@
+"""Rewrite decode attention sites (query length statically 1) to a method's decode op.
+
+A method plugs in by registering a function under its name in :data:`DECODE_REWRITES`; it
+receives the graph, the site and the :class:`DecodeInputs` this module builds (query
+``[B,Hq,D]``, un-repeated ``k/v``, ``starts/ends``, ``key_mask``, scale) and returns the node
+holding ``o[B,Hq,D]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+
+from macopt.passes.graph_utils import aten, fake, is_call, static_int, statically_equals
+from macopt.passes.masks import boolean_key_mask
+from macopt.passes.rope import RopeMatch
+from macopt.passes.sites import AttentionSite
+from macopt.validation import MAX_GQA_GROUP, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
+
+@dataclass(frozen=True)
+class DecodeInputs:
+    """Graph nodes (or Python numbers) for a decode op's arguments."""
+
+    q: Node
+    k: Node
+    v: Node
+    starts: Node
+    ends: Node
+    key_mask: Node | None
+    scale: float
+    rope: RopeMatch | None
+
+
+DecodeRewrite = Callable[[Graph, AttentionSite, DecodeInputs, object], Node]
+DECODE_REWRITES: dict[str, DecodeRewrite] = {}
+
+
+def register_decode_rewrite(method: str) -> Callable[[DecodeRewrite], DecodeRewrite]:
+    """Register the decode rewrite of ``method`` (a ``MethodConfig.method`` name)."""
+
+    def register(fn: DecodeRewrite) -> DecodeRewrite:
+        DECODE_REWRITES[method] = fn
+        return fn
+
+    return register
+
+
+@register_decode_rewrite("exact")
+def rewrite_exact(graph: Graph, site: AttentionSite, inputs: DecodeInputs, config: object) -> Node:
+    """Exact by construction: the same keys (SDPA's mask becomes ``key_mask``), the same
+    scale, the same GQA head map (query head h reads KV head h // g, as repeat_kv does)."""
+    args = (inputs.q, inputs.k, inputs.v, inputs.starts, inputs.ends, inputs.key_mask)
+    return call(graph, torch.ops.macopt.decode_attention.default, (*args, inputs.scale), site)
+
+
+def is_decode(site: AttentionSite) -> bool:
+    """Whether the query length is provably 1 (from the graph's symbolic shapes)."""
+    return statically_equals(site.query_len, 1)
+
+
+def decode_skip_reason(site: AttentionSite, rope: RopeMatch | None, config: object) -> str | None:
+    """Why a decode site cannot be rewritten for ``config``, or None when it can."""
+    q_val, k_val = fake(site.q), fake(site.k)
+    if site.output is None or site.extra_outputs_used:
+        return "the site's log-sum-exp or debug outputs are read downstream"
+    if site.dropout:
+        return f"attention dropout {site.dropout}"
+    if site.head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {site.head_dim} is not one of {SUPPORTED_HEAD_DIMS}"
+    if q_val is None or k_val is None or q_val.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {getattr(q_val, 'dtype', None)} is not one of {SUPPORTED_DTYPES}"
+    if k_val.dtype != q_val.dtype or fake(site.v) is None or fake(site.v).shape != k_val.shape:
+        return "k/v dtype or shape differ from q"
+    if site.group is None or site.group > MAX_GQA_GROUP:
+        return f"GQA group {site.group} (q heads / kv heads) is not supported"
+    if config.needs_pre_rope_query and rope is None:
+        return f"no RoPE found; method {config.method!r} needs the pre-RoPE query"
+    if config.method not in DECODE_REWRITES:
+        return f"no decode rewrite registered for method {config.method!r}"
+    _, mask_reason = boolean_key_mask(site)
+    return mask_reason
+
+
+def rewrite_decode_site(
+    graph: Graph, site: AttentionSite, rope: RopeMatch | None, config: object
+) -> Node:
+    """Replace ``site`` (already checked by :func:`decode_skip_reason`) with the method's op."""
+    with graph.inserting_before(site.node):
+        inputs = _decode_inputs(graph, site, rope)
+        out = DECODE_REWRITES[config.method](graph, site, inputs, config)
+        out4 = call(graph, aten.unsqueeze.default, (out, 2), site)
+    site.output.replace_all_uses_with(out4)
+    if site.output is not site.node:
+        graph.erase_node(site.output)
+    for user in list(site.node.users):  # unused getitems of the other outputs
+        graph.erase_node(user)
+    graph.erase_node(site.node)
+    return out
+
+
+def _decode_inputs(graph: Graph, site: AttentionSite, rope: RopeMatch | None) -> DecodeInputs:
+    q_val, k_val = fake(site.q), fake(site.k)
+    batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
+    device = q_val.device
+    mask_source, _ = boolean_key_mask(site)
+    key_mask = None
+    if mask_source is not None:
+        flat = call(graph, aten.reshape.default, (mask_source, [-1, k_val.shape[2]]), site)
+        key_mask = call(graph, aten.expand.default, (flat, [batch, n_keys]), site)
+    int_kwargs = {"dtype": torch.int32, "device": device}
+    return DecodeInputs(
+        q=call(graph, aten.squeeze.dim, (site.q, 2), site),
+        k=site.k,
+        v=site.v,
+        starts=call(graph, aten.full.default, ([batch], 0), site, int_kwargs),
+        ends=call(graph, aten.full.default, ([batch], n_keys), site, int_kwargs),
+        key_mask=key_mask,
+        scale=site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim),
+        rope=rope,
+    )
+
+
+def size_arg(graph: Graph, node: Node, dim: int, site: AttentionSite) -> int | Node:
+    """A size of ``node`` as an int when static, else a ``sym_size`` node (no recompiles)."""
+    size = fake(node).shape[dim]
+    static = static_int(size)
+    if static is not None:
+        return static
+    return call(graph, aten.sym_size.int, (node, dim), site)
+
+
+def call(
+    graph: Graph, target: object, args: tuple, site: AttentionSite, kwargs: dict | None = None
+) -> Node:
+    """Insert ``target(*args)`` with ``meta["val"]`` from fake-tensor propagation."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    fake_mode = fake(site.q).fake_mode
+
+    def val(a: object) -> object:
+        return a.meta["val"] if isinstance(a, Node) else a
+
+    vals = torch.fx.node.map_aggregate(args, val)
+    kw_vals = torch.fx.node.map_aggregate(kwargs, val)
+    with fake_mode:
+        node.meta["val"] = target(*vals, **kw_vals)
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in site.node.meta:
+            node.meta[key] = site.node.meta[key]
+    return node
+
+
+def is_rewritten(node: Node) -> bool:
+    return is_call(node, torch.ops.macopt.decode_attention.default)

@@ -1,0 +1,121 @@
+"""The pass manager: one Inductor ``CustomGraphPass`` that runs macopt's passes.
+
+Per attention site in scope: find it, lift the pre-RoPE query, decide, rewrite decode sites
+to the method's op, record a :class:`SiteReport`. ``uuid()`` hashes the pass sources, torch's
+version, the tags in scope (module class, name, config) and any pass it wraps, so Inductor's
+FX graph cache reuses a compiled graph only when the rewrite would be the same.
+
+Known limit of the cache key: the graph cache cannot see module identity, so compiling an
+untagged model whose graph is identical to a tagged one's while the tags are live may reuse
+the tagged (rewritten) artifact. Both compute the same attention under ``ExactConfig``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch.fx import Graph
+
+from macopt.passes import scope
+from macopt.passes._compat import CustomGraphPass, get_hash_for_files
+from macopt.passes.decode_rewrite import (
+    DECODE_REWRITES,
+    decode_skip_reason,
+    is_decode,
+    rewrite_decode_site,
+)
+from macopt.passes.module_checks import unsupported_module_reason
+from macopt.passes.report import SiteReport
+from macopt.passes.rope import lift_pre_rope_query
+from macopt.passes.sites import AttentionSite, find_attention_sites
+
+_PASS_SOURCES = tuple(sorted(str(p) for p in Path(__file__).parent.glob("*.py")))
+
+
+class MacoptPasses(CustomGraphPass):
+    """Runs macopt's passes on post-grad graphs; composes with a pass installed before it.
+
+    ``default_config`` applies to sites outside any tagged module (the ``macopt`` backend's
+    config for plain models); None leaves them alone.
+    """
+
+    def __init__(self, default_config: object | None = None, previous: object | None = None):
+        self.default_config = default_config
+        self.previous = previous
+
+    def __call__(self, graph: Graph) -> None:
+        if self.previous is not None:
+            self.previous(graph)
+        run_passes(graph, self.default_config)
+
+    def uuid(self) -> str | None:
+        previous = self.previous.uuid() if hasattr(self.previous, "uuid") else None
+        if self.previous is not None and previous is None:
+            return None  # the wrapped pass is uncacheable, so are we
+        default = getattr(self.default_config, "cache_key", lambda: "none")()
+        extra = "\n".join((torch.__version__, default, str(previous), scope.cache_description()))
+        return get_hash_for_files(_PASS_SOURCES, extra).hex()
+
+
+def run_passes(graph: Graph, default_config: object | None = None) -> list[SiteReport]:
+    """Analyse and rewrite every in-scope attention site of ``graph``; return the reports."""
+    reports = []
+    for site in find_attention_sites(graph):
+        found = scope.scope_of(site.node)
+        module, config = found if found else (None, None)
+        config = found[1].config if found else default_config
+        if config is None:
+            continue
+        layer = found[1].qualname if found else _readable_path(site.module_path)
+        report = process_site(graph, site, module, config, layer)
+        module_id = id(module) if module is not None else site.module_id
+        if module_id is not None:
+            scope.record(module_id, report)
+        reports.append(report)
+    if any(r.rewritten for r in reports):
+        graph.eliminate_dead_code()
+        graph.lint()
+    return reports
+
+
+def process_site(
+    graph: Graph, site: AttentionSite, module: object, config: object, layer: str
+) -> SiteReport:
+    """Decide one site and rewrite it when it is a supported decode site."""
+    rope, _ = lift_pre_rope_query(site.q)
+    decode = is_decode(site)
+    if not decode:
+        decision, reason = "kept", f"prefill graph (query length {site.query_len})"
+    else:
+        skip = unsupported_module_reason(module) or decode_skip_reason(site, rope, config)
+        decision, reason = ("skipped", skip) if skip else ("rewritten", "")
+    report = SiteReport(
+        layer=layer,
+        op=site.op_name.removeprefix("aten::"),
+        phase="decode" if decode else "prefill",
+        query_len=str(site.query_len),
+        rope_form=rope.form if rope else None,
+        pre_rope_lifted=rope is not None,
+        gqa_form=site.gqa_form,
+        group=site.group,
+        head_dim=site.head_dim,
+        method=config.method,
+        decision=decision,
+        reason=reason or _rewrite_description(config.method),
+    )
+    if decision == "rewritten":
+        rewrite_decode_site(graph, site, rope, config)
+    return report
+
+
+def _readable_path(path: str) -> str:
+    """``L['self'].model.layers.0.self_attn`` -> ``model.layers.0.self_attn``."""
+    return re.sub(r"^L\[['\"]\w+['\"]\]\.?", "", path)
+
+
+def _rewrite_description(method: str) -> str:
+    """First paragraph of the method's rewrite docstring, on one line."""
+    doc = DECODE_REWRITES[method].__doc__ or method
+    return " ".join(doc.split("\n\n")[0].split())
