@@ -1,0 +1,194 @@
+"""Top-K + phi Triton kernels against the reference (CPU: through TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from topk_phi_cases import Problem, make_problem
+
+from macopt.kernels import reference, topk_phi
+from macopt.kernels import topk_phi_reference as ref
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN: an unwritten element fails the test."""
+    def nan_empty(*shape, dtype=None, device=None):
+        return torch.full(*shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(topk_phi, "_new_empty", nan_empty)
+
+
+def _switch_mlp_on(p: Problem, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for phi in (p.maps.phi_q, p.maps.phi_k):
+            phi.alpha.copy_(torch.rand(phi.alpha.shape, generator=gen))
+            phi.w_2.copy_(torch.randn(phi.w_2.shape, generator=gen) * 0.1)
+
+
+def _kernel_summary(p: Problem, num_splits: int | None = None) -> ref.PhiSummary:
+    return topk_phi.build_summary(p.k, p.v, p.maps.phi_k.folded(), p.mid_start, p.mid_end,
+                                  num_splits=num_splits)
+
+
+def _both_decodes(p: Problem, selected, completion=None, num_splits=None, block_n=None):
+    log_phi_q, log_phi_k = p.log_phi()
+    kernel = topk_phi.topk_phi_decode_state(
+        p.q, p.k, p.v, p.scale, p.starts, p.ends, _kernel_summary(p), selected, log_phi_q,
+        p.maps.phi_k.folded(), completion, num_splits=num_splits, block_n=block_n)
+    oracle = ref.topk_phi_decode_state(
+        p.q, p.k, p.v, p.scale, p.starts, p.ends, p.summary(), selected, log_phi_q, log_phi_k,
+        completion, compute_dtype=F64)
+    return kernel, oracle
+
+
+def _assert_states_close(kernel, oracle, tol=2e-5):
+    torch.testing.assert_close(kernel[0], oracle[0].float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(kernel[1], oracle[1].float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_summary_kernel_matches_the_reference_with_the_mlp_on(num_splits):
+    p = make_problem(head_dim=64, d_phi=32, n_keys=128)
+    _switch_mlp_on(p)
+    kernel, oracle = _kernel_summary(p, num_splits), p.summary()
+    for name in ("m", "u", "t"):
+        torch.testing.assert_close(getattr(kernel, name), getattr(oracle, name).float(),
+                                   rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_summary_of_an_empty_mid_region_is_the_empty_summary():
+    p = make_problem(head_dim=64, lengths=[10, 2])
+    summary = _kernel_summary(p, num_splits=2)
+    assert torch.all(summary.m == float("-inf"))
+    assert torch.all(summary.u == 0) and torch.all(summary.t == 0)
+
+
+@pytest.mark.parametrize("page_size", [8, 16])
+def test_page_bounds_and_scores_match_the_reference(page_size):
+    p = make_problem(n_q_heads=8, head_dim=64, n_keys=100, lengths=[90, 61])
+    bounds = topk_phi.build_page_bounds(p.k, p.mid_start, p.mid_end, page_size)
+    expected = ref.build_page_bounds(p.k, p.mid_start, p.mid_end, page_size)
+    torch.testing.assert_close(bounds.kmin, expected.kmin, rtol=0, atol=0)
+    torch.testing.assert_close(bounds.kmax, expected.kmax, rtol=0, atol=0)
+    scores = topk_phi.page_scores(p.q, bounds, p.mid_start, p.mid_end, page_size, p.scale)
+    oracle = ref.page_scores(p.q, expected, p.mid_start, p.mid_end, page_size, p.scale)
+    torch.testing.assert_close(scores, oracle, rtol=1e-5, atol=1e-5)
+
+
+def test_page_selector_returns_the_reference_pages_as_token_indices():
+    p = make_problem(n_q_heads=8, head_dim=64, n_keys=128)
+    bounds = topk_phi.build_page_bounds(p.k, p.mid_start, p.mid_end, 16)
+    tokens = topk_phi.select_pages(p.q, bounds, p.mid_start, p.mid_end, 16, p.scale, 3)
+    oracle_scores = ref.page_scores(p.q, bounds, p.mid_start, p.mid_end, 16, p.scale)
+    pages = ref.select_pages(oracle_scores, n_kv_heads=2, n_selected=3)
+    assert tokens.shape == (2, 2, 48)
+    assert torch.equal(tokens, ref.pages_to_tokens(pages, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_kernel_matches_the_reference(head_dim, group, dtype):
+    p = make_problem(n_q_heads=2 * group, n_kv_heads=2, head_dim=head_dim, d_phi=32,
+                     n_keys=112, dtype=dtype, lengths=[100, 57], n_generated=5, seed=group)
+    if group == 4:
+        _switch_mlp_on(p)
+    selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=24)
+    kernel, oracle = _both_decodes(p, selected, num_splits=3, block_n=16)
+    _assert_states_close(kernel, oracle, tol=1e-4)
+
+
+def test_decode_output_is_the_state_in_q_dtype():
+    p = make_problem(head_dim=64, dtype=torch.bfloat16)
+    selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=16)
+    log_phi_q, _ = p.log_phi()
+    args = (p.q, p.k, p.v, p.scale, p.starts, p.ends, _kernel_summary(p), selected, log_phi_q,
+            p.maps.phi_k.folded())
+    out = topk_phi.topk_phi_decode(*args)
+    o, _ = topk_phi.topk_phi_decode_state(*args)
+    assert out.dtype == torch.bfloat16
+    # One bf16 ulp: the interpreter's fp32 -> bf16 cast does not round to nearest.
+    torch.testing.assert_close(out, o.to(torch.bfloat16), rtol=2**-7, atol=1e-6)
+
+
+def test_selecting_every_page_gives_exact_attention():
+    p = make_problem(n_q_heads=8, head_dim=64, n_keys=128, lengths=[110, 70])
+    bounds = topk_phi.build_page_bounds(p.k, p.mid_start, p.mid_end, 16)
+    selected = topk_phi.select_pages(p.q, bounds, p.mid_start, p.mid_end, 16, p.scale, 8)
+    kernel, _ = _both_decodes(p, selected, num_splits=2)
+    exact = reference.attention_state(p.q, p.k, p.v, p.scale, p.starts, p.ends)
+    _assert_states_close(kernel, exact, tol=1e-5)
+
+
+def test_zero_mass_completion_equals_topk_only_attention():
+    p = make_problem(head_dim=64)
+    with torch.no_grad():
+        p.maps.phi_q.b_o.fill_(-1e4)
+    selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=16)
+    (o, lse), _ = _both_decodes(p, selected)
+    off = torch.zeros(p.q.shape[1], dtype=torch.bool)
+    _, (o_off, lse_off) = _both_decodes(p, selected, completion=off)
+    _assert_states_close((o, lse), (o_off, lse_off), tol=1e-5)
+
+
+def test_completion_switch_is_per_query_head():
+    p = make_problem(head_dim=64)
+    selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=16)
+    completion = torch.tensor([True, False, False, True])
+    kernel, oracle = _both_decodes(p, selected, completion=completion)
+    _assert_states_close(kernel, oracle)
+
+
+def test_selection_entries_outside_the_mid_region_are_ignored():
+    p = make_problem(head_dim=64)
+    selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=8)
+    junk = torch.tensor([-5, 0, 1, 95, 500], dtype=torch.int32).expand(2, 2, 5)
+    kernel, _ = _both_decodes(p, torch.cat([selected, junk], dim=-1))
+    _, oracle = _both_decodes(p, selected)
+    _assert_states_close(kernel, oracle)
+
+
+def test_rows_without_mid_or_without_keys_stay_finite():
+    p = make_problem(batch=3, head_dim=64, lengths=[6, 0, 40], n_generated=0)
+    selected = torch.zeros(3, 2, 16, dtype=torch.int32)
+    kernel, oracle = _both_decodes(p, selected, num_splits=2)
+    _assert_states_close(kernel, oracle)
+    assert torch.all(kernel[0][1] == 0) and torch.all(kernel[1][1] == float("-inf"))
+
+
+@settings(max_examples=12)
+@given(
+    batch=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 4, 8]),
+    n_kv_heads=st.integers(1, 2),
+    n_keys=st.integers(24, 120),
+    n_sink=st.integers(0, 6),
+    n_tail=st.integers(0, 20),
+    n_generated=st.integers(0, 9),
+    top_k=st.integers(1, 40),
+    per_page=st.booleans(),
+    num_splits=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_decode_kernel_matches_the_reference_on_random_problems(
+    batch, group, n_kv_heads, n_keys, n_sink, n_tail, n_generated, top_k, per_page, num_splits,
+    seed, data,
+):
+    prompt = st.integers(0, n_keys - n_generated)
+    lengths = data.draw(st.lists(prompt, min_size=batch, max_size=batch), label="lengths")
+    p = make_problem(batch, group * n_kv_heads, n_kv_heads, n_keys, head_dim=64, d_phi=16,
+                     seed=seed, n_sink=n_sink, n_tail=n_tail, n_generated=n_generated,
+                     lengths=lengths)
+    if per_page:
+        bounds = topk_phi.build_page_bounds(p.k, p.mid_start, p.mid_end, 8)
+        selected = topk_phi.select_pages(p.q, bounds, p.mid_start, p.mid_end, 8, p.scale,
+                                         -(-top_k // 8))
+    else:
+        selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k)
+    kernel, oracle = _both_decodes(p, selected, num_splits=num_splits, block_n=16)
+    _assert_states_close(kernel, oracle, tol=1e-4)
