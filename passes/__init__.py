@@ -1,1 +1,13 @@
-"""FX graph analysis and rewriting: find attention sites, lift the pre-RoPE query, rewrite."""
+"""FX graph analysis and rewriting: find attention sites, lift the pre-RoPE query, rewrite.
+
+Modules, in the order a graph flows through them:
+
+- ``sites``: find every aten SDPA call and normalise it (``AttentionSite``)
+- ``rope``: walk the query back through its RoPE to the pre-RoPE query (``RopeMatch``)
+- ``masks``: prove an attention mask selects keys (bool, or ``where(bool, 0, -inf)``)
+- ``module_checks``: sliding window, softcap, cross-attention, non-causal modules
+- ``decode_rewrite``: the per-method decode rewrites (a registry keyed by method name)
+- ``manager``: the Inductor ``CustomGraphPass`` running all of it, with its uuid
+- ``scope``: which modules ``macopt.optimize`` put in scope, and the per-site reports
+- ``_compat``: every private torch import
+"""

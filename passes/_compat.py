@@ -26,6 +26,7 @@ __all__ = [
     "compile_fx",
     "dynamo",
     "dynamo_counters",
+    "fresh_inductor_cache",
     "get_hash_for_files",
     "inductor_config",
     "make_boxed_func",
@@ -75,3 +76,11 @@ def run_and_get_code(fn, *args, **kwargs):  # noqa: ANN001, ANN201
     from torch._inductor.utils import run_and_get_code as run
 
     return run(fn, *args, **kwargs)
+
+
+def fresh_inductor_cache():  # noqa: ANN201
+    """A context with an empty, temporary Inductor cache (renamed in torch 2.9+)."""
+    from torch._inductor import utils
+
+    fresh = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
+    return fresh()

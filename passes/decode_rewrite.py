@@ -52,8 +52,11 @@ def register_decode_rewrite(method: str) -> Callable[[DecodeRewrite], DecodeRewr
 
 @register_decode_rewrite("exact")
 def rewrite_exact(graph: Graph, site: AttentionSite, inputs: DecodeInputs, config: object) -> Node:
-    """Exact by construction: the same keys (SDPA's mask becomes ``key_mask``), the same
-    scale, the same GQA head map (query head h reads KV head h // g, as repeat_kv does)."""
+    """Exact by construction: same keys, scale and GQA head map.
+
+    SDPA's mask becomes ``key_mask``, its scale is passed through, and query head h reads KV
+    head h // g, as repeat_kv does.
+    """
     args = (inputs.q, inputs.k, inputs.v, inputs.starts, inputs.ends, inputs.key_mask)
     return call(graph, torch.ops.macopt.decode_attention.default, (*args, inputs.scale), site)
 

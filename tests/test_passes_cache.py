@@ -1,0 +1,31 @@
+"""The pass still applies when Inductor's FX graph cache is warm: compiling the same decode
+step twice in fresh dynamo state hits the cache the second time, and both compiled graphs
+call macopt's decode op (the manager's uuid keys the cache correctly)."""
+
+from __future__ import annotations
+
+import torch
+
+import macopt
+from macopt.passes._compat import dynamo, dynamo_counters, fresh_inductor_cache, run_and_get_code
+from tests.model_zoo import ZOO
+from tests.passes_harness import OP_CALL, hf_generate
+
+
+def _compiled_decode_code(model: torch.nn.Module) -> list[str]:
+    dynamo.reset()
+    ids = torch.randint(2, 256, (1, 4))
+    (_, _), code = run_and_get_code(hf_generate, model, ids, torch.ones_like(ids), True)
+    return code
+
+
+def test_rewrite_survives_a_warm_fx_graph_cache(monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+    model = macopt.optimize(ZOO["llama"].build(), macopt.ExactConfig())
+    with fresh_inductor_cache():
+        hits = dynamo_counters["inductor"]["fxgraph_cache_hit"]
+        cold = _compiled_decode_code(model)
+        warm = _compiled_decode_code(model)
+        assert dynamo_counters["inductor"]["fxgraph_cache_hit"] - hits == 1
+    assert sum(c.count(OP_CALL) for c in cold) == 2
+    assert sum(c.count(OP_CALL) for c in warm) == 2
