@@ -79,6 +79,10 @@ def decode_skip_reason(site: AttentionSite, rope: RopeMatch | None, config: obje
         return f"dtype {getattr(q_val, 'dtype', None)} is not one of {SUPPORTED_DTYPES}"
     if k_val.dtype != q_val.dtype or fake(site.v) is None or fake(site.v).shape != k_val.shape:
         return "k/v dtype or shape differ from q"
+    if site.is_causal and not statically_equals(k_val.shape[2], 1):
+        # SDPA aligns is_causal top-left: one query then sees key 0 only. Models never mean
+        # that in decode, so leave the site as written rather than guess.
+        return "is_causal with one query and several keys (SDPA: key 0 only)"
     if site.group is None or site.group > MAX_GQA_GROUP:
         return f"GQA group {site.group} (q heads / kv heads) is not supported"
     if config.needs_pre_rope_query and rope is None:

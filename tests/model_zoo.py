@@ -31,6 +31,7 @@ class ZooEntry:
     skipped: int  # decode sites left untouched (with a reason)
     rope_form: str | None  # RoPE form at every rewritten site
     group: int  # GQA group at the rewritten sites
+    decode_graphs: int = 1  # decode graphs compiled per generate() call
 
 
 def _hf(config_cls: str, model_cls: str, **kwargs) -> Callable[[], torch.nn.Module]:
@@ -68,7 +69,8 @@ ZOO = {
         ZooEntry("gemma3", _hf("Gemma3TextConfig", "Gemma3ForCausalLM", **_LLAMA_LIKE,
                                query_pre_attn_scalar=64, sliding_window=16,
                                layer_types=["sliding_attention", "full_attention"]),
-                 1, 1, "half", 2),
+                 # Gemma3's sliding-window static cache compiles 3 decode graphs per generate.
+                 1, 1, "half", 2, decode_graphs=3),
         ZooEntry("phi3", _hf("Phi3Config", "Phi3ForCausalLM", **_COMMON, hidden_size=256,
                              intermediate_size=256, num_attention_heads=4,
                              num_key_value_heads=2),
