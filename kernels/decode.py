@@ -154,8 +154,10 @@ def _launch_config(
     """Pick block size, warps, pipelining depth and split count from static shapes only.
 
     Decode is bound by reading K and V once, so the goal is to keep every SM streaming:
-    - splits: ~4 programs per SM so that batch 1 fills the chip (B * Hkv = 8 programs alone
-      would use 8 of 132 SMs); at least 2 blocks of the cache per split and at most 64 splits,
+    - splits: ~2 programs per SM so that batch 1 fills the chip (B * Hkv = 8 programs alone
+      would use 8 of 132 SMs); measured on the H100 (macopt.bench.decode_sweep, BENCHMARKS.md),
+      2 per SM beat 4 per SM by 4-7% at batch 1-8 and 128K (fewer partial states to merge);
+      at least 2 blocks of the cache per split and at most 64 splits,
       so the partial states stay tiny next to K/V. Each split's chunk is recomputed on the
       device from the real lengths: a short sequence in a large static cache still spreads
       over all splits.
@@ -167,7 +169,7 @@ def _launch_config(
     del group  # the query tile is padded to 16 rows for every group the ops allow
     padded_dim = triton.next_power_of_2(head_dim)
     block_n = 64 if 2 * padded_dim * element_size <= 512 else 32
-    target_programs = 4 * _multiprocessor_count(device)
+    target_programs = 2 * _multiprocessor_count(device)
     splits = triton.cdiv(target_programs, max(batch * kv_heads, 1))
     splits = max(1, min(splits, triton.cdiv(n_keys, 2 * block_n), _MAX_SPLITS))
     return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, num_splits=splits)
