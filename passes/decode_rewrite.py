@@ -111,13 +111,13 @@ def rewrite_decode_site(
 
 
 def _decode_inputs(graph: Graph, site: AttentionSite, rope: RopeMatch | None) -> DecodeInputs:
-    q_val, k_val = fake(site.q), fake(site.k)
+    q_val = fake(site.q)
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
     device = q_val.device
     mask_source, _ = boolean_key_mask(site)
     key_mask = None
     if mask_source is not None:
-        flat = call(graph, aten.reshape.default, (mask_source, [-1, k_val.shape[2]]), site)
+        flat = call(graph, aten.reshape.default, (mask_source, [-1, n_keys]), site)
         key_mask = call(graph, aten.expand.default, (flat, [batch, n_keys]), site)
     int_kwargs = {"dtype": torch.int32, "device": device}
     return DecodeInputs(
