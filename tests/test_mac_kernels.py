@@ -1,0 +1,226 @@
+"""MAC-Attention Triton kernels equal the fp64 reference: outputs, hit masks, keys, ring state.
+
+On CPU the kernels run through Triton's interpreter (tests/conftest.py), so sizes stay tiny.
+Queries are small integers, so squared distances are exact in fp32 and the kernel and the
+reference make the same match decisions (ties included) by construction.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from macopt.kernels import mac, reference
+from macopt.kernels.mac_reference import MACRing, mac_decode_step, prefill_entries
+
+F64 = torch.float64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (o and ring o: absolute = relative; lse: absolute)
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-3)}
+RADIUS2 = 4.5  # planted near copies at squared distance 0..4 hit, random ring queries do not
+
+
+def _tau(head_dim: int) -> float:
+    """The tau whose radius 2 D (1 - tau)^2 is RADIUS2."""
+    return 1.0 - (RADIUS2 / (2 * head_dim)) ** 0.5
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN (floats) or a sentinel (integers)."""
+
+    def poisoned(*shape, dtype=torch.float32, device=None):
+        out = torch.empty(*shape, dtype=dtype, device=device)
+        return out.fill_(float("nan") if dtype.is_floating_point else 77)
+
+    monkeypatch.setattr(mac, "_new_empty", poisoned)
+
+
+def _ints(gen, *shape, dtype):
+    return torch.randint(-1, 2, shape, generator=gen).to(dtype)
+
+
+def make_case(batch=2, kv_heads=2, group=4, n_keys=80, head_dim=64, ring_size=16,
+              dtype=torch.float32, seed=0, hit_share=0.5):
+    """A decode step with random rows (left padding, lengths) and a random ring where about
+    ``hit_share`` of the heads have a near copy of their pre-RoPE query planted."""
+    gen = torch.Generator().manual_seed(seed)
+    q_heads = kv_heads * group
+    q = torch.randn(batch, q_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, n_keys, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, n_keys, head_dim, generator=gen).to(dtype)
+    q_pre = _ints(gen, batch, q_heads, head_dim, dtype=dtype)
+    s0 = torch.randint(0, n_keys // 4 + 1, (batch,), generator=gen)
+    t = s0 + (torch.rand(batch, generator=gen) * (n_keys - s0)).long()
+    t = t.clamp(max=n_keys - 1)
+
+    ring = MACRing.empty(batch, q_heads, ring_size, head_dim, dtype)
+    shape = (batch, q_heads, ring_size)
+    # Mostly window positions, some stale (older than t - M), some not yet valid (>= t), some
+    # empty.
+    pos = t[:, None, None] + 1 - torch.randint(0, ring_size + 4, shape, generator=gen)
+    pos = torch.where(torch.rand(shape, generator=gen) < 0.1, -1, pos)
+    ring.pos.copy_(pos.clamp(min=-1))
+    ring.q.copy_(_ints(gen, *shape, head_dim, dtype=dtype))
+    ring.o.copy_(torch.randn(*shape, head_dim, generator=gen))
+    lse = torch.randn(shape, generator=gen) * 3
+    ring.lse.copy_(torch.where(torch.rand(shape, generator=gen) < 0.1, float("-inf"), lse))
+    ring.depth.copy_(torch.randint(0, 4, shape, generator=gen))
+    near = torch.rand(batch, q_heads, generator=gen) < hit_share
+    for b, h in near.nonzero().tolist():
+        for _ in range(2):  # two near copies: sometimes equidistant (ties go to the older)
+            slot = int(torch.randint(0, ring_size, (1,), generator=gen))
+            noise = torch.zeros(head_dim)
+            noise[:int(torch.randint(0, 3, (1,), generator=gen))] = 1.0
+            ring.q[b, h, slot] = q_pre[b, h] + noise.to(dtype)
+    to_device = lambda x: x.to(DEVICE)  # noqa: E731
+    ring = MACRing(*map(to_device, ring.tensors()))
+    return tuple(map(to_device, (q, q_pre, k, v))) + (ring, to_device(t), to_device(s0))
+
+
+def assert_step_matches_reference(case, offset=8, sinks=0, t_min=0, max_depth=3, tau=None,
+                                  **launch):
+    q, q_pre, k, v, ring, t, s0 = case
+    head_dim = q.shape[-1]
+    params = dict(offset=offset, sinks=sinks, tau=_tau(head_dim) if tau is None else tau,
+                  t_min=t_min, max_depth=max_depth)
+    ring_ref, ring_kernel = ring.clone(), ring.clone()
+    o_ref, hit_ref, keys_ref = mac_decode_step(q, q_pre, k, v, ring_ref, t, s0, head_dim**-0.5,
+                                               compute_dtype=F64, out_dtype=F64, **params)
+    o, hit, keys = mac.mac_decode_step(q, q_pre, k, v, ring_kernel, t, s0, head_dim**-0.5,
+                                       **params, **launch)
+    o_tol, lse_tol = TOLERANCES[q.dtype]
+    assert o.dtype == q.dtype and not o.isnan().any()
+    torch.testing.assert_close(o.double(), o_ref, atol=o_tol, rtol=o_tol)
+    assert torch.equal(hit, hit_ref)
+    assert torch.equal(keys, keys_ref)
+    assert_rings_equal(ring_kernel, ring_ref, o_tol, lse_tol)
+    return hit, ring_kernel
+
+
+def assert_rings_equal(actual: MACRing, expected: MACRing, o_tol: float, lse_tol: float):
+    assert torch.equal(actual.q, expected.q)
+    assert torch.equal(actual.pos, expected.pos)
+    assert torch.equal(actual.depth, expected.depth)
+    torch.testing.assert_close(actual.o, expected.o, atol=o_tol, rtol=o_tol)
+    torch.testing.assert_close(actual.lse, expected.lse, atol=lse_tol, rtol=0)
+
+
+@settings(max_examples=12)
+@given(
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 2), group=st.sampled_from([1, 2, 4, 8]),
+    n_keys=st.integers(20, 96), ring_size=st.sampled_from([8, 16, 64, 100]),
+    offset=st.integers(1, 24), sinks=st.sampled_from([0, 0, 3]),
+    t_min=st.sampled_from([0, 0, 40]), num_splits=st.integers(1, 4),
+    match_programs=st.integers(1, 3), hit_share=st.sampled_from([0.0, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernels_equal_the_reference_on_random_rings(
+    batch, kv_heads, group, n_keys, ring_size, offset, sinks, t_min, num_splits,
+    match_programs, hit_share, seed,
+):
+    case = make_case(batch, kv_heads, group, n_keys, 64, ring_size, seed=seed,
+                     hit_share=hit_share)
+    assert_step_matches_reference(case, offset, sinks, t_min, num_splits=num_splits,
+                                  match_programs=match_programs, block_n=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_every_head_dim_group_and_dtype(head_dim, group, dtype):
+    case = make_case(batch=2, kv_heads=1, group=group, n_keys=70, head_dim=head_dim,
+                     dtype=dtype, seed=head_dim + group)
+    hit, _ = assert_step_matches_reference(case, offset=8, sinks=2, num_splits=2, block_n=16)
+    assert group == 1 or (hit.any() and not hit.all())  # a mixed group streams the union
+
+
+def test_the_default_launch_shape_matches_the_reference():
+    assert_step_matches_reference(make_case(seed=3, n_keys=200, ring_size=64), offset=16)
+
+
+@pytest.mark.parametrize("match_programs", [1, 2])
+def test_ties_across_tiles_and_programs_go_to_the_older_entry(match_programs):
+    # M = 128 is two tiles of 64 slots: the newer copy (position 150, slot 22) is met first, the
+    # older one (position 100, slot 100) later, in the second tile or the second program.
+    q, q_pre, k, v, _, _, _ = make_case(batch=1, kv_heads=1, group=2, n_keys=210, seed=8)
+    t, s0 = torch.tensor([200]), torch.tensor([0])
+    ring = MACRing.empty(1, 2, 128, 64, q.dtype, DEVICE)
+    for position in (150, 100):
+        ring.q[:, :, position % 128] = q_pre
+        ring.pos[:, :, position % 128] = position
+        ring.lse[:, :, position % 128] = 0.0
+    hit, _ = assert_step_matches_reference((q, q_pre, k, v, ring, t, s0), offset=8,
+                                           match_programs=match_programs, block_n=32)
+    assert hit.all()
+
+
+def test_a_miss_is_full_attention():
+    q, q_pre, k, v, ring, t, s0 = make_case(seed=5, n_keys=90)
+    o, hit, keys = mac.mac_decode_step(q, q_pre, k, v, ring, t, s0, 0.125, offset=8, sinks=3,
+                                       tau=1.0, t_min=0, max_depth=3, num_splits=3, block_n=16)
+    assert not hit.any()
+    exact = reference.attention(q, k, v, 0.125, s0, t + 1, compute_dtype=F64)
+    torch.testing.assert_close(o, exact.float(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(keys.long(), (t + 1 - s0)[:, None].expand_as(keys))
+
+
+def test_a_hit_on_an_identical_query_at_the_same_position_is_exact():
+    q, q_pre, k, v, _, t, s0 = make_case(seed=6, n_keys=90)
+    t = torch.full_like(t, 89)
+    ring = MACRing.empty(*q.shape[:2], 16, q.shape[-1], q.dtype, DEVICE)
+    j = t - 5
+    o_j, lse_j = reference.attention_state(q, k, v, 0.125, s0 + 2, j + 1 - 8)
+    rows = torch.arange(q.shape[0])
+    ring.q[rows, :, j % 16], ring.o[rows, :, j % 16] = q_pre, o_j
+    ring.lse[rows, :, j % 16], ring.pos[rows, :, j % 16] = lse_j, j.int()[:, None]
+    o, hit, _ = mac.mac_decode_step(q, q_pre, k, v, ring, t, s0, 0.125, offset=8, sinks=2,
+                                    tau=0.45, t_min=0, max_depth=3, num_splits=2, block_n=16)
+    assert hit.all()
+    exact = reference.attention(q, k, v, 0.125, s0, t + 1, compute_dtype=F64)
+    torch.testing.assert_close(o, exact.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_entries_equal_the_reference():
+    q_post = torch.randn(2, 4, 50, 64)
+    q_pre = torch.randn(2, 4, 50, 64).to(torch.bfloat16)
+    k, v = torch.randn(2, 2, 50, 64), torch.randn(2, 2, 50, 64)
+    s0, ends = torch.tensor([0, 9]), torch.tensor([50, 30])
+    ring = MACRing.empty(2, 4, 16, 64, torch.bfloat16)
+    ring.pos.fill_(123)  # stale contents: every slot must be rewritten
+    mac.prefill_entries_(ring, q_post, q_pre, k, v, 0.125, s0, ends, offset=6, sinks=2,
+                         key_block=16)
+    expected = prefill_entries(q_post, q_pre, k, v, 0.125, s0, ends, 16, 6, 2, F64)
+    assert_rings_equal(ring, expected, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chains_of_hits_from_prefill_keep_the_ring_equal_to_the_reference(dtype):
+    """Prefill, then steps whose queries drift so the nearest entry is always t - 1: hits chain
+    up to max_depth 2, the next step refreshes exactly; a jump in the queries forces a miss."""
+    batch, q_heads, kv_heads, n_prompt, steps, head_dim, ring_size = 2, 4, 2, 40, 6, 64, 8
+    gen = torch.Generator().manual_seed(11)
+    n = n_prompt + steps
+    q_pre = torch.randint(-1, 2, (batch, q_heads, 1, head_dim), generator=gen).float()
+    drift = torch.zeros(batch, q_heads, n, head_dim)
+    drift[..., 0] = torch.arange(n).float()  # distance to the entry of t - x: x^2
+    drift[:, :, n_prompt + 2:, 1] = 40.0  # the jump
+    q_pre = (q_pre + drift).to(dtype)
+    q_post = torch.randn(batch, q_heads, n, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, n, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, n, head_dim, generator=gen).to(dtype)
+    s0 = torch.tensor([0, 5])
+    ring = MACRing.empty(batch, q_heads, ring_size, head_dim, dtype)
+    mac.prefill_entries_(ring, q_post[:, :, :n_prompt], q_pre[:, :, :n_prompt],
+                         k[:, :, :n_prompt], v[:, :, :n_prompt], 0.125, s0,
+                         torch.tensor([n_prompt, n_prompt]), offset=4)
+    pattern = []
+    for t in range(n_prompt, n):
+        case = (q_post[:, :, t], q_pre[:, :, t], k, v, ring, torch.tensor([t, t]), s0)
+        hit, ring = assert_step_matches_reference(case, offset=4, max_depth=2, num_splits=2,
+                                                  block_n=16)
+        assert hit.all() or not hit.any()
+        pattern.append(bool(hit.all()))
+    assert pattern == [True, True, False, True, True, False]
