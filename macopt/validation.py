@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-MAX_GQA_GROUP = 16
+# Re-exported: callers checking inputs read the limits from the module that checks them.
+from macopt.kernels.limits import MAX_GQA_GROUP, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
+__all__ = ["MAX_GQA_GROUP", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "check_decode_inputs",
+           "check_states"]
 
 
 def check_decode_inputs(

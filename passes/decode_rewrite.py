@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
+from macopt.kernels.limits import MAX_GQA_GROUP, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from macopt.passes.graph_utils import aten, fake, is_call, static_int, statically_equals
 from macopt.passes.masks import boolean_key_mask
 from macopt.passes.rope import RopeMatch
 from macopt.passes.sites import AttentionSite
-from macopt.validation import MAX_GQA_GROUP, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 
 
 @dataclass(frozen=True)
