@@ -4,6 +4,7 @@ from macopt import ops  # noqa: F401  (registers torch.ops.macopt.*)
 
 __version__ = "0.1.0"
 from macopt.api import backend, explain, install_passes, optimize  # noqa: E402
-from macopt.config import ExactConfig, MethodConfig  # noqa: E402
+from macopt.config import ExactConfig, MethodConfig, TopKPhiConfig  # noqa: E402
 
-__all__ = ["ExactConfig", "MethodConfig", "backend", "explain", "install_passes", "optimize"]
+__all__ = ["ExactConfig", "MethodConfig", "TopKPhiConfig", "backend", "explain", "install_passes",
+           "optimize"]

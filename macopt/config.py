@@ -7,6 +7,8 @@ in by adding a config class here and registering its rewrite there; nothing bran
 
 >>> ExactConfig().method
 'exact'
+>>> MACConfig().method
+'mac'
 >>> MethodConfig.from_dict({"method": "exact"})
 ExactConfig()
 """
@@ -14,6 +16,8 @@ ExactConfig()
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,6 +30,9 @@ class MethodConfig:
 
     method: ClassVar[str] = ""
     needs_pre_rope_query: ClassVar[bool] = False
+    # Methods whose ops keep per-site state between calls (rings, summaries): optimize()
+    # routes eager forwards through the rewritten graph (the plain module would skip it).
+    keeps_state: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -67,3 +74,224 @@ class ExactConfig(MethodConfig):
 
     method: ClassVar[str] = "exact"
     needs_pre_rope_query: ClassVar[bool] = False
+
+
+SELECTORS = ("page", "exact")
+
+
+@dataclass(frozen=True)
+class TopKPhiConfig(MethodConfig):
+    """Top-K retrieval with feature-map completion (ALGORITHMS.md, section 2). Approximate by
+    design: the unretrieved middle of the prompt is summarised by positive feature maps phi.
+
+    Every decode step attends exactly to ``sinks`` first and ``tail`` last prompt keys, every
+    generated key, and ``budget`` retrieved middle keys; the rest of the middle comes from the
+    per-(layer, KV head) summary built at prefill. ``budget``: an int >= 1 is K tokens; a float
+    in (0, 1] is a fraction of the key capacity the site sees (the static cache length: a
+    shape, so choosing K never syncs the host). ``selector`` "page" ranks pages of
+    ``page_size`` keys by Quest-style bounds (reads no key it does not retrieve; the budget is
+    rounded up to whole pages); "exact" ranks every middle key by its exact score (the paper's
+    oracle; reads every key). ``d_phi`` features per map (None: the head dim, as in the paper).
+    ``feature_maps``: a safetensors file of calibrated maps (``macopt calibrate``); None uses
+    the parameter-free positive-random-feature initialisation (seeded by ``seed``).
+
+    Completion is on for every head when ``completion`` is True; ``completion_overrides`` maps
+    a layer index to a bool (every head of it) or to ``{query head: bool}``: heads whose
+    attention Top-K alone already captures can be switched off.
+
+    >>> config = TopKPhiConfig(budget=0.02, completion_overrides={0: False, 3: {5: False}})
+    >>> config.budget_tokens(131072), config.completion_for(3, 8)
+    (2622, (True, True, True, True, True, False, True, True))
+    >>> TopKPhiConfig(selector="quest")
+    Traceback (most recent call last):
+    ...
+    ValueError: TopKPhiConfig.selector: expected one of ('page', 'exact'), got 'quest'
+    """
+
+    method: ClassVar[str] = "topk_phi"
+    needs_pre_rope_query: ClassVar[bool] = False
+
+    sinks: int = 4
+    tail: int = 16
+    budget: int | float = 0.02
+    page_size: int = 32
+    selector: str = "page"
+    d_phi: int | None = None
+    completion: bool = True
+    completion_overrides: Any = ()
+    feature_maps: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("sinks", "tail"):
+            _check_int(self, name, getattr(self, name), least=0)
+        _check_int(self, "page_size", self.page_size, least=1)
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"TopKPhiConfig.page_size: expected a power of two (a kernel tile),"
+                             f" got {self.page_size}")
+        _check_budget(self.budget)
+        if self.selector not in SELECTORS:
+            raise ValueError(f"TopKPhiConfig.selector: expected one of {SELECTORS}, "
+                             f"got {self.selector!r}")
+        if self.d_phi is not None:
+            _check_int(self, "d_phi", self.d_phi, least=2)
+            if self.d_phi % 2:
+                raise ValueError(f"TopKPhiConfig.d_phi: expected an even number (random "
+                                 f"features come in antithetic pairs), got {self.d_phi}")
+        if not isinstance(self.completion, bool):
+            raise ValueError(f"TopKPhiConfig.completion: expected a bool, got "
+                             f"{self.completion!r}")
+        # Stored as nested sorted tuples: the config stays frozen, hashable and JSON-able.
+        object.__setattr__(self, "completion_overrides",
+                           _normalise_overrides(self.completion_overrides))
+
+    def budget_tokens(self, n_keys: int) -> int:
+        """K for a site whose cache holds ``n_keys`` keys (fractions round up, at least 1)."""
+        if isinstance(self.budget, int):
+            return self.budget
+        return max(1, math.ceil(self.budget * n_keys))
+
+    def completion_for(self, layer: int, n_heads: int) -> tuple[bool, ...]:
+        """Completion on/off for each of ``n_heads`` query heads of layer ``layer``."""
+        heads = [self.completion] * n_heads
+        for index, setting in self.completion_overrides:
+            if index != layer:
+                continue
+            if isinstance(setting, bool):
+                heads = [setting] * n_heads
+                continue
+            for head, on in setting:
+                if head >= n_heads:
+                    raise ValueError(f"TopKPhiConfig.completion_overrides: layer {layer} has "
+                                     f"{n_heads} query heads, got head {head}")
+                heads[head] = on
+        return tuple(heads)
+
+
+def _check_int(config: object, name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{type(config).__name__}.{name}: expected an int >= {least}, "
+                         f"got {value!r}")
+
+
+def _check_budget(budget: object) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise ValueError(f"TopKPhiConfig.budget: expected K (an int >= 1) or a fraction of the "
+                         f"context (a float in (0, 1]), got {budget!r}")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"TopKPhiConfig.budget: K must be >= 1, got {budget}")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ValueError(f"TopKPhiConfig.budget: a fraction must lie in (0, 1], got {budget} "
+                         "(pass an int for a number of tokens)")
+
+
+def _normalise_overrides(overrides: Any) -> tuple:
+    """``{layer: bool | {head: bool}}`` (or its tuple / JSON-list form) -> sorted tuples."""
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    normal = []
+    for entry in items:
+        layer, setting = _pair(entry, "completion_overrides entry")
+        layer = _index(layer, "layer")
+        if isinstance(setting, bool):
+            normal.append((layer, setting))
+            continue
+        heads = setting.items() if isinstance(setting, Mapping) else setting
+        per_head = []
+        for head_entry in heads:
+            head, on = _pair(head_entry, f"layer {layer} head entry")
+            if not isinstance(on, bool):
+                raise ValueError(f"TopKPhiConfig.completion_overrides: layer {layer} head "
+                                 f"{head}: expected a bool, got {on!r}")
+            per_head.append((_index(head, "head"), on))
+        normal.append((layer, tuple(sorted(per_head))))
+    layers = [layer for layer, _ in normal]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"TopKPhiConfig.completion_overrides: a layer is listed twice: {layers}")
+    return tuple(sorted(normal, key=lambda item: item[0]))
+
+
+def _pair(entry: Any, what: str) -> tuple[Any, Any]:
+    if not isinstance(entry, tuple | list) or len(entry) != 2:
+        raise ValueError(f"TopKPhiConfig.completion_overrides: {what}: expected (index, "
+                         f"setting), got {entry!r}. Example: {{0: False, 3: {{5: False}}}}")
+    return entry[0], entry[1]
+
+
+def _index(value: Any, what: str) -> int:
+    # JSON turns int keys into strings; accept those back.
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"TopKPhiConfig.completion_overrides: expected a {what} index >= 0, "
+                         f"got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class MACConfig(MethodConfig):
+    """MAC-Attention (Match, Amend, Complete; ALGORITHMS.md, section 1). Approximate by design:
+    a decode query close to a recent one reuses that query's attention over the old keys.
+
+    Per attention site and batch row, a ring keeps the last ``ring_size`` (M) pre-RoPE queries
+    with their attention state over all but the ``offset`` (S) most recent keys. A decode query
+    whose squared L2 distance to its nearest ring entry is below ``2 D (1 - tau)^2`` (a hit)
+    reuses that entry and recomputes only the band of keys since it; otherwise (a miss) it
+    attends the whole prefix exactly. Matching starts once a row holds ``t_min`` keys;
+    ``sinks`` first keys are attended exactly every step.
+
+    ``tau`` is a similarity threshold: *larger is stricter*. ``tau = 1.0`` gives radius 0, so
+    nothing ever matches and ``mac`` computes exactly full attention (a test setting); a tiny or
+    negative ``tau`` matches almost everything. The radius is absolute, so the right ``tau``
+    depends on the model's query scale.
+
+    ``max_chain_depth``: an entry built on a hit is itself approximate; an entry that is the
+    ``max_chain_depth``-th link of a chain of hits is not reused again, so that step attends its
+    prefix exactly and writes an exact entry. 16 bounds the chained error at 16 reuse errors
+    while costing at most one full-prefix read per 17 steps of a head that always hits
+    (amortised reads >= 1/17 of full attention: still ~15x fewer at long contexts); 8 would
+    halve that saving for an error bound only twice tighter.
+
+    ``batch_capacity``: rows each site's ring is allocated for, once, at its first use (None:
+    the batch of that first call). Rings never move afterwards (CUDA graphs keep their
+    addresses), so a later, larger batch is an error. Memory per site and row:
+    ``Hq * M * (D * (2 + 4) + 12)`` bytes at bf16 (Llama-3.1-8B, M = 512: 12.6 MB per layer and
+    row, 403 MB per row for 32 layers); ``macopt.stats(model)`` reports it.
+
+    >>> MACConfig().ring_size, MACConfig().tau
+    (512, 0.45)
+    >>> MACConfig(tau=1.0, t_min=0)  # nothing matches: exactly full attention
+    MACConfig(ring_size=512, offset=256, tau=1.0, t_min=0, sinks=0, max_chain_depth=16, batch_capacity=None)
+    >>> MACConfig(ring_size=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: MACConfig.ring_size: expected an int >= 1, got 0
+    """
+
+    method: ClassVar[str] = "mac"
+    needs_pre_rope_query: ClassVar[bool] = True
+    keeps_state: ClassVar[bool] = True
+
+    ring_size: int = 512
+    offset: int = 256
+    tau: float = 0.45
+    t_min: int = 2048
+    sinks: int = 0
+    max_chain_depth: int = 16
+    batch_capacity: int | None = None
+
+    def __post_init__(self) -> None:
+        least = {"ring_size": 1, "offset": 0, "t_min": 0, "sinks": 0, "max_chain_depth": 1}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"MACConfig.{name}: expected an int >= {low}, got {value!r}")
+        capacity = self.batch_capacity
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
+                                     or capacity < 1):
+            raise ValueError(f"MACConfig.batch_capacity: expected None or an int >= 1, "
+                             f"got {capacity!r}")
+        tau = self.tau
+        if isinstance(tau, bool) or not isinstance(tau, int | float) or not float("-inf") < tau <= 1.0:
+            raise ValueError(f"MACConfig.tau: expected a number <= 1.0 (1.0: nothing matches; "
+                             f"smaller matches more), got {tau!r}")
+        object.__setattr__(self, "tau", float(tau))

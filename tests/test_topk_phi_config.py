@@ -1,0 +1,66 @@
+"""TopKPhiConfig: defaults, budget resolution, per-head completion switches, validation."""
+
+import json
+
+import pytest
+
+from macopt.config import MethodConfig, TopKPhiConfig
+
+
+def test_defaults_follow_the_paper():
+    config = TopKPhiConfig()
+    assert (config.sinks, config.tail, config.selector, config.completion) == (4, 16, "page", True)
+    assert config.method == "topk_phi" and not config.needs_pre_rope_query
+
+
+@pytest.mark.parametrize("budget, n_keys, expected", [
+    (64, 131072, 64), (0.01, 131072, 1311), (0.02, 8192, 164), (1.0, 100, 100), (1e-9, 100, 1),
+])
+def test_budget_is_tokens_or_a_fraction_rounded_up(budget, n_keys, expected):
+    assert TopKPhiConfig(budget=budget).budget_tokens(n_keys) == expected
+
+
+def test_completion_overrides_switch_whole_layers_or_single_heads():
+    config = TopKPhiConfig(completion_overrides={1: False, 2: {0: False, 3: False}})
+    assert config.completion_for(0, 4) == (True,) * 4
+    assert config.completion_for(1, 4) == (False,) * 4
+    assert config.completion_for(2, 4) == (False, True, True, False)
+
+
+def test_completion_default_off_with_heads_switched_on():
+    config = TopKPhiConfig(completion=False, completion_overrides={0: {1: True}})
+    assert config.completion_for(0, 3) == (False, True, False)
+    assert config.completion_for(5, 2) == (False, False)
+
+
+def test_config_survives_json_and_stays_hashable():
+    config = TopKPhiConfig(budget=128, selector="exact", d_phi=64,
+                           completion_overrides={3: {5: False}, 0: False})
+    again = MethodConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and hash(again) == hash(config)
+    assert config.cache_key() != TopKPhiConfig().cache_key()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"budget": 0}, "K must be >= 1"),
+    ({"budget": 1.5}, "fraction must lie in"),
+    ({"budget": True}, "budget: expected"),
+    ({"selector": "quest"}, "selector"),
+    ({"page_size": 24}, "power of two"),
+    ({"page_size": 0}, "page_size"),
+    ({"sinks": -1}, "sinks"),
+    ({"d_phi": 7}, "even"),
+    ({"completion": 1}, "completion: expected a bool"),
+    ({"completion_overrides": {-1: False}}, "layer index"),
+    ({"completion_overrides": {0: {1: "no"}}}, "expected a bool"),
+    ({"completion_overrides": [(0, False), (0, True)]}, "listed twice"),
+    ({"completion_overrides": [0]}, "expected \\(index, setting\\)"),
+])
+def test_bad_fields_raise_naming_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TopKPhiConfig(**fields)
+
+
+def test_head_override_past_the_layer_heads_is_an_error():
+    with pytest.raises(ValueError, match="has 4 query heads, got head 9"):
+        TopKPhiConfig(completion_overrides={0: {9: False}}).completion_for(0, 4)
