@@ -533,15 +533,22 @@ def _merge_summary_parts(m: Tensor, u: Tensor, t: Tensor) -> tuple[Tensor, Tenso
 
 
 def build_page_bounds(k: Tensor, mid_start: Tensor, mid_end: Tensor, page_size: int,
-                      pages_per_program: int = 8) -> PageBounds:
+                      pages_per_program: int = 8, out: PageBounds | None = None) -> PageBounds:
     """Elementwise min / max (``k.dtype``) of each page's mid keys, ``[B, Hkv, n_pages, D]``.
+
+    ``out``: contiguous buffers to write (per-site state at static addresses), else new ones.
 
     >>> bounds = build_page_bounds(k, mid_start, mid_end, page_size=32)
     """
     batch, n_kv_heads, n_keys, head_dim = k.shape
     n_pages = triton.cdiv(n_keys, page_size)
-    kmin, kmax = (_new_empty((batch, n_kv_heads, n_pages, head_dim), dtype=k.dtype,
-                             device=k.device) for _ in range(2))
+    if out is None:
+        out = PageBounds(*(_new_empty((batch, n_kv_heads, n_pages, head_dim), dtype=k.dtype,
+                                      device=k.device) for _ in range(2)))
+    kmin, kmax = out
+    if kmin.shape != (batch, n_kv_heads, n_pages, head_dim) or not kmin.is_contiguous():
+        raise ValueError(f"out: expected contiguous [{batch}, {n_kv_heads}, {n_pages}, "
+                         f"{head_dim}] bounds, got {tuple(kmin.shape)}")
     pages_per_program = min(pages_per_program, n_pages)
     grid = (batch * n_kv_heads, triton.cdiv(n_pages, pages_per_program))
     _page_bounds_kernel[grid](

@@ -1,0 +1,375 @@
+"""Top-K + phi custom ops (``torch.ops.macopt.topk_phi_*``) and the per-site state they share.
+
+Approximate by design (ALGORITHMS.md, section 2): a decode step attends exactly to the sinks,
+the tail, every generated key and ``budget`` retrieved middle keys, and completes the rest of
+the prompt's middle from a fixed-size feature summary built at prefill.
+
+- ``macopt::topk_phi_prefill`` writes a site's state: the max-shifted summary ``(m, u~, T~)``
+  of the middle keys per (row, KV head), the middle range per row, and (page selector) the
+  per-page key bounds. It mutates preallocated buffers, so the state keeps static addresses
+  for CUDA graphs.
+- ``macopt::topk_phi_decode`` selects (page bounds or exact scores; ``torch.topk`` on the
+  device, no host sync), then runs the decode kernel: exact state over sinks + tail +
+  generated + retrieved keys merged with the completion state.
+
+CPU runs the reference (:mod:`macopt.kernels.topk_phi_reference`), CUDA the Triton kernels
+(:mod:`macopt.kernels.topk_phi`); ``MACOPT_CPU_KERNELS=triton`` runs Triton on CPU through the
+interpreter, as for the other ops. Feature maps enter in folded form as six tensors
+(``lin_w, lin_b, in_w, in_b, out_w, sq_norm``, :class:`~macopt.kernels.feature_maps.
+FoldedFeatureMap`) plus a ``has_mlp`` flag.
+
+>>> state = TopKPhiState.allocate(batch=1, n_q_heads=8, n_kv_heads=2, n_keys=1024,
+...                               head_dim=64, dtype=torch.float32, device="cpu", d_phi=64)
+>>> prefill(state, k, v, starts, prefill_ends, TopKPhiConfig())     # doctest: +SKIP
+>>> out = decode(state, q, k, v, starts, ends, scale, TopKPhiConfig())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from macopt.config import SELECTORS, TopKPhiConfig
+from macopt.kernels import topk_phi_reference as ref
+from macopt.kernels.feature_maps import FeatureMaps, FoldedFeatureMap, log_features
+from macopt.ops import _use_triton
+from macopt.validation import check_decode_inputs
+
+Tensor = torch.Tensor
+_FOLDED_FIELDS = ("lin_w", "lin_b", "in_w", "in_b", "out_w", "sq_norm")
+
+
+def _folded(tensors: list[Tensor], has_mlp: bool) -> FoldedFeatureMap:
+    return FoldedFeatureMap(*tensors, has_mlp=has_mlp)
+
+
+def _n_pages(n_keys: int, page_size: int) -> int:
+    return -(-n_keys // page_size)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _check_phi(name: str, tensors: list[Tensor], n_heads: int, head_dim: int, d_phi: int | None,
+               device: torch.device) -> int:
+    """Check one folded map (``name``: phi_q or phi_k); return its d_phi."""
+    if len(tensors) != len(_FOLDED_FIELDS):
+        raise ValueError(f"{name}: expected the {len(_FOLDED_FIELDS)} folded tensors "
+                         f"{_FOLDED_FIELDS} (FeatureMap.folded()), got {len(tensors)}")
+    lin_w = tensors[0]
+    if lin_w.dim() != 3 or lin_w.shape[0] != n_heads or lin_w.shape[2] != head_dim:
+        raise ValueError(f"{name}: expected lin_w [{n_heads}, d_phi, {head_dim}], "
+                         f"got {tuple(lin_w.shape)}")
+    if d_phi is not None and lin_w.shape[1] != d_phi:
+        raise ValueError(f"{name}: expected d_phi {d_phi} (the summary's), got {lin_w.shape[1]}")
+    for field, t in zip(_FOLDED_FIELDS, tensors, strict=True):
+        if t.device != device or t.dtype != torch.float32:
+            raise ValueError(f"{name}.{field}: expected float32 on {device}, got {t.dtype} on "
+                             f"{t.device}")
+    return lin_w.shape[1]
+
+
+def _check_range(name: str, t: Tensor, batch: int, device: torch.device) -> None:
+    if t.shape != (batch,) or t.dtype not in (torch.int32, torch.int64) or t.device != device:
+        raise ValueError(f"{name}: expected an int32/int64 [{batch}] tensor on {device}, got "
+                         f"{t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _check_summary(m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: Tensor,
+                   k: Tensor) -> int:
+    """Check the summary buffers against ``k[B, Hkv, N, D]``; return d_phi."""
+    batch, n_kv_heads, _, head_dim = k.shape
+    d_phi = m.shape[-1] if m.dim() == 3 else -1
+    expected = {"m": (m, (batch, n_kv_heads, d_phi)), "u": (u, (batch, n_kv_heads, d_phi)),
+                "t": (t, (batch, n_kv_heads, d_phi, head_dim))}
+    for name, (x, shape) in expected.items():
+        if x.shape != shape or x.dtype != torch.float32 or x.device != k.device:
+            raise ValueError(f"{name}: expected a float32 {list(shape)} summary tensor on "
+                             f"{k.device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    _check_range("mid_start", mid_start, batch, k.device)
+    _check_range("mid_end", mid_end, batch, k.device)
+    return d_phi
+
+
+def _check_bounds(kmin: Tensor | None, kmax: Tensor | None, k: Tensor, page_size: int,
+                  needed: bool) -> None:
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page_size: expected a power of two, got {page_size}")
+    if kmin is None or kmax is None:
+        if needed:
+            raise ValueError("kmin: the page selector needs the page bounds (kmin, kmax) that "
+                             "topk_phi_prefill writes; got None")
+        return
+    batch, n_kv_heads, n_keys, head_dim = k.shape
+    shape = (batch, n_kv_heads, _n_pages(n_keys, page_size), head_dim)
+    for name, x in (("kmin", kmin), ("kmax", kmax)):
+        if x.shape != shape or x.dtype != k.dtype or not x.is_contiguous():
+            raise ValueError(f"{name}: expected contiguous {k.dtype} {list(shape)} page bounds "
+                             f"(page_size {page_size}), got {x.dtype} {tuple(x.shape)}")
+
+
+# --- prefill ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "macopt::topk_phi_prefill",
+    mutates_args=("m", "u", "t", "mid_start", "mid_end", "kmin", "kmax"),
+)
+def topk_phi_prefill(
+    k: Tensor, v: Tensor, starts: Tensor, prefill_ends: Tensor,
+    phi_k: list[Tensor], phi_k_mlp: bool, n_sink: int, n_tail: int, page_size: int,
+    m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: Tensor,
+    kmin: Tensor | None, kmax: Tensor | None,
+) -> None:
+    """Write a site's Top-K + phi state from its prefill cache ``k, v[B, Hkv, N, D]``.
+
+    Row ``b``'s prompt is keys ``[starts[b], prefill_ends[b])``; its middle region
+    ``[starts + n_sink, prefill_ends - n_tail)`` is summarised into ``m, u[B, Hkv, F]``,
+    ``t[B, Hkv, F, D]`` (fp32) and its bounds into ``mid_start, mid_end[B]``; page bounds
+    ``kmin, kmax[B, Hkv, ceil(N / page_size), D]`` (``k.dtype``) when given.
+    """
+    _check_prefill(k, v, starts, prefill_ends, phi_k, m, u, t, mid_start, mid_end, kmin, kmax,
+                   page_size)
+    lo, hi = ref.mid_range(starts.to(mid_start.dtype), prefill_ends.to(mid_end.dtype),
+                           n_sink, n_tail)
+    mid_start.copy_(lo)
+    mid_end.copy_(hi)
+    folded = _folded(phi_k, phi_k_mlp)
+    if _use_triton(k.device):
+        from macopt.kernels import topk_phi
+
+        summary = topk_phi.build_summary(k, v, folded, mid_start, mid_end)
+        if kmin is not None:
+            topk_phi.build_page_bounds(k, mid_start, mid_end, page_size, out=ref.PageBounds(
+                kmin, kmax))
+    else:
+        summary = ref.build_summary(v, log_features(k, folded), mid_start, mid_end)
+        if kmin is not None:
+            bounds = ref.build_page_bounds(k, mid_start, mid_end, page_size)
+            kmin.copy_(bounds.kmin)
+            kmax.copy_(bounds.kmax)
+    m.copy_(summary.m)
+    u.copy_(summary.u)
+    t.copy_(summary.t)
+
+
+def _check_prefill(k, v, starts, prefill_ends, phi_k, m, u, t, mid_start, mid_end, kmin, kmax,
+                   page_size) -> None:
+    if k.dim() != 4:
+        raise ValueError(f"k: expected shape [batch, kv_heads, n_keys, head_dim], "
+                         f"got {tuple(k.shape)}")
+    # The decode checks with one query per KV head cover k, v, starts and prefill_ends.
+    check_decode_inputs(k[:, :, 0], k, v, starts, prefill_ends, None)
+    n_kv_heads, head_dim = k.shape[1], k.shape[3]
+    d_phi = _check_summary(m, u, t, mid_start, mid_end, k)
+    _check_phi("phi_k", phi_k, n_kv_heads, head_dim, d_phi, k.device)
+    _check_bounds(kmin, kmax, k, page_size, needed=False)
+
+
+@topk_phi_prefill.register_fake
+def _(k, v, starts, prefill_ends, phi_k, phi_k_mlp, n_sink, n_tail, page_size, m, u, t,
+      mid_start, mid_end, kmin, kmax):
+    _check_prefill(k, v, starts, prefill_ends, phi_k, m, u, t, mid_start, mid_end, kmin, kmax,
+                   page_size)
+
+
+# --- decode ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("macopt::topk_phi_decode", mutates_args=())
+def topk_phi_decode(
+    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor,
+    m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: Tensor,
+    kmin: Tensor | None, kmax: Tensor | None,
+    phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
+    completion: Tensor, scale: float, budget: int, page_size: int, selector: str,
+) -> Tensor:
+    """Top-K + phi decode attention ``o[B, Hq, D]`` in ``q``'s dtype (approximate).
+
+    Row ``b`` attends its current keys ``[starts[b], ends[b])``: the middle region that
+    ``topk_phi_prefill`` recorded is read only at the ``budget`` selected tokens (``selector``
+    "page": ``ceil(budget / page_size)`` pages by key bounds; "exact": the top ``budget`` keys
+    by score), the rest of it comes from the summary when ``completion[h]`` is on for query
+    head ``h`` (off: Top-K-only renormalised attention).
+    """
+    _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
+                  completion, budget, page_size, selector)
+    summary = ref.PhiSummary(m, u, t, mid_start, mid_end)
+    log_phi_q = log_features(q, _folded(phi_q, phi_q_mlp))
+    folded_k = _folded(phi_k, phi_k_mlp)
+    triton_path = _use_triton(q.device)
+    selected = select(q, k, scale, mid_start, mid_end, kmin, kmax, budget, page_size, selector,
+                      triton_path)
+    if triton_path:
+        from macopt.kernels import topk_phi
+
+        return topk_phi.topk_phi_decode(q, k, v, scale, starts, ends, summary, selected,
+                                        log_phi_q, folded_k, completion)
+    return ref.topk_phi_decode(q, k, v, scale, starts, ends, summary, selected, log_phi_q,
+                               log_features(k, folded_k), completion)
+
+
+def _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
+                  completion, budget, page_size, selector) -> None:
+    check_decode_inputs(q, k, v, starts, ends, None)
+    d_phi = _check_summary(m, u, t, mid_start, mid_end, k)
+    n_q_heads, head_dim = q.shape[1], q.shape[2]
+    _check_phi("phi_q", phi_q, n_q_heads, head_dim, d_phi, q.device)
+    _check_phi("phi_k", phi_k, k.shape[1], head_dim, d_phi, q.device)
+    if selector not in SELECTORS:
+        raise ValueError(f"selector: expected one of {SELECTORS}, got {selector!r}")
+    if budget < 1:
+        raise ValueError(f"budget: expected a number of tokens >= 1, got {budget}")
+    _check_bounds(kmin, kmax, k, page_size, needed=selector == "page")
+    if completion.shape != (n_q_heads,) or completion.dtype not in (torch.bool, torch.int32):
+        raise ValueError(f"completion: expected a bool or int32 [{n_q_heads}] tensor (one "
+                         f"switch per query head), got {completion.dtype} "
+                         f"{tuple(completion.shape)}")
+
+
+@topk_phi_decode.register_fake
+def _(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_q_mlp, phi_k,
+      phi_k_mlp, completion, scale, budget, page_size, selector):
+    _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
+                  completion, budget, page_size, selector)
+    return torch.empty_like(q)
+
+
+# --- selection -------------------------------------------------------------------------------
+
+
+def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
+           kmin: Tensor | None, kmax: Tensor | None, budget: int, page_size: int,
+           selector: str, triton_path: bool) -> Tensor:
+    """Token indices ``[B, Hkv, K']`` to retrieve (per KV head; entries outside the middle
+    region are ignored by the decode kernels). All on the device: no host sync."""
+    n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    if selector == "page":
+        n_selected = _n_pages(budget, page_size)
+        bounds = ref.PageBounds(kmin, kmax)
+        if triton_path:
+            from macopt.kernels import topk_phi
+
+            return topk_phi.select_pages(q, bounds, mid_start, mid_end, page_size, scale,
+                                         n_selected)
+        scores = ref.page_scores(q, bounds, mid_start, mid_end, page_size, scale)
+        return ref.pages_to_tokens(ref.select_pages(scores, n_kv_heads, n_selected), page_size)
+    if triton_path:
+        return exact_selection(q, k, scale, mid_start, mid_end, min(budget, n_keys))
+    return ref.exact_topk(q, k, scale, mid_start, mid_end, budget, per_kv_head=True)
+
+
+def exact_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
+                    top_k: int) -> Tensor:
+    """:func:`~macopt.kernels.topk_phi_reference.exact_topk` (per KV head) without an fp32
+    copy of the keys: scores come from one matmul in ``k.dtype`` (fp32 accumulation), so
+    near-ties may rank differently than in fp32. Reads every key: the paper's oracle."""
+    batch, n_q_heads, head_dim = q.shape
+    n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    grouped = q.view(batch, n_kv_heads, n_q_heads // n_kv_heads, head_dim)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scale  # [B, Hkv, g, N]
+    inside = ref.positions_in(mid_start, mid_end, n_keys)[:, None, None, :]
+    scores = scores.masked_fill(~inside, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    ranked = (scores - lse).amax(dim=2)  # a key's best probability over the group's heads
+    top = torch.topk(ranked, top_k, dim=-1, sorted=False).indices
+    return top.sort(dim=-1).values.to(torch.int32)
+
+
+# --- per-site state --------------------------------------------------------------------------
+
+
+@dataclass
+class TopKPhiState:
+    """One attention site's Top-K + phi state, preallocated at fixed addresses.
+
+    Buffers written by ``topk_phi_prefill`` (summary, middle range, page bounds) and read by
+    ``topk_phi_decode``, plus the site's folded feature maps and per-head completion switches.
+    """
+
+    m: Tensor
+    u: Tensor
+    t: Tensor
+    mid_start: Tensor
+    mid_end: Tensor
+    kmin: Tensor | None
+    kmax: Tensor | None
+    phi_q: list[Tensor]
+    phi_q_mlp: bool
+    phi_k: list[Tensor]
+    phi_k_mlp: bool
+    completion: Tensor
+
+    @classmethod
+    def allocate(
+        cls, batch: int, n_q_heads: int, n_kv_heads: int, n_keys: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device | str, d_phi: int | None = None,
+        page_size: int | None = 32, maps: FeatureMaps | None = None,
+        completion: tuple[bool, ...] | None = None, seed: int = 0,
+    ) -> TopKPhiState:
+        """Buffers for ``batch`` rows of a cache of ``n_keys`` keys (``page_size`` None: no
+        page bounds, for the exact selector). ``maps`` defaults to positive random features
+        for ``exp(q.k / sqrt(D))`` seeded by ``seed`` (what works without calibration)."""
+        from macopt.kernels.feature_maps import positive_random_features
+
+        if maps is None:
+            generator = torch.Generator().manual_seed(seed)
+            maps = positive_random_features(n_q_heads, n_kv_heads, head_dim,
+                                            d_phi or head_dim, generator=generator)
+        maps = maps.to(device)
+        d_phi = maps.phi_k.d_phi
+        fp32 = {"dtype": torch.float32, "device": device}
+        bounds = None
+        if page_size is not None:
+            shape = (batch, n_kv_heads, _n_pages(n_keys, page_size), head_dim)
+            bounds = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
+        folded_q, folded_k = maps.phi_q.folded(), maps.phi_k.folded()
+        switches = completion if completion is not None else (True,) * n_q_heads
+        return cls(
+            m=torch.full((batch, n_kv_heads, d_phi), float("-inf"), **fp32),
+            u=torch.zeros(batch, n_kv_heads, d_phi, **fp32),
+            t=torch.zeros(batch, n_kv_heads, d_phi, head_dim, **fp32),
+            mid_start=torch.zeros(batch, dtype=torch.int32, device=device),
+            mid_end=torch.zeros(batch, dtype=torch.int32, device=device),
+            kmin=bounds[0] if bounds else None,
+            kmax=bounds[1] if bounds else None,
+            phi_q=[getattr(folded_q, f).float().contiguous() for f in _FOLDED_FIELDS],
+            phi_q_mlp=folded_q.has_mlp,
+            phi_k=[getattr(folded_k, f).float().contiguous() for f in _FOLDED_FIELDS],
+            phi_k_mlp=folded_k.has_mlp,
+            completion=torch.tensor(switches, dtype=torch.bool, device=device),
+        )
+
+
+def prefill(state: TopKPhiState, k: Tensor, v: Tensor, starts: Tensor, prefill_ends: Tensor,
+            config: TopKPhiConfig) -> None:
+    """Rebuild ``state`` from a prefill cache (every prefill: nothing leaks across prompts)."""
+    torch.ops.macopt.topk_phi_prefill(
+        k, v, starts, prefill_ends, state.phi_k, state.phi_k_mlp, config.sinks, config.tail,
+        config.page_size, state.m, state.u, state.t, state.mid_start, state.mid_end,
+        state.kmin, state.kmax)
+
+
+def decode(state: TopKPhiState, q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor,
+           scale: float, config: TopKPhiConfig) -> Tensor:
+    """One Top-K + phi decode step of ``q[B, Hq, D]`` against the cache ``k, v``."""
+    budget = config.budget_tokens(k.shape[2])
+    return torch.ops.macopt.topk_phi_decode(
+        q, k, v, starts, ends, state.m, state.u, state.t, state.mid_start, state.mid_end,
+        state.kmin, state.kmax, state.phi_q, state.phi_q_mlp, state.phi_k, state.phi_k_mlp,
+        state.completion, scale, budget, config.page_size, config.selector)
+
+
+def summary_token_equivalent(head_dim: int, d_phi: int, itemsize: int) -> float:
+    """Bytes of one KV head's summary read per decode step, in cached tokens (K + V rows).
+
+    >>> round(summary_token_equivalent(128, 128, 2), 1)
+    130.0
+    """
+    return 4 * d_phi * (head_dim + 2) / (2 * head_dim * itemsize)
+
+
+__all__ = ["TopKPhiState", "decode", "exact_selection", "prefill", "select",
+           "summary_token_equivalent", "topk_phi_decode", "topk_phi_prefill"]

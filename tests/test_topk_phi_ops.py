@@ -1,0 +1,211 @@
+"""torch.ops.macopt.topk_phi_prefill / topk_phi_decode: opcheck, compile, state, identities."""
+
+import pytest
+import torch
+from topk_phi_cases import Problem, make_problem
+
+import macopt  # noqa: F401  (registers torch.ops.macopt.*)
+from macopt.config import TopKPhiConfig
+from macopt.kernels import reference
+from macopt.kernels import topk_phi_reference as ref
+from macopt.topk_phi_ops import TopKPhiState, decode, exact_selection, prefill
+
+ops = torch.ops.macopt
+HEAD_DIM = 64  # the kernels' smallest supported head dim
+
+
+def _problem(dtype=torch.float32, **overrides) -> Problem:
+    fields = dict(batch=2, n_q_heads=4, n_kv_heads=2, n_keys=96, head_dim=HEAD_DIM, d_phi=16,
+                  dtype=dtype, n_tail=8)
+    return make_problem(**{**fields, **overrides})
+
+
+def _state(p: Problem, page_size: int | None = 16, completion=None) -> TopKPhiState:
+    batch, n_q_heads, head_dim = p.q.shape
+    return TopKPhiState.allocate(batch, n_q_heads, p.k.shape[1], p.k.shape[2], head_dim,
+                                 p.k.dtype, "cpu", page_size=page_size, maps=p.maps,
+                                 completion=completion)
+
+
+def _config(**fields) -> TopKPhiConfig:
+    return TopKPhiConfig(**{"sinks": 4, "tail": 8, "page_size": 16, **fields})
+
+
+def _prefilled(p: Problem, config: TopKPhiConfig, completion=None) -> TopKPhiState:
+    page_size = config.page_size if config.selector == "page" else None
+    state = _state(p, page_size, completion)
+    prefill(state, p.k, p.v, p.starts, p.prefill_ends, config)
+    return state
+
+
+def _prefill_args(state: TopKPhiState, p: Problem, config: TopKPhiConfig) -> tuple:
+    return (p.k, p.v, p.starts, p.prefill_ends, state.phi_k, state.phi_k_mlp, config.sinks,
+            config.tail, config.page_size, state.m, state.u, state.t, state.mid_start,
+            state.mid_end, state.kmin, state.kmax)
+
+
+def _decode_args(state: TopKPhiState, p: Problem, config: TopKPhiConfig, budget: int) -> tuple:
+    return (p.q, p.k, p.v, p.starts, p.ends, state.m, state.u, state.t, state.mid_start,
+            state.mid_end, state.kmin, state.kmax, state.phi_q, state.phi_q_mlp, state.phi_k,
+            state.phi_k_mlp, state.completion, p.scale, budget, config.page_size,
+            config.selector)
+
+
+def _exact(p: Problem) -> torch.Tensor:
+    return reference.attention(p.q, p.k, p.v, p.scale, p.starts, p.ends)
+
+
+# --- registration ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_bounds", [True, False], ids=["page_bounds", "no_bounds"])
+def test_prefill_passes_opcheck(dtype, with_bounds):
+    p, config = _problem(dtype), _config()
+    state = _state(p, config.page_size if with_bounds else None)
+    torch.library.opcheck(ops.topk_phi_prefill, _prefill_args(state, p, config))
+
+
+@pytest.mark.parametrize("selector", ["page", "exact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_passes_opcheck(selector, dtype):
+    p, config = _problem(dtype), _config(selector=selector)
+    state = _prefilled(p, config)
+    torch.library.opcheck(ops.topk_phi_decode, _decode_args(state, p, config, budget=32))
+
+
+def test_prefill_then_decode_compile_with_fullgraph_and_match_eager():
+    p, config = _problem(), _config(budget=32)
+    eager_state, compiled_state = _state(p), _state(p)
+
+    def step(state, q, k, v):
+        prefill(state, k, v, p.starts, p.prefill_ends, config)
+        return decode(state, q * 2.0, k, v, p.starts, p.ends, p.scale, config) + 1.0
+
+    expected = step(eager_state, p.q, p.k, p.v)
+    got = torch.compile(step, fullgraph=True)(compiled_state, p.q, p.k, p.v)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(compiled_state.t, eager_state.t)
+
+
+# --- state -----------------------------------------------------------------------------------
+
+
+def test_prefill_writes_the_reference_summary_and_bounds_in_place():
+    p, config = _problem(), _config()
+    state = _state(p)
+    addresses = [x.data_ptr() for x in (state.m, state.u, state.t, state.kmin, state.kmax)]
+    prefill(state, p.k, p.v, p.starts, p.prefill_ends, config)
+    summary = p.summary()
+    for name in ("m", "u", "t"):
+        torch.testing.assert_close(getattr(state, name), getattr(summary, name).float(),
+                                   rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.equal(state.mid_start, p.mid_start) and torch.equal(state.mid_end, p.mid_end)
+    bounds = ref.build_page_bounds(p.k, p.mid_start, p.mid_end, config.page_size)
+    assert torch.equal(state.kmin, bounds.kmin) and torch.equal(state.kmax, bounds.kmax)
+    after = [x.data_ptr() for x in (state.m, state.u, state.t, state.kmin, state.kmax)]
+    assert after == addresses
+
+
+def test_a_second_prefill_replaces_the_state_of_the_first():
+    first, second, config = _problem(seed=1), _problem(seed=2), _config()
+    reused = _prefilled(first, config)
+    prefill(reused, second.k, second.v, second.starts, second.prefill_ends, config)
+    second.maps = first.maps  # the state holds the site's maps; only the prompt changed
+    fresh = _prefilled(second, config)
+    for name in ("m", "u", "t", "mid_start", "mid_end", "kmin", "kmax"):
+        assert torch.equal(getattr(reused, name), getattr(fresh, name)), name
+
+
+# --- identities through the ops --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("selector", ["page", "exact"])
+def test_a_budget_covering_the_context_gives_exact_attention(selector):
+    p = _problem(lengths=[80, 51])
+    config = _config(selector=selector, budget=1.0)
+    out = decode(_prefilled(p, config), p.q, p.k, p.v, p.starts, p.ends, p.scale, config)
+    torch.testing.assert_close(out, _exact(p), rtol=1e-5, atol=1e-5)
+
+
+def test_completion_off_is_topk_only_renormalised_attention():
+    p, config = _problem(), _config(selector="exact", budget=8)
+    state = _prefilled(p, config, completion=(False,) * 4)
+    out = decode(state, p.q, p.k, p.v, p.starts, p.ends, p.scale, config)
+    selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, 8, per_kv_head=True)
+    retrieved = ref.selection_mask(selected, 4, p.mid_start, p.mid_end, p.k.shape[2])
+    current = ref.positions_in(p.starts, p.ends, p.k.shape[2])[:, None, :]
+    mid = ref.positions_in(p.mid_start, p.mid_end, p.k.shape[2])[:, None, :]
+    expected, _ = ref.exact_state(p.q, p.k, p.v, p.scale, current & (~mid | retrieved))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_completion_brings_topk_closer_to_full_attention_on_diffuse_heads():
+    # Small random queries and keys give near-uniform attention (most mass lies outside any
+    # small Top-K) and keep the positive random features' variance low.
+    p = _problem(n_keys=512, d_phi=64, lengths=[500, 480])
+    p.q, p.k = 0.5 * p.q, 0.5 * p.k
+    on, off = _config(selector="exact", budget=16), _config(selector="exact", budget=16)
+    exact = _exact(p)
+    with_phi = decode(_prefilled(p, on), p.q, p.k, p.v, p.starts, p.ends, p.scale, on)
+    topk_only = decode(_prefilled(p, off, completion=(False,) * 4), p.q, p.k, p.v, p.starts,
+                       p.ends, p.scale, off)
+    error = lambda out: float((out - exact).abs().sum() / exact.abs().sum())  # noqa: E731
+    assert error(with_phi) < 0.5 * error(topk_only)
+
+
+def test_triton_path_matches_the_reference_path(monkeypatch):
+    p, config = _problem(), _config(budget=32)
+    expected = decode(_prefilled(p, config), p.q, p.k, p.v, p.starts, p.ends, p.scale, config)
+    monkeypatch.setenv("MACOPT_CPU_KERNELS", "triton")
+    got = decode(_prefilled(p, config), p.q, p.k, p.v, p.starts, p.ends, p.scale, config)
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_exact_selection_without_fp32_keys_equals_the_reference_topk():
+    p = _problem(n_q_heads=8, n_keys=200, lengths=[190, 150])
+    got = exact_selection(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=20)
+    expected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, 20, per_kv_head=True)
+    assert torch.equal(got, expected)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _bad_decode(change):
+    p, config = _problem(), _config()
+    args = list(_decode_args(_prefilled(p, config), p, config, budget=16))
+    change(args)
+    return args
+
+
+BAD_DECODE = [
+    pytest.param(lambda a: a.__setitem__(5, a[5].double()), "m: expected", id="m-fp64"),
+    pytest.param(lambda a: a.__setitem__(7, a[7][..., :32]), "t: expected", id="t-head-dim"),
+    pytest.param(lambda a: a.__setitem__(8, a[8].float()), "mid_start", id="mid-start-float"),
+    pytest.param(lambda a: a.__setitem__(10, None), "kmin: the page selector", id="no-bounds"),
+    pytest.param(lambda a: a.__setitem__(11, a[11][:, :, :-1]), "kmax", id="kmax-pages"),
+    pytest.param(lambda a: a.__setitem__(12, a[12][:5]), "phi_q: expected the 6", id="phi-q-5"),
+    pytest.param(lambda a: a.__setitem__(14, [a[12][0], *a[14][1:]]), "phi_k: expected lin_w",
+                 id="phi-k-has-q-heads"),
+    pytest.param(lambda a: a.__setitem__(16, torch.ones(3, dtype=torch.bool)), "completion",
+                 id="completion-3-heads"),
+    pytest.param(lambda a: a.__setitem__(18, 0), "budget", id="budget-0"),
+    pytest.param(lambda a: a.__setitem__(19, 12), "page_size", id="page-size-12"),
+    pytest.param(lambda a: a.__setitem__(20, "quest"), "selector", id="selector-quest"),
+]
+
+
+@pytest.mark.parametrize("change, named", BAD_DECODE)
+def test_decode_rejects_bad_input_naming_the_argument(change, named):
+    with pytest.raises(ValueError, match=f"^{named}"):
+        ops.topk_phi_decode(*_bad_decode(change))
+
+
+def test_prefill_rejects_a_summary_of_the_wrong_feature_count():
+    p, config = _problem(), _config()
+    state = _state(p)
+    args = list(_prefill_args(state, p, config))
+    args[9] = torch.zeros(2, 2, 8)  # m with 8 features; u and t have 16
+    with pytest.raises(ValueError, match="^u: expected"):
+        ops.topk_phi_prefill(*args)
