@@ -1,14 +1,18 @@
 """``optimize``, ``explain`` and the ``macopt`` torch.compile backends.
 
-Eager execution: ``optimize`` changes no module code. Eager runs of an optimized model take
-the unmodified attention path (Hugging Face's ``sdpa``), which computes exactly what the
-rewritten ``exact`` graph computes, so the numbers agree by construction. Methods that keep
-per-site state (MAC) will run eagerly through the ``macopt_eager`` backend instead, which
-rewrites the traced graph with the same passes and runs it without Inductor.
+Eager execution: for stateless methods (``exact``) ``optimize`` changes no module code. Eager
+runs of such a model take the unmodified attention path (Hugging Face's ``sdpa``), which
+computes exactly what the rewritten ``exact`` graph computes, so the numbers agree by
+construction. Methods that keep per-site state (MAC) must run their ops at every step (the
+prefill fills the rings that decode steps read), so ``optimize`` routes the model's eager
+``forward`` through the ``macopt_eager`` backend: dynamo traces it, the same passes rewrite the
+graph, and it runs without Inductor. Inside the user's own ``torch.compile`` the routing steps
+aside (``torch.compiler.is_compiling()``), so the user's compile sees the plain forward.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 
@@ -52,6 +56,13 @@ def optimize(
     ...     num_key_value_heads=1, num_hidden_layers=1, intermediate_size=64, vocab_size=64))
     >>> _ = macopt.optimize(model, macopt.ExactConfig())
     >>> model.forward = torch.compile(model.forward, fullgraph=True)  # rewrites at compile
+
+    With a stateful method (``MACConfig``) the model also works without the user's compile:
+    its eager forward runs the rewritten graph through the ``macopt_eager`` backend (a dynamo
+    trace on first call, no Inductor), so eager and compiled runs compute the same thing.
+
+    >>> _ = macopt.optimize(model, macopt.MACConfig())
+    >>> logits = model(torch.tensor([[1, 2, 3]])).logits  # eager: rings filled by the prefill
     """
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config: expected a macopt MethodConfig (e.g. macopt.ExactConfig()), "
@@ -64,7 +75,32 @@ def optimize(
     for name, (module, module_config) in plan.items():
         scope.tag(module, name, module_config)
     install_passes()
+    stateful = any(getattr(c, "keeps_state", False) for _, c in plan.values())
+    _route_eager_forward(model, stateful)
     return model
+
+
+def _route_eager_forward(model: torch.nn.Module, stateful: bool) -> None:
+    """Stateful methods: run eager forwards through the rewritten graph (``macopt_eager``);
+    stateless ones: restore the plain forward if an earlier optimize() routed it."""
+    earlier = model.__dict__.pop("_macopt_plain_forward", None)
+    if earlier is not None:
+        model.__dict__.pop("forward", None)  # our routing wrapper
+        if getattr(earlier, "__func__", None) is not getattr(type(model), "forward", None):
+            model.forward = earlier  # the forward was an instance attribute already
+    if not stateful:
+        return
+    plain = model.forward
+    rewritten = torch.compile(plain, backend=backend(inductor=False))
+
+    @functools.wraps(plain)
+    def forward(*args, **kwargs):  # noqa: ANN202
+        if torch.compiler.is_compiling():  # the user's own compile: let it see the plain code
+            return plain(*args, **kwargs)
+        return rewritten(*args, **kwargs)
+
+    model._macopt_plain_forward = plain
+    model.forward = forward
 
 
 def explain(model: torch.nn.Module) -> Explanation:

@@ -2,8 +2,8 @@
 
 A method plugs in by registering a function under its name in :data:`DECODE_REWRITES`; it
 receives the graph, the site and the :class:`DecodeInputs` this module builds (query
-``[B,Hq,D]``, un-repeated ``k/v``, ``starts/ends``, ``key_mask``, scale) and returns the node
-holding ``o[B,Hq,D]``.
+``[B,Hq,D]``, un-repeated ``k/v``, ``starts/ends``, ``key_mask``, scale, the lifted RoPE and
+the site id that keys per-site state) and returns the node holding ``o[B,Hq,D]``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.fx import Graph, Node
 from macopt.kernels.limits import MAX_GQA_GROUP, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from macopt.passes.graph_utils import aten, fake, is_call, static_int, statically_equals
 from macopt.passes.masks import boolean_key_mask
-from macopt.passes.rope import RopeMatch
+from macopt.passes.rope import RopeMatch, pre_rope_heads_dim
 from macopt.passes.sites import AttentionSite
 
 
@@ -34,6 +34,7 @@ class DecodeInputs:
     key_mask: Node | None
     scale: float
     rope: RopeMatch | None
+    site_id: int | None = None  # a graph constant: keys per-site state (stateful methods)
 
 
 DecodeRewrite = Callable[[Graph, AttentionSite, DecodeInputs, object], Node]
@@ -87,6 +88,8 @@ def decode_skip_reason(site: AttentionSite, rope: RopeMatch | None, config: obje
         return f"GQA group {site.group} (q heads / kv heads) is not supported"
     if config.needs_pre_rope_query and rope is None:
         return f"no RoPE found; method {config.method!r} needs the pre-RoPE query"
+    if config.needs_pre_rope_query and pre_rope_heads_dim(rope, site.q) is None:
+        return "the pre-RoPE query is neither [B,Hq,S,D] nor [B,S,Hq,D]"
     if config.method not in DECODE_REWRITES:
         return f"no decode rewrite registered for method {config.method!r}"
     _, mask_reason = boolean_key_mask(site)
@@ -94,11 +97,12 @@ def decode_skip_reason(site: AttentionSite, rope: RopeMatch | None, config: obje
 
 
 def rewrite_decode_site(
-    graph: Graph, site: AttentionSite, rope: RopeMatch | None, config: object
+    graph: Graph, site: AttentionSite, rope: RopeMatch | None, config: object,
+    site_id: int | None = None,
 ) -> Node:
     """Replace ``site`` (already checked by :func:`decode_skip_reason`) with the method's op."""
     with graph.inserting_before(site.node):
-        inputs = _decode_inputs(graph, site, rope)
+        inputs = _decode_inputs(graph, site, rope, site_id)
         out = DECODE_REWRITES[config.method](graph, site, inputs, config)
         out4 = call(graph, aten.unsqueeze.default, (out, 2), site)
     site.output.replace_all_uses_with(out4)
@@ -110,7 +114,9 @@ def rewrite_decode_site(
     return out
 
 
-def _decode_inputs(graph: Graph, site: AttentionSite, rope: RopeMatch | None) -> DecodeInputs:
+def _decode_inputs(
+    graph: Graph, site: AttentionSite, rope: RopeMatch | None, site_id: int | None
+) -> DecodeInputs:
     q_val = fake(site.q)
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
     device = q_val.device
@@ -129,6 +135,7 @@ def _decode_inputs(graph: Graph, site: AttentionSite, rope: RopeMatch | None) ->
         key_mask=key_mask,
         scale=site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim),
         rope=rope,
+        site_id=site_id,
     )
 
 

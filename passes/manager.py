@@ -1,7 +1,8 @@
 """The pass manager: one Inductor ``CustomGraphPass`` that runs macopt's passes.
 
 Per attention site in scope: find it, lift the pre-RoPE query, decide, rewrite decode sites
-to the method's op, record a :class:`SiteReport`. ``uuid()`` hashes the pass sources, torch's
+to the method's op (and, for methods with per-site state, give prefill sites the method's
+state builder), record a :class:`SiteReport`. ``uuid()`` hashes the pass sources, torch's
 version, the tags in scope (module class, name, config) and any pass it wraps, so Inductor's
 FX graph cache reuses a compiled graph only when the rewrite would be the same.
 
@@ -18,7 +19,10 @@ from pathlib import Path
 import torch
 from torch.fx import Graph
 
-from macopt.passes import scope
+from macopt.passes import (
+    mac_rewrite,  # noqa: F401  (registers the "mac" rewrites)
+    scope,
+)
 from macopt.passes._compat import CustomGraphPass, get_hash_for_files
 from macopt.passes.decode_rewrite import (
     DECODE_REWRITES,
@@ -27,6 +31,11 @@ from macopt.passes.decode_rewrite import (
     rewrite_decode_site,
 )
 from macopt.passes.module_checks import unsupported_module_reason
+from macopt.passes.prefill_rewrite import (
+    PREFILL_REWRITES,
+    prefill_skip_reason,
+    rewrite_prefill_site,
+)
 from macopt.passes.report import SiteReport
 from macopt.passes.rope import lift_pre_rope_query
 from macopt.passes.sites import AttentionSite, find_attention_sites
@@ -54,6 +63,8 @@ class MacoptPasses(CustomGraphPass):
         previous = self.previous.uuid() if hasattr(self.previous, "uuid") else None
         if self.previous is not None and previous is None:
             return None  # the wrapped pass is uncacheable, so are we
+        if getattr(self.default_config, "keeps_state", False):
+            return None  # untagged sites get site ids at pass time: nothing stable to key on
         default = getattr(self.default_config, "cache_key", lambda: "none")()
         extra = "\n".join((torch.__version__, default, str(previous), scope.cache_description()))
         return get_hash_for_files(_PASS_SOURCES, extra).hex()
@@ -61,7 +72,7 @@ class MacoptPasses(CustomGraphPass):
 
 def run_passes(graph: Graph, default_config: object | None = None) -> list[SiteReport]:
     """Analyse and rewrite every in-scope attention site of ``graph``; return the reports."""
-    reports = []
+    reports, seen_ids = [], set()
     for site in find_attention_sites(graph):
         found = scope.scope_of(site.node)
         module, config = found if found else (None, None)
@@ -69,8 +80,14 @@ def run_passes(graph: Graph, default_config: object | None = None) -> list[SiteR
         if config is None:
             continue
         layer = found[1].qualname if found else _readable_path(site.module_path)
-        report = process_site(graph, site, module, config, layer)
         module_id = id(module) if module is not None else site.module_id
+        site_id = None
+        if getattr(config, "keeps_state", False) and module_id is not None:
+            site_id = scope.site_id_for(module_id)
+            if site_id in seen_ids:  # one module attending twice in a graph: shared state
+                site_id = None
+            seen_ids.add(site_id)
+        report = process_site(graph, site, module, config, layer, site_id)
         if module_id is not None:
             scope.record(module_id, report)
         reports.append(report)
@@ -81,15 +98,23 @@ def run_passes(graph: Graph, default_config: object | None = None) -> list[SiteR
 
 
 def process_site(
-    graph: Graph, site: AttentionSite, module: object, config: object, layer: str
+    graph: Graph, site: AttentionSite, module: object, config: object, layer: str,
+    site_id: int | None = None,
 ) -> SiteReport:
-    """Decide one site and rewrite it when it is a supported decode site."""
+    """Decide one site and rewrite it when it is a supported decode site, or a prefill site of
+    a method with a state builder. ``site_id`` keys the state of stateful methods."""
     rope, _ = lift_pre_rope_query(site.q)
     decode = is_decode(site)
-    if not decode:
+    stateless = not getattr(config, "keeps_state", False)
+    if not decode and config.method not in PREFILL_REWRITES:
         decision, reason = "kept", f"prefill graph (query length {site.query_len})"
     else:
-        skip = unsupported_module_reason(module) or decode_skip_reason(site, rope, config)
+        skip = unsupported_module_reason(module)
+        if not stateless and site_id is None:
+            skip = skip or ("the module has no identity to key its state by, or attends more "
+                            "than once in this graph (its state would be shared)")
+        check = decode_skip_reason if decode else prefill_skip_reason
+        skip = skip or check(site, rope, config)
         decision, reason = ("skipped", skip) if skip else ("rewritten", "")
     report = SiteReport(
         layer=layer,
@@ -103,10 +128,12 @@ def process_site(
         head_dim=site.head_dim,
         method=config.method,
         decision=decision,
-        reason=reason or _rewrite_description(config.method),
+        reason=reason or _rewrite_description(config.method, decode),
     )
-    if decision == "rewritten":
-        rewrite_decode_site(graph, site, rope, config)
+    if decision == "rewritten" and decode:
+        rewrite_decode_site(graph, site, rope, config, site_id)
+    elif decision == "rewritten":
+        rewrite_prefill_site(graph, site, rope, config, site_id)
     return report
 
 
@@ -115,7 +142,7 @@ def _readable_path(path: str) -> str:
     return re.sub(r"^L\[['\"]\w+['\"]\]\.?", "", path)
 
 
-def _rewrite_description(method: str) -> str:
+def _rewrite_description(method: str, decode: bool = True) -> str:
     """First paragraph of the method's rewrite docstring, on one line."""
-    doc = DECODE_REWRITES[method].__doc__ or method
+    doc = (DECODE_REWRITES if decode else PREFILL_REWRITES)[method].__doc__ or method
     return " ".join(doc.split("\n\n")[0].split())

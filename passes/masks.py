@@ -24,7 +24,7 @@ def boolean_key_mask(site: AttentionSite) -> tuple[Node | None, str | None]:
     mask = site.attn_mask
     if mask is None:
         return None, None
-    source = _where_source(mask) if fake(mask).dtype.is_floating_point else mask
+    source = boolean_source(mask)
     if source is None:
         return None, "additive float attention mask not provably 0/-inf (e.g. ALiBi or bias)"
     val, q_val = fake(source), fake(site.q)
@@ -35,6 +35,12 @@ def boolean_key_mask(site: AttentionSite) -> tuple[Node | None, str | None]:
     if heads != 1 or rows != 1 or batch not in (1, static_int(q_val.shape[0])):
         return None, f"attention mask of shape {tuple(val.shape)} is per head or per query"
     return source, None
+
+
+def boolean_source(mask: Node) -> Node | None:
+    """The boolean tensor ``mask`` selects keys by (True = attend): ``mask`` itself when it is
+    boolean, ``cond`` when it is ``where(cond, 0, -inf)``, else None."""
+    return _where_source(mask) if fake(mask).dtype.is_floating_point else mask
 
 
 def _where_source(mask: Node) -> Node | None:

@@ -19,7 +19,16 @@ from dataclasses import dataclass
 
 from torch.fx import Node
 
-from macopt.passes.graph_utils import CAST_OPS, RESHAPE_OPS, aten, fake, is_call, peel
+from macopt.passes.graph_utils import (
+    CAST_OPS,
+    LAYOUT_OPS,
+    RESHAPE_OPS,
+    aten,
+    fake,
+    is_call,
+    peel,
+    statically_equals,
+)
 from macopt.passes.graph_utils import static_int as _int
 
 _INT64_MAX = 2**63 - 1
@@ -157,3 +166,35 @@ def _describe(node: Node) -> str:
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return f"{node.op} {node.name}"
+
+
+def pre_rope_heads_dim(match: RopeMatch, q: Node) -> int | None:
+    """Where the pre-RoPE query keeps its heads: 1 when it is laid out like the site's query
+    ``[B, Hq, S, D]``, 2 for ``[B, S, Hq, D]`` (RoPE applied before the head transpose), None
+    for any other layout (the site is then left alone). When the shapes cannot tell (Hq = S),
+    a head transpose between the rotation and the site decides."""
+    pre, post = fake(match.pre_rope_query), fake(q)
+    if pre is None or post is None or pre.dim() != 4 or post.dim() != 4:
+        return None
+    batch, heads, length, dim = post.shape
+    as_site = _same_shape(pre.shape, (batch, heads, length, dim))
+    swapped = _same_shape(pre.shape, (batch, length, heads, dim))
+    if as_site and swapped:
+        return 2 if _swaps_heads(q) else 1
+    return 1 if as_site else 2 if swapped else None
+
+
+def _same_shape(shape: tuple, expected: tuple) -> bool:
+    return all(statically_equals(a - b, 0) for a, b in zip(shape, expected, strict=True))
+
+
+def _swaps_heads(q: Node) -> bool:
+    """Whether the layout ops between the RoPE output and ``q`` swap dims 1 and 2 (odd count)."""
+    swaps, node = 0, q
+    while is_call(node, LAYOUT_OPS | CAST_OPS) and isinstance(node.args[0], Node):
+        if is_call(node, aten.transpose.int) and {d % 4 for d in node.args[1:3]} == {1, 2}:
+            swaps += 1
+        if is_call(node, aten.permute.default) and [d % 4 for d in node.args[1]] == [0, 2, 1, 3]:
+            swaps += 1
+        node = node.args[0]
+    return swaps % 2 == 1

@@ -2,11 +2,19 @@
 
 ``macopt.optimize`` tags attention modules here; the passes find a site's module through
 dynamo's ``nn_module_stack`` (keyed by module id) and record one report per site.
+
+Methods with per-site state (MAC rings, Top-K+phi summaries) key it by a small integer *site
+id*, one per attention module, assigned when the module is tagged (or first seen by a backend
+pass) and baked into the rewritten graph as a constant: the same id in the prefill and the
+decode graphs of a module, never a per-token value. Ids are assigned in tagging order, so a
+graph from Inductor's FX graph cache (keyed on the ids too) points at the same modules.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +34,9 @@ class Scope:
 
 _TAGGED: dict[int, tuple[weakref.ref, Scope]] = {}
 _REPORTS: dict[int, dict[tuple[str, str, str], SiteReport]] = {}
+_SITE_IDS: dict[int, int] = {}  # module id -> site id
+_NEXT_SITE_ID = itertools.count()
+_FORGET_HOOKS: list[Callable[[int], None]] = []  # called with a dead module's site id
 
 
 def tag(module: torch.nn.Module, qualname: str, config: object) -> None:
@@ -33,6 +44,24 @@ def tag(module: torch.nn.Module, qualname: str, config: object) -> None:
     key = id(module)
     _TAGGED[key] = (weakref.ref(module, lambda _: _forget(key)), Scope(qualname, config))
     _REPORTS.pop(key, None)
+    site_id_for(key)
+
+
+def site_id_for(module_id: int) -> int:
+    """The site id of the module with ``id(module) == module_id`` (assigned on first call)."""
+    if module_id not in _SITE_IDS:
+        _SITE_IDS[module_id] = next(_NEXT_SITE_ID)
+    return _SITE_IDS[module_id]
+
+
+def site_id_of(module: torch.nn.Module) -> int | None:
+    """The site id of a tagged module, or None."""
+    return _SITE_IDS.get(id(module)) if scope_of_module(module) is not None else None
+
+
+def on_forget(hook: Callable[[int], None]) -> None:
+    """Call ``hook(site_id)`` when a tagged module is garbage collected (frees its state)."""
+    _FORGET_HOOKS.append(hook)
 
 
 def untag(module: torch.nn.Module) -> None:
@@ -42,6 +71,10 @@ def untag(module: torch.nn.Module) -> None:
 def _forget(key: int) -> None:
     _TAGGED.pop(key, None)
     _REPORTS.pop(key, None)
+    site_id = _SITE_IDS.pop(key, None)
+    if site_id is not None:
+        for hook in _FORGET_HOOKS:
+            hook(site_id)
 
 
 def scope_of(node: Node) -> tuple[torch.nn.Module, Scope] | None:
@@ -67,6 +100,8 @@ def cache_description() -> str:
         if module is not None:
             config = scope.config
             key = config.cache_key() if hasattr(config, "cache_key") else repr(config)
+            if getattr(config, "keeps_state", False):  # the graph bakes the site id in
+                key += f"|site {_SITE_IDS.get(id(module))}"
             rows.append(f"{type(module).__qualname__}|{scope.qualname}|{key}")
     return "\n".join(sorted(rows))
 

@@ -1,0 +1,109 @@
+"""MAC-Attention ops (``torch.ops.macopt.mac_decode`` / ``mac_prefill``): what the ``mac``
+rewrites insert. CPU runs the reference (:mod:`macopt.kernels.mac_reference`), CUDA the Triton
+step (:mod:`macopt.kernels.mac`); ``MACOPT_CPU_KERNELS=triton`` as in :mod:`macopt.ops`.
+
+Both ops keep hidden state: the ring of the attention site named by ``site_id`` (a graph
+constant, see :mod:`macopt.state`). They are declared functional (``mutates_args=()``) because
+the ring is not a graph value; what keeps compilers from dropping or merging them is that each
+returns a fresh tensor the graph uses, and that no two calls share arguments (site ids
+differ). ``batch_capacity`` 0 means: the batch of the first call.
+
+>>> o = torch.ops.macopt.mac_decode(q, q_pre, k, v, t, s0, 0.125, 0, 512, 256, 0, 0.45,
+...                                 2048, 16, 0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+
+from macopt import mac_state
+from macopt.kernels import mac_counters, mac_reference
+from macopt.ops import _use_triton
+from macopt.validation import check_decode_inputs
+
+Tensor = torch.Tensor
+
+
+def _check_decode(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor,
+                  key_starts: Tensor) -> None:
+    check_decode_inputs(q, k, v, key_starts, positions, None)
+    if q_pre.shape != q.shape:
+        raise ValueError(f"q_pre: expected the shape of q {tuple(q.shape)}, got "
+                         f"{tuple(q_pre.shape)}")
+
+
+@torch.library.custom_op("macopt::mac_decode", mutates_args=())
+def mac_decode(
+    q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_starts: Tensor,
+    scale: float, site_id: int, ring_size: int, offset: int, sinks: int, tau: float,
+    t_min: int, max_depth: int, batch_capacity: int,
+) -> Tensor:
+    """One MAC decode step ``o[B,Hq,D]`` of row ``b`` at cache position ``positions[b]`` over
+    keys ``[key_starts[b], positions[b]]``; updates the site's ring and counters in place."""
+    _check_decode(q, q_pre, k, v, positions, key_starts)
+    ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
+    triton = _use_triton(q.device)
+    if triton:
+        from macopt.kernels import mac
+
+        step, count = mac.mac_decode_step, mac_counters.count_decode_
+    else:
+        step, count = mac_reference.mac_decode_step, mac_counters.count_decode_reference_
+    o, hit, keys_read = step(q, q_pre, k, v, ring, positions, key_starts, scale, offset=offset,
+                             sinks=sinks, tau=tau, t_min=t_min, max_depth=max_depth)
+    count(counters, hit, keys_read, positions, key_starts)
+    return o
+
+
+@mac_decode.register_fake
+def _(q, q_pre, k, v, positions, key_starts, scale, site_id, ring_size, offset, sinks, tau,
+      t_min, max_depth, batch_capacity):
+    _check_decode(q, q_pre, k, v, positions, key_starts)
+    return torch.empty_like(q)
+
+
+def _check_prefill(attn_out: Tensor, q_post: Tensor, q_pre: Tensor, k: Tensor,
+                   key_starts: Tensor, ends: Tensor) -> None:
+    if q_post.dim() != 4 or q_pre.shape != q_post.shape or attn_out.shape != q_post.shape:
+        raise ValueError(f"q_post, q_pre, attn_out: expected one shape [B, Hq, N, D], got "
+                         f"{tuple(q_post.shape)}, {tuple(q_pre.shape)}, {tuple(attn_out.shape)}")
+    batch = q_post.shape[0]
+    if k.dim() != 4 or k.shape[0] != batch or k.shape[3] != q_post.shape[3]:
+        raise ValueError(f"k: expected [{batch}, Hkv, Nk, {q_post.shape[3]}], got "
+                         f"{tuple(k.shape)}")
+    for name, t in (("key_starts", key_starts), ("ends", ends)):
+        if t.shape != (batch,):
+            raise ValueError(f"{name}: expected shape ({batch},), got {tuple(t.shape)}")
+
+
+@torch.library.custom_op("macopt::mac_prefill", mutates_args=())
+def mac_prefill(
+    attn_out: Tensor, q_post: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, key_starts: Tensor,
+    ends: Tensor, scale: float, site_id: int, ring_size: int, offset: int, sinks: int,
+    batch_capacity: int,
+) -> Tensor:
+    """A copy of ``attn_out``; rewrites every ring slot of the site's first ``B`` rows with
+    the exact entries of the prompt (cache positions ``0..N-1``, row ``b`` holding
+    ``[key_starts[b], ends[b])``): the reset that starts new sequences."""
+    _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends)
+    ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
+    if _use_triton(q_post.device):
+        from macopt.kernels import mac
+
+        mac.prefill_entries_(ring, q_post, q_pre, k, v, scale, key_starts, ends, offset, sinks)
+    else:
+        n = q_post.shape[2]  # the reference reads the prompt's keys only
+        ring.copy_(mac_reference.prefill_entries(q_post, q_pre, k[:, :, :n], v[:, :, :n], scale,
+                                                 key_starts, ends, ring_size, offset, sinks))
+    # A prompt chunk that does not start at cache position 0 (chunked prefill continuing a
+    # sequence) is not what the entries assume: leave those rows empty (every step a miss).
+    ring.pos.masked_fill_((ends != q_post.shape[2])[:, None, None], -1)
+    counters[mac_counters.COUNTERS.index("prefills")] += 1
+    return attn_out.clone()
+
+
+@mac_prefill.register_fake
+def _(attn_out, q_post, q_pre, k, v, key_starts, ends, scale, site_id, ring_size, offset,
+      sinks, batch_capacity):
+    _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends)
+    return torch.empty_like(attn_out)

@@ -1,0 +1,85 @@
+"""Per-site state of stateful methods (MAC rings; later Top-K+phi summaries), by site id.
+
+The graph passes bake an integer site id into every rewritten graph (one per attention
+module, see :mod:`macopt.passes.scope`); the ops look their state up here. A site's state is
+allocated once, at its first use (a warm-up step, outside any CUDA-graph capture), and never
+moves afterwards, so graphs captured later keep valid addresses. Allocating while a CUDA graph
+is being captured is refused with an error instead. Each site also holds device-side counters
+that its ops update in place (no host sync); :func:`macopt.stats` reads them.
+
+>>> state = site_state(7, "demo", ("spec",), lambda: ([torch.zeros(3)], torch.zeros(2)))
+>>> site_state(7, "demo", ("spec",), lambda: None) is state  # same spec: the same buffers
+True
+>>> release(7)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from macopt.passes import scope
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SiteState:
+    """One site's buffers (method-specific), its counters, and what they were allocated for."""
+
+    method: str
+    spec: tuple  # shapes, dtype, device, capacity: a different spec reallocates
+    buffers: Any
+    counters: Tensor  # int64, updated in place by the ops
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers and counters."""
+        tensors = [self.counters, *_tensors(self.buffers)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+_STATES: dict[int, SiteState] = {}
+
+
+def site_state(
+    site_id: int, method: str, spec: tuple, allocate: Callable[[], tuple[Any, Tensor]]
+) -> SiteState:
+    """The state of ``site_id``; ``allocate() -> (buffers, counters)`` runs on first use or
+    when ``spec`` changed (a re-optimized model, another dtype or device)."""
+    state = _STATES.get(site_id)
+    if state is not None and state.method == method and state.spec == spec:
+        return state
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"macopt: the state of attention site {site_id} would be allocated during CUDA-graph "
+            "capture, where its address would not survive. Run one step of the optimized model "
+            "before capturing (torch.compile's mode='reduce-overhead' does this warm-up itself).")
+    buffers, counters = allocate()
+    _STATES[site_id] = SiteState(method, spec, buffers, counters)
+    return _STATES[site_id]
+
+
+def get(site_id: int) -> SiteState | None:
+    """The state of ``site_id`` if it was allocated, else None."""
+    return _STATES.get(site_id)
+
+
+def release(site_id: int) -> None:
+    """Drop the state of ``site_id`` (its memory is freed once no graph holds it)."""
+    _STATES.pop(site_id, None)
+
+
+def _tensors(buffers: Any) -> list[Tensor]:
+    if isinstance(buffers, Tensor):
+        return [buffers]
+    if hasattr(buffers, "tensors"):
+        return list(buffers.tensors())
+    if isinstance(buffers, list | tuple):
+        return [t for b in buffers for t in _tensors(b)]
+    return []
+
+
+scope.on_forget(release)  # a garbage-collected module frees its sites' state

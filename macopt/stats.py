@@ -1,0 +1,111 @@
+"""``macopt.stats(model)``: what the stateful methods did, per attention layer.
+
+Counters live on the device and are updated by the ops without a host sync; reading them here
+is the one sync, and it happens only when asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.table import Table
+
+from macopt import state
+from macopt.kernels.mac_counters import COUNTERS
+from macopt.passes import scope
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One attention site since its state was allocated.
+
+    ``hit_rate``: share of (row, query head) decode steps that reused a ring entry;
+    ``head_hit_rates``: the same per query head; ``keys_read`` / ``keys_full``: keys attended vs
+    what full attention would have attended (summed over rows and heads); ``nbytes``: memory
+    held by the site's state (ring + counters).
+    """
+
+    layer: str
+    method: str
+    decode_steps: int
+    prefills: int
+    hit_rate: float
+    head_hit_rates: tuple[float, ...]
+    keys_read: int
+    keys_full: int
+    nbytes: int
+
+    @property
+    def read_fraction(self) -> float:
+        """Keys read as a fraction of full attention's (1.0: no saving)."""
+        return self.keys_read / self.keys_full if self.keys_full else 1.0
+
+
+class Stats(list[LayerStats]):
+    """Per-layer stats, printable as a table (``rich.print(macopt.stats(model))``)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self)
+
+    @property
+    def hit_rate(self) -> float:
+        steps = [(s.hit_rate, s.decode_steps) for s in self if s.decode_steps]
+        return sum(r for r, _ in steps) / len(steps) if steps else 0.0
+
+    def table(self, title: str = "macopt stats") -> Table:
+        table = Table(title=title)
+        for column in ("layer", "method", "decode steps", "prefills", "hit rate",
+                       "keys read / full", "state MB"):
+            table.add_column(column)
+        for s in self:
+            table.add_row(s.layer, s.method, str(s.decode_steps), str(s.prefills),
+                          f"{s.hit_rate:.3f}", f"{s.read_fraction:.3f}", f"{s.nbytes / 2**20:.1f}")
+        return table
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+
+def stats(model: torch.nn.Module) -> Stats:
+    """Per-layer statistics of the stateful sites of an optimized model (one host sync).
+
+    >>> import macopt
+    >>> print(macopt.stats(model)[0].hit_rate)  # doctest: +SKIP
+    0.93
+    """
+    sites = []
+    for name, module in model.named_modules():
+        found = scope.scope_of_module(module)
+        site_id = scope.site_id_of(module)
+        site = state.get(site_id) if site_id is not None else None
+        if found is not None and site is not None:
+            sites.append((found.qualname or name, site))
+    if not sites:
+        return Stats()
+    device = sites[0][1].counters.device
+    counts = torch.cat([s.counters.flatten().to(device) for _, s in sites]).cpu()  # the sync
+    out, offset = Stats(), 0
+    for layer, site in sites:
+        size = site.counters.numel()
+        rows = counts[offset:offset + size].view(site.counters.shape).tolist()
+        offset += size
+        out.append(_layer_stats(layer, site, dict(zip(COUNTERS, rows, strict=True))))
+    return out
+
+
+def _layer_stats(layer: str, site: state.SiteState, c: dict[str, list[int]]) -> LayerStats:
+    queries = c["queries"][0]
+    heads = tuple(h / queries if queries else 0.0 for h in c["hits"])
+    return LayerStats(
+        layer=layer,
+        method=site.method,
+        decode_steps=c["steps"][0],
+        prefills=c["prefills"][0],
+        hit_rate=sum(heads) / len(heads) if heads else 0.0,
+        head_hit_rates=heads,
+        keys_read=sum(c["keys_read"]),
+        keys_full=sum(c["keys_full"]),
+        nbytes=site.nbytes(),
+    )

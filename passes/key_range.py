@@ -1,0 +1,39 @@
+"""Each row's attended key range ``[first, last]`` as graph tensors, read from its key mask.
+
+Stateful methods need a row's current position ``t`` (its last attended key: the key of the
+token being decoded) and its key start ``s0`` (left padding). Both come from the mask with
+aten ops inserted in the graph, so they are device tensors of every step, never Python ints
+(an int would be baked into the graph and recompile it every token). The methods assume the
+attended keys are contiguous, ``[s0, t]``: a causal mask with left padding, which is what the
+sites that reach them carry (sliding-window modules are left untouched before this).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, Node
+
+from macopt.passes.decode_rewrite import call
+from macopt.passes.graph_utils import aten, fake, prims
+from macopt.passes.sites import AttentionSite
+
+
+def key_range(
+    graph: Graph, site: AttentionSite, key_mask: Node | None, batch: int | Node,
+    n_keys: int | Node,
+) -> tuple[Node, Node]:
+    """``(first[B], last[B])`` int32 nodes: the first and last True of ``key_mask[B, N]``, or
+    ``(0, N - 1)`` for every row when there is no mask (every key attended)."""
+    int_kwargs = {"dtype": torch.int32, "device": fake(site.q).device}
+    if key_mask is None:
+        first = call(graph, aten.full.default, ([batch], 0), site, int_kwargs)
+        last = call(graph, aten.full.default, ([batch], n_keys), site, int_kwargs)
+        return first, call(graph, aten.sub.Tensor, (last, 1), site)
+    # prims.iota: what arange decomposes to (Inductor lowers it; aten.arange it refuses).
+    iota_kwargs = dict(int_kwargs, start=0, step=1, requires_grad=False)
+    index = call(graph, prims.iota.default, (n_keys,), site, iota_kwargs)
+    before_all = call(graph, aten.where.ScalarOther, (key_mask, index, -1), site)
+    after_all = call(graph, aten.where.ScalarOther, (key_mask, index, n_keys), site)
+    last = call(graph, aten.amax.default, (before_all, [-1]), site)
+    first = call(graph, aten.amin.default, (after_all, [-1]), site)
+    return first, last

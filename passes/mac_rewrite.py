@@ -1,0 +1,62 @@
+"""The ``mac`` rewrites: MAC-Attention decode (``macopt::mac_decode``) and its prefill ring
+builder (``macopt::mac_prefill``), keyed by the site id baked into the graph.
+
+The decode op needs each row's position ``t`` and key start ``s0`` (from the key mask:
+:mod:`.key_range`) and the pre-RoPE query the RoPE lift found, in the site's head layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, Node
+
+from macopt.passes.decode_rewrite import DecodeInputs, call, register_decode_rewrite, size_arg
+from macopt.passes.graph_utils import aten, fake
+from macopt.passes.key_range import key_range
+from macopt.passes.prefill_rewrite import PrefillInputs, register_prefill_rewrite
+from macopt.passes.rope import RopeMatch, pre_rope_heads_dim
+from macopt.passes.sites import AttentionSite
+
+
+@register_decode_rewrite("mac")
+def rewrite_mac(graph: Graph, site: AttentionSite, inputs: DecodeInputs, config: object) -> Node:
+    """Approximate (MAC-Attention): a query close to a recent one reuses its attention over old
+    keys; a miss, and every step when tau = 1.0, is exactly full attention.
+
+    Row positions and key starts are read from the key mask in the graph; the ring of the site
+    is found by its site id (a graph constant).
+    """
+    batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
+    key_starts, positions = key_range(graph, site, inputs.key_mask, batch, n_keys)
+    q_pre = _pre_rope_query(graph, site, inputs.rope, decode=True)
+    args = (inputs.q, q_pre, inputs.k, inputs.v, positions, key_starts, inputs.scale,
+            inputs.site_id, config.ring_size, config.offset, config.sinks, config.tau,
+            config.t_min, config.max_chain_depth, config.batch_capacity or 0)
+    return call(graph, torch.ops.macopt.mac_decode.default, args, site)
+
+
+@register_prefill_rewrite("mac")
+def rewrite_mac_prefill(
+    graph: Graph, site: AttentionSite, inputs: PrefillInputs, config: object
+) -> Node:
+    """Exact (attention unchanged); also writes the site's MAC ring entries for the last
+    ring-size prompt positions of each row, resetting the ring for the new sequences."""
+    q_pre = _pre_rope_query(graph, site, inputs.rope, decode=False)
+    args = (inputs.out, inputs.q, q_pre, inputs.k, inputs.v, inputs.key_starts, inputs.ends,
+            inputs.scale, inputs.site_id, config.ring_size, config.offset, config.sinks,
+            config.batch_capacity or 0)
+    return call(graph, torch.ops.macopt.mac_prefill.default, args, site)
+
+
+def _pre_rope_query(graph: Graph, site: AttentionSite, rope: RopeMatch, decode: bool) -> Node:
+    """The pre-RoPE query as ``[B,Hq,D]`` (decode) or ``[B,Hq,N,D]`` (prefill), in the site's
+    query dtype (a q-norm may leave it in fp32: the ring stores the query dtype)."""
+    q_pre = rope.pre_rope_query
+    if pre_rope_heads_dim(rope, site.q) == 2:
+        q_pre = call(graph, aten.transpose.int, (q_pre, 1, 2), site)
+    if decode:
+        q_pre = call(graph, aten.squeeze.dim, (q_pre, 2), site)
+    dtype = fake(site.q).dtype
+    if fake(q_pre).dtype != dtype:
+        q_pre = call(graph, aten._to_copy.default, (q_pre,), site, {"dtype": dtype})
+    return q_pre
