@@ -4,10 +4,16 @@ One decode query per row: ``q[B, Hq, D]`` attends keys ``[starts[b], ends[b])`` 
 ``k, v[B, Hkv, N, D]`` (intersected with ``key_mask[b]`` when given); query head ``h`` reads KV
 head ``h // g``. The keys of each row are cut into ``num_splits`` runtime-sized chunks; each
 (batch row, KV head, split) program streams its chunk once for the whole query group and writes
-a partial state, and :func:`macopt.kernels.merge.merge_states_into` merges the splits.
+a partial state; the last program of each (row, KV head) to finish merges the group's states
+(:func:`macopt.kernels.merge.merge_row_states`), so a call is one launch.
 
 Lengths stay on the device and the split count comes from static shapes only, so a launch never
 syncs with the host and can be captured in a CUDA graph.
+
+The "last program" is found with a per-(row, KV head) int32 arrival counter that the merging
+program resets to zero. Counters are allocated once per (device, number of groups) and reused,
+so captured graphs keep static addresses. Two launches on one stream run one after the other and
+may share counters; launches sharing them must not run concurrently on different streams.
 
 >>> o, lse = decode_attention_state(q, k, v, starts, ends, None, scale=q.shape[-1] ** -0.5)
 """
@@ -22,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from macopt.kernels.merge import merge_states_into
+from macopt.kernels.merge import merge_row_states
 
 Tensor = torch.Tensor
 
@@ -33,6 +39,7 @@ _new_empty = torch.empty
 _LOG2_E = 1.4426950408889634
 _LN_2 = tl.constexpr(0.6931471805599453)  # a constexpr: jitted code may read it
 _MAX_SPLITS = 64
+_MERGE_TILE = 8192  # fp32 elements of the last program's [states, D] merge tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,22 +49,25 @@ class DecodeConfig:
     block_n: int  # keys per step of a program's loop
     num_warps: int
     num_stages: int  # software-pipelining depth of the K/V loads (GPU only)
-    num_splits: int  # programs per (batch row, KV head); the merge kernel runs when > 1
+    num_splits: int  # programs per (batch row, KV head); the last one merges when > 1
 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, starts_ptr, ends_ptr, mask_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, starts_ptr, ends_ptr, mask_ptr, part_o_ptr, part_lse_ptr,
+    o_ptr, lse_ptr, counter_ptr,
     qk_scale_log2, n_kv_heads, n_keys, group, num_splits,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_start_b, stride_start_h, stride_end_b, stride_end_h,
     stride_mask_b, stride_mask_n,
-    stride_ob, stride_oh, stride_os, stride_od,
-    stride_lb, stride_lh, stride_ls,
+    stride_pb, stride_ph, stride_ps, stride_pd,
+    stride_plb, stride_plh, stride_pls,
+    stride_ob, stride_oh, stride_od, stride_lb, stride_lh,
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     # A program owns one (batch row, KV head, split): the g query heads of the group are the rows
     # of one [BLOCK_G, D] tile, so each [BLOCK_N, D] K/V block is read once for all of them.
@@ -132,12 +142,44 @@ def _decode_split_kernel(
     o = acc / tl.where(has_keys, running_sum, 1.0)[:, None]
     log2_sum = tl.log2(tl.where(has_keys, running_sum, 1.0))
     lse = tl.where(has_keys, (running_max + log2_sum) * _LN_2, float("-inf"))
+    tile_ok = row_ok[:, None] & dim_ok[None, :]
+    if SPLIT:
+        group_o = part_o_ptr + batch * stride_pb + kv_head * group * stride_ph
+        group_lse = part_lse_ptr + batch * stride_plb + kv_head * group * stride_plh
+        tl.store(group_o + rows[:, None] * stride_ph + split * stride_ps
+                 + dims[None, :] * stride_pd, o, mask=tile_ok)
+        tl.store(group_lse + rows * stride_plh + split * stride_pls, lse, mask=row_ok)
+        # The barrier puts every thread's stores before this program's release; the program
+        # that arrives last acquires all the group's stores, merges them, re-arms the counter.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + kv_pid, 1, sem="acq_rel")
+        if arrived == num_splits - 1:
+            out_o = o_ptr + batch * stride_ob + kv_head * group * stride_oh
+            out_lse = lse_ptr + batch * stride_lb + kv_head * group * stride_lh
+            _merge_group(group_o, group_lse, out_o, out_lse, group, num_splits, stride_ph,
+                         stride_ps, stride_pd, stride_plh, stride_pls, stride_oh, stride_od,
+                         stride_lh, dims, dim_ok, MERGE_S)
+            tl.store(counter_ptr + kv_pid, 0)
+    else:  # the only split's state is the answer
+        tl.store(o_ptr + batch * stride_ob + q_heads[:, None] * stride_oh
+                 + dims[None, :] * stride_od, o.to(o_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(lse_ptr + batch * stride_lb + q_heads * stride_lh, lse, mask=row_ok)
 
-    out_offsets = batch * stride_ob + q_heads * stride_oh + split * stride_os
-    tl.store(o_ptr + out_offsets[:, None] + dims[None, :] * stride_od,
-             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(lse_ptr + batch * stride_lb + q_heads * stride_lh + split * stride_ls, lse,
-             mask=row_ok)
+
+@triton.jit
+def _merge_group(
+    part_o, part_lse, o_ptr, lse_ptr, group, num_splits, stride_ph, stride_ps, stride_pd,
+    stride_plh, stride_pls, stride_oh, stride_od, stride_lh, dims, dim_ok, MERGE_S: tl.constexpr,
+):
+    """Merge the group's split states into its outputs, one head at a time, MERGE_S splits per
+    step: a [MERGE_S, D] fp32 tile of at most _MERGE_TILE elements."""
+    for head in range(0, group):
+        o, lse = merge_row_states(part_o + head * stride_ph, part_lse + head * stride_plh,
+                                  num_splits, stride_ps, stride_pd, stride_pls, dims, dim_ok,
+                                  MERGE_S)
+        tl.store(o_ptr + head * stride_oh + dims * stride_od, o.to(o_ptr.dtype.element_ty),
+                 mask=dim_ok)
+        tl.store(lse_ptr + head * stride_lh, lse)
 
 
 @functools.cache
@@ -195,31 +237,64 @@ def _range_strides(bounds: Tensor) -> tuple[int, int]:
     return (bounds.stride(0), bounds.stride(1) if bounds.dim() == 2 else 0)
 
 
+_COUNTERS: dict[tuple[torch.device, int], Tensor] = {}
+_UNZEROED: set[tuple[torch.device, int]] = set()
+
+
+def _group_counters(device: torch.device, n_groups: int) -> Tensor:
+    """The int32 arrival counters of ``n_groups`` split groups: allocated and zeroed once per
+    (device, count), left at zero by every launch, so CUDA graphs see one static address."""
+    key = (device, n_groups)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if key not in _COUNTERS:
+        # Under capture the zeroing becomes a graph node that runs only at replay: zero again
+        # at the first call outside capture.
+        _COUNTERS[key] = torch.zeros(n_groups, dtype=torch.int32, device=device)
+        if capturing:
+            _UNZEROED.add(key)
+    elif key in _UNZEROED and not capturing:
+        _COUNTERS[key].zero_()
+        _UNZEROED.discard(key)
+    return _COUNTERS[key]
+
+
 def _launch_split_kernel(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, key_mask: Tensor | None,
     scale: float, o: Tensor, lse: Tensor, config: DecodeConfig,
 ) -> None:
-    """Run the split kernel writing states ``o[B, Hq, S, D]``, ``lse[B, Hq, S]``."""
+    """Run the split kernel (and its fused merge) writing ``o[B, Hq, D]``, ``lse[B, Hq]``."""
     batch, kv_heads, n_keys, head_dim = k.shape
-    # Without a mask the kernel never reads its pointer; starts stands in for it.
+    q_heads, splits = q.shape[1], config.num_splits
+    group, block_d = q_heads // kv_heads, triton.next_power_of_2(head_dim)
+    # Without a mask the kernel never reads its pointer; starts stands in for it. One split
+    # writes o and lse directly and needs no workspace or counters: o and lse stand in.
     mask = key_mask.view(torch.uint8) if key_mask is not None else starts
     mask_strides = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
-    grid = (batch * kv_heads, config.num_splits)  # splits on axis 1: its 65535 limit is ample
+    if splits > 1:
+        part_o = _new_empty((batch, q_heads, splits, head_dim), dtype=torch.float32,
+                            device=q.device)
+        part_lse = _new_empty((batch, q_heads, splits), dtype=torch.float32, device=q.device)
+        counters = _group_counters(q.device, batch * kv_heads)
+    else:
+        part_o, part_lse, counters = o.unsqueeze(2), lse.unsqueeze(2), lse
+    grid = (batch * kv_heads, splits)  # splits on axis 1: its 65535 limit is ample
     _decode_split_kernel[grid](
-        q, k, v, starts, ends, mask, o, lse,
-        scale * _LOG2_E, kv_heads, n_keys, q.shape[1] // kv_heads, config.num_splits,
+        q, k, v, starts, ends, mask, part_o, part_lse, o, lse, counters,
+        scale * _LOG2_E, kv_heads, n_keys, group, splits,
         *q.stride(), *k.stride(), *v.stride(),
         *_range_strides(starts), *_range_strides(ends),
         *mask_strides,
-        *o.stride(), *lse.stride(),
+        *part_o.stride(), *part_lse.stride(), *o.stride(), *lse.stride(),
         HAS_MASK=key_mask is not None,
         UPCAST=_interpreting(),
         # fp32 inputs: 3xTF32 keeps fp32 accuracy on tensor cores (plain ieee spills registers)
         DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         HEAD_DIM=head_dim,
-        BLOCK_G=max(16, triton.next_power_of_2(q.shape[1] // kv_heads)),
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=config.block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=block_d,
+        SPLIT=splits > 1,
+        MERGE_S=min(triton.next_power_of_2(splits), _MERGE_TILE // block_d),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -232,18 +307,8 @@ def _decode(
     batch, q_heads, head_dim = q.shape
     o = _new_empty((batch, q_heads, head_dim), dtype=out_dtype, device=q.device)
     lse = _new_empty((batch, q_heads), dtype=torch.float32, device=q.device)
-    if o.numel() == 0:
-        return o, lse
-    if config.num_splits == 1:  # the single split's state is the answer: write it directly
-        _launch_split_kernel(q, k, v, starts, ends, key_mask, scale,
-                             o.unsqueeze(2), lse.unsqueeze(2), config)
-        return o, lse
-    parts_o = _new_empty((batch, q_heads, config.num_splits, head_dim),
-                         dtype=torch.float32, device=q.device)
-    parts_lse = _new_empty((batch, q_heads, config.num_splits), dtype=torch.float32,
-                           device=q.device)
-    _launch_split_kernel(q, k, v, starts, ends, key_mask, scale, parts_o, parts_lse, config)
-    merge_states_into(parts_o, parts_lse, o, lse)
+    if o.numel() != 0:
+        _launch_split_kernel(q, k, v, starts, ends, key_mask, scale, o, lse, config)
     return o, lse
 
 

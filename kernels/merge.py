@@ -61,32 +61,26 @@ def _merge_state_kernel(
 
 
 @triton.jit
-def _merge_states_kernel(
-    o_ptr, lse_ptr, out_o_ptr, out_lse_ptr,
-    n_states, head_dim,
-    stride_o_r, stride_o_s, stride_o_d,
-    stride_l_r, stride_l_s,
-    stride_out_r, stride_out_d, stride_out_lse_r,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+def merge_row_states(
+    o_ptr, lse_ptr, n_states, stride_o_s, stride_o_d, stride_l_s, dims, dim_ok,
+    BLOCK_S: tl.constexpr,
 ):
-    # One program per row merges its S states, BLOCK_S states per step as one [BLOCK_S, D] tile,
-    # with a running max (online softmax over states), so any S fits in bounded registers.
-    row = tl.program_id(0).to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < head_dim
+    """Merge ``n_states`` states ``(o[s, D], lse[s])`` into fp32 ``(o[D], lse)``.
 
+    Reads BLOCK_S states per step as one ``[BLOCK_S, D]`` tile with a running max (online
+    softmax over states), so any count fits in bounded registers. The loads bypass L1 (``.cg``):
+    the fused split kernels read states that other programs of the same launch just wrote.
+    """
     running_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
     total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    acc = tl.zeros(dims.shape, tl.float32)
     for first in range(0, n_states, BLOCK_S):
         states = first + tl.arange(0, BLOCK_S)
         state_ok = states < n_states
-        lse = tl.load(lse_ptr + row * stride_l_r + states * stride_l_s, mask=state_ok,
-                      other=float("-inf"))
-        o = tl.load(
-            o_ptr + row * stride_o_r + states[:, None] * stride_o_s + dims[None, :] * stride_o_d,
-            mask=state_ok[:, None] & dim_ok[None, :], other=0.0,
-        )
+        lse = tl.load(lse_ptr + states * stride_l_s, mask=state_ok, other=float("-inf"),
+                      cache_modifier=".cg")
+        o = tl.load(o_ptr + states[:, None] * stride_o_s + dims[None, :] * stride_o_d,
+                    mask=state_ok[:, None] & dim_ok[None, :], other=0.0, cache_modifier=".cg")
         new_max = tl.maximum(running_max, tl.max(lse, axis=0))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # all empty so far
         rescale = tl.exp(running_max - shift)
@@ -98,10 +92,27 @@ def _merge_states_kernel(
     shift = tl.where(running_max == float("-inf"), 0.0, running_max)
     safe_total = tl.where(total > 0, total, 1.0)
     lse_out = tl.where(total > 0, shift + tl.log(safe_total), float("-inf"))
-    o_out = acc / safe_total
+    return acc / safe_total, lse_out
+
+
+@triton.jit
+def _merge_states_kernel(
+    o_ptr, lse_ptr, out_o_ptr, out_lse_ptr,
+    n_states, head_dim,
+    stride_o_r, stride_o_s, stride_o_d,
+    stride_l_r, stride_l_s,
+    stride_out_r, stride_out_d, stride_out_lse_r,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per row merges its S states, BLOCK_S states per step as one [BLOCK_S, D] tile.
+    row = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    o, lse = merge_row_states(o_ptr + row * stride_o_r, lse_ptr + row * stride_l_r, n_states,
+                              stride_o_s, stride_o_d, stride_l_s, dims, dim_ok, BLOCK_S)
     tl.store(out_o_ptr + row * stride_out_r + dims * stride_out_d,
-             o_out.to(out_o_ptr.dtype.element_ty), mask=dim_ok)
-    tl.store(out_lse_ptr + row * stride_out_lse_r, lse_out)
+             o.to(out_o_ptr.dtype.element_ty), mask=dim_ok)
+    tl.store(out_lse_ptr + row * stride_out_lse_r, lse)
 
 
 def merge_state(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:

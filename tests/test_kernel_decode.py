@@ -219,3 +219,26 @@ def test_per_query_head_ranges_match_each_heads_reference():
         )
         torch.testing.assert_close(o[:, head], o_ref[:, 0].float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(lse[:, head], lse_ref[:, 0].float(), atol=1e-3, rtol=0)
+
+
+def test_repeated_calls_give_the_same_state_and_leave_the_counters_at_zero():
+    q, k, v = make_problem(dtype=torch.bfloat16)
+    starts, ends = mixed_ranges(4, 150)
+    first = decode.decode_attention_state(q, k, v, starts, ends, None, 0.125, num_splits=5)
+    counters = decode._group_counters(q.device, 4 * 2)
+    assert torch.equal(counters, torch.zeros_like(counters))
+    for _ in range(2):
+        again = decode.decode_attention_state(q, k, v, starts, ends, None, 0.125, num_splits=5)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+        assert torch.equal(counters, torch.zeros_like(counters))
+    assert decode._group_counters(q.device, 4 * 2) is counters  # one static address
+
+
+def test_alternating_shapes_and_split_counts_each_match_the_reference():
+    # (2 rows x 2 KV heads) and (4 rows x 1 KV head) share the 4 counters of 4 groups with
+    # different split counts; 3 rows x 2 KV heads use their own 6.
+    shapes = [(2, 2, 3), (4, 1, 5), (3, 2, 4), (2, 2, 3), (4, 1, 2)]
+    for batch, kv_heads, splits in shapes:
+        q, k, v = make_problem(batch=batch, kv_heads=kv_heads, n_keys=120, seed=batch + splits)
+        starts, ends = mixed_ranges(batch, 120)
+        assert_matches_reference(q, k, v, starts, ends, num_splits=splits, block_n=16)
