@@ -1,0 +1,107 @@
+"""MAC through the passes on every family of the passes matrix (tiny random models, CPU).
+
+With tau = 1.0 nothing matches, so every MAC step attends the whole prefix and tail exactly:
+``mac`` must decode the same greedy tokens as the unmodified model, batch 1 and a left-padded
+batch of 3, over 32 decode steps, with matching enabled from the first step (t_min = 0) and a
+ring (M = 16, S = 4) much shorter than the sequence, so the match path, the ring writes and
+their wrap-around all run. Batch 3 decodes with its steps compiled by Inductor
+(``fullgraph=True``); batch 1 runs eagerly, which for a stateful method means through the
+rewritten graph without Inductor (``macopt_eager``); prefills always run eagerly.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import macopt
+from macopt.passes.report import SiteReport
+from macopt.stats import Stats
+from tests.model_zoo import ZOO
+from tests.passes_harness import DECODE_STEPS, Generation, _fresh_compiles, generate
+
+NOTHING_MATCHES = macopt.MACConfig(ring_size=16, offset=4, tau=1.0, t_min=0, batch_capacity=3)
+FAMILIES = sorted(name for name in ZOO if name != "gpt2")
+BATCHES = (1, 3)
+
+
+@dataclass
+class MACRun:
+    reports: list[SiteReport]
+    stats: Stats
+    optimized: dict[int, Generation]
+    reference: dict[int, Generation]
+
+
+@functools.cache
+def run_mac(name: str) -> MACRun:
+    reference = ZOO[name].build()
+    if hasattr(reference, "set_attn_implementation"):
+        reference.set_attn_implementation("sdpa")
+    model = macopt.optimize(copy.deepcopy(reference), NOTHING_MATCHES)
+    with _fresh_compiles():
+        optimized = {1: generate(model, 1, compiled=False), 3: generate(model, 3, compiled=True)}
+    return MACRun(
+        reports=list(macopt.explain(model)),
+        stats=macopt.stats(model),
+        optimized=optimized,
+        reference={b: generate(reference, b, compiled=False) for b in BATCHES},
+    )
+
+
+def _reports(name: str, phase: str) -> list[SiteReport]:
+    return [r for r in run_mac(name).reports if r.phase == phase]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_nothing_matching_decodes_the_unmodified_models_tokens(name, batch):
+    run = run_mac(name)
+    got, want = run.optimized[batch], run.reference[batch]
+    assert got.tokens.shape == (batch, DECODE_STEPS)
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.logits, want.logits, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_decode_sites_are_rewritten_to_mac_as_for_exact(name):
+    entry, reports = ZOO[name], _reports(name, "decode")
+    assert sum(r.rewritten for r in reports) == entry.rewritten
+    assert sum(r.decision == "skipped" for r in reports) == entry.skipped
+    for report in reports:
+        assert report.reason.startswith("Approximate" if report.rewritten else "sliding-window")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prefill_sites_gain_the_ring_builder_and_keep_their_attention(name):
+    entry, reports = ZOO[name], _reports(name, "prefill")
+    assert sum(r.rewritten for r in reports) == entry.rewritten
+    assert all(r.reason.startswith("Exact") for r in reports if r.rewritten)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_no_recompile_across_decode_steps(name):
+    # Per batch size at most the prefill graph and the family's decode graph(s), each compiled
+    # once for all 32 decode steps (a per-token int in the graph would recompile every step).
+    for batch in BATCHES:
+        assert 2 <= run_mac(name).optimized[batch].graphs_compiled <= ZOO[name].decode_graphs + 1
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_stats_report_every_rewritten_layer(name):
+    stats, entry = run_mac(name).stats, ZOO[name]
+    assert len(stats) == entry.rewritten
+    for layer in stats:
+        assert layer.method == "mac" and layer.prefills == len(BATCHES)
+        assert layer.decode_steps == (DECODE_STEPS - 1) * len(BATCHES)
+        assert layer.hit_rate == 0.0 and layer.read_fraction == 1.0
+        assert layer.nbytes > 0
+
+
+def test_gpt2_has_no_rope_and_is_refused_for_mac():
+    with pytest.raises(ValueError, match="has no RoPE, and method 'mac' needs the pre-RoPE"):
+        macopt.optimize(ZOO["gpt2"].build(), macopt.MACConfig())

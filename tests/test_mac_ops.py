@@ -1,0 +1,182 @@
+"""torch.ops.macopt.mac_decode / mac_prefill: registration, the per-site ring they keep, the
+device counters, and the capacity rule.
+
+opcheck calls an op several times on the same inputs and compares the results. The ops keep
+hidden state (the site's ring), so it can only check a decode step whose output does not depend
+on that state: tau = 1.0 (nothing matches: every step is exactly full attention) and a prefill
+(its output is a copy of the attention). What the state does is tested below directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import macopt  # noqa: F401  (registers torch.ops.macopt.*)
+from macopt import mac_state, state
+from macopt.kernels import mac_counters, mac_reference
+from macopt.kernels.reference import attention
+
+ops = torch.ops.macopt
+_SITE_IDS = itertools.count(10_000)  # far from the ids models get
+SCALE = 64**-0.5
+B, HQ, HKV, N, D, M, S = 2, 4, 2, 24, 64, 8, 4
+
+
+def _problem(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    """Row 0 holds keys [0, 20), row 1 is left-padded by 3: [3, 20); prompt of 12 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, HQ, N, D, generator=gen).to(dtype)
+    return {
+        "q": q, "q_pre": (q + 0.01 * torch.randn(q.shape, generator=gen)).to(dtype),
+        "k": torch.randn(B, HKV, N, D, generator=gen).to(dtype),
+        "v": torch.randn(B, HKV, N, D, generator=gen).to(dtype),
+        "starts": torch.tensor([0, 3], dtype=torch.int32),
+    }
+
+
+def _prefill(p: dict, site: int, n: int = 12, capacity: int = 0) -> torch.Tensor:
+    ends = torch.full((B,), n, dtype=torch.int32)
+    out = torch.zeros(B, HQ, n, D, dtype=p["q"].dtype)
+    return ops.mac_prefill(out, p["q"][:, :, :n], p["q_pre"][:, :, :n], p["k"], p["v"],
+                           p["starts"], ends, SCALE, site, M, S, 0, capacity)
+
+
+def _decode(p: dict, site: int, t: int, tau: float, capacity: int = 0) -> torch.Tensor:
+    positions = torch.full((B,), t, dtype=torch.int32)
+    return ops.mac_decode(p["q"][:, :, t], p["q_pre"][:, :, t], p["k"], p["v"], positions,
+                          p["starts"], SCALE, site, M, S, 0, tau, 0, 16, capacity)
+
+
+def test_decode_passes_opcheck_when_nothing_matches():
+    p, site = _problem(), next(_SITE_IDS)
+    _prefill(p, site)
+    positions = torch.full((B,), 12, dtype=torch.int32)
+    args = (p["q"][:, :, 12], p["q_pre"][:, :, 12], p["k"], p["v"], positions, p["starts"],
+            SCALE, site, M, S, 0, 1.0, 0, 16, 0)
+    torch.library.opcheck(ops.mac_decode, args)
+
+
+def test_prefill_passes_opcheck():
+    p, site = _problem(), next(_SITE_IDS)
+    ends = torch.full((B,), 12, dtype=torch.int32)
+    args = (torch.randn(B, HQ, 12, D), p["q"][:, :, :12], p["q_pre"][:, :, :12], p["k"], p["v"],
+            p["starts"], ends, SCALE, site, M, S, 0, 0)
+    torch.library.opcheck(ops.mac_prefill, args)
+
+
+def test_prefill_returns_a_copy_and_writes_the_reference_entries():
+    p, site = _problem(), next(_SITE_IDS)
+    out = torch.randn(B, HQ, 12, D)
+    copy = ops.mac_prefill(out, p["q"][:, :, :12], p["q_pre"][:, :, :12], p["k"], p["v"],
+                           p["starts"], torch.full((B,), 12), SCALE, site, M, S, 0, 0)
+    assert torch.equal(copy, out) and copy.data_ptr() != out.data_ptr()
+    want = mac_reference.prefill_entries(p["q"][:, :, :12], p["q_pre"][:, :, :12],
+                                         p["k"][:, :, :12], p["v"][:, :, :12], SCALE,
+                                         p["starts"], torch.full((B,), 12), M, S)
+    ring = state.get(site).buffers
+    for got, expected in zip(ring.tensors(), want.tensors(), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_decode_with_nothing_matching_is_full_attention():
+    p, site = _problem(), next(_SITE_IDS)
+    _prefill(p, site)
+    for t in range(12, 20):
+        got = _decode(p, site, t, tau=1.0)
+        want = attention(p["q"][:, :, t], p["k"], p["v"], SCALE, p["starts"],
+                         torch.full((B,), t + 1))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_matches_the_reference_step_on_the_same_ring():
+    p, site = _problem(), next(_SITE_IDS)
+    _prefill(p, site)
+    ring = state.get(site).buffers.clone()
+    for t in range(12, 20):
+        got = _decode(p, site, t, tau=0.0)
+        want, _, _ = mac_reference.mac_decode_step(
+            p["q"][:, :, t], p["q_pre"][:, :, t], p["k"], p["v"], ring,
+            torch.full((B,), t), p["starts"], SCALE, offset=S, tau=0.0, t_min=0, max_depth=16)
+        torch.testing.assert_close(got, want)
+
+
+def test_prefill_resets_every_slot_so_nothing_leaks_from_an_earlier_sequence():
+    first, second, site = _problem(0), _problem(1), next(_SITE_IDS)
+    _prefill(first, site)
+    for t in range(12, 20):
+        _decode(first, site, t, tau=0.0)
+    _prefill(second, site)
+    fresh = next(_SITE_IDS)
+    _prefill(second, fresh)
+    for mine, theirs in zip(state.get(site).buffers.tensors(),
+                            state.get(fresh).buffers.tensors(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_counters_count_steps_hits_and_keys_without_a_sync():
+    p, site = _problem(), next(_SITE_IDS)
+    _prefill(p, site)
+    for t in range(12, 16):
+        _decode(p, site, t, tau=0.0)  # permissive: the near-copies in q_pre match
+    counters = dict(zip(mac_counters.COUNTERS, state.get(site).counters.tolist(), strict=True))
+    assert counters["steps"] == [4] * HQ and counters["queries"] == [4 * B] * HQ
+    assert counters["prefills"] == [1] * HQ
+    full_keys = sum(t + 1 - 0 + t + 1 - 3 for t in range(12, 16))
+    assert counters["keys_full"] == [full_keys] * HQ
+    assert all(0 < h <= 4 * B for h in counters["hits"])
+    assert all(k < full_keys for k in counters["keys_read"])
+
+
+def test_triton_counter_update_equals_the_reference():
+    gen = torch.Generator().manual_seed(3)
+    hit = torch.rand(5, 3, generator=gen) > 0.5
+    keys = torch.randint(0, 100, (5, 3), dtype=torch.int32, generator=gen)
+    t, s0 = torch.randint(50, 60, (5,), dtype=torch.int32), torch.randint(0, 9, (5,))
+    got, want = (torch.randint(0, 9, (mac_counters.COUNTER_ROWS, 3)) for _ in range(2))
+    want.copy_(got)
+    mac_counters.count_decode_(got, hit, keys, t, s0)
+    mac_counters.count_decode_reference_(want, hit, keys, t, s0)
+    assert torch.equal(got, want)
+
+
+def test_rings_are_allocated_once_at_a_fixed_address_for_the_capacity():
+    p, site = _problem(), next(_SITE_IDS)
+    ring, _ = mac_state.ring_for(site, p["q_pre"][:1], M, capacity=2)
+    address = state.get(site).buffers.q.data_ptr()
+    _prefill(p, site, capacity=2)  # batch 2 fits the capacity: same buffers
+    assert ring.q.data_ptr() == address == state.get(site).buffers.q.data_ptr()
+    assert state.get(site).buffers.q.shape[0] == 2
+
+
+def test_a_batch_beyond_the_allocated_rows_is_a_clear_error():
+    p, site = _problem(), next(_SITE_IDS)
+    mac_state.ring_for(site, p["q_pre"][:1], M, capacity=0)  # first use: batch 1
+    with pytest.raises(ValueError, match="batch_capacity=2"):
+        _prefill(p, site)
+
+
+def test_decode_rejects_a_pre_rope_query_of_another_shape():
+    p, site = _problem(), next(_SITE_IDS)
+    positions = torch.full((B,), 12, dtype=torch.int32)
+    with pytest.raises(ValueError, match="q_pre"):
+        ops.mac_decode(p["q"][:, :, 12], p["q_pre"][:, :2, 12], p["k"], p["v"], positions,
+                       p["starts"], SCALE, site, M, S, 0, 1.0, 0, 16, 0)
+
+
+def test_decode_compiles_with_inductor_and_keeps_state():
+    p, site = _problem(), next(_SITE_IDS)
+    _prefill(p, site)
+
+    @torch.compile(fullgraph=True)
+    def step(q, q_pre, k, v, positions, starts):
+        return ops.mac_decode(q, q_pre, k, v, positions, starts, SCALE, site, M, S, 0, 1.0, 0,
+                              16, 0) * 1.0
+
+    positions = torch.full((B,), 12, dtype=torch.int32)
+    got = step(p["q"][:, :, 12], p["q_pre"][:, :, 12], p["k"], p["v"], positions, p["starts"])
+    want = attention(p["q"][:, :, 12], p["k"], p["v"], SCALE, p["starts"], positions + 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert state.get(site).counters[mac_counters.COUNTERS.index("steps")].tolist() == [1] * HQ
