@@ -1,6 +1,6 @@
 """macopt: fast long-context decoding by rewriting attention to macopt's Triton kernels."""
 
-from macopt import mac_ops, ops, topk_phi_ops  # noqa: F401  (register torch.ops.macopt.*)
+from macopt import mac_ops, ops, topk_phi_ops, topk_phi_site  # noqa: F401  (register ops)
 
 __version__ = "0.1.0"
 from macopt.api import backend, explain, install_passes, optimize  # noqa: E402

@@ -110,6 +110,7 @@ class TopKPhiConfig(MethodConfig):
 
     method: ClassVar[str] = "topk_phi"
     needs_pre_rope_query: ClassVar[bool] = False
+    keeps_state: ClassVar[bool] = True  # per-site summaries, built at every prefill
 
     sinks: int = 4
     tail: int = 16

@@ -102,11 +102,14 @@ def _check_bounds(kmin: Tensor | None, kmax: Tensor | None, k: Tensor, page_size
                              "topk_phi_prefill writes; got None")
         return
     batch, n_kv_heads, n_keys, head_dim = k.shape
-    shape = (batch, n_kv_heads, _n_pages(n_keys, page_size), head_dim)
+    # A growing cache may hold more pages at decode than the prompt's bounds cover.
+    most = _n_pages(n_keys, page_size)
     for name, x in (("kmin", kmin), ("kmax", kmax)):
-        if x.shape != shape or x.dtype != k.dtype or not x.is_contiguous():
-            raise ValueError(f"{name}: expected contiguous {k.dtype} {list(shape)} page bounds "
-                             f"(page_size {page_size}), got {x.dtype} {tuple(x.shape)}")
+        if (x.dim() != 4 or x.shape[:2] != (batch, n_kv_heads) or x.shape[3] != head_dim
+                or x.shape[2] > most or x.dtype != k.dtype or not x.is_contiguous()):
+            raise ValueError(f"{name}: expected contiguous {k.dtype} [{batch}, {n_kv_heads}, "
+                             f"<= {most}, {head_dim}] page bounds (page_size {page_size}), got "
+                             f"{x.dtype} {tuple(x.shape)}")
 
 
 # --- prefill ---------------------------------------------------------------------------------

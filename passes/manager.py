@@ -22,6 +22,7 @@ from torch.fx import Graph
 from macopt.passes import (
     mac_rewrite,  # noqa: F401  (registers the "mac" rewrites)
     scope,
+    topk_phi_rewrite,  # noqa: F401  (registers the "topk_phi" rewrites)
 )
 from macopt.passes._compat import CustomGraphPass, get_hash_for_files
 from macopt.passes.decode_rewrite import (

@@ -1,0 +1,106 @@
+"""Top-K + phi ops keyed by attention site (what the ``topk_phi`` rewrites insert).
+
+``macopt::topk_phi_site_prefill`` and ``macopt::topk_phi_site_decode`` find the site's
+:class:`~macopt.topk_phi_ops.TopKPhiState` in the per-site registry (:mod:`macopt.state`,
+keyed by the site id baked into the graph), allocating it on first use, and call the
+explicit-state implementations of :mod:`macopt.topk_phi_ops`. As for MAC, they are declared
+functional and return a fresh tensor the graph uses (the prefill op: a copy of the attention
+output), so no compiler drops them.
+
+The site's maps: ``feature_maps`` (a ``macopt calibrate`` file, site ``layer.<layer>``) or,
+when empty, positive random features seeded by ``seed``.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+from macopt import state
+from macopt.calibrate_phi import site_name
+from macopt.kernels.feature_maps import FeatureMaps, load_feature_maps
+from macopt.topk_phi_ops import TopKPhiState
+from macopt.topk_phi_ops import topk_phi_decode as decode_impl
+from macopt.topk_phi_ops import topk_phi_prefill as prefill_impl
+
+Tensor = torch.Tensor
+
+
+@cache
+def _file_maps(path: str) -> dict[str, FeatureMaps]:
+    return load_feature_maps(path)
+
+
+def site_buffers(site_id: int, layer: int, q_heads: int, k: Tensor, use_pages: bool,
+                 page_size: int, d_phi: int, completion: list[bool], feature_maps: str,
+                 seed: int) -> TopKPhiState:
+    """The state of ``site_id`` for a prefill cache ``k[B, Hkv, N, D]`` (allocated on first
+    use; decode steps find it, whatever their cache length, without reallocating)."""
+    batch, n_kv_heads, n_keys, head_dim = k.shape
+    spec = (batch, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device, use_pages,
+            page_size, d_phi, tuple(completion), feature_maps, seed)
+
+    def allocate() -> tuple[TopKPhiState, Tensor]:
+        maps = None
+        if feature_maps:
+            found = _file_maps(feature_maps)
+            if site_name(layer) not in found:
+                raise ValueError(f"{feature_maps} holds no maps for {site_name(layer)} "
+                                 f"(it has {sorted(found)[:4]}...)")
+            maps = found[site_name(layer)]
+        buffers = TopKPhiState.allocate(
+            batch, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device,
+            d_phi=d_phi or None, page_size=page_size if use_pages else None, maps=maps,
+            completion=tuple(completion), seed=seed)
+        return buffers, torch.zeros(1, dtype=torch.int64, device=k.device)
+
+    return state.site_state(site_id, "topk_phi", spec, allocate).buffers
+@torch.library.custom_op("macopt::topk_phi_site_prefill", mutates_args=())
+def topk_phi_site_prefill(
+    attn_out: Tensor, k: Tensor, v: Tensor, key_starts: Tensor, ends: Tensor, site_id: int,
+    layer: int, sinks: int, tail: int, page_size: int, use_pages: bool, d_phi: int,
+    completion: list[bool], feature_maps: str, seed: int,
+) -> Tensor:
+    """A copy of ``attn_out[B, Hq, L, D]``; rebuilds the site's summary (and page bounds) from
+    row ``b``'s prompt keys ``[key_starts[b], ends[b])`` of ``k, v``: the reset that starts
+    new sequences."""
+    buffers = site_buffers(site_id, layer, attn_out.shape[1], k, use_pages, page_size, d_phi,
+                           completion, feature_maps, seed)
+    prefill_impl(k, v, key_starts, ends, buffers.phi_k, buffers.phi_k_mlp, sinks, tail,
+                 page_size, buffers.m, buffers.u, buffers.t, buffers.mid_start,
+                 buffers.mid_end, buffers.kmin, buffers.kmax)
+    return attn_out.clone()
+
+
+@topk_phi_site_prefill.register_fake
+def _(attn_out, k, v, key_starts, ends, site_id, layer, sinks, tail, page_size, use_pages,
+      d_phi, completion, feature_maps, seed):
+    return torch.empty_like(attn_out)
+
+
+@torch.library.custom_op("macopt::topk_phi_site_decode", mutates_args=())
+def topk_phi_site_decode(
+    q: Tensor, k: Tensor, v: Tensor, key_starts: Tensor, ends: Tensor, scale: float,
+    site_id: int, layer: int, budget: int, page_size: int, selector: str, d_phi: int,
+    completion: list[bool], feature_maps: str, seed: int,
+) -> Tensor:
+    """Top-K + phi decode ``o[B, Hq, D]`` of row ``b`` over keys ``[key_starts[b], ends[b])``
+    with the summary the site's last prefill built (approximate)."""
+    found = state.get(site_id)
+    if found is None or found.method != "topk_phi":
+        raise RuntimeError(f"macopt Top-K + phi: attention site {site_id} decodes before any "
+                           "prefill built its summary; run the prompt through the optimized "
+                           "model first")
+    buffers: TopKPhiState = found.buffers
+    return decode_impl(q, k, v, key_starts, ends, buffers.m, buffers.u, buffers.t,
+                       buffers.mid_start, buffers.mid_end, buffers.kmin, buffers.kmax,
+                       buffers.phi_q, buffers.phi_q_mlp, buffers.phi_k, buffers.phi_k_mlp,
+                       buffers.completion, scale, budget, page_size, selector)
+
+
+@topk_phi_site_decode.register_fake
+def _(q, k, v, key_starts, ends, scale, site_id, layer, budget, page_size, selector, d_phi,
+      completion, feature_maps, seed):
+    return torch.empty_like(q)
+
