@@ -12,6 +12,7 @@ graph from Inductor's FX graph cache (keyed on the ids too) points at the same m
 
 from __future__ import annotations
 
+import gc
 import itertools
 import weakref
 from collections.abc import Callable
@@ -94,6 +95,10 @@ def scope_of_module(module: torch.nn.Module) -> Scope | None:
 
 def cache_description() -> str:
     """Every live tag, sorted (what a compiled graph's rewrite depends on besides the graph)."""
+    # Collect first: an optimized model the program dropped keeps its tags until the garbage
+    # collector runs, so without this the key (and FX-graph-cache hits) would depend on GC
+    # timing, e.g. a dropped model collected between two compiles of the same graph.
+    gc.collect()
     rows = []
     for ref, scope in _TAGGED.values():
         module = ref()

@@ -1,13 +1,21 @@
 """The pass still applies when Inductor's FX graph cache is warm: compiling the same decode
 step twice in fresh dynamo state hits the cache the second time, and both compiled graphs
-call macopt's decode op (the manager's uuid keys the cache correctly)."""
+call macopt's decode op (the manager's uuid keys the cache correctly). The key must not
+depend on when the garbage collector frees a model that earlier code dropped."""
 
 from __future__ import annotations
 
 import torch
 
 import macopt
-from macopt.passes._compat import dynamo, dynamo_counters, fresh_inductor_cache, run_and_get_code
+from macopt.passes._compat import (
+    dynamo,
+    dynamo_counters,
+    fresh_inductor_cache,
+    inductor_config,
+    run_and_get_code,
+)
+from macopt.passes.manager import MacoptPasses
 from tests.model_zoo import ZOO
 from tests.passes_harness import OP_CALL, hf_generate
 
@@ -19,13 +27,20 @@ def _compiled_decode_code(model: torch.nn.Module) -> list[str]:
     return code
 
 
-def test_rewrite_survives_a_warm_fx_graph_cache(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+def test_rewrite_survives_a_warm_fx_graph_cache():
     model = macopt.optimize(ZOO["llama"].build(), macopt.ExactConfig())
-    with fresh_inductor_cache():
+    with inductor_config.patch(fx_graph_cache=True), fresh_inductor_cache():
         hits = dynamo_counters["inductor"]["fxgraph_cache_hit"]
         cold = _compiled_decode_code(model)
         warm = _compiled_decode_code(model)
         assert dynamo_counters["inductor"]["fxgraph_cache_hit"] - hits == 1
     assert sum(c.count(OP_CALL) for c in cold) == 2
     assert sum(c.count(OP_CALL) for c in warm) == 2
+
+
+def test_uuid_ignores_a_dropped_model_awaiting_garbage_collection():
+    before = MacoptPasses().uuid()
+    dropped = macopt.optimize(ZOO["qwen3"].build(), macopt.ExactConfig())
+    dropped._cycle = [dropped]  # only the garbage collector frees a model in a cycle
+    del dropped
+    assert MacoptPasses().uuid() == before
