@@ -10,12 +10,10 @@ without Inductor's code generation).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-_SMALL_MLP = 256
-_SMALL_VOCAB = 1024
+from macopt.model_source import build_random_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -44,42 +42,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     console.print(explanation.table(title=f"{args.model}: attention sites ({args.method})"))
     return 0
-
-
-def build_random_model(name: str, layers: int) -> torch.nn.Module:
-    """A causal LM with random weights from a local config or a model type, shrunk."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if Path(name).is_dir():
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
-    else:
-        try:
-            config = AutoConfig.for_model(name)
-        except ValueError as err:
-            raise ValueError(f"{name!r} is neither a local directory nor a transformers model "
-                             f"type ({err})") from None
-    _shrink(config.get_text_config(), layers)
-    torch.manual_seed(0)
-    try:
-        return AutoModelForCausalLM.from_config(config).eval()
-    except ValueError as err:
-        raise ValueError(f"{name!r} has no causal-LM class in transformers: {err}") from None
-
-
-def _shrink(config: object, layers: int) -> None:
-    """Few layers, a small MLP and vocabulary; attention shapes (what the table shows) kept."""
-    heads = getattr(config, "num_attention_heads", None)
-    if getattr(config, "head_dim", None) is None and heads and hasattr(config, "hidden_size"):
-        config.head_dim = config.hidden_size // heads
-    for attr, value in (("num_hidden_layers", layers), ("n_layer", layers),
-                        ("intermediate_size", _SMALL_MLP), ("vocab_size", _SMALL_VOCAB)):
-        if hasattr(config, attr):
-            setattr(config, attr, value)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:layers]
-    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if hasattr(config, attr):
-            setattr(config, attr, 0)
 
 
 @torch.no_grad()
