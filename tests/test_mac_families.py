@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import macopt
+from macopt.passes._compat import dynamo
 from macopt.passes.report import SiteReport
 from macopt.stats import Stats
 from tests.model_zoo import ZOO
@@ -39,6 +40,9 @@ class MACRun:
 
 @functools.cache
 def run_mac(name: str) -> MACRun:
+    # The eager path compiles the model's forward, whose code object Hugging Face's decorators
+    # share across families; dynamo's per-code-object recompile limit must not carry over.
+    dynamo.reset()
     reference = ZOO[name].build()
     if hasattr(reference, "set_attn_implementation"):
         reference.set_attn_implementation("sdpa")
@@ -94,10 +98,13 @@ def test_no_recompile_across_decode_steps(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_stats_report_every_rewritten_layer(name):
     stats, entry = run_mac(name).stats, ZOO[name]
+    # generate() decodes DECODE_STEPS - 1 times after the prefill; nanoGPT's greedy loop also
+    # runs the step after the last token.
+    steps = DECODE_STEPS if name == "nanogpt" else DECODE_STEPS - 1
     assert len(stats) == entry.rewritten
     for layer in stats:
         assert layer.method == "mac" and layer.prefills == len(BATCHES)
-        assert layer.decode_steps == (DECODE_STEPS - 1) * len(BATCHES)
+        assert layer.decode_steps == steps * len(BATCHES)
         assert layer.hit_rate == 0.0 and layer.read_fraction == 1.0
         assert layer.nbytes > 0
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import macopt
+from macopt.passes._compat import dynamo
 from tests.model_zoo import ZOO
 from tests.passes_harness import DECODE_STEPS, _fresh_compiles, generate, hf_generate, prompts
 
@@ -28,6 +29,9 @@ def _llama() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def reference():
+    # Each test compiles fresh models whose forward shares one code object: start the module
+    # with dynamo's recompile counts at zero.
+    dynamo.reset()
     return _llama()
 
 
