@@ -25,19 +25,35 @@ def compile_config(mode: str = "default", fullgraph: bool = True,
     return config
 
 
-def static_cache(model: torch.nn.Module, batch: int, max_len: int) -> Any:
-    """A ``StaticCache`` for ``model`` (its constructor's keywords changed across 5.x)."""
+def static_cache(model: torch.nn.Module, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str) -> Any:
+    """A ``StaticCache`` for ``model`` whose tensors exist now and have static addresses.
+
+    Why: transformers allocates a static cache's tensors lazily at the first ``update`` and
+    marks them static (``mark_static_address``) only when not tracing. Compiling
+    ``model.forward`` itself compiles the prefill too, so the allocation happens under
+    tracing, the marks are skipped, and CUDA graphs then skip every graph that mutates the
+    cache ("skipping cudagraphs due to mutated inputs": keys, values, and 5.x's
+    ``cumulative_length`` counter, 3 per layer). Allocating eagerly here and marking every
+    tensor the layers hold avoids that on every 5.x release.
+    """
     from transformers import StaticCache
 
-    return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=max_len)
+    text = model.config.get_text_config()
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=max_len)
+    except TypeError:  # releases that still size the batch up front
+        cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=max_len)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    cache.early_initialization(batch_size=batch, num_heads=kv_heads, head_dim=head_dim,
+                               dtype=dtype, device=torch.device(device))
+    for tensor in static_cache_tensors(cache):
+        torch._dynamo.mark_static_address(tensor)
+    return cache
 
 
 def static_cache_tensors(cache: Any) -> list[torch.Tensor]:
-    """Every tensor a ``StaticCache`` mutates during a forward (keys, values and any length
-    counters such as 5.x's ``cumulative_length``), after its lazy initialisation."""
-    tensors = []
-    for layer in getattr(cache, "layers", []):
-        for value in vars(layer).values():
-            if isinstance(value, torch.Tensor):
-                tensors.append(value)
-    return tensors
+    """Every tensor the layers of a ``StaticCache`` hold (keys, values, length counters)."""
+    return [value for layer in getattr(cache, "layers", []) for value in vars(layer).values()
+            if isinstance(value, torch.Tensor)]

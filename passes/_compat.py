@@ -6,6 +6,8 @@ only. Works with torch 2.11 through 2.13.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch._dynamo as dynamo
 import torch._inductor.config as inductor_config
@@ -24,6 +26,8 @@ __all__ = [
     "SDPA_TARGETS",
     "aot_autograd",
     "compile_fx",
+    "count_cudagraph_recordings",
+    "cudagraph_skip_log",
     "dynamo",
     "dynamo_counters",
     "fresh_inductor_cache",
@@ -84,3 +88,30 @@ def fresh_inductor_cache():  # noqa: ANN201
 
     fresh = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
     return fresh()
+
+
+def cudagraph_skip_log():  # noqa: ANN201
+    """The logger Inductor writes "skipping cudagraphs due to ..." to (a warning)."""
+    from torch._inductor.cudagraph_utils import cudagraphs_log
+
+    return cudagraphs_log
+
+
+@contextlib.contextmanager
+def count_cudagraph_recordings():  # noqa: ANN201
+    """A context yielding a list that gets one entry per CUDA graph that cudagraph trees
+    record inside it (torch keeps no counter of recordings, only of skips)."""
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
+    recorded: list[str] = []
+    original = CUDAGraphTreeManager.record_function
+
+    def record_function(self, new_inputs, function_id):  # noqa: ANN001, ANN202
+        recorded.append(str(function_id))
+        return original(self, new_inputs, function_id)
+
+    CUDAGraphTreeManager.record_function = record_function
+    try:
+        yield recorded
+    finally:
+        CUDAGraphTreeManager.record_function = original
