@@ -260,8 +260,8 @@ class MACConfig(MethodConfig):
 
     >>> MACConfig().ring_size, MACConfig().tau
     (512, 0.45)
-    >>> MACConfig(tau=1.0, t_min=0)  # nothing matches: exactly full attention
-    MACConfig(ring_size=512, offset=256, tau=1.0, t_min=0, sinks=0, max_chain_depth=16, batch_capacity=None)
+    >>> MACConfig(tau=1.0, t_min=0).tau  # radius 0: nothing matches, exactly full attention
+    1.0
     >>> MACConfig(ring_size=0)
     Traceback (most recent call last):
     ...
@@ -292,7 +292,8 @@ class MACConfig(MethodConfig):
             raise ValueError(f"MACConfig.batch_capacity: expected None or an int >= 1, "
                              f"got {capacity!r}")
         tau = self.tau
-        if isinstance(tau, bool) or not isinstance(tau, int | float) or not float("-inf") < tau <= 1.0:
+        number = not isinstance(tau, bool) and isinstance(tau, int | float)
+        if not number or not float("-inf") < tau <= 1.0:  # NaN fails the comparison too
             raise ValueError(f"MACConfig.tau: expected a number <= 1.0 (1.0: nothing matches; "
                              f"smaller matches more), got {tau!r}")
         object.__setattr__(self, "tau", float(tau))
