@@ -1,7 +1,7 @@
-"""MAC-Attention decode step in Triton: match, amend + complete over key ranges, finalize.
+"""MAC-Attention decode step in Triton: match, then amend + complete + finalize, two launches.
 
 The math and the exact semantics (sinks, left padding, chain depth) are those of
-:mod:`macopt.kernels.mac_reference`; this module runs the same step in three launches:
+:mod:`macopt.kernels.mac_reference`:
 
 1. ``_match_kernel`` (grid ``(B * Hq, R)``): each program scans ``M / R`` ring slots of one
    query head and keeps its nearest valid entry; ``R`` spreads the ring read over the SMs when
@@ -10,10 +10,13 @@ The math and the exact semantics (sinks, left padding, chain depth) are those of
    :mod:`macopt.kernels.decode`): reduces the ``R`` candidates to the decision of every head of
    the group, then streams the union of the group's key ranges once, each head masking its own
    prefix start, into two partial states per split: prefix ``[start_h, E(t))`` and tail
-   ``[E(t), t]`` (plus the sinks, in split 0).
-3. ``_finalize_kernel`` (grid ``(B * Hq,)``): merges the splits' prefix states into ``A``, forms
-   ``C = merge(entry j*, A)`` on a hit (``A`` on a miss), writes ``(q_pre, C, t, depth)`` to ring
-   slot ``t mod M``, and writes ``o = merge(C, T)`` in ``q.dtype``.
+   ``[E(t), t]`` (plus the sinks, in split 0). The last program of the group to finish (an
+   arrival counter, as in decode.py) finalizes: merges the splits' prefix states into ``A``,
+   forms ``C = merge(entry j*, A)`` on a hit (``A`` on a miss), writes ``(q_pre, C, t, depth)``
+   to ring slot ``t mod M`` and ``o = merge(C, T)`` in ``q.dtype``.
+
+The match cannot join the attention kernel: every split needs the group's decision before it
+knows its keys, and re-matching in each split would re-read the ring ``splits`` times.
 
 Per-step values (positions, key starts) are device tensors and every launch size comes from
 static shapes, so a step never syncs with the host and can be captured in a CUDA graph. On an
@@ -30,8 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
-from macopt.kernels.decode import _interpreting, _launch_config, _multiprocessor_count
+from macopt.kernels.decode import (
+    _group_counters,
+    _interpreting,
+    _launch_config,
+    _multiprocessor_count,
+)
 from macopt.kernels.mac_reference import MACRing, prefix_end, range_state, threshold
+from macopt.kernels.merge import merge_finish, merge_step
 from macopt.kernels.reference import merge_state
 
 Tensor = torch.Tensor
@@ -185,21 +194,25 @@ def _store_state(
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, t_ptr, s0_ptr,
-    cand_d_ptr, cand_pos_ptr, ring_lse_ptr, ring_depth_ptr,
-    hit_ptr, slot_ptr, start_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, q_pre_ptr, k_ptr, v_ptr, t_ptr, s0_ptr,
+    cand_d_ptr, cand_pos_ptr, ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr, ring_depth_ptr,
+    hit_ptr, slot_ptr, part_o_ptr, part_lse_ptr, counter_ptr, out_ptr, keys_ptr,
     qk_scale_log2, radius2, n_kv_heads, group, head_dim, num_splits, n_candidates,
     ring_size, offset, sinks, t_min, max_depth,
     stride_qb, stride_qh, stride_qd,
+    stride_qpb, stride_qph, stride_qpd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_cb, stride_ch, stride_cr,
+    stride_rb, stride_rh, stride_rm, stride_rd,
+    stride_rob, stride_roh, stride_rom, stride_rod,
     stride_lb, stride_lh, stride_lm,
-    stride_db, stride_dh,
     stride_pw, stride_pb, stride_ph, stride_ps, stride_pd,
     stride_plw, stride_plb, stride_plh, stride_pls,
+    stride_outb, stride_outh, stride_outd,
+    stride_db, stride_dh,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # A program owns one (row, KV head, split): the group's query heads are the rows of one
     # [BLOCK_G, D] tile; its chunk of the group's union range is read once, in [BLOCK_N, D] blocks.
@@ -221,10 +234,9 @@ def _attention_kernel(
         n_candidates, ring_size, offset, sinks, radius2, t_min, max_depth,
         stride_cb, stride_ch, stride_cr, stride_lb, stride_lh, stride_lm, BLOCK_R)
     decision = batch * stride_db + heads * stride_dh
-    first_split = row_ok & (rows * 0 + split == 0)  # one writer per head
+    first_split = row_ok & (rows * 0 + split == 0)  # one writer per head, read by the finalizer
     tl.store(hit_ptr + decision, hit.to(tl.uint8), mask=first_split)
     tl.store(slot_ptr + decision, slot, mask=first_split)
-    tl.store(start_ptr + decision, start, mask=first_split)
 
     # The union [U, t]: every head's prefix start, and E(t) so the tail is always covered.
     union_start = tl.minimum(tl.min(tl.where(row_ok, start, e_t), axis=0), e_t)
@@ -257,38 +269,96 @@ def _attention_kernel(
         qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
         UPCAST, DOT_PRECISION, BLOCK_N)
 
-    part_o = batch * stride_pb + heads * stride_ph + split * stride_ps
-    part_lse = batch * stride_plb + heads * stride_plh + split * stride_pls
-    _store_state(part_o_ptr, part_lse_ptr, part_o, part_lse, p_max, p_sum, p_acc, dims,
-                 dim_ok, row_ok, stride_pd)
-    _store_state(part_o_ptr + stride_pw, part_lse_ptr + stride_plw, part_o, part_lse,
-                 t_max, t_sum, t_acc, dims, dim_ok, row_ok, stride_pd)
+    group_o = part_o_ptr + batch * stride_pb + kv_head * group * stride_ph
+    group_lse = part_lse_ptr + batch * stride_plb + kv_head * group * stride_plh
+    _store_state(group_o, group_lse, rows * stride_ph + split * stride_ps,
+                 rows * stride_plh + split * stride_pls, p_max, p_sum, p_acc, dims, dim_ok,
+                 row_ok, stride_pd)
+    _store_state(group_o + stride_pw, group_lse + stride_plw, rows * stride_ph + split * stride_ps,
+                 rows * stride_plh + split * stride_pls, t_max, t_sum, t_acc, dims, dim_ok,
+                 row_ok, stride_pd)
+
+    # The barrier puts every thread's stores before this program's release; the program that
+    # arrives last acquires all the group's states, finalizes the group, re-arms the counter.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr + kv_pid, 1, sem="acq_rel")
+    if arrived == num_splits - 1:
+        # Splits past the union's end hold empty states: merge only the active ones. Each head's
+        # decision comes back from split 0's stores rather than staying live across the loops.
+        n_active = tl.minimum(tl.cdiv(t + 1 - union_start, chunk), num_splits)
+        keys_read = (tl.maximum(e_t - start, 0) + (t + 1 - e_t)
+                     + (tl.minimum(s0 + sinks, e_t) - s0))
+        tl.store(keys_ptr + decision, keys_read.to(tl.int32), mask=row_ok)
+        for row in range(0, group):
+            head = kv_head * group + row
+            head_hit = tl.load(hit_ptr + batch * stride_db + head * stride_dh,
+                               cache_modifier=".cg") != 0
+            head_slot = tl.load(slot_ptr + batch * stride_db + head * stride_dh,
+                                cache_modifier=".cg")
+            _finalize_head(
+                q_pre_ptr + batch * stride_qpb + head * stride_qph,
+                ring_q_ptr + batch * stride_rb + head * stride_rh,
+                ring_o_ptr + batch * stride_rob + head * stride_roh,
+                ring_lse_ptr + batch * stride_lb + head * stride_lh,
+                ring_pos_ptr + batch * stride_lb + head * stride_lh,
+                ring_depth_ptr + batch * stride_lb + head * stride_lh,
+                group_o + row * stride_ph, group_lse + row * stride_plh,
+                out_ptr + batch * stride_outb + head * stride_outh,
+                head_hit, head_slot, t, t % ring_size, n_active,
+                stride_qpd, stride_rm, stride_rd, stride_rom, stride_rod, stride_lm,
+                stride_pw, stride_ps, stride_pd, stride_plw, stride_pls, stride_outd,
+                dims, dim_ok, BLOCK_S)
+        tl.store(counter_ptr + kv_pid, 0)
 
 
 @triton.jit
-def _merge_parts(o_ptr, lse_ptr, n_parts, stride_os, stride_od, stride_ls, dims, dim_ok,
-                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge ``n_parts`` states (``o[s, D]``, ``lse[s]``), BLOCK_S at a time, running max."""
-    running_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
-    total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+def _finalize_head(
+    q_pre, ring_q, ring_o, ring_lse, ring_pos, ring_depth, part_o, part_lse, out,
+    hit, slot, t, new_slot, n_parts,
+    stride_qpd, stride_rm, stride_rd, stride_rom, stride_rod, stride_lm,
+    stride_pw, stride_ps, stride_pd, stride_plw, stride_pls, stride_outd,
+    dims, dim_ok, BLOCK_S: tl.constexpr,
+):
+    """One head's finalize: merge its ``n_parts`` prefix and tail states (both stacks read in
+    the same ``[BLOCK_S, D]`` steps), amend with entry ``j*`` on a hit, write o and the ring."""
+    # A missed entry may hold anything: its slot is read (in bounds) but never used.
+    o_j = tl.where(hit, tl.load(ring_o + slot * stride_rom + dims * stride_rod, mask=dim_ok), 0.0)
+    lse_j = tl.where(hit, tl.load(ring_lse + slot * stride_lm), float("-inf"))
+    depth = tl.where(hit, tl.load(ring_depth + slot * stride_lm) + 1, 0)
+    a_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
+    a_total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
+    a_acc = tl.zeros(dims.shape, tl.float32)
+    t_max, t_total, t_acc = a_max, a_total, a_acc
     for first in range(0, n_parts, BLOCK_S):
         parts = first + tl.arange(0, BLOCK_S)
         part_ok = parts < n_parts
-        lse = tl.load(lse_ptr + parts * stride_ls, mask=part_ok, other=float("-inf"))
-        o = tl.load(o_ptr + parts[:, None] * stride_os + dims[None, :] * stride_od,
-                    mask=part_ok[:, None] & dim_ok[None, :], other=0.0)
-        new_max = tl.maximum(running_max, tl.max(lse, axis=0))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp(running_max - shift)
-        weights = tl.exp(lse - shift)
-        total = total * rescale + tl.sum(weights, axis=0)
-        acc = acc * rescale + tl.sum(weights[:, None] * o, axis=0)
-        running_max = new_max
-    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
-    safe_total = tl.where(total > 0, total, 1.0)
-    lse_out = tl.where(total > 0, shift + tl.log(safe_total), float("-inf"))
-    return acc / safe_total, lse_out
+        o_offsets = parts[:, None] * stride_ps + dims[None, :] * stride_pd
+        o_ok = part_ok[:, None] & dim_ok[None, :]
+        a_max, a_total, a_acc = merge_step(
+            a_max, a_total, a_acc,
+            tl.load(part_lse + parts * stride_pls, mask=part_ok, other=float("-inf"),
+                    cache_modifier=".cg"),
+            tl.load(part_o + o_offsets, mask=o_ok, other=0.0, cache_modifier=".cg"))
+        t_max, t_total, t_acc = merge_step(
+            t_max, t_total, t_acc,
+            tl.load(part_lse + stride_plw + parts * stride_pls, mask=part_ok,
+                    other=float("-inf"), cache_modifier=".cg"),
+            tl.load(part_o + stride_pw + o_offsets, mask=o_ok, other=0.0, cache_modifier=".cg"))
+    o_a, lse_a = merge_finish(a_max, a_total, a_acc)
+    o_t, lse_t = merge_finish(t_max, t_total, t_acc)
+    o_c, lse_c = _merge_two(o_a, lse_a, o_j, lse_j)
+    o, _ = _merge_two(o_c, lse_c, o_t, lse_t)
+    tl.store(out + dims * stride_outd, o.to(out.dtype.element_ty), mask=dim_ok)
+
+    # j* may be the slot written below (j* = t - M): finish every read of it first.
+    tl.debug_barrier()
+    q = tl.load(q_pre + dims * stride_qpd, mask=dim_ok)
+    tl.store(ring_q + new_slot * stride_rm + dims * stride_rd, q.to(ring_q.dtype.element_ty),
+             mask=dim_ok)
+    tl.store(ring_o + new_slot * stride_rom + dims * stride_rod, o_c, mask=dim_ok)
+    tl.store(ring_lse + new_slot * stride_lm, lse_c)
+    tl.store(ring_pos + new_slot * stride_lm, t.to(tl.int32))
+    tl.store(ring_depth + new_slot * stride_lm, depth.to(tl.int32))
 
 
 @triton.jit
@@ -302,79 +372,6 @@ def _merge_two(o_a, lse_a, o_b, lse_b):
     safe_total = tl.where(total > 0, total, 1.0)
     lse = tl.where(total > 0, shift + tl.log(safe_total), float("-inf"))
     return (w_a * o_a + w_b * o_b) / safe_total, lse
-
-
-@triton.jit
-def _finalize_kernel(
-    q_pre_ptr, t_ptr, s0_ptr, hit_ptr, slot_ptr, start_ptr, part_o_ptr, part_lse_ptr,
-    ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr, ring_depth_ptr, out_ptr, keys_ptr,
-    q_heads, group, head_dim, num_splits, ring_size, offset, sinks,
-    stride_qb, stride_qh, stride_qd,
-    stride_db, stride_dh,
-    stride_pw, stride_pb, stride_ph, stride_ps, stride_pd,
-    stride_plw, stride_plb, stride_plh, stride_pls,
-    stride_rb, stride_rh, stride_rm, stride_rd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh, stride_lm,
-    stride_outb, stride_outh, stride_outd,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    # A program owns one (row, query head): it merges the active splits' [BLOCK_S, D] partial
-    # states into C (prefix, reused entry) and T (tail), writes the ring entry and the output.
-    bh = tl.program_id(0)
-    batch = (bh // q_heads).to(tl.int64)
-    head = (bh % q_heads).to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < head_dim
-    t = tl.load(t_ptr + batch)
-    s0 = tl.load(s0_ptr + batch)
-    e_t = tl.maximum(t + 1 - offset, s0)
-    hit = tl.load(hit_ptr + batch * stride_db + head * stride_dh) != 0
-    slot = tl.load(slot_ptr + batch * stride_db + head * stride_dh)
-    start = tl.load(start_ptr + batch * stride_db + head * stride_dh)
-
-    # Splits past the union's end hold empty states: recompute how many the group used.
-    mates = tl.arange(0, BLOCK_G)
-    mate_heads = (head // group) * group + mates
-    mate_starts = tl.load(start_ptr + batch * stride_db + mate_heads * stride_dh,
-                          mask=mates < group, other=_INT32_MAX)
-    union_start = tl.minimum(tl.min(mate_starts, axis=0), e_t)
-    chunk = _split_chunk(union_start, t + 1, num_splits, BLOCK_N)
-    n_active = tl.minimum(tl.cdiv(t + 1 - union_start, chunk), num_splits)
-
-    part_o = part_o_ptr + batch * stride_pb + head * stride_ph
-    part_lse = part_lse_ptr + batch * stride_plb + head * stride_plh
-    o_a, lse_a = _merge_parts(part_o, part_lse, n_active, stride_ps, stride_pd, stride_pls,
-                              dims, dim_ok, BLOCK_S, BLOCK_D)
-    o_t, lse_t = _merge_parts(part_o + stride_pw, part_lse + stride_plw, n_active, stride_ps,
-                              stride_pd, stride_pls, dims, dim_ok, BLOCK_S, BLOCK_D)
-
-    entry_o = ring_o_ptr + batch * stride_ob + head * stride_oh + slot * stride_om
-    entry_lse = ring_lse_ptr + batch * stride_lb + head * stride_lh + slot * stride_lm
-    o_j = tl.where(hit, tl.load(entry_o + dims * stride_od, mask=dim_ok, other=0.0), 0.0)
-    lse_j = tl.where(hit, tl.load(entry_lse), float("-inf"))
-    depth_j = tl.load(ring_depth_ptr + batch * stride_lb + head * stride_lh + slot * stride_lm)
-    o_c, lse_c = _merge_two(o_a, lse_a, o_j, lse_j)
-    out, _ = _merge_two(o_c, lse_c, o_t, lse_t)
-    tl.store(out_ptr + batch * stride_outb + head * stride_outh + dims * stride_outd,
-             out.to(out_ptr.dtype.element_ty), mask=dim_ok)
-    keys_read = tl.maximum(e_t - start, 0) + (t + 1 - e_t) + (tl.minimum(s0 + sinks, e_t) - s0)
-    tl.store(keys_ptr + batch * stride_db + head * stride_dh, keys_read.to(tl.int32))
-
-    # j* may be the slot written below (j* = t - M): finish every read of it first.
-    tl.debug_barrier()
-    new_slot = t % ring_size
-    q_pre = tl.load(q_pre_ptr + batch * stride_qb + head * stride_qh + dims * stride_qd,
-                    mask=dim_ok)
-    tl.store(ring_q_ptr + batch * stride_rb + head * stride_rh + new_slot * stride_rm
-             + dims * stride_rd, q_pre.to(ring_q_ptr.dtype.element_ty), mask=dim_ok)
-    tl.store(ring_o_ptr + batch * stride_ob + head * stride_oh + new_slot * stride_om
-             + dims * stride_od, o_c, mask=dim_ok)
-    entry_new = batch * stride_lb + head * stride_lh + new_slot * stride_lm
-    tl.store(ring_lse_ptr + entry_new, lse_c)
-    tl.store(ring_pos_ptr + entry_new, t.to(tl.int32))
-    tl.store(ring_depth_ptr + entry_new, tl.where(hit, depth_j + 1, 0).to(tl.int32))
 
 
 def _match_programs(batch: int, q_heads: int, ring_size: int, device: torch.device) -> int:
@@ -415,7 +412,9 @@ def mac_decode_step(
     ``o[B, Hq, D]`` in ``q.dtype``, ``hit[B, Hq]`` bool, ``keys_read[B, Hq]`` int32.
     ``positions`` and ``key_starts`` (int32 or int64 ``[B]``) stay on the device. The last three
     arguments override the launch shape (tests, benchmarks); by default the attention kernel
-    uses the exact decode kernel's blocks, warps and split count for this cache size.
+    uses the exact decode kernel's blocks, warps and split count for this cache size. Two
+    launches; steps that share arrival counters (same device and ``B * Hkv``) must run on one
+    stream, as for :mod:`macopt.kernels.decode`.
     """
     _check_ring(q, q_pre, ring)
     batch, q_heads, head_dim = q.shape
@@ -436,12 +435,10 @@ def mac_decode_step(
 
     cand_d, cand_pos = new(batch, q_heads, n_match), new(batch, q_heads, n_match, dtype=torch.int32)
     hit, slot = new(batch, q_heads, dtype=torch.uint8), new(batch, q_heads, dtype=torch.int32)
-    start, keys_read = new(batch, q_heads, dtype=positions.dtype), new(batch, q_heads,
-                                                                      dtype=torch.int32)
+    keys_read = new(batch, q_heads, dtype=torch.int32)
     part_o, part_lse = new(2, batch, q_heads, splits, head_dim), new(2, batch, q_heads, splits)
     out = new(batch, q_heads, head_dim, dtype=q.dtype)
     block_d = triton.next_power_of_2(head_dim)
-    block_g = max(16, triton.next_power_of_2(group))
 
     _match_kernel[(batch * q_heads, n_match)](
         q_pre, ring.q, ring.pos, positions, key_starts, cand_d, cand_pos,
@@ -450,25 +447,20 @@ def mac_decode_step(
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,  # 8 warps: half the registers a thread
     )
     _attention_kernel[(batch * kv_heads, splits)](
-        q, k, v, positions, key_starts, cand_d, cand_pos, ring.lse, ring.depth,
-        hit, slot, start, part_o, part_lse,
+        q, q_pre, k, v, positions, key_starts, cand_d, cand_pos,
+        ring.q, ring.o, ring.lse, ring.pos, ring.depth,
+        hit, slot, part_o, part_lse, _group_counters(q.device, batch * kv_heads), out, keys_read,
         scale * _LOG2_E, threshold(head_dim, tau), kv_heads, group, head_dim, splits, n_match,
         ring_size, offset, sinks, t_min, max_depth,
-        *q.stride(), *k.stride(), *v.stride(), *cand_d.stride(), *ring.lse.stride(),
-        *hit.stride(), *part_o.stride(), *part_lse.stride(),
+        *q.stride(), *q_pre.stride(), *k.stride(), *v.stride(), *cand_d.stride(),
+        *ring.q.stride(), *ring.o.stride(), *ring.lse.stride(),
+        *part_o.stride(), *part_lse.stride(), *out.stride(), *hit.stride(),
         UPCAST=_interpreting(), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_R=triton.next_power_of_2(n_match),
+        # Two [BLOCK_S, D] fp32 tiles in flight while finalizing: 64 registers a thread.
+        BLOCK_S=min(triton.next_power_of_2(splits), max(1, 4096 // block_d)),
         num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    _finalize_kernel[(batch * q_heads,)](
-        q_pre, positions, key_starts, hit, slot, start, part_o, part_lse,
-        ring.q, ring.o, ring.lse, ring.pos, ring.depth, out, keys_read,
-        q_heads, group, head_dim, splits, ring_size, offset, sinks,
-        *q_pre.stride(), *hit.stride(), *part_o.stride(), *part_lse.stride(),
-        *ring.q.stride(), *ring.o.stride(), *ring.lse.stride(), *out.stride(),
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_S=min(triton.next_power_of_2(splits), max(1, 4096 // block_d)), num_warps=4,
     )
     return out, hit.view(torch.bool), keys_read
 

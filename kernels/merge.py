@@ -61,15 +61,37 @@ def _merge_state_kernel(
 
 
 @triton.jit
+def merge_step(running_max, total, acc, lse, o):
+    """Fold a ``[S]`` stack of states ``(o[S, D], lse[S])`` into a running merge: ``acc[D]``
+    and ``total`` are sums weighted by ``exp(lse - running_max)`` (online softmax over states)."""
+    new_max = tl.maximum(running_max, tl.max(lse, axis=0))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # all empty so far
+    rescale = tl.exp(running_max - shift)
+    weights = tl.exp(lse - shift)
+    total = total * rescale + tl.sum(weights, axis=0)
+    acc = acc * rescale + tl.sum(weights[:, None] * o, axis=0)
+    return new_max, total, acc
+
+
+@triton.jit
+def merge_finish(running_max, total, acc):
+    """The state ``(o[D], lse)`` of a running merge; nothing but empty states gives (0, -inf)."""
+    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+    safe_total = tl.where(total > 0, total, 1.0)
+    lse = tl.where(total > 0, shift + tl.log(safe_total), float("-inf"))
+    return acc / safe_total, lse
+
+
+@triton.jit
 def merge_row_states(
     o_ptr, lse_ptr, n_states, stride_o_s, stride_o_d, stride_l_s, dims, dim_ok,
     BLOCK_S: tl.constexpr,
 ):
     """Merge ``n_states`` states ``(o[s, D], lse[s])`` into fp32 ``(o[D], lse)``.
 
-    Reads BLOCK_S states per step as one ``[BLOCK_S, D]`` tile with a running max (online
-    softmax over states), so any count fits in bounded registers. The loads bypass L1 (``.cg``):
-    the fused split kernels read states that other programs of the same launch just wrote.
+    Reads BLOCK_S states per step as one ``[BLOCK_S, D]`` tile, so any count fits in bounded
+    registers. The loads bypass L1 (``.cg``): the fused split kernels read states that other
+    programs of the same launch just wrote.
     """
     running_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
     total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
@@ -81,18 +103,8 @@ def merge_row_states(
                       cache_modifier=".cg")
         o = tl.load(o_ptr + states[:, None] * stride_o_s + dims[None, :] * stride_o_d,
                     mask=state_ok[:, None] & dim_ok[None, :], other=0.0, cache_modifier=".cg")
-        new_max = tl.maximum(running_max, tl.max(lse, axis=0))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # all empty so far
-        rescale = tl.exp(running_max - shift)
-        weights = tl.exp(lse - shift)
-        total = total * rescale + tl.sum(weights, axis=0)
-        acc = acc * rescale + tl.sum(weights[:, None] * o, axis=0)
-        running_max = new_max
-
-    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
-    safe_total = tl.where(total > 0, total, 1.0)
-    lse_out = tl.where(total > 0, shift + tl.log(safe_total), float("-inf"))
-    return acc / safe_total, lse_out
+        running_max, total, acc = merge_step(running_max, total, acc, lse, o)
+    return merge_finish(running_max, total, acc)
 
 
 @triton.jit

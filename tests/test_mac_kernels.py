@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from macopt.kernels import mac, reference
+from macopt.kernels import decode, mac, reference
 from macopt.kernels.mac_reference import MACRing, mac_decode_step, prefill_entries
 
 F64 = torch.float64
@@ -224,3 +224,32 @@ def test_chains_of_hits_from_prefill_keep_the_ring_equal_to_the_reference(dtype)
         assert hit.all() or not hit.any()
         pattern.append(bool(hit.all()))
     assert pattern == [True, True, False, True, True, False]
+
+
+def test_repeated_steps_from_one_ring_agree_and_leave_the_counters_at_zero():
+    q, q_pre, k, v, ring, t, s0 = make_case(seed=12, n_keys=90)
+    params = dict(offset=8, sinks=2, tau=_tau(64), t_min=0, max_depth=3, num_splits=3,
+                  block_n=16)
+    first_ring = ring.clone()
+    first = mac.mac_decode_step(q, q_pre, k, v, first_ring, t, s0, 0.125, **params)
+    counters = decode._group_counters(q.device, q.shape[0] * k.shape[1])
+    for _ in range(2):
+        again_ring = ring.clone()
+        again = mac.mac_decode_step(q, q_pre, k, v, again_ring, t, s0, 0.125, **params)
+        assert all(torch.equal(a, b) for a, b in zip(again, first, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(again_ring.tensors(), first_ring.tensors(),
+                                                     strict=True))
+        assert torch.equal(counters, torch.zeros_like(counters))
+
+
+def test_alternating_shapes_and_the_exact_decode_kernel_share_counters_safely():
+    # (2 rows x 2 KV heads) and (4 rows x 1 KV head) have 4 groups each: one set of counters
+    # for both MAC shapes and for exact decode, with different split counts.
+    for batch, kv_heads, splits in [(2, 2, 3), (4, 1, 2), (2, 2, 4), (4, 1, 3)]:
+        case = make_case(batch=batch, kv_heads=kv_heads, group=2, n_keys=70, seed=splits)
+        assert_step_matches_reference(case, offset=8, num_splits=splits, block_n=16)
+        q, _, k, v, _, t, s0 = case
+        o = decode.decode_attention(q, k, v, s0, t + 1, None, 0.125, num_splits=splits + 2,
+                                    block_n=16)
+        exact = reference.attention(q, k, v, 0.125, s0, t + 1, compute_dtype=F64)
+        torch.testing.assert_close(o, exact.float(), atol=1e-4, rtol=1e-4)
