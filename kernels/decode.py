@@ -4,16 +4,18 @@ One decode query per row: ``q[B, Hq, D]`` attends keys ``[starts[b], ends[b])`` 
 ``k, v[B, Hkv, N, D]`` (intersected with ``key_mask[b]`` when given); query head ``h`` reads KV
 head ``h // g``. The keys of each row are cut into ``num_splits`` runtime-sized chunks; each
 (batch row, KV head, split) program streams its chunk once for the whole query group and writes
-a partial state; the last program of each (row, KV head) to finish merges the group's states
-(:func:`macopt.kernels.merge.merge_row_states`), so a call is one launch.
+a partial state; a small second kernel (:func:`macopt.kernels.merge.merge_states_into`) merges
+them.
 
 Lengths stay on the device and the split count comes from static shapes only, so a launch never
 syncs with the host and can be captured in a CUDA graph.
 
-The "last program" is found with a per-(row, KV head) int32 arrival counter that the merging
-program resets to zero. Counters are allocated once per (device, number of groups) and reused,
-so captured graphs keep static addresses. Two launches on one stream run one after the other and
+``fuse_merge`` folds the merge into the split kernel instead: the last program of each
+(row, KV head) to finish, found with an int32 arrival counter that it resets to zero, merges the
+group's states. Counters are allocated once per (device, number of groups) and reused, so
+captured graphs keep static addresses. Two launches on one stream run one after the other and
 may share counters; launches sharing them must not run concurrently on different streams.
+Measured slower for exact decode on the H100 (see :class:`DecodeConfig`); MAC's step uses it.
 
 >>> o, lse = decode_attention_state(q, k, v, starts, ends, None, scale=q.shape[-1] ** -0.5)
 """
@@ -28,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from macopt.kernels.merge import merge_row_states
+from macopt.kernels.merge import merge_row_states, merge_states_into
 
 Tensor = torch.Tensor
 
@@ -49,7 +51,12 @@ class DecodeConfig:
     block_n: int  # keys per step of a program's loop
     num_warps: int
     num_stages: int  # software-pipelining depth of the K/V loads (GPU only)
-    num_splits: int  # programs per (batch row, KV head); the last one merges when > 1
+    num_splits: int  # programs per (batch row, KV head)
+    # With several splits, merge them in the split kernel (the last program of a group to
+    # arrive merges) instead of a second launch. Measured on the H100 the second launch was
+    # faster (BENCHMARKS.md: 0.019 vs 0.022 ms at 1 x 4K, 5.7 vs 6.4 ms at 32 x 128K), so it is
+    # off by default; MAC's step, which must finalize ring entries anyway, uses the fused form.
+    fuse_merge: bool = False
 
 
 @triton.jit
@@ -67,7 +74,7 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_od, stride_lb, stride_lh,
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, MERGE_S: tl.constexpr,
+    SPLIT: tl.constexpr, FUSE_MERGE: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     # A program owns one (batch row, KV head, split): the g query heads of the group are the rows
     # of one [BLOCK_G, D] tile, so each [BLOCK_N, D] K/V block is read once for all of them.
@@ -149,6 +156,7 @@ def _decode_split_kernel(
         tl.store(group_o + rows[:, None] * stride_ph + split * stride_ps
                  + dims[None, :] * stride_pd, o, mask=tile_ok)
         tl.store(group_lse + rows * stride_plh + split * stride_pls, lse, mask=row_ok)
+    if SPLIT and FUSE_MERGE:
         # The barrier puts every thread's stores before this program's release; the program
         # that arrives last acquires all the group's stores, merges them, re-arms the counter.
         tl.debug_barrier()
@@ -160,7 +168,7 @@ def _decode_split_kernel(
                          stride_ps, stride_pd, stride_plh, stride_pls, stride_oh, stride_od,
                          stride_lh, dims, dim_ok, MERGE_S)
             tl.store(counter_ptr + kv_pid, 0)
-    else:  # the only split's state is the answer
+    if not SPLIT:  # the only split's state is the answer
         tl.store(o_ptr + batch * stride_ob + q_heads[:, None] * stride_oh
                  + dims[None, :] * stride_od, o.to(o_ptr.dtype.element_ty), mask=tile_ok)
         tl.store(lse_ptr + batch * stride_lb + q_heads * stride_lh, lse, mask=row_ok)
@@ -270,11 +278,12 @@ def _launch_split_kernel(
     # writes o and lse directly and needs no workspace or counters: o and lse stand in.
     mask = key_mask.view(torch.uint8) if key_mask is not None else starts
     mask_strides = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
+    fused = splits > 1 and config.fuse_merge
     if splits > 1:
         part_o = _new_empty((batch, q_heads, splits, head_dim), dtype=torch.float32,
                             device=q.device)
         part_lse = _new_empty((batch, q_heads, splits), dtype=torch.float32, device=q.device)
-        counters = _group_counters(q.device, batch * kv_heads)
+        counters = _group_counters(q.device, batch * kv_heads) if fused else lse
     else:
         part_o, part_lse, counters = o.unsqueeze(2), lse.unsqueeze(2), lse
     grid = (batch * kv_heads, splits)  # splits on axis 1: its 65535 limit is ample
@@ -294,10 +303,13 @@ def _launch_split_kernel(
         BLOCK_N=config.block_n,
         BLOCK_D=block_d,
         SPLIT=splits > 1,
+        FUSE_MERGE=fused,
         MERGE_S=min(triton.next_power_of_2(splits), _MERGE_TILE // block_d),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    if splits > 1 and not fused:
+        merge_states_into(part_o, part_lse, o, lse)
 
 
 def _decode(
@@ -316,19 +328,20 @@ def decode_attention_state(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, key_mask: Tensor | None,
     scale: float, num_splits: int | None = None, *, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
+    fuse_merge: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """State ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])`` of one decode query per row.
 
     Keys of row ``b`` are ``[starts[b], ends[b])`` of ``k, v[B, Hkv, N, D]`` (any strides),
     intersected with ``key_mask[b]`` (bool ``[B, N]``, True = attend) when given; ``starts`` or
     ``ends`` of shape ``[B, Hq]`` give each query head its own range. A query with no key gets
-    the empty state ``(0, -inf)``. ``num_splits``, ``block_n``, ``num_warps`` and ``num_stages``
-    override :func:`_launch_config` (for benchmarks and tests).
+    the empty state ``(0, -inf)``. ``num_splits``, ``block_n``, ``num_warps``, ``num_stages``
+    and ``fuse_merge`` override :func:`_launch_config` (for benchmarks and tests).
 
     >>> o, lse = decode_attention_state(q, k, v, starts, ends, None, scale=0.125)
     """
     overrides = {"num_splits": num_splits, "block_n": block_n, "num_warps": num_warps,
-                 "num_stages": num_stages}
+                 "num_stages": num_stages, "fuse_merge": fuse_merge}
     config = _resolve_config(q, k, overrides)
     return _decode(q, k, v, starts, ends, key_mask, scale, torch.float32, config)
 
@@ -337,6 +350,7 @@ def decode_attention(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, key_mask: Tensor | None,
     scale: float, num_splits: int | None = None, *, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
+    fuse_merge: bool | None = None,
 ) -> Tensor:
     """Decode attention output ``o[B, Hq, D]`` in ``q.dtype``; a row with no key gives zeros.
 
@@ -345,6 +359,6 @@ def decode_attention(
     >>> o = decode_attention(q, k, v, starts, ends, key_mask, scale=0.125, num_splits=8)
     """
     overrides = {"num_splits": num_splits, "block_n": block_n, "num_warps": num_warps,
-                 "num_stages": num_stages}
+                 "num_stages": num_stages, "fuse_merge": fuse_merge}
     config = _resolve_config(q, k, overrides)
     return _decode(q, k, v, starts, ends, key_mask, scale, q.dtype, config)[0]

@@ -69,11 +69,12 @@ def test_matches_reference_for_every_gqa_group(group, dtype):
     assert_matches_reference(q, k, v, *mixed_ranges(4, 150), num_splits=3)
 
 
+@pytest.mark.parametrize("fuse_merge", [False, True], ids=["merge-kernel", "fused-merge"])
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
-def test_any_number_of_splits_gives_the_reference_state(num_splits):
+def test_any_number_of_splits_gives_the_reference_state(num_splits, fuse_merge):
     q, k, v = make_problem(n_keys=200)
     assert_matches_reference(q, k, v, *mixed_ranges(4, 200), holey_mask(4, 200),
-                             num_splits=num_splits)
+                             num_splits=num_splits, fuse_merge=fuse_merge)
 
 
 @pytest.mark.parametrize("block_n", [16, 32, 64])
@@ -160,12 +161,15 @@ def poisoned_allocations(monkeypatch):
     return handed_out
 
 
+@pytest.mark.parametrize("fuse_merge", [False, True], ids=["merge-kernel", "fused-merge"])
 @pytest.mark.parametrize("num_splits", [1, 3, 7])
-def test_every_output_and_workspace_element_is_written(poisoned_allocations, num_splits):
+def test_every_output_and_workspace_element_is_written(poisoned_allocations, num_splits,
+                                                       fuse_merge):
     q, k, v = make_problem(dtype=torch.bfloat16)
     decode.decode_attention_state(q, k, v, *mixed_ranges(4, 150), holey_mask(4, 150), 0.125,
-                                  num_splits=num_splits)
-    decode.decode_attention(q, k, v, *mixed_ranges(4, 150), None, 0.125, num_splits=num_splits)
+                                  num_splits=num_splits, fuse_merge=fuse_merge)
+    decode.decode_attention(q, k, v, *mixed_ranges(4, 150), None, 0.125, num_splits=num_splits,
+                            fuse_merge=fuse_merge)
     expected_buffers = 2 * (2 if num_splits == 1 else 4)  # o, lse (+ split workspace) per call
     assert len(poisoned_allocations) == expected_buffers
     for buffer in poisoned_allocations:
@@ -224,11 +228,13 @@ def test_per_query_head_ranges_match_each_heads_reference():
 def test_repeated_calls_give_the_same_state_and_leave_the_counters_at_zero():
     q, k, v = make_problem(dtype=torch.bfloat16)
     starts, ends = mixed_ranges(4, 150)
-    first = decode.decode_attention_state(q, k, v, starts, ends, None, 0.125, num_splits=5)
+    first = decode.decode_attention_state(q, k, v, starts, ends, None, 0.125, num_splits=5,
+                                          fuse_merge=True)
     counters = decode._group_counters(q.device, 4 * 2)
     assert torch.equal(counters, torch.zeros_like(counters))
     for _ in range(2):
-        again = decode.decode_attention_state(q, k, v, starts, ends, None, 0.125, num_splits=5)
+        again = decode.decode_attention_state(q, k, v, starts, ends, None, 0.125, num_splits=5,
+                                              fuse_merge=True)
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
         assert torch.equal(counters, torch.zeros_like(counters))
     assert decode._group_counters(q.device, 4 * 2) is counters  # one static address
@@ -241,4 +247,5 @@ def test_alternating_shapes_and_split_counts_each_match_the_reference():
     for batch, kv_heads, splits in shapes:
         q, k, v = make_problem(batch=batch, kv_heads=kv_heads, n_keys=120, seed=batch + splits)
         starts, ends = mixed_ranges(batch, 120)
-        assert_matches_reference(q, k, v, starts, ends, num_splits=splits, block_n=16)
+        assert_matches_reference(q, k, v, starts, ends, num_splits=splits, block_n=16,
+                                 fuse_merge=True)
