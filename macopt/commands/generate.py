@@ -152,12 +152,17 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, com
              printer: TokenPrinter) -> GenerationResult:
     """Greedy generation with a static cache, streamed to ``printer``, timed."""
     from macopt._hf_compat import compile_config
+    from macopt.passes._compat import inductor_config
 
     mode = "reduce-overhead" if ids.is_cuda else "default"
     printer.start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, cache_implementation="static", streamer=printer,
-                         compile_config=compile_config(mode=mode), disable_compile=not compile)
+    # A graph from Inductor's FX graph cache reruns no pass, so the per-layer report would be
+    # empty on every run after the first: compile afresh (this command is for looking).
+    with inductor_config.patch(fx_graph_cache=False):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, cache_implementation="static",
+                             streamer=printer, compile_config=compile_config(mode=mode),
+                             disable_compile=not compile)
     return GenerationResult(out[0, ids.shape[1]:].tolist(), printer.arrivals)
 
 
