@@ -146,7 +146,7 @@ def test_ties_across_tiles_and_programs_go_to_the_older_entry(match_programs):
     # M = 128 is two tiles of 64 slots: the newer copy (position 150, slot 22) is met first, the
     # older one (position 100, slot 100) later, in the second tile or the second program.
     q, q_pre, k, v, _, _, _ = make_case(batch=1, kv_heads=1, group=2, n_keys=210, seed=8)
-    t, s0 = torch.tensor([200]), torch.tensor([0])
+    t, s0 = torch.tensor([200], device=DEVICE), torch.tensor([0], device=DEVICE)
     ring = MACRing.empty(1, 2, 128, 64, q.dtype, DEVICE)
     for position in (150, 100):
         ring.q[:, :, position % 128] = q_pre
