@@ -173,7 +173,7 @@ def test_a_hit_on_an_identical_query_at_the_same_position_is_exact():
     ring = MACRing.empty(*q.shape[:2], 16, q.shape[-1], q.dtype, DEVICE)
     j = t - 5
     o_j, lse_j = reference.attention_state(q, k, v, 0.125, s0 + 2, j + 1 - 8)
-    rows = torch.arange(q.shape[0])
+    rows = torch.arange(q.shape[0], device=DEVICE)
     ring.q[rows, :, j % 16], ring.o[rows, :, j % 16] = q_pre, o_j
     ring.lse[rows, :, j % 16], ring.pos[rows, :, j % 16] = lse_j, j.int()[:, None]
     o, hit, _ = mac.mac_decode_step(q, q_pre, k, v, ring, t, s0, 0.125, offset=8, sinks=2,
@@ -184,11 +184,11 @@ def test_a_hit_on_an_identical_query_at_the_same_position_is_exact():
 
 
 def test_prefill_entries_equal_the_reference():
-    q_post = torch.randn(2, 4, 50, 64)
-    q_pre = torch.randn(2, 4, 50, 64).to(torch.bfloat16)
-    k, v = torch.randn(2, 2, 50, 64), torch.randn(2, 2, 50, 64)
-    s0, ends = torch.tensor([0, 9]), torch.tensor([50, 30])
-    ring = MACRing.empty(2, 4, 16, 64, torch.bfloat16)
+    q_post = torch.randn(2, 4, 50, 64).to(DEVICE)
+    q_pre = torch.randn(2, 4, 50, 64).to(DEVICE, torch.bfloat16)
+    k, v = torch.randn(2, 2, 50, 64).to(DEVICE), torch.randn(2, 2, 50, 64).to(DEVICE)
+    s0, ends = torch.tensor([0, 9], device=DEVICE), torch.tensor([50, 30], device=DEVICE)
+    ring = MACRing.empty(2, 4, 16, 64, torch.bfloat16, DEVICE)
     ring.pos.fill_(123)  # stale contents: every slot must be rewritten
     mac.prefill_entries_(ring, q_post, q_pre, k, v, 0.125, s0, ends, offset=6, sinks=2,
                          key_block=16)
@@ -207,18 +207,19 @@ def test_chains_of_hits_from_prefill_keep_the_ring_equal_to_the_reference(dtype)
     drift = torch.zeros(batch, q_heads, n, head_dim)
     drift[..., 0] = torch.arange(n).float()  # distance to the entry of t - x: x^2
     drift[:, :, n_prompt + 2:, 1] = 40.0  # the jump
-    q_pre = (q_pre + drift).to(dtype)
-    q_post = torch.randn(batch, q_heads, n, head_dim, generator=gen).to(dtype)
-    k = torch.randn(batch, kv_heads, n, head_dim, generator=gen).to(dtype)
-    v = torch.randn(batch, kv_heads, n, head_dim, generator=gen).to(dtype)
-    s0 = torch.tensor([0, 5])
-    ring = MACRing.empty(batch, q_heads, ring_size, head_dim, dtype)
+    q_pre = (q_pre + drift).to(DEVICE, dtype)
+    q_post = torch.randn(batch, q_heads, n, head_dim, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(batch, kv_heads, n, head_dim, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(batch, kv_heads, n, head_dim, generator=gen).to(DEVICE, dtype)
+    s0 = torch.tensor([0, 5], device=DEVICE)
+    ring = MACRing.empty(batch, q_heads, ring_size, head_dim, dtype, DEVICE)
     mac.prefill_entries_(ring, q_post[:, :, :n_prompt], q_pre[:, :, :n_prompt],
                          k[:, :, :n_prompt], v[:, :, :n_prompt], 0.125, s0,
-                         torch.tensor([n_prompt, n_prompt]), offset=4)
+                         torch.tensor([n_prompt, n_prompt], device=DEVICE), offset=4)
     pattern = []
     for t in range(n_prompt, n):
-        case = (q_post[:, :, t], q_pre[:, :, t], k, v, ring, torch.tensor([t, t]), s0)
+        case = (q_post[:, :, t], q_pre[:, :, t], k, v, ring, torch.tensor([t, t], device=DEVICE),
+                s0)
         hit, ring = assert_step_matches_reference(case, offset=4, max_depth=2, num_splits=2,
                                                   block_n=16)
         assert hit.all() or not hit.any()

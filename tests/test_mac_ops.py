@@ -22,6 +22,7 @@ from macopt.kernels.reference import attention
 ops = torch.ops.macopt
 _SITE_IDS = itertools.count(10_000)  # far from the ids models get
 SCALE = 64**-0.5
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, HQ, HKV, N, D, M, S = 2, 4, 2, 24, 64, 8, 4
 
 
@@ -137,6 +138,8 @@ def test_triton_counter_update_equals_the_reference():
     t, s0 = torch.randint(50, 60, (5,), dtype=torch.int32), torch.randint(0, 9, (5,))
     got, want = (torch.randint(0, 9, (mac_counters.COUNTER_ROWS, 3)) for _ in range(2))
     want.copy_(got)
+    # The Triton kernel runs on the test device; the reference update runs there too.
+    hit, keys, t, s0, got, want = (x.to(DEVICE) for x in (hit, keys, t, s0, got, want))
     mac_counters.count_decode_(got, hit, keys, t, s0)
     mac_counters.count_decode_reference_(want, hit, keys, t, s0)
     assert torch.equal(got, want)

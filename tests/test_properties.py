@@ -25,6 +25,7 @@ from macopt.testing import (
 )
 
 ops = torch.ops.macopt
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ALL_GROUPS = (1, 2, 3, 4, 7, 8, 16)  # odd groups exercise the padding of the query tile
 
 # --- (a) the ops' CPU path (the reference math in fp32) against fp64 --------------------------
@@ -69,9 +70,20 @@ def test_merge_states_op_over_any_partition_equals_attention_over_the_union(
 
 TRITON_EXAMPLES = 40
 triton_settings = settings(max_examples=TRITON_EXAMPLES, suppress_health_check=fixture_safe)
-triton_problems = attention_problems(groups=ALL_GROUPS, max_batch=2, max_kv_heads=2, max_keys=40)
+
+
+def on_device(problem):
+    """The kernels run on the test device (natively on a GPU): so must their inputs."""
+    return problem.to(DEVICE)
+
+
+triton_problems = attention_problems(
+    groups=ALL_GROUPS, max_batch=2, max_kv_heads=2, max_keys=40
+).map(on_device)
 # The merge kernel runs one interpreted program per (row, head): keep the heads few.
-few_head_problems = attention_problems(groups=(1, 2, 3), max_batch=2, max_kv_heads=1, max_keys=40)
+few_head_problems = attention_problems(
+    groups=(1, 2, 3), max_batch=2, max_kv_heads=1, max_keys=40
+).map(on_device)
 
 
 @pytest.fixture

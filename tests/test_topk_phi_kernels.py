@@ -1,15 +1,22 @@
 """Top-K + phi Triton kernels against the reference (CPU: through TRITON_INTERPRET=1)."""
 
 import pytest
+import topk_phi_cases
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from topk_phi_cases import Problem, make_problem
+from topk_phi_cases import Problem
 
 from macopt.kernels import reference, topk_phi
 from macopt.kernels import topk_phi_reference as ref
 
 F64 = torch.float64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_problem(*args, **kwargs) -> Problem:
+    """The shared random problem, on the device the kernels run on (same values anywhere)."""
+    return topk_phi_cases.make_problem(*args, device=DEVICE, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +137,7 @@ def test_zero_mass_completion_equals_topk_only_attention():
         p.maps.phi_q.b_o.fill_(-1e4)
     selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=16)
     (o, lse), _ = _both_decodes(p, selected)
-    off = torch.zeros(p.q.shape[1], dtype=torch.bool)
+    off = torch.zeros(p.q.shape[1], dtype=torch.bool, device=DEVICE)
     _, (o_off, lse_off) = _both_decodes(p, selected, completion=off)
     _assert_states_close((o, lse), (o_off, lse_off), tol=1e-5)
 
@@ -138,7 +145,7 @@ def test_zero_mass_completion_equals_topk_only_attention():
 def test_completion_switch_is_per_query_head():
     p = make_problem(head_dim=64)
     selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=16)
-    completion = torch.tensor([True, False, False, True])
+    completion = torch.tensor([True, False, False, True], device=DEVICE)
     kernel, oracle = _both_decodes(p, selected, completion=completion)
     _assert_states_close(kernel, oracle)
 
@@ -146,7 +153,7 @@ def test_completion_switch_is_per_query_head():
 def test_selection_entries_outside_the_mid_region_are_ignored():
     p = make_problem(head_dim=64)
     selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=8)
-    junk = torch.tensor([-5, 0, 1, 95, 500], dtype=torch.int32).expand(2, 2, 5)
+    junk = torch.tensor([-5, 0, 1, 95, 500], dtype=torch.int32, device=DEVICE).expand(2, 2, 5)
     kernel, _ = _both_decodes(p, torch.cat([selected, junk], dim=-1))
     _, oracle = _both_decodes(p, selected)
     _assert_states_close(kernel, oracle)
@@ -154,7 +161,7 @@ def test_selection_entries_outside_the_mid_region_are_ignored():
 
 def test_rows_without_mid_or_without_keys_stay_finite():
     p = make_problem(batch=3, head_dim=64, lengths=[6, 0, 40], n_generated=0)
-    selected = torch.zeros(3, 2, 16, dtype=torch.int32)
+    selected = torch.zeros(3, 2, 16, dtype=torch.int32, device=DEVICE)
     kernel, oracle = _both_decodes(p, selected, num_splits=2)
     _assert_states_close(kernel, oracle)
     assert torch.all(kernel[0][1] == 0) and torch.all(kernel[1][1] == float("-inf"))

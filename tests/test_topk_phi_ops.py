@@ -12,6 +12,7 @@ from macopt.topk_phi_ops import TopKPhiState, decode, exact_selection, prefill
 
 ops = torch.ops.macopt
 HEAD_DIM = 64  # the kernels' smallest supported head dim
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _problem(dtype=torch.float32, **overrides) -> Problem:
@@ -23,7 +24,7 @@ def _problem(dtype=torch.float32, **overrides) -> Problem:
 def _state(p: Problem, page_size: int | None = 16, completion=None) -> TopKPhiState:
     batch, n_q_heads, head_dim = p.q.shape
     return TopKPhiState.allocate(batch, n_q_heads, p.k.shape[1], p.k.shape[2], head_dim,
-                                 p.k.dtype, "cpu", page_size=page_size, maps=p.maps,
+                                 p.k.dtype, p.k.device, page_size=page_size, maps=p.maps,
                                  completion=completion)
 
 
@@ -155,11 +156,14 @@ def test_completion_brings_topk_closer_to_full_attention_on_diffuse_heads():
 
 
 def test_triton_path_matches_the_reference_path(monkeypatch):
+    # The reference path runs on CPU tensors; the Triton path on the test device (a CUDA
+    # tensor always takes it), from the same seeded problem.
     p, config = _problem(), _config(budget=32)
     expected = decode(_prefilled(p, config), p.q, p.k, p.v, p.starts, p.ends, p.scale, config)
     monkeypatch.setenv("MACOPT_CPU_KERNELS", "triton")
+    p = _problem(device=DEVICE)
     got = decode(_prefilled(p, config), p.q, p.k, p.v, p.starts, p.ends, p.scale, config)
-    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got.cpu(), expected, rtol=2e-5, atol=2e-5)
 
 
 def test_exact_selection_without_fp32_keys_equals_the_reference_topk():

@@ -40,9 +40,13 @@ def make_problem(
     batch: int = 2, n_q_heads: int = 4, n_kv_heads: int = 2, n_keys: int = 96,
     head_dim: int = 16, d_phi: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32,
     n_sink: int = 4, n_tail: int = 8, n_generated: int = 3, lengths: list[int] | None = None,
+    device: torch.device | str = "cpu",
 ) -> Problem:
     """Rows are left padded to ``n_keys``: row b's prompt is ``lengths[b]`` keys long, followed
-    by ``n_generated`` decoded keys (the last of which is the current one)."""
+    by ``n_generated`` decoded keys (the last of which is the current one).
+
+    Everything is drawn on the CPU from one seeded generator, then moved to ``device``: the
+    same seed gives the same problem on every device."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, n_q_heads, head_dim, generator=gen).to(dtype)
     k = torch.randn(batch, n_kv_heads, n_keys, head_dim, generator=gen).to(dtype)
@@ -55,4 +59,6 @@ def make_problem(
     mid_start, mid_end = ref.mid_range(starts, prefill_ends, n_sink, n_tail)
     scale = head_dim**-0.5
     maps = positive_random_features(n_q_heads, n_kv_heads, head_dim, d_phi, scale, gen)
-    return Problem(q, k, v, scale, starts, prefill_ends, ends, mid_start, mid_end, maps)
+    q, k, v, starts, prefill_ends, ends, mid_start, mid_end = (
+        x.to(device) for x in (q, k, v, starts, prefill_ends, ends, mid_start, mid_end))
+    return Problem(q, k, v, scale, starts, prefill_ends, ends, mid_start, mid_end, maps.to(device))
