@@ -106,7 +106,9 @@ def test_decode_kernel_matches_the_reference(head_dim, group, dtype):
         _switch_mlp_on(p)
     selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=24)
     kernel, oracle = _both_decodes(p, selected, num_splits=3, block_n=16)
-    _assert_states_close(kernel, oracle, tol=1e-4)
+    # bf16 on a GPU rounds the probabilities to bf16 before P.V (the interpreter upcasts), as
+    # every bf16 attention kernel does: a bf16 tolerance, as for the exact decode kernel.
+    _assert_states_close(kernel, oracle, tol=1e-4 if dtype == torch.float32 else 2e-2)
 
 
 def test_decode_output_is_the_state_in_q_dtype():
