@@ -204,9 +204,11 @@ def _launch_config(
     """Pick block size, warps, pipelining depth and split count from static shapes only.
 
     Decode is bound by reading K and V once, so the goal is to keep every SM streaming:
-    - splits: ~2 programs per SM so that batch 1 fills the chip (B * Hkv = 8 programs alone
-      would use 8 of 132 SMs); measured on the H100 (macopt.bench.decode_sweep, BENCHMARKS.md),
-      2 per SM beat 4 per SM by 4-7% at batch 1-8 and 128K (fewer partial states to merge);
+    - splits: about one program per SM, so that batch 1 fills the chip (B * Hkv = 8 programs
+      alone would use 8 of 132 SMs) and a large batch is not split at all. Measured on the
+      H100 (macopt.bench.decode_sweep; BENCHMARKS.md), with 64-key blocks and 3 stages:
+      16 splits beat 33 and 66 at batch 1 (4K: 0.0178 vs 0.0189 ms), 2 beat 5 at 8 x 32K,
+      1 beat 2 at 32 x 128K (5.53 vs 6.08 ms): fewer partial states to write and merge;
       at least 2 blocks of the cache per split and at most 64 splits,
       so the partial states stay tiny next to K/V. Each split's chunk is recomputed on the
       device from the real lengths: a short sequence in a large static cache still spreads
@@ -219,10 +221,7 @@ def _launch_config(
     del group  # the query tile is padded to 16 rows for every group the ops allow
     padded_dim = triton.next_power_of_2(head_dim)
     block_n = 64 if 2 * padded_dim * element_size <= 512 else 32
-    sm_count = _multiprocessor_count(device)
-    # Once the groups alone give every SM a program, splitting only adds merge traffic
-    # (H100, 32 x 128K: 5.48 ms with 1 split, 6.08 ms with 2).
-    target_programs = 2 * sm_count if batch * kv_heads < sm_count else 1
+    target_programs = _multiprocessor_count(device)
     splits = triton.cdiv(target_programs, max(batch * kv_heads, 1))
     splits = max(1, min(splits, triton.cdiv(n_keys, 2 * block_n), _MAX_SPLITS))
     return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, num_splits=splits)

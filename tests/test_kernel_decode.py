@@ -192,7 +192,7 @@ def test_launch_config_spreads_batch_one_over_the_chip(monkeypatch):
     long_context = decode._launch_config(1, 8, 131072, 128, 4, cuda)
     short_cache = decode._launch_config(1, 8, 512, 128, 4, cuda)
     big_batch = decode._launch_config(64, 8, 131072, 128, 4, cuda)
-    assert long_context.num_splits * 8 >= 2 * 132
+    assert long_context.num_splits * 8 >= 132  # about one program per SM
     assert short_cache.num_splits == 512 // (2 * short_cache.block_n)  # >= 2 blocks a split
     assert big_batch.num_splits == 1  # 512 groups already cover 132 SMs
     assert decode._launch_config(17, 8, 131072, 128, 4, cuda).num_splits == 1  # 136 >= 132
