@@ -10,7 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+from macopt.passes._compat import dynamo  # noqa: E402
 
 # CI runs on 2 slow cores; property tests are about coverage of cases, not wall-clock limits.
 settings.register_profile(
@@ -18,3 +21,12 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo_per_module():
+    """Each test module starts with no compiled code. Dynamo keeps its caches per code object
+    for the whole process, and Hugging Face models share code objects (forward wrappers), so
+    without this a module compiling many models pushes a later one past the recompile limit."""
+    dynamo.reset()
+    yield

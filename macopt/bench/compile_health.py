@@ -122,7 +122,6 @@ def build_model(config: HealthConfig) -> torch.nn.Module:
     """A random-weight Llama of the configured shape, on the device, in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
     hf_config = LlamaConfig(
         vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.hidden * 3,
         num_hidden_layers=config.layers, num_attention_heads=config.heads,
@@ -130,7 +129,9 @@ def build_model(config: HealthConfig) -> torch.nn.Module:
         max_position_embeddings=max(4096, config.prompt_len + config.steps),
         bos_token_id=1, eos_token_id=None, pad_token_id=0,  # no EOS: every run is as long
     )
-    model = LlamaForCausalLM(hf_config).eval()
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG untouched
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(hf_config).eval()
     return model.to(device=config.device, dtype=_DTYPES[config.dtype])
 
 
