@@ -73,7 +73,7 @@ class MacoptPasses(CustomGraphPass):
 
 def run_passes(graph: Graph, default_config: object | None = None) -> list[SiteReport]:
     """Analyse and rewrite every in-scope attention site of ``graph``; return the reports."""
-    reports, seen_ids = [], set()
+    reports, seen_ids, fresh_untagged = [], set(), set()
     for site in find_attention_sites(graph):
         found = scope.scope_of(site.node)
         module, config = found if found else (None, None)
@@ -90,6 +90,11 @@ def run_passes(graph: Graph, default_config: object | None = None) -> list[SiteR
             seen_ids.add(site_id)
         report = process_site(graph, site, module, config, layer, site_id)
         if module_id is not None:
+            if module is None and module_id not in fresh_untagged:
+                # An untagged module (the backend path) is known only by id, which a new object
+                # may reuse after it dies: its latest compile's reports replace older ones.
+                scope.forget_reports(module_id)
+                fresh_untagged.add(module_id)
             scope.record(module_id, report)
         reports.append(report)
     if any(r.rewritten for r in reports):

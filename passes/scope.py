@@ -116,5 +116,10 @@ def record(module_id: int, report: SiteReport) -> None:
     _REPORTS.setdefault(module_id, {})[(report.layer, report.phase, report.query_len)] = report
 
 
+def forget_reports(module_id: int) -> None:
+    """Drop the reports kept for a module id."""
+    _REPORTS.pop(module_id, None)
+
+
 def reports_of(module: torch.nn.Module) -> list[SiteReport]:
     return list(_REPORTS.get(id(module), {}).values())
