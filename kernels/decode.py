@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
 from macopt.kernels.merge import merge_row_states, merge_states_into
 
 Tensor = torch.Tensor
@@ -125,25 +126,12 @@ def _decode_split_kernel(
             key_ok = key_ok & (attend != 0)
         keys64 = keys.to(tl.int64)
         kv_tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + keys64[:, None] * stride_kn + dims[None, :] * stride_kd,
-                    mask=kv_tile_ok, other=0.0)
-        v = tl.load(v_base + keys64[:, None] * stride_vn + dims[None, :] * stride_vd,
-                    mask=kv_tile_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        k, v = load_kv_tile(k_base, v_base, keys64, kv_tile_ok, dims, stride_kn, stride_kd,
+                            stride_vn, stride_vd, UPCAST)
         in_row_range = (keys[None, :] >= row_start[:, None]) & (keys[None, :] < row_end[:, None])
-        scores = tl.where(key_ok[None, :] & in_row_range, scores, float("-inf"))
-
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with no key yet
-        rescale = tl.exp2(running_max - shift)
-        p = tl.exp2(scores - shift[:, None])
-        running_sum = running_sum * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        running_max = new_max
+        running_max, running_sum, acc = online_softmax_update(
+            q, k, v, key_ok[None, :] & in_row_range, running_max, running_sum, acc,
+            qk_scale_log2, DOT_PRECISION)
 
     has_keys = running_sum > 0
     o = acc / tl.where(has_keys, running_sum, 1.0)[:, None]

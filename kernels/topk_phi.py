@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
 from macopt.kernels.feature_maps import FoldedFeatureMap
 from macopt.kernels.topk_phi_reference import PageBounds, PhiSummary, pages_to_tokens
 from macopt.kernels.topk_phi_reference import select_pages as select_top_pages
@@ -312,23 +313,11 @@ def _decode_split_kernel(
         key_ok = in_split & (sel_ok | ~is_sel)
         keys64 = keys.to(tl.int64)
         tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + keys64[:, None] * stride_kn + dims[None, :] * stride_kd,
-                    mask=tile_ok, other=0.0)
-        v = tl.load(v_base + keys64[:, None] * stride_vn + dims[None, :] * stride_vd,
-                    mask=tile_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        scores = tl.where(key_ok[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp2(running_max - shift)
-        p = tl.exp2(scores - shift[:, None])
-        running_sum = running_sum * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        running_max = new_max
+        k, v = load_kv_tile(k_base, v_base, keys64, tile_ok, dims, stride_kn, stride_kd,
+                            stride_vn, stride_vd, UPCAST)
+        running_max, running_sum, acc = online_softmax_update(
+            q, k, v, key_ok[None, :], running_max, running_sum, acc, qk_scale_log2,
+            DOT_PRECISION)
 
         if block_start + BLOCK_N > n_exact:  # the tile holds retrieved keys
             log_phi_k = _log_features(k.to(tl.float32), kv_head, lin_w_ptr, lin_b_ptr, in_w_ptr,
