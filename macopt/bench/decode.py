@@ -678,6 +678,23 @@ def parse_names(text: str) -> tuple[str, ...]:
     return names
 
 
+def add_layer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The attention-layer flags every one-layer benchmark shares (Llama-3.1-8B defaults)."""
+    parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
+    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads (default 8)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """Timing, seed and report flags shared by the one-layer benchmarks."""
+    parser.add_argument("--warmup-ms", type=float, default=25.0)
+    parser.add_argument("--rep-ms", type=float, default=100.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the full report here")
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``decode`` under ``macopt bench``."""
     parser = subparsers.add_parser(
@@ -689,11 +706,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="context lengths (default 4K,8K,16K,32K,64K,128K)")
     parser.add_argument("--batches", type=parse_sizes, default=DEFAULT_BATCHES,
                         help="batch sizes (default 1,8,32)")
-    parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
-    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads (default 8)")
-    parser.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_layer_arguments(parser)
     parser.add_argument("--skip", type=parse_names, default=(),
                         help=f"variants to leave out, comma-separated: {','.join(VARIANT_NAMES)}")
     parser.add_argument("--flex-batches", type=parse_sizes, default=DEFAULT_FLEX_BATCHES,
@@ -702,10 +715,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="stop compiling FlexAttention once this much time went into it")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time CUDA-graph replays of each variant instead of eager calls")
-    parser.add_argument("--warmup-ms", type=float, default=25.0)
-    parser.add_argument("--rep-ms", type=float, default=100.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="write the full report here")
+    add_timing_arguments(parser)
     parser.set_defaults(func=main)
     return parser
 

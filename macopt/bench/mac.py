@@ -237,13 +237,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--batches", type=decode.parse_sizes, default=DEFAULT_BATCHES)
     parser.add_argument("--hit-rates", type=lambda s: tuple(float(x) for x in s.split(",")),
                         default=DEFAULT_HIT_RATES)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", choices=sorted(decode.DTYPES), default="bfloat16")
+    decode.add_layer_arguments(parser)
     parser.add_argument("--ring-size", type=int, default=512)
     parser.add_argument("--offset", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip", type=_parse_baselines, default=(),
                         help=f"baselines to skip, comma-separated: {','.join(BASELINES)}")
     parser.add_argument("--flex-batches", type=decode.parse_sizes, default=DEFAULT_FLEX_BATCHES)

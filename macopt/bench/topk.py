@@ -25,7 +25,14 @@ from pathlib import Path
 import torch
 
 from macopt.bench import timing
-from macopt.bench.decode import DTYPES, LayerShape, make_inputs, parse_sizes
+from macopt.bench.decode import (
+    DTYPES,
+    LayerShape,
+    add_layer_arguments,
+    add_timing_arguments,
+    make_inputs,
+    parse_sizes,
+)
 from macopt.config import SELECTORS, TopKPhiConfig
 from macopt.kernels.feature_maps import FeatureMaps, positive_random_features
 from macopt.topk_phi_ops import TopKPhiState, decode, prefill, summary_token_equivalent
@@ -366,21 +373,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "1%%,2%%,5%%)")
     parser.add_argument("--selectors", type=parse_selectors, default=SELECTORS,
                         help="page, exact or both (default page,exact)")
-    parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
-    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads (default 8)")
-    parser.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
+    add_layer_arguments(parser)
     parser.add_argument("--d-phi", type=int, default=128, help="features per map (default 128)")
     parser.add_argument("--page-size", type=int, default=32, help="selector page (default 32)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="time eager calls instead of CUDA-graph replays")
     parser.add_argument("--qk-std", type=float, default=1.0,
                         help="scale of the random q and k (smaller: more diffuse attention)")
-    parser.add_argument("--warmup-ms", type=float, default=25.0)
-    parser.add_argument("--rep-ms", type=float, default=100.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="write the full report here")
+    add_timing_arguments(parser)
     parser.set_defaults(func=main)
     return parser
 
