@@ -1,4 +1,4 @@
-"""MAC-Attention decode step in Triton: match, then amend + complete + finalize, two launches.
+"""MAC-Attention decode step in Triton: match, attend (amend + complete), finalize; three launches.
 
 The math and the exact semantics (sinks, left padding, chain depth) are those of
 :mod:`macopt.kernels.mac_reference`:
@@ -10,10 +10,16 @@ The math and the exact semantics (sinks, left padding, chain depth) are those of
    :mod:`macopt.kernels.decode`): reduces the ``R`` candidates to the decision of every head of
    the group, then streams the union of the group's key ranges once, each head masking its own
    prefix start, into two partial states per split: prefix ``[start_h, E(t))`` and tail
-   ``[E(t), t]`` (plus the sinks, in split 0). The last program of the group to finish (an
-   arrival counter, as in decode.py) finalizes: merges the splits' prefix states into ``A``,
-   forms ``C = merge(entry j*, A)`` on a hit (``A`` on a miss), writes ``(q_pre, C, t, depth)``
-   to ring slot ``t mod M`` and ``o = merge(C, T)`` in ``q.dtype``.
+   ``[E(t), t]`` (plus the sinks, in split 0).
+3. ``_finalize_kernel`` (grid ``(B * Hq,)``): merges each head's split states into ``A`` and
+   ``T``, forms ``C = merge(entry j*, A)`` on a hit (``A`` on a miss), writes
+   ``(q_pre, C, t, depth)`` to ring slot ``t mod M`` and ``o = merge(C, T)`` in ``q.dtype``, and
+   adds the step to the site's statistics counters.
+
+An earlier version finalized inside the attention kernel (the last split of a group to arrive,
+by an atomic counter, merged the group's heads one after another): on the H100 that serial tail
+cost ~10 us a step at batch 1, more than the third launch (a CUDA-graph replay of the all-hit
+step went from 0.030 ms to see BENCHMARKS.md).
 
 The match cannot join the attention kernel: every split needs the group's decision before it
 knows its keys, and re-matching in each split would re-read the ring ``splits`` times.
@@ -34,12 +40,7 @@ import triton
 import triton.language as tl
 
 from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
-from macopt.kernels.decode import (
-    _group_counters,
-    _interpreting,
-    _launch_config,
-    _multiprocessor_count,
-)
+from macopt.kernels.decode import _interpreting, _launch_config, _multiprocessor_count
 from macopt.kernels.mac_reference import MACRing, prefix_end, range_state, threshold
 from macopt.kernels.merge import merge_finish, merge_step
 from macopt.kernels.reference import merge_state
@@ -182,25 +183,21 @@ def _store_state(
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, q_pre_ptr, k_ptr, v_ptr, t_ptr, s0_ptr,
-    cand_d_ptr, cand_pos_ptr, ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr, ring_depth_ptr,
-    hit_ptr, slot_ptr, part_o_ptr, part_lse_ptr, counter_ptr, out_ptr, keys_ptr,
+    q_ptr, k_ptr, v_ptr, t_ptr, s0_ptr,
+    cand_d_ptr, cand_pos_ptr, ring_lse_ptr, ring_depth_ptr,
+    hit_ptr, slot_ptr, keys_ptr, part_o_ptr, part_lse_ptr,
     qk_scale_log2, radius2, n_kv_heads, group, head_dim, num_splits, n_candidates,
     ring_size, offset, sinks, t_min, max_depth,
     stride_qb, stride_qh, stride_qd,
-    stride_qpb, stride_qph, stride_qpd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_cb, stride_ch, stride_cr,
-    stride_rb, stride_rh, stride_rm, stride_rd,
-    stride_rob, stride_roh, stride_rom, stride_rod,
     stride_lb, stride_lh, stride_lm,
     stride_pw, stride_pb, stride_ph, stride_ps, stride_pd,
     stride_plw, stride_plb, stride_plh, stride_pls,
-    stride_outb, stride_outh, stride_outd,
     stride_db, stride_dh,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # A program owns one (row, KV head, split): the group's query heads are the rows of one
     # [BLOCK_G, D] tile; its chunk of the group's union range is read once, in [BLOCK_N, D] blocks.
@@ -221,10 +218,13 @@ def _attention_kernel(
         cand_d_ptr, cand_pos_ptr, ring_lse_ptr, ring_depth_ptr, batch, heads, row_ok, t, s0,
         n_candidates, ring_size, offset, sinks, radius2, t_min, max_depth,
         stride_cb, stride_ch, stride_cr, stride_lb, stride_lh, stride_lm, BLOCK_R)
+    # Split 0 publishes each head's decision for the finalize launch.
     decision = batch * stride_db + heads * stride_dh
-    first_split = row_ok & (rows * 0 + split == 0)  # one writer per head, read by the finalizer
+    first_split = row_ok & (rows * 0 + split == 0)
+    keys_read = (tl.maximum(e_t - start, 0) + (t + 1 - e_t) + (tl.minimum(s0 + sinks, e_t) - s0))
     tl.store(hit_ptr + decision, hit.to(tl.uint8), mask=first_split)
     tl.store(slot_ptr + decision, slot, mask=first_split)
+    tl.store(keys_ptr + decision, keys_read.to(tl.int32), mask=first_split)
 
     # The union [U, t]: every head's prefix start, and E(t) so the tail is always covered.
     union_start = tl.minimum(tl.min(tl.where(row_ok, start, e_t), axis=0), e_t)
@@ -257,6 +257,7 @@ def _attention_kernel(
         qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
         UPCAST, DOT_PRECISION, BLOCK_N)
 
+    # Every split stores both states, empty ones as (0, -inf): the finalize merges them all.
     group_o = part_o_ptr + batch * stride_pb + kv_head * group * stride_ph
     group_lse = part_lse_ptr + batch * stride_plb + kv_head * group * stride_plh
     _store_state(group_o, group_lse, rows * stride_ph + split * stride_ps,
@@ -266,87 +267,90 @@ def _attention_kernel(
                  rows * stride_plh + split * stride_pls, t_max, t_sum, t_acc, dims, dim_ok,
                  row_ok, stride_pd)
 
-    # The barrier puts every thread's stores before this program's release; the program that
-    # arrives last acquires all the group's states, finalizes the group, re-arms the counter.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr + kv_pid, 1, sem="acq_rel")
-    if arrived == num_splits - 1:
-        # Splits past the union's end hold empty states: merge only the active ones. Each head's
-        # decision comes back from split 0's stores rather than staying live across the loops.
-        n_active = tl.minimum(tl.cdiv(t + 1 - union_start, chunk), num_splits)
-        keys_read = (tl.maximum(e_t - start, 0) + (t + 1 - e_t)
-                     + (tl.minimum(s0 + sinks, e_t) - s0))
-        tl.store(keys_ptr + decision, keys_read.to(tl.int32), mask=row_ok)
-        for row in range(0, group):
-            head = kv_head * group + row
-            head_hit = tl.load(hit_ptr + batch * stride_db + head * stride_dh,
-                               cache_modifier=".cg") != 0
-            head_slot = tl.load(slot_ptr + batch * stride_db + head * stride_dh,
-                                cache_modifier=".cg")
-            _finalize_head(
-                q_pre_ptr + batch * stride_qpb + head * stride_qph,
-                ring_q_ptr + batch * stride_rb + head * stride_rh,
-                ring_o_ptr + batch * stride_rob + head * stride_roh,
-                ring_lse_ptr + batch * stride_lb + head * stride_lh,
-                ring_pos_ptr + batch * stride_lb + head * stride_lh,
-                ring_depth_ptr + batch * stride_lb + head * stride_lh,
-                group_o + row * stride_ph, group_lse + row * stride_plh,
-                out_ptr + batch * stride_outb + head * stride_outh,
-                head_hit, head_slot, t, t % ring_size, n_active,
-                stride_qpd, stride_rm, stride_rd, stride_rom, stride_rod, stride_lm,
-                stride_pw, stride_ps, stride_pd, stride_plw, stride_pls, stride_outd,
-                dims, dim_ok, BLOCK_S)
-        tl.store(counter_ptr + kv_pid, 0)
-
 
 @triton.jit
-def _finalize_head(
-    q_pre, ring_q, ring_o, ring_lse, ring_pos, ring_depth, part_o, part_lse, out,
-    hit, slot, t, new_slot, n_parts,
-    stride_qpd, stride_rm, stride_rd, stride_rom, stride_rod, stride_lm,
-    stride_pw, stride_ps, stride_pd, stride_plw, stride_pls, stride_outd,
-    dims, dim_ok, BLOCK_S: tl.constexpr,
+def _finalize_kernel(
+    q_pre_ptr, t_ptr, s0_ptr, ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr, ring_depth_ptr,
+    hit_ptr, slot_ptr, keys_ptr, part_o_ptr, part_lse_ptr, out_ptr, counters_ptr,
+    q_heads, head_dim, num_splits, ring_size,
+    stride_qpb, stride_qph, stride_qpd,
+    stride_rb, stride_rh, stride_rm, stride_rd,
+    stride_rob, stride_roh, stride_rom, stride_rod,
+    stride_lb, stride_lh, stride_lm,
+    stride_pw, stride_pb, stride_ph, stride_ps, stride_pd,
+    stride_plw, stride_plb, stride_plh, stride_pls,
+    stride_outb, stride_outh, stride_outd,
+    stride_db, stride_dh, stride_cr, stride_ch,
+    COUNT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """One head's finalize: merge its ``n_parts`` prefix and tail states (both stacks read in
-    the same ``[BLOCK_S, D]`` steps), amend with entry ``j*`` on a hit, write o and the ring."""
-    # A missed entry may hold anything: its slot is read (in bounds) but never used.
-    o_j = tl.where(hit, tl.load(ring_o + slot * stride_rom + dims * stride_rod, mask=dim_ok), 0.0)
-    lse_j = tl.where(hit, tl.load(ring_lse + slot * stride_lm), float("-inf"))
-    depth = tl.where(hit, tl.load(ring_depth + slot * stride_lm) + 1, 0)
+    # A program owns one (row, query head): it merges the splits' prefix and tail states, amends
+    # with entry j* on a hit, writes o and ring slot t mod M, and adds the step to the counters.
+    bh = tl.program_id(0)
+    batch = (bh // q_heads).to(tl.int64)
+    head = (bh % q_heads).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    # Latency-bound: issue every independent load first, the entry's (which needs the slot)
+    # last, so their round trips overlap.
+    decision = batch * stride_db + head * stride_dh
+    hit = tl.load(hit_ptr + decision) != 0
+    slot = tl.load(slot_ptr + decision)
+    t = tl.load(t_ptr + batch)
+    q = tl.load(q_pre_ptr + batch * stride_qpb + head * stride_qph + dims * stride_qpd,
+                mask=dim_ok)
+    part_o = part_o_ptr + batch * stride_pb + head * stride_ph
+    part_lse = part_lse_ptr + batch * stride_plb + head * stride_plh
     a_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
     a_total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
-    a_acc = tl.zeros(dims.shape, tl.float32)
+    a_acc = tl.zeros([BLOCK_D], tl.float32)
     t_max, t_total, t_acc = a_max, a_total, a_acc
-    for first in range(0, n_parts, BLOCK_S):
+    for first in range(0, num_splits, BLOCK_S):
         parts = first + tl.arange(0, BLOCK_S)
-        part_ok = parts < n_parts
+        part_ok = parts < num_splits
         o_offsets = parts[:, None] * stride_ps + dims[None, :] * stride_pd
         o_ok = part_ok[:, None] & dim_ok[None, :]
         a_max, a_total, a_acc = merge_step(
             a_max, a_total, a_acc,
-            tl.load(part_lse + parts * stride_pls, mask=part_ok, other=float("-inf"),
-                    cache_modifier=".cg"),
-            tl.load(part_o + o_offsets, mask=o_ok, other=0.0, cache_modifier=".cg"))
+            tl.load(part_lse + parts * stride_pls, mask=part_ok, other=float("-inf")),
+            tl.load(part_o + o_offsets, mask=o_ok, other=0.0))
         t_max, t_total, t_acc = merge_step(
             t_max, t_total, t_acc,
             tl.load(part_lse + stride_plw + parts * stride_pls, mask=part_ok,
-                    other=float("-inf"), cache_modifier=".cg"),
-            tl.load(part_o + stride_pw + o_offsets, mask=o_ok, other=0.0, cache_modifier=".cg"))
+                    other=float("-inf")),
+            tl.load(part_o + stride_pw + o_offsets, mask=o_ok, other=0.0))
+    # A missed entry may hold anything: its slot is read (in bounds) but never used.
+    ring = batch * stride_lb + head * stride_lh
+    ring_o = ring_o_ptr + batch * stride_rob + head * stride_roh
+    o_j = tl.where(hit, tl.load(ring_o + slot * stride_rom + dims * stride_rod, mask=dim_ok), 0.0)
+    lse_j = tl.where(hit, tl.load(ring_lse_ptr + ring + slot * stride_lm), float("-inf"))
+    depth = tl.where(hit, tl.load(ring_depth_ptr + ring + slot * stride_lm) + 1, 0)
     o_a, lse_a = merge_finish(a_max, a_total, a_acc)
     o_t, lse_t = merge_finish(t_max, t_total, t_acc)
     o_c, lse_c = _merge_two(o_a, lse_a, o_j, lse_j)
     o, _ = _merge_two(o_c, lse_c, o_t, lse_t)
-    tl.store(out + dims * stride_outd, o.to(out.dtype.element_ty), mask=dim_ok)
+    tl.store(out_ptr + batch * stride_outb + head * stride_outh + dims * stride_outd,
+             o.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
     # j* may be the slot written below (j* = t - M): finish every read of it first.
     tl.debug_barrier()
-    q = tl.load(q_pre + dims * stride_qpd, mask=dim_ok)
+    new_slot = t % ring_size
+    ring_q = ring_q_ptr + batch * stride_rb + head * stride_rh
     tl.store(ring_q + new_slot * stride_rm + dims * stride_rd, q.to(ring_q.dtype.element_ty),
              mask=dim_ok)
     tl.store(ring_o + new_slot * stride_rom + dims * stride_rod, o_c, mask=dim_ok)
-    tl.store(ring_lse + new_slot * stride_lm, lse_c)
-    tl.store(ring_pos + new_slot * stride_lm, t.to(tl.int32))
-    tl.store(ring_depth + new_slot * stride_lm, depth.to(tl.int32))
+    tl.store(ring_lse_ptr + ring + new_slot * stride_lm, lse_c)
+    tl.store(ring_pos_ptr + ring + new_slot * stride_lm, t.to(tl.int32))
+    tl.store(ring_depth_ptr + ring + new_slot * stride_lm, depth.to(tl.int32))
+
+    if COUNT:  # rows of one head add to the same counters: atomics (integer, so exact)
+        counter = counters_ptr + head * stride_ch
+        s0 = tl.load(s0_ptr + batch)
+        tl.atomic_add(counter, hit.to(tl.int64), sem="relaxed")
+        tl.atomic_add(counter + stride_cr, tl.load(keys_ptr + decision).to(tl.int64),
+                      sem="relaxed")
+        tl.atomic_add(counter + 2 * stride_cr, (t - s0 + 1).to(tl.int64), sem="relaxed")
+        tl.atomic_add(counter + 3 * stride_cr, 1, sem="relaxed")
+        tl.atomic_add(counter + 4 * stride_cr, (batch == 0).to(tl.int64), sem="relaxed")
 
 
 @triton.jit
@@ -391,18 +395,18 @@ def _check_ring(q: Tensor, q_pre: Tensor, ring: MACRing) -> None:
 def mac_decode_step(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, ring: MACRing, positions: Tensor,
     key_starts: Tensor, scale: float, *, offset: int, sinks: int = 0, tau: float,
-    t_min: int, max_depth: int, num_splits: int | None = None,
+    t_min: int, max_depth: int, counters: Tensor | None = None, num_splits: int | None = None,
     match_programs: int | None = None, block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MAC decode step on the GPU (or the Triton interpreter); updates ``ring`` in place.
 
     Same arguments and results as :func:`macopt.kernels.mac_reference.mac_decode_step`:
     ``o[B, Hq, D]`` in ``q.dtype``, ``hit[B, Hq]`` bool, ``keys_read[B, Hq]`` int32.
-    ``positions`` and ``key_starts`` (int32 or int64 ``[B]``) stay on the device. The last three
-    arguments override the launch shape (tests, benchmarks); by default the attention kernel
-    uses the exact decode kernel's blocks, warps and split count for this cache size. Two
-    launches; steps that share arrival counters (same device and ``B * Hkv``) must run on one
-    stream, as for :mod:`macopt.kernels.decode`.
+    ``positions`` and ``key_starts`` (int32 or int64 ``[B]``) stay on the device. ``counters``
+    (int64 ``[COUNTER_ROWS, Hq]`` of :mod:`macopt.kernels.mac_counters`), when given, gets the
+    step added by the finalize launch. The last three arguments override the launch shape
+    (tests, benchmarks); by default the attention kernel uses the exact decode kernel's blocks,
+    warps and split count for this cache size. Three launches: match, attention, finalize.
     """
     _check_ring(q, q_pre, ring)
     batch, q_heads, head_dim = q.shape
@@ -435,20 +439,31 @@ def mac_decode_step(
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,  # 8 warps: half the registers a thread
     )
     _attention_kernel[(batch * kv_heads, splits)](
-        q, q_pre, k, v, positions, key_starts, cand_d, cand_pos,
-        ring.q, ring.o, ring.lse, ring.pos, ring.depth,
-        hit, slot, part_o, part_lse, _group_counters(q.device, batch * kv_heads), out, keys_read,
+        q, k, v, positions, key_starts, cand_d, cand_pos, ring.lse, ring.depth,
+        hit, slot, keys_read, part_o, part_lse,
         scale * _LOG2_E, threshold(head_dim, tau), kv_heads, group, head_dim, splits, n_match,
         ring_size, offset, sinks, t_min, max_depth,
-        *q.stride(), *q_pre.stride(), *k.stride(), *v.stride(), *cand_d.stride(),
-        *ring.q.stride(), *ring.o.stride(), *ring.lse.stride(),
-        *part_o.stride(), *part_lse.stride(), *out.stride(), *hit.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *cand_d.stride(), *ring.lse.stride(),
+        *part_o.stride(), *part_lse.stride(), *hit.stride(),
         UPCAST=_interpreting(), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_R=triton.next_power_of_2(n_match),
-        # Two [BLOCK_S, D] fp32 tiles in flight while finalizing: 64 registers a thread.
-        BLOCK_S=min(triton.next_power_of_2(splits), max(1, 4096 // block_d)),
         num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    count = counters is not None
+    if count and (counters.dtype != torch.int64 or counters.shape[1] != q_heads):
+        raise ValueError(f"counters: expected int64 [rows, {q_heads}], got {counters.dtype} "
+                         f"{tuple(counters.shape)}")
+    counter_strides = counters.stride() if count else (0, 0)
+    _finalize_kernel[(batch * q_heads,)](
+        q_pre, positions, key_starts, ring.q, ring.o, ring.lse, ring.pos, ring.depth,
+        hit, slot, keys_read, part_o, part_lse, out, counters if count else hit,
+        q_heads, head_dim, splits, ring_size,
+        *q_pre.stride(), *ring.q.stride(), *ring.o.stride(), *ring.lse.stride(),
+        *part_o.stride(), *part_lse.stride(), *out.stride(), *hit.stride(), *counter_strides,
+        COUNT=count, BLOCK_D=block_d,
+        # Two [BLOCK_S, D] fp32 tiles in flight: 64 registers a thread at 4 warps.
+        BLOCK_S=min(triton.next_power_of_2(splits), max(1, 4096 // block_d)), num_warps=4,
     )
     return out, hit.view(torch.bool), keys_read
 

@@ -42,16 +42,17 @@ def mac_decode(
     keys ``[key_starts[b], positions[b]]``; updates the site's ring and counters in place."""
     _check_decode(q, q_pre, k, v, positions, key_starts)
     ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
-    triton = _use_triton(q.device)
-    if triton:
+    params = dict(offset=offset, sinks=sinks, tau=tau, t_min=t_min, max_depth=max_depth)
+    if _use_triton(q.device):
         from macopt.kernels import mac
 
-        step, count = mac.mac_decode_step, mac_counters.count_decode_
+        # The finalize launch adds the step to the counters: no separate counting launch.
+        o, _, _ = mac.mac_decode_step(q, q_pre, k, v, ring, positions, key_starts, scale,
+                                      counters=counters, **params)
     else:
-        step, count = mac_reference.mac_decode_step, mac_counters.count_decode_reference_
-    o, hit, keys_read = step(q, q_pre, k, v, ring, positions, key_starts, scale, offset=offset,
-                             sinks=sinks, tau=tau, t_min=t_min, max_depth=max_depth)
-    count(counters, hit, keys_read, positions, key_starts)
+        o, hit, keys_read = mac_reference.mac_decode_step(q, q_pre, k, v, ring, positions,
+                                                          key_starts, scale, **params)
+        mac_counters.count_decode_reference_(counters, hit, keys_read, positions, key_starts)
     return o
 
 

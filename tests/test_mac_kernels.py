@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from macopt.kernels import decode, mac, reference
+from macopt.kernels import decode, mac, mac_counters, reference
 from macopt.kernels.mac_reference import MACRing, mac_decode_step, prefill_entries
 
 F64 = torch.float64
@@ -227,20 +227,37 @@ def test_chains_of_hits_from_prefill_keep_the_ring_equal_to_the_reference(dtype)
     assert pattern == [True, True, False, True, True, False]
 
 
-def test_repeated_steps_from_one_ring_agree_and_leave_the_counters_at_zero():
+def test_repeated_steps_from_one_ring_agree():
     q, q_pre, k, v, ring, t, s0 = make_case(seed=12, n_keys=90)
     params = dict(offset=8, sinks=2, tau=_tau(64), t_min=0, max_depth=3, num_splits=3,
                   block_n=16)
     first_ring = ring.clone()
     first = mac.mac_decode_step(q, q_pre, k, v, first_ring, t, s0, 0.125, **params)
-    counters = decode._group_counters(q.device, q.shape[0] * k.shape[1])
     for _ in range(2):
         again_ring = ring.clone()
         again = mac.mac_decode_step(q, q_pre, k, v, again_ring, t, s0, 0.125, **params)
         assert all(torch.equal(a, b) for a, b in zip(again, first, strict=True))
         assert all(torch.equal(a, b) for a, b in zip(again_ring.tensors(), first_ring.tensors(),
                                                      strict=True))
-        assert torch.equal(counters, torch.zeros_like(counters))
+
+
+def test_the_finalize_launch_counts_like_the_reference_counter_update():
+    q, q_pre, k, v, ring, t, s0 = make_case(seed=5, n_keys=90)
+    params = dict(offset=8, sinks=2, tau=_tau(64), t_min=0, max_depth=3, num_splits=3,
+                  block_n=16)
+    counters = torch.zeros(mac_counters.COUNTER_ROWS, q.shape[1], dtype=torch.int64,
+                           device=q.device)
+    counters[0] = 7  # adds to what is there
+    want = counters.clone()
+    for _ in range(2):
+        _, hit, keys = mac.mac_decode_step(q, q_pre, k, v, ring.clone(), t, s0, 0.125,
+                                           counters=counters, **params)
+        mac_counters.count_decode_reference_(want, hit, keys, t, s0)
+    assert hit.any() and not hit.all()  # both kinds of decision are counted
+    assert torch.equal(counters, want)
+    with pytest.raises(ValueError, match="counters"):
+        mac.mac_decode_step(q, q_pre, k, v, ring.clone(), t, s0, 0.125,
+                            counters=counters.int(), **params)
 
 
 def test_alternating_shapes_and_the_exact_decode_kernel_share_counters_safely():
