@@ -41,9 +41,8 @@ import triton.language as tl
 
 from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
 from macopt.kernels.decode import _interpreting, _launch_config, _multiprocessor_count
-from macopt.kernels.mac_reference import MACRing, prefix_end, range_state, threshold
+from macopt.kernels.mac_reference import MACRing, threshold
 from macopt.kernels.merge import merge_finish, merge_step
-from macopt.kernels.reference import merge_state
 
 Tensor = torch.Tensor
 
@@ -466,58 +465,3 @@ def mac_decode_step(
         BLOCK_S=min(triton.next_power_of_2(splits), max(1, 4096 // block_d)), num_warps=4,
     )
     return out, hit.view(torch.bool), keys_read
-
-
-def _prefill_key_block(batch: int, q_heads: int, ring_size: int, n_keys: int) -> int:
-    """Keys per step of the prefill loop: keeps the fp32 score block near 64 MB."""
-    per_key = max(batch * q_heads * ring_size * 4, 1)
-    return max(128, min(triton.next_power_of_2(max(n_keys, 1)), (1 << 26) // per_key))
-
-
-def prefill_entries_(
-    ring: MACRing, q_post: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, scale: float,
-    key_starts: Tensor, ends: Tensor, offset: int, sinks: int = 0,
-    key_block: int | None = None,
-) -> MACRing:
-    """Fill every slot of ``ring`` in place with the exact prefill entries.
-
-    Same math as :func:`macopt.kernels.mac_reference.prefill_entries` (positions
-    ``[max(end - M, s0), end)`` of each row; other slots empty), in PyTorch on any device:
-    the last ``M`` queries of each row are gathered and attend the keys ``key_block`` at a time,
-    merged online, so memory stays bounded at long prompts. No host sync: the loop bounds are
-    static shapes. Not yet a Triton kernel.
-
-    >>> prefill_entries_(ring, q_post, q_pre, k, v, 0.125, starts, ends, offset=256)
-    """
-    batch, q_heads, n_tokens, head_dim = q_post.shape
-    ring_size, device = ring.size, q_post.device
-    s0 = key_starts.to(device).long()
-    positions = ends.to(device).long()[:, None] - ring_size + torch.arange(ring_size,
-                                                                           device=device)
-    keep = positions >= s0[:, None]  # [B, M]: the row has a prompt token there
-    gather = positions.clamp(0, n_tokens - 1)[:, None, :, None].expand(-1, q_heads, -1, head_dim)
-    queries = q_post.gather(2, gather)
-    first_key = (s0 + sinks)[:, None, None]
-    last_key = prefix_end(positions, s0[:, None], offset)[:, :, None]
-
-    o = torch.zeros(batch, q_heads, ring_size, head_dim, device=device)
-    lse = torch.full((batch, q_heads, ring_size), float("-inf"), device=device)
-    step = key_block or _prefill_key_block(batch, q_heads, ring_size, n_tokens)
-    for first in range(0, n_tokens, step):
-        keys = torch.arange(first, min(first + step, n_tokens), device=device)
-        attend = (keys >= first_key) & (keys < last_key) & keep[:, :, None]
-        attend = attend[:, None].expand(-1, q_heads, -1, -1)
-        o_part, lse_part = range_state(queries, k[:, :, first:first + step],
-                                       v[:, :, first:first + step], scale, attend)
-        o, lse = merge_state(o, lse, o_part, lse_part)
-
-    slots = (positions % ring_size)[:, None, :].expand(-1, q_heads, -1)
-    keep_h = keep[:, None, :].expand(-1, q_heads, -1)
-    ring.q.scatter_(2, slots[..., None].expand(-1, -1, -1, head_dim),
-                    torch.where(keep_h[..., None], q_pre.gather(2, gather), 0).to(ring.q.dtype))
-    ring.o.scatter_(2, slots[..., None].expand(-1, -1, -1, head_dim),
-                    torch.where(keep_h[..., None], o, 0.0))
-    ring.lse.scatter_(2, slots, torch.where(keep_h, lse, float("-inf")))
-    ring.pos.scatter_(2, slots, torch.where(keep_h, positions[:, None, :], -1).to(torch.int32))
-    ring.depth.zero_()
-    return ring

@@ -133,10 +133,12 @@ def prefill_entries(
 ) -> MACRing:
     """Exact ring entries for the last ``min(M, len)`` prompt positions of each row.
 
-    ``q_post, q_pre[B, Hq, N, D]``: post- and pre-RoPE prompt queries at cache positions
-    ``0..N-1``; ``k, v[B, Hkv, N, D]``; row ``b``'s prompt is ``[key_starts[b], ends[b])``.
+    ``q_post, q_pre[B, Hq, N, D]``: post- and pre-RoPE queries of a prompt chunk, row ``b``'s
+    at cache positions ``[ends[b] - N, ends[b])`` (a whole prompt: ``0..N-1``); ``k, v[B, Hkv,
+    Nk, D]`` the cache, ``Nk >= ends``; row ``b``'s sequence is ``[key_starts[b], ends[b])``.
     Entry of position ``p`` (slot ``p mod M``): the state of ``q_post_p`` over
-    ``[s0 + F, E(p))``, depth 0. Slots no prompt position reaches stay empty.
+    ``[s0 + F, E(p))``, depth 0. Slots no query of the chunk reaches stay empty (a chunk
+    shorter than ``M`` after earlier chunks leaves the older positions empty).
 
     >>> ring = prefill_entries(q, q, k, v, 0.125, starts, ends, ring_size=512, offset=256)
     """
@@ -144,20 +146,22 @@ def prefill_entries(
     device = q_post.device
     s0 = key_starts.to(device).long()
     end = ends.to(device).long()
-    positions = torch.arange(n_tokens, device=device)
-    keep = (positions >= torch.maximum(end - ring_size, s0)[:, None]) & (positions < end[:, None])
-    e_p = prefix_end(positions[None, :], s0[:, None], offset)  # [B, N]
-    attend = _between(positions, (s0 + sinks)[:, None].expand(-1, n_tokens), e_p)  # [B, N, N]
-    attend = attend[:, None].expand(batch, q_heads, n_tokens, n_tokens)
+    positions = end[:, None] - n_tokens + torch.arange(n_tokens, device=device)  # [B, N]
+    keep = positions >= torch.maximum(end - ring_size, s0)[:, None]
+    e_p = prefix_end(positions, s0[:, None], offset)  # [B, N]
+    keys = torch.arange(k.shape[2], device=device)
+    attend = _between(keys, (s0 + sinks)[:, None].expand(-1, n_tokens), e_p)  # [B, N, Nk]
+    attend = attend[:, None].expand(batch, q_heads, n_tokens, k.shape[2])
     o, lse = range_state(q_post, k, v, scale, attend, compute_dtype)
 
     ring = MACRing.empty(batch, q_heads, ring_size, head_dim, q_pre.dtype, device)
     rows, cols = keep.nonzero(as_tuple=True)
-    slots = cols % ring_size
+    kept = positions[rows, cols]
+    slots = kept % ring_size
     ring.q[rows, :, slots] = q_pre[rows, :, cols]
     ring.o[rows, :, slots] = o[rows, :, cols].float()
     ring.lse[rows, :, slots] = lse[rows, :, cols].float()
-    ring.pos[rows, :, slots] = cols.to(torch.int32)[:, None]
+    ring.pos[rows, :, slots] = kept.to(torch.int32)[:, None]
     return ring
 
 

@@ -84,21 +84,20 @@ def mac_prefill(
     batch_capacity: int,
 ) -> Tensor:
     """A copy of ``attn_out``; rewrites every ring slot of the site's first ``B`` rows with
-    the exact entries of the prompt (cache positions ``0..N-1``, row ``b`` holding
-    ``[key_starts[b], ends[b])``): the reset that starts new sequences."""
+    the exact entries of the prompt chunk (queries at cache positions ``[ends[b] - N,
+    ends[b])``, row ``b``'s sequence ``[key_starts[b], ends[b])``, keys from the whole cache
+    ``k``): the reset that starts new sequences. A chunk continuing a sequence fills the slots
+    of its own positions; older ones stay empty (misses until decoding refills them)."""
     _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends)
     ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
     if _use_triton(q_post.device):
-        from macopt.kernels import mac
+        from macopt.kernels import mac_prefill
 
-        mac.prefill_entries_(ring, q_post, q_pre, k, v, scale, key_starts, ends, offset, sinks)
+        mac_prefill.prefill_entries_(ring, q_post, q_pre, k, v, scale, key_starts, ends, offset,
+                                     sinks)
     else:
-        n = q_post.shape[2]  # the reference reads the prompt's keys only
-        ring.copy_(mac_reference.prefill_entries(q_post, q_pre, k[:, :, :n], v[:, :, :n], scale,
-                                                 key_starts, ends, ring_size, offset, sinks))
-    # A prompt chunk that does not start at cache position 0 (chunked prefill continuing a
-    # sequence) is not what the entries assume: leave those rows empty (every step a miss).
-    ring.pos.masked_fill_((ends != q_post.shape[2])[:, None, None], -1)
+        ring.copy_(mac_reference.prefill_entries(q_post, q_pre, k, v, scale, key_starts, ends,
+                                                 ring_size, offset, sinks))
     counters[mac_counters.COUNTERS.index("prefills")] += 1
     return attn_out.clone()
 

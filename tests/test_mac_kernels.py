@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from macopt.kernels import decode, mac, mac_counters, reference
+from macopt.kernels import decode, mac, mac_counters, mac_prefill, reference
 from macopt.kernels.mac_reference import MACRing, mac_decode_step, prefill_entries
 
 F64 = torch.float64
@@ -190,10 +190,35 @@ def test_prefill_entries_equal_the_reference():
     s0, ends = torch.tensor([0, 9], device=DEVICE), torch.tensor([50, 30], device=DEVICE)
     ring = MACRing.empty(2, 4, 16, 64, torch.bfloat16, DEVICE)
     ring.pos.fill_(123)  # stale contents: every slot must be rewritten
-    mac.prefill_entries_(ring, q_post, q_pre, k, v, 0.125, s0, ends, offset=6, sinks=2,
-                         key_block=16)
+    mac_prefill.prefill_entries_(ring, q_post, q_pre, k, v, 0.125, s0, ends, offset=6, sinks=2,
+                                 block_q=16, block_n=16)
     expected = prefill_entries(q_post, q_pre, k, v, 0.125, s0, ends, 16, 6, 2, F64)
     assert_rings_equal(ring, expected, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize(("head_dim", "group", "dtype", "n_chunk"), [
+    (64, 4, torch.float32, 7), (128, 2, torch.bfloat16, 40), (80, 1, torch.float16, 20),
+], ids=str)
+def test_prefill_entries_of_a_chunk_in_a_longer_cache_equal_the_reference(
+        head_dim, group, dtype, n_chunk):
+    # The chunk's queries sit at [ends - N, ends) of a cache longer than the sequence: keys
+    # past ends (garbage here) must not be read, slots before the chunk stay empty.
+    gen = torch.Generator().manual_seed(head_dim)
+    q_heads, n_cache = 2 * group, 96
+    q_post = torch.randn(2, q_heads, n_chunk, head_dim, generator=gen).to(DEVICE, dtype)
+    q_pre = torch.randn(2, q_heads, n_chunk, head_dim, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(2, 2, n_cache, head_dim, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(2, 2, n_cache, head_dim, generator=gen).to(DEVICE, dtype)
+    s0, ends = torch.tensor([3, 0], device=DEVICE), torch.tensor([61, 44], device=DEVICE)
+    expected = prefill_entries(q_post, q_pre, k, v, 0.1, s0, ends, 32, 5, 1, F64)
+    k[:, :, 61:] = float("nan")
+    v[:, :, 61:] = float("nan")
+    ring = MACRing.empty(2, q_heads, 32, head_dim, dtype, DEVICE)
+    ring.lse.fill_(5.0)
+    mac_prefill.prefill_entries_(ring, q_post, q_pre, k, v, 0.1, s0, ends, offset=5, sinks=1,
+                                 block_q=16, block_n=16)
+    assert_rings_equal(ring, expected, *TOLERANCES.get(dtype, (2e-3, 2e-3)))
+    assert int((ring.pos[1] == -1).sum()) == q_heads * (32 - min(32, n_chunk))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -213,9 +238,9 @@ def test_chains_of_hits_from_prefill_keep_the_ring_equal_to_the_reference(dtype)
     v = torch.randn(batch, kv_heads, n, head_dim, generator=gen).to(DEVICE, dtype)
     s0 = torch.tensor([0, 5], device=DEVICE)
     ring = MACRing.empty(batch, q_heads, ring_size, head_dim, dtype, DEVICE)
-    mac.prefill_entries_(ring, q_post[:, :, :n_prompt], q_pre[:, :, :n_prompt],
-                         k[:, :, :n_prompt], v[:, :, :n_prompt], 0.125, s0,
-                         torch.tensor([n_prompt, n_prompt], device=DEVICE), offset=4)
+    mac_prefill.prefill_entries_(ring, q_post[:, :, :n_prompt], q_pre[:, :, :n_prompt],
+                                 k[:, :, :n_prompt], v[:, :, :n_prompt], 0.125, s0,
+                                 torch.tensor([n_prompt, n_prompt], device=DEVICE), offset=4)
     pattern = []
     for t in range(n_prompt, n):
         case = (q_post[:, :, t], q_pre[:, :, t], k, v, ring, torch.tensor([t, t], device=DEVICE),

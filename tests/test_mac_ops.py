@@ -82,6 +82,28 @@ def test_prefill_returns_a_copy_and_writes_the_reference_entries():
         torch.testing.assert_close(got, expected)
 
 
+def test_a_prefill_chunk_continuing_a_sequence_writes_the_entries_of_its_positions():
+    # Cache positions [10, 16) after an earlier chunk: queries there over the cached keys.
+    p, site = _problem(seed=3), next(_SITE_IDS)
+    ends = torch.full((B,), 16, dtype=torch.int32)
+    chunk_q, chunk_pre = p["q"][:, :, 10:16], p["q_pre"][:, :, 10:16]
+    ops.mac_prefill(torch.zeros(B, HQ, 6, D), chunk_q, chunk_pre, p["k"], p["v"], p["starts"],
+                    ends, SCALE, site, M, S, 0, 0)
+    want = mac_reference.prefill_entries(chunk_q, chunk_pre, p["k"], p["v"], SCALE,
+                                         p["starts"], ends, M, S)
+    ring = state.get(site).buffers
+    assert sorted(ring.pos[0, 0].tolist()) == [-1, -1, 10, 11, 12, 13, 14, 15]
+    for got, expected in zip(ring.tensors(), want.tensors(), strict=True):
+        torch.testing.assert_close(got, expected)
+    # Each entry is the state of its query over [s0, E(p)): the same as a whole-prompt prefill.
+    whole = mac_reference.prefill_entries(p["q"][:, :, :16], p["q_pre"][:, :, :16],
+                                          p["k"][:, :, :16], p["v"][:, :, :16], SCALE,
+                                          p["starts"], ends, M, S)
+    kept = ring.pos >= 0
+    torch.testing.assert_close(ring.o[kept], whole.o[kept])
+    torch.testing.assert_close(ring.lse[kept], whole.lse[kept])
+
+
 def test_decode_with_nothing_matching_is_full_attention():
     p, site = _problem(), next(_SITE_IDS)
     _prefill(p, site)

@@ -93,20 +93,24 @@ def test_a_hit_on_an_identical_query_at_the_same_position_is_exact(p):
     assert torch.equal(keys, expected_keys.to(torch.int32))
 
 
-@given(problems, st.integers(1, 12))
-def test_prefill_entries_are_the_prefix_states_of_the_last_positions(p, ring_size):
+@given(problems, st.integers(1, 12), st.integers(1, 12))
+def test_prefill_entries_are_the_prefix_states_of_the_last_positions(p, ring_size, chunk):
+    # A prompt chunk: row b's queries sit at cache positions [ends[b] - N, ends[b]), keys are
+    # the whole cache (a whole prompt is the chunk with N = ends).
     head_dim, q_heads, n = 8, p["kv_heads"] * p["group"], p["n_keys"]
     offset, sinks = p["offset"], p["sinks"]
     gen = torch.Generator().manual_seed(p["seed"])
-    q_post = torch.randn(p["batch"], q_heads, n, head_dim, generator=gen, dtype=F64)
-    q_pre = torch.randn(p["batch"], q_heads, n, head_dim, generator=gen, dtype=F64)
     _, k, v = _cache(p["batch"], q_heads, p["kv_heads"], n, head_dim, p["seed"])
     s0, t = _rows(p["batch"], n, p["seed"])
     ends = t + 1
+    n_chunk = min(chunk, int(ends.min()))
+    q_post = torch.randn(p["batch"], q_heads, n_chunk, head_dim, generator=gen, dtype=F64)
+    q_pre = torch.randn(p["batch"], q_heads, n_chunk, head_dim, generator=gen, dtype=F64)
     ring = prefill_entries(q_post, q_pre, k, v, 0.3, s0, ends, ring_size, offset, sinks, F64)
     for b in range(p["batch"]):
+        first = int(ends[b]) - n_chunk
         for slot in range(ring_size):
-            positions = [x for x in range(max(ends[b] - ring_size, s0[b]), ends[b])
+            positions = [x for x in range(max(ends[b] - ring_size, s0[b], first), ends[b])
                          if x % ring_size == slot]
             if not positions:
                 assert (ring.pos[b, :, slot] == -1).all()
@@ -114,10 +118,11 @@ def test_prefill_entries_are_the_prefix_states_of_the_last_positions(p, ring_siz
                 continue
             (x,) = positions
             o, lse = reference.attention_state(
-                q_post[b:b + 1, :, x], k[b:b + 1], v[b:b + 1], 0.3, s0[b:b + 1] + sinks,
-                prefix_end(torch.tensor([x]), s0[b:b + 1], offset), compute_dtype=F64)
+                q_post[b:b + 1, :, x - first], k[b:b + 1], v[b:b + 1], 0.3,
+                s0[b:b + 1] + sinks, prefix_end(torch.tensor([x]), s0[b:b + 1], offset),
+                compute_dtype=F64)
             assert (ring.pos[b, :, slot] == x).all() and (ring.depth[b, :, slot] == 0).all()
-            assert torch.equal(ring.q[b, :, slot], q_pre[b, :, x])
+            assert torch.equal(ring.q[b, :, slot], q_pre[b, :, x - first])
             torch.testing.assert_close(ring.o[b, :, slot], o[0].float())
             torch.testing.assert_close(ring.lse[b, :, slot], lse[0].float())
 
