@@ -1,0 +1,1133 @@
+"""``macopt bench e2e``: greedy decoding of a whole Llama-3.1-8B-shaped transformers model at
+long contexts, unmodified and with each macopt method.
+
+The model. A ``LlamaForCausalLM`` with random weights (seeded), built directly on the device in
+the run's dtype (bf16 on CUDA, fp32 on CPU): Llama-3.1-8B shapes by default (32 layers, hidden
+4096, 32 query heads, 8 KV heads, head dim 128, MLP 14336, vocabulary 128256, RoPE theta 5e5;
+plain RoPE, no llama3 frequency scaling, which changes no cost). Flags shrink it.
+
+Methods (``--methods``) run one after the other on the one model, which ``macopt.optimize``
+re-tags in place: ``unmodified`` first at every batch (before any method is applied), then
+batch by batch every other method, so a budget cut drops the last batch's last methods:
+``unmodified`` (transformers' SDPA path), ``exact``, ``mac:all`` (forced hits: tau -1000, so
+the match radius ``2 D (1 - tau)^2`` exceeds any query distance, ``t_min`` 0 and an unbounded
+chain depth; with the default depth 16 every 17th step of a chain would miss), ``mac:TAU``
+(``mac:1`` never matches: exactly full attention), ``topk_phi:BUDGET``. Hit rates are never
+assumed: each MAC record holds the one measured over its timed steps (deltas of
+``macopt.stats``). Every MAC variant uses ``t_min`` 0 and ``--mac-ring-size/--mac-offset``.
+
+The decode step. Per (method, batch), after ``dynamo.reset`` (cold, static compiles): a
+pre-initialised ``StaticCache`` with static addresses (:func:`macopt._hf_compat.static_cache`,
+the pitfall in :mod:`macopt.bench.compile_health`), and ``step(ids, cache) -> next ids``
+(model forward plus greedy argmax) compiled once with ``torch.compile(mode="reduce-overhead",
+fullgraph=True)`` on CUDA (CUDA graphs), plain Inductor on CPU, or ``--backend eager``
+(macopt's passes without Inductor: a fast compile, for CPU tests). Inductor's FX graph cache
+is off during the run, so every compile is cold and runs macopt's passes
+(``decode_sites_rewritten`` comes from their reports).
+
+Placing a sequence at context C without a C-token prefill (no recompile per context). One
+cache per batch is allocated for the largest context plus the decode steps (rounded up to 256
+keys) and shared by the methods. For each point: keys and values of positions ``[0, C - P)``
+are filled with seeded normal values (the same for every method), each layer's write counter
+is set to ``C - P``, and the last ``P`` tokens (``--chunk``) run as a real prefill chunk through
+the model's own prefill path (for MAC and Top-K + phi the routed ``macopt_eager`` graph, so
+their prefill ops run). Then ``--warmup-steps`` W untimed and ``--steps`` N timed greedy steps;
+the timed steps attend ``C + W + 1`` to ``C + W + N`` keys. What the chunk does to macopt's
+state (read in the source, not changed):
+
+- MAC (``macopt.mac_ops.mac_prefill``): a chunk not starting at position 0 leaves the rings
+  empty by design, so the first decode step misses and the ring then fills with one decode
+  entry per step. The W warm-up steps absorb that; since the nearest entry is a recent one, a
+  hit's band is short (a full prompt would also leave prompt entries up to M positions back).
+  Keys read per step are measured and reported.
+- Top-K + phi (``topk_phi_site_prefill``): the summary and page bounds are built over each
+  row's whole key range ``[0, C)`` read from the cache (the last query's mask row), so the
+  chunk builds the state a full prefill over the same cache would.
+
+Cache allocation vs context. macopt's MAC and Top-K + phi ops take each row's key range from
+the mask, so their work follows the real context. The ``exact`` rewrite passes the whole cache
+with the key mask (``ends`` = cache length), and its kernel steps over every key block of the
+allocation, loading only unmasked K/V. ``unmodified`` SDPA reads the whole allocated cache.
+So for these two a point's time is the time *with a cache of the allocation*
+(``cache_len`` in each record). ``--per-context-cache METHOD,...`` sizes their cache per
+context instead (then the compiled step sees a new cache shape per context: one more compile
+with a dynamic length, and a CUDA graph recorded per shape; the recompiles are reported).
+Top-K + phi's fractional budget is a fraction of the allocation (a static shape), so with a
+shared cache K is the same number of keys at every context (``topk_budget_tokens``).
+
+Memory. The MAC and Top-K + phi chunk prefills run through ``macopt_eager``, whose
+functionalized graph holds a copy of every cache tensor the prefill writes until it ends
+(measured on an H100 at batch 1 with a 128K cache: peak +16.4 GiB over ``exact``), so at batch
+2 x 128K (a 32 GiB cache) those points run out of memory on an 80 GB GPU and are recorded as
+``oom``. ``--max-batch-tokens N`` decodes only points with ``batch x C <= N`` and sizes each
+batch's shared cache for its largest such context.
+
+Timing. CUDA: one CUDA event recorded before every timed step and one after the last, no
+synchronisation in between (CUDA-graph replays queue back to back as in a real decode loop;
+host gaps count); ``median_ms`` is the median step interval, ``mean_ms`` the block (total / N).
+CPU: host clock per step. Peak memory: ``torch.cuda.max_memory_allocated`` over the point
+(chunk prefill and decode), reset at its start.
+
+Bytes roofline per record: (weights read per step + KV and state bytes read per step) /
+the measured copy bandwidth (:func:`macopt.bench.timing.copy_bandwidth_gbps`, bytes read +
+written): a lower bound in ms beside each measured latency. Weights: every parameter but the
+input embedding (of which a step reads one row per sequence). KV (``kv_basis`` says which):
+unmodified, the whole allocated cache; exact, the attended keys (mean over the timed steps);
+MAC, the keys its op reports read (``macopt.stats``, per query head, divided by the GQA group:
+a lower bound, the heads of a group reading overlapping ranges) plus the ring's pre-RoPE
+queries scanned by the match; Top-K + phi, an estimate from its config (sinks, tail,
+generated keys and the budget in whole pages, the middle's page bounds and the summary).
+
+Memory: ``state_bytes`` is what macopt's per-site state holds (read from the site registry:
+``macopt.stats`` fails on Top-K + phi sites, see the report of this issue), given as a share of
+the KV bytes of the context (``batch * C`` tokens; the allocation is in ``kv_cache_bytes``).
+
+Compile health per (method, batch) group, cumulative in each record: graphs dynamo compiled up
+to the end of the first point's warm-up, graphs compiled after it (recompiles), graph breaks,
+CUDA-graph recordings during and after the warm-up, CUDA-graph skips.
+
+Prefill (``--prefill-contexts``, batch 1): a real prefill of C tokens from position 0 into a
+cache of ``C + W + N`` (rounded up to 256) keys, ``--prefill-repeats`` timed runs after one
+untimed first call (its time, which includes a fresh static trace, is ``first_call_s``);
+median reported.
+Each method runs the path a user gets: ``unmodified`` and ``exact`` the plain eager forward
+(optimize routes no stateless method), MAC and Top-K + phi the routed ``macopt_eager`` graph.
+That graph differs from eager in more than the state op (decomposed ops; under tracing
+transformers materialises a mask instead of ``is_causal``), so with ``--prefill-control`` the
+unmodified model also runs through the same backend with no site tagged
+(``unmodified-traced``): the state ops' own cost is the difference to that control
+(``slowdown_vs_control_pct``; the bar is 5%).
+
+``--budget-s``: before each point, if the time used plus the longest comparable point so far
+(a group's first point, which compiles, or a later one) would pass the budget, the point is
+recorded as skipped. Progress lines are flushed and ``--json`` is rewritten after every
+record, so a run cut short keeps what it measured.
+
+    macopt bench e2e --json e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from macopt.bench import timing
+from macopt.bench.decode import DTYPES, first_line, parse_sizes
+from macopt.config import ExactConfig, MACConfig, MethodConfig, TopKPhiConfig
+
+Tensor = torch.Tensor
+
+DEFAULT_CONTEXTS = (8192, 32768, 65536, 131072)
+DEFAULT_BATCHES = (1, 2)
+DEFAULT_METHODS = ("unmodified", "exact", "mac:all", "mac:1", "topk_phi:0.02")
+DEFAULT_PREFILL_CONTEXTS = (8192, 32768)
+DEFAULT_PREFILL_METHODS = ("unmodified", "exact", "mac:all")
+FORCED_HIT_TAU = -1000.0  # radius 2 D (1 - tau)^2 ~ 2.6e8 at D = 128: every entry is near
+UNBOUNDED_CHAIN = 2**30
+CACHE_ROUNDING = 256
+TRACED_CONTROL = "unmodified-traced"
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """A Llama configuration (Llama-3.1-8B by default)."""
+
+    layers: int = 32
+    hidden: int = 4096
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    intermediate: int = 14336
+    vocab: int = 128256
+    rope_theta: float = 500000.0
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """K and V bytes of one token over all layers."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method as named on the command line; ``config`` None is the unmodified model."""
+
+    label: str
+    config: MethodConfig | None
+
+    def config_for(self, batch: int) -> MethodConfig | None:
+        """The config for a run at ``batch`` rows (MAC rings are allocated for exactly that)."""
+        if isinstance(self.config, MACConfig):
+            return dataclasses.replace(self.config, batch_capacity=batch)
+        return self.config
+
+
+def parse_method(spec: str, ring_size: int = 512, offset: int = 256) -> Method:
+    """``unmodified``, ``exact``, ``mac:all`` (forced hits), ``mac:TAU``, ``topk_phi:BUDGET``.
+
+    >>> parse_method("mac:1").config.tau, parse_method("topk_phi:0.02").config.budget
+    (1.0, 0.02)
+    """
+    name, _, arg = spec.partition(":")
+    mac = {"ring_size": ring_size, "offset": offset, "t_min": 0}
+    if spec == "unmodified":
+        return Method(spec, None)
+    if spec == "exact":
+        return Method(spec, ExactConfig())
+    if name == "mac" and arg == "all":
+        return Method(spec, MACConfig(tau=FORCED_HIT_TAU, max_chain_depth=UNBOUNDED_CHAIN, **mac))
+    if name == "mac" and arg:
+        return Method(spec, MACConfig(tau=float(arg), **mac))
+    if name == "topk_phi" and arg:
+        return Method(spec, TopKPhiConfig(budget=int(arg) if arg.isdigit() else float(arg)))
+    raise ValueError(f"unknown method {spec!r}: expected unmodified, exact, mac:all, mac:TAU "
+                     "or topk_phi:BUDGET")
+
+
+@dataclasses.dataclass
+class E2EConfig:
+    shape: ModelShape = ModelShape()
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    contexts: tuple[int, ...] = DEFAULT_CONTEXTS
+    batches: tuple[int, ...] = DEFAULT_BATCHES
+    steps: int = 32
+    warmup_steps: int = 3
+    chunk: int = 64
+    prefill_contexts: tuple[int, ...] = DEFAULT_PREFILL_CONTEXTS
+    prefill_methods: tuple[str, ...] = DEFAULT_PREFILL_METHODS
+    prefill_repeats: int = 3
+    prefill_control: bool = True
+    per_context_cache: tuple[str, ...] = ()
+    mac_ring_size: int = 512
+    mac_offset: int = 256
+    device: str = "cuda"
+    dtype: torch.dtype = torch.bfloat16
+    backend: str = "inductor"
+    seed: int = 0
+    budget_s: float | None = None
+    max_batch_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.chunk < 2 or self.chunk >= min(self.contexts):
+            raise ValueError(f"--chunk: expected 2 <= chunk < the smallest context "
+                             f"{min(self.contexts)}, got {self.chunk}")
+        if self.steps < 1 or self.warmup_steps < 0:
+            raise ValueError("--steps must be >= 1 and --warmup-steps >= 0")
+        unknown = set(self.per_context_cache) - set(self.methods)
+        if unknown:
+            raise ValueError(f"--per-context-cache: {sorted(unknown)} not in --methods")
+
+    def parsed_methods(self) -> list[Method]:
+        """The methods, ``unmodified`` first (it must run before any optimize)."""
+        methods = [parse_method(m, self.mac_ring_size, self.mac_offset) for m in self.methods]
+        return sorted(methods, key=lambda m: m.config is not None)
+
+    def contexts_for(self, batch: int) -> tuple[int, ...]:
+        """The contexts decoded at ``batch``: those within ``--max-batch-tokens``."""
+        cap = self.max_batch_tokens
+        return tuple(c for c in self.contexts if cap is None or batch * c <= cap)
+
+    def cache_len(self, context: int) -> int:
+        """Keys a cache holds for decoding at ``context``: warm-up and timed steps included."""
+        return _round_up(context + self.warmup_steps + self.steps, CACHE_ROUNDING)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, caches, placing a sequence
+
+
+def build_model(shape: ModelShape, device: str, dtype: torch.dtype, seed: int,
+                max_positions: int) -> Any:
+    """A random-weight ``LlamaForCausalLM`` created on ``device`` in ``dtype`` (no host copy),
+    seeded without touching the caller's RNG."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+        max_position_embeddings=max_positions, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=None, pad_token_id=0,
+    )
+    devices = [torch.device(device)] if timing.is_cuda(device) else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Parameter bytes a decode step reads: all but the input embedding (one row per sequence)."""
+    embedding = model.get_input_embeddings().weight
+    params = {id(p): p for p in model.parameters() if p is not embedding}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+class CacheSlot:
+    """At most one static cache alive at a time (the largest take most of the GPU)."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: str):
+        self.model, self.dtype, self.device = model, dtype, device
+        self.key: tuple[int, int] | None = None
+        self.cache: Any = None
+
+    def get(self, batch: int, length: int) -> Any:
+        from macopt._hf_compat import static_cache
+
+        if self.key != (batch, length):
+            self.release()
+            self.cache = static_cache(self.model, batch, length, self.dtype, self.device)
+            self.key = (batch, length)
+        return self.cache
+
+    def release(self) -> None:
+        self.cache, self.key = None, None
+        _free_memory(self.device)
+
+
+def cache_bytes(cache: Any) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def fill_prefix(cache: Any, length: int, seed: int) -> None:
+    """Seeded normal keys and values at positions ``[0, length)`` of every layer, and each
+    layer's write counter at ``length``: the sequence continues from there."""
+    generator = torch.Generator(cache.layers[0].keys.device).manual_seed(seed)
+    for layer in cache.layers:
+        layer.keys[:, :, :length].normal_(generator=generator)
+        layer.values[:, :, :length].normal_(generator=generator)
+        layer.cumulative_length.fill_(length)
+
+
+def random_ids(batch: int, length: int, vocab: int, seed: int, device: str) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (batch, length), generator=generator).to(device)
+
+
+def forward_last_token(forward: Callable, ids: Tensor, cache: Any) -> Tensor:
+    """Run ``ids`` through ``forward`` into ``cache``; the greedy next ids ``[B, 1]``."""
+    out = forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1:].argmax(-1)
+
+
+def fresh_compiles() -> None:
+    """Forget all compiled code and CUDA graphs (``dynamo.reset``): each compile starts cold
+    and static, as in a fresh process (no dynamic-shape retrace from an earlier shape)."""
+    from macopt.passes._compat import dynamo
+
+    dynamo.reset()
+
+
+def _free_memory(device: str) -> None:
+    gc.collect()
+    if timing.is_cuda(device):
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode loop and its timer
+
+
+def compile_decode_step(model: torch.nn.Module, config: E2EConfig) -> Callable:
+    """``step(ids[B, 1], cache) -> next ids[B, 1]``: one forward and the greedy argmax, compiled
+    whole (CUDA graphs on CUDA unless ``--backend eager``)."""
+
+    def greedy_step(ids: Tensor, cache: Any) -> Tensor:
+        return forward_last_token(model, ids, cache)
+
+    if config.backend == "eager":
+        import macopt
+
+        return torch.compile(greedy_step, backend=macopt.backend(inductor=False), fullgraph=True)
+    mode = "reduce-overhead" if timing.is_cuda(config.device) else "default"
+    return torch.compile(greedy_step, mode=mode, fullgraph=True)
+
+
+class StepTimer:
+    """A mark before every step and after the last: CUDA events (no sync) or the host clock."""
+
+    def __init__(self, cuda: bool, steps: int):
+        self.cuda = cuda
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if cuda \
+            else []
+        self.marks: list[float] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            self.events[len(self.marks)].record()
+            self.marks.append(0.0)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            done = self.events[: len(self.marks)]
+            return [a.elapsed_time(b) for a, b in zip(done, done[1:], strict=False)]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+
+def greedy(step: Callable, cache: Any, ids: Tensor, n: int,
+           timer: StepTimer | None = None) -> tuple[Tensor, Tensor]:
+    """``n`` greedy steps from ``ids[B, 1]``: the generated ids ``[B, n]`` and the last
+    ``[B, 1]`` (the next input, laid out as every step's input). Each output is cloned at once:
+    a CUDA-graph output is overwritten by the next replay."""
+    generated = []
+    for _ in range(n):
+        if timer is not None:
+            timer.mark()
+        torch.compiler.cudagraph_mark_step_begin()
+        ids = step(ids, cache).clone()
+        generated.append(ids)
+    if timer is not None:
+        timer.mark()
+    return (torch.cat(generated, dim=1) if generated else ids[:, :0]), ids
+
+
+# ---------------------------------------------------------------------------------------------
+# What macopt reports: hit rates, keys read, state bytes, rewritten sites
+
+
+@dataclasses.dataclass(frozen=True)
+class MacTotals:
+    """``macopt.stats`` summed over layers: steps, hit-rate x steps, keys read and full."""
+
+    steps: int
+    hit_steps: float
+    keys_read: int
+    keys_full: int
+
+    @classmethod
+    def read(cls, model: torch.nn.Module) -> MacTotals:
+        import macopt
+
+        layers = [s for s in macopt.stats(model) if s.method == "mac"]
+        return cls(steps=sum(s.decode_steps for s in layers),
+                   hit_steps=sum(s.hit_rate * s.decode_steps for s in layers),
+                   keys_read=sum(s.keys_read for s in layers),
+                   keys_full=sum(s.keys_full for s in layers))
+
+    def since(self, before: MacTotals) -> MacTotals:
+        """The totals of the steps in between (the batch is constant within a group, so the
+        step-weighted hit rates subtract exactly)."""
+        return MacTotals(self.steps - before.steps, self.hit_steps - before.hit_steps,
+                         self.keys_read - before.keys_read, self.keys_full - before.keys_full)
+
+
+def _tagged_site_ids(model: torch.nn.Module) -> list[int]:
+    from macopt.passes import scope
+
+    return [s for s in (scope.site_id_of(m) for m in model.modules()) if s is not None]
+
+
+def state_bytes(model: torch.nn.Module, method: str) -> int:
+    """Bytes of ``method``'s per-site state (rings, summaries, counters) held for ``model``.
+
+    Counted here: ``SiteState.nbytes()`` sees the counters only of a Top-K + phi site (its
+    buffers have no ``tensors()``)."""
+    from macopt import state
+
+    sites = [state.get(s) for s in _tagged_site_ids(model)]
+    return sum(tensor_bytes(site.buffers) + site.counters.nbytes for site in sites
+               if site is not None and site.method == method)
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value``: a tensor, a dataclass or a list/tuple of them."""
+    if isinstance(value, Tensor):
+        return value.nbytes
+    if dataclasses.is_dataclass(value):
+        return sum(tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
+def release_states(model: torch.nn.Module) -> None:
+    """Free the per-site state of every tagged site (the next method allocates its own)."""
+    from macopt import state
+
+    for site_id in _tagged_site_ids(model):
+        state.release(site_id)
+
+
+def decode_sites_rewritten(model: torch.nn.Module) -> int:
+    """Attention sites whose decode graph macopt's passes rewrote (0 when none ran)."""
+    import macopt
+
+    try:
+        reports = macopt.explain(model)
+    except ValueError:  # no pass ran on this model (unmodified)
+        return 0
+    return sum(1 for r in reports if r.phase == "decode" and r.rewritten)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile health of one (method, batch) group
+
+
+def _compile_counts() -> dict[str, int]:
+    from macopt.passes._compat import dynamo_counters as counters
+
+    return {"graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
+class GroupHealth:
+    """Counter deltas since the group began, split at the end of its first warm-up."""
+
+    def __init__(self, recordings: list[str], cuda_graphs: bool):
+        self.recordings, self.cuda_graphs = recordings, cuda_graphs
+        self.start = _compile_counts()
+        self.warm: dict[str, int] | None = None
+        self.warm_recordings = 0
+
+    def end_warmup(self) -> None:
+        if self.warm is None:
+            self.warm, self.warm_recordings = _compile_counts(), len(self.recordings)
+
+    def fields(self) -> dict[str, Any]:
+        now, warm = _compile_counts(), self.warm or _compile_counts()
+        fields = {"graphs_compiled_warmup": warm["graphs"] - self.start["graphs"],
+                  "recompiles_after_warmup": now["graphs"] - warm["graphs"],
+                  "graph_breaks": now["graph_breaks"] - self.start["graph_breaks"],
+                  "cudagraph_recordings_warmup": None, "cudagraph_recordings_after_warmup": None,
+                  "cudagraph_skips": None}
+        if self.cuda_graphs:
+            fields.update(cudagraph_recordings_warmup=self.warm_recordings,
+                          cudagraph_recordings_after_warmup=len(self.recordings)
+                          - self.warm_recordings,
+                          cudagraph_skips=now["cudagraph_skips"] - self.start["cudagraph_skips"])
+        return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes per step (the roofline's numerator)
+
+
+def kv_bytes_per_step(config: E2EConfig, method: Method, batch: int, context: int,
+                      cache_len: int, mac: MacTotals | None) -> tuple[float, str]:
+    """KV and state bytes one timed step reads (mean over the timed steps) and the basis."""
+    shape, itemsize = config.shape, config.dtype.itemsize
+    per_token = shape.kv_bytes_per_token(itemsize)
+    mean_keys = context + config.warmup_steps + (config.steps + 1) / 2
+    cfg = method.config
+    if cfg is None:
+        return batch * cache_len * per_token, "whole allocated cache"
+    if isinstance(cfg, MACConfig) and mac is not None and mac.steps:
+        keys = mac.keys_read / (mac.steps * batch * shape.heads)  # per layer, row, query head
+        ring = shape.layers * shape.heads * cfg.ring_size * shape.head_dim * itemsize
+        return batch * (keys * per_token + ring), "keys read (macopt.stats) + ring queries"
+    if isinstance(cfg, TopKPhiConfig):
+        return batch * _topk_bytes_per_row(config, cfg, context, cache_len), "config estimate"
+    return batch * mean_keys * per_token, "attended keys"
+
+
+def _topk_bytes_per_row(config: E2EConfig, cfg: TopKPhiConfig, context: int,
+                        cache_len: int) -> float:
+    """Exact keys (sinks, tail, generated, the budget in whole pages), the middle's page
+    bounds (kmin, kmax) and the fp32 summary ``(m, u, T)``, per row, all layers."""
+    shape, itemsize = config.shape, config.dtype.itemsize
+    page = cfg.page_size
+    retrieved = math.ceil(cfg.budget_tokens(cache_len) / page) * page
+    generated = config.warmup_steps + (config.steps + 1) / 2
+    exact_keys = cfg.sinks + cfg.tail + generated + retrieved
+    middle = max(context - cfg.sinks - cfg.tail, 0)
+    bounds = 2 * math.ceil(middle / page) * shape.head_dim * itemsize
+    d_phi = cfg.d_phi or shape.head_dim
+    summary = d_phi * (shape.head_dim + 2) * 4
+    per_head = exact_keys * 2 * shape.head_dim * itemsize + bounds + summary
+    return shape.layers * shape.kv_heads * per_head
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class Budget:
+    """Wall-clock guard: a point may start when the time used plus its estimate fits."""
+
+    def __init__(self, limit_s: float | None):
+        self.limit_s, self.started = limit_s, time.perf_counter()
+        self.longest_first = 0.0  # a group's first point (it compiles)
+        self.longest_later = 0.0
+        self.longest_prefill = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def refusal(self, estimate_s: float) -> str | None:
+        """Why a point estimated at ``estimate_s`` may not start, or None."""
+        if self.limit_s is None or self.elapsed + estimate_s <= self.limit_s:
+            return None
+        return (f"budget: {self.elapsed:.0f} s used of {self.limit_s:g} s, the point is "
+                f"estimated at {estimate_s:.0f} s")
+
+
+class ReportFile:
+    """The report, rewritten (atomically) after every record when a path is given."""
+
+    def __init__(self, path: Path | None, header: dict):
+        self.path, self.report = path, {**header, "records": []}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def records(self) -> list[dict]:
+        return self.report["records"]
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        self.write()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        scratch = self.path.with_name(self.path.name + ".partial")
+        scratch.write_text(json.dumps(self.report, indent=1, default=str) + "\n")
+        os.replace(scratch, self.path)
+
+
+class E2ERun:
+    """One benchmark run: the model, its caches, the budget, the report."""
+
+    def __init__(self, config: E2EConfig, json_path: Path | None, echo: Callable[[str], None]):
+        self.config, self.echo = config, echo
+        self.cuda = timing.is_cuda(config.device)
+        self.cuda_graphs = self.cuda and config.backend == "inductor"
+        self.budget = Budget(config.budget_s)
+        longest = max(config.contexts + config.prefill_contexts)
+        self.model = build_model(config.shape, config.device, config.dtype, config.seed,
+                                 config.cache_len(longest))
+        self.caches = CacheSlot(self.model, config.dtype, config.device)
+        self.copy_gbps = timing.copy_bandwidth_gbps(config.device)
+        self.weight_bytes = weight_bytes_per_step(self.model)
+        self.tokens: dict[tuple[str, int, int], list[list[int]]] = {}
+        self.prefill_ms: dict[tuple[str, int], float] = {}
+        header = {"environment": timing.environment(config.device), "config": config.to_dict(),
+                  "copy_gbps": self.copy_gbps, "weight_bytes_per_step": self.weight_bytes,
+                  "timer": "cuda events per step" if self.cuda else "host clock per step"}
+        self.report = ReportFile(json_path, header)
+
+    def add(self, record: dict) -> None:
+        self.report.add(record)
+        self.echo(progress_line(record, self.budget.elapsed))
+
+    # -- decode -----------------------------------------------------------------------------
+
+    def decode_group(self, method: Method, batch: int) -> None:
+        """Every context of one (method, batch): one compile, then the points."""
+        contexts = self.config.contexts_for(batch)
+        for context in sorted(set(self.config.contexts) - set(contexts)):
+            self.add(_skipped("decode", method.label, batch, context,
+                              f"batch x context over --max-batch-tokens "
+                              f"{self.config.max_batch_tokens}"))
+        refusal = self.budget.refusal(self.budget.longest_first)
+        if refusal is not None or not contexts:
+            for context in contexts:
+                self.add(_skipped("decode", method.label, batch, context, refusal))
+            return
+        from macopt.passes._compat import count_cudagraph_recordings
+
+        fresh_compiles()
+        apply_method(self.model, method, batch)
+        step = compile_decode_step(self.model, self.config)
+        with count_cudagraph_recordings() as recordings:
+            health = GroupHealth(recordings, self.cuda_graphs)
+            for index, context in enumerate(contexts):
+                self._decode_point_guarded(method, batch, context, step, health, index == 0)
+        self._end_group()
+
+    def _decode_point_guarded(self, method: Method, batch: int, context: int, step: Callable,
+                              health: GroupHealth, first: bool) -> None:
+        estimate = self.budget.longest_first if first else self.budget.longest_later
+        refusal = None if first else self.budget.refusal(estimate)
+        if refusal is not None:
+            self.add(_skipped("decode", method.label, batch, context, refusal))
+            return
+        started = time.perf_counter()
+        with _failures_recorded("decode", method.label, batch, context, self) as slot:
+            slot.append(self.decode_point(method, batch, context, step, health))
+        spent = time.perf_counter() - started
+        if first:
+            self.budget.longest_first = max(self.budget.longest_first, spent)
+        else:
+            self.budget.longest_later = max(self.budget.longest_later, spent)
+
+    def decode_point(self, method: Method, batch: int, context: int, step: Callable,
+                     health: GroupHealth) -> dict:
+        config, started = self.config, time.perf_counter()
+        per_context = method.label in config.per_context_cache
+        cache_len = config.cache_len(context if per_context else max(config.contexts_for(batch)))
+        cache = self.caches.get(batch, cache_len)
+        _reset_peak_memory(config.device)
+        ids = self._place(cache, batch, context)
+        warm, ids = greedy(step, cache, ids, config.warmup_steps)
+        health.end_warmup()
+        warmup_s = time.perf_counter() - started
+        is_mac = isinstance(method.config, MACConfig)
+        before = MacTotals.read(self.model) if is_mac else None
+        timer = StepTimer(self.cuda, config.steps)
+        timed, _ = greedy(step, cache, ids, config.steps, timer)
+        step_ms = timer.intervals_ms()
+        mac = MacTotals.read(self.model).since(before) if is_mac else None
+        tokens = torch.cat([warm, timed], dim=1).tolist()
+        self.tokens[(method.label, batch, context)] = tokens
+        record = {"kind": "decode", "method": method.label, "batch": batch, "context": context,
+                  "status": "ok", "cache_len": cache_len,
+                  "median_ms": statistics.median(step_ms), "mean_ms": statistics.fmean(step_ms),
+                  "warmup_s": warmup_s, "tokens": tokens,
+                  **self._mac_fields(mac, batch),
+                  **self._bytes_fields(method, batch, context, cache_len, mac),
+                  **self._memory_fields(method, batch, context, cache),
+                  **self._agreement(method.label, batch, context),
+                  **health.fields(), "decode_sites_rewritten": decode_sites_rewritten(self.model)}
+        record["tokens_per_s"] = batch * 1e3 / record["median_ms"]
+        record["point_s"] = time.perf_counter() - started
+        return record
+
+    def _place(self, cache: Any, batch: int, context: int) -> Tensor:
+        """The sequence at ``context - chunk`` (seeded cache prefix), then the real prefill of
+        its last ``chunk`` tokens; the greedy first ids ``[B, 1]``."""
+        config = self.config
+        seed = config.seed * 1_000_003 + context * 8 + batch
+        fill_prefix(cache, context - config.chunk, seed)
+        chunk = random_ids(batch, config.chunk, config.shape.vocab, seed, config.device)
+        return forward_last_token(self.model, chunk, cache)
+
+    def _mac_fields(self, mac: MacTotals | None, batch: int) -> dict:
+        if mac is None or not mac.steps:
+            return {}
+        return {"hit_rate": mac.hit_steps / mac.steps,
+                "keys_read_per_head_step": mac.keys_read / (mac.steps * batch
+                                                            * self.config.shape.heads),
+                "read_fraction": mac.keys_read / mac.keys_full if mac.keys_full else None}
+
+    def _bytes_fields(self, method: Method, batch: int, context: int, cache_len: int,
+                      mac: MacTotals | None) -> dict:
+        kv, basis = kv_bytes_per_step(self.config, method, batch, context, cache_len, mac)
+        total = self.weight_bytes + kv
+        fields = {"kv_bytes_per_step": kv, "kv_basis": basis, "bytes_per_step": total,
+                  "bound_ms": total / (self.copy_gbps * 1e9) * 1e3}
+        if isinstance(method.config, TopKPhiConfig):
+            budget = method.config.budget_tokens(cache_len)
+            fields.update(topk_budget_tokens=budget, topk_budget_share=budget / context)
+        return fields
+
+    def _memory_fields(self, method: Method, batch: int, context: int, cache: Any) -> dict:
+        name = method.config.method if method.config is not None else ""
+        held = state_bytes(self.model, name) if name else 0
+        shape, itemsize = self.config.shape, self.config.dtype.itemsize
+        kv_context = batch * context * shape.kv_bytes_per_token(itemsize)
+        peak = torch.cuda.max_memory_allocated() if self.cuda else None
+        return {"state_bytes": held, "kv_bytes_context": kv_context,
+                "state_pct_of_kv": 100 * held / kv_context, "kv_cache_bytes": cache_bytes(cache),
+                "peak_memory_bytes": peak}
+
+    def _agreement(self, label: str, batch: int, context: int) -> dict:
+        mine = self.tokens[(label, batch, context)]
+        fields = {}
+        for reference in ("unmodified", "exact"):
+            theirs = self.tokens.get((reference, batch, context))
+            if theirs is not None and reference != label:
+                fields[f"first_mismatch_vs_{reference}"] = first_mismatch(mine, theirs)
+                fields[f"tokens_equal_{reference}"] = mine == theirs
+        return fields
+
+    def _end_group(self) -> None:
+        """Drop compiled code, CUDA graphs and the method's state."""
+        fresh_compiles()
+        release_states(self.model)
+        _free_memory(self.config.device)
+
+    # -- prefill ----------------------------------------------------------------------------
+
+    def prefill_section(self, label: str, forward: Callable) -> None:
+        """Real prefills from position 0 at each prefill context (batch 1)."""
+        for context in self.config.prefill_contexts:
+            refusal = self.budget.refusal(self.budget.longest_prefill)
+            if refusal is not None:
+                self.add(_skipped("prefill", label, 1, context, refusal))
+                continue
+            started = time.perf_counter()
+            with _failures_recorded("prefill", label, 1, context, self) as slot:
+                slot.append(self.prefill_point(label, forward, context))
+            self.budget.longest_prefill = max(self.budget.longest_prefill,
+                                              time.perf_counter() - started)
+
+    def prefill_point(self, label: str, forward: Callable, context: int) -> dict:
+        config, started = self.config, time.perf_counter()
+        fresh_compiles()  # a static trace per length, not a slower dynamic retrace
+        cache = self.caches.get(1, config.cache_len(context))
+        ids = random_ids(1, context, config.shape.vocab, config.seed + context, config.device)
+        _reset_peak_memory(config.device)
+
+        def prefill() -> float:
+            for layer in cache.layers:
+                layer.cumulative_length.zero_()
+            begun = time.perf_counter()
+            forward_last_token(forward, ids, cache)
+            _synchronize(config.device)
+            return (time.perf_counter() - begun) * 1e3
+
+        first_call_s = prefill() / 1e3
+        runs = [prefill() for _ in range(config.prefill_repeats)]
+        median = statistics.median(runs)
+        self.prefill_ms[(label, context)] = median
+        record = {"kind": "prefill", "method": label, "batch": 1, "context": context,
+                  "status": "ok", "cache_len": config.cache_len(context), "median_ms": median,
+                  "runs_ms": runs, "first_call_s": first_call_s,
+                  "peak_memory_bytes": torch.cuda.max_memory_allocated() if self.cuda else None}
+        for reference, key in (("unmodified", "slowdown_vs_unmodified_pct"),
+                               (TRACED_CONTROL, "slowdown_vs_control_pct")):
+            base = self.prefill_ms.get((reference, context))
+            if base and reference != label:
+                record[key] = 100 * (median / base - 1)
+        record["point_s"] = time.perf_counter() - started
+        return record
+
+    def traced_control(self) -> None:
+        """The unmodified model through the ``macopt_eager`` backend with no site tagged."""
+        import macopt
+
+        compiled = torch.compile(self.model.forward, backend=macopt.backend(inductor=False))
+        self.prefill_section(TRACED_CONTROL, compiled)
+
+    def prefill(self, method: Method) -> None:
+        """The prefill points of ``method`` when asked for (and the control with unmodified)."""
+        config = self.config
+        if method.label not in config.prefill_methods or not config.prefill_contexts:
+            return
+        apply_method(self.model, method, 1)
+        self.prefill_section(method.label, self.model)
+        if method.config is None and config.prefill_control:
+            self.traced_control()
+
+    # -- everything -------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """``unmodified`` at every batch first (before any method is applied), then batch by
+        batch every other method (a budget cut then drops the last batch's last methods); each
+        method's prefill comes before its first decode group."""
+        methods = self.config.parsed_methods()
+        with _no_fx_graph_cache(), torch.no_grad():
+            for method in (m for m in methods if m.config is None):
+                self.prefill(method)
+                for batch in self.config.batches:
+                    self.decode_group(method, batch)
+            for index, batch in enumerate(self.config.batches):
+                for method in (m for m in methods if m.config is not None):
+                    if index == 0:
+                        self.prefill(method)
+                    self.decode_group(method, batch)
+        self.caches.release()
+        self.report.report["elapsed_s"] = self.budget.elapsed
+        self.report.write()
+        return self.report.report
+
+
+def apply_method(model: torch.nn.Module, method: Method, batch: int) -> None:
+    """Optimize ``model`` in place for ``method`` at ``batch`` rows (nothing for unmodified,
+    which runs before any method is applied)."""
+    import macopt
+
+    config = method.config_for(batch)
+    if config is not None:
+        macopt.optimize(model, config)
+
+
+def first_mismatch(a: list[list[int]], b: list[list[int]]) -> int | None:
+    """The first step at which any row's tokens differ, or None."""
+    steps = [i for row_a, row_b in zip(a, b, strict=True)
+             for i, (x, y) in enumerate(zip(row_a, row_b, strict=True)) if x != y]
+    return min(steps) if steps else None
+
+
+def _skipped(kind: str, label: str, batch: int, context: int, detail: str) -> dict:
+    return {"kind": kind, "method": label, "batch": batch, "context": context,
+            "status": "skipped", "detail": detail}
+
+
+@contextlib.contextmanager
+def _failures_recorded(kind: str, label: str, batch: int, context: int,
+                       run: E2ERun) -> Iterator[list[dict]]:
+    """Yields a list for the point's record; adds it, or an "oom"/"error" record instead."""
+    slot: list[dict] = []
+    try:
+        yield slot
+    except torch.cuda.OutOfMemoryError as err:
+        slot[:] = [{**_skipped(kind, label, batch, context, first_line(err)), "status": "oom"}]
+        _free_memory(run.config.device)
+    except Exception as err:  # noqa: BLE001  (a failing method is a result, not a crash)
+        slot[:] = [{**_skipped(kind, label, batch, context, first_line(err)), "status": "error"}]
+    run.add(slot[0])
+
+
+@contextlib.contextmanager
+def _no_fx_graph_cache() -> Iterator[None]:
+    """Cold compiles that run macopt's passes (a cached graph reruns none)."""
+    from macopt.passes._compat import inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False):
+        yield
+
+
+def _reset_peak_memory(device: str) -> None:
+    if timing.is_cuda(device):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _synchronize(device: str) -> None:
+    if timing.is_cuda(device):
+        torch.cuda.synchronize()
+
+
+def run(config: E2EConfig, json_path: Path | None = None,
+        echo: Callable[[str], None] = print) -> dict:
+    """Measure everything the config asks for; the report (also written to ``json_path``)."""
+    return E2ERun(config, json_path, echo).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def progress_line(record: dict, elapsed_s: float) -> str:
+    head = (f"[{elapsed_s:6.0f} s] {record['kind']} {record['method']} batch {record['batch']} "
+            f"context {context_label(record['context'])}:")
+    if record["status"] != "ok":
+        return f"{head} {record['status']} ({record.get('detail', '')})"
+    peak = record.get("peak_memory_bytes")
+    peak_text = "" if peak is None else f", peak {peak / 2**30:.1f} GiB"
+    if record["kind"] == "prefill":
+        return (f"{head} {record['median_ms']:.1f} ms (first call {record['first_call_s']:.1f} "
+                f"s){peak_text}")
+    hit = f", hit rate {record['hit_rate']:.3f}" if "hit_rate" in record else ""
+    return (f"{head} {record['median_ms']:.3f} ms/token (bound {record['bound_ms']:.3f}){hit}, "
+            f"recompiles {record['recompiles_after_warmup']}{peak_text}, "
+            f"point {record['point_s']:.0f} s")
+
+
+def context_label(context: int) -> str:
+    return f"{context // 1024}K" if context % 1024 == 0 else str(context)
+
+
+def decode_table(report: dict):
+    """One row per (batch, context); per method: median ms/token (bytes bound), MAC hit rate."""
+    from rich.table import Table
+
+    decode = [r for r in report["records"] if r["kind"] == "decode"]
+    methods = list(dict.fromkeys(r["method"] for r in decode))
+    table = Table(title="e2e decode: median ms/token (bytes-roofline bound ms)")
+    for column in ("batch", "context", *methods):
+        table.add_column(column, justify="right")
+    rows: dict[tuple[int, int], dict[str, dict]] = {}
+    for r in decode:
+        rows.setdefault((r["batch"], r["context"]), {})[r["method"]] = r
+    for (batch, context), cells in rows.items():
+        table.add_row(str(batch), context_label(context),
+                      *(_decode_cell(cells.get(m)) for m in methods))
+    return table
+
+
+def _decode_cell(record: dict | None) -> str:
+    if record is None or record["status"] != "ok":
+        return "-" if record is None else record["status"]
+    text = f"{record['median_ms']:.2f} ({record['bound_ms']:.2f})"
+    if "hit_rate" in record:
+        text += f" h={record['hit_rate']:.2f}"
+    return text
+
+
+def health_table(report: dict):
+    """Per (method, batch): compile health, rewritten sites and memory at its last point."""
+    from rich.table import Table
+
+    table = Table(title="e2e compile health and memory (last point of each method x batch)")
+    for column in ("method", "batch", "compile + warm-up s", "graphs (warm-up / after)",
+                   "graph breaks", "CUDA graphs (recorded warm-up / after, skips)",
+                   "sites rewritten", "state MB (% of context KV)", "peak GiB"):
+        table.add_column(column, justify="right")
+    first: dict[tuple[str, int], dict] = {}
+    last: dict[tuple[str, int], dict] = {}
+    for r in report["records"]:
+        if r["kind"] == "decode" and r["status"] == "ok":
+            first.setdefault((r["method"], r["batch"]), r)
+            last[(r["method"], r["batch"])] = r
+    for key, r in last.items():
+        graphs = "n/a" if r["cudagraph_skips"] is None else (
+            f"{r['cudagraph_recordings_warmup']} / {r['cudagraph_recordings_after_warmup']}, "
+            f"{r['cudagraph_skips']}")
+        peak = r["peak_memory_bytes"]
+        table.add_row(
+            key[0], str(key[1]), f"{first[key]['warmup_s']:.0f}",
+            f"{r['graphs_compiled_warmup']} / {r['recompiles_after_warmup']}",
+            str(r["graph_breaks"]), graphs, str(r["decode_sites_rewritten"]),
+            f"{r['state_bytes'] / 2**20:.1f} ({r['state_pct_of_kv']:.2f}%)",
+            "n/a" if peak is None else f"{peak / 2**30:.1f}")
+    return table
+
+
+def prefill_table(report: dict):
+    from rich.table import Table
+
+    table = Table(title="e2e prefill, batch 1: median ms (slowdown vs unmodified / vs traced "
+                        "unmodified)")
+    for column in ("method", "context", "median ms", "first call s", "vs unmodified",
+                   "vs traced control"):
+        table.add_column(column, justify="right")
+    for r in report["records"]:
+        if r["kind"] != "prefill":
+            continue
+        if r["status"] != "ok":
+            table.add_row(r["method"], context_label(r["context"]), r["status"], "", "", "")
+            continue
+        table.add_row(r["method"], context_label(r["context"]), f"{r['median_ms']:.1f}",
+                      f"{r['first_call_s']:.1f}", _percent(r.get("slowdown_vs_unmodified_pct")),
+                      _percent(r.get("slowdown_vs_control_pct")))
+    return table
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:+.1f}%"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parse_methods(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for name in names:
+        try:
+            parse_method(name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return names
+
+
+def _parse_sizes_or_none(text: str) -> tuple[int, ...]:
+    return () if text.strip().lower() == "none" else parse_sizes(text)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "e2e", help="end-to-end greedy decoding of a Llama-3.1-8B-shaped model, per method",
+        description=__doc__.split("\n\n")[0],
+        epilog="Methods: unmodified, exact, mac:all (forced hits), mac:TAU (mac:1: no hit), "
+               "topk_phi:BUDGET.")
+    shape = ModelShape()
+    defaults = E2EConfig()
+    parser.add_argument("--methods", type=_parse_methods, default=DEFAULT_METHODS,
+                        help=f"default {','.join(DEFAULT_METHODS)}")
+    parser.add_argument("--contexts", type=parse_sizes, default=DEFAULT_CONTEXTS,
+                        help="default 8K,32K,64K,128K")
+    parser.add_argument("--batches", type=parse_sizes, default=DEFAULT_BATCHES)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed decode steps")
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--chunk", type=int, default=defaults.chunk,
+                        help="tokens of the real prefill chunk ending at each context")
+    parser.add_argument("--prefill-contexts", type=_parse_sizes_or_none,
+                        default=DEFAULT_PREFILL_CONTEXTS, help="default 8K,32K; none: skip")
+    parser.add_argument("--prefill-methods", type=_parse_methods,
+                        default=DEFAULT_PREFILL_METHODS,
+                        help=f"of --methods, default {','.join(DEFAULT_PREFILL_METHODS)}")
+    parser.add_argument("--prefill-repeats", type=int, default=defaults.prefill_repeats)
+    parser.add_argument("--prefill-control", action=argparse.BooleanOptionalAction,
+                        default=True, help="also prefill the unmodified model through the "
+                                           "macopt_eager backend (the state ops' baseline)")
+    parser.add_argument("--per-context-cache", type=_parse_methods, default=(),
+                        help="methods whose cache is sized per context (recompiles)")
+    for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(shape, name))
+    parser.add_argument("--rope-theta", type=float, default=shape.rope_theta)
+    parser.add_argument("--mac-ring-size", type=int, default=defaults.mac_ring_size)
+    parser.add_argument("--mac-offset", type=int, default=defaults.mac_offset)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
+                        help="eager: macopt's passes without Inductor (fast compiles; tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip points that would end past this many seconds")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="decode only points with batch x context <= this (each batch's "
+                             "shared cache is sized for its largest such context)")
+    parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.set_defaults(func=_main)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> E2EConfig:
+    dtype = args.dtype or ("bfloat16" if timing.is_cuda(args.device) else "float32")
+    shape = ModelShape(layers=args.layers, hidden=args.hidden, heads=args.heads,
+                       kv_heads=args.kv_heads, head_dim=args.head_dim,
+                       intermediate=args.intermediate, vocab=args.vocab,
+                       rope_theta=args.rope_theta)
+    return E2EConfig(
+        shape=shape, methods=args.methods, contexts=args.contexts, batches=args.batches,
+        steps=args.steps, warmup_steps=args.warmup_steps, chunk=args.chunk,
+        prefill_contexts=args.prefill_contexts, prefill_methods=args.prefill_methods,
+        prefill_repeats=args.prefill_repeats, prefill_control=args.prefill_control,
+        per_context_cache=args.per_context_cache, mac_ring_size=args.mac_ring_size,
+        mac_offset=args.mac_offset, device=args.device, dtype=DTYPES[dtype],
+        backend=args.backend, seed=args.seed, budget_s=args.budget_s,
+        max_batch_tokens=args.max_batch_tokens)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"macopt bench e2e: {err}", file=sys.stderr)
+        return 2
+    report = run(config, args.json, echo=lambda line: print(line, flush=True))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # logs: tables without wrapped cells
+    console.print(decode_table(report))
+    console.print(health_table(report))
+    if any(r["kind"] == "prefill" for r in report["records"]):
+        console.print(prefill_table(report))
+    if args.json is not None:
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m macopt.bench.e2e ARGS`` is ``macopt bench e2e ARGS``."""
+    from macopt import cli
+
+    return cli.main(["bench", "e2e", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

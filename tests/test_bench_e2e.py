@@ -1,0 +1,150 @@
+"""``macopt bench e2e`` end to end on CPU at a tiny size (macopt's passes without Inductor):
+every method decodes at every point, exact methods reproduce the unmodified tokens, MAC hit
+rates are the measured ones, and the JSON holds every record, skips included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from macopt import cli
+from macopt.bench import e2e
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, RING, OFFSET = 2, 4, 2, 64, 16, 8
+CONTEXTS, BATCHES, WARMUP, STEPS = (64, 128), (2,), 2, 3
+METHODS = ("unmodified", "exact", "mac:all", "mac:1", "topk_phi:0.02")
+TINY = ["--device", "cpu", "--backend", "eager", "--layers", str(LAYERS), "--hidden", "256",
+        "--heads", str(HEADS), "--kv-heads", str(KV_HEADS), "--head-dim", str(HEAD_DIM),
+        "--intermediate", "512", "--vocab", "512", "--contexts", "64,128", "--batches", "2",
+        "--steps", str(STEPS), "--warmup-steps", str(WARMUP), "--chunk", "8",
+        "--prefill-contexts", "64", "--prefill-repeats", "2",
+        "--mac-ring-size", str(RING), "--mac-offset", str(OFFSET)]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    """One run of the command line (each method compiles per batch: run it once). Batch 2:
+    several rows; the MAC rings are first allocated for the batch-1 prefill, then for 2."""
+    path = tmp_path_factory.mktemp("bench") / "e2e.json"
+    assert cli.main(["bench", "e2e", *TINY, "--methods", ",".join(METHODS),
+                     "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def decode_records(report: dict) -> dict[tuple[str, int, int], dict]:
+    return {(r["method"], r["batch"], r["context"]): r for r in report["records"]
+            if r["kind"] == "decode"}
+
+
+def test_every_method_has_a_latency_at_every_point(report):
+    records = decode_records(report)
+    assert set(records) == {(m, b, c) for m in METHODS for b in BATCHES for c in CONTEXTS}
+    for r in records.values():
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["mean_ms"] > 0 and r["bound_ms"] > 0
+        assert len(r["tokens"]) == r["batch"] and len(r["tokens"][0]) == WARMUP + STEPS
+
+
+def test_exact_decodes_the_unmodified_tokens(report):
+    for (method, _, _), r in decode_records(report).items():
+        if method == "exact":
+            assert r["tokens_equal_unmodified"] and r["first_mismatch_vs_unmodified"] is None
+
+
+def test_mac_at_tau_1_never_hits_and_decodes_the_exact_tokens(report):
+    for (method, _, _), r in decode_records(report).items():
+        if method == "mac:1":
+            assert r["hit_rate"] == 0.0 and r["read_fraction"] == 1.0
+            assert r["tokens_equal_exact"] and r["tokens_equal_unmodified"]
+
+
+def test_forced_hits_are_measured_and_read_fewer_keys(report):
+    for (method, _, context), r in decode_records(report).items():
+        if method == "mac:all":
+            # The chunked prefill leaves the ring empty; warm-up steps refill it.
+            assert r["hit_rate"] == 1.0
+            assert r["keys_read_per_head_step"] < context and r["read_fraction"] < 0.5
+
+
+def test_kv_bytes_follow_what_each_method_reads(report):
+    records = decode_records(report)
+    per_token = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4  # fp32 on CPU
+    for batch in BATCHES:
+        for context in CONTEXTS:
+            unmodified = records[("unmodified", batch, context)]
+            exact = records[("exact", batch, context)]
+            mac_all = records[("mac:all", batch, context)]
+            assert unmodified["kv_bytes_per_step"] == batch * unmodified["cache_len"] * per_token
+            mean_keys = context + WARMUP + (STEPS + 1) / 2
+            assert exact["kv_bytes_per_step"] == pytest.approx(batch * mean_keys * per_token)
+            assert mac_all["kv_bytes_per_step"] < exact["kv_bytes_per_step"]
+            assert exact["bound_ms"] < unmodified["bound_ms"]
+
+
+def test_state_bytes_are_the_method_state(report):
+    records = decode_records(report)
+    ring_row = HEADS * RING * (HEAD_DIM * (4 + 4) + 12)  # fp32 queries and states
+    counters = 6 * HEADS * 8
+    for batch in BATCHES:
+        mac = records[("mac:all", batch, 64)]
+        assert mac["state_bytes"] == LAYERS * (batch * ring_row + counters)
+        assert mac["state_pct_of_kv"] == pytest.approx(100 * mac["state_bytes"]
+                                                       / mac["kv_bytes_context"])
+        assert records[("topk_phi:0.02", batch, 64)]["state_bytes"] > LAYERS * 8
+        assert records[("exact", batch, 64)]["state_bytes"] == 0
+
+
+def test_compile_health_one_graph_per_group_and_no_recompile(report):
+    for (method, _, _), r in decode_records(report).items():
+        assert r["recompiles_after_warmup"] == 0 and r["graph_breaks"] == 0
+        assert r["cudagraph_skips"] is None  # no CUDA graphs on CPU
+        assert r["decode_sites_rewritten"] == (0 if method == "unmodified" else LAYERS)
+
+
+def test_prefill_is_timed_for_the_default_methods_and_the_control(report):
+    prefill = {r["method"]: r for r in report["records"] if r["kind"] == "prefill"}
+    assert set(prefill) == {"unmodified", e2e.TRACED_CONTROL, "exact", "mac:all"}
+    for r in prefill.values():
+        assert r["status"] == "ok" and r["median_ms"] > 0 and len(r["runs_ms"]) == 2
+    assert "slowdown_vs_control_pct" in prefill["mac:all"]
+    assert "slowdown_vs_unmodified_pct" in prefill[e2e.TRACED_CONTROL]
+
+
+def test_report_holds_environment_config_and_tables(report):
+    assert report["environment"]["torch"] == torch.__version__
+    assert report["config"]["methods"] == list(METHODS) and report["copy_gbps"] > 0
+    assert report["weight_bytes_per_step"] > 0 and report["elapsed_s"] > 0
+    assert e2e.decode_table(report).row_count == len(BATCHES) * len(CONTEXTS)
+    assert e2e.health_table(report).row_count == len(METHODS) * len(BATCHES)
+    assert e2e.prefill_table(report).row_count == 4
+
+
+def test_a_spent_budget_or_the_token_cap_records_points_as_skipped(tmp_path):
+    path = tmp_path / "e2e.json"
+    assert cli.main(["bench", "e2e", *TINY, "--methods", "unmodified,exact",
+                     "--budget-s", "0.001", "--max-batch-tokens", "128",
+                     "--json", str(path)]) == 0
+    records = json.loads(path.read_text())["records"]
+    assert len(records) == 2 * len(BATCHES) * len(CONTEXTS) + 3  # + prefill: 2 and control
+    assert all(r["status"] == "skipped" for r in records)
+    capped = {(r["method"], r["context"]) for r in records if "max-batch-tokens" in r["detail"]}
+    assert capped == {("unmodified", 128), ("exact", 128)}  # batch 2 x 128 > 128 tokens
+    assert all(r["detail"].startswith("budget") for r in records
+               if (r["method"], r["context"]) not in capped)
+
+
+def test_first_mismatch_is_the_earliest_step_over_rows():
+    assert e2e.first_mismatch([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) is None
+    assert e2e.first_mismatch([[1, 2, 3], [4, 5, 6]], [[1, 2, 0], [4, 0, 6]]) == 1
+
+
+def test_method_names_map_to_configs():
+    forced = e2e.parse_method("mac:all", ring_size=16, offset=8).config
+    assert forced.tau == e2e.FORCED_HIT_TAU and forced.t_min == 0 and forced.ring_size == 16
+    assert forced.max_chain_depth == e2e.UNBOUNDED_CHAIN
+    assert e2e.parse_method("mac:all").config_for(2).batch_capacity == 2
+    assert e2e.parse_method("unmodified").config is None
+    with pytest.raises(ValueError, match="unknown method"):
+        e2e.parse_method("mac")
