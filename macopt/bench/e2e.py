@@ -35,11 +35,12 @@ their prefill ops run). Then ``--warmup-steps`` W untimed and ``--steps`` N time
 the timed steps attend ``C + W + 1`` to ``C + W + N`` keys. What the chunk does to macopt's
 state (read in the source, not changed):
 
-- MAC (``macopt.mac_ops.mac_prefill``): a chunk not starting at position 0 leaves the rings
-  empty by design, so the first decode step misses and the ring then fills with one decode
-  entry per step. The W warm-up steps absorb that; since the nearest entry is a recent one, a
-  hit's band is short (a full prompt would also leave prompt entries up to M positions back).
-  Keys read per step are measured and reported.
+- MAC (``macopt.mac_ops.mac_prefill``, as of commit f5922df): a chunk continuing a sequence
+  fills the ring slots of its own positions with exact entries (states over the cache
+  prefix) and leaves older slots empty. The default chunk, 512 = the ring size, therefore
+  leaves a full ring of prompt entries, as a real prompt would; decode steps then add one
+  entry each. (Before that commit such a chunk left the ring empty: every step missed until
+  decode entries refilled it.) Keys read per step are measured and reported.
 - Top-K + phi (``topk_phi_site_prefill``): the summary and page bounds are built over each
   row's whole key range ``[0, C)`` read from the cache (the last query's mask row), so the
   chunk builds the state a full prefill over the same cache would.
@@ -207,7 +208,7 @@ class E2EConfig:
     batches: tuple[int, ...] = DEFAULT_BATCHES
     steps: int = 32
     warmup_steps: int = 3
-    chunk: int = 64
+    chunk: int = 512  # MACConfig().ring_size: a full ring of prompt entries
     prefill_contexts: tuple[int, ...] = DEFAULT_PREFILL_CONTEXTS
     prefill_methods: tuple[str, ...] = DEFAULT_PREFILL_METHODS
     prefill_repeats: int = 3
