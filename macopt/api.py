@@ -167,8 +167,10 @@ def _user_pass() -> object | None:
 
 
 def _use_sdpa(model: torch.nn.Module) -> None:
-    """Hugging Face models: select the ``sdpa`` attention (Inductor does not reliably fuse the
-    eager softmax pattern, and SDPA nodes are what the passes find)."""
+    """Hugging Face models: select the ``sdpa`` attention where the model has one (Inductor does
+    not reliably fuse the eager softmax pattern, so SDPA keeps prefill fast). A model without an
+    SDPA path (transformers keeps ``'eager'``, e.g. GPT-J) keeps its eager attention: the passes
+    find the softmax pattern as well (``passes/eager_sites.py``)."""
     hf_config = getattr(model, "config", None)
     if not hasattr(hf_config, "_attn_implementation"):
         return
@@ -176,11 +178,6 @@ def _use_sdpa(model: torch.nn.Module) -> None:
         model.set_attn_implementation("sdpa")
     else:
         hf_config._attn_implementation = "sdpa"
-    if hf_config._attn_implementation != "sdpa":
-        raise ValueError(
-            f"{type(model).__name__} cannot use the 'sdpa' attention implementation (it keeps "
-            f"{hf_config._attn_implementation!r}), so its attention has no SDPA site for macopt "
-            "to rewrite. Leave this model unoptimized.")
 
 
 def _check_model_supports(model: torch.nn.Module, config: MethodConfig) -> None:

@@ -31,6 +31,7 @@ from macopt.passes.decode_rewrite import (
     is_decode,
     rewrite_decode_site,
 )
+from macopt.passes.eager_sites import find_eager_attention_sites
 from macopt.passes.module_checks import unsupported_module_reason
 from macopt.passes.prefill_rewrite import (
     PREFILL_REWRITES,
@@ -74,7 +75,7 @@ class MacoptPasses(CustomGraphPass):
 def run_passes(graph: Graph, default_config: object | None = None) -> list[SiteReport]:
     """Analyse and rewrite every in-scope attention site of ``graph``; return the reports."""
     reports, seen_ids, fresh_untagged = [], set(), set()
-    for site in find_attention_sites(graph):
+    for site in find_attention_sites(graph) + find_eager_attention_sites(graph):
         found = scope.scope_of(site.node)
         module, config = found if found else (None, None)
         config = found[1].config if found else default_config
@@ -115,7 +116,7 @@ def process_site(
     if not decode and config.method not in PREFILL_REWRITES:
         decision, reason = "kept", f"prefill graph (query length {site.query_len})"
     else:
-        skip = unsupported_module_reason(module)
+        skip = unsupported_module_reason(module) or site.unsupported
         if not stateless and site_id is None:
             skip = skip or ("the module has no identity to key its state by, or attends more "
                             "than once in this graph (its state would be shared)")

@@ -21,7 +21,8 @@ _TUPLE_OUTPUT = {t for t in SDPA_TARGETS if t != aten.scaled_dot_product_attenti
 
 @dataclass
 class AttentionSite:
-    """One SDPA call, normalised. Shapes follow SDPA: ``q[B,Hq,S,D]``, ``k/v[B,H,N,D]``."""
+    """One SDPA call (or eager softmax attention, ``eager_sites``), normalised. Shapes follow
+    SDPA: ``q[B,Hq,S,D]``, ``k/v[B,H,N,D]``."""
 
     node: Node
     output: Node | None  # the node whose users read the attention output
@@ -40,10 +41,12 @@ class AttentionSite:
     module_path: str
     module_id: int | None
     module_class: type | None
+    unsupported: str | None = None  # why the pattern can never be rewritten (eager sites)
+    label: str | None = None  # the op name reports show, when not the node's target
 
     @property
     def op_name(self) -> str:
-        return self.node.target.name()
+        return self.label or self.node.target.name()
 
 
 def find_attention_sites(graph: Graph) -> list[AttentionSite]:
@@ -73,6 +76,12 @@ def attention_site(node: Node) -> AttentionSite:
         gqa_form = "native" if _group(fake(q), fake(k)) not in (None, 1) else "none"
     output, extra_used = _attention_output(node)
     q_val, k_val = fake(q), fake(k_base)
+    if "nn_module_stack" not in node.meta:
+        # Inductor's attention fusion turns eager softmax patterns (GPT-J's) into SDPA nodes
+        # that carry no module stack: take the attention module's from where q, k or v is made.
+        made = [n.meta["nn_module_stack"] for n in (q, k, v) if n.meta.get("nn_module_stack")]
+        if made:
+            node.meta["nn_module_stack"] = made[0]
     stack = module_ids_in_stack(node)
     module_id, module_path, module_class = stack[-1] if stack else (None, "", None)
     return AttentionSite(

@@ -67,6 +67,10 @@ def test_model_without_attention_is_a_clear_error():
         macopt.optimize(torch.nn.Sequential(torch.nn.Linear(4, 4)), macopt.ExactConfig())
 
 
+class _EagerOnlyAttention(torch.nn.Linear):
+    pass
+
+
 class _EagerOnlyModel(torch.nn.Module):
     """Stands for a Hugging Face model whose attention cannot switch to SDPA: transformers logs
     a warning and keeps 'eager' (GPT-J up to transformers 5.23 behaves so)."""
@@ -74,17 +78,16 @@ class _EagerOnlyModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.config = types.SimpleNamespace(_attn_implementation="eager")
-        self.proj = torch.nn.Linear(4, 4)
+        self.attn = _EagerOnlyAttention(4, 4)
 
     def set_attn_implementation(self, name):
         pass
 
 
-def test_model_without_sdpa_support_is_refused_untouched():
-    model = _EagerOnlyModel()
-    with pytest.raises(ValueError, match="cannot use the 'sdpa' attention"):
-        macopt.optimize(model, macopt.ExactConfig())
-    assert _tagged(model) == []
+def test_model_without_sdpa_support_keeps_its_eager_attention_and_is_tagged():
+    model = macopt.optimize(_EagerOnlyModel(), macopt.ExactConfig())
+    assert model.config._attn_implementation == "eager"
+    assert _tagged(model) == ["attn"]
 
 
 def test_method_needing_rope_on_a_model_without_rope_is_refused():
