@@ -56,9 +56,19 @@ def rewrite_exact(graph: Graph, site: AttentionSite, inputs: DecodeInputs, confi
     """Exact by construction: same keys, scale and GQA head map.
 
     SDPA's mask becomes ``key_mask``, its scale is passed through, and query head h reads KV
-    head h // g, as repeat_kv does.
+    head h // g, as repeat_kv does. With a mask, each row's keys are also bounded by its first
+    and last attended key: every attended key lies between them, so the result is the same,
+    and the kernel visits the row's context instead of the whole (static) cache.
     """
-    args = (inputs.q, inputs.k, inputs.v, inputs.starts, inputs.ends, inputs.key_mask)
+    from macopt.passes.key_range import key_range  # built on this module's helpers
+
+    starts, ends = inputs.starts, inputs.ends
+    if inputs.key_mask is not None:
+        n_keys = size_arg(graph, site.k, 2, site)
+        batch = size_arg(graph, site.k, 0, site)
+        starts, last = key_range(graph, site, inputs.key_mask, batch, n_keys)
+        ends = call(graph, aten.add.Tensor, (last, 1), site)
+    args = (inputs.q, inputs.k, inputs.v, starts, ends, inputs.key_mask)
     return call(graph, torch.ops.macopt.decode_attention.default, (*args, inputs.scale), site)
 
 
