@@ -1,0 +1,122 @@
+"""Per-kernel GPU times of one decode step (CUDA only): where a step's time goes.
+
+Not a ``macopt bench`` sub-command: a profiling aid behind the numbers in BENCHMARKS.md. For
+each case it prints the CUDA-graph replay median (``do_bench``, as ``macopt bench``) and the mean
+device time of every kernel in the replayed graph (``torch.profiler``, 30-50 replays).
+
+    python -m macopt.bench.profile_steps mac   # exact vs MAC at forced hit rates 1.0 / 0.0
+    python -m macopt.bench.profile_steps topk  # Top-K + phi, page selector, 1% and 2%
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+
+from macopt.bench import decode, timing
+
+LAYER = dict(q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)  # Llama-3.1-8B
+
+
+def kernel_us(fn: Callable[[], object], replays: int = 50) -> dict[str, float]:
+    """Mean device time (us) per replay of each kernel of ``fn``'s CUDA graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = timing.capture_graph(fn)
+    for _ in range(5):
+        graph()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph()
+        torch.cuda.synchronize()
+    total: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            name = event.name[:40]
+            total[name] = total.get(name, 0.0) + event.device_time_total
+    return {name: round(us / replays, 2) for name, us in total.items()}
+
+
+def _record(rows: list[dict], case: str, variant: str, fn: Callable[[], object]) -> None:
+    fn()
+    ms = timing.graph_median_ms(fn, 25, 100)
+    kernels = kernel_us(fn)
+    rows.append(dict(case=case, variant=variant, ms=round(ms, 4), kernels_us=kernels))
+    print(f"{case:10s} {variant:26s} {ms * 1000:8.1f} us  {kernels}", flush=True)
+
+
+def profile_mac(rows: list[dict]) -> None:
+    from macopt.bench import mac as bench_mac
+
+    config = bench_mac.MACBenchConfig(device="cuda")
+    for batch, context in [(1, 8192), (1, 131072), (16, 131072)]:
+        _mac_case(rows, bench_mac.make_layer(config, batch, context), batch, context)
+        torch.cuda.empty_cache()
+
+
+def _mac_case(rows: list[dict], layer, batch: int, context: int) -> None:
+    from macopt.bench import mac as bench_mac
+    from macopt.kernels import mac
+
+    case = f"b{batch} {context // 1024}K"
+    inputs = decode.DecodeInputs(layer.q, layer.k, layer.v, layer.starts, layer.positions + 1,
+                                 layer.scale)
+    attend = decode._build_macopt(decode.LayerShape(batch, context, **LAYER), inputs)
+    _record(rows, case, "exact", lambda: attend(inputs))
+    for rate in (1.0, 0.0):
+        ring = bench_mac.forced_ring(layer, 512, rate)
+        for programs in (None, 4, 16):
+            for splits in ((None, 4) if rate == 1.0 else (None,)):
+                def step(programs=programs, splits=splits, ring=ring):
+                    return mac.mac_decode_step(
+                        layer.q, layer.q_pre, layer.k, layer.v, ring, layer.positions,
+                        layer.starts, layer.scale, offset=256, tau=0.45, t_min=0,
+                        max_depth=16, match_programs=programs, num_splits=splits)
+                _record(rows, case, f"mac h{rate} mp{programs} sp{splits}", step)
+
+
+def profile_topk(rows: list[dict]) -> None:
+    from macopt.bench import topk as bench_topk
+    from macopt.kernels.feature_maps import positive_random_features
+
+    config = bench_topk.TopKBenchConfig(device="cuda")
+    device = torch.device("cuda")
+    gen = torch.Generator(device).manual_seed(0)
+    maps = positive_random_features(32, 8, 128, config.d_phi,
+                                    generator=torch.Generator().manual_seed(0))
+    for batch in (1, 16):
+        x = decode.make_inputs(decode.LayerShape(batch, 131072, **LAYER), device, gen)
+        for budget in (0.01, 0.02):
+            _topk_case(rows, x, batch, config.method(budget, "page"), maps, device)
+        torch.cuda.empty_cache()
+
+
+def _topk_case(rows: list[dict], x, batch: int, method, maps, device: torch.device) -> None:
+    from macopt.topk_phi_ops import TopKPhiState
+    from macopt.topk_phi_ops import decode as topk_decode
+    from macopt.topk_phi_ops import prefill as topk_prefill
+
+    state = TopKPhiState.allocate(batch, 32, 8, 131072, 128, torch.bfloat16, device,
+                                  page_size=method.page_size, maps=maps)
+    topk_prefill(state, x.k, x.v, x.starts, x.ends, method)
+    _record(rows, f"b{batch} 128K", f"page {method.budget:g}",
+            lambda: topk_decode(state, x.q, x.k, x.v, x.starts, x.ends, x.scale, method))
+
+
+def main(argv: list[str] | None = None) -> int:
+    what = (argv or sys.argv[1:] or ["mac"])[0]
+    rows: list[dict] = []
+    {"mac": profile_mac, "topk": profile_topk}[what](rows)
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, f"profile_{what}.json"), "w") as f:
+        json.dump({"environment": timing.environment("cuda"), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
