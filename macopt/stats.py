@@ -23,22 +23,25 @@ class LayerStats:
     ``hit_rate``: share of (row, query head) decode steps that reused a ring entry;
     ``head_hit_rates``: the same per query head; ``keys_read`` / ``keys_full``: keys attended vs
     what full attention would have attended (summed over rows and heads); ``nbytes``: memory
-    held by the site's state (ring + counters).
+    held by the site's state (ring + counters). Top-K + phi sites keep no device counters yet:
+    their counts are None and only ``nbytes`` is reported.
     """
 
     layer: str
     method: str
-    decode_steps: int
-    prefills: int
-    hit_rate: float
+    decode_steps: int | None
+    prefills: int | None
+    hit_rate: float | None
     head_hit_rates: tuple[float, ...]
-    keys_read: int
-    keys_full: int
+    keys_read: int | None
+    keys_full: int | None
     nbytes: int
 
     @property
-    def read_fraction(self) -> float:
-        """Keys read as a fraction of full attention's (1.0: no saving)."""
+    def read_fraction(self) -> float | None:
+        """Keys read as a fraction of full attention's (1.0: no saving; None: not counted)."""
+        if self.keys_read is None:
+            return None
         return self.keys_read / self.keys_full if self.keys_full else 1.0
 
 
@@ -60,8 +63,8 @@ class Stats(list[LayerStats]):
                        "keys read / full", "state MB"):
             table.add_column(column)
         for s in self:
-            table.add_row(s.layer, s.method, str(s.decode_steps), str(s.prefills),
-                          f"{s.hit_rate:.3f}", f"{s.read_fraction:.3f}", f"{s.nbytes / 2**20:.1f}")
+            table.add_row(s.layer, s.method, _text(s.decode_steps), _text(s.prefills),
+                          _text(s.hit_rate), _text(s.read_fraction), f"{s.nbytes / 2**20:.1f}")
         return table
 
     def __rich__(self) -> Table:
@@ -82,17 +85,35 @@ def stats(model: torch.nn.Module) -> Stats:
         site = state.get(site_id) if site_id is not None else None
         if found is not None and site is not None:
             sites.append((found.qualname or name, site))
-    if not sites:
-        return Stats()
-    device = sites[0][1].counters.device
-    counts = torch.cat([s.counters.flatten().to(device) for _, s in sites]).cpu()  # the sync
+    counted = [site for _, site in sites if _has_counters(site)]
+    counts = []
+    if counted:
+        device = counted[0].counters.device
+        counts = torch.cat([s.counters.flatten().to(device) for s in counted]).cpu().tolist()
     out, offset = Stats(), 0
     for layer, site in sites:
+        if not _has_counters(site):
+            out.append(LayerStats(layer, site.method, None, None, None, (), None, None,
+                                  site.nbytes()))
+            continue
         size = site.counters.numel()
-        rows = counts[offset:offset + size].view(site.counters.shape).tolist()
+        flat = counts[offset:offset + size]
         offset += size
+        heads = site.counters.shape[1]
+        rows = [flat[i * heads:(i + 1) * heads] for i in range(len(COUNTERS))]
         out.append(_layer_stats(layer, site, dict(zip(COUNTERS, rows, strict=True))))
     return out
+
+
+def _has_counters(site: state.SiteState) -> bool:
+    """Whether the site keeps the per-head counters of :data:`COUNTERS` (MAC does)."""
+    return site.counters.dim() == 2 and site.counters.shape[0] == len(COUNTERS)
+
+
+def _text(value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _layer_stats(layer: str, site: state.SiteState, c: dict[str, list[int]]) -> LayerStats:

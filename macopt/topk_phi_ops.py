@@ -305,6 +305,12 @@ class TopKPhiState:
     phi_k_mlp: bool
     completion: Tensor
 
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every buffer the state holds (for memory accounting)."""
+        optional = [t for t in (self.kmin, self.kmax) if t is not None]
+        return (self.m, self.u, self.t, self.mid_start, self.mid_end, *optional, *self.phi_q,
+                *self.phi_k, self.completion)
+
     @classmethod
     def allocate(
         cls, batch: int, n_q_heads: int, n_kv_heads: int, n_keys: int, head_dim: int,

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 
 import pytest
 import torch
+from rich.console import Console
 
 import macopt
 from tests.model_zoo import ZOO
@@ -70,3 +72,23 @@ def test_a_one_token_budget_without_completion_changes_the_logits():
         got = generate(model, 1, compiled=True)
     want = generate(reference, 1, compiled=False)
     assert (got.logits - want.logits).abs().max() > 0.05
+
+
+def test_stats_report_the_state_bytes_of_topk_phi_sites():
+    reference = ZOO["llama"].build()
+    reference.set_attn_implementation("sdpa")
+    model = macopt.optimize(reference, whole_context("page"))
+    with _fresh_compiles():
+        generate(model, 1, compiled=True)
+    layers = macopt.stats(model)
+    assert len(layers) == ZOO["llama"].rewritten
+    for layer in layers:
+        assert layer.method == "topk_phi" and layer.decode_steps is None
+        assert layer.read_fraction is None
+        # at least the summary: m, u [Hkv, F] and t [Hkv, F, D] in fp32 for the one row,
+        # F = D by default
+        head_dim = model.config.head_dim
+        assert layer.nbytes > 4 * model.config.num_key_value_heads * head_dim * (2 + head_dim)
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(layers.table())
+    assert "topk_phi" in console.export_text()

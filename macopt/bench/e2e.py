@@ -79,9 +79,9 @@ a lower bound, the heads of a group reading overlapping ranges) plus the ring's 
 queries scanned by the match; Top-K + phi, an estimate from its config (sinks, tail,
 generated keys and the budget in whole pages, the middle's page bounds and the summary).
 
-Memory: ``state_bytes`` is what macopt's per-site state holds (read from the site registry:
-``macopt.stats`` fails on Top-K + phi sites, see the report of this issue), given as a share of
-the KV bytes of the context (``batch * C`` tokens; the allocation is in ``kv_cache_bytes``).
+Memory: ``state_bytes`` is what macopt's per-site state holds (read from the site registry,
+buffers and counters), given as a share of the KV bytes of the context (``batch * C`` tokens;
+the allocation is in ``kv_cache_bytes``).
 
 Compile health per (method, batch) group, cumulative in each record: graphs dynamo compiled up
 to the end of the first point's warm-up, graphs compiled after it (recompiles), graph breaks,
@@ -445,10 +445,7 @@ def _tagged_site_ids(model: torch.nn.Module) -> list[int]:
 
 
 def state_bytes(model: torch.nn.Module, method: str) -> int:
-    """Bytes of ``method``'s per-site state (rings, summaries, counters) held for ``model``.
-
-    Counted here: ``SiteState.nbytes()`` sees the counters only of a Top-K + phi site (its
-    buffers have no ``tensors()``)."""
+    """Bytes of ``method``'s per-site state (rings, summaries, counters) held for ``model``."""
     from macopt import state
 
     sites = [state.get(s) for s in _tagged_site_ids(model)]
