@@ -58,7 +58,7 @@ _MATCH_BLOCK_M = 64  # ring slots per tile: 16 KB of bf16 queries at D = 128
 @triton.jit
 def _match_kernel(
     q_pre_ptr, ring_q_ptr, ring_pos_ptr, t_ptr, s0_ptr, cand_d_ptr, cand_pos_ptr,
-    q_heads, ring_size, head_dim, slots_per_program,
+    q_heads, ring_size, head_dim, slots_per_program, t_min,
     stride_qb, stride_qh, stride_qd,
     stride_rb, stride_rh, stride_rm, stride_rd,
     stride_pb, stride_ph, stride_pm,
@@ -86,6 +86,7 @@ def _match_kernel(
     best_pos = tl.min(tl.full([BLOCK_M], -1, tl.int32), axis=0)
     first = part * slots_per_program
     last = tl.minimum(first + slots_per_program, ring_size)
+    last = tl.where(t - s0 >= t_min, last, first)  # a row below t_min cannot hit: read nothing
     for tile_start in range(first, last, BLOCK_M):
         slots = tile_start + tl.arange(0, BLOCK_M)
         pos = tl.load(ring_pos + slots * stride_pm, mask=slots < last, other=-1)
@@ -433,7 +434,7 @@ def mac_decode_step(
 
     _match_kernel[(batch * q_heads, n_match)](
         q_pre, ring.q, ring.pos, positions, key_starts, cand_d, cand_pos,
-        q_heads, ring_size, head_dim, slots_per_program,
+        q_heads, ring_size, head_dim, slots_per_program, t_min,
         *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(), *cand_d.stride(),
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,  # 8 warps: half the registers a thread
     )

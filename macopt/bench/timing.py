@@ -12,6 +12,7 @@ import datetime
 import importlib.metadata
 import itertools
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -165,7 +166,12 @@ def _version(package: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """HEAD of the working tree, if it is a git checkout (the device machine's copy is not)."""
+    """``MACOPT_COMMIT`` if set, else HEAD of the working tree if it is a git checkout.
+
+    The variable is for copies whose git metadata is not the code's: the lent GPU machine's
+    copy carried a stale ``.git`` (its runs reported an older commit than the one that ran)."""
+    if os.environ.get("MACOPT_COMMIT"):
+        return os.environ["MACOPT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
