@@ -17,12 +17,37 @@ def compile_config(mode: str = "default", fullgraph: bool = True,
 
     transformers compiles the decode step of a static-cache generate() on GPUs only unless the
     private ``_compile_all_devices`` is set; macopt wants the same path on CPU (tests, CLI).
+    Also compiles sliding-window cache lengths dynamically (:func:`compile_window_lengths_dynamic`).
     """
     from transformers import CompileConfig
 
+    compile_window_lengths_dynamic()
     config = CompileConfig(fullgraph=fullgraph, mode=mode, backend=backend)
     config._compile_all_devices = True
     return config
+
+
+# Dynamo source names of the Python-int length counter of transformers' sliding-window static
+# cache layers (``StaticSlidingWindowLayer.cumulative_length_int``), as a dynamic_sources regex.
+WINDOW_LENGTH_SOURCES = r".*\.cumulative_length_int$"
+
+
+def compile_window_lengths_dynamic() -> None:
+    """Compile the sliding-window layers' Python-int cache length as a dynamic int from the
+    first compile on (process-wide, idempotent; adds to ``torch.compiler.config.dynamic_sources``).
+
+    Why: ``StaticSlidingWindowLayer.update`` branches on ``cumulative_length_int >=
+    max_cache_len`` (is the window full?). Dynamo specializes a Python int on first sight, so
+    the first decode graph guards ``cumulative_length_int == <prompt length>`` and the second
+    decode step recompiles (automatic dynamic), even in the unmodified model. Marked dynamic,
+    the int is guarded by the branch only (``<= window - 1``, then ``>= window``): one decode
+    graph while the window fills and one once it is full, and just one when the prompt
+    already fills the window. The full/not-full split itself is transformers' Python control
+    flow; no compile option removes it.
+    """
+    entries = [e for e in torch.compiler.config.dynamic_sources.replace(" ", "").split(",") if e]
+    if WINDOW_LENGTH_SOURCES not in entries:
+        torch.compiler.config.dynamic_sources = ",".join([*entries, WINDOW_LENGTH_SOURCES])
 
 
 def static_cache(model: torch.nn.Module, batch: int, max_len: int, dtype: torch.dtype,
@@ -39,6 +64,7 @@ def static_cache(model: torch.nn.Module, batch: int, max_len: int, dtype: torch.
     """
     from transformers import StaticCache
 
+    compile_window_lengths_dynamic()
     text = model.config.get_text_config()
     try:
         cache = StaticCache(config=model.config, max_cache_len=max_len)

@@ -1,11 +1,13 @@
 """Per-site state of stateful methods (MAC rings; later Top-K+phi summaries), by site id.
 
 The graph passes bake an integer site id into every rewritten graph (one per attention
-module, see :mod:`macopt.passes.scope`); the ops look their state up here. A site's state is
-allocated once, at its first use (a warm-up step, outside any CUDA-graph capture), and never
-moves afterwards, so graphs captured later keep valid addresses. Allocating while a CUDA graph
-is being captured is refused with an error instead. Each site also holds device-side counters
-that its ops update in place (no host sync); :func:`macopt.stats` reads them.
+module, see :mod:`macopt.passes.scope`); the ops look their state up here. Site ids are never
+reused, and a module's state is released when the module is garbage collected, so a new model
+never starts from a dead one's state. A site's state is allocated once, at its first use (a
+warm-up step, outside any CUDA-graph capture), and never moves afterwards, so graphs captured
+later keep valid addresses. Allocating while a CUDA graph is being captured is refused with
+an error instead. Each site also holds device-side counters that its ops update in place (no
+host sync); :func:`macopt.stats` reads them.
 
 >>> state = site_state(7, "demo", ("spec",), lambda: ([torch.zeros(3)], torch.zeros(2)))
 >>> site_state(7, "demo", ("spec",), lambda: None) is state  # same spec: the same buffers

@@ -4,14 +4,19 @@
 dynamo's ``nn_module_stack`` (keyed by module id) and record one report per site.
 
 Methods with per-site state (MAC rings, Top-K+phi summaries) key it by a small integer *site
-id*, one per attention module, assigned when the module is tagged (or first seen by a backend
-pass) and baked into the rewritten graph as a constant: the same id in the prefill and the
-decode graphs of a module, never a per-token value. Ids are assigned in tagging order, so a
-graph from Inductor's FX graph cache (keyed on the ids too) points at the same modules.
+id*, one per attention module, baked into the rewritten graph as a constant: the same id in the
+prefill and the decode graphs of a module, never a per-token value. A module gets its site id
+when it is tagged, or when a backend pass first meets it untagged, and keeps it while it lives;
+ids come from one counter and are never handed out twice, so a new module never inherits a dead
+one's state, even where Python reuses the dead module's ``id()``. When a module is garbage
+collected its site id is retired and its state released (:func:`on_forget`). Ids are assigned in
+tagging order, so a graph from Inductor's FX graph cache (keyed on the ids too) points at the
+same modules.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import weakref
@@ -33,64 +38,102 @@ class Scope:
     config: object
 
 
-_TAGGED: dict[int, tuple[weakref.ref, Scope]] = {}
+@dataclass
+class _Known:
+    """A live module the passes know: its site id, and its scope while it is tagged."""
+
+    ref: weakref.ref
+    site_id: int
+    scope: Scope | None = None
+
+
+_KNOWN: dict[int, _Known] = {}  # by id(module), only while the module lives
 _REPORTS: dict[int, dict[tuple[str, str, str], SiteReport]] = {}
-_SITE_IDS: dict[int, int] = {}  # module id -> site id
 _NEXT_SITE_ID = itertools.count()
 _FORGET_HOOKS: list[Callable[[int], None]] = []  # called with a dead module's site id
+# Every live module at the last scan of the heap, by id (entries vanish as modules die).
+_LIVE_MODULES: weakref.WeakValueDictionary[int, torch.nn.Module] = weakref.WeakValueDictionary()
 
 
 def tag(module: torch.nn.Module, qualname: str, config: object) -> None:
     """Put ``module`` in scope of the passes with ``config``."""
-    key = id(module)
-    _TAGGED[key] = (weakref.ref(module, lambda _: _forget(key)), Scope(qualname, config))
-    _REPORTS.pop(key, None)
-    site_id_for(key)
+    _known(module).scope = Scope(qualname, config)
+    _REPORTS.pop(id(module), None)
 
 
-def site_id_for(module_id: int) -> int:
-    """The site id of the module with ``id(module) == module_id`` (assigned on first call)."""
-    if module_id not in _SITE_IDS:
-        _SITE_IDS[module_id] = next(_NEXT_SITE_ID)
-    return _SITE_IDS[module_id]
+def untag(module: torch.nn.Module) -> None:
+    """Take ``module`` out of scope (it keeps its site id)."""
+    known = _KNOWN.get(id(module))
+    if known is not None and known.ref() is module:
+        known.scope = None
+
+
+def site_id_for(module_id: int) -> int | None:
+    """The site id of the live module with ``id(module) == module_id``, assigned on first
+    sight; None when no live module has that id.
+
+    Only a live object has a given id, and the passes run while the graph's modules are being
+    compiled (alive), so the id names the module the graph came from.
+    """
+    known = _KNOWN.get(module_id)
+    if known is not None and known.ref() is not None:
+        return known.site_id
+    module = _LIVE_MODULES.get(module_id)
+    if module is None:
+        # First sight of this id: find its module among the live objects (type() only, so no
+        # object's own code runs).
+        _LIVE_MODULES.update((id(o), o) for o in gc.get_objects()
+                             if issubclass(type(o), torch.nn.Module))
+        module = _LIVE_MODULES.get(module_id)
+    return _known(module).site_id if module is not None else None
 
 
 def site_id_of(module: torch.nn.Module) -> int | None:
     """The site id of a tagged module, or None."""
-    return _SITE_IDS.get(id(module)) if scope_of_module(module) is not None else None
+    known = _KNOWN.get(id(module))
+    tagged = known is not None and known.scope is not None and known.ref() is module
+    return known.site_id if tagged else None
 
 
 def on_forget(hook: Callable[[int], None]) -> None:
-    """Call ``hook(site_id)`` when a tagged module is garbage collected (frees its state)."""
+    """Call ``hook(site_id)`` when a module with a site id is garbage collected (frees its
+    state)."""
     _FORGET_HOOKS.append(hook)
 
 
-def untag(module: torch.nn.Module) -> None:
-    _TAGGED.pop(id(module), None)
+def _known(module: torch.nn.Module) -> _Known:
+    """What scope knows about ``module``; a module met for the first time gets a fresh site id."""
+    key = id(module)
+    known = _KNOWN.get(key)
+    if known is None or known.ref() is not module:
+        known = _KNOWN[key] = _Known(weakref.ref(module, functools.partial(_forget, key)),
+                                     next(_NEXT_SITE_ID))
+    return known
 
 
-def _forget(key: int) -> None:
-    _TAGGED.pop(key, None)
+def _forget(key: int, ref: weakref.ref) -> None:
+    known = _KNOWN.get(key)
+    if known is None or known.ref is not ref:
+        return
+    del _KNOWN[key]
     _REPORTS.pop(key, None)
-    site_id = _SITE_IDS.pop(key, None)
-    if site_id is not None:
-        for hook in _FORGET_HOOKS:
-            hook(site_id)
+    for hook in _FORGET_HOOKS:
+        hook(known.site_id)
 
 
 def scope_of(node: Node) -> tuple[torch.nn.Module, Scope] | None:
     """The innermost tagged module around ``node`` and its scope, or None."""
     for module_id, _, _ in reversed(module_ids_in_stack(node)):
-        entry = _TAGGED.get(module_id) if module_id is not None else None
-        module = entry[0]() if entry else None
+        known = _KNOWN.get(module_id) if module_id is not None else None
+        module = known.ref() if known is not None and known.scope is not None else None
         if module is not None:
-            return module, entry[1]
+            return module, known.scope
     return None
 
 
 def scope_of_module(module: torch.nn.Module) -> Scope | None:
-    entry = _TAGGED.get(id(module))
-    return entry[1] if entry and entry[0]() is module else None
+    known = _KNOWN.get(id(module))
+    return known.scope if known is not None and known.ref() is module else None
 
 
 def cache_description() -> str:
@@ -100,13 +143,13 @@ def cache_description() -> str:
     # timing, e.g. a dropped model collected between two compiles of the same graph.
     gc.collect()
     rows = []
-    for ref, scope in _TAGGED.values():
-        module = ref()
-        if module is not None:
+    for known in list(_KNOWN.values()):  # a collection during the loop may drop entries
+        module, scope = known.ref(), known.scope
+        if module is not None and scope is not None:
             config = scope.config
             key = config.cache_key() if hasattr(config, "cache_key") else repr(config)
             if getattr(config, "keeps_state", False):  # the graph bakes the site id in
-                key += f"|site {_SITE_IDS.get(id(module))}"
+                key += f"|site {known.site_id}"
             rows.append(f"{type(module).__qualname__}|{scope.qualname}|{key}")
     return "\n".join(sorted(rows))
 

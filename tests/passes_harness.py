@@ -13,9 +13,9 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
-from transformers import CompileConfig
 
 import macopt
+from macopt import _hf_compat
 from macopt.passes._compat import dynamo_counters, inductor_config, run_and_get_code
 from macopt.passes.report import SiteReport
 from tests.model_zoo import VOCAB, ZOO
@@ -72,8 +72,8 @@ def generate(model: torch.nn.Module, batch: int, compiled: bool) -> Generation:
 
 @torch.no_grad()
 def hf_generate(model, ids, mask, compiled):
-    compile_config = CompileConfig(fullgraph=True, mode="default")
-    compile_config._compile_all_devices = True  # transformers only auto-compiles on GPUs
+    # On every device (transformers only auto-compiles on GPUs); window lengths dynamic.
+    compile_config = _hf_compat.compile_config(mode="default")
     out = model.generate(ids, attention_mask=mask, max_new_tokens=DECODE_STEPS,
                          min_new_tokens=DECODE_STEPS, do_sample=False,
                          cache_implementation="static", compile_config=compile_config,

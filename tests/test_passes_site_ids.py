@@ -1,0 +1,115 @@
+"""Site ids key the per-site state of stateful methods: one per live module, never reused.
+
+Python reuses the ``id()`` of a dead object, and the passes know a module only by the id in
+dynamo's ``nn_module_stack``. A module that gets a dead module's id must still get a fresh
+site id, so it never starts from the dead module's MAC ring or Top-K+phi summaries; the dead
+module's state is released. The tests force the id reuse: ``_PaddedAttention`` instances have
+a size no other object has, so CPython hands a freed one's memory (its id) to the next.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import macopt
+from macopt import state
+from macopt.passes import scope
+from macopt.passes.manager import MacoptPasses
+from tests.nanogpt import CausalSelfAttention, NanoGPT, NanoGPTConfig, greedy_generate
+
+CFG = NanoGPTConfig(n_layer=1)
+MAC = macopt.MACConfig(ring_size=16, offset=4, batch_capacity=1)
+
+
+class _PaddedAttention(CausalSelfAttention):
+    """nanoGPT's attention in objects of a size few others have (unused slots; 512 bytes, the
+    largest block CPython's small-object allocator hands out)."""
+
+    __slots__ = tuple(f"_pad{i}" for i in range(57))
+
+
+def _attention(dead_id: int | None = None) -> _PaddedAttention:
+    """A new attention module; with ``dead_id``, one that reuses that dead module's id."""
+    if dead_id is None:
+        return _PaddedAttention(CFG)
+    tried = []
+    for _ in range(10_000):
+        module = _PaddedAttention.__new__(_PaddedAttention)  # the object's memory only
+        if id(module) == dead_id:
+            module.__init__(CFG)
+            return module
+        tried.append(module)  # kept alive, so the next try gets other memory
+    pytest.fail("CPython did not reuse the dead module's id")
+
+
+def _model(attention: _PaddedAttention | None = None) -> NanoGPT:
+    torch.manual_seed(0)
+    model = NanoGPT(CFG).eval()
+    model.blocks[0].attn = attention or _attention()
+    return model
+
+
+def _decode_through_backend(model: NanoGPT) -> None:
+    """A few decode steps compiled with macopt's backend: the module is not tagged, so the
+    backend's stateful config covers it and the passes give it its site id."""
+    step = torch.compile(model, backend=macopt.backend(MAC, inductor=False), fullgraph=True)
+    ids = torch.randint(2, CFG.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    greedy_generate(model, step, ids, torch.ones_like(ids), 3)
+
+
+def test_a_module_with_a_dead_modules_id_gets_a_fresh_site_and_fresh_state():
+    first = _model()
+    _decode_through_backend(first)
+    dead_id = id(first.blocks[0].attn)
+    dead_site = scope.site_id_for(dead_id)
+    assert dead_site is not None and state.get(dead_site) is not None
+    del first
+    gc.collect()
+    assert state.get(dead_site) is None  # released with its module
+
+    second = _model(_attention(dead_id))  # before anything else takes the memory
+    _decode_through_backend(second)
+    site = scope.site_id_for(dead_id)
+    assert site is not None and site != dead_site
+    assert state.get(site) is not None
+
+
+def test_site_ids_are_never_handed_out_twice():
+    first = _attention()
+    dead_id, dead_site = id(first), scope.site_id_for(id(first))
+    del first
+    second = _attention(dead_id)
+    assert scope.site_id_for(id(second)) not in (None, dead_site)
+    assert scope.site_id_for(id(second)) == scope.site_id_for(dead_id)  # stable while alive
+
+
+def test_an_id_of_no_live_module_has_no_site_id():
+    not_a_module = object()
+    assert scope.site_id_for(id(not_a_module)) is None
+
+
+def test_a_tagged_modules_state_is_released_when_it_dies():
+    module = _attention()
+    scope.tag(module, "attn", MAC)
+    site = scope.site_id_of(module)
+    state.site_state(site, "demo", (), lambda: (torch.zeros(1), torch.zeros(1)))
+    del module
+    gc.collect()
+    assert state.get(site) is None
+
+
+def test_fx_graph_cache_key_carries_the_site_ids_a_graph_bakes_in():
+    # A cached graph of a dead model names its sites' ids: a new model, the same in every other
+    # way, keys differently, so it cannot be served that graph.
+    first = macopt.optimize(_model(), MAC)
+    dead_key = MacoptPasses().uuid()
+    del first
+    gc.collect()
+    second = macopt.optimize(_model(), MAC)
+    assert MacoptPasses().uuid() != dead_key
+    del second
+    # Sites of untagged modules get their ids at pass time: such graphs are never cached.
+    assert MacoptPasses(default_config=MAC).uuid() is None
