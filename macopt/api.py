@@ -76,8 +76,33 @@ def optimize(
         scope.tag(module, name, module_config)
     install_passes()
     stateful = any(getattr(c, "keeps_state", False) for _, c in plan.values())
+    for module, module_config in plan.values():
+        _guard_site_identity(module, getattr(module_config, "keeps_state", False))
     _route_eager_forward(model, stateful)
     return model
+
+
+def _guard_site_identity(module: torch.nn.Module, stateful: bool) -> None:
+    """Make compiled code of a stateful site specific to this module.
+
+    A rewritten graph bakes its site ids in as constants, but dynamo does not guard on which
+    module instance it traced: a second model of the same class would replay the first one's
+    graph and read and write the first model's state. A forward pre-hook that branches on the
+    module's site id makes dynamo guard on that id, so each model compiles its own graph.
+    """
+    handle = module.__dict__.pop("_macopt_identity_hook", None)
+    if handle is not None:
+        handle.remove()
+    if not stateful:
+        return
+    module._macopt_site_id = scope.site_id_of(module)
+    module._macopt_identity_hook = module.register_forward_pre_hook(_check_site_identity)
+
+
+def _check_site_identity(module: torch.nn.Module, args: tuple) -> None:
+    if module._macopt_site_id < 0:  # a branch on the id's value: dynamo guards on it
+        raise RuntimeError("macopt: an optimized attention module has no site id")
+
 
 
 def _route_eager_forward(model: torch.nn.Module, stateful: bool) -> None:

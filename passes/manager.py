@@ -67,6 +67,11 @@ class MacoptPasses(CustomGraphPass):
             return None  # the wrapped pass is uncacheable, so are we
         if getattr(self.default_config, "keeps_state", False):
             return None  # untagged sites get site ids at pass time: nothing stable to key on
+        if scope.any_stateful_tag():
+            # A stateful graph bakes in the site ids of the modules it was traced from, and two
+            # models of one class trace to the same graph: a cache key cannot tell which
+            # model's ids it holds, so such graphs are never served from the cache.
+            return None
         default = getattr(self.default_config, "cache_key", lambda: "none")()
         extra = "\n".join((torch.__version__, default, str(previous), scope.cache_description()))
         return get_hash_for_files(_PASS_SOURCES, extra).hex()

@@ -9,9 +9,11 @@ prefill and the decode graphs of a module, never a per-token value. A module get
 when it is tagged, or when a backend pass first meets it untagged, and keeps it while it lives;
 ids come from one counter and are never handed out twice, so a new module never inherits a dead
 one's state, even where Python reuses the dead module's ``id()``. When a module is garbage
-collected its site id is retired and its state released (:func:`on_forget`). Ids are assigned in
-tagging order, so a graph from Inductor's FX graph cache (keyed on the ids too) points at the
-same modules.
+collected its site id is retired and its state released (:func:`on_forget`). Graphs that bake
+in site ids are never served from Inductor's FX graph cache (two models of one class trace to
+the same graph, so no key could say whose ids it holds; see :func:`any_stateful_tag`), and
+``macopt.optimize`` adds a guard on each stateful module's site id so that dynamo compiles a
+model's own graph instead of replaying another model's.
 """
 
 from __future__ import annotations
@@ -152,6 +154,13 @@ def cache_description() -> str:
                 key += f"|site {known.site_id}"
             rows.append(f"{type(module).__qualname__}|{scope.qualname}|{key}")
     return "\n".join(sorted(rows))
+
+
+def any_stateful_tag() -> bool:
+    """Whether a live tagged module has a stateful config (its graphs bake in site ids)."""
+    return any(known.ref() is not None and known.scope is not None
+               and getattr(known.scope.config, "keeps_state", False)
+               for known in list(_KNOWN.values()))
 
 
 def record(module_id: int, report: SiteReport) -> None:
