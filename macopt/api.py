@@ -75,6 +75,10 @@ def optimize(
     for name, (module, module_config) in plan.items():
         scope.tag(module, name, module_config)
     install_passes()
+    if hasattr(model, "config"):  # transformers: one decode graph per window state, not per token
+        from macopt import _hf_compat
+
+        _hf_compat.compile_window_lengths_dynamic()
     stateful = any(getattr(c, "keeps_state", False) for _, c in plan.values())
     for module, module_config in plan.values():
         _guard_site_identity(module, getattr(module_config, "keeps_state", False))
