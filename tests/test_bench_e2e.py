@@ -148,3 +148,18 @@ def test_method_names_map_to_configs():
     assert e2e.parse_method("unmodified").config is None
     with pytest.raises(ValueError, match="unknown method"):
         e2e.parse_method("mac")
+
+
+def test_latency_plot_from_the_committed_h100_report(tmp_path):
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    from macopt.bench import e2e
+
+    report = Path(e2e.__file__).parent / "results" / "h100_e2e.json"
+    out = tmp_path / "e2e.svg"
+    assert e2e.main(["--plot", str(out), "--plot-from", str(report)]) == 0
+    svg = out.read_text()
+    ET.fromstring(svg)  # well-formed
+    for name in ("batch 1", "batch 2", "exact", "mac:all", "mac:all bound", "unmodified"):
+        assert f">{name}<" in svg, name

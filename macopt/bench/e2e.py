@@ -1078,8 +1078,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="decode only points with batch x context <= this (each batch's "
                              "shared cache is sized for its largest such context)")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="write an SVG of token latency vs context (one chart per batch)")
+    parser.add_argument("--plot-from", type=Path, default=None,
+                        help="only draw --plot from this saved report (no run)")
     parser.set_defaults(func=_main)
     return parser
+
+
+def latency_plot(report: dict) -> str:
+    """SVG: median ms per token vs context, a line per method and its bytes-roofline bound
+    (dashed names ``... bound``), one chart per batch side by side."""
+    from macopt.plot import line_chart, side_by_side
+
+    charts = []
+    decode = [r for r in report["records"] if r["kind"] == "decode" and r["status"] == "ok"]
+    for batch in sorted({r["batch"] for r in decode}):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in decode:
+            if r["batch"] == batch:
+                series.setdefault(r["method"], []).append((r["context"] / 1024, r["median_ms"]))
+                series.setdefault(f"{r['method']} bound", []).append(
+                    (r["context"] / 1024, r["bound_ms"]))
+        charts.append(line_chart(series, x_label="context (K tokens)", y_label="ms per token",
+                                 title=f"batch {batch}", log_x=True))
+    return side_by_side(charts)
 
 
 def config_from_args(args: argparse.Namespace) -> E2EConfig:
@@ -1102,6 +1125,13 @@ def config_from_args(args: argparse.Namespace) -> E2EConfig:
 def _main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    if args.plot_from is not None:
+        if args.plot is None:
+            print("macopt bench e2e: --plot-from needs --plot FILE.svg", file=sys.stderr)
+            return 2
+        args.plot.write_text(latency_plot(json.loads(args.plot_from.read_text())))
+        print(f"wrote {args.plot}")
+        return 0
     try:
         config = config_from_args(args)
     except ValueError as err:
@@ -1117,6 +1147,9 @@ def _main(args: argparse.Namespace) -> int:
         console.print(prefill_table(report))
     if args.json is not None:
         console.print(f"wrote {args.json}")
+    if args.plot is not None:
+        args.plot.write_text(latency_plot(report))
+        console.print(f"wrote {args.plot}")
     return 0
 
 
