@@ -30,3 +30,13 @@ def _fresh_dynamo_per_module():
     without this a module compiling many models pushes a later one past the recompile limit."""
     dynamo.reset()
     yield
+
+
+@pytest.fixture
+def isolated_scope(monkeypatch):
+    """Scope's registry of live modules, empty for this test: models other tests keep alive
+    (cached runs) do not count. The cache key, for one, depends on every live tag: a live
+    stateful model anywhere makes graphs uncacheable (passes/manager.py)."""
+    from macopt.passes import scope
+
+    monkeypatch.setattr(scope, "_KNOWN", {})

@@ -77,7 +77,9 @@ def test_decode_sites_are_rewritten_to_mac_as_for_exact(name):
     assert sum(r.rewritten for r in reports) == entry.rewritten
     assert sum(r.decision == "skipped" for r in reports) == entry.skipped
     for report in reports:
-        assert report.reason.startswith("Approximate" if report.rewritten else "sliding-window")
+        # Skipped: local (sliding-window) layers, or GPT-J's float mask built outside the graph
+        skipped = ("sliding-window", "additive float attention mask")
+        assert report.reason.startswith("Approximate" if report.rewritten else skipped)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

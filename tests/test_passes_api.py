@@ -151,7 +151,7 @@ def test_install_passes_wraps_a_pass_already_installed():
         assert user_pass.calls == 1
 
 
-def test_uuid_is_stable_and_follows_the_configs_in_scope():
+def test_uuid_is_stable_and_follows_the_configs_in_scope(isolated_scope):
     model = macopt.optimize(ZOO["llama"].build(), macopt.ExactConfig())
     first, again = MacoptPasses().uuid(), MacoptPasses().uuid()
     macopt.optimize(model, PreRopeExact())

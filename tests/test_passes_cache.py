@@ -27,7 +27,7 @@ def _compiled_decode_code(model: torch.nn.Module) -> list[str]:
     return code
 
 
-def test_rewrite_survives_a_warm_fx_graph_cache():
+def test_rewrite_survives_a_warm_fx_graph_cache(isolated_scope):
     model = macopt.optimize(ZOO["llama"].build(), macopt.ExactConfig())
     with inductor_config.patch(fx_graph_cache=True), fresh_inductor_cache():
         hits = dynamo_counters["inductor"]["fxgraph_cache_hit"]

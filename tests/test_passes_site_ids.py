@@ -101,7 +101,7 @@ def test_a_tagged_modules_state_is_released_when_it_dies():
     assert state.get(site) is None
 
 
-def test_graphs_that_bake_in_site_ids_are_never_served_from_the_fx_graph_cache():
+def test_graphs_that_bake_in_site_ids_are_never_served_from_the_fx_graph_cache(isolated_scope):
     # Two models of one class trace to the same graph; only the site ids baked into it differ,
     # and a cache key cannot say which model's ids a cached graph holds (see
     # tests/test_two_models_state.py). Stateless tags keep a cacheable key.
