@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import xml.etree.ElementTree as ET
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,8 @@ import pytest
 import macopt
 from macopt.cli import main
 from macopt.commands.eval import default_text_files
-from macopt.evaluation.harness import evaluate, parse_methods, table
+from macopt.evaluation.harness import evaluate, parse_methods
+from macopt.evaluation.report import bar, quality_chart, table
 from macopt.evaluation.tasks import make_tasks, multikey, passkey
 from tests.model_zoo import ZOO
 
@@ -58,35 +62,60 @@ def test_make_tasks_covers_the_grid_and_rejects_what_cannot_fit(text):
         make_tasks([1], _encode, kinds=["nope"], lengths=[10], depths=[0.5], seed=0)
 
 
-def test_parse_methods():
-    methods = parse_methods("exact,mac:0.3,mac,topk_phi:0.05")
+def test_parse_methods(tmp_path: Path):
+    methods = parse_methods("exact,mac:0.3,mac,topk_phi:0.05,topk:64")
     assert [m.name for m in methods] == ["unmodified", "exact", "mac:0.3", "mac",
-                                         "topk_phi:0.05"]
+                                         "topk_phi:0.05", "topk:64"]
     assert methods[2].config.tau == 0.3 and methods[4].config.budget == 0.05
+    assert methods[4].config.completion and not methods[5].config.completion
+    assert methods[5].config.budget == 64
     with pytest.raises(ValueError, match="mac:x"):
         parse_methods("mac:x")
 
 
+def test_parse_methods_reads_calibrated_files(tmp_path: Path):
+    layer = macopt.MACConfig(tau=0.2).to_dict()
+    (tmp_path / "mac_calibrated.json").write_text(json.dumps(
+        {"config": macopt.MACConfig(tau=0.6).to_dict(), "overrides": {"model.layers.1": layer},
+         "calibration": {"chosen": None}}))
+    method = parse_methods("mac:calibrated", tmp_path)[1]
+    assert method.config.tau == 0.6 and method.overrides["model.layers.1"].tau == 0.2
+    other = parse_methods(f"mac:{tmp_path / 'mac_calibrated.json'}")[1]
+    assert other.config == method.config
+    with pytest.raises(ValueError, match="mac_calibrated.json"):
+        parse_methods("mac:calibrated", tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="'mac' config"):
+        parse_methods(f"topk:{tmp_path / 'mac_calibrated.json'}")
+
+
 @pytest.fixture(scope="module")
 def result(text) -> dict:
-    methods = [None, macopt.ExactConfig(), macopt.MACConfig(tau=1.0, t_min=0)]
+    methods = [None, macopt.ExactConfig(), macopt.MACConfig(tau=1.0, t_min=0),
+               macopt.TopKPhiConfig(budget=16, page_size=8, tail=4)]
     return evaluate(ZOO["llama"].build(), None, methods, text=text, context=128, ppl_chunks=1,
-                    ppl_decode=8, lengths=(400,), depths=(0.5,), agreement_steps=8)
+                    ppl_decode=8, lengths=(400,), depths=(0.5,), agreement_steps=8,
+                    topk_queries=4)
 
 
 def test_exact_and_mac_at_tau_one_equal_the_unmodified_model(result):
     methods = result["methods"]
-    assert list(methods) == ["unmodified", "exact", "mac:1"]
-    base = methods["unmodified"]["perplexity"]["perplexity"]
+    assert list(methods) == ["unmodified", "exact", "mac:1", "topk_phi:16"]
+    base = methods["unmodified"]["perplexity"]
     for name in ("exact", "mac:1"):
         entry = methods[name]
-        assert abs(entry["perplexity"]["perplexity"] / base - 1) < 1e-4
+        for measure in ("perplexity", "decode_perplexity"):
+            assert abs(entry["perplexity"][measure] / base[measure] - 1) < 1e-4
         assert entry["agreement"]["top1"] == 1.0
         assert entry["agreement"]["first_divergence"] is None
         assert entry["agreement"]["max_logit_error"] < 1e-3
         assert entry["tasks"]["accuracy"] == methods["unmodified"]["tasks"]["accuracy"]
         outputs = [i["output"] for i in entry["tasks"]["items"]]
         assert outputs == [i["output"] for i in methods["unmodified"]["tasks"]["items"]]
+
+
+def test_decode_perplexity_scores_the_decode_steps_only(result):
+    ppl = result["methods"]["unmodified"]["perplexity"]
+    assert ppl["tokens"] == 127 and ppl["decode_tokens"] == 7
 
 
 def test_stats_of_the_stateful_method_only(result):
@@ -99,16 +128,38 @@ def test_stats_of_the_stateful_method_only(result):
         assert layer["keys_read"] == layer["keys_full"] > 0
 
 
+def test_keys_read_past_t_min(result):
+    methods = result["methods"]
+    for name in ("unmodified", "exact", "mac:1"):  # t_min 0: every decode step counts
+        keys = methods[name]["keys"]
+        assert keys["read_fraction"] == 1.0 and keys["decode_steps"] > 7 + 7
+    assert methods["mac:1"]["keys"]["hit_rate"] == 0.0
+    assert [layer["read_fraction"] for layer in methods["mac:1"]["keys"]["layers"]] == [1.0, 1.0]
+    topk = methods["topk_phi:16"]["keys"]  # 400-token prompts: anchors + 16 + pages + summary
+    assert 0.1 < topk["read_fraction"] < 1.0 and topk["hit_rate"] is None
+
+
+def test_topk_output_error_per_layer_and_head(result):
+    error = result["methods"]["topk_phi:16"]["topk_error"]
+    assert len(error["layers"]) == 2 and all(len(heads) == 4 for heads in error["layers"])
+    assert 0.0 < error["mean"] < 1.0 and error["queries"] == 4
+    assert "topk_error" not in result["methods"]["mac:1"]
+
+
 def test_result_is_json_with_the_fields(result):
     data = json.loads(json.dumps(result))
     assert data["settings"]["context"] == 128 and data["settings"]["tokenizer"] == "bytes"
-    for entry in data["methods"].values():
-        assert set(entry) == {"config", "perplexity", "tasks", "agreement", "stats"}
+    for name, entry in data["methods"].items():
+        extra = {"topk_error"} if name.startswith("topk") else set()
+        assert set(entry) == {"config", "perplexity", "tasks", "agreement", "keys", "stats"} | extra
         assert set(entry["agreement"]) == {"steps", "top1", "first_divergence",
                                            "max_logit_error"}
         assert {"accuracy", "by_kind", "items"} <= set(entry["tasks"])
         assert set(entry["tasks"]["by_kind"]) == {"passkey", "multikey"}
-    assert table(result).row_count == 3
+    assert table(result).row_count == 4
+    assert set(bar(result)) == {"mac:1"} and bar(result)["mac:1"]["tasks_equal"]
+    assert not bar(result)["mac:1"]["keys_5x"]  # tau 1 reads every key
+    assert quality_chart(result).count("<svg") == 4  # three charts side by side
 
 
 def test_cli_runs_at_a_tiny_size(tmp_path: Path, text):
@@ -116,13 +167,14 @@ def test_cli_runs_at_a_tiny_size(tmp_path: Path, text):
     ZOO["llama"].build().save_pretrained(model)
     held_out = tmp_path / "held_out.py"
     held_out.write_text(text)
-    out = tmp_path / "eval.json"
+    out, plot = tmp_path / "eval.json", tmp_path / "eval.svg"
     code = main(["eval", str(model), "--methods", "exact", "--context", "96", "--ppl-chunks", "1",
                  "--ppl-decode", "4", "--lengths", "320", "--depths", "0.3", "--kinds",
                  "passkey", "--agreement-steps", "4", "--text", str(held_out), "--json",
-                 str(out)])
+                 str(out), "--plot", str(plot)])
     assert code == 0
     data = json.loads(out.read_text())
+    ET.fromstring(plot.read_text())
     assert list(data["methods"]) == ["unmodified", "exact"]
     assert data["settings"]["text"] == [str(held_out)]
     assert data["methods"]["exact"]["agreement"]["top1"] == 1.0
@@ -131,3 +183,35 @@ def test_cli_runs_at_a_tiny_size(tmp_path: Path, text):
 def test_cli_reports_bad_methods(tmp_path: Path, capsys):
     assert main(["eval", "llama", "--methods", "mac:oops"]) == 2
     assert "mac:oops" in capsys.readouterr().out
+
+
+def test_without_model_eval_uses_the_tiny_model_and_its_held_out_text():
+    from macopt.commands.eval import resolve
+    from macopt.evaluation.text import tiny_model_dir
+
+    args = Namespace(model=None, text=None, methods=None, needles=None)
+    model, files, methods, needles = resolve(args)
+    assert Path(model) == tiny_model_dir() and files == [tiny_model_dir() / "heldout.txt.gz"]
+    assert needles == "code" and "mac:calibrated" in methods and "topk_phi:0.1" in methods
+    other = resolve(Namespace(model="llama", text=None, methods=None, needles=None))
+    assert other[1] == default_text_files() and other[3] == "prose"
+    assert "mac:calibrated" not in other[2]
+
+
+def test_a_missing_tiny_model_says_how_to_get_it(monkeypatch, tmp_path, capsys):
+    import macopt.evaluation.text as text
+
+    monkeypatch.setattr(text, "tiny_model_dir", lambda: tmp_path / "tiny-lm")
+    assert main(["eval"]) == 2
+    message = capsys.readouterr().out
+    assert "tiny-lm" in message and "train_tiny_lm.py" in message
+
+
+def test_gz_text_and_directories_are_read(tmp_path: Path):
+    from macopt.evaluation.text import read_text
+
+    with gzip.open(tmp_path / "a.txt.gz", "wt") as f:
+        f.write("zipped")
+    (tmp_path / "b.py").write_text("plain")
+    assert read_text([tmp_path]) == "zipped\nplain"
+    assert read_text([tmp_path / "b.py"]) == "plain"

@@ -1,72 +1,187 @@
-"""``macopt calibrate MODEL --method topk_phi --text FILE``: fit a method's learned parts.
+"""``macopt calibrate MODEL --method topk_phi|mac --text FILE...``: fit a method to one model.
 
 ``topk_phi`` distils the feature maps phi from the frozen model's own attention on the text
-(:mod:`macopt.calibrate_phi`) and writes them next to the model (``macopt_phi.safetensors``).
-MODEL is a local directory with weights and a tokenizer; nothing downloads. Interrupted runs
-resume from the checkpoint file (``--checkpoint``, default: the output path + ``.ckpt``).
+(:mod:`macopt.calibrate_phi`) and writes them next to the model (``macopt_phi.safetensors``);
+interrupted runs resume from the checkpoint file (``--checkpoint``, default: the output path +
+``.ckpt``).
+
+``mac`` chooses MAC's threshold tau (per layer by default) for a target quality loss
+(:mod:`macopt.calibrate_mac`: the method, step by step): the fewest keys read whose decode
+steps' expected perplexity increase, ``exp(KL(exact || MAC)) - 1``, stays within ``--target``
+(default 0.005) on the text. It writes a config file (default ``MODEL/mac_calibrated.json``)
+that ``macopt patch --config`` and ``macopt eval --methods mac:FILE`` read. Calibrate on text
+like the model's training text and *not* on the text you evaluate on.
+
+MODEL is a local directory with weights and a tokenizer (default: the tiny model of the source
+checkout, ``examples/tiny-lm``); nothing downloads. ``--text`` takes files (``.gz`` too) or
+directories (their ``.py``/``.txt``/``.md``/``.gz`` files).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
 from macopt.bench.decode import DTYPES
 
-METHODS = ("topk_phi",)
+METHODS = ("topk_phi", "mac")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from macopt.calibrate_mac import MACCalibration
     from macopt.calibrate_phi import CalibrationConfig
+    from macopt.config import MACConfig
 
-    defaults = CalibrationConfig()
-    parser = subparsers.add_parser("calibrate", help="fit a method's learned parts (phi maps)",
-                                   description=__doc__)
-    parser.add_argument("model", type=Path, help="local model directory (weights + tokenizer)")
+    defaults, mac = CalibrationConfig(), MACCalibration()
+    parser = subparsers.add_parser("calibrate", help="fit a method to a model (phi maps, MAC "
+                                   "threshold)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, nargs="?", default=None,
+                        help="local model directory (weights + tokenizer; default: the tiny "
+                        "model)")
     parser.add_argument("--method", choices=METHODS, default="topk_phi")
-    parser.add_argument("--text", type=Path, required=True, help="calibration text file")
+    parser.add_argument("--text", type=Path, nargs="+", required=True,
+                        help="calibration text files or directories")
     parser.add_argument("--out", type=Path, default=None,
-                        help="phi file (default MODEL/macopt_phi.safetensors)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="resumable state (default OUT.ckpt)")
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
-    parser.add_argument("--sequences", type=int, default=4, help="sequences to capture")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--queries", type=int, default=defaults.queries_per_step,
-                        help="query positions per step and layer")
-    parser.add_argument("--d-phi", type=int, default=None, help="features (default head dim)")
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--sinks", type=int, default=defaults.sinks)
-    parser.add_argument("--tail", type=int, default=defaults.tail)
+                        help="output file (default MODEL/macopt_phi.safetensors or "
+                        "MODEL/mac_calibrated.json)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default bfloat16 (mac on CPU: float32)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    phi = parser.add_argument_group("topk_phi")
+    phi.add_argument("--checkpoint", type=Path, default=None,
+                     help="resumable state (default OUT.ckpt)")
+    phi.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+    phi.add_argument("--sequences", type=int, default=4,
+                     help="sequences to capture (mac: calibration windows)")
+    phi.add_argument("--steps", type=int, default=defaults.steps)
+    phi.add_argument("--queries", type=int, default=defaults.queries_per_step,
+                     help="query positions per step and layer")
+    phi.add_argument("--d-phi", type=int, default=None, help="features (default head dim)")
+    phi.add_argument("--lr", type=float, default=defaults.lr)
+    phi.add_argument("--sinks", type=int, default=defaults.sinks)
+    phi.add_argument("--tail", type=int, default=defaults.tail)
+    group = parser.add_argument_group("mac")
+    group.add_argument("--target", type=float, default=mac.target,
+                       help=f"largest decode-step perplexity increase (default {mac.target})")
+    group.add_argument("--prefill", type=int, default=None,
+                       help="prompt tokens per window (default: the model's context minus "
+                       "the decode steps, at most 8192)")
+    group.add_argument("--decode", type=int, default=mac.decode,
+                       help=f"teacher-forced decode steps per window (default {mac.decode})")
+    group.add_argument("--families", default=",".join(mac.families),
+                       help="per_layer and/or global (comma-separated)")
+    group.add_argument("--t-min", type=int, default=MACConfig().t_min)
+    group.add_argument("--ring-size", type=int, default=MACConfig().ring_size)
+    group.add_argument("--offset", type=int, default=MACConfig().offset)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from macopt.evaluation.text import default_model
+
     console = Console()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        out = calibrate_topk_phi(args, console)
+        args.model = args.model or default_model()
+        out = (calibrate_mac if args.method == "mac" else calibrate_topk_phi)(args, console)
     except (ValueError, OSError) as err:
-        console.print(f"[red]macopt calibrate {args.model}:[/red] {err}")
+        console.print(f"[red]macopt calibrate {args.model or ''}:[/red] {err}")
         return 2
     console.print(f"wrote {out}")
     return 0
 
 
-def load_sequences(tokenizer, text_path: Path, seq_len: int, sequences: int) -> torch.Tensor:
+def load_sequences(tokenizer, text_paths: list[Path], seq_len: int, sequences: int
+                   ) -> torch.Tensor:
     """The text's tokens cut into at most ``sequences`` rows of ``seq_len`` (a shorter text
     gives one shorter row)."""
-    ids = tokenizer(text_path.read_text(), return_tensors="pt")["input_ids"][0]
+    from macopt.evaluation.text import read_text
+
+    ids = tokenizer(read_text(text_paths), return_tensors="pt")["input_ids"][0]
     if ids.numel() < seq_len:
         return ids[None]
     rows = min(sequences, ids.numel() // seq_len)
     return ids[: rows * seq_len].view(rows, seq_len)
+
+
+def spread_windows(ids: torch.Tensor, length: int, count: int) -> list[torch.Tensor]:
+    """``count`` windows of ``length`` tokens spread evenly over ``ids`` without overlap
+    (fewer when the text is short; an error when not even one fits)."""
+    fits = ids.numel() // length
+    if fits == 0:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens; a window needs "
+                         f"{length}: give more text or a shorter --prefill")
+    count = min(count, fits)
+    stride = ids.numel() // count
+    return [ids[i * stride:i * stride + length] for i in range(count)]
+
+
+def calibrate_mac(args: argparse.Namespace, console) -> Path:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from macopt.calibrate_mac import (
+        CALIBRATED_FILENAME,
+        MACCalibration,
+        calibrate_mac,
+        search_steps,
+        write_result,
+    )
+    from macopt.config import MACConfig
+    from macopt.evaluation.text import expand, read_text
+    from macopt.model_source import load_causal_lm, load_tokenizer
+
+    dtype = DTYPES[args.dtype] if args.dtype else (
+        torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
+    model = load_causal_lm(args.model, dtype=dtype).to(args.device)
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; calibration reads text")
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", 8192)
+    prefill = args.prefill or min(context, 8192) - args.decode - 1
+    base = MACConfig(ring_size=args.ring_size, offset=args.offset, t_min=args.t_min)
+    settings = MACCalibration(target=args.target, prefill=prefill, decode=args.decode,
+                              families=tuple(f.strip() for f in args.families.split(",")),
+                              base=base)
+    files = expand(args.text)
+    ids = tokenizer(read_text(files), return_tensors="pt")["input_ids"][0]
+    windows = spread_windows(ids, prefill + args.decode + 1, args.sequences)
+    layers = model.config.get_text_config().num_hidden_layers
+    console.print(f"[bold]{args.model}[/bold]: MAC calibration on {len(windows)} windows of "
+                  f"{prefill} + {args.decode} tokens from {len(files)} files ({ids.numel()} "
+                  f"tokens), {args.device}, {str(dtype).removeprefix('torch.')}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("calibrating", total=len(windows) + search_steps(settings,
+                                                                                   layers))
+
+        def tick(what: str) -> None:
+            progress.update(bar, advance=1, description=what)
+            progress.console.print(what)
+
+        result = calibrate_mac(model, windows, settings, progress=tick)
+        progress.update(bar, completed=progress.tasks[0].total)
+    out = args.out or Path(args.model) / CALIBRATED_FILENAME
+    write_result(result, out, model=str(args.model), text=[str(f) for f in files],
+                 text_tokens=int(ids.numel()), device=str(args.device),
+                 dtype=str(dtype).removeprefix("torch."))
+    chosen = result.to_json()["calibration"]["chosen"]
+    if chosen is None:
+        console.print(f"[yellow]no setting met the target {args.target}: wrote tau = 1.0 "
+                      "(never match)[/yellow]")
+    else:
+        console.print(json.dumps({k: chosen[k] for k in ("kind", "taus", "expected_ppl_ratio",
+                                                         "ppl_ratio", "hit_rate",
+                                                         "read_fraction")}, indent=1))
+    return out
 
 
 def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
@@ -87,7 +202,8 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
                                steps=args.steps, queries_per_step=args.queries, lr=args.lr,
                                seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype],
+    model = AutoModelForCausalLM.from_pretrained(args.model,
+                                                 dtype=DTYPES[args.dtype or "bfloat16"],
                                                  local_files_only=True)
     model = model.to(args.device).eval().requires_grad_(False)
     tokens = load_sequences(tokenizer, args.text, args.seq_len, args.sequences)

@@ -1,19 +1,25 @@
-"""``macopt eval MODEL``: methods side by side on one causal LM, with what they cost.
+"""``macopt eval [MODEL]``: methods side by side on one causal LM, with what they cost.
 
 MODEL is a local directory (weights and tokenizer; a config only: random weights) or a
-transformers model type built with random weights (as ``macopt generate``). Without a
-tokenizer, text is byte-level (each UTF-8 byte a token id). ``--methods`` lists the methods:
-``exact``, ``mac`` or ``mac:TAU``, ``topk_phi`` or ``topk_phi:BUDGET``; the unmodified model
-always runs first and is the reference. Each method runs eagerly on a fresh copy of the model.
+transformers model type built with random weights (as ``macopt generate``); without MODEL, the
+tiny trained model of the source checkout (``examples/tiny-lm``). Without a tokenizer, text is
+byte-level (each UTF-8 byte a token id). ``--methods`` lists the methods: ``exact``, ``mac``,
+``mac:TAU``, ``mac:FILE.json`` or ``mac:calibrated`` (``MODEL/mac_calibrated.json``, written by
+``macopt calibrate --method mac``), ``topk:BUDGET`` (Top-K only) and ``topk_phi:BUDGET``
+(a budget is a token count or a fraction of the cache); the unmodified model always runs first
+and is the reference. Each method runs eagerly on a fresh copy of the model.
 
 Measures (see :mod:`macopt.evaluation.harness`): held-out perplexity on ``--text`` in chunks of
-``--context`` tokens whose last ``--ppl-decode`` tokens are decode steps; passkey and multi-key
-retrieval accuracy over the same text at ``--lengths`` x ``--depths`` (seeded); top-1
-agreement with the unmodified model's greedy generation (teacher-forced), first divergence
-and max logit error; per-layer hit rate and keys read for stateful methods.
+``--context`` tokens whose last ``--ppl-decode`` tokens are decode steps (the decode steps'
+perplexity is the one methods change); passkey and multi-key retrieval over the same text at
+``--lengths`` x ``--depths`` (seeded; ``--needles code`` for models of source code); top-1
+agreement with the unmodified model's greedy generation (teacher-forced), first divergence and
+max logit error; hit rate and keys read per decode step past ``t_min`` vs full attention; for
+Top-K (+ phi), the attention-output error per layer and head. ``--json`` writes everything,
+``--plot`` an SVG of quality against keys read.
 
-``--text`` defaults to the Python sources of the standard library's ``email`` package (real
-text present everywhere); pass held-out files of the model's own domain instead.
+``--text`` defaults to the model directory's ``heldout.txt.gz`` when it has one (the tiny
+model does), else to the Python sources of the standard library's ``email`` package.
 """
 
 from __future__ import annotations
@@ -27,15 +33,18 @@ from typing import TextIO
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_METHODS = "exact,mac:calibrated,mac:0.45,mac:0.3,topk:0.02,topk_phi:0.02,topk_phi:0.1"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="quality of methods side by side (perplexity, "
-                                   "retrieval, agreement, stats)", description=__doc__,
+                                   "retrieval, agreement, keys read)", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="model directory or model type")
-    parser.add_argument("--methods", default="exact,mac:0.45,mac:0.3",
-                        help="comma-separated methods (default exact,mac:0.45,mac:0.3)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model directory or model type (default: examples/tiny-lm)")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated methods (default {DEFAULT_METHODS}; "
+                        "mac:calibrated only where the model has the file)")
     parser.add_argument("--context", type=int, default=1024,
                         help="perplexity chunk and agreement prompt length in tokens")
     parser.add_argument("--ppl-chunks", type=int, default=4)
@@ -46,14 +55,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9],
                         help="needle depths in [0, 1], comma-separated")
     parser.add_argument("--kinds", default="passkey,multikey", help="task kinds")
+    parser.add_argument("--needles", choices=("prose", "code"), default=None,
+                        help="needle style (default: code for the tiny model, else prose)")
     parser.add_argument("--samples", type=int, default=1, help="tasks per (kind, length, depth)")
     parser.add_argument("--agreement-steps", type=int, default=64)
+    parser.add_argument("--topk-queries", type=int, default=16,
+                        help="decode queries per layer for the Top-K output error")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--text", type=Path, nargs="+", help="held-out text files")
+    parser.add_argument("--text", type=Path, nargs="+",
+                        help="held-out text files or directories (.gz too)")
     parser.add_argument("--json", type=Path, help="write the full results here")
+    parser.add_argument("--plot", type=Path, help="write an SVG of quality vs keys read here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                         help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--layers", type=int, default=2,
                         help="layers of a random model built from a config (default 2)")
     parser.set_defaults(func=run)
@@ -68,36 +84,60 @@ def _floats(value: str) -> list[float]:
 
 
 def default_text_files() -> list[Path]:
-    import email
+    from macopt.evaluation.text import stdlib_text_files
 
-    return sorted(Path(email.__file__).parent.glob("*.py"))
+    return stdlib_text_files()
+
+
+def resolve(args: argparse.Namespace) -> tuple[str, list[Path], str, str]:
+    """(model, text files, methods, needle style) with the defaults filled in."""
+    from macopt.calibrate_mac import CALIBRATED_FILENAME
+    from macopt.evaluation.text import default_model, held_out_file, tiny_model_dir
+
+    model = args.model or str(default_model())
+    is_dir = Path(model).is_dir()
+    files = args.text or ([held_out_file(model)] if is_dir and held_out_file(model)
+                          else default_text_files())
+    methods = args.methods
+    if methods is None:
+        has_calibration = is_dir and (Path(model) / CALIBRATED_FILENAME).is_file()
+        methods = DEFAULT_METHODS if has_calibration else DEFAULT_METHODS.replace(
+            "mac:calibrated,", "")
+    tiny = is_dir and Path(model).resolve() == tiny_model_dir()
+    needles = args.needles or ("code" if tiny else "prose")
+    return model, list(files), methods, needles
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from macopt.evaluation.harness import evaluate, parse_methods, table, work_units
+    from macopt.evaluation import report
+    from macopt.evaluation.harness import evaluate, parse_methods, work_units
+    from macopt.evaluation.text import read_text
     from macopt.model_source import load_causal_lm, load_tokenizer
 
     out = out or sys.stdout
     console = Console(file=out, width=None if out.isatty() else 160)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        methods = parse_methods(args.methods)
+        model_name, files, spec, needles = resolve(args)
+        methods = parse_methods(spec, model_name if Path(model_name).is_dir() else None)
         kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-        files = args.text or default_text_files()
-        text = "\n".join(Path(f).read_text(errors="replace") for f in files)
+        text = read_text(files)
         dtype = _DTYPES[args.dtype] if args.dtype else (
             torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
-        model = load_causal_lm(args.model, layers=args.layers, dtype=dtype).to(args.device)
-        tokenizer = load_tokenizer(args.model)
+        model = load_causal_lm(model_name, layers=args.layers, dtype=dtype).to(args.device)
+        tokenizer = load_tokenizer(model_name)
         n_tasks = len(kinds) * len(args.lengths) * len(args.depths) * args.samples
-        console.print(f"[bold]{args.model}[/bold]: {len(methods)} methods, context "
-                      f"{args.context}, {n_tasks} tasks, {args.device}, eager")
+        console.print(f"[bold]{model_name}[/bold]: {len(methods)} methods, context "
+                      f"{args.context}, {n_tasks} tasks ({needles} needles), {args.device}, "
+                      f"{str(dtype).removeprefix('torch.')}, eager")
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
             bar = progress.add_task("eval", total=work_units(
-                len(methods), ppl_chunks=args.ppl_chunks, n_tasks=n_tasks))
+                methods, ppl_chunks=args.ppl_chunks, n_tasks=n_tasks))
 
             def tick(what: str) -> None:
                 progress.update(bar, advance=1, description=what)
@@ -106,14 +146,25 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                               ppl_chunks=args.ppl_chunks, ppl_decode=args.ppl_decode,
                               lengths=args.lengths, depths=args.depths, kinds=kinds,
                               samples=args.samples, agreement_steps=args.agreement_steps,
+                              needles=needles, topk_queries=args.topk_queries,
                               seed=args.seed, progress=tick)
     except (ValueError, OSError) as err:
-        console.print(f"[red]macopt eval {args.model}:[/red] {err}")
+        console.print(f"[red]macopt eval {args.model or ''}:[/red] {err}")
         return 2
-    result["settings"].update(model=str(args.model), text=[str(f) for f in files],
-                              device=str(args.device), dtype=str(dtype).removeprefix("torch."))
-    console.print(table(result, title=f"macopt eval {args.model}"))
+    result["settings"].update(model=str(model_name), text=[str(f) for f in files],
+                              methods=spec, device=str(args.device),
+                              dtype=str(dtype).removeprefix("torch."))
+    result["bar"] = report.bar(result)
+    console.print(report.table(result, title=f"macopt eval {model_name}"))
+    if result["bar"]:
+        console.print(report.bar_table(result))
+    errors = report.topk_error_table(result)
+    if errors is not None:
+        console.print(errors)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
         console.print(f"wrote {args.json}")
+    if args.plot is not None:
+        args.plot.write_text(report.quality_chart(result))
+        console.print(f"wrote {args.plot}")
     return 0

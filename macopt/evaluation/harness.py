@@ -8,8 +8,10 @@ alike. Every measurement runs a prefill into a static cache followed by single-t
 steps (teacher-forced), because the methods change the decode steps only:
 
 - ``perplexity``: held-out text in chunks of ``context`` tokens; in each chunk the first
-  ``context - ppl_decode`` tokens are a prefill and the last ``ppl_decode`` are decode steps;
-  every token of the chunk (after the first) is scored.
+  ``context - ppl_decode`` tokens are a prefill and the last ``ppl_decode`` are decode steps.
+  ``perplexity`` scores every token of the chunk (after the first); ``decode_perplexity``
+  only the tokens predicted by decode steps, the only ones a method changes (the whole
+  chunk's figure dilutes a method's effect by ``context / ppl_decode``).
 - ``tasks``: greedy decoding of a few tokens after each task prompt; correct when the decoded
   text starts with the answer (after stripping leading whitespace).
 - ``agreement``: the unmodified model greedily generates ``agreement_steps`` tokens after a
@@ -17,7 +19,15 @@ steps (teacher-forced), because the methods change the decode steps only:
   ``top1``: share of steps whose argmax is the unmodified model's token; ``first_divergence``:
   the first such step that differs (None: none); ``max_logit_error``: the largest absolute
   logit difference over all steps.
+- ``keys``: keys read by the decode steps at positions ``>= t_min`` (MAC's; 0 for the other
+  methods) against full attention's, summed over layers and query heads, and MAC's hit rate
+  over the same steps (per layer too). MAC's counts come from ``macopt.stats``, read after
+  every decode step; Top-K (+ phi) reads are counted from the config (sinks, tail, the
+  page-rounded budget, the generated keys) plus what its selector and summary read, in
+  key-row equivalents (:func:`topk_keys_read`); exact attention reads every key.
 - ``stats``: ``macopt.stats`` per layer, accumulated over all of the method's runs above.
+- ``topk_error`` (Top-K and Top-K + phi methods): attention-output relative L1 per layer and
+  query head on the first perplexity chunk's real queries (:mod:`.topk_error`).
 
 >>> result = evaluate(model, None, [None, macopt.ExactConfig()], text=text)  # doctest: +SKIP
 """
@@ -27,7 +37,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,17 +51,23 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Method:
-    """A named method config (None: the unmodified model)."""
+    """A named method config (None: the unmodified model) and per-module overrides
+    (``macopt.optimize``'s, e.g. a calibrated per-layer MAC threshold)."""
 
     name: str
     config: MethodConfig | None
+    overrides: dict[str, MethodConfig | None] | None = field(default=None, compare=False)
 
 
-def parse_methods(spec: str) -> list[Method]:
-    """``"exact,mac:0.45,mac:0.3,topk_phi:0.02"`` -> methods, the unmodified model first.
+def parse_methods(spec: str, model_dir: str | Path | None = None) -> list[Method]:
+    """``"exact,mac:0.45,mac:calibrated,topk:0.02,topk_phi:0.02"`` -> methods, the
+    unmodified model first.
 
-    ``mac:TAU`` sets ``MACConfig.tau``; ``topk_phi:BUDGET`` sets ``TopKPhiConfig.budget``
-    (an int: tokens; a float in (0, 1]: a fraction); ``none`` is the unmodified model.
+    ``mac:TAU`` sets ``MACConfig.tau``; ``mac:FILE.json`` reads a config file (``macopt
+    calibrate --method mac`` writes one; per-layer overrides included) and ``mac:calibrated``
+    is ``MODEL/mac_calibrated.json``; ``topk_phi:BUDGET`` sets ``TopKPhiConfig.budget`` (an
+    int: tokens; a float in (0, 1]: a fraction) and ``topk:BUDGET`` is the same without the
+    completion (Top-K only); ``none`` is the unmodified model.
     """
     methods = [Method("unmodified", None)]
     for item in (s.strip() for s in spec.split(",")):
@@ -58,21 +75,40 @@ def parse_methods(spec: str) -> list[Method]:
             continue
         name, _, arg = item.partition(":")
         try:
-            if name == "exact" and not arg:
-                config: MethodConfig = ExactConfig()
-            elif name == "mac":
-                config = MACConfig(tau=float(arg)) if arg else MACConfig()
-            elif name == "topk_phi":
-                budget = (int(arg) if arg.isdigit() else float(arg)) if arg else None
-                config = TopKPhiConfig(budget=budget) if arg else TopKPhiConfig()
-            else:
-                config = MethodConfig.from_dict({"method": name}) if not arg else None
-                if config is None:
-                    raise ValueError(f"method {name!r} takes no argument")
-        except (ValueError, TypeError, KeyError) as err:
+            methods.append(_parse_method(item, name, arg, model_dir))
+        except (ValueError, TypeError, KeyError, OSError) as err:
             raise ValueError(f"--methods: cannot read {item!r}: {err}") from None
-        methods.append(Method(item, config))
     return methods
+
+
+def _parse_method(item: str, name: str, arg: str, model_dir: str | Path | None) -> Method:
+    if arg == "calibrated" or arg.endswith(".json"):
+        from macopt.calibrate_mac import CALIBRATED_FILENAME
+        from macopt.pretrained import parse_config_file
+
+        if arg == "calibrated" and model_dir is None:
+            raise ValueError("'calibrated' needs a model directory")
+        path = Path(model_dir) / CALIBRATED_FILENAME if arg == "calibrated" else Path(arg)
+        if not path.is_file():
+            raise ValueError(f"no config file {path} (write one with `macopt calibrate "
+                             f"--method {name}`)")
+        config, overrides = parse_config_file(path)
+        if config.method != name:
+            raise ValueError(f"{path} holds a {config.method!r} config")
+        return Method(item, config, overrides or None)
+    if name == "exact" and not arg:
+        return Method(item, ExactConfig())
+    if name == "mac":
+        return Method(item, MACConfig(tau=float(arg)) if arg else MACConfig())
+    if name in ("topk", "topk_phi"):
+        completion = name == "topk_phi"
+        if not arg:
+            return Method(item, TopKPhiConfig(completion=completion))
+        budget = int(arg) if arg.isdigit() else float(arg)
+        return Method(item, TopKPhiConfig(budget=budget, completion=completion))
+    if arg:
+        raise ValueError(f"method {name!r} takes no argument")
+    return Method(item, MethodConfig.from_dict({"method": name}))
 
 
 def byte_encoder(vocab_size: int) -> Callable[[str], list[int]]:
@@ -106,6 +142,8 @@ def evaluate(
     kinds: Sequence[str] = ("passkey", "multikey"),
     samples: int = 1,
     agreement_steps: int = 32,
+    needles: str = "prose",
+    topk_queries: int = 16,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> dict:
@@ -128,7 +166,7 @@ def evaluate(
     chunks = [ids[i * context:(i + 1) * context] for i in range(min(ppl_chunks,
                                                                     len(ids) // context))]
     tasks = make_tasks(ids, encode, kinds=kinds, lengths=lengths, depths=depths, seed=seed,
-                       samples=samples)
+                       samples=samples, style=needles)
     answer_tokens = max((len(t.answer_ids) for t in tasks), default=0) + 2
     prompt = ids[:context]
     max_len = max([context + agreement_steps] + [t.length + answer_tokens for t in tasks])
@@ -136,39 +174,55 @@ def evaluate(
 
     results: dict[str, Any] = {}
     reference: dict[str, Any] = {}
+    captured = None
     for method in methods:
-        candidate = _prepare(model, method.config)
+        candidate = _prepare(model, method)
         cache = _Cache(candidate, max_len, device)
+        meter = _KeyMeter(candidate, method.config, max_len)
+        run = _Runner(candidate, cache, meter, device)
         with torch.no_grad(), _recompile_room():
             entry: dict[str, Any] = {"config": None if method.config is None
                                      else method.config.to_dict()}
-            entry["perplexity"] = _perplexity(candidate, chunks, ppl_decode, device, cache,
-                                              tick, method.name)
-            entry["tasks"] = _run_tasks(candidate, tasks, answer_tokens, decode, device, cache,
-                                        tick, method.name)
+            if method.overrides:
+                entry["overrides"] = {k: None if c is None else c.to_dict()
+                                      for k, c in method.overrides.items()}
+            entry["perplexity"] = _perplexity(run, chunks, ppl_decode, tick, method.name)
+            entry["tasks"] = _run_tasks(run, tasks, answer_tokens, decode, tick, method.name)
             if method.config is None:
-                reference = _greedy(candidate, prompt, agreement_steps, device, cache)
+                reference = _greedy(run, prompt, agreement_steps)
                 entry["agreement"] = {"steps": agreement_steps, "top1": 1.0,
                                       "first_divergence": None, "max_logit_error": 0.0}
             else:
-                entry["agreement"] = _agreement(candidate, prompt, reference, device, cache)
+                entry["agreement"] = _agreement(run, prompt, reference)
             tick(f"{method.name}: agreement")
+        entry["keys"] = meter.report()
         entry["stats"] = _stats(candidate)
+        del candidate, cache, run
+        if isinstance(method.config, TopKPhiConfig) and chunks and ppl_decode:
+            from macopt.evaluation import topk_error
+
+            if captured is None:
+                captured = topk_error.capture(_prepare(model, Method("unmodified", None)),
+                                              chunks[0])
+            entry["topk_error"] = topk_error.output_errors(
+                captured, method.config, len(chunks[0]) - ppl_decode, max_len, topk_queries)
+            tick(f"{method.name}: output error")
         results[method.name] = entry
-        del candidate, cache
     return {
         "settings": {"context": context, "ppl_chunks": len(chunks), "ppl_decode": ppl_decode,
                      "lengths": list(lengths), "depths": list(depths), "kinds": list(kinds),
-                     "samples": samples, "agreement_steps": agreement_steps, "seed": seed,
-                     "text_tokens": len(ids), "tokenizer": "bytes" if tokenizer is None
+                     "samples": samples, "agreement_steps": agreement_steps,
+                     "needles": needles, "seed": seed, "text_tokens": len(ids),
+                     "cache_length": max_len, "tokenizer": "bytes" if tokenizer is None
                      else type(tokenizer).__name__},
         "methods": results,
     }
 
 
-def work_units(methods: int, *, ppl_chunks: int, n_tasks: int) -> int:
+def work_units(methods: Sequence[Method], *, ppl_chunks: int, n_tasks: int) -> int:
     """How many times ``evaluate`` calls ``progress`` (for a progress bar's total)."""
-    return methods * (ppl_chunks + n_tasks + 1)
+    topk = sum(isinstance(m.config, TopKPhiConfig) for m in methods)
+    return len(methods) * (ppl_chunks + n_tasks + 1) + topk
 
 
 def _name(config: MethodConfig | None) -> str:
@@ -177,20 +231,21 @@ def _name(config: MethodConfig | None) -> str:
     if isinstance(config, MACConfig):
         return f"mac:{config.tau:g}"
     if isinstance(config, TopKPhiConfig):
-        return f"topk_phi:{config.budget:g}"
+        return f"{'topk_phi' if config.completion else 'topk'}:{config.budget:g}"
     return config.method
 
 
-def _prepare(model: torch.nn.Module, config: MethodConfig | None) -> torch.nn.Module:
-    """A fresh copy of ``model``, optimized with ``config`` (None: the copy as is, sdpa)."""
+def _prepare(model: torch.nn.Module, method: Method) -> torch.nn.Module:
+    """A fresh copy of ``model``, optimized with the method (unmodified: the copy as is,
+    with the SDPA attention the methods start from)."""
     import macopt
     from macopt.api import _use_sdpa
 
     fresh = copy.deepcopy(model).eval()
-    if config is None:
-        _use_sdpa(fresh)  # the same attention implementation the methods start from
+    if method.config is None:
+        _use_sdpa(fresh)
         return fresh
-    return macopt.optimize(fresh, config)
+    return macopt.optimize(fresh, method.config, overrides=method.overrides)
 
 
 class _recompile_room:
@@ -225,54 +280,165 @@ class _Cache:
         return self.cache
 
 
-def _forward(model: torch.nn.Module, ids: list[int], prefill: int, device: torch.device,
-             cache: _Cache) -> torch.Tensor:
-    """Logits ``[len(ids), vocab]`` (fp32): a prefill of ``ids[:prefill]`` into the static
-    cache then one decode step per remaining id (teacher forcing)."""
-    cache = cache.fresh(len(ids))
-    tokens = torch.tensor([ids], device=device)
-    logits = [_step(model, tokens[:, :prefill], cache, 0)]
-    for t in range(prefill, len(ids)):
-        logits.append(_step(model, tokens[:, t:t + 1], cache, t))
-    return torch.cat(logits, dim=0)
+def topk_keys_read(config: TopKPhiConfig, prefill: int, position: int, n_keys: int,
+                   head_dim: int, itemsize: int) -> float:
+    """Key rows (K and V) a Top-K (+ phi) decode step at ``position`` reads per KV head,
+    counting what its selection and completion read as key-row equivalents: the exact keys
+    (sinks, tail, the budget rounded up to whole pages for the page selector, the generated
+    keys), the page bounds (two K-only rows per page of the middle: one key row per page) or,
+    for the exact selector, every middle key's K row (half a key row each), and the summary
+    (:func:`macopt.topk_phi_ops.summary_token_equivalent`) when the completion is on.
+    At most ``position + 1`` exact keys are read."""
+    from macopt.topk_phi_ops import summary_token_equivalent
+
+    middle = max(prefill - config.sinks - config.tail, 0)
+    budget = config.budget_tokens(n_keys)
+    if config.selector == "page":
+        budget = -(-budget // config.page_size) * config.page_size
+        selection = -(-middle // config.page_size)
+    else:
+        selection = middle / 2
+    exact = min(position + 1, config.sinks + config.tail + min(budget, middle)
+                + position + 1 - prefill)
+    d_phi = config.d_phi or head_dim
+    summary = summary_token_equivalent(head_dim, d_phi, itemsize) if config.completion else 0
+    return exact + selection + summary
 
 
-def _step(model: torch.nn.Module, ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
-    # Batch 1, no padding: no attention mask (one input fewer whose shape changes per step).
-    position = torch.arange(start, start + ids.shape[1], device=ids.device)
-    out = model(input_ids=ids, past_key_values=cache, cache_position=position, use_cache=True)
-    return out.logits[0].float()
+class _KeyMeter:
+    """Keys read by a method's decode steps past ``t_min`` (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, config: MethodConfig | None, n_keys: int):
+        text = model.config.get_text_config()
+        self.model, self.config, self.n_keys = model, config, n_keys
+        self.layers = text.num_hidden_layers
+        self.q_heads = text.num_attention_heads
+        self.kv_heads = getattr(text, "num_key_value_heads", None) or self.q_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // self.q_heads
+        self.itemsize = next(model.parameters()).element_size()
+        self.t_min = config.t_min if isinstance(config, MACConfig) else 0
+        self.read = self.full = self.steps = 0.0
+        self.layer_counts: dict[str, list[float]] = {}  # layer: [hits, queries, read, full]
+        self._last: dict[str, tuple[float, float, float, int]] = {}
+        self.prefill = 0
+
+    def start(self, prefill: int) -> None:
+        """A new sequence whose prompt is ``prefill`` tokens long."""
+        self.prefill = prefill
+        if isinstance(self.config, MACConfig):
+            self._last = self._mac_counts()
+
+    def step(self, position: int) -> None:
+        """Count the decode step that just ran at ``position``."""
+        if isinstance(self.config, MACConfig):
+            now = self._mac_counts()
+            if position >= self.t_min:
+                for layer, (hits, read, full, steps) in now.items():
+                    old = self._last.get(layer, (0.0, 0.0, 0.0, 0))
+                    counts = self.layer_counts.setdefault(layer, [0.0, 0.0, 0.0, 0.0])
+                    counts[0] += hits - old[0]
+                    counts[1] += (steps - old[3]) * self.q_heads
+                    counts[2] += read - old[1]
+                    counts[3] += full - old[2]
+                    self.read += read - old[1]
+                    self.full += full - old[2]
+                self.steps += 1
+            self._last = now
+            return
+        if position < self.t_min:
+            return
+        per_head = position + 1
+        if isinstance(self.config, TopKPhiConfig) and self.prefill:
+            per_head = topk_keys_read(self.config, self.prefill, position, self.n_keys,
+                                      self.head_dim, self.itemsize)
+        self.read += per_head * self.kv_heads * self.layers
+        self.full += (position + 1) * self.kv_heads * self.layers
+        self.steps += 1
+
+    def _mac_counts(self) -> dict[str, tuple[float, float, float, int]]:
+        """Per layer: (hits, keys read, keys full, decode steps), cumulative (batch 1)."""
+        import macopt
+
+        return {s.layer: (sum(s.head_hit_rates) * (s.decode_steps or 0), s.keys_read or 0,
+                          s.keys_full or 0, s.decode_steps or 0) for s in macopt.stats(self.model)}
+
+    def report(self) -> dict:
+        layers = [{"layer": layer, "hit_rate": c[0] / c[1] if c[1] else 0.0,
+                   "read_fraction": c[2] / c[3] if c[3] else 1.0}
+                  for layer, c in self.layer_counts.items()]
+        hits = sum(c[0] for c in self.layer_counts.values())
+        queries = sum(c[1] for c in self.layer_counts.values())
+        fraction = self.read / self.full if self.full else 1.0
+        return {"t_min": self.t_min, "decode_steps": int(self.steps), "read": self.read,
+                "full": self.full, "read_fraction": fraction,
+                "reduction": 1.0 / fraction if fraction else float("inf"),
+                "hit_rate": hits / queries if queries else None, "layers": layers}
 
 
-def _perplexity(model, chunks, ppl_decode, device, cache, tick, name) -> dict:
-    nll, count = 0.0, 0
+class _Runner:
+    """A method's copy, its static cache and key meter: runs prefills and decode steps."""
+
+    def __init__(self, model, cache: _Cache, meter: _KeyMeter, device: torch.device):
+        self.model, self.cache, self.meter, self.device = model, cache, meter, device
+
+    def forward(self, ids: list[int], prefill: int) -> torch.Tensor:
+        """Logits ``[len(ids), vocab]`` (fp32): a prefill of ``ids[:prefill]`` into the static
+        cache then one decode step per remaining id (teacher forcing)."""
+        cache = self.cache.fresh(len(ids))
+        tokens = torch.tensor([ids], device=self.device)
+        logits = [self._step(tokens[:, :prefill], cache, 0)]
+        self.meter.start(prefill)
+        for t in range(prefill, len(ids)):
+            logits.append(self._step(tokens[:, t:t + 1], cache, t))
+            self.meter.step(t)
+        return torch.cat(logits, dim=0)
+
+    def generate(self, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+        """Greedy: ``steps`` new tokens after ``prompt`` and the logits that chose them."""
+        cache = self.cache.fresh(len(prompt) + steps)
+        logits = [self._step(torch.tensor([prompt], device=self.device), cache, 0)[-1]]
+        self.meter.start(len(prompt))
+        tokens = [int(logits[-1].argmax())]
+        for t in range(len(prompt), len(prompt) + steps - 1):
+            ids = torch.tensor([[tokens[-1]]], device=self.device)
+            logits.append(self._step(ids, cache, t)[-1])
+            self.meter.step(t)
+            tokens.append(int(logits[-1].argmax()))
+        return tokens, torch.stack(logits)
+
+    def _step(self, ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+        # Batch 1, no padding: no attention mask (one input fewer whose shape changes per step).
+        position = torch.arange(start, start + ids.shape[1], device=ids.device)
+        out = self.model(input_ids=ids, past_key_values=cache, cache_position=position,
+                         use_cache=True)
+        return out.logits[0].float()
+
+
+def _perplexity(run: _Runner, chunks, ppl_decode, tick, name) -> dict:
+    nll = decode_nll = 0.0
+    count = decode_count = 0
     for chunk in chunks:
-        logits = _forward(model, chunk, len(chunk) - ppl_decode, device, cache)
-        target = torch.tensor(chunk[1:], device=device)
-        nll += torch.nn.functional.cross_entropy(logits[:-1], target, reduction="sum").item()
+        prefill = len(chunk) - ppl_decode
+        logits = run.forward(chunk, prefill)
+        target = torch.tensor(chunk[1:], device=logits.device)
+        losses = torch.nn.functional.cross_entropy(logits[:-1], target, reduction="none")
+        nll += losses.sum().item()
         count += len(chunk) - 1
+        decode_nll += losses[prefill:].sum().item()  # logits[prefill:] come from decode steps
+        decode_count += len(chunk) - 1 - prefill
         tick(f"{name}: perplexity")
     mean = nll / count if count else float("nan")
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": count}
+    decode_mean = decode_nll / decode_count if decode_count else float("nan")
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": count,
+            "decode_perplexity": math.exp(decode_mean), "decode_nll": decode_mean,
+            "decode_tokens": decode_count}
 
 
-def _generate(model, prompt: list[int], steps: int, device,
-              cache: _Cache) -> tuple[list[int], torch.Tensor]:
-    """Greedy: ``steps`` new tokens after ``prompt`` and the logits that chose them."""
-    cache = cache.fresh(len(prompt) + steps)
-    logits = [_step(model, torch.tensor([prompt], device=device), cache, 0)[-1]]
-    tokens = [int(logits[-1].argmax())]
-    for t in range(len(prompt), len(prompt) + steps - 1):
-        logits.append(_step(model, torch.tensor([[tokens[-1]]], device=device), cache, t)[-1])
-        tokens.append(int(logits[-1].argmax()))
-    return tokens, torch.stack(logits)
-
-
-def _run_tasks(model, tasks: list[Task], answer_tokens: int, decode, device, cache, tick,
+def _run_tasks(run: _Runner, tasks: list[Task], answer_tokens: int, decode, tick,
                name) -> dict:
     rows = []
     for task in tasks:
-        tokens, _ = _generate(model, task.prompt_ids, answer_tokens, device, cache)
+        tokens, _ = run.generate(task.prompt_ids, answer_tokens)
         output = decode(tokens)
         rows.append({**task.to_dict(), "output": output,
                      "correct": output.lstrip().startswith(task.answer)})
@@ -285,16 +451,15 @@ def _run_tasks(model, tasks: list[Task], answer_tokens: int, decode, device, cac
     return {"accuracy": overall, "by_kind": accuracy, "items": rows}
 
 
-def _greedy(model, prompt: list[int], steps: int, device, cache: _Cache) -> dict:
-    tokens, logits = _generate(model, prompt, steps, device, cache)
+def _greedy(run: _Runner, prompt: list[int], steps: int) -> dict:
+    tokens, logits = run.generate(prompt, steps)
     return {"tokens": tokens, "logits": logits}
 
 
-def _agreement(model, prompt: list[int], reference: dict, device, cache: _Cache) -> dict:
+def _agreement(run: _Runner, prompt: list[int], reference: dict) -> dict:
     tokens = reference["tokens"]
     # The prompt is a prefill; the reference's tokens (but the last) are decode steps.
-    logits = _forward(model, prompt + tokens[:-1], len(prompt), device,
-                      cache)[len(prompt) - 1:]
+    logits = run.forward(prompt + tokens[:-1], len(prompt))[len(prompt) - 1:]
     chosen = logits.argmax(-1).tolist()
     same = [a == b for a, b in zip(chosen, tokens, strict=True)]
     return {"steps": len(tokens), "top1": sum(same) / len(same),
@@ -309,27 +474,3 @@ def _stats(model: torch.nn.Module) -> list[dict]:
              "prefills": s.prefills, "hit_rate": s.hit_rate, "keys_read": s.keys_read,
              "keys_full": s.keys_full, "read_fraction": s.read_fraction}
             for s in macopt.stats(model)]
-
-
-def table(result: dict, title: str = "macopt eval") -> Any:
-    """A rich table: one row per method."""
-    from rich.table import Table
-
-    out = Table(title=title)
-    for column in ("method", "perplexity", "task accuracy", "top-1 agreement",
-                   "first divergence", "max logit error", "hit rate", "keys read / full"):
-        out.add_column(column, justify="left" if column == "method" else "right")
-    for name, entry in result["methods"].items():
-        stats = entry["stats"]
-        read = sum(s["keys_read"] for s in stats)
-        full = sum(s["keys_full"] for s in stats)
-        steps = [s["hit_rate"] for s in stats if s["decode_steps"]]
-        agreement = entry["agreement"]
-        divergence = agreement["first_divergence"]
-        out.add_row(name, f"{entry['perplexity']['perplexity']:.4f}",
-                    f"{entry['tasks']['accuracy']:.3f}", f"{agreement['top1']:.3f}",
-                    "-" if divergence is None else str(divergence),
-                    f"{agreement['max_logit_error']:.2e}",
-                    f"{sum(steps) / len(steps):.3f}" if steps else "-",
-                    f"{read / full:.3f}" if full else "-")
-    return out

@@ -6,6 +6,11 @@ to token ids: a tokenizer, or UTF-8 bytes) and the filler's token ids (e.g. held
 Pieces are encoded separately and concatenated, so the needle's tokens are the same in every
 prompt and its position is known exactly.
 
+Needles come in two styles: ``prose`` (RULER's wording: "The pass key is 12345. Remember it.")
+for instruction and chat models, and ``code`` (a Python assignment the question repeats the
+start of: ``PASS_KEY_12345 = True`` ... ``if PASS_KEY_``) for models trained on source code,
+such as the tiny model in ``examples/tiny-lm``, which does not follow prose instructions.
+
 >>> encode = lambda text: list(text.encode())
 >>> filler = encode("def f(x):\\n    return x + 1\\n" * 100)
 >>> task = passkey(filler, encode, length=400, depth=0.5, seed=0)
@@ -45,41 +50,62 @@ class Task:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "answer": self.answer, "depth": self.depth,
-                "length": self.length, "seed": self.seed, "needle_start": self.needle_start}
+                "length": self.length, "seed": self.seed, "needle_start": self.needle_start,
+                "style": self.extra.get("style", "prose")}
+
+
+STYLES = ("prose", "code")
 
 
 def passkey(filler_ids: Sequence[int], encode: Encode, *, length: int, depth: float,
-            seed: int, digits: int = 5) -> Task:
+            seed: int, digits: int = 5, style: str = "prose") -> Task:
     """A pass key (``digits`` digits) hidden at ``depth`` (0: start, 1: end) of ``length``
-    tokens of filler; the question at the end asks for it."""
+    tokens of filler; the question at the end asks for it (``style``: see the module)."""
+    _check_style(style)
     rng = random.Random(f"passkey/{seed}/{length}/{depth}")
     key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
-    needle = encode(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n")
-    question = encode("\nWhat is the pass key? The pass key is")
-    prompt, start = _place(filler_ids, [needle], [depth], question, length, rng)
-    return Task("passkey", prompt, key, encode(f" {key}"), depth, length, seed, start[0])
+    if style == "code":
+        needle, question, answer = f"\nPASS_KEY_{key} = True\n", "\nif PASS_KEY_", key
+    else:
+        needle = f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+        question, answer = "\nWhat is the pass key? The pass key is", f" {key}"
+    prompt, start = _place(filler_ids, [encode(needle)], [depth], encode(question), length, rng)
+    return Task("passkey", prompt, key, encode(answer), depth, length, seed, start[0],
+                extra={"style": style})
 
 
 def multikey(filler_ids: Sequence[int], encode: Encode, *, length: int, depth: float,
-             seed: int, keys: int = 4, digits: int = 7) -> Task:
+             seed: int, keys: int = 4, digits: int = 7, style: str = "prose") -> Task:
     """``keys`` key-value pairs spread through the filler; the one asked for sits at
-    ``depth``, the others at seeded random depths."""
+    ``depth``, the others at seeded random depths (``style``: see the module)."""
+    _check_style(style)
     if not 1 <= keys <= len(_KEYS):
         raise ValueError(f"multikey: keys must be in [1, {len(_KEYS)}], got {keys}")
     rng = random.Random(f"multikey/{seed}/{length}/{depth}/{keys}")
     names = rng.sample(_KEYS, keys)
     values = [str(rng.randrange(10 ** (digits - 1), 10 ** digits)) for _ in names]
-    needles = [encode(f"\nThe special magic number for {k} is: {v}.\n")
-               for k, v in zip(names, values, strict=True)]
+    if style == "code":
+        texts = [f"\n{k.upper()}_KEY_{v} = True\n" for k, v in zip(names, values, strict=True)]
+        question, answer = f"\nif {names[0].upper()}_KEY_", values[0]
+    else:
+        texts = [f"\nThe special magic number for {k} is: {v}.\n"
+                 for k, v in zip(names, values, strict=True)]
+        question = (f"\nWhat is the special magic number for {names[0]}? "
+                    f"The special magic number for {names[0]} is:")
+        answer = f" {values[0]}"
     depths = [depth] + [rng.random() for _ in names[1:]]
-    question = encode(f"\nWhat is the special magic number for {names[0]}? "
-                      f"The special magic number for {names[0]} is:")
-    prompt, starts = _place(filler_ids, needles, depths, question, length, rng)
-    return Task("multikey", prompt, values[0], encode(f" {values[0]}"), depth, length, seed,
-                starts[0], extra={"keys": dict(zip(names, values, strict=True))})
+    prompt, starts = _place(filler_ids, [encode(t) for t in texts], depths, encode(question),
+                            length, rng)
+    return Task("multikey", prompt, values[0], encode(answer), depth, length, seed,
+                starts[0], extra={"keys": dict(zip(names, values, strict=True)), "style": style})
 
 
 GENERATORS: dict[str, Callable[..., Task]] = {"passkey": passkey, "multikey": multikey}
+
+
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"tasks: unknown needle style {style!r}; known: {STYLES}")
 
 
 def _place(filler_ids: Sequence[int], needles: list[list[int]], depths: list[float],
@@ -112,11 +138,11 @@ def _place(filler_ids: Sequence[int], needles: list[list[int]], depths: list[flo
 
 def make_tasks(filler_ids: Sequence[int], encode: Encode, *, kinds: Sequence[str],
                lengths: Sequence[int], depths: Sequence[float], seed: int,
-               samples: int = 1) -> list[Task]:
+               samples: int = 1, style: str = "prose") -> list[Task]:
     """Every (kind, length, depth, sample) combination, in that order; sample ``s`` uses seed
     ``seed + s``."""
     unknown = set(kinds) - set(GENERATORS)
     if unknown:
         raise ValueError(f"tasks: unknown kinds {sorted(unknown)}; known: {sorted(GENERATORS)}")
-    return [GENERATORS[k](filler_ids, encode, length=n, depth=d, seed=seed + s)
+    return [GENERATORS[k](filler_ids, encode, length=n, depth=d, seed=seed + s, style=style)
             for k in kinds for n in lengths for d in depths for s in range(samples)]

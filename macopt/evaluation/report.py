@@ -1,0 +1,152 @@
+"""What ``macopt eval`` prints and draws from a result of :func:`~.harness.evaluate`: the
+table of methods, the fidelity bar of the approximate methods, the Top-K (+ phi) output error
+per head, and a chart of quality against keys read.
+
+The bar (per MAC method, against the unmodified model in the same run): task accuracy per kind
+equal, decode-step perplexity within 1%, and keys read by the decode steps past ``t_min`` at
+least 5x below full attention's, with the measured hit rate.
+
+>>> print(quality_chart(result))  # doctest: +SKIP
+<svg ...
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from macopt.plot import line_chart, side_by_side
+
+PPL_TOLERANCE = 0.01
+KEYS_REDUCTION = 5.0
+
+
+def family(name: str, entry: dict) -> str:
+    """The series a method belongs to in the chart: ``mac``, ``topk``, ``topk_phi``, or
+    ``full attention`` (unmodified, exact); a calibrated MAC config is its own series."""
+    if entry["config"] is None or entry["config"]["method"] == "exact":
+        return "full attention"
+    kind = name.partition(":")[0]
+    if kind == "mac" and (name.endswith(".json") or name.endswith(":calibrated")):
+        return "mac (calibrated)"
+    return kind
+
+
+def ppl_ratio(result: dict, name: str) -> float:
+    """Decode-step perplexity of ``name`` over the unmodified model's."""
+    base = result["methods"]["unmodified"]["perplexity"]["decode_perplexity"]
+    return result["methods"][name]["perplexity"]["decode_perplexity"] / base
+
+
+def bar(result: dict) -> dict[str, dict[str, Any]]:
+    """Per MAC method: each part of the fidelity bar and whether it holds."""
+    methods = result["methods"]
+    base = methods["unmodified"]
+    out = {}
+    for name, entry in methods.items():
+        if entry["config"] is None or entry["config"]["method"] != "mac":
+            continue
+        ratio = ppl_ratio(result, name)
+        keys = entry["keys"]
+        tasks_equal = entry["tasks"]["by_kind"] == base["tasks"]["by_kind"]
+        out[name] = {
+            "task_accuracy": entry["tasks"]["by_kind"],
+            "task_accuracy_full": base["tasks"]["by_kind"],
+            "tasks_equal": tasks_equal,
+            "decode_ppl_ratio": ratio,
+            "ppl_within_1pct": abs(ratio - 1.0) <= PPL_TOLERANCE,
+            "hit_rate": keys["hit_rate"],
+            "keys_reduction": keys["reduction"],
+            "keys_5x": keys["reduction"] >= KEYS_REDUCTION,
+            "decode_steps_past_t_min": keys["decode_steps"],
+            "met": tasks_equal and abs(ratio - 1.0) <= PPL_TOLERANCE
+            and keys["reduction"] >= KEYS_REDUCTION,
+        }
+    return out
+
+
+def table(result: dict, title: str = "macopt eval") -> Any:
+    """A rich table: one row per method."""
+    from rich.table import Table
+
+    out = Table(title=title)
+    kinds = list(result["settings"]["kinds"])
+    columns = ["method", "ppl", "decode ppl", "ratio", *kinds, "top-1 agree", "1st diverge",
+               "max logit err", "hit rate", "keys read / full"]
+    for column in columns:
+        out.add_column(column, justify="left" if column == "method" else "right")
+    for name, entry in result["methods"].items():
+        ppl, agreement, keys = entry["perplexity"], entry["agreement"], entry["keys"]
+        divergence = agreement["first_divergence"]
+        by_kind = entry["tasks"]["by_kind"]
+        out.add_row(name, f"{ppl['perplexity']:.4f}", f"{ppl['decode_perplexity']:.4f}",
+                    f"{ppl_ratio(result, name):.4f}",
+                    *[f"{by_kind[k]:.2f}" if k in by_kind else "-" for k in kinds],
+                    f"{agreement['top1']:.3f}", "-" if divergence is None else str(divergence),
+                    f"{agreement['max_logit_error']:.2e}",
+                    "-" if keys["hit_rate"] is None else f"{keys['hit_rate']:.3f}",
+                    f"{keys['read_fraction']:.3f} ({keys['reduction']:.1f}x)")
+    return out
+
+
+def bar_table(result: dict) -> Any:
+    """A rich table of :func:`bar`."""
+    from rich.table import Table
+
+    out = Table(title=f"bar: tasks equal to full attention, decode ppl within "
+                      f"{PPL_TOLERANCE:.0%}, keys read >= {KEYS_REDUCTION:g}x fewer past t_min")
+    for column in ("method", "tasks equal", "decode ppl ratio", "hit rate", "keys fewer",
+                   "met"):
+        out.add_column(column, justify="left" if column == "method" else "right")
+    for name, row in bar(result).items():
+        hit = row["hit_rate"]
+        out.add_row(name, _mark(row["tasks_equal"]),
+                    f"{row['decode_ppl_ratio']:.4f} {_mark(row['ppl_within_1pct'])}",
+                    "-" if hit is None else f"{hit:.3f}",
+                    f"{row['keys_reduction']:.2f}x {_mark(row['keys_5x'])}", _mark(row["met"]))
+    return out
+
+
+def topk_error_table(result: dict) -> Any | None:
+    """A rich table of the Top-K (+ phi) output error: mean per layer, worst head."""
+    from rich.table import Table
+
+    rows = [(n, e["topk_error"]) for n, e in result["methods"].items() if "topk_error" in e]
+    if not rows:
+        return None
+    layers = len(rows[0][1]["layers"])
+    out = Table(title="Top-K (+ phi) attention-output relative L1 vs exact, per layer "
+                "(mean over heads / worst head)")
+    for column in ("method", "mean", *[f"layer {i}" for i in range(layers)]):
+        out.add_column(column, justify="left" if column == "method" else "right")
+    for name, error in rows:
+        cells = [f"{sum(h) / len(h):.3f} / {max(h):.3f}" for h in error["layers"]]
+        out.add_row(name, f"{error['mean']:.4f}", *cells)
+    return out
+
+
+def quality_chart(result: dict) -> str:
+    """SVG: decode perplexity ratio, task accuracy and (Top-K methods) output error against
+    the keys read per decode step as a fraction of full attention's (log scale)."""
+    ratio: dict[str, list] = {}
+    accuracy: dict[str, list] = {}
+    error: dict[str, list] = {}
+    for name, entry in result["methods"].items():
+        series = family(name, entry)
+        x = entry["keys"]["read_fraction"]
+        ratio.setdefault(series, []).append((x, ppl_ratio(result, name)))
+        accuracy.setdefault(series, []).append((x, entry["tasks"]["accuracy"]))
+        if "topk_error" in entry:
+            error.setdefault(series, []).append((x, entry["topk_error"]["mean"]))
+    x_label = "keys read / full attention (decode steps past t_min)"
+    charts = [line_chart(ratio, x_label, "decode perplexity / full attention's",
+                         "perplexity vs keys read", log_x=True),
+              line_chart(accuracy, x_label, "task accuracy (passkey, multi-key)",
+                         "retrieval vs keys read", log_x=True)]
+    if error:
+        charts.append(line_chart(error, x_label, "attention output rel. L1 (mean over heads)",
+                                 "Top-K output error vs keys read", log_x=True))
+    return side_by_side(charts)
+
+
+def _mark(ok: bool) -> str:
+    return "yes" if ok else "NO"
