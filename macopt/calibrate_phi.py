@@ -61,20 +61,25 @@ class CalibrationConfig:
 
 @dataclass
 class CapturedLayer:
-    """One layer's post-RoPE attention inputs: ``q[S, Hq, L, D]``, ``k[S, Hkv, L, D]``."""
+    """One layer's post-RoPE attention inputs: ``q[S, Hq, L, D]``, ``k[S, Hkv, L, D]``, and
+    ``v[S, Hkv, L, D]`` when captured with ``values=True`` (fidelity measurements need it,
+    training does not)."""
 
     q: Tensor
     k: Tensor
     scale: float
+    v: Tensor | None = None
 
 
 # --- capture ---------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def capture_attention(model: torch.nn.Module, token_ids: Tensor) -> dict[int, CapturedLayer]:
+def capture_attention(model: torch.nn.Module, token_ids: Tensor, values: bool = False
+                      ) -> dict[int, CapturedLayer]:
     """Run ``model`` on ``token_ids[S, L]`` (one forward per row) and return each layer's
-    post-RoPE queries and keys, by layer index (the attention module's ``layer_idx``)."""
+    post-RoPE queries and keys (and values, with ``values``), by layer index (the attention
+    module's ``layer_idx``)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -82,12 +87,13 @@ def capture_attention(model: torch.nn.Module, token_ids: Tensor) -> dict[int, Ca
         raise ValueError(f"{type(model).__name__} is not a Hugging Face model with a settable "
                          "attention implementation; calibration captures attention inputs "
                          "through transformers' AttentionInterface")
-    seen: dict[int, list[tuple[Tensor, Tensor, float]]] = {}
+    seen: dict[int, list[tuple[Tensor, Tensor, float, Tensor | None]]] = {}
 
     def record(module, query, key, value, attention_mask, **kwargs):
         head_dim = query.shape[-1]
         scale = kwargs.get("scaling") or head_dim**-0.5
-        seen.setdefault(module.layer_idx, []).append((query.detach(), key.detach(), scale))
+        kept = value.detach() if values else None
+        seen.setdefault(module.layer_idx, []).append((query.detach(), key.detach(), scale, kept))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(_CAPTURE_NAME, record)
@@ -102,8 +108,9 @@ def capture_attention(model: torch.nn.Module, token_ids: Tensor) -> dict[int, Ca
     if not seen:
         raise ValueError(f"{type(model).__name__}: no attention call went through transformers'"
                          " AttentionInterface, so there is nothing to calibrate on")
-    return {layer: CapturedLayer(torch.cat([q for q, _, _ in calls]),
-                                 torch.cat([k for _, k, _ in calls]), calls[0][2])
+    return {layer: CapturedLayer(torch.cat([c[0] for c in calls]),
+                                 torch.cat([c[1] for c in calls]), calls[0][2],
+                                 torch.cat([c[3] for c in calls]) if values else None)
             for layer, calls in sorted(seen.items())}
 
 
