@@ -105,6 +105,7 @@ def test_exact_and_mac_at_tau_one_equal_the_unmodified_model(result):
         entry = methods[name]
         for measure in ("perplexity", "decode_perplexity"):
             assert abs(entry["perplexity"][measure] / base[measure] - 1) < 1e-4
+        assert abs(entry["perplexity"]["decode_kl"]) < 1e-6
         assert entry["agreement"]["top1"] == 1.0
         assert entry["agreement"]["first_divergence"] is None
         assert entry["agreement"]["max_logit_error"] < 1e-3
@@ -115,7 +116,8 @@ def test_exact_and_mac_at_tau_one_equal_the_unmodified_model(result):
 
 def test_decode_perplexity_scores_the_decode_steps_only(result):
     ppl = result["methods"]["unmodified"]["perplexity"]
-    assert ppl["tokens"] == 127 and ppl["decode_tokens"] == 7
+    assert ppl["tokens"] == 127 and ppl["decode_tokens"] == 7 and ppl["decode_kl"] == 0.0
+    assert result["methods"]["topk_phi:16"]["perplexity"]["decode_kl"] > 1e-6
 
 
 def test_stats_of_the_stateful_method_only(result):

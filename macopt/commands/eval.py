@@ -141,6 +141,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
             def tick(what: str) -> None:
                 progress.update(bar, advance=1, description=what)
+                if not out.isatty():  # a log: one line per step
+                    progress.console.print(what)
 
             result = evaluate(model, tokenizer, methods, text=text, context=args.context,
                               ppl_chunks=args.ppl_chunks, ppl_decode=args.ppl_decode,

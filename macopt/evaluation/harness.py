@@ -11,7 +11,10 @@ steps (teacher-forced), because the methods change the decode steps only:
   ``context - ppl_decode`` tokens are a prefill and the last ``ppl_decode`` are decode steps.
   ``perplexity`` scores every token of the chunk (after the first); ``decode_perplexity``
   only the tokens predicted by decode steps, the only ones a method changes (the whole
-  chunk's figure dilutes a method's effect by ``context / ppl_decode``).
+  chunk's figure dilutes a method's effect by ``context / ppl_decode``). ``decode_kl``: the
+  mean KL divergence from the unmodified model's next-token distribution to the method's over
+  the same decode steps, the expected log-perplexity increase on text the model predicts
+  well, and far less noisy than a perplexity over a few hundred tokens.
 - ``tasks``: greedy decoding of a few tokens after each task prompt; correct when the decoded
   text starts with the answer (after stripping leading whitespace).
 - ``agreement``: the unmodified model greedily generates ``agreement_steps`` tokens after a
@@ -186,10 +189,11 @@ def evaluate(
             if method.overrides:
                 entry["overrides"] = {k: None if c is None else c.to_dict()
                                       for k, c in method.overrides.items()}
-            entry["perplexity"] = _perplexity(run, chunks, ppl_decode, tick, method.name)
+            entry["perplexity"] = _perplexity(run, chunks, ppl_decode, tick, method.name,
+                                              reference)
             entry["tasks"] = _run_tasks(run, tasks, answer_tokens, decode, tick, method.name)
             if method.config is None:
-                reference = _greedy(run, prompt, agreement_steps)
+                reference.update(_greedy(run, prompt, agreement_steps))
                 entry["agreement"] = {"steps": agreement_steps, "top1": 1.0,
                                       "first_divergence": None, "max_logit_error": 0.0}
             else:
@@ -414,10 +418,13 @@ class _Runner:
         return out.logits[0].float()
 
 
-def _perplexity(run: _Runner, chunks, ppl_decode, tick, name) -> dict:
-    nll = decode_nll = 0.0
+def _perplexity(run: _Runner, chunks, ppl_decode, tick, name, reference: dict) -> dict:
+    """Perplexities of ``chunks``; the unmodified model's run (an empty ``reference``)
+    leaves its decode steps' log-probabilities there for the others' KL."""
+    nll = decode_nll = kl = 0.0
     count = decode_count = 0
-    for chunk in chunks:
+    decode_logp = reference.setdefault("decode_logp", [])
+    for i, chunk in enumerate(chunks):
         prefill = len(chunk) - ppl_decode
         logits = run.forward(chunk, prefill)
         target = torch.tensor(chunk[1:], device=logits.device)
@@ -426,12 +433,17 @@ def _perplexity(run: _Runner, chunks, ppl_decode, tick, name) -> dict:
         count += len(chunk) - 1
         decode_nll += losses[prefill:].sum().item()  # logits[prefill:] come from decode steps
         decode_count += len(chunk) - 1 - prefill
+        logp = torch.log_softmax(logits[prefill:-1], dim=-1)
+        if len(decode_logp) <= i:
+            decode_logp.append(logp)
+        kl += (decode_logp[i].exp() * (decode_logp[i] - logp)).sum().item()
         tick(f"{name}: perplexity")
     mean = nll / count if count else float("nan")
     decode_mean = decode_nll / decode_count if decode_count else float("nan")
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": count,
             "decode_perplexity": math.exp(decode_mean), "decode_nll": decode_mean,
-            "decode_tokens": decode_count}
+            "decode_tokens": decode_count,
+            "decode_kl": kl / decode_count if decode_count else float("nan")}
 
 
 def _run_tasks(run: _Runner, tasks: list[Task], answer_tokens: int, decode, tick,

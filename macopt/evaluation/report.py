@@ -12,6 +12,7 @@ least 5x below full attention's, with the measured hit rate.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from macopt.plot import line_chart, side_by_side
@@ -53,6 +54,7 @@ def bar(result: dict) -> dict[str, dict[str, Any]]:
             "task_accuracy_full": base["tasks"]["by_kind"],
             "tasks_equal": tasks_equal,
             "decode_ppl_ratio": ratio,
+            "expected_ppl_ratio": math.exp(entry["perplexity"]["decode_kl"]),
             "ppl_within_1pct": abs(ratio - 1.0) <= PPL_TOLERANCE,
             "hit_rate": keys["hit_rate"],
             "keys_reduction": keys["reduction"],
@@ -70,8 +72,8 @@ def table(result: dict, title: str = "macopt eval") -> Any:
 
     out = Table(title=title)
     kinds = list(result["settings"]["kinds"])
-    columns = ["method", "ppl", "decode ppl", "ratio", *kinds, "top-1 agree", "1st diverge",
-               "max logit err", "hit rate", "keys read / full"]
+    columns = ["method", "ppl", "decode ppl", "ratio", "exp(KL)", *kinds, "top-1 agree",
+               "1st diverge", "max logit err", "hit rate", "keys read / full"]
     for column in columns:
         out.add_column(column, justify="left" if column == "method" else "right")
     for name, entry in result["methods"].items():
@@ -79,7 +81,7 @@ def table(result: dict, title: str = "macopt eval") -> Any:
         divergence = agreement["first_divergence"]
         by_kind = entry["tasks"]["by_kind"]
         out.add_row(name, f"{ppl['perplexity']:.4f}", f"{ppl['decode_perplexity']:.4f}",
-                    f"{ppl_ratio(result, name):.4f}",
+                    f"{ppl_ratio(result, name):.4f}", f"{math.exp(ppl['decode_kl']):.4f}",
                     *[f"{by_kind[k]:.2f}" if k in by_kind else "-" for k in kinds],
                     f"{agreement['top1']:.3f}", "-" if divergence is None else str(divergence),
                     f"{agreement['max_logit_error']:.2e}",
@@ -94,14 +96,14 @@ def bar_table(result: dict) -> Any:
 
     out = Table(title=f"bar: tasks equal to full attention, decode ppl within "
                       f"{PPL_TOLERANCE:.0%}, keys read >= {KEYS_REDUCTION:g}x fewer past t_min")
-    for column in ("method", "tasks equal", "decode ppl ratio", "hit rate", "keys fewer",
-                   "met"):
+    for column in ("method", "tasks equal", "decode ppl ratio", "exp(KL)", "hit rate",
+                   "keys fewer", "met"):
         out.add_column(column, justify="left" if column == "method" else "right")
     for name, row in bar(result).items():
         hit = row["hit_rate"]
         out.add_row(name, _mark(row["tasks_equal"]),
                     f"{row['decode_ppl_ratio']:.4f} {_mark(row['ppl_within_1pct'])}",
-                    "-" if hit is None else f"{hit:.3f}",
+                    f"{row['expected_ppl_ratio']:.4f}", "-" if hit is None else f"{hit:.3f}",
                     f"{row['keys_reduction']:.2f}x {_mark(row['keys_5x'])}", _mark(row["met"]))
     return out
 
