@@ -4,7 +4,7 @@ Not a ``macopt bench`` sub-command: a profiling aid behind the numbers in BENCHM
 each case it prints the CUDA-graph replay median (``do_bench``, as ``macopt bench``) and the mean
 device time of every kernel in the replayed graph (``torch.profiler``, 30-50 replays).
 
-    python -m macopt.bench.profile_steps mac   # exact vs MAC at forced hit rates 1.0 / 0.0
+    python -m macopt.bench.profile_steps mac   # exact vs MAC at forced hit rates 1 / 0.95 / 0
     python -m macopt.bench.profile_steps topk  # Top-K + phi, page selector, 1% and 2%
 """
 
@@ -54,7 +54,7 @@ def profile_mac(rows: list[dict]) -> None:
     from macopt.bench import mac as bench_mac
 
     config = bench_mac.MACBenchConfig(device="cuda")
-    for batch, context in [(1, 8192), (1, 131072), (16, 131072)]:
+    for batch, context in [(1, 8192), (1, 32768), (1, 131072), (2, 131072), (16, 131072)]:
         _mac_case(rows, bench_mac.make_layer(config, batch, context), batch, context)
         torch.cuda.empty_cache()
 
@@ -68,16 +68,17 @@ def _mac_case(rows: list[dict], layer, batch: int, context: int) -> None:
                                  layer.scale)
     attend = decode._build_macopt(decode.LayerShape(batch, context, **LAYER), inputs)
     _record(rows, case, "exact", lambda: attend(inputs))
-    for rate in (1.0, 0.0):
+    sync = torch.zeros(batch, layer.q.shape[1], dtype=torch.int32, device=layer.q.device)
+    for rate in (1.0, 0.95, 0.0):
         ring = bench_mac.forced_ring(layer, 512, rate)
-        for programs in (None, 4, 16):
-            for splits in ((None, 4) if rate == 1.0 else (None,)):
-                def step(programs=programs, splits=splits, ring=ring):
-                    return mac.mac_decode_step(
-                        layer.q, layer.q_pre, layer.k, layer.v, ring, layer.positions,
-                        layer.starts, layer.scale, offset=256, tau=0.45, t_min=0,
-                        max_depth=16, match_programs=programs, num_splits=splits)
-                _record(rows, case, f"mac h{rate} mp{programs} sp{splits}", step)
+        # fuse None: the default (the match inside the attention launch where it fits).
+        for fuse in (None, False):
+            def step(fuse=fuse, ring=ring):
+                return mac.mac_decode_step(
+                    layer.q, layer.q_pre, layer.k, layer.v, ring, layer.positions,
+                    layer.starts, layer.scale, offset=256, tau=0.45, t_min=0,
+                    max_depth=16, sync=sync, fuse_match=fuse)
+            _record(rows, case, f"mac h{rate} fuse {fuse}", step)
 
 
 def profile_topk(rows: list[dict]) -> None:
