@@ -1,5 +1,4 @@
-"""MAC-Attention decode step in Triton: match, attend (amend + complete), finalize; three launches
-(two with the match fused into the attention launch).
+"""MAC-Attention decode step in Triton: match, attend (amend + complete), finalize; three launches.
 
 The math and the exact semantics (sinks, left padding, chain depth) are those of
 :mod:`macopt.kernels.mac_reference`:
@@ -22,12 +21,8 @@ by an atomic counter, merged the group's heads one after another): on the H100 t
 cost ~10 us a step at batch 1, more than the third launch costs (CUDA-graph replay of the
 all-hit step at batch 1: 0.030 ms before, 0.023 ms after).
 
-Every split needs the group's decision before it knows its keys, and re-matching in each split
-would re-read the ring ``splits`` times. For small batches (at most one program per SM, all
-resident at once) the match runs inside the attention launch instead (``fuse_match``): split
-``s`` matches ``1/splits`` of the ring for each head of its group, publishes its candidates,
-and spins on the group's arrival counter until every split has; the finalize resets the counter.
-That removes a launch from the batch-1 step, where launches, not bytes, set the time.
+The match cannot join the attention kernel: every split needs the group's decision before it
+knows its keys, and re-matching in each split would re-read the ring ``splits`` times.
 
 Per-step values (positions, key starts) are device tensors and every launch size comes from
 static shapes, so a step never syncs with the host and can be captured in a CUDA graph. On an
@@ -61,15 +56,25 @@ _MATCH_BLOCK_M = 64  # ring slots per tile: 16 KB of bf16 queries at D = 128
 
 
 @triton.jit
-def _nearest_entry(
-    q_pre_ptr, ring_q_ptr, ring_pos_ptr, batch, head, t, s0, first, last, ring_size, head_dim,
-    t_min, stride_qb, stride_qh, stride_qd, stride_rb, stride_rh, stride_rm, stride_rd,
+def _match_kernel(
+    q_pre_ptr, ring_q_ptr, ring_pos_ptr, t_ptr, s0_ptr, cand_d_ptr, cand_pos_ptr,
+    q_heads, ring_size, head_dim, slots_per_program, t_min,
+    stride_qb, stride_qh, stride_qd,
+    stride_rb, stride_rh, stride_rm, stride_rd,
     stride_pb, stride_ph, stride_pm,
+    stride_cb, stride_ch, stride_cr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Nearest valid entry of one (row, query head) among ring slots ``[first, last)``, read as
-    ``[BLOCK_M, D]`` tiles: (fp32 squared L2, position; ties: the older), ``(inf, -1)`` if none."""
+    # A program owns one (row, query head) and a run of ring slots, read as [BLOCK_M, D] tiles;
+    # it keeps the nearest valid entry (fp32 squared L2, ties: the older) as its candidate.
+    bh = tl.program_id(0)
+    part = tl.program_id(1)
+    batch = (bh // q_heads).to(tl.int64)
+    head = (bh % q_heads).to(tl.int64)
+    t = tl.load(t_ptr + batch)
+    s0 = tl.load(s0_ptr + batch)
     lowest = tl.maximum(t - ring_size, s0)  # valid entries: [max(t - M, s0), t)
+
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
     q = tl.load(q_pre_ptr + batch * stride_qb + head * stride_qh + dims * stride_qd,
@@ -79,7 +84,8 @@ def _nearest_entry(
 
     best_d = tl.min(tl.full([BLOCK_M], float("inf"), tl.float32), axis=0)
     best_pos = tl.min(tl.full([BLOCK_M], -1, tl.int32), axis=0)
-    last = tl.minimum(last, ring_size)
+    first = part * slots_per_program
+    last = tl.minimum(first + slots_per_program, ring_size)
     last = tl.where(t - s0 >= t_min, last, first)  # a row below t_min cannot hit: read nothing
     for tile_start in range(first, last, BLOCK_M):
         slots = tile_start + tl.arange(0, BLOCK_M)
@@ -95,31 +101,7 @@ def _nearest_entry(
         better = better & (tile_pos != _INT32_MAX)
         best_pos = tl.where(better, tile_pos, best_pos)
         best_d = tl.where(better, tile_d, best_d)
-    return best_d, best_pos
 
-
-@triton.jit
-def _match_kernel(
-    q_pre_ptr, ring_q_ptr, ring_pos_ptr, t_ptr, s0_ptr, cand_d_ptr, cand_pos_ptr,
-    q_heads, ring_size, head_dim, slots_per_program, t_min,
-    stride_qb, stride_qh, stride_qd,
-    stride_rb, stride_rh, stride_rm, stride_rd,
-    stride_pb, stride_ph, stride_pm,
-    stride_cb, stride_ch, stride_cr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # A program owns one (row, query head) and a run of ring slots; its nearest valid entry is
-    # its candidate.
-    bh = tl.program_id(0)
-    part = tl.program_id(1)
-    batch = (bh // q_heads).to(tl.int64)
-    head = (bh % q_heads).to(tl.int64)
-    first = part * slots_per_program
-    best_d, best_pos = _nearest_entry(
-        q_pre_ptr, ring_q_ptr, ring_pos_ptr, batch, head, tl.load(t_ptr + batch),
-        tl.load(s0_ptr + batch), first, first + slots_per_program, ring_size, head_dim, t_min,
-        stride_qb, stride_qh, stride_qd, stride_rb, stride_rh, stride_rm, stride_rd,
-        stride_pb, stride_ph, stride_pm, BLOCK_M, BLOCK_D)
     out = batch * stride_cb + head * stride_ch + part * stride_cr
     tl.store(cand_d_ptr + out, best_d)
     tl.store(cand_pos_ptr + out, best_pos)
@@ -136,9 +118,8 @@ def _decide(
     cands = tl.arange(0, BLOCK_R)
     cand_ok = row_ok[:, None] & (cands < n_candidates)[None, :]
     offsets = batch * stride_cb + heads[:, None] * stride_ch + cands[None, :] * stride_cr
-    # .cg: in the fused match, other programs of this launch wrote them (L2 is coherent, L1 not)
-    dist = tl.load(cand_d_ptr + offsets, mask=cand_ok, other=float("inf"), cache_modifier=".cg")
-    pos = tl.load(cand_pos_ptr + offsets, mask=cand_ok, other=-1, cache_modifier=".cg")
+    dist = tl.load(cand_d_ptr + offsets, mask=cand_ok, other=float("inf"))
+    pos = tl.load(cand_pos_ptr + offsets, mask=cand_ok, other=-1)
     best = tl.min(dist, axis=1)
     j_star = tl.min(tl.where((dist == best[:, None]) & (pos >= 0), pos, _INT32_MAX), axis=1)
     found = j_star != _INT32_MAX
@@ -205,13 +186,8 @@ def _attention_kernel(
     q_ptr, k_ptr, v_ptr, t_ptr, s0_ptr,
     cand_d_ptr, cand_pos_ptr, ring_lse_ptr, ring_depth_ptr,
     hit_ptr, slot_ptr, keys_ptr, part_o_ptr, part_lse_ptr,
-    q_pre_ptr, ring_q_ptr, ring_pos_ptr, sync_ptr,
     qk_scale_log2, radius2, n_kv_heads, group, head_dim, num_splits, n_candidates,
-    ring_size, offset, sinks, t_min, max_depth, slots_per_split,
-    stride_qpb, stride_qph, stride_qpd,
-    stride_rb, stride_rh, stride_rm, stride_rd,
-    stride_rpb, stride_rph, stride_rpm,
-    stride_sb, stride_sh,
+    ring_size, offset, sinks, t_min, max_depth,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -222,7 +198,6 @@ def _attention_kernel(
     stride_db, stride_dh,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    FUSED_MATCH: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # A program owns one (row, KV head, split): the group's query heads are the rows of one
     # [BLOCK_G, D] tile; its chunk of the group's union range is read once, in [BLOCK_N, D] blocks.
@@ -238,29 +213,6 @@ def _attention_kernel(
     t = tl.load(t_ptr + batch)
     s0 = tl.load(s0_ptr + batch)
     e_t = tl.maximum(t + 1 - offset, s0)
-
-    if FUSED_MATCH:
-        # The match in this launch: split s scans ring slots [s * slots_per_split, ...) for every
-        # head of the group, publishes its candidates, then waits for the group's other splits.
-        # Spinning is safe because the launch has at most one program per SM (all co-resident).
-        first = split * slots_per_split
-        for r in range(0, group):
-            head_r = kv_head * group + r
-            best_d, best_pos = _nearest_entry(
-                q_pre_ptr, ring_q_ptr, ring_pos_ptr, batch, head_r, t, s0, first,
-                first + slots_per_split, ring_size, head_dim, t_min,
-                stride_qpb, stride_qph, stride_qpd, stride_rb, stride_rh, stride_rm, stride_rd,
-                stride_rpb, stride_rph, stride_rpm, BLOCK_M, BLOCK_D)
-            cand = batch * stride_cb + head_r * stride_ch + split * stride_cr
-            tl.store(cand_d_ptr + cand, best_d)
-            tl.store(cand_pos_ptr + cand, best_pos)
-        tl.debug_barrier()  # every thread's candidate stores precede the release below
-        arrivals = sync_ptr + batch * stride_sb + kv_head * group * stride_sh
-        tl.atomic_add(arrivals, 1, sem="release")
-        arrived = tl.atomic_add(arrivals, 0, sem="acquire")
-        while arrived < num_splits:
-            arrived = tl.atomic_add(arrivals, 0, sem="acquire")
-        # The finalize launch sets the counter back to 0 for the next step.
 
     hit, slot, start = _decide(
         cand_d_ptr, cand_pos_ptr, ring_lse_ptr, ring_depth_ptr, batch, heads, row_ok, t, s0,
@@ -328,9 +280,8 @@ def _finalize_kernel(
     stride_pw, stride_pb, stride_ph, stride_ps, stride_pd,
     stride_plw, stride_plb, stride_plh, stride_pls,
     stride_outb, stride_outh, stride_outd,
-    stride_db, stride_dh, stride_cr, stride_ch, sync_ptr, group, stride_sb, stride_sh,
-    COUNT: tl.constexpr, RESET_SYNC: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    stride_db, stride_dh, stride_cr, stride_ch,
+    COUNT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # A program owns one (row, query head): it merges the splits' prefix and tail states, amends
     # with entry j* on a hit, writes o and ring slot t mod M, and adds the step to the counters.
@@ -391,10 +342,6 @@ def _finalize_kernel(
     tl.store(ring_pos_ptr + ring + new_slot * stride_lm, t.to(tl.int32))
     tl.store(ring_depth_ptr + ring + new_slot * stride_lm, depth.to(tl.int32))
 
-    if RESET_SYNC:  # the attention launch's arrival counter of this group, for the next step
-        if head % group == 0:
-            tl.store(sync_ptr + batch * stride_sb + head * stride_sh, 0)
-
     if COUNT:  # rows of one head add to the same counters: atomics (integer, so exact)
         counter = counters_ptr + head * stride_ch
         s0 = tl.load(s0_ptr + batch)
@@ -445,17 +392,10 @@ def _check_ring(q: Tensor, q_pre: Tensor, ring: MACRing) -> None:
         raise ValueError("ring.pos, ring.depth: expected int32")
 
 
-def _fused_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Splits a launch with the match fused in can use: at most one program per SM, so that all
-    programs are resident at once and a spin-wait on the group's other splits always ends."""
-    return _multiprocessor_count(device) // max(batch * kv_heads, 1)
-
-
 def mac_decode_step(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, ring: MACRing, positions: Tensor,
     key_starts: Tensor, scale: float, *, offset: int, sinks: int = 0, tau: float,
-    t_min: int, max_depth: int, counters: Tensor | None = None, sync: Tensor | None = None,
-    fuse_match: bool | None = None, num_splits: int | None = None,
+    t_min: int, max_depth: int, counters: Tensor | None = None, num_splits: int | None = None,
     match_programs: int | None = None, block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MAC decode step on the GPU (or the Triton interpreter); updates ``ring`` in place.
@@ -464,56 +404,27 @@ def mac_decode_step(
     ``o[B, Hq, D]`` in ``q.dtype``, ``hit[B, Hq]`` bool, ``keys_read[B, Hq]`` int32.
     ``positions`` and ``key_starts`` (int32 or int64 ``[B]``) stay on the device. ``counters``
     (int64 ``[COUNTER_ROWS, Hq]`` of :mod:`macopt.kernels.mac_counters`), when given, gets the
-    step added by the finalize launch.
-
-    ``fuse_match`` (default: on a GPU, when every (row, KV head) gets >= 2 splits with one
-    program per SM, i.e. small batches) runs the match inside the attention launch: two launches
-    instead of three. Its splits meet through ``sync`` (int32 ``[>= B, Hq]``, zero, left zero
-    after the step: per-site state at a static address; None allocates one). The Triton
-    interpreter runs programs one at a time, so it cannot wait: there it is off by default and
-    allowed with one split only (nothing to wait for).
-    The last three arguments override the launch shape (tests, benchmarks); by default the
-    attention kernel uses the exact decode kernel's blocks, warps and split count.
+    step added by the finalize launch. The last three arguments override the launch shape
+    (tests, benchmarks); by default the attention kernel uses the exact decode kernel's blocks,
+    warps and split count for this cache size. Three launches: match, attention, finalize.
     """
     _check_ring(q, q_pre, ring)
     batch, q_heads, head_dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     config = _launch_config(batch, kv_heads, n_keys, head_dim, group, q.device, k.element_size())
-    fused_splits = _fused_splits(batch, kv_heads, q.device)
-    if fuse_match is None:
-        fuse_match = not _interpreting() and q.is_cuda and fused_splits >= 2
-    splits = num_splits or (min(config.num_splits, fused_splits) if fuse_match
-                            else config.num_splits)
-    if fuse_match and _interpreting() and splits > 1:
-        raise ValueError("fuse_match: the Triton interpreter runs one program at a time, so a "
-                         "split would wait forever for the next; use one split or no fusion")
-    if fuse_match and splits > 1 and batch * kv_heads * splits > _multiprocessor_count(q.device):
-        raise ValueError(f"fuse_match: {batch * kv_heads * splits} programs exceed the "
-                         f"{_multiprocessor_count(q.device)} SMs; the splits could not all wait")
+    splits = num_splits or config.num_splits
     block_n = block_n or config.block_n
     ring_size = ring.size
-    if fuse_match:
-        n_match = splits  # one candidate per split and head
-        block_m = min(_MATCH_BLOCK_M, triton.next_power_of_2(triton.cdiv(ring_size, splits)))
-    else:
-        n_match = match_programs or _match_programs(batch, q_heads, ring_size, q.device)
-        block_m = min(_MATCH_BLOCK_M, triton.next_power_of_2(triton.cdiv(ring_size, n_match)))
+    n_match = match_programs or _match_programs(batch, q_heads, ring_size, q.device)
+    block_m = min(_MATCH_BLOCK_M, triton.next_power_of_2(triton.cdiv(ring_size, n_match)))
     slots_per_program = triton.cdiv(triton.cdiv(ring_size, n_match), block_m) * block_m
-    if not fuse_match:
-        n_match = triton.cdiv(ring_size, slots_per_program)  # no program without a slot
+    n_match = triton.cdiv(ring_size, slots_per_program)  # no program without a slot
     positions, key_starts = positions.contiguous(), key_starts.contiguous()
 
     def new(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         return _new_empty(*shape, dtype=dtype, device=q.device)
 
-    if sync is None and fuse_match:
-        sync = torch.zeros(batch, q_heads, dtype=torch.int32, device=q.device)
-    if sync is None:
-        sync = new(batch, q_heads, dtype=torch.int32)  # unused without the fused match
-    if sync.dtype != torch.int32 or sync.shape[0] < batch or sync.shape[1] != q_heads:
-        raise ValueError(f"sync: expected int32 [>= {batch}, {q_heads}], got {sync.dtype} "
-                         f"{tuple(sync.shape)}")
     cand_d, cand_pos = new(batch, q_heads, n_match), new(batch, q_heads, n_match, dtype=torch.int32)
     hit, slot = new(batch, q_heads, dtype=torch.uint8), new(batch, q_heads, dtype=torch.int32)
     keys_read = new(batch, q_heads, dtype=torch.int32)
@@ -521,24 +432,22 @@ def mac_decode_step(
     out = new(batch, q_heads, head_dim, dtype=q.dtype)
     block_d = triton.next_power_of_2(head_dim)
 
-    if not fuse_match:
-        _match_kernel[(batch * q_heads, n_match)](
-            q_pre, ring.q, ring.pos, positions, key_starts, cand_d, cand_pos,
-            q_heads, ring_size, head_dim, slots_per_program, t_min,
-            *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(), *cand_d.stride(),
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,  # 8 warps: half the registers a thread
-        )
+    _match_kernel[(batch * q_heads, n_match)](
+        q_pre, ring.q, ring.pos, positions, key_starts, cand_d, cand_pos,
+        q_heads, ring_size, head_dim, slots_per_program, t_min,
+        *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(), *cand_d.stride(),
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,  # 8 warps: half the registers a thread
+    )
     _attention_kernel[(batch * kv_heads, splits)](
         q, k, v, positions, key_starts, cand_d, cand_pos, ring.lse, ring.depth,
-        hit, slot, keys_read, part_o, part_lse, q_pre, ring.q, ring.pos, sync,
+        hit, slot, keys_read, part_o, part_lse,
         scale * _LOG2_E, threshold(head_dim, tau), kv_heads, group, head_dim, splits, n_match,
-        ring_size, offset, sinks, t_min, max_depth, slots_per_program,
-        *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(), *sync.stride(),
+        ring_size, offset, sinks, t_min, max_depth,
         *q.stride(), *k.stride(), *v.stride(), *cand_d.stride(), *ring.lse.stride(),
         *part_o.stride(), *part_lse.stride(), *hit.stride(),
         UPCAST=_interpreting(), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_R=triton.next_power_of_2(n_match), FUSED_MATCH=fuse_match, BLOCK_M=block_m,
+        BLOCK_R=triton.next_power_of_2(n_match),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     count = counters is not None
@@ -552,8 +461,7 @@ def mac_decode_step(
         q_heads, head_dim, splits, ring_size,
         *q_pre.stride(), *ring.q.stride(), *ring.o.stride(), *ring.lse.stride(),
         *part_o.stride(), *part_lse.stride(), *out.stride(), *hit.stride(), *counter_strides,
-        sync, group, *sync.stride(),
-        COUNT=count, RESET_SYNC=fuse_match, BLOCK_D=block_d,
+        COUNT=count, BLOCK_D=block_d,
         # Two [BLOCK_S, D] fp32 tiles in flight: 64 registers a thread at 4 warps.
         BLOCK_S=min(triton.next_power_of_2(splits), max(1, 4096 // block_d)), num_warps=4,
     )

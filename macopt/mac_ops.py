@@ -41,14 +41,14 @@ def mac_decode(
     """One MAC decode step ``o[B,Hq,D]`` of row ``b`` at cache position ``positions[b]`` over
     keys ``[key_starts[b], positions[b]]``; updates the site's ring and counters in place."""
     _check_decode(q, q_pre, k, v, positions, key_starts)
-    ring, counters, sync = mac_state.decode_buffers(site_id, q_pre, ring_size, batch_capacity)
+    ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
     params = dict(offset=offset, sinks=sinks, tau=tau, t_min=t_min, max_depth=max_depth)
     if _use_triton(q.device):
         from macopt.kernels import mac
 
         # The finalize launch adds the step to the counters: no separate counting launch.
         o, _, _ = mac.mac_decode_step(q, q_pre, k, v, ring, positions, key_starts, scale,
-                                      counters=counters, sync=sync, **params)
+                                      counters=counters, **params)
     else:
         o, hit, keys_read = mac_reference.mac_decode_step(q, q_pre, k, v, ring, positions,
                                                           key_starts, scale, **params)

@@ -1,8 +1,7 @@
 """MAC per-site state: one ring per attention site for ``batch_capacity`` rows, and counters.
 
 Memory per site: ``rows * Hq * M * (D * (q bytes + 4) + 12)`` bytes for the ring (pre-RoPE
-queries in the model dtype, fp32 states, lse, position, depth) plus ``6 * Hq`` int64 counters
-and ``rows * Hq`` int32 sync counters;
+queries in the model dtype, fp32 states, lse, position, depth) plus ``6 * Hq`` int64 counters;
 ``rows`` is ``MACConfig.batch_capacity`` (or the first batch). Nothing grows with the context.
 """
 
@@ -21,27 +20,17 @@ def ring_for(site_id: int, q_pre: Tensor, ring_size: int, capacity: int) -> tupl
     """The ring (its first ``B`` rows, a view at a fixed address) and counters of ``site_id``
     for queries ``q_pre[B, Hq, (N,) D]``; allocated for ``capacity`` rows (0: ``B``) on first
     use. A batch beyond the allocated rows is an error: the ring must not move."""
-    ring, counters, _ = decode_buffers(site_id, q_pre, ring_size, capacity)
-    return ring, counters
-
-
-def decode_buffers(site_id: int, q_pre: Tensor, ring_size: int,
-                   capacity: int) -> tuple[MACRing, Tensor, Tensor]:
-    """:func:`ring_for` plus the site's ``sync`` counters (int32 ``[B, Hq]``, zero between
-    steps) through which the splits of a fused-match decode launch meet
-    (:func:`macopt.kernels.mac.mac_decode_step`)."""
     batch, q_heads, head_dim = q_pre.shape[0], q_pre.shape[1], q_pre.shape[-1]
     spec = (q_heads, head_dim, ring_size, q_pre.dtype, q_pre.device, capacity)
 
-    def allocate() -> tuple[tuple[MACRing, Tensor], Tensor]:
+    def allocate() -> tuple[MACRing, Tensor]:
         rows = capacity or batch
         ring = MACRing.empty(rows, q_heads, ring_size, head_dim, q_pre.dtype, q_pre.device)
-        sync = torch.zeros(rows, q_heads, dtype=torch.int32, device=q_pre.device)
         counters = torch.zeros(COUNTER_ROWS, q_heads, dtype=torch.int64, device=q_pre.device)
-        return (ring, sync), counters
+        return ring, counters
 
     site = state.site_state(site_id, "mac", spec, allocate)
-    ring, sync = site.buffers
+    ring: MACRing = site.buffers
     rows = ring.pos.shape[0]
     if batch > rows:
         raise ValueError(
@@ -49,4 +38,4 @@ def decode_buffers(site_id: int, q_pre: Tensor, ring_size: int,
             f"their first use. Set MACConfig(batch_capacity={batch}) (or larger) and optimize the "
             "model again, before its first step.")
     view = MACRing(*(t[:batch] for t in ring.tensors())) if batch < rows else ring
-    return view, site.counters, sync[:batch]
+    return view, site.counters

@@ -127,35 +127,6 @@ def test_kernels_equal_the_reference_on_random_rings(
                                   match_programs=match_programs, block_n=16)
 
 
-@settings(max_examples=8)
-@given(
-    batch=st.integers(1, 3), kv_heads=st.integers(1, 2), group=st.sampled_from([1, 3, 4]),
-    n_keys=st.integers(20, 96), ring_size=st.sampled_from([8, 64, 100]),
-    offset=st.integers(1, 24), t_min=st.sampled_from([0, 40]),
-    hit_share=st.sampled_from([0.0, 0.5, 1.0]), seed=st.integers(0, 2**16),
-)
-def test_fused_match_equals_the_reference_and_leaves_sync_zero(
-    batch, kv_heads, group, n_keys, ring_size, offset, t_min, hit_share, seed,
-):
-    # The interpreter runs programs one after another, so only one split per group can be
-    # fused here (nothing to wait for); the multi-split wait runs in tests/test_gpu_mac.py.
-    case = make_case(batch, kv_heads, group, n_keys, 64, ring_size, seed=seed,
-                     hit_share=hit_share)
-    sync = torch.zeros(batch, kv_heads * group, dtype=torch.int32, device=case[0].device)
-    assert_step_matches_reference(case, offset, 0, t_min, fuse_match=True, num_splits=1,
-                                  sync=sync, block_n=16)
-    assert not sync.any()  # the finalize reset the group's arrivals for the next step
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's limit (CPU runs)")
-def test_fused_match_refuses_to_wait_in_the_interpreter():
-    case = make_case(1, 1, 2, 40, 64, 16, seed=0)
-    q, q_pre, k, v, ring, t, s0 = case
-    with pytest.raises(ValueError, match="one program at a time"):
-        mac.mac_decode_step(q, q_pre, k, v, ring, t, s0, 0.125, offset=8, tau=0.5, t_min=0,
-                            max_depth=2, fuse_match=True, num_splits=2)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 80, 128])

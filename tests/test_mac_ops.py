@@ -77,7 +77,7 @@ def test_prefill_returns_a_copy_and_writes_the_reference_entries():
     want = mac_reference.prefill_entries(p["q"][:, :, :12], p["q_pre"][:, :, :12],
                                          p["k"][:, :, :12], p["v"][:, :, :12], SCALE,
                                          p["starts"], torch.full((B,), 12), M, S)
-    ring = state.get(site).buffers[0]
+    ring = state.get(site).buffers
     for got, expected in zip(ring.tensors(), want.tensors(), strict=True):
         torch.testing.assert_close(got, expected)
 
@@ -91,7 +91,7 @@ def test_a_prefill_chunk_continuing_a_sequence_writes_the_entries_of_its_positio
                     ends, SCALE, site, M, S, 0, 0)
     want = mac_reference.prefill_entries(chunk_q, chunk_pre, p["k"], p["v"], SCALE,
                                          p["starts"], ends, M, S)
-    ring = state.get(site).buffers[0]
+    ring = state.get(site).buffers
     assert sorted(ring.pos[0, 0].tolist()) == [-1, -1, 10, 11, 12, 13, 14, 15]
     for got, expected in zip(ring.tensors(), want.tensors(), strict=True):
         torch.testing.assert_close(got, expected)
@@ -117,7 +117,7 @@ def test_decode_with_nothing_matching_is_full_attention():
 def test_decode_matches_the_reference_step_on_the_same_ring():
     p, site = _problem(), next(_SITE_IDS)
     _prefill(p, site)
-    ring = state.get(site).buffers[0].clone()
+    ring = state.get(site).buffers.clone()
     for t in range(12, 20):
         got = _decode(p, site, t, tau=0.0)
         want, _, _ = mac_reference.mac_decode_step(
@@ -134,8 +134,8 @@ def test_prefill_resets_every_slot_so_nothing_leaks_from_an_earlier_sequence():
     _prefill(second, site)
     fresh = next(_SITE_IDS)
     _prefill(second, fresh)
-    for mine, theirs in zip(state.get(site).buffers[0].tensors(),
-                            state.get(fresh).buffers[0].tensors(), strict=True):
+    for mine, theirs in zip(state.get(site).buffers.tensors(),
+                            state.get(fresh).buffers.tensors(), strict=True):
         assert torch.equal(mine, theirs)
 
 
@@ -170,10 +170,10 @@ def test_triton_counter_update_equals_the_reference():
 def test_rings_are_allocated_once_at_a_fixed_address_for_the_capacity():
     p, site = _problem(), next(_SITE_IDS)
     ring, _ = mac_state.ring_for(site, p["q_pre"][:1], M, capacity=2)
-    address = state.get(site).buffers[0].q.data_ptr()
+    address = state.get(site).buffers.q.data_ptr()
     _prefill(p, site, capacity=2)  # batch 2 fits the capacity: same buffers
-    assert ring.q.data_ptr() == address == state.get(site).buffers[0].q.data_ptr()
-    assert state.get(site).buffers[0].q.shape[0] == 2
+    assert ring.q.data_ptr() == address == state.get(site).buffers.q.data_ptr()
+    assert state.get(site).buffers.q.shape[0] == 2
 
 
 def test_a_batch_beyond_the_allocated_rows_is_a_clear_error():
