@@ -68,17 +68,15 @@ def _mac_case(rows: list[dict], layer, batch: int, context: int) -> None:
                                  layer.scale)
     attend = decode._build_macopt(decode.LayerShape(batch, context, **LAYER), inputs)
     _record(rows, case, "exact", lambda: attend(inputs))
-    sync = torch.zeros(batch, layer.q.shape[1], dtype=torch.int32, device=layer.q.device)
     for rate in (1.0, 0.95, 0.0):
         ring = bench_mac.forced_ring(layer, 512, rate)
-        # fuse None: the default (the match inside the attention launch where it fits).
-        for fuse in (None, False):
-            def step(fuse=fuse, ring=ring):
+        for splits in ((None, 4) if rate == 1.0 else (None,)):
+            def step(splits=splits, ring=ring):
                 return mac.mac_decode_step(
                     layer.q, layer.q_pre, layer.k, layer.v, ring, layer.positions,
                     layer.starts, layer.scale, offset=256, tau=0.45, t_min=0,
-                    max_depth=16, sync=sync, fuse_match=fuse)
-            _record(rows, case, f"mac h{rate} fuse {fuse}", step)
+                    max_depth=16, num_splits=splits)
+            _record(rows, case, f"mac h{rate} sp{splits}", step)
 
 
 def profile_topk(rows: list[dict]) -> None:
