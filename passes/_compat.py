@@ -7,6 +7,8 @@ only. Works with torch 2.11 through 2.13.
 from __future__ import annotations
 
 import contextlib
+import inspect
+from collections.abc import Iterator
 
 import torch
 import torch._dynamo as dynamo
@@ -36,6 +38,7 @@ __all__ = [
     "make_boxed_func",
     "module_ids_in_stack",
     "normalize_function",
+    "reinplacing_input_writes",
     "run_and_get_code",
     "select_decomp_table",
     "statically_known_true",
@@ -115,3 +118,32 @@ def count_cudagraph_recordings():  # noqa: ANN201
         yield recorded
     finally:
         CUDAGraphTreeManager.record_function = original
+
+
+@contextlib.contextmanager
+def reinplacing_input_writes(gm: torch.fx.GraphModule) -> Iterator[None]:
+    """Around passes that rewrite ``gm`` (a functionalized graph that ends with ``copy_`` into
+    the inputs it mutates, as aot_autograd builds with ``keep_inference_input_mutations``): on
+    exit, functional updates of those inputs (``index_put``, ``slice_scatter``) become in-place
+    writes where nothing later reads the old value, and their ``copy_`` back goes. That is
+    Inductor's own reinplacing pass, run where Inductor runs it (after the post-grad passes,
+    with fake tensors refreshed since before them). A torch without it leaves the graph as is:
+    correct, with the copies."""
+    try:
+        from torch._guards import detect_fake_mode
+        from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
+        from torch._inductor.fx_utils import FakeTensorUpdater
+        from torch._inductor.virtualized import V
+    except ImportError:
+        yield
+        return
+    # torch 2.11 tracks a Graph, 2.13 the GraphModule (for its subgraphs).
+    takes_module = "gm" in inspect.signature(FakeTensorUpdater).parameters
+    updater = FakeTensorUpdater(gm if takes_module else gm.graph)
+    yield
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_mode = detect_fake_mode(inputs)
+    if fake_mode is None or not hasattr(V, "set_fake_mode"):
+        return
+    with V.set_fake_mode(fake_mode):  # the updater reads it, as inside Inductor
+        reinplace_inplaceable_ops(updater, gm.graph)
