@@ -63,7 +63,7 @@ def attention_site(node: Node) -> AttentionSite:
     bound = normalize_function(
         node.target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True
     ).kwargs
-    mask = bound.get("attn_mask", bound.get("attn_bias"))
+    mask = _unbroadcast(bound.get("attn_mask", bound.get("attn_bias")))
     q, k, v = bound["query"], bound["key"], bound["value"]
     k_base, k_group = unrepeat_kv(k)
     v_base, v_group = unrepeat_kv(v)
@@ -103,6 +103,36 @@ def attention_site(node: Node) -> AttentionSite:
         module_id=module_id,
         module_class=module_class,
     )
+
+
+def _unbroadcast(mask: Node | None) -> Node | None:
+    """The mask before the broadcasts SDPA's dispatch adds for its fused kernels: on CUDA the
+    memory-efficient kernel receives ``expand(mask, [B, H, S, N])`` (per head), and a key axis
+    not a multiple of 16 padded and sliced back. Both keep every (row, query, key) value, so
+    the site means the same with the mask before them."""
+    while isinstance(mask, Node):
+        if is_call(mask, aten.expand.default):
+            mask = mask.args[0]
+        elif _is_unpad(mask):
+            mask = mask.args[0].args[0]
+        else:
+            return mask
+    return mask
+
+
+def _is_unpad(node: Node) -> bool:
+    """``slice(constant_pad_nd(x, [0, p]), -1, 0, len(x))``: x's last axis padded, cut back."""
+    if not (is_call(node, aten.slice.Tensor)
+            and is_call(node.args[0], aten.constant_pad_nd.default)):
+        return False
+    padded = node.args[0]
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    x = fake(padded.args[0])
+    if x is None or len(padded.args[1]) != 2 or padded.args[1][0] != 0:
+        return False
+    length = static_int(x.shape[-1])
+    return (dim in (-1, x.dim() - 1) and start in (0, None) and step == 1
+            and end is not None and static_int(end) is not None and static_int(end) == length)
 
 
 def unrepeat_kv(node: Node) -> tuple[Node, int | None]:

@@ -78,3 +78,50 @@ def test_is_causal_with_one_query_is_left_because_sdpa_aligns_it_top_left():
 def test_query_longer_than_one_is_a_prefill_site_kept_as_is():
     report, _, _ = _run(Attention(), q_len=4, mask_fn=lambda keep: keep)
     assert (report.phase, report.decision) == ("prefill", "kept")
+
+
+def _efficient_attention_graph(key_len: int, pad: bool) -> torch.fx.Graph:
+    """The graph SDPA's CUDA dispatch makes for the memory-efficient kernel (fp32 with a mask):
+    the 0/-inf mask expanded per head and, for a key axis not a multiple of 16, padded and
+    sliced back. Traced with fake tensors: no CUDA kernel runs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def attend(q, k, v, keep):
+        bias = torch.where(keep, 0.0, float("-inf")).expand(B, H, 1, key_len)
+        if pad:
+            bias = F.pad(bias, (0, 16 - key_len % 16))[..., :key_len]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, False)[0]
+
+    args = (torch.randn(B, H, 1, D), torch.randn(B, H, key_len, D), torch.randn(B, H, key_len, D),
+            torch.rand(B, 1, 1, key_len) > 0.3)
+    return make_fx(attend, tracing_mode="fake")(*args).graph
+
+
+@pytest.mark.parametrize("key_len,pad", [(32, False), (21, True)])
+def test_masks_broadcast_for_the_cuda_efficient_kernel_are_read_before_the_broadcast(key_len,
+                                                                                     pad):
+    from macopt.passes.masks import boolean_key_mask
+    from macopt.passes.sites import find_attention_sites
+
+    (site,) = find_attention_sites(_efficient_attention_graph(key_len, pad))
+    source, reason = boolean_key_mask(site)
+    assert reason is None
+    assert source.meta["val"].dtype == torch.bool and tuple(source.meta["val"].shape) == (
+        B, 1, 1, key_len)
+
+
+def test_a_slice_that_cuts_keys_is_not_taken_for_padding():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from macopt.passes.masks import boolean_key_mask
+    from macopt.passes.sites import find_attention_sites
+
+    def attend(q, k, v, keep):  # 8 mask entries padded to 24, cut to the first 4: not identity
+        bias = F.pad(torch.where(keep, 0.0, float("-inf")), (0, 16))[..., :4]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, False)[0]
+
+    args = (torch.randn(B, H, 1, D), torch.randn(B, H, 4, D), torch.randn(B, H, 4, D),
+            torch.rand(B, 1, 1, 8) > 0.3)
+    (site,) = find_attention_sites(make_fx(attend, tracing_mode="fake")(*args).graph)
+    source, reason = boolean_key_mask(site)
+    assert source is None and "not provably" in reason
