@@ -1,9 +1,11 @@
 """``macopt bench e2e`` end to end on CPU at a tiny size (macopt's passes without Inductor):
 every method decodes at every point, exact methods reproduce the unmodified tokens, MAC hit
-rates are the measured ones, and the JSON holds every record, skips included."""
+rates are the measured ones, and the JSON holds every record, skips included. With ``--model``
+the committed tiny trained Llama decodes its held-out text, its calibration file included."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -163,3 +165,103 @@ def test_latency_plot_from_the_committed_h100_report(tmp_path):
     ET.fromstring(svg)  # well-formed
     for name in ("batch 1", "batch 2", "exact", "mac:all", "mac:all bound", "unmodified"):
         assert f">{name}<" in svg, name
+
+
+# ---------------------------------------------------------------------------------------------
+# --model: the committed tiny trained Llama decoding its held-out text
+
+TINY_LM_CONTEXT, TINY_LM_METHODS = 512, ("unmodified", "mac:calibrated", "mac:0.45")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_report(tmp_path_factory) -> dict:
+    """The tiny model at 512 tokens of held-out text: a real prefill, then decode steps (its
+    calibration's t_min is 2048, so mac:calibrated matches nothing here; mac:0.45, at t_min 0
+    as every e2e MAC variant but the files, does)."""
+    from macopt.evaluation.text import default_model
+
+    path = tmp_path_factory.mktemp("bench") / "tiny.json"
+    assert cli.main(["bench", "e2e", "--model", str(default_model()), "--device", "cpu",
+                     "--backend", "eager", "--contexts", str(TINY_LM_CONTEXT), "--batches", "1",
+                     "--steps", "2", "--warmup-steps", "1", "--prefill-contexts", "none",
+                     "--methods", ",".join(TINY_LM_METHODS), "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_tiny_model_decodes_held_out_text_with_measured_hit_rates(tiny_lm_report):
+    records = decode_records(tiny_lm_report)
+    assert set(records) == {(m, 1, TINY_LM_CONTEXT) for m in TINY_LM_METHODS}
+    assert all(r["status"] == "ok" for r in records.values()), records
+    assert tiny_lm_report["prompt"].startswith("held-out text: ")
+    tuned = records[("mac:0.45", 1, TINY_LM_CONTEXT)]
+    assert tuned["hit_rate"] > 0 and len(tuned["layer_hit_rates"]) == 4
+    assert tuned["read_fraction"] < 1
+
+
+def test_tiny_model_calibrated_mac_runs_the_calibration_file(tiny_lm_report):
+    calibrated = decode_records(tiny_lm_report)[("mac:calibrated", 1, TINY_LM_CONTEXT)]
+    assert calibrated["hit_rate"] == 0.0 and calibrated["layer_hit_rates"] == [0.0] * 4
+    assert calibrated["tokens_equal_unmodified"] and calibrated["decode_sites_rewritten"] == 4
+
+
+def test_tiny_model_shape_and_weights_come_from_its_directory(tiny_lm_report):
+    from macopt.bench import e2e_model
+    from macopt.evaluation.text import default_model
+
+    config = e2e_model.model_config(default_model())
+    assert tiny_lm_report["config"]["shape"] == dataclasses.asdict(e2e_model.shape_of(config))
+    assert tiny_lm_report["config"]["shape"]["layers"] == 4
+    # Tied embeddings: the output projection reads the whole table every step (fp32 on CPU).
+    model = e2e_model.load_model(default_model(), "cpu", torch.float32)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    every_parameter = sum(p.nbytes for p in model.parameters())  # the tied table once
+    assert tiny_lm_report["weight_bytes_per_step"] == every_parameter
+
+
+def test_held_out_prompt_rows_are_consecutive_windows_of_the_text():
+    from macopt.bench import e2e_model
+    from macopt.evaluation.text import default_model
+
+    text = e2e_model.HeldOutText(default_model())
+    ids = text.prompt(2, 64, "cpu")
+    assert ids.tolist() == [text.tokens(128)[:64], text.tokens(128)[64:]]
+    assert ids.tolist()[0] == text.tokenizer(text.text[:2000], add_special_tokens=False,
+                                             verbose=False)["input_ids"][:64]
+
+
+def test_model_contexts_stay_within_its_positions():
+    from macopt.bench import e2e_model
+
+    assert e2e_model.default_contexts(8192, 35) == (2048, 4096, 7936)
+    e2e_model.check_contexts((8000,), 8192, 35)
+    with pytest.raises(ValueError, match="pass the model's 8192 positions"):
+        e2e_model.check_contexts((8192,), 8192, 35)
+
+
+@pytest.mark.parametrize("flags", [["--layers", "2"], ["--contexts", "8192"],
+                                   ["--methods", "exact,mac:missing.json"]])
+def test_model_mode_refuses_what_does_not_fit_it(flags, capsys):
+    from macopt.evaluation.text import default_model
+
+    try:
+        code = cli.main(["bench", "e2e", "--model", str(default_model()), "--device", "cpu",
+                         *flags])
+    except SystemExit as exit_:  # argparse, on a method it cannot read
+        code = exit_.code
+    assert code == 2 and capsys.readouterr().err
+
+
+def test_calibrated_mac_needs_a_model_directory(capsys):
+    assert cli.main(["bench", "e2e", *TINY, "--methods", "exact,mac:calibrated"]) == 2
+    assert "mac:calibrated needs --model" in capsys.readouterr().err
+
+
+def test_calibrated_method_holds_the_files_per_layer_thresholds():
+    from macopt.calibrate_mac import load_result
+    from macopt.evaluation.text import default_model
+
+    method = e2e.parse_method("mac:calibrated", model_dir=default_model())
+    config, overrides = load_result(default_model() / "mac_calibrated.json")
+    assert method.config == config and method.overrides == overrides
+    assert len({c.tau for c in overrides.values()}) > 1
+    assert {c.batch_capacity for c in method.overrides_for(2).values()} == {2}

@@ -4,7 +4,10 @@ long contexts, unmodified and with each macopt method.
 The model. A ``LlamaForCausalLM`` with random weights (seeded), built directly on the device in
 the run's dtype (bf16 on CUDA, fp32 on CPU): Llama-3.1-8B shapes by default (32 layers, hidden
 4096, 32 query heads, 8 KV heads, head dim 128, MLP 14336, vocabulary 128256, RoPE theta 5e5;
-plain RoPE, no llama3 frequency scaling, which changes no cost). Flags shrink it.
+plain RoPE, no llama3 frequency scaling, which changes no cost). Flags shrink it. ``--model
+DIR`` decodes a trained local model instead (``examples/tiny-lm``): its weights and shape, real
+held-out text as the prompt, one real prefill of the whole prompt, contexts within its
+positions and ``mac:calibrated`` among its methods (:mod:`macopt.bench.e2e_model`).
 
 Methods (``--methods``) run one after the other on the one model, which ``macopt.optimize``
 re-tags in place: ``unmodified`` first at every batch (before any method is applied), then
@@ -12,9 +15,11 @@ batch by batch every other method, so a budget cut drops the last batch's last m
 ``unmodified`` (transformers' SDPA path), ``exact``, ``mac:all`` (forced hits: tau -1000, so
 the match radius ``2 D (1 - tau)^2`` exceeds any query distance, ``t_min`` 0 and an unbounded
 chain depth; with the default depth 16 every 17th step of a chain would miss), ``mac:TAU``
-(``mac:1`` never matches: exactly full attention), ``topk_phi:BUDGET``. Hit rates are never
-assumed: each MAC record holds the one measured over its timed steps (deltas of
-``macopt.stats``). Every MAC variant uses ``t_min`` 0 and ``--mac-ring-size/--mac-offset``.
+(``mac:1`` never matches: exactly full attention), ``topk_phi:BUDGET``, ``mac:calibrated``
+(with ``--model``) or ``mac:FILE.json``: a calibration file's config and per-layer thresholds
+as written. Hit rates are never assumed: each MAC record holds the one measured over its timed
+steps (deltas of ``macopt.stats``), overall and per layer (``layer_hit_rates``). Every MAC
+variant but the files uses ``t_min`` 0 and ``--mac-ring-size/--mac-offset``.
 
 The decode step. Per (method, batch), after ``dynamo.reset`` (cold, static compiles): a
 pre-initialised ``StaticCache`` with static addresses (:func:`macopt._hf_compat.static_cache`,
@@ -25,7 +30,8 @@ fullgraph=True)`` on CUDA (CUDA graphs), plain Inductor on CPU, or ``--backend e
 is off during the run, so every compile is cold and runs macopt's passes
 (``decode_sites_rewritten`` comes from their reports).
 
-Placing a sequence at context C without a C-token prefill (no recompile per context). One
+Placing a sequence at context C without a C-token prefill (no recompile per context; with
+``--model``, a real C-token prefill instead). One
 cache per batch is allocated for the largest context plus the decode steps (rounded up to 256
 keys) and shared by the methods. For each point: keys and values of positions ``[0, C - P)``
 are filled with seeded normal values (the same for every method), each layer's write counter
@@ -56,12 +62,16 @@ with a dynamic length, and a CUDA graph recorded per shape; the recompiles are r
 Top-K + phi's fractional budget is a fraction of the allocation (a static shape), so with a
 shared cache K is the same number of keys at every context (``topk_budget_tokens``).
 
-Memory. The MAC and Top-K + phi chunk prefills run through ``macopt_eager``, whose
-functionalized graph holds a copy of every cache tensor the prefill writes until it ends
-(measured on an H100 at batch 1 with a 128K cache: peak +16.4 GiB over ``exact``), so at batch
-2 x 128K (a 32 GiB cache) those points run out of memory on an 80 GB GPU and are recorded as
-``oom``. ``--max-batch-tokens N`` decodes only points with ``batch x C <= N`` and sizes each
-batch's shared cache for its largest such context.
+Memory. The MAC and Top-K + phi prefills run through ``macopt_eager``. Before commit 74ae65f
+its functionalized graph held an out-of-place copy of every cache tensor the prefill wrote
+(``index_put`` of the whole static cache per layer, copied back into the cache after the
+graph): measured on an H100 at batch 1 with a 128K cache, prefill peak 49.6 GiB against 33.2
+GiB for ``exact``, so batch 2 x 128K (a 32 GiB cache) ran out of memory (records ``oom``).
+Since commit 74ae65f the route keeps the input mutations in the graph and reinplaces them
+(``index_put_`` into the cache, as Inductor does; decode steps through the route alike), so
+the routed prefill holds no second cache: its peak should be ``exact``'s plus the method's
+state; not yet re-measured on the H100. ``--max-batch-tokens N`` decodes only points with
+``batch x C <= N`` and sizes each batch's shared cache for its largest such context.
 
 Timing. CUDA: one CUDA event recorded before every timed step and one after the last, no
 synchronisation in between (CUDA-graph replays queue back to back as in a real decode loop;
@@ -85,7 +95,9 @@ the allocation is in ``kv_cache_bytes``).
 
 Compile health per (method, batch) group, cumulative in each record: graphs dynamo compiled up
 to the end of the first point's warm-up, graphs compiled after it (recompiles), graph breaks,
-CUDA-graph recordings during and after the warm-up, CUDA-graph skips.
+CUDA-graph recordings during and after the warm-up, CUDA-graph skips. Graphs compiled for the
+prefills that place the sequences are counted apart (``prefill_graphs_compiled``): with
+``--model`` each context's prompt has its own length.
 
 Prefill (``--prefill-contexts``, batch 1): a real prefill of C tokens from position 0 into a
 cache of ``C + W + N`` (rounded up to 256) keys, ``--prefill-repeats`` timed runs after one
@@ -166,20 +178,33 @@ class ModelShape:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A method as named on the command line; ``config`` None is the unmodified model."""
+    """A method as named on the command line; ``config`` None is the unmodified model;
+    ``overrides`` per attention module (``macopt.optimize``'s: a calibrated MAC threshold per
+    layer)."""
 
     label: str
     config: MethodConfig | None
+    overrides: dict[str, MethodConfig | None] = dataclasses.field(default_factory=dict)
 
     def config_for(self, batch: int) -> MethodConfig | None:
         """The config for a run at ``batch`` rows (MAC rings are allocated for exactly that)."""
-        if isinstance(self.config, MACConfig):
-            return dataclasses.replace(self.config, batch_capacity=batch)
-        return self.config
+        return _for_batch(self.config, batch)
+
+    def overrides_for(self, batch: int) -> dict[str, MethodConfig | None]:
+        return {name: _for_batch(c, batch) for name, c in self.overrides.items()}
 
 
-def parse_method(spec: str, ring_size: int = 512, offset: int = 256) -> Method:
-    """``unmodified``, ``exact``, ``mac:all`` (forced hits), ``mac:TAU``, ``topk_phi:BUDGET``.
+def _for_batch(config: MethodConfig | None, batch: int) -> MethodConfig | None:
+    if isinstance(config, MACConfig):
+        return dataclasses.replace(config, batch_capacity=batch)
+    return config
+
+
+def parse_method(spec: str, ring_size: int = 512, offset: int = 256,
+                 model_dir: str | Path | None = None) -> Method:
+    """``unmodified``, ``exact``, ``mac:all`` (forced hits), ``mac:TAU``, ``topk_phi:BUDGET``;
+    ``mac:calibrated`` (``model_dir``'s ``mac_calibrated.json``) or ``mac:FILE.json``: a config
+    file's MAC config and per-layer overrides, as they are.
 
     >>> parse_method("mac:1").config.tau, parse_method("topk_phi:0.02").config.budget
     (1.0, 0.02)
@@ -190,14 +215,20 @@ def parse_method(spec: str, ring_size: int = 512, offset: int = 256) -> Method:
         return Method(spec, None)
     if spec == "exact":
         return Method(spec, ExactConfig())
+    if name == "mac" and (arg == "calibrated" or arg.endswith(".json")):
+        from macopt.bench.e2e_model import method_file
+        from macopt.calibrate_mac import load_result
+
+        config, overrides = load_result(method_file(arg, model_dir))
+        return Method(spec, config, overrides)
     if name == "mac" and arg == "all":
         return Method(spec, MACConfig(tau=FORCED_HIT_TAU, max_chain_depth=UNBOUNDED_CHAIN, **mac))
     if name == "mac" and arg:
         return Method(spec, MACConfig(tau=float(arg), **mac))
     if name == "topk_phi" and arg:
         return Method(spec, TopKPhiConfig(budget=int(arg) if arg.isdigit() else float(arg)))
-    raise ValueError(f"unknown method {spec!r}: expected unmodified, exact, mac:all, mac:TAU "
-                     "or topk_phi:BUDGET")
+    raise ValueError(f"unknown method {spec!r}: expected unmodified, exact, mac:all, mac:TAU, "
+                     "mac:calibrated, mac:FILE.json or topk_phi:BUDGET")
 
 
 @dataclasses.dataclass
@@ -222,9 +253,10 @@ class E2EConfig:
     seed: int = 0
     budget_s: float | None = None
     max_batch_tokens: int | None = None
+    model: str | None = None  # a local model directory (e2e_model); None: random weights
 
     def __post_init__(self) -> None:
-        if self.chunk < 2 or self.chunk >= min(self.contexts):
+        if self.model is None and (self.chunk < 2 or self.chunk >= min(self.contexts)):
             raise ValueError(f"--chunk: expected 2 <= chunk < the smallest context "
                              f"{min(self.contexts)}, got {self.chunk}")
         if self.steps < 1 or self.warmup_steps < 0:
@@ -235,7 +267,8 @@ class E2EConfig:
 
     def parsed_methods(self) -> list[Method]:
         """The methods, ``unmodified`` first (it must run before any optimize)."""
-        methods = [parse_method(m, self.mac_ring_size, self.mac_offset) for m in self.methods]
+        methods = [parse_method(m, self.mac_ring_size, self.mac_offset, self.model)
+                   for m in self.methods]
         return sorted(methods, key=lambda m: m.config is not None)
 
     def contexts_for(self, batch: int) -> tuple[int, ...]:
@@ -281,9 +314,11 @@ def build_model(shape: ModelShape, device: str, dtype: torch.dtype, seed: int,
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
-    """Parameter bytes a decode step reads: all but the input embedding (one row per sequence)."""
+    """Parameter bytes a decode step reads: all but the input embedding (one row per sequence),
+    unless it is tied to the output projection (then the step reads all of it there)."""
     embedding = model.get_input_embeddings().weight
-    params = {id(p): p for p in model.parameters() if p is not embedding}
+    tied = model.get_output_embeddings().weight is embedding
+    params = {id(p): p for p in model.parameters() if tied or p is not embedding}
     return sum(p.numel() * p.element_size() for p in params.values())
 
 
@@ -414,12 +449,14 @@ def greedy(step: Callable, cache: Any, ids: Tensor, n: int,
 
 @dataclasses.dataclass(frozen=True)
 class MacTotals:
-    """``macopt.stats`` summed over layers: steps, hit-rate x steps, keys read and full."""
+    """``macopt.stats`` summed over layers: steps, hit-rate x steps, keys read and full; and
+    per layer, its steps and hit-rate x steps."""
 
     steps: int
     hit_steps: float
     keys_read: int
     keys_full: int
+    layers: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def read(cls, model: torch.nn.Module) -> MacTotals:
@@ -429,13 +466,20 @@ class MacTotals:
         return cls(steps=sum(s.decode_steps for s in layers),
                    hit_steps=sum(s.hit_rate * s.decode_steps for s in layers),
                    keys_read=sum(s.keys_read for s in layers),
-                   keys_full=sum(s.keys_full for s in layers))
+                   keys_full=sum(s.keys_full for s in layers),
+                   layers=tuple((s.decode_steps, s.hit_rate * s.decode_steps) for s in layers))
 
     def since(self, before: MacTotals) -> MacTotals:
         """The totals of the steps in between (the batch is constant within a group, so the
         step-weighted hit rates subtract exactly)."""
+        layers = tuple((n - m, h - g) for (n, h), (m, g)
+                       in zip(self.layers, before.layers, strict=True))
         return MacTotals(self.steps - before.steps, self.hit_steps - before.hit_steps,
-                         self.keys_read - before.keys_read, self.keys_full - before.keys_full)
+                         self.keys_read - before.keys_read, self.keys_full - before.keys_full,
+                         layers)
+
+    def layer_hit_rates(self) -> list[float | None]:
+        return [h / n if n else None for n, h in self.layers]
 
 
 def _tagged_site_ids(model: torch.nn.Module) -> list[int]:
@@ -496,22 +540,38 @@ def _compile_counts() -> dict[str, int]:
 
 
 class GroupHealth:
-    """Counter deltas since the group began, split at the end of its first warm-up."""
+    """Counter deltas since the group began, split at the end of its first warm-up. Graphs
+    compiled for the prefills that place the sequences (MAC and Top-K + phi: the routed
+    ``macopt_eager`` forward, a new one per prompt length until dynamo makes the length
+    dynamic) are counted apart, in ``prefill_graphs_compiled``."""
 
     def __init__(self, recordings: list[str], cuda_graphs: bool):
         self.recordings, self.cuda_graphs = recordings, cuda_graphs
         self.start = _compile_counts()
         self.warm: dict[str, int] | None = None
         self.warm_recordings = 0
+        self.prefill_graphs = self.prefill_graphs_at_warm = 0
+
+    @contextlib.contextmanager
+    def prefilling(self) -> Iterator[None]:
+        before = _compile_counts()["graphs"]
+        try:
+            yield
+        finally:
+            self.prefill_graphs += _compile_counts()["graphs"] - before
 
     def end_warmup(self) -> None:
         if self.warm is None:
             self.warm, self.warm_recordings = _compile_counts(), len(self.recordings)
+            self.prefill_graphs_at_warm = self.prefill_graphs
 
     def fields(self) -> dict[str, Any]:
         now, warm = _compile_counts(), self.warm or _compile_counts()
-        fields = {"graphs_compiled_warmup": warm["graphs"] - self.start["graphs"],
-                  "recompiles_after_warmup": now["graphs"] - warm["graphs"],
+        later_prefill = self.prefill_graphs - self.prefill_graphs_at_warm
+        fields = {"graphs_compiled_warmup": warm["graphs"] - self.start["graphs"]
+                  - self.prefill_graphs_at_warm,
+                  "recompiles_after_warmup": now["graphs"] - warm["graphs"] - later_prefill,
+                  "prefill_graphs_compiled": self.prefill_graphs,
                   "graph_breaks": now["graph_breaks"] - self.start["graph_breaks"],
                   "cudagraph_recordings_warmup": None, "cudagraph_recordings_after_warmup": None,
                   "cudagraph_skips": None}
@@ -619,9 +679,16 @@ class E2ERun:
         self.cuda = timing.is_cuda(config.device)
         self.cuda_graphs = self.cuda and config.backend == "inductor"
         self.budget = Budget(config.budget_s)
-        longest = max(config.contexts + config.prefill_contexts)
-        self.model = build_model(config.shape, config.device, config.dtype, config.seed,
-                                 config.cache_len(longest))
+        self.text: Any = None  # held-out text of a local model (e2e_model.HeldOutText)
+        if config.model is None:
+            longest = max(config.contexts + config.prefill_contexts)
+            self.model = build_model(config.shape, config.device, config.dtype, config.seed,
+                                     config.cache_len(longest))
+        else:
+            from macopt.bench import e2e_model
+
+            self.model = e2e_model.load_model(config.model, config.device, config.dtype)
+            self.text = e2e_model.HeldOutText(config.model)
         self.caches = CacheSlot(self.model, config.dtype, config.device)
         self.copy_gbps = timing.copy_bandwidth_gbps(config.device)
         self.weight_bytes = weight_bytes_per_step(self.model)
@@ -629,7 +696,9 @@ class E2ERun:
         self.prefill_ms: dict[tuple[str, int], float] = {}
         header = {"environment": timing.environment(config.device), "config": config.to_dict(),
                   "copy_gbps": self.copy_gbps, "weight_bytes_per_step": self.weight_bytes,
-                  "timer": "cuda events per step" if self.cuda else "host clock per step"}
+                  "timer": "cuda events per step" if self.cuda else "host clock per step",
+                  "prompt": "random ids after a seeded K/V prefix" if self.text is None
+                  else f"held-out text: {self.text.source}"}
         self.report = ReportFile(json_path, header)
 
     def add(self, record: dict) -> None:
@@ -684,7 +753,8 @@ class E2ERun:
         cache_len = config.cache_len(context if per_context else max(config.contexts_for(batch)))
         cache = self.caches.get(batch, cache_len)
         _reset_peak_memory(config.device)
-        ids = self._place(cache, batch, context)
+        with health.prefilling():
+            ids = self._place(cache, batch, context)
         warm, ids = greedy(step, cache, ids, config.warmup_steps)
         health.end_warmup()
         warmup_s = time.perf_counter() - started
@@ -711,8 +781,14 @@ class E2ERun:
 
     def _place(self, cache: Any, batch: int, context: int) -> Tensor:
         """The sequence at ``context - chunk`` (seeded cache prefix), then the real prefill of
-        its last ``chunk`` tokens; the greedy first ids ``[B, 1]``."""
+        its last ``chunk`` tokens; with a local model, a real prefill of the whole prompt of
+        held-out text. The greedy first ids ``[B, 1]``."""
         config = self.config
+        if self.text is not None:
+            for layer in cache.layers:
+                layer.cumulative_length.zero_()
+            prompt = self.text.prompt(batch, context, config.device)
+            return forward_last_token(self.model, prompt, cache)
         seed = config.seed * 1_000_003 + context * 8 + batch
         fill_prefix(cache, context - config.chunk, seed)
         chunk = random_ids(batch, config.chunk, config.shape.vocab, seed, config.device)
@@ -721,7 +797,7 @@ class E2ERun:
     def _mac_fields(self, mac: MacTotals | None, batch: int) -> dict:
         if mac is None or not mac.steps:
             return {}
-        return {"hit_rate": mac.hit_steps / mac.steps,
+        return {"hit_rate": mac.hit_steps / mac.steps, "layer_hit_rates": mac.layer_hit_rates(),
                 "keys_read_per_head_step": mac.keys_read / (mac.steps * batch
                                                             * self.config.shape.heads),
                 "read_fraction": mac.keys_read / mac.keys_full if mac.keys_full else None}
@@ -782,7 +858,8 @@ class E2ERun:
         config, started = self.config, time.perf_counter()
         fresh_compiles()  # a static trace per length, not a slower dynamic retrace
         cache = self.caches.get(1, config.cache_len(context))
-        ids = random_ids(1, context, config.shape.vocab, config.seed + context, config.device)
+        ids = random_ids(1, context, config.shape.vocab, config.seed + context, config.device) \
+            if self.text is None else self.text.prompt(1, context, config.device)
         _reset_peak_memory(config.device)
 
         def prefill() -> float:
@@ -856,7 +933,7 @@ def apply_method(model: torch.nn.Module, method: Method, batch: int) -> None:
 
     config = method.config_for(batch)
     if config is not None:
-        macopt.optimize(model, config)
+        macopt.optimize(model, config, overrides=method.overrides_for(batch))
 
 
 def first_mismatch(a: list[list[int]], b: list[list[int]]) -> int | None:
@@ -984,7 +1061,9 @@ def health_table(report: dict):
         peak = r["peak_memory_bytes"]
         table.add_row(
             key[0], str(key[1]), f"{first[key]['warmup_s']:.0f}",
-            f"{r['graphs_compiled_warmup']} / {r['recompiles_after_warmup']}",
+            f"{r['graphs_compiled_warmup']} / {r['recompiles_after_warmup']}"
+            + (f" (+{r['prefill_graphs_compiled']} prefill)" if r.get("prefill_graphs_compiled")
+               else ""),
             str(r["graph_breaks"]), graphs, str(r["decode_sites_rewritten"]),
             f"{r['state_bytes'] / 2**20:.1f} ({r['state_pct_of_kv']:.2f}%)",
             "n/a" if peak is None else f"{peak / 2**30:.1f}")
@@ -1021,7 +1100,7 @@ def _percent(value: float | None) -> str:
 
 def _parse_methods(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    for name in names:
+    for name in (n for n in names if n != "mac:calibrated"):  # that one needs --model
         try:
             parse_method(name)
         except ValueError as err:
@@ -1034,27 +1113,36 @@ def _parse_sizes_or_none(text: str) -> tuple[int, ...]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from macopt.bench import e2e_model
+
     parser = subparsers.add_parser(
         "e2e", help="end-to-end greedy decoding of a Llama-3.1-8B-shaped model, per method",
         description=__doc__.split("\n\n")[0],
         epilog="Methods: unmodified, exact, mac:all (forced hits), mac:TAU (mac:1: no hit), "
-               "topk_phi:BUDGET.")
+               "mac:calibrated (with --model), mac:FILE.json, topk_phi:BUDGET.")
     shape = ModelShape()
     defaults = E2EConfig()
-    parser.add_argument("--methods", type=_parse_methods, default=DEFAULT_METHODS,
-                        help=f"default {','.join(DEFAULT_METHODS)}")
-    parser.add_argument("--contexts", type=parse_sizes, default=DEFAULT_CONTEXTS,
-                        help="default 8K,32K,64K,128K")
+    parser.add_argument("--model", default=None,
+                        help="a local model directory (weights, tokenizer): decode real "
+                             "held-out text with real prefills instead of the random-weight "
+                             "Llama-8B shape (see macopt.bench.e2e_model)")
+    parser.add_argument("--methods", type=_parse_methods, default=None,
+                        help=f"default {','.join(DEFAULT_METHODS)}; with --model "
+                             f"{','.join(e2e_model.DEFAULT_METHODS)}")
+    parser.add_argument("--contexts", type=parse_sizes, default=None,
+                        help="default 8K,32K,64K,128K; with --model the longest that fits its "
+                             "positions and the two powers of two below it")
     parser.add_argument("--batches", type=parse_sizes, default=DEFAULT_BATCHES)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="timed decode steps")
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--chunk", type=int, default=defaults.chunk,
-                        help="tokens of the real prefill chunk ending at each context")
-    parser.add_argument("--prefill-contexts", type=_parse_sizes_or_none,
-                        default=DEFAULT_PREFILL_CONTEXTS, help="default 8K,32K; none: skip")
-    parser.add_argument("--prefill-methods", type=_parse_methods,
-                        default=DEFAULT_PREFILL_METHODS,
-                        help=f"of --methods, default {','.join(DEFAULT_PREFILL_METHODS)}")
+                        help="tokens of the real prefill chunk ending at each context "
+                             "(with --model the whole prompt is prefilled)")
+    parser.add_argument("--prefill-contexts", type=_parse_sizes_or_none, default=None,
+                        help="default 8K,32K (with --model: its longest context); none: skip")
+    parser.add_argument("--prefill-methods", type=_parse_methods, default=None,
+                        help=f"of --methods, default {','.join(DEFAULT_PREFILL_METHODS)} (with "
+                             f"--model: {','.join(e2e_model.DEFAULT_PREFILL_METHODS)})")
     parser.add_argument("--prefill-repeats", type=int, default=defaults.prefill_repeats)
     parser.add_argument("--prefill-control", action=argparse.BooleanOptionalAction,
                         default=True, help="also prefill the unmodified model through the "
@@ -1062,8 +1150,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--per-context-cache", type=_parse_methods, default=(),
                         help="methods whose cache is sized per context (recompiles)")
     for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(shape, name))
-    parser.add_argument("--rope-theta", type=float, default=shape.rope_theta)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"default {getattr(shape, name)} (not with --model)")
+    parser.add_argument("--rope-theta", type=float, default=None)
     parser.add_argument("--mac-ring-size", type=int, default=defaults.mac_ring_size)
     parser.add_argument("--mac-offset", type=int, default=defaults.mac_offset)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -1105,21 +1194,51 @@ def latency_plot(report: dict) -> str:
     return side_by_side(charts)
 
 
+_SHAPE_FLAGS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab",
+                "rope_theta")
+
+
 def config_from_args(args: argparse.Namespace) -> E2EConfig:
+    """The run's config: flags as given, the rest the defaults of the synthetic model or of
+    ``--model``'s (its shape, contexts within its positions, its methods)."""
     dtype = args.dtype or ("bfloat16" if timing.is_cuda(args.device) else "float32")
-    shape = ModelShape(layers=args.layers, hidden=args.hidden, heads=args.heads,
-                       kv_heads=args.kv_heads, head_dim=args.head_dim,
-                       intermediate=args.intermediate, vocab=args.vocab,
-                       rope_theta=args.rope_theta)
-    return E2EConfig(
-        shape=shape, methods=args.methods, contexts=args.contexts, batches=args.batches,
-        steps=args.steps, warmup_steps=args.warmup_steps, chunk=args.chunk,
-        prefill_contexts=args.prefill_contexts, prefill_methods=args.prefill_methods,
-        prefill_repeats=args.prefill_repeats, prefill_control=args.prefill_control,
-        per_context_cache=args.per_context_cache, mac_ring_size=args.mac_ring_size,
-        mac_offset=args.mac_offset, device=args.device, dtype=DTYPES[dtype],
-        backend=args.backend, seed=args.seed, budget_s=args.budget_s,
-        max_batch_tokens=args.max_batch_tokens)
+    given = {name: getattr(args, name) for name in _SHAPE_FLAGS
+             if getattr(args, name) is not None}
+    defaults = {"methods": DEFAULT_METHODS, "contexts": DEFAULT_CONTEXTS,
+                "prefill_contexts": DEFAULT_PREFILL_CONTEXTS,
+                "prefill_methods": DEFAULT_PREFILL_METHODS}
+    if args.model is None:
+        shape = ModelShape(**given)
+    else:
+        defaults, shape = _model_defaults(args, given)
+    chosen = {name: default if getattr(args, name) is None else getattr(args, name)
+              for name, default in defaults.items()}
+    config = E2EConfig(
+        shape=shape, batches=args.batches, steps=args.steps, warmup_steps=args.warmup_steps,
+        chunk=args.chunk, prefill_repeats=args.prefill_repeats,
+        prefill_control=args.prefill_control, per_context_cache=args.per_context_cache,
+        mac_ring_size=args.mac_ring_size, mac_offset=args.mac_offset, device=args.device,
+        dtype=DTYPES[dtype], backend=args.backend, seed=args.seed, budget_s=args.budget_s,
+        max_batch_tokens=args.max_batch_tokens, model=args.model, **chosen)
+    config.parsed_methods()  # a missing calibration file fails here, before any work
+    return config
+
+
+def _model_defaults(args: argparse.Namespace, given: dict) -> tuple[dict, ModelShape]:
+    from macopt.bench import e2e_model
+
+    if given:
+        raise ValueError(f"--model: the shape comes from the model's config; drop "
+                         f"{', '.join('--' + n.replace('_', '-') for n in given)}")
+    text = e2e_model.model_config(args.model)
+    steps = args.warmup_steps + args.steps
+    contexts = args.contexts or e2e_model.default_contexts(text.max_position_embeddings, steps)
+    e2e_model.check_contexts(contexts + (args.prefill_contexts or ()),
+                             text.max_position_embeddings, steps)
+    defaults = {"methods": e2e_model.default_methods(args.model), "contexts": contexts,
+                "prefill_contexts": (max(contexts),),
+                "prefill_methods": e2e_model.DEFAULT_PREFILL_METHODS}
+    return defaults, e2e_model.shape_of(text)
 
 
 def _main(args: argparse.Namespace) -> int:
