@@ -130,6 +130,19 @@ def test_stats_of_the_stateful_method_only(result):
         assert layer["keys_read"] == layer["keys_full"] > 0
 
 
+def test_decode_sites_rewritten_are_recorded_and_a_method_that_rewrote_none_fails_the_bar(
+        result):
+    from macopt.evaluation import report
+
+    methods = result["methods"]
+    assert methods["unmodified"]["sites"] is None
+    assert methods["mac:1"]["sites"] == {"rewritten": 2, "skipped": []}
+    patched = {**result, "methods": {**methods, "mac:1": {
+        **methods["mac:1"], "sites": {"rewritten": 0, "skipped": ["a reason"]}}}}
+    assert report.bar(result)["mac:1"]["decode_sites_rewritten"] == 2
+    assert report.bar(patched)["mac:1"]["met"] is False
+
+
 def test_keys_read_past_t_min(result):
     methods = result["methods"]
     for name in ("unmodified", "exact", "mac:1"):  # t_min 0: every decode step counts
@@ -153,7 +166,8 @@ def test_result_is_json_with_the_fields(result):
     assert data["settings"]["context"] == 128 and data["settings"]["tokenizer"] == "bytes"
     for name, entry in data["methods"].items():
         extra = {"topk_error"} if name.startswith("topk") else set()
-        assert set(entry) == {"config", "perplexity", "tasks", "agreement", "keys", "stats"} | extra
+        fields = {"config", "perplexity", "tasks", "agreement", "keys", "stats", "sites"}
+        assert set(entry) == fields | extra
         assert set(entry["agreement"]) == {"steps", "top1", "first_divergence",
                                            "max_logit_error"}
         assert {"accuracy", "by_kind", "items"} <= set(entry["tasks"])

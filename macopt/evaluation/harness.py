@@ -201,6 +201,7 @@ def evaluate(
             tick(f"{method.name}: agreement")
         entry["keys"] = meter.report()
         entry["stats"] = _stats(candidate)
+        entry["sites"] = _decode_sites(candidate) if method.config is not None else None
         del candidate, cache, run
         if isinstance(method.config, TopKPhiConfig) and chunks and ppl_decode:
             from macopt.evaluation import topk_error
@@ -477,6 +478,17 @@ def _agreement(run: _Runner, prompt: list[int], reference: dict) -> dict:
     return {"steps": len(tokens), "top1": sum(same) / len(same),
             "first_divergence": next((i for i, s in enumerate(same) if not s), None),
             "max_logit_error": (logits - reference["logits"]).abs().max().item()}
+
+
+def _decode_sites(model: torch.nn.Module) -> dict:
+    """How many decode attention sites the passes rewrote, and why others were skipped: a
+    method that rewrote none measured the unmodified model (stateless methods run eagerly
+    without the passes; a skipped site says why)."""
+    from macopt.passes import scope
+
+    reports = [r for m in model.modules() for r in scope.reports_of(m) if r.phase == "decode"]
+    return {"rewritten": sum(r.decision == "rewritten" for r in reports),
+            "skipped": sorted({r.reason for r in reports if r.decision != "rewritten"})}
 
 
 def _stats(model: torch.nn.Module) -> list[dict]:

@@ -60,8 +60,10 @@ def bar(result: dict) -> dict[str, dict[str, Any]]:
             "keys_reduction": keys["reduction"],
             "keys_5x": keys["reduction"] >= KEYS_REDUCTION,
             "decode_steps_past_t_min": keys["decode_steps"],
+            "decode_sites_rewritten": (entry.get("sites") or {}).get("rewritten"),
             "met": tasks_equal and abs(ratio - 1.0) <= PPL_TOLERANCE
-            and keys["reduction"] >= KEYS_REDUCTION,
+            and keys["reduction"] >= KEYS_REDUCTION and bool((entry.get("sites") or {}).get(
+                "rewritten", True)),
         }
     return out
 
@@ -80,7 +82,9 @@ def table(result: dict, title: str = "macopt eval") -> Any:
         ppl, agreement, keys = entry["perplexity"], entry["agreement"], entry["keys"]
         divergence = agreement["first_divergence"]
         by_kind = entry["tasks"]["by_kind"]
-        out.add_row(name, f"{ppl['perplexity']:.4f}", f"{ppl['decode_perplexity']:.4f}",
+        sites = entry.get("sites")
+        label = name if not sites or sites["rewritten"] else f"{name} (not applied)"
+        out.add_row(label, f"{ppl['perplexity']:.4f}", f"{ppl['decode_perplexity']:.4f}",
                     f"{ppl_ratio(result, name):.4f}", f"{math.exp(ppl['decode_kl']):.4f}",
                     *[f"{by_kind[k]:.2f}" if k in by_kind else "-" for k in kinds],
                     f"{agreement['top1']:.3f}", "-" if divergence is None else str(divergence),
