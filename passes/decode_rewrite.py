@@ -17,7 +17,7 @@ from torch.fx import Graph, Node
 
 from macopt.kernels.limits import MAX_GQA_GROUP, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from macopt.passes.graph_utils import aten, fake, is_call, static_int, statically_equals
-from macopt.passes.masks import boolean_key_mask
+from macopt.passes.masks import boolean_key_mask, decode_key_mask
 from macopt.passes.rope import RopeMatch, pre_rope_heads_dim
 from macopt.passes.sites import AttentionSite
 
@@ -35,6 +35,7 @@ class DecodeInputs:
     scale: float
     rope: RopeMatch | None
     site_id: int | None = None  # a graph constant: keys per-site state (stateful methods)
+    valid_rows: Node | None = None  # [B or 1,1,1]: rows whose float mask passed a run-time check
 
 
 DecodeRewrite = Callable[[Graph, AttentionSite, DecodeInputs, object], Node]
@@ -102,7 +103,8 @@ def decode_skip_reason(site: AttentionSite, rope: RopeMatch | None, config: obje
         return "the pre-RoPE query is neither [B,Hq,S,D] nor [B,S,Hq,D]"
     if config.method not in DECODE_REWRITES:
         return f"no decode rewrite registered for method {config.method!r}"
-    _, mask_reason = boolean_key_mask(site)
+    stateless = not getattr(config, "keeps_state", False)
+    _, mask_reason = boolean_key_mask(site, run_time_check=stateless)
     return mask_reason
 
 
@@ -114,7 +116,10 @@ def rewrite_decode_site(
     with graph.inserting_before(site.node):
         inputs = _decode_inputs(graph, site, rope, site_id)
         out = DECODE_REWRITES[config.method](graph, site, inputs, config)
-        out4 = call(graph, aten.unsqueeze.default, (out, 2), site)
+        checked = out
+        if inputs.valid_rows is not None:  # NaN where the mask check failed (masks.py: why)
+            checked = call(graph, aten.where.ScalarOther, (inputs.valid_rows, out, math.nan), site)
+        out4 = call(graph, aten.unsqueeze.default, (checked, 2), site)
     site.output.replace_all_uses_with(out4)
     if site.output is not site.node:
         graph.erase_node(site.output)
@@ -130,7 +135,7 @@ def _decode_inputs(
     q_val = fake(site.q)
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
     device = q_val.device
-    mask_source, _ = boolean_key_mask(site)
+    mask_source, valid_rows = decode_key_mask(graph, site)
     key_mask = None
     if mask_source is not None:
         flat = call(graph, aten.reshape.default, (mask_source, [-1, n_keys]), site)
@@ -146,6 +151,7 @@ def _decode_inputs(
         scale=site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim),
         rope=rope,
         site_id=site_id,
+        valid_rows=valid_rows,
     )
 
 

@@ -1,16 +1,20 @@
 """Turn an SDPA attention mask into a boolean key mask ``[B or 1, N]`` (True = attend).
 
-Only masks that provably select keys are accepted: boolean masks, and float masks built as
-``where(bool, 0, -inf or a huge negative)`` (what aten does to boolean masks on CPU, and what
-Hugging Face builds). Any other additive mask could shift scores, so the site is skipped.
+Only masks that select keys are accepted: boolean masks, float masks built as ``where(bool, 0,
+-inf or a huge negative)`` (what aten does to boolean masks on CPU, and what Hugging Face
+builds), and float masks that enter the graph as an input at transformers attention modules,
+whose values are then checked at run time (:func:`decode_key_mask`). Any other additive mask
+could shift scores, so the site is skipped.
 """
 
 from __future__ import annotations
 
-import torch
-from torch.fx import Node
+from collections.abc import Iterable
 
-from macopt.passes.graph_utils import aten, fake, is_call, static_int
+import torch
+from torch.fx import Graph, Node
+
+from macopt.passes.graph_utils import CAST_OPS, LAYOUT_OPS, aten, fake, is_call, peel, static_int
 from macopt.passes.sites import AttentionSite
 
 # A fill at or below fp16's most negative value (finfo(fp16).min, the least any framework
@@ -18,13 +22,53 @@ from macopt.passes.sites import AttentionSite
 # unless a whole row is masked (which a decode row never is: it attends its own key).
 _MASKING_FILL = -65504.0
 
+# Float masks checked at run time. Which values drop a key: key j gets weight exactly 0 in
+# softmax(s + m) when exp(s_j + m_j - max_i(s_i + m_i)) underflows, i.e. (an fp32 softmax, as
+# every model here computes it) s_j + m_j - max < -104. -inf does that for any finite scores;
+# no finite value does for arbitrary finite scores (fp32 scores can be 6.8e38 apart), so no
+# threshold is safe in general. The check accepts exactly 0, -inf and finfo(mask dtype).min,
+# the value transformers writes (anything at or below it is one of the last two). With those
+# the rewrite computes what transformers' boolean (SDPA) path computes for the same mask, and
+# what its eager path computes whenever that path's own mask masks (kept and dropped scores
+# less than |finfo.min| - 104 apart: 3.4e38 for fp32/bf16 masks, 65400 for fp16). Values are
+# read before any float cast: an fp16 mask's -65504 widened to fp32 is still transformers'
+# fp16 fill, and a narrowing cast maps 0 to 0 and both fills to -inf. A row with no 0 fails
+# too: it would average all keys (finite fill) or give NaN (-inf) where the rewrite attends
+# none; a decode row attends its own key.
+#
+# A failing check: aten._assert_async raises, with no host sync (eager CPU: RuntimeError;
+# Inductor CPU: a C++ throw, which aborts the process where Inductor put it in a parallel
+# region; CUDA: a device-side assert, an ordinary kernel inside a CUDA graph, reported at the
+# next sync and fatal to the CUDA context; not run on a GPU here). Inductor compiles Triton
+# without debug, dropping device asserts, under assert_indirect_indexing=False and on ROCm,
+# so the rewrite also returns NaN for the failing rows: never silently wrong numbers.
+CHECK_MESSAGE = (
+    "macopt: a float attention mask holds a value other than 0 and a masking value "
+    "(-inf or the dtype minimum), or masks a whole row; macopt rewrote this attention "
+    "assuming a key mask. Leave the module out of macopt.optimize (filter_fn) if its "
+    "mask carries a bias"
+)  # no quotes or backslashes: Inductor's C++ codegen pastes it into a string literal
+_CHECK_ROLE = "macopt_mask_check"  # node meta key: the nodes of a run-time mask check
+# Ops between a graph input and the mask that move values without computing new ones.
+_MOVES = LAYOUT_OPS | CAST_OPS | {aten.slice.Tensor}
 
-def boolean_key_mask(site: AttentionSite) -> tuple[Node | None, str | None]:
-    """``(bool mask node [Bm,1,1,N] or None, None)``, or ``(None, reason)`` when unusable."""
+
+def boolean_key_mask(site: AttentionSite, run_time_check: bool = True
+                     ) -> tuple[Node | None, str | None]:
+    """``(mask node [Bm,1,1,N] or None, None)``, or ``(None, reason)`` when unusable.
+
+    The node is boolean (True = attend), or, when ``run_time_check``, a float graph input
+    that :func:`decode_key_mask` checks at run time and turns into a boolean one.
+    """
     mask = site.attn_mask
     if mask is None:
         return None, None
     source = boolean_source(mask)
+    if source is None and _checkable_at_run_time(site, mask):
+        if not run_time_check:
+            return None, ("additive float attention mask fed to the graph: checked at run time "
+                          "for stateless methods only (prefill state builders cannot read it)")
+        source = _float_values(mask)
     if source is None:
         return None, "additive float attention mask not provably 0/-inf (e.g. ALiBi or bias)"
     val, q_val = fake(source), fake(site.q)
@@ -35,6 +79,77 @@ def boolean_key_mask(site: AttentionSite) -> tuple[Node | None, str | None]:
     if heads != 1 or rows != 1 or batch not in (1, static_int(q_val.shape[0])):
         return None, f"attention mask of shape {tuple(val.shape)} is per head or per query"
     return source, None
+
+
+def decode_key_mask(graph: Graph, site: AttentionSite) -> tuple[Node | None, Node | None]:
+    """``(keep, valid_rows)`` for a decode site that :func:`boolean_key_mask` accepts:
+    ``keep[Bm,1,1,N]`` boolean (True = attend) or None without a mask; ``valid_rows[Bm,1,1]``
+    (the batch rows that passed) for a float mask checked at run time, else None. The check
+    goes before the mask's first use, shared by every site reading the mask."""
+    source, _ = boolean_key_mask(site)
+    if source is None or not fake(source).dtype.is_floating_point:
+        return source, None
+    return _existing_check(source) or _insert_check(graph, site, source)
+
+
+def _checkable_at_run_time(site: AttentionSite, mask: Node) -> bool:
+    """Whether a float ``mask`` that no graph op proves 0/-inf is a key mask to check at run
+    time: a graph input (through value-moving ops only) at a transformers attention module.
+
+    transformers builds every float mask as ``where(keep, 0, finfo(dtype).min)``
+    (``masking_utils.eager_mask``); ``generate()`` with a static cache builds it before the
+    compiled step, so it arrives as an input. Elsewhere a float input may as well be a bias
+    (ALiBi, relative positions): those sites stay skipped rather than fail the check.
+    """
+    cls_module = getattr(site.module_class, "__module__", "") or ""
+    from_transformers = cls_module.split(".")[0] in ("transformers", "transformers_modules")
+    return from_transformers and peel(mask, _MOVES).op == "placeholder"
+
+
+def _float_values(mask: Node) -> Node:
+    """``mask`` with float-to-float casts peeled: the check reads the values before them."""
+    while is_call(mask, CAST_OPS) and fake(mask.args[0]).dtype.is_floating_point:
+        mask = mask.args[0]
+    return mask
+
+
+def _insert_check(graph: Graph, site: AttentionSite, mask: Node) -> tuple[Node, Node]:
+    """Insert ``keep = mask == 0`` and the check that every entry of ``mask`` is 0 or drops
+    its key and every row keeps a key (see the comment above ``CHECK_MESSAGE``);
+    ``(keep, valid_rows)``."""
+    from macopt.passes.decode_rewrite import call  # decode_rewrite imports this module
+
+    def op(target: object, *args: object) -> Node:
+        return call(graph, target, args, site)
+
+    with graph.inserting_before(next(n for n in graph.nodes if n in mask.users)):
+        keep = op(aten.eq.Scalar, mask, 0)
+        dropped = op(aten.le.Scalar, mask, torch.finfo(fake(mask).dtype).min)  # -inf too, not NaN
+        known = op(aten.logical_or.default, keep, dropped)
+        attends = op(aten.any.dim, keep, -1)
+        # all(x) as not(any(not(x))): Inductor lowers any; all it decomposes before our pass.
+        all_known = op(aten.logical_not.default,
+                       op(aten.any.dim, op(aten.logical_not.default, known), -1))
+        valid_rows = op(aten.logical_and.default, attends, all_known)
+        every_row = op(aten.logical_not.default,
+                       op(aten.any.default, op(aten.logical_not.default, valid_rows)))
+        op(aten._assert_async.msg, every_row, CHECK_MESSAGE)
+    keep.meta[_CHECK_ROLE], attends.meta[_CHECK_ROLE] = "keep", "attends"
+    valid_rows.meta[_CHECK_ROLE] = "valid rows"
+    return keep, valid_rows
+
+
+def _existing_check(mask: Node) -> tuple[Node, Node] | None:
+    """``(keep, valid_rows)`` of a check :func:`_insert_check` already made for ``mask``."""
+    for keep in _with_role(mask.users, "keep"):
+        for attends in _with_role(keep.users, "attends"):
+            for valid_rows in _with_role(attends.users, "valid rows"):
+                return keep, valid_rows
+    return None
+
+
+def _with_role(nodes: Iterable[Node], role: str) -> list[Node]:
+    return [node for node in nodes if node.meta.get(_CHECK_ROLE) == role]
 
 
 def boolean_source(mask: Node) -> Node | None:
@@ -64,4 +179,3 @@ def _scalar(value: object) -> float | None:
     if is_call(value, aten.scalar_tensor.default):
         return float(value.args[0])
     return None
-

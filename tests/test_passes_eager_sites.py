@@ -6,8 +6,10 @@ Hugging Face models here keep ``attn_implementation="eager"`` and run a greedy d
 compiled step (Inductor, ``fullgraph=True``, static cache) builds its own 4-D mask, so the mask
 is ``where(keep, 0, min)`` inside the graph. Under ``generate()`` with a static cache,
 transformers builds the float mask before the compiled step instead: it reaches the graph as an
-input whose values the passes cannot prove 0/-inf, and those sites are found and left (the
-family matrix's GPT-J entry).
+input whose values no graph op proves 0/-inf, so the rewrite checks them at run time
+(``passes/masks.py``; stateless methods only): a value that is neither 0 nor a masking value
+fails loudly. Plain modules' float mask inputs may be biases and stay skipped
+(``tests/test_passes_sites.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import contextlib
 import copy
 import functools
 import math
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,10 +31,12 @@ from transformers import StaticCache
 
 import macopt
 from macopt.passes import scope
-from macopt.passes._compat import inductor_config, run_and_get_code
+from macopt.passes._compat import CustomGraphPass, compile_fx, inductor_config, run_and_get_code
+from macopt.passes.manager import run_passes
+from macopt.passes.masks import CHECK_MESSAGE
 from macopt.passes.report import SiteReport
 from tests.model_zoo import ZOO
-from tests.passes_harness import OP_CALL, prompts
+from tests.passes_harness import DECODE_STEPS, OP_CALL, Generation, generate, prompts
 
 STEPS, CACHE_LEN, BATCH = 6, 16, 3  # batch 3: rows 1 and 2 are left-padded
 SDPA_FUSED = "_scaled_dot_product_flash_attention_for_cpu"  # Inductor fuses GPT-J's pattern
@@ -45,6 +53,7 @@ class EagerRun:
     want_tokens: torch.Tensor
     want_logits: torch.Tensor
     op_calls: int
+    mask_checks: int  # run-time mask checks in the compiled code
 
 
 @torch.no_grad()
@@ -92,7 +101,8 @@ def eager_run(name: str, backend: str = "inductor") -> EagerRun:
         (tokens, logits), code = run_and_get_code(greedy_decode, model, step, BATCH)
     want_tokens, want_logits = greedy_decode(reference, reference.forward, BATCH)
     return EagerRun([r for r in macopt.explain(model) if r.phase == "decode"], tokens, logits,
-                    want_tokens, want_logits, sum(c.count(OP_CALL) for c in code))
+                    want_tokens, want_logits, sum(c.count(OP_CALL) for c in code),
+                    sum(c.count(CHECK_MESSAGE) for c in code))
 
 
 @pytest.mark.parametrize("name", sorted(HF_FAMILIES))
@@ -101,6 +111,10 @@ def test_eager_hf_decode_sites_are_rewritten(name):
     assert [(r.op, r.decision) for r in reports] == [(HF_FAMILIES[name], "rewritten")] * 2
     assert {(r.rope_form, r.group) for r in reports} == {(entry.rope_form, entry.group)}
     assert eager_run(name).op_calls == 2
+
+
+def test_masks_built_inside_the_graph_need_no_run_time_check():
+    assert eager_run("llama").mask_checks == 0
 
 
 @pytest.mark.parametrize("name", sorted(HF_FAMILIES))
@@ -225,3 +239,192 @@ def test_patterns_not_provably_attention_are_left_with_their_reason(variant, rea
 def test_attention_dropout_in_training_is_left_with_its_reason():
     report, _, _ = _run_plain("dropout")
     assert report.decision == "skipped" and "attention dropout" in report.reason
+
+
+# generate() with a static cache: transformers builds the float mask before the compiled step,
+# so it is a graph input, checked at run time (passes/masks.py).
+GENERATE_BATCHES = (1, 3)  # batch 3: rows 1 and 2 left-padded
+# Family -> the op found at its decode sites: Inductor fuses GPT-J's pattern, not Llama's.
+GENERATE_FAMILIES = {"gptj": SDPA_FUSED, "llama": "eager_softmax"}
+CHECK_FAILED = re.escape(CHECK_MESSAGE[:60])
+
+
+@dataclass
+class GenerateRun:
+    reports: list[SiteReport]
+    optimized: dict[int, Generation]  # by batch size
+    reference: dict[int, Generation]
+
+
+@functools.cache
+def generate_run(name: str) -> GenerateRun:
+    """ExactConfig, eager attention, ``generate()`` with a static cache and the decode step
+    compiled by Inductor (``fullgraph=True``), against the unmodified model run eagerly."""
+    reference = ZOO[name].build()
+    reference.set_attn_implementation("eager")
+    model = copy.deepcopy(reference)
+    macopt.optimize(model, macopt.ExactConfig())
+    model.set_attn_implementation("eager")
+    with no_fx_graph_cache():
+        optimized = {b: generate(model, b, compiled=True) for b in GENERATE_BATCHES}
+    return GenerateRun([r for r in macopt.explain(model) if r.phase == "decode"], optimized,
+                       {b: generate(reference, b, compiled=False) for b in GENERATE_BATCHES})
+
+
+@pytest.mark.parametrize("name", sorted(GENERATE_FAMILIES))
+def test_generate_float_mask_sites_are_rewritten(name):
+    reports = generate_run(name).reports
+    assert [(r.op, r.decision) for r in reports] == [(GENERATE_FAMILIES[name], "rewritten")] * 2
+
+
+@pytest.mark.parametrize("name", sorted(GENERATE_FAMILIES))
+@pytest.mark.parametrize("batch", GENERATE_BATCHES)
+def test_generate_compiled_code_checks_the_mask_once_for_all_sites(name, batch):
+    """Inductor keeps the check (a C++ throw on CPU, ``tl.device_assert`` in Triton); both
+    sites read one mask, so they share one check."""
+    code = generate_run(name).optimized[batch].code
+    assert sum(c.count(OP_CALL) for c in code) == 2
+    assert sum(c.count(CHECK_MESSAGE) for c in code) == 1
+
+
+@pytest.mark.parametrize("name", sorted(GENERATE_FAMILIES))
+@pytest.mark.parametrize("batch", GENERATE_BATCHES)
+def test_generate_float_mask_greedy_tokens_match_the_unmodified_model(name, batch):
+    run = generate_run(name)
+    got, want = run.optimized[batch], run.reference[batch]
+    assert got.tokens.shape == (batch, DECODE_STEPS)
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.logits, want.logits, atol=2e-4, rtol=2e-4)
+
+
+# A 4-D float mask fed to the compiled step, as generate() feeds it: one decode step.
+PROMPT_LEN = prompts(BATCH)[0].shape[1]
+
+
+def float_key_mask() -> torch.Tensor:
+    """``[BATCH,1,1,CACHE_LEN]``: 0 where a row attends (its prompt tokens and the decoded
+    one), transformers' fill ``finfo.min`` elsewhere, and ``-inf`` on row 2's padding."""
+    _, prompt_mask = prompts(BATCH)
+    keep = torch.zeros(BATCH, 1, 1, CACHE_LEN, dtype=torch.bool)
+    keep[:, 0, 0, :PROMPT_LEN] = prompt_mask.bool()
+    keep[..., PROMPT_LEN] = True
+    mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    mask[2, ..., :5] = float("-inf")
+    return mask
+
+
+@torch.no_grad()
+def decode_step_logits(model, step, mask: torch.Tensor) -> torch.Tensor:
+    """Prefill eagerly into a static cache, then one step through ``step`` with ``mask``."""
+    ids, prompt_mask = prompts(BATCH)
+    cache = StaticCache(config=model.config, max_cache_len=CACHE_LEN)
+    full_mask = torch.ones(BATCH, CACHE_LEN, dtype=torch.long)
+    full_mask[:, :PROMPT_LEN] = prompt_mask
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=full_mask, past_key_values=cache,
+                position_ids=positions, cache_position=torch.arange(PROMPT_LEN))
+    out = step(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask,
+               past_key_values=cache, position_ids=positions[:, -1:] + 1,
+               cache_position=torch.tensor([PROMPT_LEN]))
+    return out.logits[:, -1]
+
+
+def eager_llama_pair(backend) -> tuple[torch.nn.Module, torch.nn.Module, object]:
+    """``(reference, optimized, compiled step of the optimized one)``, eager attention."""
+    reference = ZOO["llama"].build()
+    reference.set_attn_implementation("eager")
+    model = copy.deepcopy(reference)
+    macopt.optimize(model, macopt.ExactConfig())
+    model.set_attn_implementation("eager")
+    torch._dynamo.reset()
+    return reference, model, torch.compile(model.forward, fullgraph=True, backend=backend)
+
+
+BAD_VALUES = {
+    "alibi-like-bias": lambda mask: mask[2, ..., 6].fill_(-5.0),  # an attended key, shifted
+    "whole-row-masked": lambda mask: mask[1].fill_(torch.finfo(torch.float32).min),
+    "nan": lambda mask: mask[0, ..., 3].fill_(float("nan")),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_VALUES))
+def test_mask_values_that_are_not_0_or_masking_fail_loudly(bad):
+    reference, model, step = eager_llama_pair(macopt.backend(inductor=False))
+    mask = float_key_mask()
+    with no_fx_graph_cache():
+        got = decode_step_logits(model, step, mask)
+    torch.testing.assert_close(got, decode_step_logits(reference, reference.forward, mask),
+                               atol=1e-5, rtol=1e-5)  # 0, finfo.min and -inf: exact
+    assert [r.decision for r in macopt.explain(model)] == ["rewritten"] * 2
+    BAD_VALUES[bad](mask)
+    with pytest.raises(RuntimeError, match=CHECK_FAILED):
+        decode_step_logits(model, step, mask)
+
+
+def bias_under_inductor() -> None:
+    """A bias-carrying mask through the Inductor-compiled step: fails (run in a subprocess: a
+    C++ throw that Inductor placed in a parallel region aborts the process)."""
+    _, model, step = eager_llama_pair("inductor")
+    mask = float_key_mask()
+    decode_step_logits(model, step, mask)
+    print("valid mask decoded", flush=True)
+    BAD_VALUES["alibi-like-bias"](mask)
+    decode_step_logits(model, step, mask)
+
+
+def test_bias_fed_at_run_time_fails_loudly_under_inductor():
+    script = "from tests.test_passes_eager_sites import bias_under_inductor as f; f()"
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert "valid mask decoded" in done.stdout, done.stderr[-2000:]
+    assert done.returncode != 0 and re.search(CHECK_FAILED, done.stderr), done.stderr[-2000:]
+
+
+class PassesWithoutAsserts(CustomGraphPass):
+    """macopt's passes, then their run-time asserts erased, as Triton compiles them without
+    debug (``assert_indirect_indexing=False``, ROCm)."""
+
+    erased = 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        run_passes(graph)
+        for node in graph.find_nodes(op="call_function",
+                                     target=torch.ops.aten._assert_async.msg):
+            graph.erase_node(node)
+            PassesWithoutAsserts.erased += 1
+
+    def uuid(self) -> None:
+        return None
+
+
+def test_rows_failing_the_check_are_nan_where_asserts_are_compiled_out():
+    backend = functools.partial(
+        compile_fx, config_patches={"post_grad_custom_post_pass": PassesWithoutAsserts()})
+    reference, model, step = eager_llama_pair(backend)
+    mask = float_key_mask()
+    BAD_VALUES["alibi-like-bias"](mask)  # row 2
+    got = decode_step_logits(model, step, mask)
+    want = decode_step_logits(reference, reference.forward, mask)
+    assert PassesWithoutAsserts.erased == 1
+    assert got[2].isnan().all()
+    torch.testing.assert_close(got[:2], want[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_stateful_methods_leave_float_mask_input_sites_with_their_reason():
+    """Their prefill state builders read only masks proven inside the graph, so the decode
+    op would read state no prefill reset: such decode sites stay as written."""
+    reference = ZOO["llama"].build()
+    reference.set_attn_implementation("eager")
+    model = copy.deepcopy(reference)
+    macopt.optimize(model, macopt.MACConfig(tau=1.0, t_min=0, batch_capacity=BATCH))
+    model.set_attn_implementation("eager")
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, fullgraph=True, backend=macopt.backend(inductor=False))
+    mask = float_key_mask()
+    with no_fx_graph_cache():
+        got = decode_step_logits(model, step, mask)
+    decode = [r for r in macopt.explain(model) if r.phase == "decode"]
+    assert [r.decision for r in decode] == ["skipped"] * 2
+    assert all("stateless methods only" in r.reason for r in decode)
+    torch.testing.assert_close(got, decode_step_logits(reference, reference.forward, mask),
+                               atol=1e-5, rtol=1e-5)
