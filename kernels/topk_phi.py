@@ -8,7 +8,8 @@ Prefill:
 
 Decode (no host sync: lengths, ranges and selections stay on the device):
 - :func:`select_pages`: a Triton kernel scores every page by an upper bound of ``s q.k``, then
-  ``torch.topk`` keeps the best pages per KV head; returns their token indices.
+  one more (:mod:`macopt.kernels.page_select`) keeps the best pages per KV head and writes their
+  token indices.
 - :func:`topk_phi_decode_state` / :func:`topk_phi_decode`: one split-KV pass over sinks + tail +
   generated + retrieved keys (exact state), which also accumulates the retrieved keys' feature
   share from the K/V tiles it already holds; a second kernel merges the splits, builds the
@@ -39,8 +40,8 @@ import triton.language as tl
 
 from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
 from macopt.kernels.feature_maps import FoldedFeatureMap
-from macopt.kernels.topk_phi_reference import PageBounds, PhiSummary, pages_to_tokens
-from macopt.kernels.topk_phi_reference import select_pages as select_top_pages
+from macopt.kernels.page_select import select_page_tokens
+from macopt.kernels.topk_phi_reference import PageBounds, PhiSummary
 
 Tensor = torch.Tensor
 
@@ -601,11 +602,12 @@ def select_pages(q: Tensor, bounds: PageBounds, mid_start: Tensor, mid_end: Tens
     per KV head (see :func:`macopt.kernels.topk_phi_reference.select_pages`), ascending.
 
     The token budget is ``n_selected * page_size``; indices past the mid region are ignored by
-    the decode kernel.
+    the decode kernel. Two launches, no host sync: the page scores, then
+    :func:`macopt.kernels.page_select.select_page_tokens` (on a tie at the K-th group score,
+    the lowest page indices are kept).
     """
     scores = page_scores(q, bounds, mid_start, mid_end, page_size, scale)
-    pages = select_top_pages(scores, bounds.kmin.shape[1], n_selected)
-    return pages_to_tokens(pages, page_size)
+    return select_page_tokens(scores, bounds.kmin.shape[1], n_selected, page_size)
 
 
 def topk_phi_decode_state(
