@@ -83,17 +83,25 @@ def _feature_weights_tile(
 @triton.jit
 def _log_features_of(
     x, lin_w, lin_b, in_w, in_b, out_w, sq_norm,
-    HAS_MLP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MLP: tl.constexpr, PRECISION: tl.constexpr, HALF: tl.constexpr = False,
 ):
     """``log phi(x)`` of fp32 rows ``x[BN, BLOCK_D]`` from weights of
     :func:`_feature_weights_tile`; padded features come out finite, callers mask them.
 
     PRECISION is "ieee" for fp32 keys; for bf16/fp16 keys "tf32" already carries more bits than
-    the keys, and errors in log phi become relative errors of the features."""
-    out = tl.dot(x, lin_w, input_precision=PRECISION) + lin_b[None, :]
+    the keys, and errors in log phi become relative errors of the features. ``HALF``: the
+    weights arrive as fp16 and the products run on fp16 tensor cores (fp16 keeps tf32's 10
+    mantissa bits and holds bf16 keys' values; fp32 accumulation)."""
+    if HALF:
+        x_dot = x.to(tl.float16)
+    else:
+        x_dot = x
+    out = tl.dot(x_dot, lin_w, input_precision=PRECISION) + lin_b[None, :]
     if HAS_MLP:
-        pre = tl.dot(x, in_w, input_precision=PRECISION) + in_b[None, :]
+        pre = tl.dot(x_dot, in_w, input_precision=PRECISION) + in_b[None, :]
         act = 0.5 * pre * (1.0 + tl.erf(pre * 0.7071067811865476))  # exact GELU
+        if HALF:
+            act = act.to(tl.float16)
         out += tl.dot(act, out_w, input_precision=PRECISION)
     return out - sq_norm * tl.sum(x * x, axis=1)[:, None]
 
@@ -274,7 +282,7 @@ def _decode_split_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_sb, stride_sh, stride_sk,
     HAS_MLP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     # A program owns one (row, KV head, split) of the exact key list [sinks | tail + generated |
@@ -324,6 +332,11 @@ def _decode_split_kernel(
     lin_w, lin_b, in_w, in_b, out_w, sq_norm = _feature_weights_tile(
         kv_head, lin_w_ptr, lin_b_ptr, in_w_ptr, in_b_ptr, out_w_ptr, sq_norm_ptr, head_dim,
         d_phi, width, 0, HAS_MLP, BLOCK_D, BLOCK_F, BLOCK_E)
+    if HALF:  # half-precision keys: the feature products on fp16 tensor cores (see above)
+        lin_w, in_w, out_w = lin_w.to(tl.float16), in_w.to(tl.float16), out_w.to(tl.float16)
+        completion_dot = completion_w.to(tl.float16)
+    else:
+        completion_dot = completion_w
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
     sel_base = sel_ptr + batch * stride_sb + kv_head * stride_sh
@@ -351,12 +364,16 @@ def _decode_split_kernel(
 
         if block_start + BLOCK_N > n_exact:  # the tile holds retrieved keys
             log_phi_k = _log_features_of(k.to(tl.float32), lin_w, lin_b, in_w, in_b, out_w,
-                                         sq_norm, HAS_MLP, DOT_PRECISION)
+                                         sq_norm, HAS_MLP, DOT_PRECISION, HALF)
             retrieved = (key_ok & is_sel)[:, None] & feat_ok[None, :]
             weights = tl.where(retrieved, tl.exp(log_phi_k - m_shift[None, :]), 0.0)
             sub_u += tl.sum(weights, axis=0)
-            kernel_w = tl.dot(completion_w, tl.trans(weights), input_precision="ieee")
-            sub_n += tl.dot(kernel_w, v.to(tl.float32), input_precision=DOT_PRECISION)
+            if HALF:  # weights and completion weights lie in [0, 1]: fp16 holds them
+                kernel_w = tl.dot(completion_dot, tl.trans(weights.to(tl.float16)))
+                sub_n += tl.dot(kernel_w.to(tl.float16), v.to(tl.float16))
+            else:
+                kernel_w = tl.dot(completion_dot, tl.trans(weights), input_precision="ieee")
+                sub_n += tl.dot(kernel_w, v.to(tl.float32), input_precision=DOT_PRECISION)
 
     has_keys = running_sum > 0
     o = acc / tl.where(has_keys, running_sum, 1.0)[:, None]
@@ -614,7 +631,7 @@ def topk_phi_decode_state(
     q: Tensor, k: Tensor, v: Tensor, scale: float, starts: Tensor, ends: Tensor,
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None = None, eps: float = 1e-6, num_splits: int | None = None,
-    block_n: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-K + phi decode state ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])``.
 
@@ -628,25 +645,25 @@ def topk_phi_decode_state(
     ...                                log_phi_q, maps.phi_k.folded())
     """
     return _decode(q, k, v, scale, starts, ends, summary, selected, log_phi_q, phi_k,
-                   completion, eps, num_splits, block_n, torch.float32)
+                   completion, eps, num_splits, block_n, num_warps, torch.float32)
 
 
 def topk_phi_decode(
     q: Tensor, k: Tensor, v: Tensor, scale: float, starts: Tensor, ends: Tensor,
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None = None, eps: float = 1e-6, num_splits: int | None = None,
-    block_n: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None,
 ) -> Tensor:
     """:func:`topk_phi_decode_state`'s output in ``q.dtype`` (same arguments)."""
     return _decode(q, k, v, scale, starts, ends, summary, selected, log_phi_q, phi_k,
-                   completion, eps, num_splits, block_n, q.dtype)[0]
+                   completion, eps, num_splits, block_n, num_warps, q.dtype)[0]
 
 
 def _decode(
     q: Tensor, k: Tensor, v: Tensor, scale: float, starts: Tensor, ends: Tensor,
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None, eps: float, num_splits: int | None, block_n: int | None,
-    out_dtype: torch.dtype,
+    num_warps: int | None, out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
@@ -678,8 +695,9 @@ def _decode(
         scale * _LOG2_E, n_kv_heads, n_keys, n_selected, group, head_dim, d_phi, width,
         num_splits, *q.stride(), *k.stride(), *v.stride(), *selected.stride(),
         HAS_MLP=phi_k.has_mlp, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
+        HALF=q.dtype in (torch.float16, torch.bfloat16),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_F=block_f,
-        BLOCK_E=_pow2(width), num_warps=8,
+        BLOCK_E=_pow2(width), num_warps=num_warps or 4,
     )
     out = _new_empty((batch, n_q_heads, head_dim), dtype=out_dtype, device=q.device)
     lse = _new_empty((batch, n_q_heads), dtype=torch.float32, device=q.device)
