@@ -72,12 +72,15 @@ def _select_page_tokens_kernel(
     pages_ptr += kv_pid * n_keep
     tokens_ptr += kv_pid * n_keep * PAGE_SIZE
 
-    best = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    # Elementwise max across tiles, one reduction after the loop (a reduction accumulated
+    # inside the loop and read twice after it crashes Triton 3.6's thread-locality pass).
+    best_tile = tl.full([BLOCK_G, BLOCK_P], float("-inf"), tl.float32)
     for start in range(0, n_pages, BLOCK_P):
         pages = start + offsets
         tile = tl.load(head_scores + pages[None, :],
                        mask=row_ok[:, None] & (pages < n_pages)[None, :], other=float("-inf"))
-        best = tl.maximum(best, tl.max(tile, axis=1))
+        best_tile = tl.maximum(best_tile, tile)
+    best = tl.max(best_tile, axis=1)
     shift = tl.where(tl.abs(best) < float("inf"), best, 0.0)  # padded heads: -inf - 0 = -inf
     for start in range(0, n_pages, BLOCK_P):
         pages = start + offsets
