@@ -1,14 +1,14 @@
 """Tiny random-weight models, one per family the passes must handle (nothing downloads).
 
 Each ``ZooEntry`` says what the passes must find in its decode graph: how many sites get
-rewritten for ``exact`` and the RoPE form at them. A torch or transformers upgrade that
-changes the graphs must fail these counts loudly.
+rewritten for ``exact`` (and for each method whose count differs) and the RoPE form at them.
+A torch or transformers upgrade that changes the graphs must fail these counts loudly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
@@ -32,6 +32,12 @@ class ZooEntry:
     rope_form: str | None  # RoPE form at every decode site
     group: int  # GQA group at every decode site
     decode_graphs: int = 1  # decode graphs compiled per generate() call
+    # Method name -> (rewritten, skipped) decode sites, where they differ from ExactConfig's.
+    by_method: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def decode_sites(self, method: str) -> tuple[int, int]:
+        """``(rewritten, skipped)`` decode sites for ``method`` (a ``MethodConfig.method``)."""
+        return self.by_method.get(method, (self.rewritten, self.skipped))
 
 
 def _hf(config_cls: str, model_cls: str, **kwargs) -> Callable[[], torch.nn.Module]:
@@ -80,12 +86,11 @@ ZOO = {
                  2, 0, "partial-interleaved", 2),
         # GPT-J (interleaved partial RoPE) has no SDPA path in transformers 5.x: it keeps its
         # eager attention, which Inductor fuses into SDPA. generate() with a static cache builds
-        # the float mask before the compiled step: a graph input whose values are not provably
-        # 0/-inf, so both sites are found and left. With the mask built inside the compiled
-        # step they are rewritten (tests/test_passes_eager_sites.py).
+        # the float mask before the compiled step: a graph input, checked at run time for
+        # stateless methods (passes/masks.py); stateful methods leave both sites.
         ZooEntry("gptj", _hf("GPTJConfig", "GPTJForCausalLM", vocab_size=VOCAB, n_layer=2,
                              n_embd=256, n_head=4, rotary_dim=32, n_positions=256),
-                 0, 2, "partial-interleaved", 1),
+                 2, 0, "partial-interleaved", 1, by_method={"mac": (0, 2), "topk_phi": (0, 2)}),
         ZooEntry("gpt2", _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_layer=2,
                              n_embd=128, n_head=2, n_positions=256), 2, 0, None, 1),
         ZooEntry("nanogpt", _nanogpt, 2, 0, "complex", 2),

@@ -73,9 +73,9 @@ def test_nothing_matching_decodes_the_unmodified_models_tokens(name, batch):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_decode_sites_are_rewritten_to_mac_as_for_exact(name):
-    entry, reports = ZOO[name], _reports(name, "decode")
-    assert sum(r.rewritten for r in reports) == entry.rewritten
-    assert sum(r.decision == "skipped" for r in reports) == entry.skipped
+    reports = _reports(name, "decode")
+    assert (sum(r.rewritten for r in reports),
+            sum(r.decision == "skipped" for r in reports)) == ZOO[name].decode_sites("mac")
     for report in reports:
         # Skipped: local (sliding-window) layers, or GPT-J's float mask built outside the graph
         skipped = ("sliding-window", "additive float attention mask")
@@ -84,8 +84,9 @@ def test_decode_sites_are_rewritten_to_mac_as_for_exact(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_prefill_sites_gain_the_ring_builder_and_keep_their_attention(name):
-    entry, reports = ZOO[name], _reports(name, "prefill")
-    assert sum(r.rewritten for r in reports) == entry.rewritten
+    rewritten, _ = ZOO[name].decode_sites("mac")
+    reports = _reports(name, "prefill")
+    assert sum(r.rewritten for r in reports) == rewritten
     assert all(r.reason.startswith("Exact") for r in reports if r.rewritten)
 
 
@@ -99,11 +100,11 @@ def test_no_recompile_across_decode_steps(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_stats_report_every_rewritten_layer(name):
-    stats, entry = run_mac(name).stats, ZOO[name]
+    stats, (rewritten, _) = run_mac(name).stats, ZOO[name].decode_sites("mac")
     # generate() decodes DECODE_STEPS - 1 times after the prefill; nanoGPT's greedy loop also
     # runs the step after the last token.
     steps = DECODE_STEPS if name == "nanogpt" else DECODE_STEPS - 1
-    assert len(stats) == entry.rewritten
+    assert len(stats) == rewritten
     for layer in stats:
         assert layer.method == "mac" and layer.prefills == len(BATCHES)
         assert layer.decode_steps == steps * len(BATCHES)
