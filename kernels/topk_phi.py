@@ -50,6 +50,9 @@ Tensor = torch.Tensor
 _new_empty = torch.empty
 
 _LOG2_E = 1.4426950408889634
+# Half-precision inputs: the split kernel's feature products on fp16 tensor cores (see
+# _log_features_of); False runs them as for fp32 inputs (tf32 / IEEE), for comparisons.
+HALF_FEATURES = True
 _LN_2 = tl.constexpr(0.6931471805599453)
 _MAX_SPLITS = 64
 
@@ -695,7 +698,7 @@ def _decode(
         scale * _LOG2_E, n_kv_heads, n_keys, n_selected, group, head_dim, d_phi, width,
         num_splits, *q.stride(), *k.stride(), *v.stride(), *selected.stride(),
         HAS_MLP=phi_k.has_mlp, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
-        HALF=q.dtype in (torch.float16, torch.bfloat16),
+        HALF=HALF_FEATURES and q.dtype in (torch.float16, torch.bfloat16),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_F=block_f,
         BLOCK_E=_pow2(width), num_warps=num_warps or 4,
     )
