@@ -52,8 +52,10 @@ def _pre_rope_query(graph: Graph, site: AttentionSite, rope: RopeMatch, decode: 
     """The pre-RoPE query as ``[B,Hq,D]`` (decode) or ``[B,Hq,N,D]`` (prefill), in the site's
     query dtype (a q-norm may leave it in fp32: the ring stores the query dtype)."""
     q_pre = rope.pre_rope_query
-    if pre_rope_heads_dim(rope, site.q) == 2:
-        q_pre = call(graph, aten.transpose.int, (q_pre, 1, 2), site)
+    if pre_rope_heads_dim(rope, site.q) == 2:  # [B,S,Hq,D]: RoPE before the head transpose
+        # permute, not transpose: post-grad graphs are decomposed, and Inductor refuses an
+        # aten.transpose.int there ("both a fallback and a decomp").
+        q_pre = call(graph, aten.permute.default, (q_pre, [0, 2, 1, 3]), site)
     if decode:
         q_pre = call(graph, aten.squeeze.dim, (q_pre, 2), site)
     dtype = fake(site.q).dtype

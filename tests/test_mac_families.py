@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import macopt
+from macopt.passes import scope
 from macopt.passes._compat import dynamo
 from macopt.passes.report import SiteReport
 from macopt.stats import Stats
@@ -115,3 +117,45 @@ def test_stats_report_every_rewritten_layer(name):
 def test_gpt2_has_no_rope_and_is_refused_for_mac():
     with pytest.raises(ValueError, match="has no RoPE, and method 'mac' needs the pre-RoPE"):
         macopt.optimize(ZOO["gpt2"].build(), macopt.MACConfig())
+
+
+class RopeBeforeHeadTranspose(torch.nn.Module):
+    """GPT-J's layout: half RoPE on the query as ``[B, S, H, D]``, then the head transpose."""
+
+    def forward(self, q, cos, sin, k, v, keep):
+        half = q.shape[-1] // 2
+        q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=keep)
+
+
+class Wrapper(torch.nn.Module):
+    """Dynamo records submodules (not the compiled root) in nn_module_stack."""
+
+    def __init__(self, attention: torch.nn.Module):
+        super().__init__()
+        self.attn = attention
+
+    def forward(self, *args):
+        return self.attn(*args)
+
+
+def test_a_site_with_rope_before_the_head_transpose_compiles_with_inductor():
+    # The pre-RoPE query [B,1,H,D] goes to the op as [B,H,D]: its head move must be an op that
+    # Inductor lowers in a post-grad graph.
+    batch, heads, n_keys, dim = 2, 4, 8, 64
+    model = Wrapper(RopeBeforeHeadTranspose())
+    gen = torch.Generator().manual_seed(0)
+    angles = torch.rand(batch, 1, 1, dim, generator=gen)
+    k, v = (torch.randn(batch, heads, n_keys, dim, generator=gen) for _ in range(2))
+    keep = torch.ones(batch, 1, 1, n_keys, dtype=torch.bool)
+    keep[1, ..., :3] = False  # left padding
+    args = (torch.randn(batch, 1, heads, dim, generator=gen), angles.cos(), angles.sin(), k, v,
+            keep)
+    dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True,
+                             backend=macopt.backend(NOTHING_MATCHES, inductor=True))
+    with _fresh_compiles():
+        got = compiled(*args)
+    (report,) = scope.reports_of(model.attn)
+    assert (report.decision, report.rope_form, report.method) == ("rewritten", "half", "mac")
+    torch.testing.assert_close(got, model(*args), atol=1e-5, rtol=1e-5)
