@@ -33,7 +33,11 @@ def _step_inputs(batch, n_keys, ring_size, hit_share, seed):
     ring.q.copy_(torch.randint(-1, 2, ring.q.shape, device="cuda", generator=gen))
     ring.o.copy_(torch.randn(ring.o.shape, device="cuda", generator=gen))
     ring.lse.copy_(torch.randn(ring.lse.shape, device="cuda", generator=gen) * 3 + 10)
-    ring.depth.zero_()
+    # Some entries may not be reused (depth at max_depth 4, or an empty prefix): a nearest one
+    # of those is a miss.
+    ring.depth.copy_(torch.randint(0, 5, ring.depth.shape, device="cuda", generator=gen))
+    empty = torch.rand(ring.lse.shape, device="cuda", generator=gen) < 0.05
+    ring.lse.masked_fill_(empty, float("-inf"))
     near = torch.rand(batch, q_heads, device="cuda", generator=gen) < hit_share
     slots = torch.randint(0, ring_size, (batch, q_heads), device="cuda", generator=gen)
     for b, h in near.nonzero().tolist():
@@ -53,7 +57,9 @@ def test_step_equals_the_reference_at_llama_sizes(batch, hit_share):
     assert torch.equal(hit, hit_ref) and torch.equal(keys, keys_ref)
     torch.testing.assert_close(o.double(), o_ref.double(), atol=2e-2, rtol=2e-2)
     assert torch.equal(ring_kernel.pos, ring_ref.pos)
+    assert torch.equal(ring_kernel.depth, ring_ref.depth)
     torch.testing.assert_close(ring_kernel.o, ring_ref.o.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ring_kernel.lse, ring_ref.lse.float(), atol=2e-2, rtol=0)
     if 0 < hit_share:
         assert hit_ref.any()
     if hit_share < 1:

@@ -58,11 +58,14 @@ def make_case(batch=2, kv_heads=2, group=4, n_keys=80, head_dim=64, ring_size=16
 
     ring = MACRing.empty(batch, q_heads, ring_size, head_dim, dtype)
     shape = (batch, q_heads, ring_size)
-    # Mostly window positions, some stale (older than t - M), some not yet valid (>= t), some
-    # empty.
-    pos = t[:, None, None] + 1 - torch.randint(0, ring_size + 4, shape, generator=gen)
+    # Position p lives in slot p mod M, as every writer keeps it: per slot mostly the window
+    # position in [t - M, t), some stale (M older), some not yet valid (M newer), some empty.
+    oldest = (t - ring_size)[:, None, None]
+    window = oldest + (torch.arange(ring_size) - oldest) % ring_size
+    era = torch.rand(shape, generator=gen)
+    pos = window + ring_size * ((era > 0.92).long() - (era < 0.08).long())
     pos = torch.where(torch.rand(shape, generator=gen) < 0.1, -1, pos)
-    ring.pos.copy_(pos.clamp(min=-1))
+    ring.pos.copy_(torch.where(pos < 0, -1, pos))
     ring.q.copy_(_ints(gen, *shape, head_dim, dtype=dtype))
     ring.o.copy_(torch.randn(*shape, head_dim, generator=gen))
     lse = torch.randn(shape, generator=gen) * 3
@@ -105,7 +108,7 @@ def assert_rings_equal(actual: MACRing, expected: MACRing, o_tol: float, lse_tol
     assert torch.equal(actual.pos, expected.pos)
     assert torch.equal(actual.depth, expected.depth)
     torch.testing.assert_close(actual.o, expected.o, atol=o_tol, rtol=o_tol)
-    torch.testing.assert_close(actual.lse, expected.lse, atol=lse_tol, rtol=0)
+    torch.testing.assert_close(actual.lse, expected.lse, atol=lse_tol, rtol=0, equal_nan=True)
 
 
 @settings(max_examples=12)
@@ -155,6 +158,39 @@ def test_ties_across_tiles_and_programs_go_to_the_older_entry(match_programs):
     hit, _ = assert_step_matches_reference((q, q_pre, k, v, ring, t, s0), offset=8,
                                            match_programs=match_programs, block_n=32)
     assert hit.all()
+
+
+FLAWS = {"lse -inf": ("lse", float("-inf")), "lse nan": ("lse", float("nan")),
+         "lse inf": ("lse", float("inf")), "depth at max": ("depth", 3)}
+
+
+@pytest.mark.parametrize("match_programs", [1, 2])
+@pytest.mark.parametrize("flaw", FLAWS)
+@pytest.mark.parametrize(("flawed", "usable", "expect_hit"), [
+    ((150, 0), (100, 1), False),  # nearest newer, a usable entry within the radius: a miss
+    ((100, 0), (150, 1), False),  # nearest older (the other tile or program): a miss
+    ((100, 0), (150, 0), False),  # a tie goes to the older entry, flawed: a miss
+    ((150, 0), (100, 0), True),   # a tie goes to the older entry, usable: a hit
+], ids=["newer", "older", "tie-older-flawed", "tie-newer-flawed"])
+def test_an_unusable_nearest_entry_is_a_miss_with_no_fall_back(
+        match_programs, flaw, flawed, usable, expect_hit):
+    # (position, squared distance) of two entries within the radius; M = 128 is two tiles of 64
+    # slots, so positions 150 (slot 22) and 100 (slot 100) are in different tiles or programs.
+    # The flawed one has lse -inf / NaN / inf or depth max_depth; the other is usable.
+    q, q_pre, k, v, _, _, _ = make_case(batch=1, kv_heads=1, group=2, n_keys=210, seed=9)
+    t, s0 = torch.tensor([200], device=DEVICE), torch.tensor([0], device=DEVICE)
+    ring = MACRing.empty(1, 2, 128, 64, q.dtype, DEVICE)
+    for position, distance in (flawed, usable):
+        slot = position % 128
+        ring.q[:, :, slot] = q_pre
+        ring.q[:, :, slot, 0] += distance
+        ring.pos[:, :, slot] = position
+        ring.lse[:, :, slot] = 0.5
+    field, value = FLAWS[flaw]
+    getattr(ring, field)[:, :, flawed[0] % 128] = value
+    hit, _ = assert_step_matches_reference((q, q_pre, k, v, ring, t, s0), offset=8, max_depth=3,
+                                           match_programs=match_programs, block_n=32)
+    assert bool(hit.all()) == expect_hit and bool(hit.any()) == expect_hit
 
 
 def test_a_miss_is_full_attention():
