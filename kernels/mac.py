@@ -4,24 +4,17 @@ The math and the exact semantics (sinks, left padding, chain depth) are those of
 :mod:`macopt.kernels.mac_reference`:
 
 1. ``_match_kernel`` (grid ``(B * Hq, R)``): each program scans ``M / R`` ring slots of one
-   query head and keeps its nearest valid entry and whether that entry may be reused (finite
-   lse, depth below ``max_depth``); ``R`` spreads the ring read over the SMs when ``B * Hq`` is
-   small.
+   query head and keeps its nearest valid entry; ``R`` spreads the ring read over the SMs when
+   ``B * Hq`` is small.
 2. ``_attention_kernel`` (grid ``(B * Hkv, splits)``, the blocking of
    :mod:`macopt.kernels.decode`): reduces the ``R`` candidates to the decision of every head of
-   the group (j*'s own flag decides, without a read of the ring), then streams the union of
-   the group's key ranges once, each head masking its own prefix start, into two partial
-   states per split: prefix ``[start_h, E(t))`` and tail ``[E(t), t]`` (plus the sinks, in
-   split 0). After its key loops split 0 also copies each head's reused state (entry j* on a
-   hit, empty on a miss) and the new entry's depth into a per-head workspace.
+   the group, then streams the union of the group's key ranges once, each head masking its own
+   prefix start, into two partial states per split: prefix ``[start_h, E(t))`` and tail
+   ``[E(t), t]`` (plus the sinks, in split 0).
 3. ``_finalize_kernel`` (grid ``(B * Hq,)``): merges each head's split states into ``A`` and
-   ``T``, forms ``C = merge(reused state, A)``, writes ``(q_pre, C, t, depth)`` to ring slot
-   ``t mod M`` and ``o = merge(C, T)`` in ``q.dtype``, and adds the step to the site's
-   statistics counters. Its loads are independent of one another (none waits for a slot).
-
-The launches are latency-bound at small batch, so each keeps its chain of dependent loads
-short: the match flags the candidates so the attention prologue reads only them, and the copy
-of entry j* (after split 0's key loop) spares the finalize a load that waits for the slot.
+   ``T``, forms ``C = merge(entry j*, A)`` on a hit (``A`` on a miss), writes
+   ``(q_pre, C, t, depth)`` to ring slot ``t mod M`` and ``o = merge(C, T)`` in ``q.dtype``, and
+   adds the step to the site's statistics counters.
 
 An earlier version finalized inside the attention kernel (the last split of a group to arrive,
 by an atomic counter, merged the group's heads one after another): on the H100 that serial tail
@@ -64,9 +57,8 @@ _MATCH_BLOCK_M = 64  # ring slots per tile: 16 KB of bf16 queries at D = 128
 
 @triton.jit
 def _match_kernel(
-    q_pre_ptr, ring_q_ptr, ring_pos_ptr, ring_lse_ptr, ring_depth_ptr, t_ptr, s0_ptr,
-    cand_d_ptr, cand_pos_ptr, cand_usable_ptr,
-    q_heads, ring_size, head_dim, slots_per_program, t_min, max_depth,
+    q_pre_ptr, ring_q_ptr, ring_pos_ptr, t_ptr, s0_ptr, cand_d_ptr, cand_pos_ptr,
+    q_heads, ring_size, head_dim, slots_per_program, t_min,
     stride_qb, stride_qh, stride_qd,
     stride_rb, stride_rh, stride_rm, stride_rd,
     stride_pb, stride_ph, stride_pm,
@@ -74,10 +66,7 @@ def _match_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # A program owns one (row, query head) and a run of ring slots, read as [BLOCK_M, D] tiles;
-    # it keeps the nearest valid entry (fp32 squared L2, ties: the older) as its candidate, and
-    # whether that entry may be reused (finite lse, depth below max_depth), so the attention
-    # launch decides without reading the ring. The flag read is j*'s own: position p lives in
-    # slot p mod M (MACRing), so this is the slot the reference reads.
+    # it keeps the nearest valid entry (fp32 squared L2, ties: the older) as its candidate.
     bh = tl.program_id(0)
     part = tl.program_id(1)
     batch = (bh // q_heads).to(tl.int64)
@@ -91,72 +80,61 @@ def _match_kernel(
     q = tl.load(q_pre_ptr + batch * stride_qb + head * stride_qh + dims * stride_qd,
                 mask=dim_ok, other=0.0).to(tl.float32)
     ring_q = ring_q_ptr + batch * stride_rb + head * stride_rh
-    ring_meta = batch * stride_pb + head * stride_ph  # pos, lse, depth: one layout
+    ring_pos = ring_pos_ptr + batch * stride_pb + head * stride_ph
 
     best_d = tl.min(tl.full([BLOCK_M], float("inf"), tl.float32), axis=0)
     best_pos = tl.min(tl.full([BLOCK_M], -1, tl.int32), axis=0)
-    best_usable = tl.min(tl.zeros([BLOCK_M], tl.int32), axis=0)
     first = part * slots_per_program
     last = tl.minimum(first + slots_per_program, ring_size)
     last = tl.where(t - s0 >= t_min, last, first)  # a row below t_min cannot hit: read nothing
     for tile_start in range(first, last, BLOCK_M):
         slots = tile_start + tl.arange(0, BLOCK_M)
-        in_run = slots < last
-        # No load of a tile waits for pos: an invalid slot's query is read and discarded (in a
-        # full window, the steady state past t_min, every slot is valid anyway).
-        meta = ring_meta + slots * stride_pm
-        pos = tl.load(ring_pos_ptr + meta, mask=in_run, other=-1)
-        lse = tl.load(ring_lse_ptr + meta, mask=in_run, other=float("-inf"))
-        depth = tl.load(ring_depth_ptr + meta, mask=in_run, other=0)
+        pos = tl.load(ring_pos + slots * stride_pm, mask=slots < last, other=-1)
+        valid = (pos >= lowest) & (pos < t) & (slots < last)
         x = tl.load(ring_q + slots[:, None] * stride_rm + dims[None, :] * stride_rd,
-                    mask=in_run[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-        valid = (pos >= lowest) & (pos < t) & in_run
-        usable = (lse > float("-inf")) & (lse < float("inf")) & (depth < max_depth)  # NaN: no
+                    mask=valid[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
         diff = x - q[None, :]
         dist = tl.where(valid, tl.sum(diff * diff, axis=1), float("inf"))
         tile_d = tl.min(dist, axis=0)
-        nearest = valid & (dist == tile_d)
-        tile_pos = tl.min(tl.where(nearest, pos, _INT32_MAX), axis=0)
-        tile_usable = tl.max((nearest & (pos == tile_pos) & usable).to(tl.int32), axis=0)
+        tile_pos = tl.min(tl.where(valid & (dist == tile_d), pos, _INT32_MAX), axis=0)
         better = (tile_d < best_d) | ((tile_d == best_d) & (tile_pos < best_pos))
         better = better & (tile_pos != _INT32_MAX)
         best_pos = tl.where(better, tile_pos, best_pos)
         best_d = tl.where(better, tile_d, best_d)
-        best_usable = tl.where(better, tile_usable, best_usable)
 
     out = batch * stride_cb + head * stride_ch + part * stride_cr
     tl.store(cand_d_ptr + out, best_d)
     tl.store(cand_pos_ptr + out, best_pos)
-    tl.store(cand_usable_ptr + out, best_usable.to(tl.uint8))
 
 
 @triton.jit
 def _decide(
-    cand_d_ptr, cand_pos_ptr, cand_usable_ptr, batch, heads, row_ok, s0, n_candidates,
-    ring_size, offset, sinks, radius2, stride_cb, stride_ch, stride_cr, BLOCK_R: tl.constexpr,
+    cand_d_ptr, cand_pos_ptr, ring_lse_ptr, ring_depth_ptr, batch, heads, row_ok, t, s0,
+    n_candidates, ring_size, offset, sinks, radius2, t_min, max_depth,
+    stride_cb, stride_ch, stride_cr, stride_lb, stride_lh, stride_lm,
+    BLOCK_R: tl.constexpr,
 ):
-    """Per head of ``heads``: (hit, slot of j*, first prefix key) from the match candidates.
-
-    One round of independent loads: j*'s own usable flag decides (a nearest entry that may not
-    be reused is a miss, never a fall back to a farther one). A row below ``t_min`` has no
-    candidate (the match read nothing), so it misses here without a test of its own."""
+    """Per head of ``heads``: (hit, slot of j*, first prefix key) from the match candidates."""
     cands = tl.arange(0, BLOCK_R)
     cand_ok = row_ok[:, None] & (cands < n_candidates)[None, :]
     offsets = batch * stride_cb + heads[:, None] * stride_ch + cands[None, :] * stride_cr
     dist = tl.load(cand_d_ptr + offsets, mask=cand_ok, other=float("inf"))
     pos = tl.load(cand_pos_ptr + offsets, mask=cand_ok, other=-1)
-    usable = tl.load(cand_usable_ptr + offsets, mask=cand_ok, other=0).to(tl.int32)
     best = tl.min(dist, axis=1)
-    nearest = (dist == best[:, None]) & (pos >= 0)
-    j_star = tl.min(tl.where(nearest, pos, _INT32_MAX), axis=1)
-    usable_j = tl.max(tl.where(nearest & (pos == j_star[:, None]), usable, 0), axis=1) != 0
+    j_star = tl.min(tl.where((dist == best[:, None]) & (pos >= 0), pos, _INT32_MAX), axis=1)
     found = j_star != _INT32_MAX
     j_star = tl.where(found, j_star, 0)
-    hit = found & (best < radius2) & usable_j
+    slot = j_star % ring_size
+
+    entry = batch * stride_lb + heads * stride_lh + slot * stride_lm
+    lse_j = tl.load(ring_lse_ptr + entry, mask=row_ok & found, other=float("-inf"))
+    depth_j = tl.load(ring_depth_ptr + entry, mask=row_ok & found, other=0)
+    finite = (lse_j > float("-inf")) & (lse_j < float("inf"))  # NaN fails both
+    hit = found & (best < radius2) & (t - s0 >= t_min) & finite & (depth_j < max_depth)
     first_prefix = s0 + sinks
     start = tl.where(hit, tl.maximum(tl.maximum(j_star + 1 - offset, s0), first_prefix),
                      first_prefix)
-    return hit, j_star % ring_size, start
+    return hit, slot, start
 
 
 @triton.jit
@@ -204,58 +182,22 @@ def _store_state(
 
 
 @triton.jit
-def _copy_reused_states(
-    cand_d_ptr, cand_pos_ptr, cand_usable_ptr, ring_o_ptr, ring_lse_ptr, ring_depth_ptr,
-    reused_o_ptr, reused_lse_ptr, new_depth_ptr, batch, kv_head, group, head_dim, write, fetch,
-    s0, n_candidates, ring_size, offset, sinks, radius2,
-    stride_cb, stride_ch, stride_cr, stride_rob, stride_roh, stride_rom, stride_rod,
-    stride_lb, stride_lh, stride_lm, stride_eb, stride_eh, stride_ed, stride_db, stride_dh,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Where ``write`` (a [BLOCK_C] row mask of the group's heads): each head's reused state,
-    entry j* on a hit and empty on a miss, and the depth of the entry the finalize writes.
-    The decision is taken again on a [next_pow2(group), D] tile: nothing of the first one stays
-    live across the key loops. Nothing is read unless ``fetch`` (a hit in the group)."""
-    rows = tl.arange(0, BLOCK_C)
-    heads = kv_head * group + rows
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < head_dim
-    hit, slot, _ = _decide(
-        cand_d_ptr, cand_pos_ptr, cand_usable_ptr, batch, heads, write & fetch, s0, n_candidates,
-        ring_size, offset, sinks, radius2, stride_cb, stride_ch, stride_cr, BLOCK_R)
-    entry = batch * stride_lb + heads * stride_lh + slot * stride_lm
-    entry_o = (ring_o_ptr + batch * stride_rob + heads[:, None] * stride_roh
-               + slot[:, None] * stride_rom + dims[None, :] * stride_rod)
-    o_j = tl.load(entry_o, mask=hit[:, None] & dim_ok[None, :], other=0.0)
-    lse_j = tl.load(ring_lse_ptr + entry, mask=hit, other=float("-inf"))
-    depth_j = tl.load(ring_depth_ptr + entry, mask=hit, other=0)
-    decision = batch * stride_db + heads * stride_dh
-    tl.store(reused_o_ptr + batch * stride_eb + heads[:, None] * stride_eh
-             + dims[None, :] * stride_ed, o_j, mask=write[:, None] & dim_ok[None, :])
-    tl.store(reused_lse_ptr + decision, lse_j, mask=write)
-    tl.store(new_depth_ptr + decision, tl.where(hit, depth_j + 1, 0), mask=write)
-
-
-@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, t_ptr, s0_ptr,
-    cand_d_ptr, cand_pos_ptr, cand_usable_ptr, ring_o_ptr, ring_lse_ptr, ring_depth_ptr,
-    hit_ptr, keys_ptr, reused_o_ptr, reused_lse_ptr, new_depth_ptr, part_o_ptr, part_lse_ptr,
+    cand_d_ptr, cand_pos_ptr, ring_lse_ptr, ring_depth_ptr,
+    hit_ptr, slot_ptr, keys_ptr, part_o_ptr, part_lse_ptr,
     qk_scale_log2, radius2, n_kv_heads, group, head_dim, num_splits, n_candidates,
-    ring_size, offset, sinks,
+    ring_size, offset, sinks, t_min, max_depth,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_cb, stride_ch, stride_cr,
-    stride_rob, stride_roh, stride_rom, stride_rod,
     stride_lb, stride_lh, stride_lm,
-    stride_eb, stride_eh, stride_ed,
     stride_pw, stride_pb, stride_ph, stride_ps, stride_pd,
     stride_plw, stride_plb, stride_plh, stride_pls,
     stride_db, stride_dh,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
 ):
     # A program owns one (row, KV head, split): the group's query heads are the rows of one
     # [BLOCK_G, D] tile; its chunk of the group's union range is read once, in [BLOCK_N, D] blocks.
@@ -272,16 +214,17 @@ def _attention_kernel(
     s0 = tl.load(s0_ptr + batch)
     e_t = tl.maximum(t + 1 - offset, s0)
 
-    hit, _, start = _decide(
-        cand_d_ptr, cand_pos_ptr, cand_usable_ptr, batch, heads, row_ok, s0, n_candidates,
-        ring_size, offset, sinks, radius2, stride_cb, stride_ch, stride_cr, BLOCK_R)
+    hit, slot, start = _decide(
+        cand_d_ptr, cand_pos_ptr, ring_lse_ptr, ring_depth_ptr, batch, heads, row_ok, t, s0,
+        n_candidates, ring_size, offset, sinks, radius2, t_min, max_depth,
+        stride_cb, stride_ch, stride_cr, stride_lb, stride_lh, stride_lm, BLOCK_R)
     # Split 0 publishes each head's decision for the finalize launch.
     decision = batch * stride_db + heads * stride_dh
     first_split = row_ok & (rows * 0 + split == 0)
     keys_read = (tl.maximum(e_t - start, 0) + (t + 1 - e_t) + (tl.minimum(s0 + sinks, e_t) - s0))
     tl.store(hit_ptr + decision, hit.to(tl.uint8), mask=first_split)
+    tl.store(slot_ptr + decision, slot, mask=first_split)
     tl.store(keys_ptr + decision, keys_read.to(tl.int32), mask=first_split)
-    group_hits = tl.max(hit.to(tl.int32), axis=0)  # all the copy keeps across the key loops
 
     # The union [U, t]: every head's prefix start, and E(t) so the tail is always covered.
     union_start = tl.minimum(tl.min(tl.where(row_ok, start, e_t), axis=0), e_t)
@@ -324,32 +267,16 @@ def _attention_kernel(
                  rows * stride_plh + split * stride_pls, t_max, t_sum, t_acc, dims, dim_ok,
                  row_ok, stride_pd)
 
-    # Split 0 copies each head's reused state for the finalize, which then reads no ring entry:
-    # j* may be t - M, whose slot the finalize overwrites, and this launch ends before the
-    # finalize starts. After the key loops, so they neither wait for the copy's dependent loads
-    # nor hold its registers; a group without a hit reads nothing here.
-    copy_rows = tl.arange(0, BLOCK_C)
-    copy = (copy_rows < group) & (copy_rows * 0 + split == 0)
-    _copy_reused_states(
-        cand_d_ptr, cand_pos_ptr, cand_usable_ptr, ring_o_ptr, ring_lse_ptr, ring_depth_ptr,
-        reused_o_ptr, reused_lse_ptr, new_depth_ptr, batch, kv_head, group, head_dim, copy,
-        copy_rows * 0 + group_hits != 0, s0, n_candidates, ring_size, offset, sinks, radius2,
-        stride_cb, stride_ch, stride_cr, stride_rob, stride_roh, stride_rom, stride_rod,
-        stride_lb, stride_lh, stride_lm, stride_eb, stride_eh, stride_ed, stride_db, stride_dh,
-        BLOCK_R, BLOCK_C, BLOCK_D)
-
 
 @triton.jit
 def _finalize_kernel(
     q_pre_ptr, t_ptr, s0_ptr, ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr, ring_depth_ptr,
-    hit_ptr, keys_ptr, reused_o_ptr, reused_lse_ptr, new_depth_ptr, part_o_ptr, part_lse_ptr,
-    out_ptr, counters_ptr,
+    hit_ptr, slot_ptr, keys_ptr, part_o_ptr, part_lse_ptr, out_ptr, counters_ptr,
     q_heads, head_dim, num_splits, ring_size,
     stride_qpb, stride_qph, stride_qpd,
     stride_rb, stride_rh, stride_rm, stride_rd,
     stride_rob, stride_roh, stride_rom, stride_rod,
     stride_lb, stride_lh, stride_lm,
-    stride_eb, stride_eh, stride_ed,
     stride_pw, stride_pb, stride_ph, stride_ps, stride_pd,
     stride_plw, stride_plb, stride_plh, stride_pls,
     stride_outb, stride_outh, stride_outd,
@@ -357,26 +284,20 @@ def _finalize_kernel(
     COUNT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # A program owns one (row, query head): it merges the splits' prefix and tail states, amends
-    # with the reused state (entry j* on a hit, empty on a miss), writes o and ring slot t mod M,
-    # and adds the step to the counters.
+    # with entry j* on a hit, writes o and ring slot t mod M, and adds the step to the counters.
     bh = tl.program_id(0)
     batch = (bh // q_heads).to(tl.int64)
     head = (bh % q_heads).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
-    # Latency-bound: every load is independent of the others (the attention launch copied
-    # entry j*) and issued first, the counters' too, so their round trips overlap.
+    # Latency-bound: issue every independent load first, the entry's (which needs the slot)
+    # last, so their round trips overlap.
     decision = batch * stride_db + head * stride_dh
+    hit = tl.load(hit_ptr + decision) != 0
+    slot = tl.load(slot_ptr + decision)
     t = tl.load(t_ptr + batch)
-    s0 = tl.load(s0_ptr + batch)
-    hit = tl.load(hit_ptr + decision)
-    keys_read = tl.load(keys_ptr + decision)
     q = tl.load(q_pre_ptr + batch * stride_qpb + head * stride_qph + dims * stride_qpd,
                 mask=dim_ok)
-    o_j = tl.load(reused_o_ptr + batch * stride_eb + head * stride_eh + dims * stride_ed,
-                  mask=dim_ok, other=0.0)
-    lse_j = tl.load(reused_lse_ptr + decision)
-    depth = tl.load(new_depth_ptr + decision)
     part_o = part_o_ptr + batch * stride_pb + head * stride_ph
     part_lse = part_lse_ptr + batch * stride_plb + head * stride_plh
     a_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
@@ -397,6 +318,12 @@ def _finalize_kernel(
             tl.load(part_lse + stride_plw + parts * stride_pls, mask=part_ok,
                     other=float("-inf")),
             tl.load(part_o + stride_pw + o_offsets, mask=o_ok, other=0.0))
+    # A missed entry may hold anything: its slot is read (in bounds) but never used.
+    ring = batch * stride_lb + head * stride_lh
+    ring_o = ring_o_ptr + batch * stride_rob + head * stride_roh
+    o_j = tl.where(hit, tl.load(ring_o + slot * stride_rom + dims * stride_rod, mask=dim_ok), 0.0)
+    lse_j = tl.where(hit, tl.load(ring_lse_ptr + ring + slot * stride_lm), float("-inf"))
+    depth = tl.where(hit, tl.load(ring_depth_ptr + ring + slot * stride_lm) + 1, 0)
     o_a, lse_a = merge_finish(a_max, a_total, a_acc)
     o_t, lse_t = merge_finish(t_max, t_total, t_acc)
     o_c, lse_c = _merge_two(o_a, lse_a, o_j, lse_j)
@@ -404,21 +331,23 @@ def _finalize_kernel(
     tl.store(out_ptr + batch * stride_outb + head * stride_outh + dims * stride_outd,
              o.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
-    # No ring entry is read here, so slot t mod M (perhaps j*'s) is written without a barrier.
+    # j* may be the slot written below (j* = t - M): finish every read of it first.
+    tl.debug_barrier()
     new_slot = t % ring_size
-    ring = batch * stride_lb + head * stride_lh + new_slot * stride_lm
-    ring_q = ring_q_ptr + batch * stride_rb + head * stride_rh + new_slot * stride_rm
-    ring_o = ring_o_ptr + batch * stride_rob + head * stride_roh + new_slot * stride_rom
-    tl.store(ring_q + dims * stride_rd, q.to(ring_q.dtype.element_ty), mask=dim_ok)
-    tl.store(ring_o + dims * stride_rod, o_c, mask=dim_ok)
-    tl.store(ring_lse_ptr + ring, lse_c)
-    tl.store(ring_pos_ptr + ring, t.to(tl.int32))
-    tl.store(ring_depth_ptr + ring, depth)
+    ring_q = ring_q_ptr + batch * stride_rb + head * stride_rh
+    tl.store(ring_q + new_slot * stride_rm + dims * stride_rd, q.to(ring_q.dtype.element_ty),
+             mask=dim_ok)
+    tl.store(ring_o + new_slot * stride_rom + dims * stride_rod, o_c, mask=dim_ok)
+    tl.store(ring_lse_ptr + ring + new_slot * stride_lm, lse_c)
+    tl.store(ring_pos_ptr + ring + new_slot * stride_lm, t.to(tl.int32))
+    tl.store(ring_depth_ptr + ring + new_slot * stride_lm, depth.to(tl.int32))
 
     if COUNT:  # rows of one head add to the same counters: atomics (integer, so exact)
         counter = counters_ptr + head * stride_ch
+        s0 = tl.load(s0_ptr + batch)
         tl.atomic_add(counter, hit.to(tl.int64), sem="relaxed")
-        tl.atomic_add(counter + stride_cr, keys_read.to(tl.int64), sem="relaxed")
+        tl.atomic_add(counter + stride_cr, tl.load(keys_ptr + decision).to(tl.int64),
+                      sem="relaxed")
         tl.atomic_add(counter + 2 * stride_cr, (t - s0 + 1).to(tl.int64), sem="relaxed")
         tl.atomic_add(counter + 3 * stride_cr, 1, sem="relaxed")
         tl.atomic_add(counter + 4 * stride_cr, (batch == 0).to(tl.int64), sem="relaxed")
@@ -496,35 +425,29 @@ def mac_decode_step(
     def new(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         return _new_empty(*shape, dtype=dtype, device=q.device)
 
-    # Workspaces of one shape share element strides: the candidates' ([B, Hq, R]) and the
-    # per-head decisions' ([B, Hq]: hit, keys_read, reused_lse, new_depth).
     cand_d, cand_pos = new(batch, q_heads, n_match), new(batch, q_heads, n_match, dtype=torch.int32)
-    cand_usable = new(batch, q_heads, n_match, dtype=torch.uint8)
-    hit, keys_read = new(batch, q_heads, dtype=torch.uint8), new(batch, q_heads, dtype=torch.int32)
-    reused_o, reused_lse = new(batch, q_heads, head_dim), new(batch, q_heads)
-    new_depth = new(batch, q_heads, dtype=torch.int32)
+    hit, slot = new(batch, q_heads, dtype=torch.uint8), new(batch, q_heads, dtype=torch.int32)
+    keys_read = new(batch, q_heads, dtype=torch.int32)
     part_o, part_lse = new(2, batch, q_heads, splits, head_dim), new(2, batch, q_heads, splits)
     out = new(batch, q_heads, head_dim, dtype=q.dtype)
     block_d = triton.next_power_of_2(head_dim)
 
     _match_kernel[(batch * q_heads, n_match)](
-        q_pre, ring.q, ring.pos, ring.lse, ring.depth, positions, key_starts,
-        cand_d, cand_pos, cand_usable,
-        q_heads, ring_size, head_dim, slots_per_program, t_min, max_depth,
+        q_pre, ring.q, ring.pos, positions, key_starts, cand_d, cand_pos,
+        q_heads, ring_size, head_dim, slots_per_program, t_min,
         *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(), *cand_d.stride(),
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,  # 8 warps: half the registers a thread
     )
     _attention_kernel[(batch * kv_heads, splits)](
-        q, k, v, positions, key_starts, cand_d, cand_pos, cand_usable, ring.o, ring.lse,
-        ring.depth, hit, keys_read, reused_o, reused_lse, new_depth, part_o, part_lse,
+        q, k, v, positions, key_starts, cand_d, cand_pos, ring.lse, ring.depth,
+        hit, slot, keys_read, part_o, part_lse,
         scale * _LOG2_E, threshold(head_dim, tau), kv_heads, group, head_dim, splits, n_match,
-        ring_size, offset, sinks,
-        *q.stride(), *k.stride(), *v.stride(), *cand_d.stride(), *ring.o.stride(),
-        *ring.lse.stride(), *reused_o.stride(), *part_o.stride(), *part_lse.stride(),
-        *hit.stride(),
+        ring_size, offset, sinks, t_min, max_depth,
+        *q.stride(), *k.stride(), *v.stride(), *cand_d.stride(), *ring.lse.stride(),
+        *part_o.stride(), *part_lse.stride(), *hit.stride(),
         UPCAST=_interpreting(), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_R=triton.next_power_of_2(n_match), BLOCK_C=triton.next_power_of_2(group),
+        BLOCK_R=triton.next_power_of_2(n_match),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     count = counters is not None
@@ -534,12 +457,10 @@ def mac_decode_step(
     counter_strides = counters.stride() if count else (0, 0)
     _finalize_kernel[(batch * q_heads,)](
         q_pre, positions, key_starts, ring.q, ring.o, ring.lse, ring.pos, ring.depth,
-        hit, keys_read, reused_o, reused_lse, new_depth, part_o, part_lse, out,
-        counters if count else hit,
+        hit, slot, keys_read, part_o, part_lse, out, counters if count else hit,
         q_heads, head_dim, splits, ring_size,
         *q_pre.stride(), *ring.q.stride(), *ring.o.stride(), *ring.lse.stride(),
-        *reused_o.stride(), *part_o.stride(), *part_lse.stride(), *out.stride(), *hit.stride(),
-        *counter_strides,
+        *part_o.stride(), *part_lse.stride(), *out.stride(), *hit.stride(), *counter_strides,
         COUNT=count, BLOCK_D=block_d,
         # Two [BLOCK_S, D] fp32 tiles in flight: 64 registers a thread at 4 warps.
         BLOCK_S=min(triton.next_power_of_2(splits), max(1, 4096 // block_d)), num_warps=4,
