@@ -3,8 +3,8 @@
 Only masks that select keys are accepted: boolean masks, float masks built as ``where(bool, 0,
 -inf or a huge negative)`` (what aten does to boolean masks on CPU, and what Hugging Face
 builds), and float masks that enter the graph as an input at transformers attention modules,
-whose values are then checked at run time (:func:`decode_key_mask`). Any other additive mask
-could shift scores, so the site is skipped.
+whose values are then checked at run time (:func:`checked_key_mask`), at decode and prefill
+sites alike. Any other additive mask could shift scores, so the site is skipped.
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ _MASKING_FILL = -65504.0
 # what its eager path computes whenever that path's own mask masks (kept and dropped scores
 # less than |finfo.min| - 104 apart: 3.4e38 for fp32/bf16 masks, 65400 for fp16). Values are
 # read before any float cast: an fp16 mask's -65504 widened to fp32 is still transformers'
-# fp16 fill, and a narrowing cast maps 0 to 0 and both fills to -inf. A row with no 0 fails
-# too: it would average all keys (finite fill) or give NaN (-inf) where the rewrite attends
-# none; a decode row attends its own key.
+# fp16 fill, and a narrowing cast maps 0 to 0 and both fills to -inf. A batch row whose last
+# query keeps no key fails too: at decode (the only query) it would average all keys (finite
+# fill) or give NaN (-inf) where the rewrite attends none, and a prefill state builder reads
+# the row's keys from its last query; that query is a real token, which attends itself. Other
+# prefill queries may mask every key: transformers does so for a left-padded row's pad queries,
+# whose attention the model computes itself (a prefill rewrite keeps it).
 #
 # A failing check: aten._assert_async raises, with no host sync (eager CPU: RuntimeError;
 # Inductor CPU: a C++ throw, which aborts the process where Inductor put it in a parallel
@@ -44,33 +47,39 @@ _MASKING_FILL = -65504.0
 # so the rewrite also returns NaN for the failing rows: never silently wrong numbers.
 CHECK_MESSAGE = (
     "macopt: a float attention mask holds a value other than 0 and a masking value "
-    "(-inf or the dtype minimum), or masks a whole row; macopt rewrote this attention "
-    "assuming a key mask. Leave the module out of macopt.optimize (filter_fn) if its "
-    "mask carries a bias"
+    "(-inf or the dtype minimum), or masks every key of the last query of a row; macopt "
+    "rewrote this attention assuming a key mask. Leave the module out of macopt.optimize "
+    "(filter_fn) if its mask carries a bias"
 )  # no quotes or backslashes: Inductor's C++ codegen pastes it into a string literal
 _CHECK_ROLE = "macopt_mask_check"  # node meta key: the nodes of a run-time mask check
+_CHECK_CHAIN = ("keep", "last query", "attends", "valid rows")  # each a user of the one before
 # Ops between a graph input and the mask that move values without computing new ones.
 _MOVES = LAYOUT_OPS | CAST_OPS | {aten.slice.Tensor}
 
 
-def boolean_key_mask(site: AttentionSite, run_time_check: bool = True
-                     ) -> tuple[Node | None, str | None]:
-    """``(mask node [Bm,1,1,N] or None, None)``, or ``(None, reason)`` when unusable.
-
-    The node is boolean (True = attend), or, when ``run_time_check``, a float graph input
-    that :func:`decode_key_mask` checks at run time and turns into a boolean one.
-    """
+def key_mask_source(site: AttentionSite) -> tuple[Node | None, str | None]:
+    """``(node the mask selects keys by, None)``, ``(None, None)`` without a mask, or ``(None,
+    reason)`` when the mask may do more than select keys. The node is boolean (True = attend),
+    or a float graph input that :func:`checked_key_mask` checks at run time."""
     mask = site.attn_mask
     if mask is None:
         return None, None
     source = boolean_source(mask)
     if source is None and _checkable_at_run_time(site, mask):
-        if not run_time_check:
-            return None, ("additive float attention mask fed to the graph: checked at run time "
-                          "for stateless methods only (prefill state builders cannot read it)")
         source = _float_values(mask)
     if source is None:
         return None, "additive float attention mask not provably 0/-inf (e.g. ALiBi or bias)"
+    return source, None
+
+
+def boolean_key_mask(site: AttentionSite, run_time_check: bool = True
+                     ) -> tuple[Node | None, str | None]:
+    """:func:`key_mask_source` for a decode site: ``(mask node [Bm,1,1,N] or None, None)``, or
+    ``(None, reason)`` when unusable. ``run_time_check`` changes nothing: float masks are
+    checked for every method (decode_rewrite.py still passes it)."""
+    source, reason = key_mask_source(site)
+    if source is None:
+        return None, reason
     val, q_val = fake(source), fake(site.q)
     if val.dim() != 4:
         return None, f"attention mask of rank {val.dim()} (expected [B,1,1,N])"
@@ -82,11 +91,18 @@ def boolean_key_mask(site: AttentionSite, run_time_check: bool = True
 
 
 def decode_key_mask(graph: Graph, site: AttentionSite) -> tuple[Node | None, Node | None]:
-    """``(keep, valid_rows)`` for a decode site that :func:`boolean_key_mask` accepts:
-    ``keep[Bm,1,1,N]`` boolean (True = attend) or None without a mask; ``valid_rows[Bm,1,1]``
-    (the batch rows that passed) for a float mask checked at run time, else None. The check
-    goes before the mask's first use, shared by every site reading the mask."""
+    """:func:`checked_key_mask` of a decode site that :func:`boolean_key_mask` accepts:
+    ``keep`` is ``[Bm,1,1,N]``."""
     source, _ = boolean_key_mask(site)
+    return checked_key_mask(graph, site, source)
+
+
+def checked_key_mask(graph: Graph, site: AttentionSite, source: Node | None
+                     ) -> tuple[Node | None, Node | None]:
+    """``(keep, valid_rows)`` for a ``source`` ``[Bm,1,R,N]`` from :func:`key_mask_source`:
+    ``keep`` boolean (True = attend), None without a mask; ``valid_rows[Bm,1,1]`` (the batch
+    rows that passed) for a float mask checked at run time, else None. The check goes before
+    the mask's first use, one per mask node, shared by every site reading it."""
     if source is None or not fake(source).dtype.is_floating_point:
         return source, None
     return _existing_check(source) or _insert_check(graph, site, source)
@@ -114,9 +130,9 @@ def _float_values(mask: Node) -> Node:
 
 
 def _insert_check(graph: Graph, site: AttentionSite, mask: Node) -> tuple[Node, Node]:
-    """Insert ``keep = mask == 0`` and the check that every entry of ``mask`` is 0 or drops
-    its key and every row keeps a key (see the comment above ``CHECK_MESSAGE``);
-    ``(keep, valid_rows)``."""
+    """Insert ``keep = mask == 0`` and the check that every entry of ``mask[Bm,1,R,N]`` is 0
+    or drops its key and each batch row's last query keeps a key (see the comment above
+    ``CHECK_MESSAGE``); ``(keep, valid_rows)``."""
     from macopt.passes.decode_rewrite import call  # decode_rewrite imports this module
 
     def op(target: object, *args: object) -> Node:
@@ -126,26 +142,30 @@ def _insert_check(graph: Graph, site: AttentionSite, mask: Node) -> tuple[Node, 
         keep = op(aten.eq.Scalar, mask, 0)
         dropped = op(aten.le.Scalar, mask, torch.finfo(fake(mask).dtype).min)  # -inf too, not NaN
         known = op(aten.logical_or.default, keep, dropped)
-        attends = op(aten.any.dim, keep, -1)
+        last_query = op(aten.slice.Tensor, keep, 2, -1)
+        attends = op(aten.any.dim, last_query, -1)
         # all(x) as not(any(not(x))): Inductor lowers any; all it decomposes before our pass.
-        all_known = op(aten.logical_not.default,
-                       op(aten.any.dim, op(aten.logical_not.default, known), -1))
+        unknown = op(aten.any.dim, op(aten.logical_not.default, known), -1)
+        all_known = op(aten.logical_not.default, op(aten.any.dim, unknown, -1, True))
         valid_rows = op(aten.logical_and.default, attends, all_known)
         every_row = op(aten.logical_not.default,
                        op(aten.any.default, op(aten.logical_not.default, valid_rows)))
         op(aten._assert_async.msg, every_row, CHECK_MESSAGE)
-    keep.meta[_CHECK_ROLE], attends.meta[_CHECK_ROLE] = "keep", "attends"
-    valid_rows.meta[_CHECK_ROLE] = "valid rows"
+    for role, node in zip(_CHECK_CHAIN, (keep, last_query, attends, valid_rows), strict=True):
+        node.meta[_CHECK_ROLE] = role
     return keep, valid_rows
 
 
 def _existing_check(mask: Node) -> tuple[Node, Node] | None:
     """``(keep, valid_rows)`` of a check :func:`_insert_check` already made for ``mask``."""
-    for keep in _with_role(mask.users, "keep"):
-        for attends in _with_role(keep.users, "attends"):
-            for valid_rows in _with_role(attends.users, "valid rows"):
-                return keep, valid_rows
-    return None
+    chain, node = [], mask
+    for role in _CHECK_CHAIN:
+        found = _with_role(node.users, role)
+        if not found:
+            return None
+        node = found[0]
+        chain.append(node)
+    return chain[0], chain[-1]
 
 
 def _with_role(nodes: Iterable[Node], role: str) -> list[Node]:

@@ -6,7 +6,9 @@ the graph, the site and the :class:`PrefillInputs` built here and returns a node
 tensor equal to the attention output, which replaces the output for its users. Returning a
 fresh tensor that the graph uses, rather than nothing, keeps dead-code elimination (FX's and
 Inductor's) from dropping the op: its effect on the per-site state is invisible to them.
-The attention values are untouched, so a prefill rewrite is exact.
+The attention values are untouched, so a prefill rewrite is exact. A float mask fed to the
+graph is checked at run time as at decode sites (:mod:`.masks`): rows that fail come out NaN
+where asserts are compiled out, rather than build state from a mask that is not a key mask.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from macopt.kernels.limits import MAX_GQA_GROUP, SUPPORTED_DTYPES, SUPPORTED_HEA
 from macopt.passes.decode_rewrite import call, size_arg
 from macopt.passes.graph_utils import aten, fake, static_int, statically_equals
 from macopt.passes.key_range import key_range
-from macopt.passes.masks import boolean_source
+from macopt.passes.masks import checked_key_mask, key_mask_source
 from macopt.passes.rope import RopeMatch, pre_rope_heads_dim
 from macopt.passes.sites import AttentionSite
 
@@ -39,6 +41,7 @@ class PrefillInputs:
     scale: float
     rope: RopeMatch | None
     site_id: int
+    valid_rows: Node | None = None  # [B or 1,1,1]: rows whose float mask passed a run-time check
 
 
 PrefillRewrite = Callable[[Graph, AttentionSite, PrefillInputs, object], Node]
@@ -83,14 +86,18 @@ def rewrite_prefill_site(
     with graph.inserting_before(site.output.next):
         inputs = _prefill_inputs(graph, site, rope, site_id)
         out = PREFILL_REWRITES[config.method](graph, site, inputs, config)
+        if inputs.valid_rows is not None:  # NaN where the mask check failed (masks.py: why)
+            rows = call(graph, aten.unsqueeze.default, (inputs.valid_rows, -1), site)
+            out = call(graph, aten.where.ScalarOther, (rows, out, math.nan), site)
     for user in users:
         user.replace_input_with(site.output, out)
     return out
 
 
 def _last_query_mask(site: AttentionSite) -> tuple[Node | None, str | None]:
-    """``(bool mask [Bm,1,Nq,Nk] or None, None)``, or ``(None, reason)``. No mask is fine only
-    for a causal site with as many queries as keys (SDPA aligns is_causal top-left)."""
+    """``(mask [Bm,1,Nq,Nk] or None, None)``, or ``(None, reason)``: boolean, or a float graph
+    input to check at run time (:func:`.masks.key_mask_source`). No mask is fine only for a
+    causal site with as many queries as keys (SDPA aligns is_causal top-left)."""
     if site.attn_mask is None:
         q_len, n_keys = fake(site.q).shape[2], fake(site.k).shape[2]
         if site.is_causal and statically_equals(q_len - n_keys, 0):
@@ -98,9 +105,9 @@ def _last_query_mask(site: AttentionSite) -> tuple[Node | None, str | None]:
         if site.is_causal:
             return None, "is_causal with fewer queries than keys (SDPA aligns it top-left)"
         return None, "no attention mask and not causal: not a causal prompt"
-    source = boolean_source(site.attn_mask)
+    source, reason = key_mask_source(site)
     if source is None:
-        return None, "additive float attention mask not provably 0/-inf (e.g. ALiBi or bias)"
+        return None, reason
     val = fake(source)
     if val.dim() != 4 or static_int(val.shape[1]) != 1:
         return None, f"attention mask of shape {tuple(val.shape)} (expected [B,1,Nq,Nk])"
@@ -113,7 +120,8 @@ def _prefill_inputs(
     graph: Graph, site: AttentionSite, rope: RopeMatch | None, site_id: int
 ) -> PrefillInputs:
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
-    mask, _ = _last_query_mask(site)
+    source, _ = _last_query_mask(site)
+    mask, valid_rows = checked_key_mask(graph, site, source)
     row_mask = None
     if mask is not None:
         # The last prompt query attends the row's whole prompt: [s0, end).
@@ -131,4 +139,5 @@ def _prefill_inputs(
         scale=site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim),
         rope=rope,
         site_id=site_id,
+        valid_rows=valid_rows,
     )

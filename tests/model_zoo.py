@@ -86,11 +86,11 @@ ZOO = {
                  2, 0, "partial-interleaved", 2),
         # GPT-J (interleaved partial RoPE) has no SDPA path in transformers 5.x: it keeps its
         # eager attention, which Inductor fuses into SDPA. generate() with a static cache builds
-        # the float mask before the compiled step: a graph input, checked at run time for
-        # stateless methods (passes/masks.py); stateful methods leave both sites.
+        # the float masks of the prefill and of each step before the model: graph inputs,
+        # checked at run time (passes/masks.py).
         ZooEntry("gptj", _hf("GPTJConfig", "GPTJForCausalLM", vocab_size=VOCAB, n_layer=2,
                              n_embd=256, n_head=4, rotary_dim=32, n_positions=256),
-                 2, 0, "partial-interleaved", 1, by_method={"mac": (0, 2), "topk_phi": (0, 2)}),
+                 2, 0, "partial-interleaved", 1),
         ZooEntry("gpt2", _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_layer=2,
                              n_embd=128, n_head=2, n_positions=256), 2, 0, None, 1),
         ZooEntry("nanogpt", _nanogpt, 2, 0, "complex", 2),

@@ -7,9 +7,9 @@ compiled step (Inductor, ``fullgraph=True``, static cache) builds its own 4-D ma
 is ``where(keep, 0, min)`` inside the graph. Under ``generate()`` with a static cache,
 transformers builds the float mask before the compiled step instead: it reaches the graph as an
 input whose values no graph op proves 0/-inf, so the rewrite checks them at run time
-(``passes/masks.py``; stateless methods only): a value that is neither 0 nor a masking value
-fails loudly. Plain modules' float mask inputs may be biases and stay skipped
-(``tests/test_passes_sites.py``).
+(``passes/masks.py``), at decode sites and at the prefill sites where stateful methods build
+their state: a value that is neither 0 nor a masking value fails loudly. Plain modules' float
+mask inputs may be biases and stay skipped (``tests/test_passes_sites.py``).
 """
 
 from __future__ import annotations
@@ -31,10 +31,17 @@ from transformers import StaticCache
 
 import macopt
 from macopt.passes import scope
-from macopt.passes._compat import CustomGraphPass, compile_fx, inductor_config, run_and_get_code
+from macopt.passes._compat import (
+    CustomGraphPass,
+    compile_fx,
+    dynamo,
+    inductor_config,
+    run_and_get_code,
+)
 from macopt.passes.manager import run_passes
 from macopt.passes.masks import CHECK_MESSAGE
 from macopt.passes.report import SiteReport
+from macopt.stats import Stats
 from tests.model_zoo import ZOO
 from tests.passes_harness import DECODE_STEPS, OP_CALL, Generation, generate, prompts
 
@@ -241,64 +248,91 @@ def test_attention_dropout_in_training_is_left_with_its_reason():
     assert report.decision == "skipped" and "attention dropout" in report.reason
 
 
-# generate() with a static cache: transformers builds the float mask before the compiled step,
-# so it is a graph input, checked at run time (passes/masks.py).
+# generate() with a static cache: transformers builds the float masks (prefill and decode)
+# before the model, so they are graph inputs, checked at run time (passes/masks.py).
 GENERATE_BATCHES = (1, 3)  # batch 3: rows 1 and 2 left-padded
 # Family -> the op found at its decode sites: Inductor fuses GPT-J's pattern, not Llama's.
 GENERATE_FAMILIES = {"gptj": SDPA_FUSED, "llama": "eager_softmax"}
+# MAC with tau = 1.0: nothing matches, so each step attends its whole context (exact tokens),
+# while the prefill still builds the ring from the checked mask.
+GENERATE_CONFIGS = {
+    "exact": macopt.ExactConfig(),
+    "mac": macopt.MACConfig(ring_size=16, offset=4, tau=1.0, t_min=0, batch_capacity=3),
+}
+DECODE_OP_CALLS = {"exact": OP_CALL, "mac": "torch.ops.macopt.mac_decode.default("}
 CHECK_FAILED = re.escape(CHECK_MESSAGE[:60])
 
 
 @dataclass
 class GenerateRun:
     reports: list[SiteReport]
+    stats: Stats
     optimized: dict[int, Generation]  # by batch size
     reference: dict[int, Generation]
 
+    def phase(self, phase: str) -> list[SiteReport]:
+        return [r for r in self.reports if r.phase == phase]
+
 
 @functools.cache
-def generate_run(name: str) -> GenerateRun:
-    """ExactConfig, eager attention, ``generate()`` with a static cache and the decode step
-    compiled by Inductor (``fullgraph=True``), against the unmodified model run eagerly."""
+def generate_run(name: str, method: str) -> GenerateRun:
+    """Eager attention, ``generate()`` with a static cache and the decode step compiled by
+    Inductor (``fullgraph=True``), against the unmodified model run eagerly."""
+    dynamo.reset()  # Hugging Face's decorators share code objects across runs: fresh limits
     reference = ZOO[name].build()
     reference.set_attn_implementation("eager")
     model = copy.deepcopy(reference)
-    macopt.optimize(model, macopt.ExactConfig())
+    macopt.optimize(model, GENERATE_CONFIGS[method])
     model.set_attn_implementation("eager")
     with no_fx_graph_cache():
         optimized = {b: generate(model, b, compiled=True) for b in GENERATE_BATCHES}
-    return GenerateRun([r for r in macopt.explain(model) if r.phase == "decode"], optimized,
+    return GenerateRun(list(macopt.explain(model)), macopt.stats(model), optimized,
                        {b: generate(reference, b, compiled=False) for b in GENERATE_BATCHES})
 
 
+@pytest.mark.parametrize("method", sorted(GENERATE_CONFIGS))
 @pytest.mark.parametrize("name", sorted(GENERATE_FAMILIES))
-def test_generate_float_mask_sites_are_rewritten(name):
-    reports = generate_run(name).reports
+def test_generate_float_mask_sites_are_rewritten(name, method):
+    reports = generate_run(name, method).phase("decode")
     assert [(r.op, r.decision) for r in reports] == [(GENERATE_FAMILIES[name], "rewritten")] * 2
 
 
 @pytest.mark.parametrize("name", sorted(GENERATE_FAMILIES))
+def test_generate_float_mask_prefill_sites_build_the_stateful_methods_state(name):
+    run = generate_run(name, "mac")
+    assert [r.decision for r in run.phase("prefill")] == ["rewritten"] * 2
+    assert len(run.stats) == 2
+    for layer in run.stats:  # one prefill per generate() call, then its decode steps
+        assert layer.prefills == len(GENERATE_BATCHES)
+        assert layer.decode_steps == (DECODE_STEPS - 1) * len(GENERATE_BATCHES)
+
+
+@pytest.mark.parametrize("method", sorted(GENERATE_CONFIGS))
+@pytest.mark.parametrize("name", sorted(GENERATE_FAMILIES))
 @pytest.mark.parametrize("batch", GENERATE_BATCHES)
-def test_generate_compiled_code_checks_the_mask_once_for_all_sites(name, batch):
+def test_generate_compiled_code_checks_the_mask_once_for_all_sites(name, method, batch):
     """Inductor keeps the check (a C++ throw on CPU, ``tl.device_assert`` in Triton); both
     sites read one mask, so they share one check."""
-    code = generate_run(name).optimized[batch].code
-    assert sum(c.count(OP_CALL) for c in code) == 2
+    code = generate_run(name, method).optimized[batch].code
+    assert sum(c.count(DECODE_OP_CALLS[method]) for c in code) == 2
     assert sum(c.count(CHECK_MESSAGE) for c in code) == 1
 
 
+@pytest.mark.parametrize("method", sorted(GENERATE_CONFIGS))
 @pytest.mark.parametrize("name", sorted(GENERATE_FAMILIES))
 @pytest.mark.parametrize("batch", GENERATE_BATCHES)
-def test_generate_float_mask_greedy_tokens_match_the_unmodified_model(name, batch):
-    run = generate_run(name)
+def test_generate_float_mask_greedy_tokens_match_the_unmodified_model(name, method, batch):
+    run = generate_run(name, method)
     got, want = run.optimized[batch], run.reference[batch]
     assert got.tokens.shape == (batch, DECODE_STEPS)
     assert torch.equal(got.tokens, want.tokens)
     torch.testing.assert_close(got.logits, want.logits, atol=2e-4, rtol=2e-4)
 
 
-# A 4-D float mask fed to the compiled step, as generate() feeds it: one decode step.
+# 4-D float masks fed to the compiled step, as generate() feeds them: one prefill, or one
+# decode step after an eager prefill.
 PROMPT_LEN = prompts(BATCH)[0].shape[1]
+NOTHING_MATCHES = GENERATE_CONFIGS["mac"]
 
 
 def float_key_mask() -> torch.Tensor:
@@ -311,6 +345,28 @@ def float_key_mask() -> torch.Tensor:
     mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
     mask[2, ..., :5] = float("-inf")
     return mask
+
+
+def float_prompt_mask() -> torch.Tensor:
+    """``[BATCH,1,PROMPT_LEN,CACHE_LEN]``, as transformers builds it: query i attends the
+    row's prompt keys up to i (0), ``finfo.min`` elsewhere, so the pad queries of the
+    left-padded rows mask every key."""
+    _, prompt_mask = prompts(BATCH)
+    prompt_keys = torch.zeros(BATCH, CACHE_LEN, dtype=torch.bool)
+    prompt_keys[:, :PROMPT_LEN] = prompt_mask.bool()
+    causal = torch.ones(PROMPT_LEN, CACHE_LEN, dtype=torch.bool).tril()
+    keep = causal & prompt_keys[:, None, None, :]
+    return torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+
+
+@torch.no_grad()
+def prefill_logits(model, step, mask: torch.Tensor) -> torch.Tensor:
+    """The prompt through ``step`` with the 4-D ``mask``, into a fresh static cache."""
+    ids, prompt_mask = prompts(BATCH)
+    cache = StaticCache(config=model.config, max_cache_len=CACHE_LEN)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    return step(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                position_ids=positions, cache_position=torch.arange(PROMPT_LEN)).logits
 
 
 @torch.no_grad()
@@ -329,12 +385,13 @@ def decode_step_logits(model, step, mask: torch.Tensor) -> torch.Tensor:
     return out.logits[:, -1]
 
 
-def eager_llama_pair(backend) -> tuple[torch.nn.Module, torch.nn.Module, object]:
+def eager_llama_pair(backend, config: object = GENERATE_CONFIGS["exact"]
+                     ) -> tuple[torch.nn.Module, torch.nn.Module, object]:
     """``(reference, optimized, compiled step of the optimized one)``, eager attention."""
     reference = ZOO["llama"].build()
     reference.set_attn_implementation("eager")
     model = copy.deepcopy(reference)
-    macopt.optimize(model, macopt.ExactConfig())
+    macopt.optimize(model, config)
     model.set_attn_implementation("eager")
     torch._dynamo.reset()
     return reference, model, torch.compile(model.forward, fullgraph=True, backend=backend)
@@ -380,51 +437,85 @@ def test_bias_fed_at_run_time_fails_loudly_under_inductor():
     assert done.returncode != 0 and re.search(CHECK_FAILED, done.stderr), done.stderr[-2000:]
 
 
+BAD_PROMPT_VALUES = {
+    "bias-at-an-earlier-query": lambda mask: mask[2, 0, 6, 6].fill_(-5.0),  # every query checked
+    "last-query-masked": lambda mask: mask[1, 0, -1].fill_(torch.finfo(torch.float32).min),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_PROMPT_VALUES))
+def test_prefill_mask_values_that_are_not_0_or_masking_fail_loudly(bad):
+    """A stateful method's prefill builds its state from the mask's key range: the check runs
+    there too, on every query (pad queries may mask every key, a row's last query may not)."""
+    reference, model, step = eager_llama_pair(macopt.backend(inductor=False), NOTHING_MATCHES)
+    mask = float_prompt_mask()
+    with no_fx_graph_cache():
+        got = prefill_logits(model, step, mask)
+    torch.testing.assert_close(got, prefill_logits(reference, reference.forward, mask),
+                               atol=1e-5, rtol=1e-5)
+    assert [(r.phase, r.decision) for r in macopt.explain(model)] == [("prefill", "rewritten")] * 2
+    assert [layer.prefills for layer in macopt.stats(model)] == [1, 1]
+    BAD_PROMPT_VALUES[bad](mask)
+    with pytest.raises(RuntimeError, match=CHECK_FAILED):
+        prefill_logits(model, step, mask)
+
+
 class PassesWithoutAsserts(CustomGraphPass):
     """macopt's passes, then their run-time asserts erased, as Triton compiles them without
     debug (``assert_indirect_indexing=False``, ROCm)."""
 
-    erased = 0
+    def __init__(self):
+        self.erased = 0
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         run_passes(graph)
         for node in graph.find_nodes(op="call_function",
                                      target=torch.ops.aten._assert_async.msg):
             graph.erase_node(node)
-            PassesWithoutAsserts.erased += 1
+            self.erased += 1
 
     def uuid(self) -> None:
         return None
 
 
-def test_rows_failing_the_check_are_nan_where_asserts_are_compiled_out():
+def without_asserts(config: object) -> tuple[torch.nn.Module, torch.nn.Module, object,
+                                             PassesWithoutAsserts]:
+    """:func:`eager_llama_pair` compiled by Inductor with the run-time asserts erased."""
+    passes = PassesWithoutAsserts()
     backend = functools.partial(
-        compile_fx, config_patches={"post_grad_custom_post_pass": PassesWithoutAsserts()})
-    reference, model, step = eager_llama_pair(backend)
+        compile_fx, config_patches={"post_grad_custom_post_pass": passes})
+    return (*eager_llama_pair(backend, config), passes)
+
+
+def test_rows_failing_the_check_are_nan_where_asserts_are_compiled_out():
+    reference, model, step, passes = without_asserts(GENERATE_CONFIGS["exact"])
     mask = float_key_mask()
     BAD_VALUES["alibi-like-bias"](mask)  # row 2
     got = decode_step_logits(model, step, mask)
     want = decode_step_logits(reference, reference.forward, mask)
-    assert PassesWithoutAsserts.erased == 1
+    assert passes.erased == 1
     assert got[2].isnan().all()
     torch.testing.assert_close(got[:2], want[:2], atol=1e-5, rtol=1e-5)
 
 
-def test_stateful_methods_leave_float_mask_input_sites_with_their_reason():
-    """Their prefill state builders read only masks proven inside the graph, so the decode
-    op would read state no prefill reset: such decode sites stay as written."""
-    reference = ZOO["llama"].build()
-    reference.set_attn_implementation("eager")
-    model = copy.deepcopy(reference)
-    macopt.optimize(model, macopt.MACConfig(tau=1.0, t_min=0, batch_capacity=BATCH))
-    model.set_attn_implementation("eager")
-    torch._dynamo.reset()
-    step = torch.compile(model.forward, fullgraph=True, backend=macopt.backend(inductor=False))
+def test_prefill_rows_failing_the_check_are_nan_where_asserts_are_compiled_out():
+    reference, model, step, passes = without_asserts(NOTHING_MATCHES)
+    mask = float_prompt_mask()
+    BAD_PROMPT_VALUES["bias-at-an-earlier-query"](mask)  # row 2
+    with no_fx_graph_cache():
+        got = prefill_logits(model, step, mask)
+    want = prefill_logits(reference, reference.forward, mask)
+    assert passes.erased == 1
+    assert got[2].isnan().all()
+    torch.testing.assert_close(got[:2], want[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_stateful_methods_rewrite_float_mask_input_decode_sites():
+    reference, model, step = eager_llama_pair(macopt.backend(inductor=False), NOTHING_MATCHES)
     mask = float_key_mask()
     with no_fx_graph_cache():
         got = decode_step_logits(model, step, mask)
     decode = [r for r in macopt.explain(model) if r.phase == "decode"]
-    assert [r.decision for r in decode] == ["skipped"] * 2
-    assert all("stateless methods only" in r.reason for r in decode)
+    assert [(r.method, r.decision) for r in decode] == [("mac", "rewritten")] * 2
     torch.testing.assert_close(got, decode_step_logits(reference, reference.forward, mask),
                                atol=1e-5, rtol=1e-5)

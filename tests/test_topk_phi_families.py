@@ -22,7 +22,7 @@ import macopt
 from tests.model_zoo import ZOO
 from tests.passes_harness import DECODE_STEPS, _fresh_compiles, generate
 
-FAMILIES = ("llama", "qwen3", "gpt_neox")
+FAMILIES = ("llama", "qwen3", "gpt_neox", "gptj")  # GPT-J: float mask inputs, checked
 BATCHES = (1, 3)
 
 
