@@ -103,8 +103,7 @@ def decode_skip_reason(site: AttentionSite, rope: RopeMatch | None, config: obje
         return "the pre-RoPE query is neither [B,Hq,S,D] nor [B,S,Hq,D]"
     if config.method not in DECODE_REWRITES:
         return f"no decode rewrite registered for method {config.method!r}"
-    stateless = not getattr(config, "keeps_state", False)
-    _, mask_reason = boolean_key_mask(site, run_time_check=stateless)
+    _, mask_reason = boolean_key_mask(site)
     return mask_reason
 
 

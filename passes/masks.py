@@ -72,11 +72,10 @@ def key_mask_source(site: AttentionSite) -> tuple[Node | None, str | None]:
     return source, None
 
 
-def boolean_key_mask(site: AttentionSite, run_time_check: bool = True
-                     ) -> tuple[Node | None, str | None]:
+def boolean_key_mask(site: AttentionSite) -> tuple[Node | None, str | None]:
     """:func:`key_mask_source` for a decode site: ``(mask node [Bm,1,1,N] or None, None)``, or
-    ``(None, reason)`` when unusable. ``run_time_check`` changes nothing: float masks are
-    checked for every method (decode_rewrite.py still passes it)."""
+    ``(None, reason)`` when unusable (float input masks are checked at run time for every
+    method)."""
     source, reason = key_mask_source(site)
     if source is None:
         return None, reason
