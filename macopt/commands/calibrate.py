@@ -76,6 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help=f"teacher-forced decode steps per window (default {mac.decode})")
     group.add_argument("--families", default=",".join(mac.families),
                        help="per_layer and/or global (comma-separated)")
+    group.add_argument("--shares", default=",".join(f"{x:g}" for x in mac.shares),
+                       help="hit shares whose radii are tried per layer (comma-separated, "
+                       "in (0, 1)); a finer grid gives the allocation more choices")
     group.add_argument("--t-min", type=int, default=MACConfig().t_min)
     group.add_argument("--ring-size", type=int, default=MACConfig().ring_size)
     group.add_argument("--offset", type=int, default=MACConfig().offset)
@@ -150,6 +153,7 @@ def calibrate_mac(args: argparse.Namespace, console) -> Path:
     base = MACConfig(ring_size=args.ring_size, offset=args.offset, t_min=args.t_min)
     settings = MACCalibration(target=args.target, prefill=prefill, decode=args.decode,
                               families=tuple(f.strip() for f in args.families.split(",")),
+                              shares=tuple(float(x) for x in args.shares.split(",")),
                               base=base)
     files = expand(args.text)
     ids = tokenizer(read_text(files), return_tensors="pt")["input_ids"][0]
