@@ -164,7 +164,11 @@ def any_stateful_tag() -> bool:
 
 
 def record(module_id: int, report: SiteReport) -> None:
-    """Keep the latest report per (layer, phase, query length) of a module (by id)."""
+    """Keep the latest report per (layer, phase, query length) of a module (by id), for as
+    long as that module lives: a dead module's id may be reused by any new object, which must
+    not inherit its reports (an untagged module's are otherwise never dropped)."""
+    if site_id_for(module_id) is None:  # no live module has this id: nothing to report on
+        return
     _REPORTS.setdefault(module_id, {})[(report.layer, report.phase, report.query_len)] = report
 
 
