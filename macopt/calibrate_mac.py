@@ -18,6 +18,11 @@ The method (a loss-targeted search on calibration text):
    pre-RoPE queries (what MAC's match step computes).
 3. **Candidates.** A radius below which a share ``s`` of a layer's distances fall (a
    quantile) becomes ``tau = 1 - sqrt(radius / 2D)``; the share is about the hit rate it gives.
+   Each radius is tried at every candidate offset ``S`` (``offsets``; default: the base's
+   alone). ``S`` does not change which steps hit (distances are between queries) but what a
+   hit costs and risks: it reuses the matched query's state over all but its ``S`` most
+   recent keys and reads about ``S + (t - j*)`` keys exactly, so a larger ``S`` keeps more of
+   the recent keys, where local heads put their mass, exact, for more reads per hit.
 4. **Quality of a setting.** MAC is simulated on the decode steps: the ring starts as the
    prefill writes it (exact entries of the last ``ring_size`` prompt positions) and each layer
    runs the MAC step (match, amend, complete, ring write, chain depth: the math of
@@ -27,21 +32,24 @@ The method (a loss-targeted search on calibration text):
    The loss is the mean ``KL(exact || MAC)`` of the decode steps' next-token distributions:
    the expected log-perplexity increase when text follows the model, with far less variance
    than the perplexity of a few hundred tokens (which is measured and reported as well).
-5. **Search** (``per_layer``, the default): each layer alone under MAC at every share (the
-   other layers exact) gives a curve of (keys read, KL) per layer; KL is close to additive
-   over layers at these sizes, so the per-layer shares are allocated by a Lagrangian sweep
-   (per layer, minimise ``read + lambda * KL``) to read the fewest keys with the summed KL
-   within ``log(1 + target)``, then the combination is measured with every layer under MAC.
+5. **Search** (``per_layer``, the default): each layer alone under MAC at every (offset,
+   share) pair (the other layers exact) gives a set of (keys read, KL) options per layer; KL
+   is close to additive over layers at these sizes, so the per-layer (offset, tau) options
+   are allocated by a Lagrangian sweep (per layer, minimise ``read + lambda * KL``) to read
+   the fewest keys with the summed KL within ``log(1 + target)``, then the combination is
+   measured with every layer under MAC.
    If it is over target the budget shrinks in proportion and the allocation repeats
    (``refine`` times). A layer whose best option is "never match" gets ``tau = 1.0``.
-   ``global`` (one tau for all layers, the paper's setting) tries shares from strict to loose
-   until the target is exceeded, then bisects ``refine`` times. With both, the one reading
-   fewer keys within target wins; if nothing is within target, ``tau = 1.0`` (exact).
+   ``global`` (one tau for all layers at the base offset, the paper's setting) tries shares
+   from strict to loose until the target is exceeded, then bisects ``refine`` times. With
+   both, the one reading fewer keys within target wins; if nothing is within target,
+   ``tau = 1.0`` (exact).
 
 The result is a JSON file (:func:`write_result`) that ``macopt patch --config``, ``macopt eval
 --methods mac:FILE`` and :func:`load_result` read: ``{"config": MACConfig.to_dict(),
 "overrides": {attention module: MACConfig.to_dict()}, "calibration": {settings, the chosen
-setting, every setting measured}}``.
+setting, every setting measured}}``; a per-layer setting's overrides carry each layer's tau
+and offset.
 
 >>> result = calibrate_mac(model, windows, MACCalibration(target=0.005))  # doctest: +SKIP
 >>> write_result(result, "mac_calibrated.json")                          # doctest: +SKIP
@@ -56,7 +64,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -83,8 +91,10 @@ class MACCalibration:
     """What to search and on how much text.
 
     ``target``: largest expected decode-step perplexity increase accepted (0.005: +0.5%).
-    ``base``: ring size, offset, ``t_min``, sinks and chain depth are kept; only ``tau`` is
-    chosen. ``prefill`` must reach ``base.t_min`` for any decode step to match.
+    ``base``: ring size, ``t_min``, sinks and chain depth are kept; ``tau`` is chosen, and per
+    layer also the offset, among ``offsets`` (None: ``(base.offset,)``, tau alone; the
+    ``global`` family always uses ``base.offset``). ``prefill`` must reach ``base.t_min`` for
+    any decode step to match.
     """
 
     target: float = 0.005
@@ -94,6 +104,7 @@ class MACCalibration:
     refine: int = 2
     families: tuple[str, ...] = ("per_layer",)
     base: MACConfig = field(default_factory=MACConfig)
+    offsets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.prefill < self.base.t_min:
@@ -106,6 +117,21 @@ class MACCalibration:
         if not self.shares or not all(0.0 < x < 1.0 for x in self.shares):
             raise ValueError(f"MACCalibration.shares: expected values in (0, 1), "
                              f"got {self.shares}")
+        offsets = (self.base.offset,) if self.offsets is None else tuple(self.offsets)
+        if not offsets:
+            raise ValueError("MACCalibration.offsets: expected at least one offset, got ()")
+        for offset in offsets:  # each must make a valid MACConfig (an int >= 0)
+            try:
+                dataclasses.replace(self.base, offset=offset)
+            except ValueError as err:
+                raise ValueError(f"MACCalibration.offsets: {err}") from None
+        object.__setattr__(self, "offsets", tuple(sorted(set(offsets))))
+
+    @property
+    def ring_offsets(self) -> tuple[int, ...]:
+        """The offsets whose prefill rings the search needs (``global`` uses the base's)."""
+        extra = (self.base.offset,) if "global" in self.families else ()
+        return tuple(sorted(set(self.offsets) | set(extra)))
 
     @property
     def kl_budget(self) -> float:
@@ -117,7 +143,7 @@ class _Window:
     """One calibration window after its exact run."""
 
     cache: Any  # the prefill's DynamicCache (cropped back to the prefill after each run)
-    rings: dict[int, MACRing]  # per layer: the ring the prefill writes
+    rings: dict[int, dict[int, MACRing]]  # per offset S, per layer: the prefill's ring
     chunk: Tensor  # [1, decode] decode-step input ids
     targets: Tensor  # [decode] the tokens they predict
     exact_logp: Tensor  # [decode, vocab] fp32 log-probabilities of the exact decode steps
@@ -127,11 +153,12 @@ class _Window:
 
 @dataclass
 class Setting:
-    """One measured setting: a tau per attention module and what it cost."""
+    """One measured setting: a tau and an offset per attention module and what it cost."""
 
     kind: str  # "global", "per_layer" (a combination), or "layer" (one layer alone)
     taus: dict[str, float]  # attention module name -> tau (1.0: never match)
     share: float | None = None  # the quantile the taus came from (global, layer)
+    offsets: dict[str, int] = field(default_factory=dict)  # module -> S (absent: base's)
     kl: float = math.nan  # mean KL(exact || MAC) of the decode steps' next-token distributions
     ppl_ratio: float = math.nan  # measured decode-step perplexity ratio
     hit_rate: float = math.nan  # over every layer's decode steps past t_min
@@ -141,7 +168,8 @@ class Setting:
     within: bool = False  # exp(kl) - 1 <= the calibration's target
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "share": self.share, "taus": self.taus, "kl": self.kl,
+        return {"kind": self.kind, "share": self.share, "taus": self.taus,
+                "offsets": self.offsets, "kl": self.kl,
                 "expected_ppl_ratio": math.exp(self.kl), "ppl_ratio": self.ppl_ratio,
                 "hit_rate": self.hit_rate, "read_fraction": self.read_fraction,
                 "layer_hit_rates": self.layer_hit_rates,
@@ -250,8 +278,9 @@ class _MACAttention:
         self.steps: dict[int, int] = {}
 
     def __call__(self, call: AttentionCall, sdpa: Callable[[], Tensor]) -> Tensor:
-        config, ring = self.configs[call.layer], self.rings[call.layer]
+        config = self.configs[call.layer]
         q_heads, exact = call.q.shape[1], config.tau >= 1.0  # tau 1: nothing ever matches
+        ring = None if exact else self.rings[call.layer]
         outputs = []
         for i in range(call.q.shape[2]):
             t = self.start + i
@@ -309,7 +338,11 @@ def exact_window(model: torch.nn.Module, ids: Tensor, settings: MACCalibration) 
     with AttentionTap(model) as tap:
         model(ids[None, :p], past_key_values=cache, use_cache=True)
     prefill_calls = {c.layer: c for c in tap.calls}
-    rings = {layer: prefill_ring(call, settings.base) for layer, call in prefill_calls.items()}
+    # The entries cover [0, E(p)), which moves with S; the nearest distances below do not.
+    rings = {offset: {layer: prefill_ring(call, dataclasses.replace(settings.base,
+                                                                    offset=offset))
+                      for layer, call in prefill_calls.items()}
+             for offset in settings.ring_offsets}
     chunk, targets = ids[None, p:p + d], ids[p + 1:p + d + 1]
     with AttentionTap(model) as tap:
         logits = model(chunk, past_key_values=cache, use_cache=True).logits
@@ -349,8 +382,10 @@ def radius_for_share(distances: Tensor, share: float) -> float:
 def simulate_decode(model: torch.nn.Module, window: _Window, configs: dict[int, MACConfig],
                     prefill: int) -> tuple[Tensor, _MACAttention]:
     """The decode steps of ``window`` under MAC (``configs``: per layer): their logits
-    ``[1, decode, vocab]`` and the attention object holding the hit and key counts."""
-    rings = {layer: ring.clone() for layer, ring in window.rings.items()}
+    ``[1, decode, vocab]`` and the attention object holding the hit and key counts. A layer
+    that can match starts from the prefill ring of its config's offset."""
+    rings = {layer: window.rings[config.offset][layer].clone()
+             for layer, config in configs.items() if config.tau < 1.0}
     attention = _MACAttention(rings, configs, prefill)
     with AttentionTap(model, attend=attention, keep=False):
         logits = model(window.chunk, past_key_values=window.cache, use_cache=True).logits
@@ -363,7 +398,9 @@ def measure(model: torch.nn.Module, windows: Sequence[_Window], setting: Setting
     """Fill ``setting``'s KL, perplexity ratio, hit rates and read fractions over
     ``windows``; within target when ``exp(kl) - 1 <= settings.target``."""
     names = windows[0].names
-    configs = {layer: dataclasses.replace(settings.base, tau=setting.taus[name])
+    base = settings.base
+    configs = {layer: dataclasses.replace(base, tau=setting.taus[name],
+                                          offset=setting.offsets.get(name, base.offset))
                for layer, name in names.items()}
     kl, nll_gap = [], []
     totals: dict[str, dict[int, int]] = {"hits": {}, "read": {}, "full": {}, "steps": {}}
@@ -395,7 +432,8 @@ class _Search:
                  tick: Progress):
         self.model, self.windows, self.settings, self.tick = model, windows, settings, tick
         self.names = windows[0].names
-        self.head_dim = next(iter(windows[0].rings.values())).q.shape[-1]
+        some_rings = next(iter(windows[0].rings.values()))
+        self.head_dim = next(iter(some_rings.values())).q.shape[-1]
         self.distances = {layer: torch.cat([w.distances[layer] for w in windows], dim=1)
                           for layer in self.names}
         self.measured: list[Setting] = []
@@ -418,7 +456,9 @@ class _Search:
         """One tau for every layer: shares strict to loose, then bisection."""
         def run(share: float) -> Setting:
             tau = self.tau(None, share)
-            return self.run(Setting("global", {n: tau for n in self.names.values()}, share),
+            names = self.names.values()
+            return self.run(Setting("global", dict.fromkeys(names, tau), share,
+                                    dict.fromkeys(names, self.settings.base.offset)),
                             f"global tau {tau:.3f}")
 
         best, failed = None, None
@@ -434,23 +474,33 @@ class _Search:
         return best
 
     def per_layer(self) -> Setting | None:
-        """Per-layer curves, a Lagrangian allocation, then the combination verified."""
-        exact = {name: 1.0 for name in self.names.values()}
-        curves: dict[int, list[tuple[float, float, float]]] = {
-            layer: [(1.0, 1.0, 0.0)] for layer in self.names}  # (tau, keys read, KL)
+        """Per-layer options, a Lagrangian allocation, then the combination verified."""
+        base_offset = self.settings.base.offset
+        exact = dict.fromkeys(self.names.values(), 1.0)
+        exact_offsets = dict.fromkeys(self.names.values(), base_offset)
+        # Per layer, first "never match" (its offset does not matter), then every measured one.
+        curves = {layer: [_Option(1.0, base_offset, 1.0, 0.0)] for layer in self.names}
         for share in sorted(self.settings.shares):
-            for layer, name in self.names.items():
-                tau = self.tau(layer, share)
-                setting = self.run(Setting("layer", {**exact, name: tau}, share),
-                                   f"layer {layer} tau {tau:.3f}", layer)
-                curves[layer].append((tau, setting.layer_read_fractions[layer], setting.kl))
+            for offset in self.settings.offsets:
+                for layer, name in self.names.items():
+                    tau = self.tau(layer, share)
+                    setting = self.run(Setting("layer", {**exact, name: tau}, share,
+                                               {**exact_offsets, name: offset}),
+                                       f"layer {layer} S {offset} tau {tau:.3f}", layer)
+                    curves[layer].append(_Option(tau, offset,
+                                                 setting.layer_read_fractions[layer],
+                                                 setting.kl))
         budget, best, tried = self.settings.kl_budget, None, []
         for _ in range(1 + self.settings.refine):
-            taus = {self.names[layer]: tau for layer, tau in _allocate(curves, budget).items()}
-            if taus in tried:
+            picked = {self.names[layer]: option
+                      for layer, option in _allocate(curves, budget).items()}
+            taus = {name: option.tau for name, option in picked.items()}
+            offsets = {name: option.offset for name, option in picked.items()}
+            if (taus, offsets) in tried:
                 break
-            tried.append(taus)
-            setting = self.run(Setting("per_layer", taus), "per-layer combination")
+            tried.append((taus, offsets))
+            setting = self.run(Setting("per_layer", taus, offsets=offsets),
+                               "per-layer combination")
             if setting.within and (best is None or _better(setting, best)):
                 best = setting
             # Layers interact a little: rescale the budget by how far the sum predicted off.
@@ -458,17 +508,25 @@ class _Search:
         return best
 
 
-def _allocate(curves: dict[int, list[tuple[float, float, float]]], budget: float
-              ) -> dict[int, float]:
-    """Per layer, the option (tau, keys read, KL) minimising ``read + lambda * KL``, for the
-    smallest ``lambda`` whose summed KL fits ``budget`` (the exact option has KL 0, so the
-    sweep's largest ``lambda`` always fits)."""
+class _Option(NamedTuple):
+    """One layer alone under MAC at one (tau, offset): what it read and cost."""
+
+    tau: float
+    offset: int
+    read: float  # the layer's keys read / full attention's
+    kl: float
+
+
+def _allocate(curves: dict[int, list[_Option]], budget: float) -> dict[int, _Option]:
+    """Per layer, the option minimising ``read + lambda * KL``, for the smallest ``lambda``
+    whose summed KL fits ``budget`` (the exact option has KL 0, so the sweep's largest
+    ``lambda`` always fits); when nothing fits, each layer's first option ("never match")."""
     for lam in (10.0 ** (e / 4) for e in range(-8, 41)):
-        chosen = {layer: min(options, key=lambda o: o[1] + lam * o[2])
+        chosen = {layer: min(options, key=lambda o: o.read + lam * o.kl)
                   for layer, options in curves.items()}
-        if sum(o[2] for o in chosen.values()) <= budget:
-            return {layer: o[0] for layer, o in chosen.items()}
-    return {layer: 1.0 for layer in curves}
+        if sum(o.kl for o in chosen.values()) <= budget:
+            return chosen
+    return {layer: options[0] for layer, options in curves.items()}
 
 
 def _better(a: Setting, b: Setting) -> bool:
@@ -480,7 +538,7 @@ def search_steps(settings: MACCalibration, layers: int) -> int:
     """At most how many settings :func:`calibrate_mac` measures (a progress bar's total)."""
     steps = 0
     if "per_layer" in settings.families:
-        steps += len(settings.shares) * layers + 1 + settings.refine
+        steps += len(settings.shares) * len(settings.offsets) * layers + 1 + settings.refine
     if "global" in settings.families:
         steps += len(settings.shares) + settings.refine
     return steps
@@ -514,7 +572,8 @@ def calibrate_mac(model: torch.nn.Module, windows: Sequence[Tensor],
         "method": "loss-targeted tau search (macopt.calibrate_mac)",
         "target_ppl_increase": settings.target, "loss": "mean KL(exact || MAC), decode steps",
         "prefill": settings.prefill, "decode": settings.decode, "windows": len(runs),
-        "shares": list(settings.shares), "refine": settings.refine,
+        "shares": list(settings.shares), "offsets": list(settings.offsets),
+        "refine": settings.refine,
         "families": list(settings.families),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -523,15 +582,19 @@ def calibrate_mac(model: torch.nn.Module, windows: Sequence[Tensor],
 
 
 def _configs(chosen: Setting | None, base: MACConfig) -> tuple[MACConfig, dict[str, MACConfig]]:
-    """The written configs: one tau, or the strictest as the base and one override per
-    layer; ``tau = 1.0`` (never match) when nothing met the target."""
+    """The written configs: one (tau, offset), or the strictest tau at the base offset as the
+    base and one override per layer with its tau and offset; ``tau = 1.0`` (never match) when
+    nothing met the target."""
     if chosen is None:
         return dataclasses.replace(base, tau=1.0), {}
-    taus = chosen.taus
-    if len(set(taus.values())) == 1:
-        return dataclasses.replace(base, tau=next(iter(taus.values()))), {}
-    strictest = dataclasses.replace(base, tau=max(taus.values()))
-    return strictest, {name: dataclasses.replace(base, tau=tau) for name, tau in taus.items()}
+    pairs = {name: (tau, chosen.offsets.get(name, base.offset))
+             for name, tau in chosen.taus.items()}
+    if len(set(pairs.values())) == 1:
+        tau, offset = next(iter(pairs.values()))
+        return dataclasses.replace(base, tau=tau, offset=offset), {}
+    strictest = dataclasses.replace(base, tau=max(chosen.taus.values()))
+    return strictest, {name: dataclasses.replace(base, tau=tau, offset=offset)
+                       for name, (tau, offset) in pairs.items()}
 
 
 # --- files -----------------------------------------------------------------------------------

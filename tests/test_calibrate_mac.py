@@ -3,6 +3,7 @@ path's decode; the search writes a config the rest of macopt reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from macopt.calibrate_mac import (
     load_result,
     mac_step,
     prefill_ring,
+    search_steps,
     simulate_decode,
     tau_for_radius,
     write_result,
@@ -76,20 +78,27 @@ def model() -> torch.nn.Module:
     return ZOO["llama"].build()
 
 
-def test_simulated_decode_is_the_compiled_paths_decode(model):
+@pytest.mark.parametrize("layer_offsets", [None, (2, 9)])
+def test_simulated_decode_is_the_compiled_paths_decode(model, layer_offsets):
     """Teacher-forced MAC decode steps of the optimized model (eager backend, reference ops)
-    and the simulation from one exact prefill give the same logits, hits and keys read.
+    and the simulation from one exact prefill give the same logits, hits and keys read; with
+    per-layer offsets too (module overrides, as a calibration with ``offsets`` writes them).
 
     No token repeats: a first layer's pre-RoPE query depends on the token alone, so repeats
     tie at distance 0, and which of them is "nearest" then depends on the last bits of two
     differently computed projections (both choices are valid MAC)."""
     ids = torch.randperm(200, generator=torch.Generator().manual_seed(2))[:81]
     config = macopt.MACConfig(ring_size=16, offset=4, tau=0.2, t_min=0)
-    settings = MACCalibration(prefill=64, decode=16, base=config)
+    settings = MACCalibration(prefill=64, decode=16, base=config, offsets=layer_offsets)
     window = exact_window(model, ids, settings)
     configs = dict.fromkeys(window.names, config)
+    overrides = None
+    if layer_offsets is not None:
+        configs = {layer: dataclasses.replace(config, offset=offset)
+                   for layer, offset in zip(sorted(window.names), layer_offsets, strict=True)}
+        overrides = {window.names[layer]: c for layer, c in configs.items()}
     logits, attention = simulate_decode(model, window, configs, 64)
-    optimized = _prepare(model, Method("mac", config))
+    optimized = _prepare(model, Method("mac", config, overrides))
     meter = _KeyMeter(optimized, config, 96)
     with torch.no_grad():
         compiled = _Runner(optimized, _Cache(optimized, 96, "cpu"), meter, "cpu").forward(
@@ -123,6 +132,51 @@ def test_calibration_writes_a_config_that_loads(model, tmp_path):
         taus = {name: overrides.get(name, config).tau for name in chosen["taus"]}
         assert taus == pytest.approx(chosen["taus"])
     assert config.ring_size == 16 and config.t_min == 64
+    # No offsets given: tau alone is searched, everything at the base offset, as before.
+    assert settings.offsets == (4,) and data["calibration"]["offsets"] == [4]
+    assert len([m for m in measured if m["kind"] == "layer"]) == 2 * 2  # shares x layers
+    assert {s for m in measured for s in m["offsets"].values()} == {4}
+    assert config.offset == 4 and {c.offset for c in overrides.values()} <= {4}
+    assert len(seen) == 2 + len(measured) <= 2 + search_steps(settings, 2)
+
+
+def test_offset_search_chooses_per_layer_offsets_that_load_back(model, tmp_path):
+    windows = [torch.randint(0, 200, (97,), generator=torch.Generator().manual_seed(s))
+               for s in range(2)]
+    settings = MACCalibration(prefill=80, decode=16, shares=(0.3, 0.9), refine=1,
+                              offsets=(8, 2, 8),
+                              base=macopt.MACConfig(ring_size=16, offset=4, t_min=64))
+    assert settings.offsets == (2, 8)  # sorted, once each
+    result = calibrate_mac(model, windows, settings)
+    data = json.loads(write_result(result, tmp_path / "mac.json").read_text())
+    assert data["calibration"]["offsets"] == [2, 8]
+    layers = [m for m in data["calibration"]["measured"] if m["kind"] == "layer"]
+    assert len(layers) == 2 * 2 * 2  # shares x offsets x layers
+    # Every (layer, share) was measured at both offsets: a larger S reads more keys.
+    reads = {}
+    for m in layers:
+        layer = next(i for i, tau in enumerate(m["taus"].values()) if tau < 1.0)
+        name = list(m["taus"])[layer]
+        reads[layer, m["share"], m["offsets"][name]] = m["layer_read_fractions"][layer]
+    assert len(reads) == 8
+    for layer in (0, 1):
+        for share in (0.3, 0.9):
+            assert reads[layer, share, 2] < reads[layer, share, 8]
+    chosen = data["calibration"]["chosen"]
+    assert chosen is not None and chosen["kind"] == "per_layer" and chosen["within_target"]
+    matching = [name for name, tau in chosen["taus"].items() if tau < 1.0]
+    assert matching and {chosen["offsets"][name] for name in matching} <= {2, 8}
+    config, overrides = load_result(tmp_path / "mac.json")
+    loaded = {name: overrides.get(name, config) for name in chosen["taus"]}
+    assert {n: c.offset for n, c in loaded.items()} == chosen["offsets"]
+    assert {n: c.tau for n, c in loaded.items()} == pytest.approx(chosen["taus"])
+    assert all(c.ring_size == 16 and c.t_min == 64 for c in loaded.values())
+
+
+@pytest.mark.parametrize("offsets", [(), (-1,), (2.5,), (True,), ("8",)])
+def test_offsets_must_be_valid_mac_offsets(offsets):
+    with pytest.raises(ValueError, match="MACCalibration.offsets"):
+        MACCalibration(prefill=80, base=macopt.MACConfig(t_min=64), offsets=offsets)
 
 
 def test_nothing_within_target_writes_tau_one(model):

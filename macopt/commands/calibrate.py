@@ -5,12 +5,13 @@
 interrupted runs resume from the checkpoint file (``--checkpoint``, default: the output path +
 ``.ckpt``).
 
-``mac`` chooses MAC's threshold tau (per layer by default) for a target quality loss
-(:mod:`macopt.calibrate_mac`: the method, step by step): the fewest keys read whose decode
-steps' expected perplexity increase, ``exp(KL(exact || MAC)) - 1``, stays within ``--target``
-(default 0.005) on the text. It writes a config file (default ``MODEL/mac_calibrated.json``)
-that ``macopt patch --config`` and ``macopt eval --methods mac:FILE`` read. Calibrate on text
-like the model's training text and *not* on the text you evaluate on.
+``mac`` chooses MAC's threshold tau (per layer by default; with ``--offsets``, each layer's
+offset S too) for a target quality loss (:mod:`macopt.calibrate_mac`: the method, step by
+step): the fewest keys read whose decode steps' expected perplexity increase,
+``exp(KL(exact || MAC)) - 1``, stays within ``--target`` (default 0.005) on the text. It
+writes a config file (default ``MODEL/mac_calibrated.json``) that ``macopt patch --config``
+and ``macopt eval --methods mac:FILE`` read. Calibrate on text like the model's training text
+and *not* on the text you evaluate on.
 
 MODEL is a local directory with weights and a tokenizer (default: the tiny model of the source
 checkout, ``examples/tiny-lm``); nothing downloads. ``--text`` takes files (``.gz`` too) or
@@ -81,7 +82,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        "in (0, 1)); a finer grid gives the allocation more choices")
     group.add_argument("--t-min", type=int, default=MACConfig().t_min)
     group.add_argument("--ring-size", type=int, default=MACConfig().ring_size)
-    group.add_argument("--offset", type=int, default=MACConfig().offset)
+    group.add_argument("--offset", type=int, default=MACConfig().offset,
+                       help="offset S (the most recent keys a hit recomputes; the global "
+                       "family's, and the per-layer one when --offsets is not given)")
+    group.add_argument("--offsets", default=None,
+                       help="offsets S tried per layer with each share (comma-separated ints "
+                       ">= 0, e.g. 128,256,1024; default: --offset alone)")
     parser.set_defaults(func=run)
 
 
@@ -151,10 +157,11 @@ def calibrate_mac(args: argparse.Namespace, console) -> Path:
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 8192)
     prefill = args.prefill or min(context, 8192) - args.decode - 1
     base = MACConfig(ring_size=args.ring_size, offset=args.offset, t_min=args.t_min)
+    offsets = None if args.offsets is None else tuple(int(x) for x in args.offsets.split(","))
     settings = MACCalibration(target=args.target, prefill=prefill, decode=args.decode,
                               families=tuple(f.strip() for f in args.families.split(",")),
                               shares=tuple(float(x) for x in args.shares.split(",")),
-                              base=base)
+                              base=base, offsets=offsets)
     files = expand(args.text)
     ids = tokenizer(read_text(files), return_tensors="pt")["input_ids"][0]
     windows = spread_windows(ids, prefill + args.decode + 1, args.sequences)
@@ -182,9 +189,10 @@ def calibrate_mac(args: argparse.Namespace, console) -> Path:
         console.print(f"[yellow]no setting met the target {args.target}: wrote tau = 1.0 "
                       "(never match)[/yellow]")
     else:
-        console.print(json.dumps({k: chosen[k] for k in ("kind", "taus", "expected_ppl_ratio",
-                                                         "ppl_ratio", "hit_rate",
-                                                         "read_fraction")}, indent=1))
+        console.print(json.dumps({k: chosen[k] for k in ("kind", "taus", "offsets",
+                                                         "expected_ppl_ratio", "ppl_ratio",
+                                                         "hit_rate", "read_fraction")},
+                                 indent=1))
     return out
 
 
