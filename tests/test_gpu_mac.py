@@ -64,3 +64,45 @@ def test_step_equals_the_reference_at_llama_sizes(batch, hit_share):
         assert hit_ref.any()
     if hit_share < 1:
         assert not hit_ref.all()
+
+
+def test_pdl_steps_in_a_cuda_graph_equal_plain_launches(monkeypatch):
+    """Chained steps (each reads the ring the previous one wrote) captured with programmatic
+    dependent launch give the same outputs and rings as plain launches."""
+    q, q_pre, k, v, ring, t, s0 = _step_inputs(2, 8192, 512, 0.5, seed=7)
+    params = dict(offset=256, tau=0.5, t_min=0, max_depth=4)
+
+    def run(pdl: str):
+        monkeypatch.setenv("MACOPT_PDL", pdl)
+        state = MACRing(*(x.clone() for x in ring.tensors()))
+
+        def steps():
+            outs = []
+            for i in range(3):  # the entry step i writes is a candidate of step i + 1
+                pos = t - 2 + i
+                o, hit, _ = mac.mac_decode_step(q, q_pre, k, v, state, pos, s0, 128**-0.5,
+                                                **params)
+                outs.append(torch.cat([o.float(), hit.float()[..., None]], dim=-1))
+            return torch.stack(outs)
+
+        steps()  # compile outside the capture
+        for dst, src in zip(state.tensors(), ring.tensors()):
+            dst.copy_(src)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = steps()
+        for dst, src in zip(state.tensors(), ring.tensors()):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        return out.clone(), [x.clone() for x in state.tensors()]
+
+    from macopt.kernels.pdl import pdl_enabled
+    monkeypatch.setenv("MACOPT_PDL", "1")
+    if not pdl_enabled(q.device):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    out_plain, ring_plain = run("0")
+    out_pdl, ring_pdl = run("1")
+    assert torch.equal(out_pdl, out_plain)
+    for a, b in zip(ring_pdl, ring_plain):
+        assert torch.equal(a, b)
