@@ -50,12 +50,12 @@ Tensor = torch.Tensor
 _new_empty = torch.empty
 
 _LOG2_E = 1.4426950408889634
-# Opt-in: for half-precision inputs, run the split kernel's feature products on fp16 tensor
-# cores (see _log_features_of). Measured on the H100 (BENCHMARKS.md 3c) at batch 16, 128K, 2%:
-# the split step 0.30 ms instead of 0.73-0.88, but 10x the output error of the tf32 path in
-# one case of the kernel tests (head dim 64, group 8: 0.032 vs 0.0036 against fp64), beyond
-# the bf16 tolerance, with no explanation found yet: off by default.
-HALF_FEATURES = False
+# For half-precision inputs, the key features' products run on fp16 tensor cores (see
+# _log_features_of), in the prefill summary and in the decode kernel alike: decoding subtracts
+# the retrieved keys' features from the summary, so both sides must round the same way (they
+# did not at first: 10x the output error of the tf32 path on the H100, BENCHMARKS.md 3c). The
+# products that weigh values stay fp32-accurate (3xTF32). Off: tf32 features, ~2.5x slower.
+HALF_FEATURES = True
 _LN_2 = tl.constexpr(0.6931471805599453)
 _MAX_SPLITS = 64
 
@@ -118,12 +118,16 @@ def _log_features(
     head_dim, d_phi, width, f_offset,
     HAS_MLP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr,
+    HALF: tl.constexpr = False,
 ):
     """``log phi(x)``: load the weights, then :func:`_log_features_of`."""
     lin_w, lin_b, in_w, in_b, out_w, sq_norm = _feature_weights_tile(
         head, lin_w_ptr, lin_b_ptr, in_w_ptr, in_b_ptr, out_w_ptr, sq_norm_ptr, head_dim, d_phi,
         width, f_offset, HAS_MLP, BLOCK_D, BLOCK_F, BLOCK_E)
-    return _log_features_of(x, lin_w, lin_b, in_w, in_b, out_w, sq_norm, HAS_MLP, PRECISION)
+    if HALF:
+        lin_w, in_w, out_w = lin_w.to(tl.float16), in_w.to(tl.float16), out_w.to(tl.float16)
+    return _log_features_of(x, lin_w, lin_b, in_w, in_b, out_w, sq_norm, HAS_MLP, PRECISION,
+                            HALF)
 
 
 @triton.jit
@@ -146,6 +150,7 @@ def _summary_split_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     HAS_MLP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr,
+    HALF: tl.constexpr = False,
 ):
     # A program owns one (row, KV head, split of the mid region, block of BLOCK_F features) and
     # streams [BLOCK_N, D] K/V tiles once, keeping (m, u~, T~) for its features max-shifted.
@@ -181,15 +186,15 @@ def _summary_split_kernel(
                        mask=tile_ok, other=0.0).to(tl.float32)
         log_phi = _log_features(x, kv_head, lin_w_ptr, lin_b_ptr, in_w_ptr, in_b_ptr, out_w_ptr,
                                 sq_norm_ptr, head_dim, d_phi, width, f_offset,
-                                HAS_MLP, DOT_PRECISION, BLOCK_D, BLOCK_F, BLOCK_E)
+                                HAS_MLP, DOT_PRECISION, BLOCK_D, BLOCK_F, BLOCK_E, HALF)
         log_phi = tl.where(key_ok[:, None] & feat_ok[None, :], log_phi, float("-inf"))
         new_m = tl.maximum(m, tl.max(log_phi, axis=0))
         shift = tl.where(new_m == float("-inf"), 0.0, new_m)
         rescale = tl.exp(m - shift)
         weights = tl.exp(log_phi - shift[None, :])
         u = u * rescale + tl.sum(weights, axis=0)
-        t = t * rescale[:, None] + tl.dot(tl.trans(weights), vals,
-                                          input_precision=DOT_PRECISION)
+        # fp32-accurate products, as in the decode kernel's subtraction of retrieved shares.
+        t = t * rescale[:, None] + tl.dot(tl.trans(weights), vals, input_precision="tf32x3")
         m = new_m
 
     part = (kv_pid * num_splits + split).to(tl.int64) * d_phi
@@ -340,9 +345,6 @@ def _decode_split_kernel(
         d_phi, width, 0, HAS_MLP, BLOCK_D, BLOCK_F, BLOCK_E)
     if HALF:  # half-precision keys: the feature products on fp16 tensor cores (see above)
         lin_w, in_w, out_w = lin_w.to(tl.float16), in_w.to(tl.float16), out_w.to(tl.float16)
-        completion_dot = completion_w.to(tl.float16)
-    else:
-        completion_dot = completion_w
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
     sel_base = sel_ptr + batch * stride_sb + kv_head * stride_sh
@@ -374,12 +376,11 @@ def _decode_split_kernel(
             retrieved = (key_ok & is_sel)[:, None] & feat_ok[None, :]
             weights = tl.where(retrieved, tl.exp(log_phi_k - m_shift[None, :]), 0.0)
             sub_u += tl.sum(weights, axis=0)
-            if HALF:  # weights and completion weights lie in [0, 1]: fp16 holds them
-                kernel_w = tl.dot(completion_dot, tl.trans(weights.to(tl.float16)))
-                sub_n += tl.dot(kernel_w.to(tl.float16), v.to(tl.float16))
-            else:
-                kernel_w = tl.dot(completion_dot, tl.trans(weights), input_precision="ieee")
-                sub_n += tl.dot(kernel_w, v.to(tl.float32), input_precision=DOT_PRECISION)
+            # fp32-accurate products (3xTF32 on tensor cores; plain ieee spills registers):
+            # the share is subtracted from the summary's numerator, and what is left can be
+            # a small difference of large terms.
+            kernel_w = tl.dot(completion_w, tl.trans(weights), input_precision="tf32x3")
+            sub_n += tl.dot(kernel_w, v.to(tl.float32), input_precision="tf32x3")
 
     has_keys = running_sum > 0
     o = acc / tl.where(has_keys, running_sum, 1.0)[:, None]
@@ -492,6 +493,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _half_features(dtype: torch.dtype) -> bool:
+    """Whether the key features run on fp16 tensor cores; the summary and the decode kernel
+    must agree, since decoding subtracts the retrieved keys' features from the summary."""
+    return HALF_FEATURES and dtype in (torch.float16, torch.bfloat16)
+
+
 def _pow2(n: int, least: int = 16) -> int:
     """Tile extent for a runtime size: tl.dot needs powers of two of at least 16."""
     return max(least, triton.next_power_of_2(n))
@@ -557,7 +564,7 @@ def build_summary(
         *k.stride(), *v.stride(),
         HAS_MLP=phi_k.has_mlp, DOT_PRECISION=_dot_precision(k.dtype),
         BLOCK_N=block_n, BLOCK_D=_pow2(head_dim), BLOCK_F=block_f, BLOCK_E=_pow2(width),
-        num_warps=8,
+        HALF=_half_features(k.dtype), num_warps=8,
     )
     m, u, t = _merge_summary_parts(*parts)
     return PhiSummary(m, u, t, mid_start, mid_end)
@@ -701,7 +708,7 @@ def _decode(
         scale * _LOG2_E, n_kv_heads, n_keys, n_selected, group, head_dim, d_phi, width,
         num_splits, *q.stride(), *k.stride(), *v.stride(), *selected.stride(),
         HAS_MLP=phi_k.has_mlp, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
-        HALF=HALF_FEATURES and q.dtype in (torch.float16, torch.bfloat16),
+        HALF=_half_features(q.dtype),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_F=block_f,
         BLOCK_E=_pow2(width), num_warps=num_warps or 4,
     )

@@ -203,15 +203,17 @@ def test_decode_kernel_matches_the_reference_on_random_problems(
     _assert_states_close(kernel, oracle, tol=1e-4)
 
 
-def test_opt_in_fp16_feature_products_stay_near_the_reference(monkeypatch):
-    # topk_phi.HALF_FEATURES (off by default) trades precision for speed; on the H100 its
-    # worst measured output error was 0.032 (head dim 64, group 8): bound it loosely here.
+def test_fp16_feature_products_stay_near_the_reference(monkeypatch):
+    # topk_phi.HALF_FEATURES: the keys' feature products on fp16 tensor cores, in the summary
+    # and in the decode kernel alike (their roundings cancel in the subtraction); the bf16
+    # tolerance of the other kernel tests. Mismatched roundings measured 0.0094 here.
     monkeypatch.setattr(topk_phi, "HALF_FEATURES", True)
     p = make_problem(n_q_heads=16, n_kv_heads=2, head_dim=64, d_phi=32, n_keys=112,
                      dtype=torch.bfloat16, lengths=[100, 57], n_generated=5, seed=8)
     selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=24)
     kernel, oracle = _both_decodes(p, selected, num_splits=3, block_n=16)
-    _assert_states_close(kernel, oracle, tol=6e-2)
+    _assert_states_close(kernel, oracle, tol=2e-2)
     monkeypatch.setattr(topk_phi, "HALF_FEATURES", False)
-    precise, _ = _both_decodes(p, selected, num_splits=3, block_n=16)
+    precise, oracle = _both_decodes(p, selected, num_splits=3, block_n=16)
     assert not torch.equal(kernel[0], precise[0])  # the switch did change the products
+    _assert_states_close(precise, oracle, tol=2e-2)
