@@ -32,7 +32,6 @@ import triton.language as tl
 
 from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
 from macopt.kernels.merge import merge_row_states, merge_states_into
-from macopt.kernels.pdl import pdl_launch_options, pdl_prologue
 
 Tensor = torch.Tensor
 
@@ -77,9 +76,7 @@ def _decode_split_kernel(
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, FUSE_MERGE: tl.constexpr, MERGE_S: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
 ):
-    pdl_prologue(USE_PDL)
     # A program owns one (batch row, KV head, split): the g query heads of the group are the rows
     # of one [BLOCK_G, D] tile, so each [BLOCK_N, D] K/V block is read once for all of them.
     kv_pid = tl.program_id(0)
@@ -300,7 +297,6 @@ def _launch_split_kernel(
         MERGE_S=min(triton.next_power_of_2(splits), _MERGE_TILE // block_d),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **pdl_launch_options(q.device),
     )
     if splits > 1 and not fused:
         merge_states_into(part_o, part_lse, o, lse)

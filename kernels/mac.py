@@ -43,7 +43,6 @@ from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
 from macopt.kernels.decode import _interpreting, _launch_config, _multiprocessor_count
 from macopt.kernels.mac_reference import MACRing, threshold
 from macopt.kernels.merge import merge_finish, merge_step
-from macopt.kernels.pdl import pdl_launch_options, pdl_prologue
 
 Tensor = torch.Tensor
 
@@ -64,9 +63,8 @@ def _match_kernel(
     stride_rb, stride_rh, stride_rm, stride_rd,
     stride_pb, stride_ph, stride_pm,
     stride_cb, stride_ch, stride_cr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pdl_prologue(USE_PDL)
     # A program owns one (row, query head) and a run of ring slots, read as [BLOCK_M, D] tiles;
     # it keeps the nearest valid entry (fp32 squared L2, ties: the older) as its candidate.
     bh = tl.program_id(0)
@@ -200,9 +198,7 @@ def _attention_kernel(
     stride_db, stride_dh,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
 ):
-    pdl_prologue(USE_PDL)
     # A program owns one (row, KV head, split): the group's query heads are the rows of one
     # [BLOCK_G, D] tile; its chunk of the group's union range is read once, in [BLOCK_N, D] blocks.
     kv_pid = tl.program_id(0)
@@ -286,9 +282,7 @@ def _finalize_kernel(
     stride_outb, stride_outh, stride_outd,
     stride_db, stride_dh, stride_cr, stride_ch,
     COUNT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
 ):
-    pdl_prologue(USE_PDL)
     # A program owns one (row, query head): it merges the splits' prefix and tail states, amends
     # with entry j* on a hit, writes o and ring slot t mod M, and adds the step to the counters.
     bh = tl.program_id(0)
@@ -437,14 +431,12 @@ def mac_decode_step(
     part_o, part_lse = new(2, batch, q_heads, splits, head_dim), new(2, batch, q_heads, splits)
     out = new(batch, q_heads, head_dim, dtype=q.dtype)
     block_d = triton.next_power_of_2(head_dim)
-    pdl = pdl_launch_options(q.device)  # the three launches overlap their neighbours' gaps
 
     _match_kernel[(batch * q_heads, n_match)](
         q_pre, ring.q, ring.pos, positions, key_starts, cand_d, cand_pos,
         q_heads, ring_size, head_dim, slots_per_program, t_min,
         *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(), *cand_d.stride(),
-        BLOCK_M=block_m, BLOCK_D=block_d, **pdl,
-        num_warps=8,  # 8 warps: half the registers a thread
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,  # 8 warps: half the registers a thread
     )
     _attention_kernel[(batch * kv_heads, splits)](
         q, k, v, positions, key_starts, cand_d, cand_pos, ring.lse, ring.depth,
@@ -456,7 +448,7 @@ def mac_decode_step(
         UPCAST=_interpreting(), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_R=triton.next_power_of_2(n_match),
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     count = counters is not None
     if count and (counters.dtype != torch.int64 or counters.shape[1] != q_heads):
@@ -472,6 +464,5 @@ def mac_decode_step(
         COUNT=count, BLOCK_D=block_d,
         # Two [BLOCK_S, D] fp32 tiles in flight: 64 registers a thread at 4 warps.
         BLOCK_S=min(triton.next_power_of_2(splits), max(1, 4096 // block_d)), num_warps=4,
-        **pdl,
     )
     return out, hit.view(torch.bool), keys_read

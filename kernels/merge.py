@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from macopt.kernels.pdl import pdl_launch_options, pdl_prologue
-
 Tensor = torch.Tensor
 
 # Every output buffer comes from here; tests swap in a NaN-filling allocator to prove that the
@@ -116,9 +114,8 @@ def _merge_states_kernel(
     stride_o_r, stride_o_s, stride_o_d,
     stride_l_r, stride_l_s,
     stride_out_r, stride_out_d, stride_out_lse_r,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pdl_prologue(USE_PDL)
     # One program per row merges its S states, BLOCK_S states per step as one [BLOCK_S, D] tile.
     row = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
@@ -194,5 +191,5 @@ def merge_states_into(o: Tensor, lse: Tensor, out_o: Tensor, out_lse: Tensor) ->
         o3.stride(0), o3.stride(1), o3.stride(2),
         lse2.stride(0), lse2.stride(1),
         out_o2.stride(0), out_o2.stride(1), out_lse1.stride(0),
-        BLOCK_S=block_s, BLOCK_D=block_d, **pdl_launch_options(o.device),
+        BLOCK_S=block_s, BLOCK_D=block_d,
     )
