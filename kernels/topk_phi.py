@@ -56,6 +56,9 @@ _LOG2_E = 1.4426950408889634
 # did not at first: 10x the output error of the tf32 path on the H100, BENCHMARKS.md 3c). The
 # products that weigh values stay fp32-accurate (3xTF32). Off: tf32 features, ~2.5x slower.
 HALF_FEATURES = True
+# The products that weigh values by features (the summary's T~ and the decode kernel's
+# subtracted share), for half-precision inputs; fp32 inputs use "ieee".
+SHARE_PRECISION = "tf32x3"
 _LN_2 = tl.constexpr(0.6931471805599453)
 _MAX_SPLITS = 64
 
@@ -150,7 +153,7 @@ def _summary_split_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     HAS_MLP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr,
-    HALF: tl.constexpr = False,
+    HALF: tl.constexpr = False, SHARE_PRECISION: tl.constexpr = "ieee",
 ):
     # A program owns one (row, KV head, split of the mid region, block of BLOCK_F features) and
     # streams [BLOCK_N, D] K/V tiles once, keeping (m, u~, T~) for its features max-shifted.
@@ -194,7 +197,8 @@ def _summary_split_kernel(
         weights = tl.exp(log_phi - shift[None, :])
         u = u * rescale + tl.sum(weights, axis=0)
         # fp32-accurate products, as in the decode kernel's subtraction of retrieved shares.
-        t = t * rescale[:, None] + tl.dot(tl.trans(weights), vals, input_precision="tf32x3")
+        t = t * rescale[:, None] + tl.dot(tl.trans(weights), vals,
+                                          input_precision=SHARE_PRECISION)
         m = new_m
 
     part = (kv_pid * num_splits + split).to(tl.int64) * d_phi
@@ -294,7 +298,7 @@ def _decode_split_kernel(
     stride_sb, stride_sh, stride_sk,
     HAS_MLP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr, SHARE_PRECISION: tl.constexpr = "ieee",
 ):
     # A program owns one (row, KV head, split) of the exact key list [sinks | tail + generated |
     # retrieved]; each [BLOCK_N, D] K/V tile serves the whole query group, and tiles holding
@@ -379,8 +383,8 @@ def _decode_split_kernel(
             # fp32-accurate products (3xTF32 on tensor cores; plain ieee spills registers):
             # the share is subtracted from the summary's numerator, and what is left can be
             # a small difference of large terms.
-            kernel_w = tl.dot(completion_w, tl.trans(weights), input_precision="tf32x3")
-            sub_n += tl.dot(kernel_w, v.to(tl.float32), input_precision="tf32x3")
+            kernel_w = tl.dot(completion_w, tl.trans(weights), input_precision=SHARE_PRECISION)
+            sub_n += tl.dot(kernel_w, v.to(tl.float32), input_precision=SHARE_PRECISION)
 
     has_keys = running_sum > 0
     o = acc / tl.where(has_keys, running_sum, 1.0)[:, None]
@@ -493,6 +497,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _share_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else SHARE_PRECISION
+
+
 def _half_features(dtype: torch.dtype) -> bool:
     """Whether the key features run on fp16 tensor cores; the summary and the decode kernel
     must agree, since decoding subtracts the retrieved keys' features from the summary."""
@@ -564,7 +572,7 @@ def build_summary(
         *k.stride(), *v.stride(),
         HAS_MLP=phi_k.has_mlp, DOT_PRECISION=_dot_precision(k.dtype),
         BLOCK_N=block_n, BLOCK_D=_pow2(head_dim), BLOCK_F=block_f, BLOCK_E=_pow2(width),
-        HALF=_half_features(k.dtype), num_warps=8,
+        HALF=_half_features(k.dtype), SHARE_PRECISION=_share_precision(k.dtype), num_warps=8,
     )
     m, u, t = _merge_summary_parts(*parts)
     return PhiSummary(m, u, t, mid_start, mid_end)
@@ -708,7 +716,7 @@ def _decode(
         scale * _LOG2_E, n_kv_heads, n_keys, n_selected, group, head_dim, d_phi, width,
         num_splits, *q.stride(), *k.stride(), *v.stride(), *selected.stride(),
         HAS_MLP=phi_k.has_mlp, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
-        HALF=_half_features(q.dtype),
+        HALF=_half_features(q.dtype), SHARE_PRECISION=_share_precision(q.dtype),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_F=block_f,
         BLOCK_E=_pow2(width), num_warps=num_warps or 4,
     )
