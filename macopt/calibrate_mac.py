@@ -34,10 +34,9 @@ The method (a loss-targeted search on calibration text):
    than the perplexity of a few hundred tokens (which is measured and reported as well).
 5. **Search** (``per_layer``, the default): each layer alone under MAC at every (offset,
    share) pair (the other layers exact) gives a set of (keys read, KL) options per layer; KL
-   is close to additive over layers at these sizes, so the per-layer (offset, tau) options
-   are allocated by a Lagrangian sweep (per layer, minimise ``read + lambda * KL``) to read
-   the fewest keys with the summed KL within ``log(1 + target)``, then the combination is
-   measured with every layer under MAC.
+   is close to additive over layers at these sizes, so one option per layer is allocated
+   (an exact multiple-choice knapsack) to read the fewest keys with the summed KL within
+   ``log(1 + target)``, then the combination is measured with every layer under MAC.
    If it is over target the budget shrinks in proportion and the allocation repeats
    (``refine`` times). A layer whose best option is "never match" gets ``tau = 1.0``.
    ``global`` (one tau for all layers at the base offset, the paper's setting) tries shares
@@ -474,7 +473,7 @@ class _Search:
         return best
 
     def per_layer(self) -> Setting | None:
-        """Per-layer options, a Lagrangian allocation, then the combination verified."""
+        """Per-layer options, an exact allocation, then the combination verified."""
         base_offset = self.settings.base.offset
         exact = dict.fromkeys(self.names.values(), 1.0)
         exact_offsets = dict.fromkeys(self.names.values(), base_offset)
@@ -518,15 +517,28 @@ class _Option(NamedTuple):
 
 
 def _allocate(curves: dict[int, list[_Option]], budget: float) -> dict[int, _Option]:
-    """Per layer, the option minimising ``read + lambda * KL``, for the smallest ``lambda``
-    whose summed KL fits ``budget`` (the exact option has KL 0, so the sweep's largest
-    ``lambda`` always fits); when nothing fits, each layer's first option ("never match")."""
-    for lam in (10.0 ** (e / 4) for e in range(-8, 41)):
-        chosen = {layer: min(options, key=lambda o: o.read + lam * o.kl)
-                  for layer, options in curves.items()}
-        if sum(o.kl for o in chosen.values()) <= budget:
-            return chosen
-    return {layer: options[0] for layer, options in curves.items()}
+    """Per layer one option, reading the fewest keys in sum with the summed KL within
+    ``budget``: an exact multiple-choice knapsack over the Pareto front of partial sums (a
+    Lagrangian sweep only reaches the convex hull's corners, and with a few discrete options
+    per layer the corner below the budget can read far more than the best fit). The exact
+    option has KL 0, so something always fits a budget >= 0; otherwise each layer's first
+    option ("never match")."""
+    front: list[tuple[float, float, Any]] = [(0.0, 0.0, None)]  # KL, read, (option, parent)
+    for options in curves.values():
+        sums = sorted(((kl + o.kl, read + o.read, (o, picks))
+                       for kl, read, picks in front for o in options if kl + o.kl <= budget),
+                      key=lambda p: (p[0], p[1]))
+        front = []
+        for point in sums:  # by KL: keep what reads fewer than every point of smaller KL
+            if not front or point[1] < front[-1][1]:
+                front.append(point)
+    if not front:
+        return {layer: options[0] for layer, options in curves.items()}
+    picks, chain = [], min(front, key=lambda p: p[1])[2]
+    while chain is not None:
+        picks.append(chain[0])
+        chain = chain[1]
+    return dict(zip(curves, reversed(picks), strict=True))
 
 
 def _better(a: Setting, b: Setting) -> bool:

@@ -4,6 +4,7 @@ path's decode; the search writes a config the rest of macopt reads."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import pytest
@@ -12,6 +13,8 @@ import torch
 import macopt
 from macopt.calibrate_mac import (
     MACCalibration,
+    _allocate,
+    _Option,
     calibrate_mac,
     exact_window,
     load_result,
@@ -186,3 +189,28 @@ def test_nothing_within_target_writes_tau_one(model):
                               base=macopt.MACConfig(ring_size=16, offset=4, t_min=64))
     result = calibrate_mac(model, windows, settings)
     assert result.chosen is None and result.config.tau == 1.0 and result.overrides == {}
+
+
+def test_allocation_reads_the_fewest_keys_within_the_budget():
+    """The per-layer allocation is the exact optimum: against every combination of a few
+    random options, and where a Lagrangian sweep (which only reaches the convex hull's
+    corners) would stop at a corner reading far more."""
+    never = _Option(1.0, 256, 1.0, 0.0)
+    gap = {0: [never, _Option(0.5, 256, 0.1, 2.0), _Option(0.6, 1024, 0.6, 0.9)],
+           1: [never, _Option(0.5, 128, 0.1, 1.0)]}
+    # Hull corners: 2.0 read at KL 0, 1.1 at KL 1, 0.2 at KL 3; the best within 1.9 is 0.7.
+    assert _allocate(gap, 1.9) == {0: gap[0][2], 1: gap[1][1]}
+    assert _allocate(gap, 0.5) == {0: never, 1: never}
+    assert _allocate(gap, float("-inf")) == {0: never, 1: never}
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(50):
+        curves = {layer: [never] + [_Option(0.5, 256, *torch.rand(2, generator=generator)
+                                            .tolist()) for _ in range(4)] for layer in range(3)}
+        budget = float(torch.rand(1, generator=generator)) * 1.5
+        fits = [c for c in itertools.product(*curves.values())
+                if sum(o.kl for o in c) <= budget]
+        best = min(sum(o.read for o in c) for c in fits)
+        chosen = _allocate(curves, budget)
+        assert all(chosen[layer] in options for layer, options in curves.items())
+        assert sum(o.kl for o in chosen.values()) <= budget
+        assert sum(o.read for o in chosen.values()) == pytest.approx(best)
