@@ -53,12 +53,14 @@ _LOG2_E = 1.4426950408889634
 # For half-precision inputs, the key features' products run on fp16 tensor cores (see
 # _log_features_of), in the prefill summary and in the decode kernel alike: decoding subtracts
 # the retrieved keys' features from the summary, so both sides must round the same way (they
-# did not at first: 10x the output error of the tf32 path on the H100, BENCHMARKS.md 3c). The
-# products that weigh values stay fp32-accurate (3xTF32). Off: tf32 features, ~2.5x slower.
+# did not at first: 10x the output error of the tf32 path on the H100). Measured on the H100
+# (BENCHMARKS.md 3d; batch 16, 128K, page 2%): 0.48 ms a step against 0.69 with tf32
+# features, worst kernel-test error 0.0036 for both.
 HALF_FEATURES = True
 # The products that weigh values by features (the summary's T~ and the decode kernel's
-# subtracted share), for half-precision inputs; fp32 inputs use "ieee".
-SHARE_PRECISION = "tf32x3"
+# subtracted share) for half-precision inputs; fp32 inputs use "ieee". 3xTF32 cut the worst
+# kernel-test error to 0.0013 but made the step 1.55x slower (same measurement).
+SHARE_PRECISION = "tf32"
 _LN_2 = tl.constexpr(0.6931471805599453)
 _MAX_SPLITS = 64
 
@@ -196,7 +198,7 @@ def _summary_split_kernel(
         rescale = tl.exp(m - shift)
         weights = tl.exp(log_phi - shift[None, :])
         u = u * rescale + tl.sum(weights, axis=0)
-        # fp32-accurate products, as in the decode kernel's subtraction of retrieved shares.
+        # The precision of the decode kernel's subtracted share (SHARE_PRECISION).
         t = t * rescale[:, None] + tl.dot(tl.trans(weights), vals,
                                           input_precision=SHARE_PRECISION)
         m = new_m
@@ -380,9 +382,8 @@ def _decode_split_kernel(
             retrieved = (key_ok & is_sel)[:, None] & feat_ok[None, :]
             weights = tl.where(retrieved, tl.exp(log_phi_k - m_shift[None, :]), 0.0)
             sub_u += tl.sum(weights, axis=0)
-            # fp32-accurate products (3xTF32 on tensor cores; plain ieee spills registers):
-            # the share is subtracted from the summary's numerator, and what is left can be
-            # a small difference of large terms.
+            # Subtracted from the summary's numerator, where what is left can be a small
+            # difference of large terms: the summary's T~ uses the same precision.
             kernel_w = tl.dot(completion_w, tl.trans(weights), input_precision=SHARE_PRECISION)
             sub_n += tl.dot(kernel_w, v.to(tl.float32), input_precision=SHARE_PRECISION)
 
