@@ -6,10 +6,17 @@ device time of every kernel in the replayed graph (``torch.profiler``, 30-50 rep
 
     python -m macopt.bench.profile_steps mac   # exact vs MAC at forced hit rates 1 / 0.95 / 0
     python -m macopt.bench.profile_steps topk  # Top-K + phi, page selector, 1% and 2%
+    python -m macopt.bench.profile_steps mac-stack  # per layer, many layers in one graph
+
+``mac-stack`` captures the steps of several independent layers (each its own K/V cache and
+ring, so nothing is served from L2 by a previous layer) in one CUDA graph and divides the replay
+median by the layer count: a per-layer time without a graph launch per layer, as inside a
+decode graph of a whole model (a single-layer replay pays ~8-12 us of graph launch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -79,6 +86,43 @@ def _mac_case(rows: list[dict], layer, batch: int, context: int) -> None:
             _record(rows, case, f"mac h{rate} sp{splits}", step)
 
 
+def profile_mac_stack(rows: list[dict]) -> None:
+    from macopt.bench import mac as bench_mac
+    from macopt.kernels import mac
+
+    config = bench_mac.MACBenchConfig(device="cuda")
+    kv_gib = 24  # K/V of all stacked layers of a case
+    for batch, context in [(1, 8192), (1, 32768), (1, 131072), (16, 131072)]:
+        per_layer_gib = 2 * batch * 8 * context * 128 * 2 / 2**30
+        n = max(1, min(16, int(kv_gib // per_layer_gib)))
+        layers = [bench_mac.make_layer(dataclasses.replace(config, seed=i), batch, context)
+                  for i in range(n)]
+        case = f"b{batch} {context // 1024}K x{n}"
+        inputs = [decode.DecodeInputs(x.q, x.k, x.v, x.starts, x.positions + 1, x.scale)
+                  for x in layers]
+        attend = decode._build_macopt(decode.LayerShape(batch, context, **LAYER), inputs[0])
+        _record_stack(rows, case, "exact", n, lambda: [attend(x) for x in inputs])
+        for rate in (1.0, 0.95, 0.0):
+            rings = [bench_mac.forced_ring(x, 512, rate, seed=i) for i, x in enumerate(layers)]
+
+            def steps(rings=rings):
+                return [mac.mac_decode_step(x.q, x.q_pre, x.k, x.v, ring, x.positions, x.starts,
+                                            x.scale, offset=256, tau=0.45, t_min=0,
+                                            max_depth=16)
+                        for x, ring in zip(layers, rings)]
+            _record_stack(rows, case, f"mac h{rate}", n, steps)
+        del layers, inputs
+        torch.cuda.empty_cache()
+
+
+def _record_stack(rows: list[dict], case: str, variant: str, n: int,
+                  fn: Callable[[], object]) -> None:
+    fn()
+    ms = timing.graph_median_ms(fn, 25, 100) / n
+    rows.append(dict(case=case, variant=variant, layers=n, ms_per_layer=round(ms, 4)))
+    print(f"{case:14s} {variant:12s} {ms * 1000:8.1f} us a layer", flush=True)
+
+
 def profile_topk(rows: list[dict]) -> None:
     from macopt.bench import topk as bench_topk
     from macopt.kernels.feature_maps import positive_random_features
@@ -110,7 +154,7 @@ def _topk_case(rows: list[dict], x, batch: int, method, maps, device: torch.devi
 def main(argv: list[str] | None = None) -> int:
     what = (argv or sys.argv[1:] or ["mac"])[0]
     rows: list[dict] = []
-    {"mac": profile_mac, "topk": profile_topk}[what](rows)
+    {"mac": profile_mac, "mac-stack": profile_mac_stack, "topk": profile_topk}[what](rows)
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, f"profile_{what}.json"), "w") as f:
         json.dump({"environment": timing.environment("cuda"), "rows": rows}, f, indent=1)
