@@ -4,25 +4,35 @@ The math and the exact semantics (sinks, left padding, chain depth) are those of
 :mod:`macopt.kernels.mac_reference`:
 
 1. ``_match_kernel`` (grid ``(B * Hq, R)``): each program scans ``M / R`` ring slots of one
-   query head and keeps its nearest valid entry; ``R`` spreads the ring read over the SMs when
-   ``B * Hq`` is small.
-2. ``_attention_kernel`` (grid ``(B * Hkv, splits)``, the blocking of
-   :mod:`macopt.kernels.decode`): reduces the ``R`` candidates to the decision of every head of
-   the group, then streams the union of the group's key ranges once, each head masking its own
-   prefix start, into two partial states per split: prefix ``[start_h, E(t))`` and tail
-   ``[E(t), t]`` (plus the sinks, in split 0).
-3. ``_finalize_kernel`` (grid ``(B * Hq,)``): merges each head's split states into ``A`` and
+   query head and keeps its nearest valid entry, with whether that entry may be reused;
+   ``R`` spreads the ring read over the SMs when ``B * Hq`` is small.
+2. ``_attention_kernel`` (grid ``(P + B * Hkv,)``): every program first decides every head of
+   the step from the candidates (a few hundred loads from L2, in parallel), which gives each
+   (row, KV head) group its union range ``[U, t]`` of keys, and cuts the step's keys into work
+   items of equal size (``_find_item``): ``P`` items on an all-miss step, cut as the exact
+   decode kernel cuts it; when few groups miss, their long ranges are spread over all the
+   programs instead of waiting on one program per group. A program streams its item once,
+   the group's query heads as the rows of one tile, each masking its own prefix start, into
+   two partial states: prefix ``[start_h, E(t))`` and tail ``[E(t), t]`` (plus the sinks, in
+   the group's first item).
+3. ``_finalize_kernel`` (grid ``(B * Hq,)``): merges each head's item states into ``A`` and
    ``T``, forms ``C = merge(entry j*, A)`` on a hit (``A`` on a miss), writes
    ``(q_pre, C, t, depth)`` to ring slot ``t mod M`` and ``o = merge(C, T)`` in ``q.dtype``, and
    adds the step to the site's statistics counters.
+
+Before the work plan, the attention grid was ``(B * Hkv, splits)`` with the split count of the
+exact kernel: at batch 16 that is one program per group, so on an H100 at 128K with hit rate
+0.95 per head the ~19% of groups with a missing head each streamed 128K keys on one SM while
+the rest of the GPU idled (2.1x faster than exact where the bytes allow ~5x).
 
 An earlier version finalized inside the attention kernel (the last split of a group to arrive,
 by an atomic counter, merged the group's heads one after another): on the H100 that serial tail
 cost ~10 us a step at batch 1, more than the third launch costs (CUDA-graph replay of the
 all-hit step at batch 1: 0.030 ms before, 0.023 ms after).
 
-The match cannot join the attention kernel: every split needs the group's decision before it
-knows its keys, and re-matching in each split would re-read the ring ``splits`` times.
+The match cannot join the attention kernel: every program needs the decisions before it knows
+its keys (measured on the H100: a match fused into the attention launch with a spin-wait was
+slower, BENCHMARKS.md 2c).
 
 Per-step values (positions, key starts) are device tensors and every launch size comes from
 static shapes, so a step never syncs with the host and can be captured in a CUDA graph. On an
@@ -57,16 +67,18 @@ _MATCH_BLOCK_M = 64  # ring slots per tile: 16 KB of bf16 queries at D = 128
 
 @triton.jit
 def _match_kernel(
-    q_pre_ptr, ring_q_ptr, ring_pos_ptr, t_ptr, s0_ptr, cand_d_ptr, cand_pos_ptr,
-    q_heads, ring_size, head_dim, slots_per_program, t_min,
+    q_pre_ptr, ring_q_ptr, ring_pos_ptr, ring_lse_ptr, ring_depth_ptr, t_ptr, s0_ptr,
+    cand_d_ptr, cand_pos_ptr, cand_ok_ptr,
+    q_heads, ring_size, head_dim, slots_per_program, t_min, max_depth,
     stride_qb, stride_qh, stride_qd,
     stride_rb, stride_rh, stride_rm, stride_rd,
     stride_pb, stride_ph, stride_pm,
-    stride_cb, stride_ch, stride_cr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # A program owns one (row, query head) and a run of ring slots, read as [BLOCK_M, D] tiles;
-    # it keeps the nearest valid entry (fp32 squared L2, ties: the older) as its candidate.
+    # it keeps the nearest valid entry (fp32 squared L2, ties: the older) as its candidate, and
+    # whether that entry may be reused (finite lse, depth below the bound), so that deciding a
+    # head later needs only the candidates: every attention program decides every head.
     bh = tl.program_id(0)
     part = tl.program_id(1)
     batch = (bh // q_heads).to(tl.int64)
@@ -102,46 +114,91 @@ def _match_kernel(
         best_pos = tl.where(better, tile_pos, best_pos)
         best_d = tl.where(better, tile_d, best_d)
 
-    out = batch * stride_cb + head * stride_ch + part * stride_cr
+    found = best_pos >= 0
+    entry = tl.where(found, best_pos, 0) % ring_size * stride_pm
+    lse = tl.load(ring_lse_ptr + batch * stride_pb + head * stride_ph + entry, mask=found,
+                  other=float("-inf"))
+    depth = tl.load(ring_depth_ptr + batch * stride_pb + head * stride_ph + entry, mask=found,
+                    other=0)
+    usable = found & (lse > float("-inf")) & (lse < float("inf")) & (depth < max_depth)
+
+    out = bh * tl.num_programs(1) + part  # candidates are contiguous [B * Hq, R]
     tl.store(cand_d_ptr + out, best_d)
     tl.store(cand_pos_ptr + out, best_pos)
+    tl.store(cand_ok_ptr + out, usable.to(tl.uint8))
 
 
 @triton.jit
 def _decide(
-    cand_d_ptr, cand_pos_ptr, ring_lse_ptr, ring_depth_ptr, batch, heads, row_ok, t, s0,
-    n_candidates, ring_size, offset, sinks, radius2, t_min, max_depth,
-    stride_cb, stride_ch, stride_cr, stride_lb, stride_lh, stride_lm,
-    BLOCK_R: tl.constexpr,
+    cand_d_ptr, cand_pos_ptr, cand_ok_ptr, flat_heads, head_ok, t, s0, n_candidates, ring_size,
+    offset, sinks, radius2, t_min, STREAM_MISSES: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Per head of ``heads``: (hit, slot of j*, first prefix key) from the match candidates."""
+    """Per head (``flat_heads = row * Hq + head``, any 1-D set): (hit, slot of j*, first
+    prefix key) from the match candidates; ``t, s0`` are the heads' rows' values."""
     cands = tl.arange(0, BLOCK_R)
-    cand_ok = row_ok[:, None] & (cands < n_candidates)[None, :]
-    offsets = batch * stride_cb + heads[:, None] * stride_ch + cands[None, :] * stride_cr
+    cand_ok = head_ok[:, None] & (cands < n_candidates)[None, :]
+    offsets = flat_heads[:, None].to(tl.int64) * n_candidates + cands[None, :]
     dist = tl.load(cand_d_ptr + offsets, mask=cand_ok, other=float("inf"))
     pos = tl.load(cand_pos_ptr + offsets, mask=cand_ok, other=-1)
+    usable = tl.load(cand_ok_ptr + offsets, mask=cand_ok, other=0)
     best = tl.min(dist, axis=1)
-    j_star = tl.min(tl.where((dist == best[:, None]) & (pos >= 0), pos, _INT32_MAX), axis=1)
+    nearest = (dist == best[:, None]) & (pos >= 0)
+    j_star = tl.min(tl.where(nearest, pos, _INT32_MAX), axis=1)
     found = j_star != _INT32_MAX
+    reusable = tl.max(tl.where(nearest & (pos == j_star[:, None]), usable, 0), axis=1) != 0
     j_star = tl.where(found, j_star, 0)
-    slot = j_star % ring_size
-
-    entry = batch * stride_lb + heads * stride_lh + slot * stride_lm
-    lse_j = tl.load(ring_lse_ptr + entry, mask=row_ok & found, other=float("-inf"))
-    depth_j = tl.load(ring_depth_ptr + entry, mask=row_ok & found, other=0)
-    finite = (lse_j > float("-inf")) & (lse_j < float("inf"))  # NaN fails both
-    hit = found & (best < radius2) & (t - s0 >= t_min) & finite & (depth_j < max_depth)
+    hit = found & reusable & (best < radius2) & (t - s0 >= t_min)
     first_prefix = s0 + sinks
+    e_t = tl.maximum(t + 1 - offset, s0)
+    miss_start = first_prefix if STREAM_MISSES else e_t
     start = tl.where(hit, tl.maximum(tl.maximum(j_star + 1 - offset, s0), first_prefix),
-                     first_prefix)
-    return hit, slot, start
+                     miss_start)
+    return hit, j_star % ring_size, start
 
 
 @triton.jit
-def _split_chunk(union_start, end, num_splits, BLOCK_N: tl.constexpr):
-    """Keys per split of ``[union_start, end)``: a whole number of blocks (as decode.py)."""
-    length = tl.maximum(end - union_start, 0)
-    return tl.maximum(tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
+def _find_item(
+    cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, item, n_groups, n_kv_heads, group,
+    n_candidates, ring_size, offset, sinks, radius2, t_min, target_items,
+    STREAM_MISSES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+    BLOCK_GP: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The work plan of this step, computed alike by every program: (group, first item of the
+    group, items of the group, keys per item) for work item ``item``; group -1 if none.
+
+    Every group's range ``[U_g, t_g]`` comes from every head's decision. The step's keys
+    ``W = sum_g (t_g + 1 - U_g)`` are cut into items of ``C = ceil(W / target_items)`` keys
+    (whole blocks); group ``g`` gets ``max(1, ceil(L_g / C))`` consecutive items. An all-miss
+    step is cut exactly as the exact decode kernel cuts it; when few groups miss, their ranges
+    are spread over all programs instead of one program per group and split.
+    """
+    groups = tl.arange(0, BLOCK_GROUPS)
+    members = tl.arange(0, BLOCK_GP)
+    group_ok = groups < n_groups
+    row = (groups // n_kv_heads).to(tl.int64)
+    t = tl.load(t_ptr + row, mask=group_ok, other=0)
+    s0 = tl.load(s0_ptr + row, mask=group_ok, other=0)
+    e_t = tl.maximum(t + 1 - offset, s0)
+    head_ok = group_ok[:, None] & (members < group)[None, :]
+    flat = tl.reshape(groups[:, None] * group + members[None, :], (BLOCK_GROUPS * BLOCK_GP,))
+    flat_ok = tl.reshape(head_ok, (BLOCK_GROUPS * BLOCK_GP,))
+    flat_t = tl.reshape(t[:, None] + members[None, :] * 0, (BLOCK_GROUPS * BLOCK_GP,))
+    flat_s0 = tl.reshape(s0[:, None] + members[None, :] * 0, (BLOCK_GROUPS * BLOCK_GP,))
+    _, _, start = _decide(cand_d_ptr, cand_pos_ptr, cand_ok_ptr, flat, flat_ok, flat_t, flat_s0,
+                          n_candidates, ring_size, offset, sinks, radius2, t_min, STREAM_MISSES,
+                          BLOCK_R)
+    start = tl.reshape(start, (BLOCK_GROUPS, BLOCK_GP))
+    union = tl.minimum(tl.min(tl.where(head_ok, start, e_t[:, None]), axis=1), e_t)
+    length = tl.where(group_ok, t + 1 - union, 0)
+    total = tl.sum(length, axis=0)
+    keys_per_item = tl.cdiv(tl.maximum(tl.cdiv(total, target_items), 1), BLOCK_N) * BLOCK_N
+    items = tl.where(group_ok, tl.maximum(tl.cdiv(length, keys_per_item), 1), 0)
+    after = tl.cumsum(items, axis=0)
+    mine = group_ok & (after - items <= item) & (item < after)
+    owner = tl.max(tl.where(mine, groups, -1), axis=0)
+    first = tl.sum(tl.where(mine, after - items, 0), axis=0)
+    count = tl.sum(tl.where(mine, items, 0), axis=0)
+    return owner, first, count, keys_per_item
 
 
 @triton.jit
@@ -183,54 +240,62 @@ def _store_state(
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, t_ptr, s0_ptr,
-    cand_d_ptr, cand_pos_ptr, ring_lse_ptr, ring_depth_ptr,
-    hit_ptr, slot_ptr, keys_ptr, part_o_ptr, part_lse_ptr,
-    qk_scale_log2, radius2, n_kv_heads, group, head_dim, num_splits, n_candidates,
-    ring_size, offset, sinks, t_min, max_depth,
+    q_ptr, k_ptr, v_ptr, t_ptr, s0_ptr, cand_d_ptr, cand_pos_ptr, cand_ok_ptr,
+    hit_ptr, slot_ptr, keys_ptr, group_first_ptr, group_items_ptr, part_o_ptr, part_lse_ptr,
+    qk_scale_log2, radius2, n_groups, n_kv_heads, group, head_dim, target_items, n_candidates,
+    ring_size, offset, sinks, t_min,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_cb, stride_ch, stride_cr,
-    stride_lb, stride_lh, stride_lm,
-    stride_pw, stride_pb, stride_ph, stride_ps, stride_pd,
-    stride_plw, stride_plb, stride_plh, stride_pls,
+    stride_pw, stride_pi, stride_pg, stride_pd,
+    stride_plw, stride_pli, stride_plg,
     stride_db, stride_dh,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    STREAM_MISSES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr, BLOCK_GP: tl.constexpr,
 ):
-    # A program owns one (row, KV head, split): the group's query heads are the rows of one
-    # [BLOCK_G, D] tile; its chunk of the group's union range is read once, in [BLOCK_N, D] blocks.
-    kv_pid = tl.program_id(0)
-    split = tl.program_id(1)
+    # A program owns one work item of the plan (_find_item): a run of at most C keys of one
+    # (row, KV head) group's range [U, t], read once in [BLOCK_N, D] blocks; the group's query
+    # heads are the rows of one [BLOCK_G, D] tile, each masking its own prefix start.
+    item = tl.program_id(0)
+    kv_pid, first_item, n_items, keys_per_item = _find_item(
+        cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, item, n_groups, n_kv_heads, group,
+        n_candidates, ring_size, offset, sinks, radius2, t_min, target_items, STREAM_MISSES,
+        BLOCK_N, BLOCK_GROUPS, BLOCK_GP, BLOCK_R)
+    has_item = kv_pid >= 0  # the plan has fewer items than the grid has programs
+    rows = tl.arange(0, BLOCK_G)
+    # (A scalar bool from a reduction broadcast into a mask trips Triton's interpreter.)
+    row_ok = (rows < group) & (rows * 0 + kv_pid >= 0)
+    kv_pid = tl.maximum(kv_pid, 0)
+    part = item - first_item
     batch = (kv_pid // n_kv_heads).to(tl.int64)
     kv_head = (kv_pid % n_kv_heads).to(tl.int64)
-    rows = tl.arange(0, BLOCK_G)
-    row_ok = rows < group
     heads = kv_head * group + rows
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
     t = tl.load(t_ptr + batch)
     s0 = tl.load(s0_ptr + batch)
     e_t = tl.maximum(t + 1 - offset, s0)
-
+    q_heads = n_kv_heads * group
     hit, slot, start = _decide(
-        cand_d_ptr, cand_pos_ptr, ring_lse_ptr, ring_depth_ptr, batch, heads, row_ok, t, s0,
-        n_candidates, ring_size, offset, sinks, radius2, t_min, max_depth,
-        stride_cb, stride_ch, stride_cr, stride_lb, stride_lh, stride_lm, BLOCK_R)
-    # Split 0 publishes each head's decision for the finalize launch.
+        cand_d_ptr, cand_pos_ptr, cand_ok_ptr, batch * q_heads + heads, row_ok, t, s0,
+        n_candidates, ring_size, offset, sinks, radius2, t_min, STREAM_MISSES, BLOCK_R)
+
+    # The group's first item publishes its heads' decisions and where its items lie.
     decision = batch * stride_db + heads * stride_dh
-    first_split = row_ok & (rows * 0 + split == 0)
+    first_part = row_ok & (rows * 0 + part == 0)
     keys_read = (tl.maximum(e_t - start, 0) + (t + 1 - e_t) + (tl.minimum(s0 + sinks, e_t) - s0))
-    tl.store(hit_ptr + decision, hit.to(tl.uint8), mask=first_split)
-    tl.store(slot_ptr + decision, slot, mask=first_split)
-    tl.store(keys_ptr + decision, keys_read.to(tl.int32), mask=first_split)
+    tl.store(hit_ptr + decision, hit.to(tl.uint8), mask=first_part)
+    tl.store(slot_ptr + decision, slot, mask=first_part)
+    tl.store(keys_ptr + decision, keys_read.to(tl.int32), mask=first_part)
+    lead = first_part & (rows == 0)
+    tl.store(group_first_ptr + kv_pid + rows * 0, first_item + rows * 0, mask=lead)
+    tl.store(group_items_ptr + kv_pid + rows * 0, n_items + rows * 0, mask=lead)
 
     # The union [U, t]: every head's prefix start, and E(t) so the tail is always covered.
     union_start = tl.minimum(tl.min(tl.where(row_ok, start, e_t), axis=0), e_t)
-    chunk = _split_chunk(union_start, t + 1, num_splits, BLOCK_N)
-    lo = union_start + split * chunk
-    hi = tl.minimum(lo + chunk, t + 1)
+    lo = union_start + part * keys_per_item
+    hi = tl.where(has_item, tl.minimum(lo + keys_per_item, t + 1), lo)
 
     q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -251,43 +316,47 @@ def _attention_kernel(
         q, k_base, v_base, tl.maximum(lo, e_t), hi, everyone, no_max, no_sum, no_acc,
         qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
         UPCAST, DOT_PRECISION, BLOCK_N)
-    sinks_end = tl.where(split == 0, tl.minimum(s0 + sinks, e_t), s0)  # split 0 adds the sinks
+    sinks_end = tl.where(has_item & (part == 0), tl.minimum(s0 + sinks, e_t), s0)
     t_max, t_sum, t_acc = _attend_blocks(
         q, k_base, v_base, s0, sinks_end, everyone, t_max, t_sum, t_acc,
         qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
         UPCAST, DOT_PRECISION, BLOCK_N)
 
-    # Every split stores both states, empty ones as (0, -inf): the finalize merges them all.
-    group_o = part_o_ptr + batch * stride_pb + kv_head * group * stride_ph
-    group_lse = part_lse_ptr + batch * stride_plb + kv_head * group * stride_plh
-    _store_state(group_o, group_lse, rows * stride_ph + split * stride_ps,
-                 rows * stride_plh + split * stride_pls, p_max, p_sum, p_acc, dims, dim_ok,
-                 row_ok, stride_pd)
-    _store_state(group_o + stride_pw, group_lse + stride_plw, rows * stride_ph + split * stride_ps,
-                 rows * stride_plh + split * stride_pls, t_max, t_sum, t_acc, dims, dim_ok,
-                 row_ok, stride_pd)
+    # Both states of the item, empty ones as (0, -inf): the finalize merges the group's items.
+    item_o = part_o_ptr + item * stride_pi
+    item_lse = part_lse_ptr + item * stride_pli
+    _store_state(item_o, item_lse, rows * stride_pg, rows * stride_plg, p_max, p_sum, p_acc,
+                 dims, dim_ok, row_ok, stride_pd)
+    _store_state(item_o + stride_pw, item_lse + stride_plw, rows * stride_pg, rows * stride_plg,
+                 t_max, t_sum, t_acc, dims, dim_ok, row_ok, stride_pd)
 
 
 @triton.jit
 def _finalize_kernel(
     q_pre_ptr, t_ptr, s0_ptr, ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr, ring_depth_ptr,
-    hit_ptr, slot_ptr, keys_ptr, part_o_ptr, part_lse_ptr, out_ptr, counters_ptr,
-    q_heads, head_dim, num_splits, ring_size,
+    hit_ptr, slot_ptr, keys_ptr, group_first_ptr, group_items_ptr, part_o_ptr, part_lse_ptr,
+    miss_o_ptr, miss_lse_ptr, out_ptr, counters_ptr,
+    q_heads, group, head_dim, ring_size,
     stride_qpb, stride_qph, stride_qpd,
     stride_rb, stride_rh, stride_rm, stride_rd,
     stride_rob, stride_roh, stride_rom, stride_rod,
     stride_lb, stride_lh, stride_lm,
-    stride_pw, stride_pb, stride_ph, stride_ps, stride_pd,
-    stride_plw, stride_plb, stride_plh, stride_pls,
+    stride_pw, stride_pi, stride_pg, stride_pd,
+    stride_plw, stride_pli, stride_plg,
+    stride_mob, stride_moh, stride_mod, stride_mlb, stride_mlh,
     stride_outb, stride_outh, stride_outd,
     stride_db, stride_dh, stride_cr, stride_ch,
-    COUNT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    STREAM_MISSES: tl.constexpr, COUNT: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
-    # A program owns one (row, query head): it merges the splits' prefix and tail states, amends
-    # with entry j* on a hit, writes o and ring slot t mod M, and adds the step to the counters.
+    # A program owns one (row, query head): it merges its group's items' prefix and tail states,
+    # amends with entry j* on a hit (on a miss with a given prefix state, with that state),
+    # writes o and ring slot t mod M, and adds the step to the counters.
     bh = tl.program_id(0)
     batch = (bh // q_heads).to(tl.int64)
     head = (bh % q_heads).to(tl.int64)
+    kv_pid = bh // group
+    member = bh % group
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
     # Latency-bound: issue every independent load first, the entry's (which needs the slot)
@@ -295,35 +364,45 @@ def _finalize_kernel(
     decision = batch * stride_db + head * stride_dh
     hit = tl.load(hit_ptr + decision) != 0
     slot = tl.load(slot_ptr + decision)
+    first_item = tl.load(group_first_ptr + kv_pid)
+    n_items = tl.load(group_items_ptr + kv_pid)
     t = tl.load(t_ptr + batch)
     q = tl.load(q_pre_ptr + batch * stride_qpb + head * stride_qph + dims * stride_qpd,
                 mask=dim_ok)
-    part_o = part_o_ptr + batch * stride_pb + head * stride_ph
-    part_lse = part_lse_ptr + batch * stride_plb + head * stride_plh
+    part_o = part_o_ptr + first_item * stride_pi + member * stride_pg
+    part_lse = part_lse_ptr + first_item * stride_pli + member * stride_plg
     a_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
     a_total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
     a_acc = tl.zeros([BLOCK_D], tl.float32)
     t_max, t_total, t_acc = a_max, a_total, a_acc
-    for first in range(0, num_splits, BLOCK_S):
+    for first in range(0, n_items, BLOCK_S):
         parts = first + tl.arange(0, BLOCK_S)
-        part_ok = parts < num_splits
-        o_offsets = parts[:, None] * stride_ps + dims[None, :] * stride_pd
+        part_ok = parts < n_items
+        o_offsets = parts[:, None] * stride_pi + dims[None, :] * stride_pd
         o_ok = part_ok[:, None] & dim_ok[None, :]
         a_max, a_total, a_acc = merge_step(
             a_max, a_total, a_acc,
-            tl.load(part_lse + parts * stride_pls, mask=part_ok, other=float("-inf")),
+            tl.load(part_lse + parts * stride_pli, mask=part_ok, other=float("-inf")),
             tl.load(part_o + o_offsets, mask=o_ok, other=0.0))
         t_max, t_total, t_acc = merge_step(
             t_max, t_total, t_acc,
-            tl.load(part_lse + stride_plw + parts * stride_pls, mask=part_ok,
+            tl.load(part_lse + stride_plw + parts * stride_pli, mask=part_ok,
                     other=float("-inf")),
             tl.load(part_o + stride_pw + o_offsets, mask=o_ok, other=0.0))
     # A missed entry may hold anything: its slot is read (in bounds) but never used.
     ring = batch * stride_lb + head * stride_lh
     ring_o = ring_o_ptr + batch * stride_rob + head * stride_roh
-    o_j = tl.where(hit, tl.load(ring_o + slot * stride_rom + dims * stride_rod, mask=dim_ok), 0.0)
-    lse_j = tl.where(hit, tl.load(ring_lse_ptr + ring + slot * stride_lm), float("-inf"))
+    o_j = tl.load(ring_o + slot * stride_rom + dims * stride_rod, mask=dim_ok)
+    lse_j = tl.load(ring_lse_ptr + ring + slot * stride_lm)
     depth = tl.where(hit, tl.load(ring_depth_ptr + ring + slot * stride_lm) + 1, 0)
+    if STREAM_MISSES:  # a miss reuses nothing
+        o_j = tl.where(hit, o_j, 0.0)
+        lse_j = tl.where(hit, lse_j, float("-inf"))
+    else:  # a miss takes the given prefix state as its entry
+        o_j = tl.where(hit, o_j, tl.load(miss_o_ptr + batch * stride_mob + head * stride_moh
+                                         + dims * stride_mod, mask=dim_ok))
+        lse_j = tl.where(hit, lse_j, tl.load(miss_lse_ptr + batch * stride_mlb
+                                             + head * stride_mlh))
     o_a, lse_a = merge_finish(a_max, a_total, a_acc)
     o_t, lse_t = merge_finish(t_max, t_total, t_acc)
     o_c, lse_c = _merge_two(o_a, lse_a, o_j, lse_j)
@@ -392,10 +471,21 @@ def _check_ring(q: Tensor, q_pre: Tensor, ring: MACRing) -> None:
         raise ValueError("ring.pos, ring.depth: expected int32")
 
 
+def _check_miss_prefix(miss_prefix: tuple[Tensor, Tensor], q: Tensor) -> tuple[Tensor, Tensor]:
+    o, lse = miss_prefix
+    batch, q_heads, head_dim = q.shape
+    for name, x, shape in (("o", o, (batch, q_heads, head_dim)), ("lse", lse, (batch, q_heads))):
+        if x.shape != shape or x.dtype != torch.float32 or x.device != q.device:
+            raise ValueError(f"miss_prefix {name}: expected a float32 {list(shape)} state on "
+                             f"{q.device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    return o, lse
+
+
 def mac_decode_step(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, ring: MACRing, positions: Tensor,
     key_starts: Tensor, scale: float, *, offset: int, sinks: int = 0, tau: float,
-    t_min: int, max_depth: int, counters: Tensor | None = None, num_splits: int | None = None,
+    t_min: int, max_depth: int, counters: Tensor | None = None,
+    miss_prefix: tuple[Tensor, Tensor] | None = None, num_splits: int | None = None,
     match_programs: int | None = None, block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MAC decode step on the GPU (or the Triton interpreter); updates ``ring`` in place.
@@ -404,16 +494,21 @@ def mac_decode_step(
     ``o[B, Hq, D]`` in ``q.dtype``, ``hit[B, Hq]`` bool, ``keys_read[B, Hq]`` int32.
     ``positions`` and ``key_starts`` (int32 or int64 ``[B]``) stay on the device. ``counters``
     (int64 ``[COUNTER_ROWS, Hq]`` of :mod:`macopt.kernels.mac_counters`), when given, gets the
-    step added by the finalize launch. The last three arguments override the launch shape
-    (tests, benchmarks); by default the attention kernel uses the exact decode kernel's blocks,
-    warps and split count for this cache size. Three launches: match, attention, finalize.
+    step added by the finalize launch. ``miss_prefix`` (fp32 ``o[B, Hq, D]``, ``lse[B, Hq]``):
+    the prefix state a missing head takes instead of attending its prefix (the reference's).
+    The last three arguments override the launch shape (tests, benchmarks): ``num_splits`` is
+    the work items per (row, KV head) of an all-miss step (default: the exact decode kernel's
+    split count for this cache size, with its blocks and warps). Three launches: match,
+    attention, finalize.
     """
     _check_ring(q, q_pre, ring)
     batch, q_heads, head_dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
+    n_groups = batch * kv_heads
     config = _launch_config(batch, kv_heads, n_keys, head_dim, group, q.device, k.element_size())
-    splits = num_splits or config.num_splits
+    target_items = n_groups * (num_splits or config.num_splits)
+    n_programs = target_items + n_groups  # each group rounds its item count up at most once
     block_n = block_n or config.block_n
     ring_size = ring.size
     n_match = match_programs or _match_programs(batch, q_heads, ring_size, q.device)
@@ -421,33 +516,44 @@ def mac_decode_step(
     slots_per_program = triton.cdiv(triton.cdiv(ring_size, n_match), block_m) * block_m
     n_match = triton.cdiv(ring_size, slots_per_program)  # no program without a slot
     positions, key_starts = positions.contiguous(), key_starts.contiguous()
+    stream_misses = miss_prefix is None
+    miss_o, miss_lse = (q, positions) if stream_misses else _check_miss_prefix(miss_prefix, q)
 
     def new(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         return _new_empty(*shape, dtype=dtype, device=q.device)
 
-    cand_d, cand_pos = new(batch, q_heads, n_match), new(batch, q_heads, n_match, dtype=torch.int32)
+    cand_d = new(batch, q_heads, n_match)
+    cand_pos = new(batch, q_heads, n_match, dtype=torch.int32)
+    cand_ok = new(batch, q_heads, n_match, dtype=torch.uint8)
     hit, slot = new(batch, q_heads, dtype=torch.uint8), new(batch, q_heads, dtype=torch.int32)
     keys_read = new(batch, q_heads, dtype=torch.int32)
-    part_o, part_lse = new(2, batch, q_heads, splits, head_dim), new(2, batch, q_heads, splits)
+    group_first = new(n_groups, dtype=torch.int32)
+    group_items = new(n_groups, dtype=torch.int32)
+    part_o, part_lse = new(2, n_programs, group, head_dim), new(2, n_programs, group)
     out = new(batch, q_heads, head_dim, dtype=q.dtype)
     block_d = triton.next_power_of_2(head_dim)
+    block_r = triton.next_power_of_2(n_match)
+    radius2 = threshold(head_dim, tau)
 
     _match_kernel[(batch * q_heads, n_match)](
-        q_pre, ring.q, ring.pos, positions, key_starts, cand_d, cand_pos,
-        q_heads, ring_size, head_dim, slots_per_program, t_min,
-        *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(), *cand_d.stride(),
+        q_pre, ring.q, ring.pos, ring.lse, ring.depth, positions, key_starts,
+        cand_d, cand_pos, cand_ok,
+        q_heads, ring_size, head_dim, slots_per_program, t_min, max_depth,
+        *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(),
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,  # 8 warps: half the registers a thread
     )
-    _attention_kernel[(batch * kv_heads, splits)](
-        q, k, v, positions, key_starts, cand_d, cand_pos, ring.lse, ring.depth,
-        hit, slot, keys_read, part_o, part_lse,
-        scale * _LOG2_E, threshold(head_dim, tau), kv_heads, group, head_dim, splits, n_match,
-        ring_size, offset, sinks, t_min, max_depth,
-        *q.stride(), *k.stride(), *v.stride(), *cand_d.stride(), *ring.lse.stride(),
-        *part_o.stride(), *part_lse.stride(), *hit.stride(),
-        UPCAST=_interpreting(), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    _attention_kernel[(n_programs,)](
+        q, k, v, positions, key_starts, cand_d, cand_pos, cand_ok,
+        hit, slot, keys_read, group_first, group_items, part_o, part_lse,
+        scale * _LOG2_E, radius2, n_groups, kv_heads, group, head_dim, target_items, n_match,
+        ring_size, offset, sinks, t_min,
+        *q.stride(), *k.stride(), *v.stride(), *part_o.stride(), *part_lse.stride(),
+        *hit.stride(),
+        STREAM_MISSES=stream_misses, UPCAST=_interpreting(),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_R=triton.next_power_of_2(n_match),
+        BLOCK_R=block_r, BLOCK_GROUPS=triton.next_power_of_2(n_groups),
+        BLOCK_GP=triton.next_power_of_2(group),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     count = counters is not None
@@ -455,14 +561,17 @@ def mac_decode_step(
         raise ValueError(f"counters: expected int64 [rows, {q_heads}], got {counters.dtype} "
                          f"{tuple(counters.shape)}")
     counter_strides = counters.stride() if count else (0, 0)
+    miss_strides = (0,) * 5 if stream_misses else (*miss_o.stride(), *miss_lse.stride())
     _finalize_kernel[(batch * q_heads,)](
         q_pre, positions, key_starts, ring.q, ring.o, ring.lse, ring.pos, ring.depth,
-        hit, slot, keys_read, part_o, part_lse, out, counters if count else hit,
-        q_heads, head_dim, splits, ring_size,
+        hit, slot, keys_read, group_first, group_items, part_o, part_lse, miss_o, miss_lse,
+        out, counters if count else hit,
+        q_heads, group, head_dim, ring_size,
         *q_pre.stride(), *ring.q.stride(), *ring.o.stride(), *ring.lse.stride(),
-        *part_o.stride(), *part_lse.stride(), *out.stride(), *hit.stride(), *counter_strides,
-        COUNT=count, BLOCK_D=block_d,
-        # Two [BLOCK_S, D] fp32 tiles in flight: 64 registers a thread at 4 warps.
-        BLOCK_S=min(triton.next_power_of_2(splits), max(1, 4096 // block_d)), num_warps=4,
+        *part_o.stride(), *part_lse.stride(), *miss_strides, *out.stride(), *hit.stride(),
+        *counter_strides,
+        STREAM_MISSES=stream_misses, COUNT=count, BLOCK_D=block_d,
+        # Up to 8 items merged at once; two [BLOCK_S, D] fp32 tiles in flight.
+        BLOCK_S=min(8, max(1, 4096 // block_d)), num_warps=4,
     )
     return out, hit.view(torch.bool), keys_read

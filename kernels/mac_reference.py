@@ -176,13 +176,14 @@ class Match:
 
 def match(
     q_pre: Tensor, ring: MACRing, t: Tensor, s0: Tensor, *, offset: int, sinks: int, tau: float,
-    t_min: int, max_depth: int,
+    t_min: int, max_depth: int, stream_misses: bool = True,
 ) -> Match:
     """Nearest valid entry (ties: the older) and whether it may be reused.
 
     Valid entries have positions in ``[max(t - M, s0), t)``. A hit needs the fp32 squared L2
     distance of the pre-RoPE queries below :func:`threshold`, ``t - s0 >= t_min``, a finite
-    entry lse and an entry depth below ``max_depth``.
+    entry lse and an entry depth below ``max_depth``. ``stream_misses`` False: a miss streams
+    no prefix (its start is ``E(t)``; the caller brings the prefix state).
     """
     ring_size, head_dim = ring.size, q_pre.shape[-1]
     dist = ((ring.q.float() - q_pre.float()[:, :, None, :]) ** 2).sum(-1)  # [B, Hq, M]
@@ -207,8 +208,9 @@ def match(
         & (depth_j < max_depth)
     )
     first_prefix = (s0 + sinks)[:, None]
+    miss_start = first_prefix if stream_misses else prefix_end(t, s0, offset)[:, None]
     start = torch.where(hit, torch.maximum(prefix_end(j_star, s0[:, None], offset), first_prefix),
-                        first_prefix)
+                        miss_start)
     return Match(hit=hit, slot=slot, start=start)
 
 
@@ -223,7 +225,7 @@ def mac_decode_step(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, ring: MACRing, positions: Tensor,
     key_starts: Tensor, scale: float, *, offset: int, sinks: int = 0, tau: float,
     t_min: int, max_depth: int, compute_dtype: torch.dtype = torch.float32,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, miss_prefix: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MAC decode step; updates ``ring`` in place (slot ``t mod M``).
 
@@ -232,13 +234,18 @@ def mac_decode_step(
     ``[key_starts[b], positions[b]]``. Returns ``o[B, Hq, D]`` (``out_dtype``, default
     ``q.dtype``), the hit mask ``[B, Hq]`` and the keys each head read ``[B, Hq]`` (int32).
 
+    ``miss_prefix``: a state ``(o[B, Hq, D], lse[B, Hq])`` per head over its prefix
+    ``[s0 + F, E(t))`` computed by another method (e.g. Top-K + phi). A missing head then takes
+    it as its prefix state instead of attending the prefix (and writes it to the ring); its
+    ``keys_read`` counts only what this step read (tail and sinks). Hits are unchanged.
+
     >>> o, hit, keys = mac_decode_step(q, q_pre, k, v, ring, t, s0, 0.125, offset=256,
     ...                                tau=0.45, t_min=2048, max_depth=4)
     """
     t = positions.to(q.device).long()
     s0 = key_starts.to(q.device).long()
     found = match(q_pre, ring, t, s0, offset=offset, sinks=sinks, tau=tau, t_min=t_min,
-                  max_depth=max_depth)
+                  max_depth=max_depth, stream_misses=miss_prefix is None)
     e_t = prefix_end(t, s0, offset)[:, None].expand_as(found.start)  # [B, Hq]
     keys = torch.arange(k.shape[2], device=q.device)
 
@@ -247,7 +254,12 @@ def mac_decode_step(
     o_a, lse_a = range_state(q[:, :, None], k, v, scale, prefix[:, :, None], compute_dtype)
     entry_o = _gather_slot(ring.o, found.slot).to(compute_dtype)
     entry_lse = _gather_slot(ring.lse, found.slot).to(compute_dtype)
-    entry_lse = torch.where(found.hit, entry_lse, float("-inf"))  # a miss reuses nothing
+    if miss_prefix is None:  # a miss reuses nothing
+        entry_lse = torch.where(found.hit, entry_lse, float("-inf"))
+    else:  # a miss takes the given prefix state as its entry
+        given_o, given_lse = (x.to(device=q.device, dtype=compute_dtype) for x in miss_prefix)
+        entry_o = torch.where(found.hit[..., None], entry_o, given_o)
+        entry_lse = torch.where(found.hit, entry_lse, given_lse)
     o_c, lse_c = merge_state(o_a[:, :, 0], lse_a[:, :, 0], entry_o, entry_lse)
 
     # Complete: the tail [E(t), t] and the sinks [s0, min(s0 + F, E(t))), exact.

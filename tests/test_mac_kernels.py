@@ -84,11 +84,11 @@ def make_case(batch=2, kv_heads=2, group=4, n_keys=80, head_dim=64, ring_size=16
 
 
 def assert_step_matches_reference(case, offset=8, sinks=0, t_min=0, max_depth=3, tau=None,
-                                  **launch):
+                                  miss_prefix=None, **launch):
     q, q_pre, k, v, ring, t, s0 = case
     head_dim = q.shape[-1]
     params = dict(offset=offset, sinks=sinks, tau=_tau(head_dim) if tau is None else tau,
-                  t_min=t_min, max_depth=max_depth)
+                  t_min=t_min, max_depth=max_depth, miss_prefix=miss_prefix)
     ring_ref, ring_kernel = ring.clone(), ring.clone()
     o_ref, hit_ref, keys_ref = mac_decode_step(q, q_pre, k, v, ring_ref, t, s0, head_dim**-0.5,
                                                compute_dtype=F64, out_dtype=F64, **params)
@@ -191,6 +191,70 @@ def test_an_unusable_nearest_entry_is_a_miss_with_no_fall_back(
     hit, _ = assert_step_matches_reference((q, q_pre, k, v, ring, t, s0), offset=8, max_depth=3,
                                            match_programs=match_programs, block_n=32)
     assert bool(hit.all()) == expect_hit and bool(hit.any()) == expect_hit
+
+
+def _ring_hitting_at(q, q_pre, k, v, t, s0, back, ring_size=16, offset=8):
+    """A ring whose only entry is every head's own pre-RoPE query ``back`` steps ago, with the
+    exact state of its prefix: every head hits it."""
+    ring = MACRing.empty(*q.shape[:2], ring_size, q.shape[-1], q.dtype, DEVICE)
+    j = t - back
+    o_j, lse_j = reference.attention_state(q, k, v, 0.125, s0, torch.maximum(j + 1 - offset, s0))
+    rows = torch.arange(q.shape[0], device=DEVICE)
+    ring.q[rows, :, j % ring_size], ring.o[rows, :, j % ring_size] = q_pre, o_j
+    ring.lse[rows, :, j % ring_size], ring.pos[rows, :, j % ring_size] = lse_j, j.int()[:, None]
+    return ring
+
+
+def test_a_few_missing_groups_are_spread_over_many_work_items(monkeypatch):
+    # 8 (row, KV head) groups, one split each on an all-miss step; every head hits but those of
+    # group 0 (their entry's lse is -inf). The missing group's long range must be cut into
+    # several items, the short ranges of the others stay one item each.
+    q, q_pre, k, v, _, _, _ = make_case(batch=4, kv_heads=2, group=2, n_keys=240, seed=21)
+    t, s0 = torch.tensor([239, 200, 220, 239], device=DEVICE), torch.zeros(4, device=DEVICE)
+    s0 = s0.long()
+    ring = _ring_hitting_at(q, q_pre, k, v, t, s0, back=3)
+    ring.lse[0, :2] = float("-inf")
+    allocated = []
+
+    def recorded(*shape, dtype=torch.float32, device=None):
+        allocated.append(torch.full(shape, 77 if dtype != torch.float32 else float("nan"),
+                                    dtype=dtype, device=device))
+        return allocated[-1]
+
+    monkeypatch.setattr(mac, "_new_empty", recorded)
+    hit, _ = assert_step_matches_reference((q, q_pre, k, v, ring, t, s0), offset=8,
+                                           num_splits=1, block_n=16)
+    assert not hit[0, :2].any() and hit[0, 2:].all() and hit[1:].all()
+    group_first, group_items = [x for x in allocated if x.shape == (8,)]
+    assert int(group_items[0]) >= 3 and (group_items[1:] == 1).all()
+    assert int(group_items.sum()) <= 8 + 8  # at most one extra item per group
+    assert torch.equal(group_first, torch.cumsum(group_items, 0) - group_items)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_given_miss_prefix_replaces_the_streamed_prefix(dtype):
+    case = make_case(batch=2, kv_heads=2, group=4, n_keys=90, dtype=dtype, seed=17)
+    q = case[0]
+    gen = torch.Generator().manual_seed(3)
+    o_given = torch.randn(*q.shape, generator=gen).to(DEVICE)
+    lse_given = (torch.randn(q.shape[:2], generator=gen) * 2).to(DEVICE)
+    lse_given[0, 0] = float("-inf")  # an empty prefix state is a valid state too
+    hit, ring = assert_step_matches_reference(case, offset=8, sinks=0, num_splits=2, block_n=16,
+                                              miss_prefix=(o_given, lse_given))
+    assert hit.any() and not hit.all()
+    t, s0 = case[5], case[6]
+    missed = ~hit
+    slot = (t % ring.size)[:, None].expand_as(hit)
+    written = ring.lse.gather(-1, slot[..., None])[..., 0]
+    # A miss stores the given state merged with nothing: its lse is the given one.
+    torch.testing.assert_close(written[missed], lse_given[missed])
+    _, _, keys = mac.mac_decode_step(*case[:5], t, s0, 0.125, offset=8, tau=_tau(64), t_min=0,
+                                     max_depth=3, miss_prefix=(o_given, lse_given))
+    tail = (t + 1 - torch.maximum(t + 1 - 8, s0))[:, None].expand_as(keys)
+    assert torch.equal(keys[missed].long(), tail[missed])
+    with pytest.raises(ValueError, match="miss_prefix lse"):
+        mac.mac_decode_step(*case[:5], t, s0, 0.125, offset=8, tau=_tau(64), t_min=0,
+                            max_depth=3, miss_prefix=(o_given, lse_given.double()))
 
 
 def test_a_miss_is_full_attention():
