@@ -75,7 +75,7 @@ def _mac_case(rows: list[dict], layer, batch: int, context: int) -> None:
                                  layer.scale)
     attend = decode._build_macopt(decode.LayerShape(batch, context, **LAYER), inputs)
     _record(rows, case, "exact", lambda: attend(inputs))
-    for rate in (1.0, 0.95, 0.0):
+    for rate in (1.0, 0.99, 0.95, 0.9, 0.0):
         ring = bench_mac.forced_ring(layer, 512, rate)
         for splits in ((None, 4) if rate == 1.0 else (None,)):
             def step(splits=splits, ring=ring):
