@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from macopt.kernels.feature_maps import FeatureMaps, positive_random_features
+from macopt.phi_init import probe_feature_maps
 
 Tensor = torch.Tensor
 PHI_FILENAME = "macopt_phi.safetensors"
+INITS = ("probe", "prf")
 _CAPTURE_NAME = "macopt_capture"
 _MIN_MID = 8  # a training query needs at least this many middle keys
 
@@ -46,6 +49,9 @@ class CalibrationConfig:
 
     ``temperature`` is the KL's tau (ALGORITHMS.md does not fix it; 2 softens the teacher as
     in common distillation practice). ``d_phi`` None uses the head dim, as the paper does.
+    ``init``: where training starts, ``"probe"`` (:mod:`macopt.phi_init`: centred probe
+    features measured on the captured data, with ``margin`` standard deviations of safety on
+    the log-mass) or ``"prf"`` (positive random features, data-free; ``d_phi`` even).
     """
 
     d_phi: int | None = None
@@ -57,6 +63,22 @@ class CalibrationConfig:
     temperature: float = 2.0
     checkpoint_every: int = 25
     seed: int = 0
+    init: str = "probe"
+    margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"CalibrationConfig.init: expected one of {INITS}, got "
+                             f"{self.init!r}")
+        if not (isinstance(self.margin, int | float) and math.isfinite(self.margin)
+                and self.margin >= 0):
+            raise ValueError(f"CalibrationConfig.margin: expected a finite number >= 0 "
+                             f"(standard deviations), got {self.margin!r}")
+        if self.d_phi is not None and self.d_phi < 1:
+            raise ValueError(f"CalibrationConfig.d_phi: expected None or >= 1, got {self.d_phi}")
+        if self.init == "prf" and self.d_phi is not None and self.d_phi % 2:
+            raise ValueError(f"CalibrationConfig.d_phi: the prf init needs an even d_phi "
+                             f"(antithetic pairs), got {self.d_phi}")
 
 
 @dataclass
@@ -181,14 +203,19 @@ def layer_loss(maps: FeatureMaps, layer: CapturedLayer, sequence: int, positions
 
 def initial_maps(captured: dict[int, CapturedLayer], config: CalibrationConfig
                  ) -> dict[str, FeatureMaps]:
-    """Positive random features per layer (what the model runs with before calibration)."""
+    """Where training starts, per layer (``config.init``): probe features measured on the
+    captured queries and keys, or data-free positive random features."""
     generator = torch.Generator().manual_seed(config.seed)
     maps = {}
     for layer, data in captured.items():
         n_q, head_dim = data.q.shape[1], data.q.shape[3]
-        maps[site_name(layer)] = positive_random_features(
-            n_q, data.k.shape[1], head_dim, config.d_phi or head_dim, data.scale,
-            generator).to(data.q.device)
+        d_phi = config.d_phi or head_dim
+        if config.init == "probe":
+            maps[site_name(layer)] = probe_feature_maps(data, d_phi, config.sinks, config.tail,
+                                                        config.margin, generator)
+        else:
+            maps[site_name(layer)] = positive_random_features(
+                n_q, data.k.shape[1], head_dim, d_phi, data.scale, generator).to(data.q.device)
     return maps
 
 
