@@ -5,10 +5,12 @@
    function (``AttentionInterface``) that records its inputs and then runs SDPA, so every
    family whose attention goes through that interface is covered without knowing where its
    RoPE lives.
-2. :func:`calibrate_feature_maps` trains phi_q / phi_k of every layer (backbone frozen) on
-   random query positions: teacher = the exact scores over the query's middle region
-   ``[sinks, position + 1 - tail)``, student = ``log <phi_q(q), phi_k(k)>``, with the paper's
-   loss (:func:`phi_loss`). It is resumable from a checkpoint file.
+2. :func:`calibrate_feature_maps` starts from :func:`initial_maps` (by default the probe init
+   of :mod:`macopt.phi_init`, measured on the captured data) and trains phi_q / phi_k of every
+   layer for ``steps`` steps (backbone frozen; default 0) on random query positions: teacher
+   = the exact scores over the query's middle region ``[sinks, position + 1 - tail)``,
+   student = ``log <phi_q(q), phi_k(k)>``, with the paper's loss (:func:`phi_loss`). It is
+   resumable from a checkpoint file.
 3. The maps are saved with :func:`macopt.kernels.feature_maps.save_feature_maps`, one site per
    layer named :func:`site_name`, by default next to the model (:data:`PHI_FILENAME`).
 
@@ -52,12 +54,15 @@ class CalibrationConfig:
     ``init``: where training starts, ``"probe"`` (:mod:`macopt.phi_init`: centred probe
     features measured on the captured data, with ``margin`` standard deviations of safety on
     the log-mass) or ``"prf"`` (positive random features, data-free; ``d_phi`` even).
+    ``steps`` 0 (default) keeps the probe init as it is: on examples/tiny-lm, 30 steps of this
+    loss from it widened the log-mass error and raised the output error
+    (examples/topk_phi_fidelity.md); the PRF init needs training.
     """
 
     d_phi: int | None = None
     sinks: int = 4
     tail: int = 16
-    steps: int = 200
+    steps: int = 0
     queries_per_step: int = 16
     lr: float = 1e-3
     temperature: float = 2.0

@@ -120,13 +120,14 @@ def centred_maps(probes: Tensor, mean_keys: Tensor, scale: float, group: int,
     default 0): ``log phi_q[f] + log phi_k[f] - b_h = s q.k - s (q - p_f).(k - c_f)``."""
     n_kv_heads, d_phi, head_dim = probes.shape
     n_q_heads = n_kv_heads * group
-    bias = torch.zeros(n_q_heads) if bias is None else bias
-    maps = FeatureMaps(n_q_heads, n_kv_heads, head_dim, d_phi)
+    bias = torch.zeros(n_q_heads, dtype=probes.dtype) if bias is None else bias
+    maps = FeatureMaps(n_q_heads, n_kv_heads, head_dim, d_phi).to(probes.dtype)
     q_weight = (scale * mean_keys).repeat_interleave(group, 0)
     q_bias = (-scale * (probes * mean_keys).sum(-1)).repeat_interleave(group, 0) + bias[:, None]
-    set_linear_map(maps.phi_q, q_weight, q_bias, torch.zeros(n_q_heads), generator)
-    set_linear_map(maps.phi_k, scale * probes, torch.zeros(n_kv_heads, d_phi),
-                   torch.zeros(n_kv_heads), generator)
+    zeros = probes.new_zeros
+    set_linear_map(maps.phi_q, q_weight, q_bias, zeros(n_q_heads), generator)
+    set_linear_map(maps.phi_k, scale * probes, zeros(n_kv_heads, d_phi), zeros(n_kv_heads),
+                   generator)
     return maps
 
 
@@ -195,6 +196,10 @@ def probe_feature_maps(layer: CapturedLayer, d_phi: int, sinks: int, tail: int,
         raise ValueError(f"probe init: d_phi must be >= 1, got {d_phi}")
     if not (math.isfinite(margin) and margin >= 0):
         raise ValueError(f"probe init: margin must be a finite number >= 0, got {margin}")
+    length = layer.q.shape[2]
+    if decode_positions(length, sinks, tail).numel() == 0:
+        raise ValueError(f"probe init: calibration sequences of {length} tokens are too short "
+                         f"for decode queries past sinks {sinks} + tail {tail}")
     generator = generator or torch.Generator().manual_seed(0)
     device = layer.q.device
     layer = type(layer)(layer.q.float().cpu(), layer.k.float().cpu(), layer.scale)  # stats on CPU

@@ -60,10 +60,11 @@ def test_loss_charges_far_keys_only_when_overestimated():
 
 
 def test_training_lowers_the_loss_from_the_random_feature_start(captured):
-    before = evaluate(initial_maps(captured, SMALL), captured, SMALL)
-    maps, history = calibrate_feature_maps(captured, SMALL)
-    after = evaluate(maps, captured, SMALL)
-    assert len(history) == SMALL.steps
+    config = CalibrationConfig(**{**SMALL.__dict__, "init": "prf"})
+    before = evaluate(initial_maps(captured, config), captured, config)
+    maps, history = calibrate_feature_maps(captured, config)
+    after = evaluate(maps, captured, config)
+    assert len(history) == config.steps
     assert after < 0.5 * before
 
 
