@@ -43,11 +43,14 @@ The evaluation core computes exactly what ``macopt.topk_phi_ops.decode`` compute
 reference), but subtracts the retrieved keys' share from the summary by gathering the ``K``
 selected keys instead of masking all ``N`` (the test checks both agree).
 
-About 17 minutes on 2 CPU cores (10 of them calibrating). The calibrated maps of the tiny
-model (d_phi 128, 4 layers) take 10.6 MB, so they are not committed; ``--save-maps`` writes
-them and ``--maps`` reuses them::
+About 9 minutes on 1 CPU thread at d_phi 16 (under 1 of them for the probe init; 5 minutes at
+d_phi 2; each gradient step adds ~11 s at d_phi 128). The saved maps (8 MB at d_phi 16, with
+the unused MLP weights) are not committed; ``--save-maps`` writes them and ``--maps`` reuses
+them. examples/topk_phi_fidelity.md holds the d_phi 16 run (its ``--json`` is
+``macopt/bench/results/cpu_topk_phi_tiny_lm.json``) and the d_phi 2 one
+(``cpu_topk_phi_tiny_lm_dphi2.json``)::
 
-    python examples/topk_phi_fidelity.py --threads 2 \\
+    python examples/topk_phi_fidelity.py --threads 1 \\
         --json macopt/bench/results/cpu_topk_phi_tiny_lm.json \\
         --markdown examples/topk_phi_fidelity.md --save-maps /tmp/tiny_lm_phi.safetensors
 """
