@@ -15,7 +15,10 @@ Llama, 8 query / 2 KV heads, head dim 128, 8K context):
    ``[0, p]``, which are its prompt (as :func:`macopt.bench.topk.attention_output_errors` treats
    captured data): sinks ``[0, 4)``, tail ``[p - 15, p]``, the middle in between.
 3. **Calibration.** :func:`macopt.calibrate_phi.calibrate_feature_maps` on the training windows
-   (backbone frozen); "init" is its starting point, the parameter-free positive random features.
+   (backbone frozen): by default the probe init (:mod:`macopt.phi_init`: probes, their mean
+   keys and a per-head log-mass bias measured on the training windows) and ``--steps`` 0
+   gradient steps of the paper's loss (``--steps`` > 0 trains on; ``--init prf`` starts from
+   random features instead). "+phi PRF" is the data-free positive random features.
 4. **Errors.** Per layer and query head: relative L1 of the output against full attention,
    ``sum |o - o_full| / sum |o_full|`` over the split's queries and dims, and the attention
    entropy (nats, over keys ``[0, p]``). Selection is per KV head (the group shares it), by
@@ -23,8 +26,9 @@ Llama, 8 query / 2 KV heads, head dim 128, 8K context):
 5. **Matched budgets.** A budget fraction ``f`` is ``B = ceil(f * context)`` token-equivalents
    read per KV head and step beyond the anchors (the fraction is of the cache capacity, as
    ``TopKPhiConfig.budget_tokens``). Top-K retrieves ``B`` keys; Top-K + phi also reads its
-   summary (:func:`macopt.topk_phi_ops.summary_token_equivalent`: 130 tokens for
-   ``d_phi = D = 128`` and a bf16 cache), so it retrieves ``B - 130`` (no entry when negative).
+   summary (:func:`macopt.topk_phi_ops.summary_token_equivalent`: 16.25 tokens for
+   ``d_phi = 16`` (the default here), 130 for ``d_phi = D = 128``, bf16 cache), so it retrieves
+   ``floor(B - summary)`` (no entry when negative).
    The page selector rounds both down to whole pages. ``topk_same_k`` is Top-K at Top-K + phi's
    ``K`` (the paper's comparison, and what a head with completion off runs).
 6. **Switch** (decided per budget and selector on the switch-decision windows, never on the
@@ -39,11 +43,14 @@ The evaluation core computes exactly what ``macopt.topk_phi_ops.decode`` compute
 reference), but subtracts the retrieved keys' share from the summary by gathering the ``K``
 selected keys instead of masking all ``N`` (the test checks both agree).
 
-About 17 minutes on 2 CPU cores (10 of them calibrating). The calibrated maps of the tiny
-model (d_phi 128, 4 layers) take 10.6 MB, so they are not committed; ``--save-maps`` writes
-them and ``--maps`` reuses them::
+About 9 minutes on 1 CPU thread at d_phi 16 (under 1 of them for the probe init; 5 minutes at
+d_phi 2; each gradient step adds ~11 s at d_phi 128). The saved maps (8 MB at d_phi 16, with
+the unused MLP weights) are not committed; ``--save-maps`` writes them and ``--maps`` reuses
+them. examples/topk_phi_fidelity.md holds the d_phi 16 run (its ``--json`` is
+``macopt/bench/results/cpu_topk_phi_tiny_lm.json``) and the d_phi 2 one
+(``cpu_topk_phi_tiny_lm_dphi2.json``)::
 
-    python examples/topk_phi_fidelity.py --threads 2 \\
+    python examples/topk_phi_fidelity.py --threads 1 \\
         --json macopt/bench/results/cpu_topk_phi_tiny_lm.json \\
         --markdown examples/topk_phi_fidelity.md --save-maps /tmp/tiny_lm_phi.safetensors
 """
@@ -51,6 +58,7 @@ them and ``--maps`` reuses them::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import math
@@ -63,6 +71,7 @@ from pathlib import Path
 import torch
 
 from macopt.calibrate_phi import (
+    INITS,
     CalibrationConfig,
     CapturedLayer,
     calibrate_feature_maps,
@@ -511,12 +520,12 @@ def markdown(result: dict) -> str:
         f"{v['high_entropy_heads']} high-entropy heads), evaluation split, "
         f"{result['evaluation']['queries']} decode queries at {config['context'] // 2}-"
         f"{config['context']} context. `B`: matched token-equivalent budget per KV head and "
-        f"step; Top-K+phi pays {config['summary_tokens']:.0f} of it for its summary "
+        f"step; Top-K+phi pays {config['summary_tokens']:g} of it for its summary "
         f"(d_phi {config['d_phi']}, bf16 cache), so it retrieves `K_phi` keys. Last column: "
         "heads where calibrated Top-K+phi beats Top-K at the matched budget (high / low "
         "entropy).",
         "",
-        "| selector | budget | B | K_topk | K_phi | Top-K | Top-K at K_phi | +phi init | "
+        "| selector | budget | B | K_topk | K_phi | Top-K | Top-K at K_phi | +phi PRF | "
         "+phi cal | switch (head) | switch (group) | cal beats Top-K |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -542,10 +551,14 @@ def markdown(result: dict) -> str:
                   f"{config['page_size']}; selection per KV head."]
     cal = result.get("calibration", {})
     if "loss_history" in cal:
-        lines += ["", f"Calibration: {len(cal['loss_history'])} steps in "
-                  f"{cal['seconds']:.0f} s; distillation loss (all layers; untrained query "
-                  f"positions of the training windows) {cal['eval_loss_before']:.2f} at init -> "
-                  f"{cal['eval_loss_after']:.2f}."]
+        init = config.get("init", "prf")
+        start = ("probe init (margin " + f"{config.get('margin', 1.0):g}" + " std)"
+                 if init == "probe" else "PRF init")
+        lines += ["", f"Calibration (`+phi cal`): {start} + {len(cal['loss_history'])} gradient "
+                  f"steps, {cal['seconds']:.0f} s; distillation loss (all layers; untrained "
+                  f"query positions of the training windows) {cal['eval_loss_before']:.2f} at "
+                  f"init -> {cal['eval_loss_after']:.2f}. `+phi PRF`: the data-free positive "
+                  "random features."]
     detail = config.get("detail")
     if detail and "errors" in result["evaluation"]:
         selector, fraction = detail.split("@")
@@ -577,7 +590,7 @@ def per_head_table(result: dict, selector: str, fraction: float) -> list[str]:
              "calibration-split entropy; `on`: completion switched on (decided on the "
              "calibration split), `summary`: the head's KV group keeps the summary.",
              "",
-             "| layer.head | entropy cal / eval (nats) | Top-K | Top-K at K_phi | +phi init "
+             "| layer.head | entropy cal / eval (nats) | Top-K | Top-K at K_phi | +phi PRF "
              "| +phi cal | on | summary |",
              "|---|---|---|---|---|---|---|---|"]
     for layer, head in heads:
@@ -611,9 +624,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--page-size", type=int, default=32)
     a("--sinks", type=int, default=4)
     a("--tail", type=int, default=16)
-    a("--d-phi", type=int, default=None, help="features per map (default: the head dim)")
+    a("--d-phi", type=int, default=16, help="features per map (0: the head dim)")
     a("--kv-itemsize", type=int, default=2, help="bytes per cached K/V element (bf16: 2)")
-    a("--steps", type=int, default=50, help="calibration steps (~11 s each on 2 CPU cores)")
+    a("--init", choices=INITS, default="probe",
+      help="calibrated maps' start: probe features measured on the training windows, or PRF")
+    a("--margin", type=float, default=1.0,
+      help="probe init: std devs of calibration log-mass error kept under the mean")
+    a("--steps", type=int, default=0,
+      help="gradient steps of the paper's loss after the init (~11 s each at d_phi 128)")
     a("--queries-per-step", type=int, default=8)
     a("--lr", type=float, default=3e-3)
     a("--seed", type=int, default=0)
@@ -654,12 +672,12 @@ def _calibrate(model, rows: Tensor, config: CalibrationConfig, log) -> tuple[dic
 
 def random_feature_maps(n_layers: int, n_q_heads: int, n_kv_heads: int, head_dim: int,
                         config: CalibrationConfig) -> dict[str, FeatureMaps]:
-    """The uncalibrated maps: :func:`initial_maps` (calibration's starting point, scale
-    ``head_dim ** -0.5``), which reads only the captured shapes."""
+    """The data-free maps: positive random features (:func:`initial_maps` with ``init="prf"``,
+    scale ``head_dim ** -0.5``), which read only the captured shapes."""
     shapes = {layer: CapturedLayer(torch.empty(0, n_q_heads, 0, head_dim),
                                    torch.empty(0, n_kv_heads, 0, head_dim), head_dim**-0.5)
               for layer in range(n_layers)}
-    return initial_maps(shapes, config)
+    return initial_maps(shapes, dataclasses.replace(config, init="prf"))
 
 
 def _interleave(first: int, second: int) -> list[int]:
@@ -706,9 +724,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     body = model.model.eval().requires_grad_(False)  # the attention inputs need no LM head
 
-    config = CalibrationConfig(d_phi=args.d_phi, sinks=args.sinks, tail=args.tail,
+    config = CalibrationConfig(d_phi=args.d_phi or None, sinks=args.sinks, tail=args.tail,
                                steps=args.steps, queries_per_step=args.queries_per_step,
-                               lr=args.lr, seed=args.seed)
+                               lr=args.lr, seed=args.seed, init=args.init, margin=args.margin)
     # Interleaved, so that both kinds span the calibration half.
     order = _interleave(args.train_windows, args.switch_windows)
     train_rows, switch_rows = cal_rows[order[:args.train_windows]], cal_rows[

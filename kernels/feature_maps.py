@@ -177,14 +177,39 @@ def positive_random_features(
 
 def _init_random_feature_map(phi: FeatureMap, w_o: Tensor, scale: float,
                              generator: torch.Generator | None) -> None:
+    bias = torch.full(phi.b_o.shape, -0.5 * math.log(phi.d_phi))
+    set_linear_map(phi, w_o, bias, torch.full(phi.sq_norm.shape, scale / 2), generator)
+
+
+@torch.no_grad()
+def set_linear_map(phi: FeatureMap, weight: Tensor, bias: Tensor, sq_norm: Tensor,
+                   generator: torch.Generator | None = None) -> None:
+    """Make ``phi`` the map ``log phi(x) = weight x + bias - sq_norm ||x||^2`` (MLP off).
+
+    ``weight[H, d_phi, D]``, ``bias[H, d_phi]``, ``sq_norm[H]``; ``W_s = I`` (``width`` must
+    be the head dim). ``alpha = 0`` keeps the MLP off; small random ``W1``/``W2`` give alpha a
+    gradient once training starts.
+    """
     width, hidden = phi.w_s.shape[1], phi.w_1.shape[1]
+    if width != phi.head_dim:
+        raise ValueError(f"width must equal head_dim ({phi.head_dim}) for a linear map, "
+                         f"got {width}")
+    expected = (phi.n_heads, phi.d_phi, phi.head_dim)
+    if tuple(weight.shape) != expected or tuple(bias.shape) != expected[:2] or tuple(
+            sq_norm.shape) != expected[:1]:
+        raise ValueError(f"expected weight {expected}, bias {expected[:2]}, sq_norm "
+                         f"{expected[:1]}; got {tuple(weight.shape)}, {tuple(bias.shape)}, "
+                         f"{tuple(sq_norm.shape)}")
     phi.w_s.copy_(torch.eye(width).expand_as(phi.w_s))
-    # alpha = 0 keeps the MLP off; small random W1/W2 give alpha a gradient once training starts.
+    phi.b_s.zero_()
     phi.w_1.copy_(torch.randn(phi.w_1.shape, generator=generator) * width**-0.5)
+    phi.b_1.zero_()
     phi.w_2.copy_(torch.randn(phi.w_2.shape, generator=generator) * 0.01 * hidden**-0.5)
-    phi.w_o.copy_(w_o)
-    phi.b_o.fill_(-0.5 * math.log(phi.d_phi))
-    phi.sq_norm.fill_(scale / 2)
+    phi.b_2.zero_()
+    phi.alpha.zero_()
+    phi.w_o.copy_(weight)
+    phi.b_o.copy_(bias)
+    phi.sq_norm.copy_(sq_norm)
 
 
 def save_feature_maps(maps: dict[str, FeatureMaps], path: str | Path) -> None:

@@ -5,10 +5,12 @@
    function (``AttentionInterface``) that records its inputs and then runs SDPA, so every
    family whose attention goes through that interface is covered without knowing where its
    RoPE lives.
-2. :func:`calibrate_feature_maps` trains phi_q / phi_k of every layer (backbone frozen) on
-   random query positions: teacher = the exact scores over the query's middle region
-   ``[sinks, position + 1 - tail)``, student = ``log <phi_q(q), phi_k(k)>``, with the paper's
-   loss (:func:`phi_loss`). It is resumable from a checkpoint file.
+2. :func:`calibrate_feature_maps` starts from :func:`initial_maps` (by default the probe init
+   of :mod:`macopt.phi_init`, measured on the captured data) and trains phi_q / phi_k of every
+   layer for ``steps`` steps (backbone frozen; default 0) on random query positions: teacher
+   = the exact scores over the query's middle region ``[sinks, position + 1 - tail)``,
+   student = ``log <phi_q(q), phi_k(k)>``, with the paper's loss (:func:`phi_loss`). It is
+   resumable from a checkpoint file.
 3. The maps are saved with :func:`macopt.kernels.feature_maps.save_feature_maps`, one site per
    layer named :func:`site_name`, by default next to the model (:data:`PHI_FILENAME`).
 
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from macopt.kernels.feature_maps import FeatureMaps, positive_random_features
+from macopt.phi_init import probe_feature_maps
 
 Tensor = torch.Tensor
 PHI_FILENAME = "macopt_phi.safetensors"
+INITS = ("probe", "prf")
 _CAPTURE_NAME = "macopt_capture"
 _MIN_MID = 8  # a training query needs at least this many middle keys
 
@@ -46,17 +51,39 @@ class CalibrationConfig:
 
     ``temperature`` is the KL's tau (ALGORITHMS.md does not fix it; 2 softens the teacher as
     in common distillation practice). ``d_phi`` None uses the head dim, as the paper does.
+    ``init``: where training starts, ``"probe"`` (:mod:`macopt.phi_init`: centred probe
+    features measured on the captured data, with ``margin`` standard deviations of safety on
+    the log-mass) or ``"prf"`` (positive random features, data-free; ``d_phi`` even).
+    ``steps`` 0 (default) keeps the probe init as it is: on examples/tiny-lm, 30 steps of this
+    loss from it widened the log-mass error and raised the output error
+    (examples/topk_phi_fidelity.md); the PRF init needs training.
     """
 
     d_phi: int | None = None
     sinks: int = 4
     tail: int = 16
-    steps: int = 200
+    steps: int = 0
     queries_per_step: int = 16
     lr: float = 1e-3
     temperature: float = 2.0
     checkpoint_every: int = 25
     seed: int = 0
+    init: str = "probe"
+    margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"CalibrationConfig.init: expected one of {INITS}, got "
+                             f"{self.init!r}")
+        if not (isinstance(self.margin, int | float) and math.isfinite(self.margin)
+                and self.margin >= 0):
+            raise ValueError(f"CalibrationConfig.margin: expected a finite number >= 0 "
+                             f"(standard deviations), got {self.margin!r}")
+        if self.d_phi is not None and self.d_phi < 1:
+            raise ValueError(f"CalibrationConfig.d_phi: expected None or >= 1, got {self.d_phi}")
+        if self.init == "prf" and self.d_phi is not None and self.d_phi % 2:
+            raise ValueError(f"CalibrationConfig.d_phi: the prf init needs an even d_phi "
+                             f"(antithetic pairs), got {self.d_phi}")
 
 
 @dataclass
@@ -181,14 +208,19 @@ def layer_loss(maps: FeatureMaps, layer: CapturedLayer, sequence: int, positions
 
 def initial_maps(captured: dict[int, CapturedLayer], config: CalibrationConfig
                  ) -> dict[str, FeatureMaps]:
-    """Positive random features per layer (what the model runs with before calibration)."""
+    """Where training starts, per layer (``config.init``): probe features measured on the
+    captured queries and keys, or data-free positive random features."""
     generator = torch.Generator().manual_seed(config.seed)
     maps = {}
     for layer, data in captured.items():
         n_q, head_dim = data.q.shape[1], data.q.shape[3]
-        maps[site_name(layer)] = positive_random_features(
-            n_q, data.k.shape[1], head_dim, config.d_phi or head_dim, data.scale,
-            generator).to(data.q.device)
+        d_phi = config.d_phi or head_dim
+        if config.init == "probe":
+            maps[site_name(layer)] = probe_feature_maps(data, d_phi, config.sinks, config.tail,
+                                                        config.margin, generator)
+        else:
+            maps[site_name(layer)] = positive_random_features(
+                n_q, data.k.shape[1], head_dim, d_phi, data.scale, generator).to(data.q.device)
     return maps
 
 

@@ -60,10 +60,11 @@ def test_loss_charges_far_keys_only_when_overestimated():
 
 
 def test_training_lowers_the_loss_from_the_random_feature_start(captured):
-    before = evaluate(initial_maps(captured, SMALL), captured, SMALL)
-    maps, history = calibrate_feature_maps(captured, SMALL)
-    after = evaluate(maps, captured, SMALL)
-    assert len(history) == SMALL.steps
+    config = CalibrationConfig(**{**SMALL.__dict__, "init": "prf"})
+    before = evaluate(initial_maps(captured, config), captured, config)
+    maps, history = calibrate_feature_maps(captured, config)
+    after = evaluate(maps, captured, config)
+    assert len(history) == config.steps
     assert after < 0.5 * before
 
 
@@ -125,3 +126,20 @@ def test_cli_writes_phi_next_to_the_model(tmp_path):
     maps = load_feature_maps(tmp_path / "model" / PHI_FILENAME)
     assert set(maps) == {"layer.0", "layer.1"} and maps["layer.0"].phi_q.d_phi == 16
     assert (tmp_path / "model" / (PHI_FILENAME + ".ckpt")).exists()
+
+
+@pytest.mark.parametrize("init", ["probe", "prf"])
+def test_cli_writes_maps_of_the_chosen_init_without_training(tmp_path, init):
+    words = _save_tiny_model_with_tokenizer(tmp_path / "model")
+    gen = torch.Generator().manual_seed(0)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(words[i] for i in torch.randint(0, 200, (300,), generator=gen)))
+    out = tmp_path / "phi.safetensors"
+    argv = ["calibrate", str(tmp_path / "model"), "--method", "topk_phi", "--text", str(text),
+            "--seq-len", "128", "--sequences", "2", "--steps", "0", "--d-phi", "8",
+            "--init", init, "--out", str(out), "--device", "cpu", "--dtype", "float32"]
+    assert cli.main(argv) == 0
+    phi_q = load_feature_maps(out)["layer.0"].phi_q
+    expected_sq_norm = 0.0 if init == "probe" else 64**-0.5 / 2  # probe: linear, PRF: s / 2
+    assert float(phi_q.sq_norm[0]) == pytest.approx(expected_sq_norm)
+    assert cli.main(argv[:-6] + ["--margin", "-1", "--device", "cpu"]) == 2  # refused

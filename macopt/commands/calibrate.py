@@ -33,7 +33,7 @@ METHODS = ("topk_phi", "mac")
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from macopt.calibrate_mac import MACCalibration
-    from macopt.calibrate_phi import CalibrationConfig
+    from macopt.calibrate_phi import INITS, CalibrationConfig
     from macopt.config import MACConfig
 
     defaults, mac = CalibrationConfig(), MACCalibration()
@@ -60,7 +60,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     phi.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
     phi.add_argument("--sequences", type=int, default=4,
                      help="sequences to capture (mac: calibration windows)")
-    phi.add_argument("--steps", type=int, default=defaults.steps)
+    phi.add_argument("--init", choices=INITS, default=defaults.init,
+                     help="probe: centred probe features measured on the text (default); prf: "
+                     "data-free positive random features")
+    phi.add_argument("--margin", type=float, default=defaults.margin,
+                     help="probe init: standard deviations of the calibration log-mass error "
+                     f"kept under its mean (default {defaults.margin:g})")
+    phi.add_argument("--steps", type=int, default=defaults.steps,
+                     help="gradient steps of the paper's loss after the init (default "
+                     f"{defaults.steps}: the probe init alone)")
     phi.add_argument("--queries", type=int, default=defaults.queries_per_step,
                      help="query positions per step and layer")
     phi.add_argument("--d-phi", type=int, default=None, help="features (default head dim)")
@@ -212,6 +220,7 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
     checkpoint = args.checkpoint or out.with_name(out.name + ".ckpt")
     config = CalibrationConfig(d_phi=args.d_phi, sinks=args.sinks, tail=args.tail,
                                steps=args.steps, queries_per_step=args.queries, lr=args.lr,
+                               init=args.init, margin=args.margin,
                                seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model,
@@ -230,6 +239,7 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
         maps, history = calibrate_feature_maps(
             captured, config, checkpoint,
             on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
-        progress.update(task, completed=config.steps, loss=history[-1])
+        progress.update(task, completed=config.steps,
+                        loss=history[-1] if history else float("nan"))
     save_feature_maps({name: m.cpu() for name, m in maps.items()}, out)
     return out
