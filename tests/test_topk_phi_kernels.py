@@ -111,6 +111,21 @@ def test_decode_kernel_matches_the_reference(head_dim, group, dtype):
     _assert_states_close(kernel, oracle, tol=1e-4 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("d_phi", [2, 6, 16])
+def test_small_feature_maps_fill_a_padded_dot_tile(d_phi):
+    # Calibrated probe maps use 2-16 features; tl.dot tiles are at least 16 wide, so the
+    # kernels mask the padding features out of the summary and the completion alike.
+    p = make_problem(n_q_heads=8, n_kv_heads=2, head_dim=64, d_phi=d_phi, n_keys=96,
+                     lengths=[90, 41], n_generated=3, seed=d_phi)
+    kernel, oracle = _kernel_summary(p, num_splits=2), p.summary()
+    for name in ("m", "u", "t"):
+        torch.testing.assert_close(getattr(kernel, name), getattr(oracle, name).float(),
+                                   rtol=1e-5, atol=1e-5, msg=name)
+    selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=16)
+    decoded, expected = _both_decodes(p, selected, num_splits=2, block_n=16)
+    _assert_states_close(decoded, expected, tol=1e-4)
+
+
 def test_decode_output_is_the_state_in_q_dtype():
     p = make_problem(head_dim=64, dtype=torch.bfloat16)
     selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=16)
