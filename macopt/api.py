@@ -193,7 +193,7 @@ def _eager_backend(config: MethodConfig | None) -> Callable:
 
     def rewrite(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         with reinplacing_input_writes(gm):
-            run_passes(gm.graph, config)
+            run_passes(gm.graph, config, eager_route=True)
         gm.recompile()
         return make_boxed_func(gm)
 
