@@ -19,7 +19,8 @@ sequence, a sliding window) runs the masked call eager transformers makes with a
 (repeated KV heads, the boolean mask).
 
 >>> causal = torch.ops.macopt.mask_is_causal(mask)  # doctest: +SKIP
->>> o = torch.ops.macopt.causal_prefill_attention(q, k, v, mask, causal, 0.125)  # doctest: +SKIP
+>>> o = torch.ops.macopt.causal_prefill_attention(q, k, v, mask, causal, 0.125,
+...                                                 [0, 2, 1, 3])  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _(mask):
 
 
 def _check_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, causal: Tensor,
-                     sizes: bool = True) -> None:
+                     layout: list[int], sizes: bool = True) -> None:
     """Ranks, dtypes and devices; with ``sizes`` (real tensors, not the fake: comparing
     symbolic sizes there would add shape guards after the trace) the sizes too."""
     _check_mask(mask)
@@ -74,6 +75,8 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, causal: Tens
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if causal.device.type != "cpu" or causal.dtype != torch.bool or causal.numel() != 1:
         raise ValueError("causal: expected the CPU bool scalar of macopt::mask_is_causal")
+    if sorted(layout) != [0, 1, 2, 3]:
+        raise ValueError(f"layout: expected a permutation of 0..3, got {layout}")
     if sizes and (v.shape[:3] != k.shape[:3] or q.shape[1] % k.shape[1]
                   or mask.shape[2:] != (q.shape[2], k.shape[2])):
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask "
@@ -81,22 +84,26 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, causal: Tens
                          f"with k's [B, Hkv, N] and the mask [B, 1, C, N]")
 
 
-def _output_like(q: Tensor, v: Tensor) -> Tensor:
-    """``[B, Hq, C, Dv]`` laid out as ``[B, C, Hq, Dv]``: what SDPA's fused kernels return
-    (CPU flash, CUDA flash and memory-efficient), so the traced graph's views of the output
-    stay valid whichever branch ran."""
+def _output_like(q: Tensor, v: Tensor, layout: list[int]) -> Tensor:
+    """An empty ``[B, Hq, C, Dv]`` whose dims lie in memory in the order ``layout`` (outermost
+    first): the strides of the traced graph's attention output, whose views of it must stay
+    valid whichever branch ran."""
     batch, heads, queries, _ = q.shape
-    return q.new_empty((batch, queries, heads, v.shape[-1])).transpose(1, 2)
+    sizes = (batch, heads, queries, v.shape[-1])
+    stored = q.new_empty([sizes[d] for d in layout])
+    return stored.permute([layout.index(d) for d in range(4)])
 
 
 @torch.library.custom_op("macopt::causal_prefill_attention", mutates_args=())
 def causal_prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, causal: Tensor,
-                             scale: float | None) -> Tensor:
+                             scale: float | None, layout: list[int]) -> Tensor:
     """``SDPA(q, k, v, attn_mask=mask, scale)`` for ``q[B,Hq,C,D]`` and un-repeated
     ``k/v[B,Hkv,N,D]``: through ``is_causal`` on the first ``C`` keys when ``causal`` (from
     :func:`mask_is_causal` of this mask) is True, else with the mask and repeated KV heads;
-    in both, the call eager transformers makes for that mask."""
-    _check_attention(q, k, v, mask, causal)
+    in both, the call eager transformers makes for that mask. The result's dims lie in memory
+    in the order ``layout`` (a permutation of 0..3, outermost first; copied there if SDPA
+    returned another layout)."""
+    _check_attention(q, k, v, mask, causal, layout)
     group = q.shape[1] // k.shape[1]
     # transformers (use_gqa_in_sdpa, CUDA and CPU) groups heads in SDPA only without a mask
     # and with equal head dims <= 256; it repeats the KV heads otherwise.
@@ -110,13 +117,13 @@ def causal_prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, caus
                                              **({"enable_gqa": True} if native_gqa else {}))
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    result = _output_like(q, v)
+    result = _output_like(q, v, layout)
     if out.stride() == result.stride():
         return out
     return result.copy_(out)
 
 
 @causal_prefill_attention.register_fake
-def _(q, k, v, mask, causal, scale):
-    _check_attention(q, k, v, mask, causal, sizes=False)
-    return _output_like(q, v)
+def _(q, k, v, mask, causal, scale, layout):
+    _check_attention(q, k, v, mask, causal, layout, sizes=False)
+    return _output_like(q, v, layout)

@@ -89,11 +89,31 @@ def causal_skip_reason(site: AttentionSite) -> tuple[Node | None, str | None]:
             or not _same(m_val.shape[2], q_val.shape[2])
             or not _same(m_val.shape[3], k_val.shape[2])):
         return None, f"attention mask of shape {tuple(m_val.shape)} (expected [B, 1, C, N])"
-    strides, expected = tuple(fake(site.output).stride()), _transposed_layout(q_val, v_val)
-    if len(strides) != 4 or not all(map(_same, strides, expected)):
-        return None, (f"attention output strides {strides} are not SDPA's fused-kernel layout "
-                      f"{expected}")
+    if output_layout(site) is None:
+        return None, (f"attention output strides {tuple(fake(site.output).stride())}: not a "
+                      f"dense layout of [B, Hq, C, Dv] the op can return")
     return mask, None
+
+
+# Memory orders of the attention output seen in traced graphs, outermost dim first: SDPA's
+# fused kernels' [B, C, Hq, Dv] (CUDA flash and memory-efficient, CPU flash for most inputs),
+# and a contiguous [B, Hq, C, Dv] (CPU flash with GPT-NeoX's fused-QKV layout).
+_LAYOUTS = ((0, 2, 1, 3), (0, 1, 2, 3))
+
+
+def output_layout(site: AttentionSite) -> list[int] | None:
+    """The memory order of ``site``'s output (outermost dim first) among :data:`_LAYOUTS`,
+    provably (symbolic strides through the shape environment), or None."""
+    out = fake(site.output)
+    if out is None or out.dim() != 4:
+        return None
+    for layout in _LAYOUTS:
+        expected, step = [0] * 4, 1
+        for dim in reversed(layout):
+            expected[dim], step = step, step * out.shape[dim]
+        if all(map(_same, out.stride(), expected)):
+            return list(layout)
+    return None
 
 
 def _same(a: object, b: object) -> bool:
@@ -103,17 +123,10 @@ def _same(a: object, b: object) -> bool:
     return bool(statically_known_true(a == b))
 
 
-def _transposed_layout(q_val: torch.Tensor, v_val: torch.Tensor) -> tuple:
-    """Strides of ``[B, Hq, C, Dv]`` laid out as ``[B, C, Hq, Dv]`` (as the op returns)."""
-    _, heads, queries, _ = q_val.shape
-    dv = v_val.shape[-1]
-    return (queries * heads * dv, dv, heads * dv, 1)
-
-
 def _rewrite(graph: Graph, site: AttentionSite, mask: Node) -> None:
     with graph.inserting_before(site.node):
         causal = _causal_check(graph, site, mask)
-        args = (site.q, site.k, site.v, mask, causal, site.scale)
+        args = (site.q, site.k, site.v, mask, causal, site.scale, output_layout(site))
         out = call(graph, torch.ops.macopt.causal_prefill_attention.default, args, site)
     site.output.replace_all_uses_with(out)
 
