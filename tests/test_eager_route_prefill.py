@@ -1,11 +1,14 @@
-"""The ``macopt_eager`` route's prefill attention takes SDPA's causal path when its mask is causal.
+"""The ``macopt_eager`` route's prefill runs what eager runs: SDPA's causal path when the mask is
+causal, and the ops eager runs as one kernel kept whole.
 
 Traced, transformers builds a boolean mask over the whole static cache where eager passes
 ``is_causal=True``; the route checks that mask at run time and makes eager's call
 (``macopt.causal_prefill_ops``, ``passes/causal_prefill.py``). Identities: the check accepts
 exactly SDPA's top-left causal pattern; the op equals SDPA with the mask for any mask; a routed
 prefill gives the unmodified model's logits for a prompt (causal branch), a chunk continuing
-it in a static cache and a left-padded batch (masked branch), on several families.
+it in a static cache and a left-padded batch (masked branch), on several families. The route
+also keeps SiLU, GELU and layer norm whole (``api.eager_route_decompositions``): decomposed,
+each would be several passes over memory.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import macopt
-from macopt import causal_prefill_ops
+from macopt import api, causal_prefill_ops
 from macopt._hf_compat import static_cache
 from macopt.passes._compat import dynamo
 from macopt.passes.causal_prefill import REWRITTEN
@@ -43,13 +46,13 @@ def is_causal(mask: torch.Tensor) -> bool:
 # The run-time check
 
 
-@pytest.mark.parametrize("block_elements", [1 << 24, 40])  # one block; many blocks of 1-2 rows
+@pytest.mark.parametrize("block_elements", [1 << 26, 40])  # one block; many blocks of 1-2 rows
 def test_check_accepts_the_top_left_causal_mask(monkeypatch, block_elements):
     monkeypatch.setattr(causal_prefill_ops, "_CHECK_ELEMENTS", block_elements)
     assert is_causal(causal_mask(1, 7, 7)) and is_causal(causal_mask(2, 7, 30))
 
 
-@pytest.mark.parametrize("block_elements", [1 << 24, 40])
+@pytest.mark.parametrize("block_elements", [1 << 26, 40])
 @pytest.mark.parametrize("flip", [(0, 6, 6), (1, 3, 20), (0, 2, 1), (1, 0, 0)])
 def test_check_rejects_a_mask_one_entry_away(monkeypatch, block_elements, flip):
     """Above the diagonal, in the cache's tail, below the diagonal, the first key; row 1."""
@@ -121,6 +124,20 @@ def test_attention_passes_opcheck(name):
 
 # ---------------------------------------------------------------------------------------------
 # Routed prefills of whole models
+
+
+@pytest.fixture
+def graphs_run(monkeypatch) -> list[torch.fx.GraphModule]:
+    """Every graph the ``macopt_eager`` backend hands back to run."""
+    seen: list[torch.fx.GraphModule] = []
+    boxed = api.make_boxed_func
+
+    def spy(gm: torch.fx.GraphModule):  # noqa: ANN202
+        seen.append(gm)
+        return boxed(gm)
+
+    monkeypatch.setattr(api, "make_boxed_func", spy)
+    return seen
 
 
 @pytest.fixture
@@ -227,3 +244,16 @@ def test_float_mask_input_is_kept_as_traced_with_the_reason(sdpa_calls):
     prefill = [r for r in macopt.explain(model) if r.phase == "prefill"]
     assert prefill and all(r.prefill_attention.startswith("kept as traced: float attention mask")
                            for r in prefill)
+
+
+@pytest.mark.parametrize(("family", "whole", "pieces"), [
+    ("llama", {"silu"}, {"exp", "div"}),
+    ("gpt_neox", {"gelu", "native_layer_norm"}, {"erf", "var_mean", "rsqrt"}),
+])
+def test_routed_graph_keeps_activations_and_norms_whole(family, whole, pieces, graphs_run):
+    model = macopt.optimize(_model(family), MAC)
+    _chunks_through(model, [_ids(1, FIRST)])
+    assert len(graphs_run) == 1
+    ops = {n.target.__name__.split(".")[0] for n in graphs_run[0].graph.nodes
+           if n.op == "call_function" and hasattr(n.target, "__name__")}
+    assert whole <= ops and not pieces & ops
