@@ -188,17 +188,37 @@ def _eager_backend(config: MethodConfig | None) -> Callable:
     Cache writes stay in place, as in eager: functionalization turns ``cache.index_copy_`` into
     an out-of-place ``index_put`` of the whole cache, which aot would copy back into the input
     after the graph (at 128K tokens on Llama-8B, +16 GiB of prefill peak memory). Keeping the
-    input mutations in the graph and reinplacing them writes the cache where it lies.
+    input mutations in the graph and reinplacing them writes the cache where it lies. Prefill
+    attention takes SDPA's causal path where its traced mask is causal at run time, as eager
+    would (``eager_route``: :mod:`macopt.passes.causal_prefill`).
     """
 
     def rewrite(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         with reinplacing_input_writes(gm):
-            run_passes(gm.graph, config)
+            run_passes(gm.graph, config, eager_route=True)
         gm.recompile()
         return make_boxed_func(gm)
 
-    return aot_autograd(fw_compiler=rewrite, decompositions=select_decomp_table(),
+    return aot_autograd(fw_compiler=rewrite, decompositions=eager_route_decompositions(),
                         keep_inference_input_mutations=True)
+
+
+# Ops eager runs as one kernel that Inductor's table splits into several for it to fuse back
+# (SiLU into neg/exp/add/div, layer norm into var_mean/sub/rsqrt/mul/add, softmax into five;
+# for half inputs through fp32 copies). Run without Inductor, each piece is a pass over memory:
+# at 8K tokens of Llama-8B, a decomposed SiLU reads and writes ~4x what eager's does per layer.
+# No pass reads inside them; kept whole, they run eager's own kernel.
+_WHOLE_IN_EAGER = ("silu", "silu_", "gelu", "gelu_", "native_layer_norm", "_fused_rms_norm",
+                   "_softmax", "_log_softmax")
+
+
+def eager_route_decompositions() -> dict:
+    """Inductor's decomposition table without the ops of :data:`_WHOLE_IN_EAGER` (what the
+    ``macopt_eager`` graph decomposes: the passes are written against post-grad graphs)."""
+    whole = {getattr(torch.ops.aten, name) for name in _WHOLE_IN_EAGER
+             if hasattr(torch.ops.aten, name)}
+    return {op: fn for op, fn in select_decomp_table().items()
+            if getattr(op, "overloadpacket", None) not in whole}
 
 
 def _user_pass() -> object | None:

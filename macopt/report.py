@@ -21,7 +21,7 @@ class Explanation(list[SiteReport]):
             group = f"{r.gqa_form} g={r.group}" if r.group and r.group > 1 else str(r.group)
             table.add_row(r.layer, f"{r.phase} (q={r.query_len})", r.op, r.rope_form or "none",
                           "yes" if r.pre_rope_lifted else "no", group, str(r.head_dim),
-                          r.decision, r.reason)
+                          r.decision, _reason(r))
         return table
 
     def __rich__(self) -> Table:
@@ -30,3 +30,9 @@ class Explanation(list[SiteReport]):
     @property
     def rewritten(self) -> list[SiteReport]:
         return [r for r in self if r.rewritten]
+
+
+def _reason(report: SiteReport) -> str:
+    if not report.prefill_attention:
+        return report.reason
+    return f"{report.reason}\nattention: {report.prefill_attention}"

@@ -13,6 +13,7 @@ the tagged (rewritten) artifact. Both compute the same attention under ``ExactCo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from macopt.passes import (
     topk_phi_rewrite,  # noqa: F401  (registers the "topk_phi" rewrites)
 )
 from macopt.passes._compat import CustomGraphPass, get_hash_for_files
+from macopt.passes.causal_prefill import rewrite_causal_prefill
 from macopt.passes.decode_rewrite import (
     DECODE_REWRITES,
     decode_skip_reason,
@@ -77,9 +79,15 @@ class MacoptPasses(CustomGraphPass):
         return get_hash_for_files(_PASS_SOURCES, extra).hex()
 
 
-def run_passes(graph: Graph, default_config: object | None = None) -> list[SiteReport]:
-    """Analyse and rewrite every in-scope attention site of ``graph``; return the reports."""
-    reports, seen_ids, fresh_untagged = [], set(), set()
+def run_passes(graph: Graph, default_config: object | None = None,
+               eager_route: bool = False) -> list[SiteReport]:
+    """Analyse and rewrite every in-scope attention site of ``graph``; return the reports.
+
+    ``eager_route`` (the ``macopt_eager`` backend, no Inductor after it): prefill attention
+    also takes SDPA's causal path where its mask is causal at run time
+    (:mod:`.causal_prefill`), at every prefill site; in-scope sites' reports say what it did.
+    """
+    reports, seen_ids, fresh_untagged, by_node = [], set(), set(), {}
     for site in find_attention_sites(graph) + find_eager_attention_sites(graph):
         found = scope.scope_of(site.node)
         module, config = found if found else (None, None)
@@ -95,18 +103,27 @@ def run_passes(graph: Graph, default_config: object | None = None) -> list[SiteR
                 site_id = None
             seen_ids.add(site_id)
         report = process_site(graph, site, module, config, layer, site_id)
-        if module_id is not None:
-            if module is None and module_id not in fresh_untagged:
-                # An untagged module (the backend path) is known only by id, which a new object
-                # may reuse after it dies: its latest compile's reports replace older ones.
-                scope.forget_reports(module_id)
-                fresh_untagged.add(module_id)
-            scope.record(module_id, report)
-        reports.append(report)
-    if any(r.rewritten for r in reports):
+        if module_id is not None and module is None and module_id not in fresh_untagged:
+            # An untagged module (the backend path) is known only by id, which a new object
+            # may reuse after it dies: its latest compile's reports replace older ones.
+            scope.forget_reports(module_id)
+            fresh_untagged.add(module_id)
+        by_node[site.node] = len(reports)
+        reports.append((module_id, report))
+    if any(r.rewritten for _, r in reports):
         graph.eliminate_dead_code()
         graph.lint()
-    return reports
+    if eager_route:
+        for outcome in rewrite_causal_prefill(graph):
+            index = by_node.get(outcome.site.node)
+            if index is not None:
+                module_id, report = reports[index]
+                reports[index] = (module_id, dataclasses.replace(
+                    report, prefill_attention=outcome.description))
+    for module_id, report in reports:
+        if module_id is not None:
+            scope.record(module_id, report)
+    return [report for _, report in reports]
 
 
 def process_site(

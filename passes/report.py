@@ -11,6 +11,9 @@ class SiteReport:
 
     ``decision`` is ``"rewritten"`` (now the method's op), ``"skipped"`` (left untouched:
     ``reason`` says why) or ``"kept"`` (a prefill graph: attention stays as it is).
+    ``prefill_attention``: in a prefill graph of the ``macopt_eager`` route, how its attention
+    runs (SDPA's causal path when the mask is causal at run time, or kept with its mask and
+    why: :mod:`macopt.passes.causal_prefill`); empty elsewhere.
     """
 
     layer: str
@@ -25,6 +28,7 @@ class SiteReport:
     method: str
     decision: str
     reason: str
+    prefill_attention: str = ""
 
     @property
     def rewritten(self) -> bool:

@@ -137,6 +137,42 @@ def test_a_spent_budget_or_the_token_cap_records_points_as_skipped(tmp_path):
                if (r["method"], r["context"]) not in capped)
 
 
+def test_compiled_prefill_route_is_timed_against_the_compiled_unmodified_model(tmp_path):
+    """--prefill-compiled: the same prefill points through the user's compile (here macopt's
+    passes without Inductor, for speed), compared with the compiled unmodified model; the MAC
+    state op runs at every layer of every call. --contexts none: no decoding at all."""
+    path = tmp_path / "e2e.json"
+    methods = "unmodified,mac:all"
+    assert cli.main(["bench", "e2e", *TINY, "--contexts", "none", "--methods", methods,
+                     "--prefill-methods", methods, "--prefill-compiled", methods,
+                     "--no-prefill-control", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    records = {(r["method"], r["route"]): r for r in report["records"]}
+    assert all(r["kind"] == "prefill" for r in report["records"])
+    assert set(records) == {(m, route) for m in ("unmodified", "mac:all")
+                            for route in ("eager", "compiled")}
+    for r in records.values():
+        assert r["status"] == "ok" and r["median_ms"] > 0 and len(r["runs_ms"]) == 2, r
+    mac, unmodified = records[("mac:all", "compiled")], records[("unmodified", "compiled")]
+    assert mac["slowdown_vs_compiled_unmodified_pct"] == pytest.approx(
+        100 * (mac["median_ms"] / unmodified["median_ms"] - 1))
+    assert mac["slowdown_vs_unmodified_pct"] == pytest.approx(
+        100 * (mac["median_ms"] / records[("unmodified", "eager")]["median_ms"] - 1))
+    assert "slowdown_vs_compiled_unmodified_pct" not in records[("mac:all", "eager")]
+    calls = 1 + 2  # the first call and --prefill-repeats 2
+    assert mac["state_prefills"] == records[("mac:all", "eager")]["state_prefills"] == \
+        LAYERS * calls
+    assert "state_prefills" not in unmodified
+    assert e2e.prefill_table(report).row_count == 4
+    assert e2e.decode_table(report).row_count == 0
+
+
+def test_prefill_compiled_must_name_measured_methods(capsys):
+    assert cli.main(["bench", "e2e", *TINY, "--methods", "unmodified,exact",
+                     "--prefill-compiled", "mac:all"]) == 2
+    assert "--prefill-compiled" in capsys.readouterr().err
+
+
 def test_first_mismatch_is_the_earliest_step_over_rows():
     assert e2e.first_mismatch([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) is None
     assert e2e.first_mismatch([[1, 2, 3], [4, 5, 6]], [[1, 2, 0], [4, 0, 6]]) == 1

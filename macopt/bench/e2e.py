@@ -106,10 +106,26 @@ median reported.
 Each method runs the path a user gets: ``unmodified`` and ``exact`` the plain eager forward
 (optimize routes no stateless method), MAC and Top-K + phi the routed ``macopt_eager`` graph.
 That graph differs from eager in more than the state op (decomposed ops; under tracing
-transformers materialises a mask instead of ``is_causal``), so with ``--prefill-control`` the
-unmodified model also runs through the same backend with no site tagged
-(``unmodified-traced``): the state ops' own cost is the difference to that control
-(``slowdown_vs_control_pct``; the bar is 5%).
+transformers materialises a mask over the whole cache; the route's prefill attention checks it
+at run time and takes SDPA's causal path where eager would, ``passes/causal_prefill.py``), so
+with ``--prefill-control`` the unmodified model also runs through the same backend with no site
+tagged (``unmodified-traced``): the state ops' own cost is the difference to that control
+(``slowdown_vs_control_pct``; the bar is 5%). These records have ``route`` ``"eager"``.
+
+The compiled route (``--prefill-compiled METHOD,...``, of ``--prefill-methods``): the same
+prefill points through the user's own compile, ``torch.compile(model.forward,
+fullgraph=True)`` with Inductor (default mode: CUDA graphs would save launches worth ~1% of a
+prefill of hundreds of ms, and hold a second pool of activations; with ``--backend eager``
+macopt's passes without Inductor instead, for CPU tests), compiled cold per point,
+as a user who compiles the model gets it for prefill too: for ``unmodified`` the plain model,
+for MAC and Top-K + phi the model ``macopt.optimize`` tagged, whose prefill graph gains the
+state op from macopt's Inductor pass (under tracing, transformers builds the mask over the
+whole cache for both, so the attention is the same). Records have ``route`` ``"compiled"``,
+``slowdown_vs_compiled_unmodified_pct`` against the compiled ``unmodified`` point (the
+issue's bar: at most 5%) and ``slowdown_vs_unmodified_pct`` against the eager one;
+``state_prefills`` counts the MAC state op's calls over the point (first call included:
+layers x (repeats + 1) when it ran at every layer). ``--contexts none`` skips decoding (a
+prefill-only run).
 
 ``--budget-s``: before each point, if the time used plus the longest comparable point so far
 (a group's first point, which compiles, or a later one) would pass the budget, the point is
@@ -152,6 +168,13 @@ FORCED_HIT_TAU = -1000.0  # radius 2 D (1 - tau)^2 ~ 2.6e8 at D = 128: every ent
 UNBOUNDED_CHAIN = 2**30
 CACHE_ROUNDING = 256
 TRACED_CONTROL = "unmodified-traced"
+# Per route, the prefill points a record is compared with: (route, method) -> record key.
+PREFILL_REFERENCES = {
+    "eager": {("eager", "unmodified"): "slowdown_vs_unmodified_pct",
+              ("eager", TRACED_CONTROL): "slowdown_vs_control_pct"},
+    "compiled": {("compiled", "unmodified"): "slowdown_vs_compiled_unmodified_pct",
+                 ("eager", "unmodified"): "slowdown_vs_unmodified_pct"},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +267,7 @@ class E2EConfig:
     prefill_methods: tuple[str, ...] = DEFAULT_PREFILL_METHODS
     prefill_repeats: int = 3
     prefill_control: bool = True
+    prefill_compiled: tuple[str, ...] = ()  # also through torch.compile (Inductor)
     per_context_cache: tuple[str, ...] = ()
     mac_ring_size: int = 512
     mac_offset: int = 256
@@ -256,14 +280,20 @@ class E2EConfig:
     model: str | None = None  # a local model directory (e2e_model); None: random weights
 
     def __post_init__(self) -> None:
-        if self.model is None and (self.chunk < 2 or self.chunk >= min(self.contexts)):
+        if self.model is None and self.contexts and (self.chunk < 2
+                                                     or self.chunk >= min(self.contexts)):
             raise ValueError(f"--chunk: expected 2 <= chunk < the smallest context "
                              f"{min(self.contexts)}, got {self.chunk}")
         if self.steps < 1 or self.warmup_steps < 0:
             raise ValueError("--steps must be >= 1 and --warmup-steps >= 0")
+        if not self.contexts and not self.prefill_contexts:
+            raise ValueError("--contexts none needs --prefill-contexts (nothing to measure)")
         unknown = set(self.per_context_cache) - set(self.methods)
         if unknown:
             raise ValueError(f"--per-context-cache: {sorted(unknown)} not in --methods")
+        if not set(self.prefill_compiled) <= set(self.methods) & set(self.prefill_methods):
+            raise ValueError(f"--prefill-compiled: {sorted(self.prefill_compiled)} must be "
+                             f"among --methods and --prefill-methods")
 
     def parsed_methods(self) -> list[Method]:
         """The methods, ``unmodified`` first (it must run before any optimize)."""
@@ -402,6 +432,19 @@ def compile_decode_step(model: torch.nn.Module, config: E2EConfig) -> Callable:
     return torch.compile(greedy_step, mode=mode, fullgraph=True)
 
 
+def compile_prefill(model: torch.nn.Module, config: E2EConfig) -> Callable:
+    """The user's compile of the whole forward: ``torch.compile(model.forward, fullgraph=True)``
+    with Inductor in its default mode, or macopt's passes without Inductor with ``--backend
+    eager`` (fast compiles for CPU tests; that backend's prefill attention is the eager
+    route's, not Inductor's)."""
+    if config.backend == "eager":
+        import macopt
+
+        return torch.compile(model.forward, backend=macopt.backend(inductor=False),
+                             fullgraph=True)
+    return torch.compile(model.forward, fullgraph=True)
+
+
 class StepTimer:
     """A mark before every step and after the last: CUDA events (no sync) or the host clock."""
 
@@ -514,6 +557,18 @@ def release_states(model: torch.nn.Module) -> None:
 
     for site_id in _tagged_site_ids(model):
         state.release(site_id)
+
+
+def _state_prefills(model: torch.nn.Module) -> int | None:
+    """Calls of the MAC state op so far, summed over layers (0 before any allocated its
+    state); None when no module of ``model`` is tagged for MAC."""
+    import macopt
+    from macopt.passes import scope
+
+    tags = (scope.scope_of_module(m) for m in model.modules())
+    if not any(t is not None and getattr(t.config, "method", None) == "mac" for t in tags):
+        return None
+    return sum(s.prefills or 0 for s in macopt.stats(model) if s.method == "mac")
 
 
 def decode_sites_rewritten(model: torch.nn.Module) -> int:
@@ -634,6 +689,7 @@ class Budget:
         self.longest_first = 0.0  # a group's first point (it compiles)
         self.longest_later = 0.0
         self.longest_prefill = 0.0
+        self.longest_compiled_prefill = 0.0  # an Inductor compile per point
 
     @property
     def elapsed(self) -> float:
@@ -841,25 +897,29 @@ class E2ERun:
 
     # -- prefill ----------------------------------------------------------------------------
 
-    def prefill_section(self, label: str, forward: Callable) -> None:
-        """Real prefills from position 0 at each prefill context (batch 1)."""
+    def prefill_section(self, label: str, forward: Callable, route: str = "eager") -> None:
+        """Real prefills from position 0 at each prefill context (batch 1), through ``route``
+        (``"eager"``: what the model's forward runs uncompiled; ``"compiled"``: Inductor)."""
+        longest = "longest_compiled_prefill" if route == "compiled" else "longest_prefill"
         for context in self.config.prefill_contexts:
-            refusal = self.budget.refusal(self.budget.longest_prefill)
+            refusal = self.budget.refusal(getattr(self.budget, longest))
             if refusal is not None:
-                self.add(_skipped("prefill", label, 1, context, refusal))
+                self.add({**_skipped("prefill", label, 1, context, refusal), "route": route})
                 continue
             started = time.perf_counter()
-            with _failures_recorded("prefill", label, 1, context, self) as slot:
-                slot.append(self.prefill_point(label, forward, context))
-            self.budget.longest_prefill = max(self.budget.longest_prefill,
-                                              time.perf_counter() - started)
+            with _failures_recorded("prefill", label, 1, context, self, route) as slot:
+                slot.append(self.prefill_point(label, forward, context, route))
+            setattr(self.budget, longest, max(getattr(self.budget, longest),
+                                              time.perf_counter() - started))
 
-    def prefill_point(self, label: str, forward: Callable, context: int) -> dict:
+    def prefill_point(self, label: str, forward: Callable, context: int,
+                      route: str = "eager") -> dict:
         config, started = self.config, time.perf_counter()
-        fresh_compiles()  # a static trace per length, not a slower dynamic retrace
+        fresh_compiles()  # a static trace (or compile) per length, not a dynamic retrace
         cache = self.caches.get(1, config.cache_len(context))
         ids = random_ids(1, context, config.shape.vocab, config.seed + context, config.device) \
             if self.text is None else self.text.prompt(1, context, config.device)
+        prefills_before = _state_prefills(self.model)
         _reset_peak_memory(config.device)
 
         def prefill() -> float:
@@ -873,15 +933,17 @@ class E2ERun:
         first_call_s = prefill() / 1e3
         runs = [prefill() for _ in range(config.prefill_repeats)]
         median = statistics.median(runs)
-        self.prefill_ms[(label, context)] = median
-        record = {"kind": "prefill", "method": label, "batch": 1, "context": context,
-                  "status": "ok", "cache_len": config.cache_len(context), "median_ms": median,
-                  "runs_ms": runs, "first_call_s": first_call_s,
+        self.prefill_ms[(route, label, context)] = median
+        record = {"kind": "prefill", "method": label, "route": route, "batch": 1,
+                  "context": context, "status": "ok", "cache_len": config.cache_len(context),
+                  "median_ms": median, "runs_ms": runs, "first_call_s": first_call_s,
                   "peak_memory_bytes": torch.cuda.max_memory_allocated() if self.cuda else None}
-        for reference, key in (("unmodified", "slowdown_vs_unmodified_pct"),
-                               (TRACED_CONTROL, "slowdown_vs_control_pct")):
-            base = self.prefill_ms.get((reference, context))
-            if base and reference != label:
+        after = _state_prefills(self.model)
+        if prefills_before is not None and after is not None:
+            record["state_prefills"] = after - prefills_before
+        for (ref_route, reference), key in PREFILL_REFERENCES[route].items():
+            base = self.prefill_ms.get((ref_route, reference, context))
+            if base and (ref_route, reference) != (route, label):
                 record[key] = 100 * (median / base - 1)
         record["point_s"] = time.perf_counter() - started
         return record
@@ -894,7 +956,8 @@ class E2ERun:
         self.prefill_section(TRACED_CONTROL, compiled)
 
     def prefill(self, method: Method) -> None:
-        """The prefill points of ``method`` when asked for (and the control with unmodified)."""
+        """The prefill points of ``method`` when asked for: the eager route, the control
+        (with unmodified), then the compiled route when ``--prefill-compiled`` names it."""
         config = self.config
         if method.label not in config.prefill_methods or not config.prefill_contexts:
             return
@@ -902,6 +965,9 @@ class E2ERun:
         self.prefill_section(method.label, self.model)
         if method.config is None and config.prefill_control:
             self.traced_control()
+        if method.label in config.prefill_compiled:
+            self.prefill_section(method.label, compile_prefill(self.model, config),
+                                 route="compiled")
 
     # -- everything -------------------------------------------------------------------------
 
@@ -949,17 +1015,18 @@ def _skipped(kind: str, label: str, batch: int, context: int, detail: str) -> di
 
 
 @contextlib.contextmanager
-def _failures_recorded(kind: str, label: str, batch: int, context: int,
-                       run: E2ERun) -> Iterator[list[dict]]:
+def _failures_recorded(kind: str, label: str, batch: int, context: int, run: E2ERun,
+                       route: str | None = None) -> Iterator[list[dict]]:
     """Yields a list for the point's record; adds it, or an "oom"/"error" record instead."""
     slot: list[dict] = []
+    failed = {**_skipped(kind, label, batch, context, ""), **({"route": route} if route else {})}
     try:
         yield slot
     except torch.cuda.OutOfMemoryError as err:
-        slot[:] = [{**_skipped(kind, label, batch, context, first_line(err)), "status": "oom"}]
+        slot[:] = [{**failed, "status": "oom", "detail": first_line(err)}]
         _free_memory(run.config.device)
     except Exception as err:  # noqa: BLE001  (a failing method is a result, not a crash)
-        slot[:] = [{**_skipped(kind, label, batch, context, first_line(err)), "status": "error"}]
+        slot[:] = [{**failed, "status": "error", "detail": first_line(err)}]
     run.add(slot[0])
 
 
@@ -993,15 +1060,18 @@ def run(config: E2EConfig, json_path: Path | None = None,
 
 
 def progress_line(record: dict, elapsed_s: float) -> str:
-    head = (f"[{elapsed_s:6.0f} s] {record['kind']} {record['method']} batch {record['batch']} "
-            f"context {context_label(record['context'])}:")
+    route = f" ({record['route']})" if record.get("route") == "compiled" else ""
+    head = (f"[{elapsed_s:6.0f} s] {record['kind']} {record['method']}{route} batch "
+            f"{record['batch']} context {context_label(record['context'])}:")
     if record["status"] != "ok":
         return f"{head} {record['status']} ({record.get('detail', '')})"
     peak = record.get("peak_memory_bytes")
     peak_text = "" if peak is None else f", peak {peak / 2**30:.1f} GiB"
     if record["kind"] == "prefill":
+        versus = "".join(f", {value:+.1f}% vs {name}" for key, name in _SLOWDOWN_COLUMNS
+                         if (value := record.get(key)) is not None)
         return (f"{head} {record['median_ms']:.1f} ms (first call {record['first_call_s']:.1f} "
-                f"s){peak_text}")
+                f"s){versus}{peak_text}")
     hit = f", hit rate {record['hit_rate']:.3f}" if "hit_rate" in record else ""
     return (f"{head} {record['median_ms']:.3f} ms/token (bound {record['bound_ms']:.3f}){hit}, "
             f"recompiles {record['recompiles_after_warmup']}{peak_text}, "
@@ -1070,23 +1140,28 @@ def health_table(report: dict):
     return table
 
 
+_SLOWDOWN_COLUMNS = (("slowdown_vs_unmodified_pct", "eager unmodified"),
+                     ("slowdown_vs_control_pct", "traced control"),
+                     ("slowdown_vs_compiled_unmodified_pct", "compiled unmodified"))
+
+
 def prefill_table(report: dict):
     from rich.table import Table
 
-    table = Table(title="e2e prefill, batch 1: median ms (slowdown vs unmodified / vs traced "
-                        "unmodified)")
-    for column in ("method", "context", "median ms", "first call s", "vs unmodified",
-                   "vs traced control"):
+    table = Table(title="e2e prefill, batch 1: median ms and slowdowns (route eager: what the "
+                        "uncompiled forward runs; compiled: torch.compile with Inductor)")
+    for column in ("method", "route", "context", "median ms", "first call s",
+                   *(f"vs {name}" for _, name in _SLOWDOWN_COLUMNS)):
         table.add_column(column, justify="right")
     for r in report["records"]:
         if r["kind"] != "prefill":
             continue
+        head = (r["method"], r.get("route", "eager"), context_label(r["context"]))
         if r["status"] != "ok":
-            table.add_row(r["method"], context_label(r["context"]), r["status"], "", "", "")
+            table.add_row(*head, r["status"], "", *("" for _ in _SLOWDOWN_COLUMNS))
             continue
-        table.add_row(r["method"], context_label(r["context"]), f"{r['median_ms']:.1f}",
-                      f"{r['first_call_s']:.1f}", _percent(r.get("slowdown_vs_unmodified_pct")),
-                      _percent(r.get("slowdown_vs_control_pct")))
+        table.add_row(*head, f"{r['median_ms']:.1f}", f"{r['first_call_s']:.1f}",
+                      *(_percent(r.get(key)) for key, _ in _SLOWDOWN_COLUMNS))
     return table
 
 
@@ -1129,9 +1204,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--methods", type=_parse_methods, default=None,
                         help=f"default {','.join(DEFAULT_METHODS)}; with --model "
                              f"{','.join(e2e_model.DEFAULT_METHODS)}")
-    parser.add_argument("--contexts", type=parse_sizes, default=None,
+    parser.add_argument("--contexts", type=_parse_sizes_or_none, default=None,
                         help="default 8K,32K,64K,128K; with --model the longest that fits its "
-                             "positions and the two powers of two below it")
+                             "positions and the two powers of two below it; none: no decoding "
+                             "(prefill points only)")
     parser.add_argument("--batches", type=parse_sizes, default=DEFAULT_BATCHES)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="timed decode steps")
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
@@ -1147,6 +1223,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--prefill-control", action=argparse.BooleanOptionalAction,
                         default=True, help="also prefill the unmodified model through the "
                                            "macopt_eager backend (the state ops' baseline)")
+    parser.add_argument("--prefill-compiled", type=_parse_methods, default=(),
+                        help="of --prefill-methods, those whose prefill is "
+                             "also timed through torch.compile with Inductor, one cold compile "
+                             "per point (e.g. unmodified,mac:all)")
     parser.add_argument("--per-context-cache", type=_parse_methods, default=(),
                         help="methods whose cache is sized per context (recompiles)")
     for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
@@ -1216,7 +1296,8 @@ def config_from_args(args: argparse.Namespace) -> E2EConfig:
     config = E2EConfig(
         shape=shape, batches=args.batches, steps=args.steps, warmup_steps=args.warmup_steps,
         chunk=args.chunk, prefill_repeats=args.prefill_repeats,
-        prefill_control=args.prefill_control, per_context_cache=args.per_context_cache,
+        prefill_control=args.prefill_control, prefill_compiled=args.prefill_compiled,
+        per_context_cache=args.per_context_cache,
         mac_ring_size=args.mac_ring_size, mac_offset=args.mac_offset, device=args.device,
         dtype=DTYPES[dtype], backend=args.backend, seed=args.seed, budget_s=args.budget_s,
         max_batch_tokens=args.max_batch_tokens, model=args.model, **chosen)
@@ -1232,11 +1313,12 @@ def _model_defaults(args: argparse.Namespace, given: dict) -> tuple[dict, ModelS
                          f"{', '.join('--' + n.replace('_', '-') for n in given)}")
     text = e2e_model.model_config(args.model)
     steps = args.warmup_steps + args.steps
-    contexts = args.contexts or e2e_model.default_contexts(text.max_position_embeddings, steps)
+    contexts = args.contexts if args.contexts is not None else \
+        e2e_model.default_contexts(text.max_position_embeddings, steps)
     e2e_model.check_contexts(contexts + (args.prefill_contexts or ()),
                              text.max_position_embeddings, steps)
     defaults = {"methods": e2e_model.default_methods(args.model), "contexts": contexts,
-                "prefill_contexts": (max(contexts),),
+                "prefill_contexts": (max(contexts),) if contexts else (),
                 "prefill_methods": e2e_model.DEFAULT_PREFILL_METHODS}
     return defaults, e2e_model.shape_of(text)
 

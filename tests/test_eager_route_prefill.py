@@ -1,0 +1,259 @@
+"""The ``macopt_eager`` route's prefill runs what eager runs: SDPA's causal path when the mask is
+causal, and the ops eager runs as one kernel kept whole.
+
+Traced, transformers builds a boolean mask over the whole static cache where eager passes
+``is_causal=True``; the route checks that mask at run time and makes eager's call
+(``macopt.causal_prefill_ops``, ``passes/causal_prefill.py``). Identities: the check accepts
+exactly SDPA's top-left causal pattern; the op equals SDPA with the mask for any mask; a routed
+prefill gives the unmodified model's logits for a prompt (causal branch), a chunk continuing
+it in a static cache and a left-padded batch (masked branch), on several families. The route
+also keeps SiLU, GELU and layer norm whole (``api.eager_route_decompositions``): decomposed,
+each would be several passes over memory.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import macopt
+from macopt import api, causal_prefill_ops
+from macopt._hf_compat import static_cache
+from macopt.passes._compat import dynamo
+from macopt.passes.causal_prefill import REWRITTEN
+from tests.model_zoo import VOCAB, ZOO
+
+MAC = macopt.MACConfig(ring_size=16, offset=4, tau=0.45, t_min=0)
+CACHE_LEN, FIRST, SECOND = 96, 24, 16
+FAMILIES = ("llama", "qwen3", "gpt_neox")
+
+
+def causal_mask(batch: int, queries: int, keys: int, offset: int = 0) -> torch.Tensor:
+    """SDPA's top-left causal pattern (``offset`` 0) or a chunk at ``offset`` keys."""
+    rows = torch.arange(queries)[:, None] + offset
+    return (torch.arange(keys)[None, :] <= rows).expand(batch, 1, queries, keys).clone()
+
+
+def is_causal(mask: torch.Tensor) -> bool:
+    return bool(torch.ops.macopt.mask_is_causal(mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run-time check
+
+
+@pytest.mark.parametrize("block_elements", [1 << 26, 40])  # one block; many blocks of 1-2 rows
+def test_check_accepts_the_top_left_causal_mask(monkeypatch, block_elements):
+    monkeypatch.setattr(causal_prefill_ops, "_CHECK_ELEMENTS", block_elements)
+    assert is_causal(causal_mask(1, 7, 7)) and is_causal(causal_mask(2, 7, 30))
+
+
+@pytest.mark.parametrize("block_elements", [1 << 26, 40])
+@pytest.mark.parametrize("flip", [(0, 6, 6), (1, 3, 20), (0, 2, 1), (1, 0, 0)])
+def test_check_rejects_a_mask_one_entry_away(monkeypatch, block_elements, flip):
+    """Above the diagonal, in the cache's tail, below the diagonal, the first key; row 1."""
+    monkeypatch.setattr(causal_prefill_ops, "_CHECK_ELEMENTS", block_elements)
+    mask = causal_mask(2, 7, 30)
+    batch, query, key = flip
+    mask[batch, 0, query, key] = ~mask[batch, 0, query, key]
+    assert not is_causal(mask)
+
+
+def test_check_rejects_padding_a_continued_chunk_and_more_queries_than_keys():
+    padded = causal_mask(2, 7, 30)
+    padded[1, :, :, :2] = False  # row 1 left-padded by two tokens
+    assert not is_causal(padded)
+    assert not is_causal(causal_mask(1, 7, 30, offset=5))
+    assert not is_causal(torch.ones(1, 1, 8, 6, dtype=torch.bool).tril())
+
+
+def test_check_result_is_a_cpu_scalar_and_passes_opcheck():
+    flag = torch.ops.macopt.mask_is_causal(causal_mask(1, 5, 9))
+    assert flag.device.type == "cpu" and flag.dtype == torch.bool and flag.shape == ()
+    torch.library.opcheck(causal_prefill_ops.mask_is_causal, (causal_mask(1, 5, 9),))
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention op
+
+
+def _attention_inputs(group: int, batch: int = 2, queries: int = 7, keys: int = 30):
+    generator = torch.Generator().manual_seed(group)
+    kv_heads, dim = 2, 16
+    q = torch.randn(batch, kv_heads * group, queries, dim, generator=generator)
+    k = torch.randn(batch, kv_heads, keys, dim, generator=generator)
+    v = torch.randn(batch, kv_heads, keys, dim, generator=generator)
+    return q, k, v
+
+
+def _masks(batch: int = 2, queries: int = 7, keys: int = 30) -> dict[str, torch.Tensor]:
+    padded = causal_mask(batch, queries, keys)
+    padded[1, :, :, :3] = False
+    return {"causal": causal_mask(batch, queries, keys), "left-padded": padded,
+            "continued chunk": causal_mask(batch, queries, keys, offset=4),
+            "shared by rows": causal_mask(1, queries, keys)}
+
+
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("name", list(_masks()))
+def test_attention_is_sdpa_with_the_mask(group, name):
+    q, k, v = _attention_inputs(group)
+    mask = _masks()[name]
+    flag = torch.ops.macopt.mask_is_causal(mask)
+    assert bool(flag) == (name in ("causal", "shared by rows"))
+    repeated = [t.repeat_interleave(group, dim=1) for t in (k, v)]
+    want = F.scaled_dot_product_attention(q, *repeated, attn_mask=mask, scale=0.3)
+    for layout, like in (([0, 2, 1, 3], want.transpose(1, 2).contiguous().transpose(1, 2)),
+                         ([0, 1, 2, 3], want.contiguous())):
+        got = torch.ops.macopt.causal_prefill_attention(q, k, v, mask, flag, 0.3, layout)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got.stride() == like.stride()
+
+
+@pytest.mark.parametrize("name", ["causal", "left-padded"])
+def test_attention_passes_opcheck(name):
+    q, k, v = _attention_inputs(2)
+    mask = _masks()[name]
+    args = (q, k, v, mask, torch.ops.macopt.mask_is_causal(mask), None, [0, 2, 1, 3])
+    torch.library.opcheck(causal_prefill_ops.causal_prefill_attention, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routed prefills of whole models
+
+
+@pytest.fixture
+def graphs_run(monkeypatch) -> list[torch.fx.GraphModule]:
+    """Every graph the ``macopt_eager`` backend hands back to run."""
+    seen: list[torch.fx.GraphModule] = []
+    boxed = api.make_boxed_func
+
+    def spy(gm: torch.fx.GraphModule):  # noqa: ANN202
+        seen.append(gm)
+        return boxed(gm)
+
+    monkeypatch.setattr(api, "make_boxed_func", spy)
+    return seen
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list[bool]:
+    """``is_causal`` of every SDPA call ``causal_prefill_attention`` makes from now on. The
+    spy replaces the op module's reference to ``torch.nn.functional`` only: dynamo, tracing
+    transformers, must not see it (it would trace the spy and replay its list mutation)."""
+    calls: list[bool] = []
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(bool(kwargs.get("is_causal", False)))
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+    monkeypatch.setattr(causal_prefill_ops, "F", SimpleNamespace(scaled_dot_product_attention=spy))
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each model test compiles from scratch: the zoo's models share transformers' code
+    objects, and enough recompiles of one of them make dynamo run it uncompiled (no passes)."""
+    dynamo.reset()
+
+
+def _model(family: str) -> torch.nn.Module:
+    model = ZOO[family].build()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@torch.no_grad()
+def _chunks_through(model: torch.nn.Module, chunks: list[torch.Tensor],
+                    attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Logits of each chunk run in turn into one static cache."""
+    cache = static_cache(model, chunks[0].shape[0], CACHE_LEN, torch.float32, "cpu")
+    extra = {} if attention_mask is None else {"attention_mask": attention_mask}
+    return [model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits
+            for ids in chunks]
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routed_prompt_takes_the_causal_path_with_the_unmodified_logits(family, sdpa_calls):
+    """A prompt into an empty static cache: every layer through SDPA's is_causal, as eager;
+    then a chunk continuing it (keys already in the cache): its mask, as eager."""
+    reference = _model(family)
+    ids = _ids(1, FIRST + SECOND)
+    chunks = [ids[:, :FIRST], ids[:, FIRST:]]
+    want = _chunks_through(reference, chunks)
+    model = macopt.optimize(copy.deepcopy(reference), MAC)
+    sdpa_calls.clear()
+    prompt = _chunks_through(model, chunks[:1])
+    layers = reference.config.num_hidden_layers
+    assert sdpa_calls == [True] * layers
+    torch.testing.assert_close(prompt[0], want[0], atol=1e-4, rtol=1e-4)
+    sdpa_calls.clear()
+    got = _chunks_through(model, chunks)
+    assert sdpa_calls == [True] * layers + [False] * layers
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_routed_left_padded_batch_keeps_its_mask_and_the_unmodified_logits(sdpa_calls):
+    reference = _model("llama")
+    ids = _ids(2, FIRST)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :5] = 0
+    ids[1, :5] = 0  # the pad token
+    want = _chunks_through(reference, [ids], attention_mask)
+    model = macopt.optimize(copy.deepcopy(reference), MAC)
+    sdpa_calls.clear()
+    got = _chunks_through(model, [ids], attention_mask)
+    assert sdpa_calls == [False] * reference.config.num_hidden_layers
+    # Pad queries attend no key (transformers leaves them NaN-free only by its own masking):
+    # compare the real tokens' logits.
+    torch.testing.assert_close(got[0][0], want[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[0][1, 5:], want[0][1, 5:], atol=1e-4, rtol=1e-4)
+
+
+def test_explain_reports_the_prefill_attention_path():
+    model = macopt.optimize(_model("llama"), MAC)
+    _chunks_through(model, [_ids(1, FIRST)])
+    prefill = [r for r in macopt.explain(model) if r.phase == "prefill"]
+    assert len(prefill) == 2 and all(r.prefill_attention == REWRITTEN for r in prefill)
+    assert "attention: SDPA is_causal" in str(macopt.explain(model).table().columns[-1]._cells)
+
+
+def test_float_mask_input_is_kept_as_traced_with_the_reason(sdpa_calls):
+    """A 4D float mask passed by the caller reaches the graph as an input (checked at run time
+    by the passes, not boolean): the site keeps its traced attention and says why."""
+    reference = _model("llama")
+    ids = _ids(1, FIRST)
+    keep = causal_mask(1, FIRST, CACHE_LEN)
+    float_mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    want = _chunks_through(reference, [ids], float_mask)
+    model = macopt.optimize(copy.deepcopy(reference), MAC)
+    sdpa_calls.clear()
+    got = _chunks_through(model, [ids], float_mask)
+    assert sdpa_calls == []  # the traced aten attention ran, not the op
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    prefill = [r for r in macopt.explain(model) if r.phase == "prefill"]
+    assert prefill and all(r.prefill_attention.startswith("kept as traced: float attention mask")
+                           for r in prefill)
+
+
+@pytest.mark.parametrize(("family", "whole", "pieces"), [
+    ("llama", {"silu"}, {"exp", "div"}),
+    ("gpt_neox", {"gelu", "native_layer_norm"}, {"erf", "var_mean", "rsqrt"}),
+])
+def test_routed_graph_keeps_activations_and_norms_whole(family, whole, pieces, graphs_run):
+    model = macopt.optimize(_model(family), MAC)
+    _chunks_through(model, [_ids(1, FIRST)])
+    assert len(graphs_run) == 1
+    ops = {n.target.__name__.split(".")[0] for n in graphs_run[0].graph.nodes
+           if n.op == "call_function" and hasattr(n.target, "__name__")}
+    assert whole <= ops and not pieces & ops
