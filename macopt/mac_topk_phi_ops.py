@@ -48,7 +48,6 @@ from macopt.validation import check_decode_inputs
 
 Tensor = torch.Tensor
 METHOD = "mac_topk_phi"
-_KEYS_READ = mac_counters.COUNTERS.index("keys_read")
 
 
 @dataclass
@@ -100,42 +99,24 @@ def decode_step(
         topk.completion, scale, budget, page_size, selector, state=True)
     params = dict(offset=offset, sinks=0, tau=tau, t_min=t_min, max_depth=max_depth,
                   miss_prefix=(o_prefix, lse_prefix))
-    triton_path = _use_triton(q.device)
-    if triton_path:
+    mid = (topk.mid_start, topk.mid_end)
+    if _use_triton(q.device):
         from macopt.kernels import mac
 
-        # The finalize launch counts the step (a miss: its tail only); the misses' Top-K +
-        # phi keys are added below.
+        # The finalize launch counts the step (a miss: its tail only); one more launch adds
+        # the misses' Top-K + phi keys to keys_read and the counters.
         o, hit, keys_read = mac.mac_decode_step(q, q_pre, k, v, site.ring, positions,
                                                 key_starts, scale, counters=counters, **params)
-    else:
-        o, hit, keys_read = mac_reference.mac_decode_step(q, q_pre, k, v, site.ring, positions,
-                                                          key_starts, scale, **params)
-    group = q.shape[1] // k.shape[1]
-    prefix_keys = prefix_keys_attended(selected, key_starts, prefix_end, topk.mid_start,
-                                       topk.mid_end).repeat_interleave(group, dim=1)
-    miss_keys = torch.where(hit, 0, prefix_keys).to(torch.int32)
-    if counters is not None and triton_path:
-        counters[_KEYS_READ] += miss_keys.sum(0)
-    keys_read = keys_read + miss_keys
-    if counters is not None and not triton_path:
+        mac_counters.add_prefix_keys_(counters, keys_read, hit, selected, positions, key_starts,
+                                      *mid, offset)
+        return o, hit, keys_read
+    o, hit, keys_read = mac_reference.mac_decode_step(q, q_pre, k, v, site.ring, positions,
+                                                      key_starts, scale, **params)
+    keys_read = keys_read + mac_counters.prefix_keys_reference(hit, selected, positions,
+                                                               key_starts, *mid, offset)
+    if counters is not None:
         mac_counters.count_decode_reference_(counters, hit, keys_read, positions, key_starts)
     return o, hit, keys_read
-
-
-def prefix_keys_attended(selected: Tensor, key_starts: Tensor, prefix_end: Tensor,
-                         mid_start: Tensor, mid_end: Tensor) -> Tensor:
-    """Keys of ``[s0, E(t))`` the Top-K + phi state attends exactly, per (row, KV head)
-    ``[B, Hkv]``: the sinks ``[s0, mid_start)``, the retrieved middle keys (``selected[B, Hkv,
-    K']``, entries outside the middle ignored, as the kernels ignore them) and ``[mid_end,
-    E(t))``."""
-    s0, end = key_starts.long()[:, None], prefix_end.long()[:, None]
-    lo, hi = mid_start.long()[:, None], mid_end.long()[:, None]
-    sinks = (torch.minimum(lo, end) - s0).clamp(min=0)
-    after = (end - torch.maximum(hi, s0)).clamp(min=0)
-    sel = selected.long()
-    inside = (sel >= lo[..., None]) & (sel < hi[..., None]) & (sel < end[..., None])
-    return sinks + after + inside.sum(-1)
 
 
 def _check_decode(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor,

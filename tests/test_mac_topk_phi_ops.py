@@ -329,3 +329,23 @@ def _to(topk: TopKPhiState, device: str) -> TopKPhiState:
         elif isinstance(x, list):
             moved[name] = [t.to(device) for t in x]
     return TopKPhiState(**moved)
+
+
+def test_the_triton_prefix_key_count_equals_the_reference():
+    gen = torch.Generator().manual_seed(11)
+    hit = torch.rand(3, HQ, generator=gen) < 0.5
+    selected = torch.randint(-5, 120, (3, HKV, 40), generator=gen, dtype=torch.int32)
+    t = torch.tensor([100, 90, 40], dtype=torch.int32)
+    s0 = torch.tensor([0, 7, 15])
+    mid_start, mid_end = s0.int() + 2, torch.tensor([92, 60, 17], dtype=torch.int32)
+    args = (selected, t, s0, mid_start, mid_end, S)
+    want = mac_counters.prefix_keys_reference(hit, *args)
+    keys = torch.randint(0, 50, (3, HQ), generator=gen, dtype=torch.int32)
+    counters = torch.zeros(mac_counters.COUNTER_ROWS, HQ, dtype=torch.int64)
+    on = lambda x: x.to(DEVICE)  # noqa: E731
+    got_keys, got_counters = on(keys.clone()), on(counters)
+    mac_counters.add_prefix_keys_(got_counters, got_keys, on(hit), *map(on, args[:-1]), S)
+    assert torch.equal(got_keys.cpu(), keys + want)
+    assert torch.equal(got_counters.cpu()[mac_counters.COUNTERS.index("keys_read")],
+                       want.long().sum(0))
+    assert (want[hit] == 0).all() and (want[~hit] > 0).all()
