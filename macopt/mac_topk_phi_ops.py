@@ -14,11 +14,13 @@ A decode step (:func:`decode_step`) is two steps of the existing methods:
 
 The Top-K + phi summary is built at prefill with the tail ``max(topk_phi.tail, S)``, so it ends
 at ``mid_end <= N - S < E(t)`` for every decode position ``t >= N``: step 1 never summarises a
-key that MAC's tail attends. This version (v1) runs step 1 for every head, also when all heads
-of a group hit (its cost is the whole Top-K + phi step, every step). The counters report what
-the method needs: a hit's band and tail, a miss's tail plus the keys its Top-K + phi state
-attends exactly (sinks, retrieved, ``[mid_end, E(t))``); the page bounds and summary it reads
-are not keys and are not counted here (``macopt eval`` adds them as key-row equivalents).
+key that MAC's tail attends. On the Triton path MAC's match runs first and step 1 skips the
+(row, KV head) groups whose heads all hit (:func:`macopt.kernels.mac.all_hit_groups`; they
+read no page bound, key or summary); ``skip_hit_groups=False`` computes every group (the
+first version, kept for comparison). The counters report what the method needs: a hit's band
+and tail, a miss's tail plus the keys its Top-K + phi state attends exactly (sinks, retrieved,
+``[mid_end, E(t))``); the page bounds and summary it reads are not keys and are not counted
+here (``macopt eval`` adds them as key-row equivalents).
 
 CPU runs the references (:mod:`macopt.kernels.topk_phi_reference`,
 :mod:`macopt.kernels.mac_reference`), CUDA the Triton kernels; ``MACOPT_CPU_KERNELS=triton``
@@ -79,6 +81,7 @@ def decode_step(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, site: MACTopKPhiSite, positions: Tensor,
     key_starts: Tensor, scale: float, *, offset: int, tau: float, t_min: int, max_depth: int,
     budget: int, page_size: int, selector: str, counters: Tensor | None = None,
+    skip_hit_groups: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MAC + Top-K + phi decode step (see the module docstring); updates the ring in place.
 
@@ -87,26 +90,40 @@ def decode_step(
     ``q.dtype``, ``hit[B, Hq]`` and the keys each head attended ``[B, Hq]`` (int32); adds the
     step to ``counters`` (MAC's ``[COUNTER_ROWS, Hq]`` int64) when given. No host sync.
 
+    ``skip_hit_groups`` (Triton path): run MAC's match first and compute no Top-K + phi state
+    for (row, KV head) groups whose heads all hit (they would not read it); False computes it
+    for every group (v1, for comparison). Results are the same either way.
+
     >>> o, hit, keys = decode_step(q, q_pre, k, v, site, t, s0, 0.125, offset=256, tau=0.45,
     ...                            t_min=2048, max_depth=16, budget=2622, page_size=32,
     ...                            selector="page")  # doctest: +SKIP
     """
-    topk = site.topk
+    topk, triton_path = site.topk, _use_triton(q.device)
+    candidates = skip = None
+    if triton_path and skip_hit_groups:
+        from macopt.kernels import mac
+
+        candidates = mac.match_candidates(q_pre, site.ring, positions, key_starts, t_min=t_min,
+                                          max_depth=max_depth)
+        skip = mac.all_hit_groups(candidates, positions, key_starts, k.shape[1],
+                                  ring_size=site.ring.size, offset=offset, tau=tau,
+                                  t_min=t_min, head_dim=q.shape[-1])
     prefix_end = mac_reference.prefix_end(positions.long(), key_starts.long(), offset)
     o_prefix, lse_prefix, selected = decode_impl(
         q, k, v, key_starts, prefix_end, topk.m, topk.u, topk.t, topk.mid_start, topk.mid_end,
         topk.kmin, topk.kmax, topk.phi_q, topk.phi_q_mlp, topk.phi_k, topk.phi_k_mlp,
-        topk.completion, scale, budget, page_size, selector, state=True)
+        topk.completion, scale, budget, page_size, selector, state=True, skip=skip)
     params = dict(offset=offset, sinks=0, tau=tau, t_min=t_min, max_depth=max_depth,
                   miss_prefix=(o_prefix, lse_prefix))
     mid = (topk.mid_start, topk.mid_end)
-    if _use_triton(q.device):
+    if triton_path:
         from macopt.kernels import mac
 
         # The finalize launch counts the step (a miss: its tail only); one more launch adds
         # the misses' Top-K + phi keys to keys_read and the counters.
         o, hit, keys_read = mac.mac_decode_step(q, q_pre, k, v, site.ring, positions,
-                                                key_starts, scale, counters=counters, **params)
+                                                key_starts, scale, counters=counters,
+                                                candidates=candidates, **params)
         mac_counters.add_prefix_keys_(counters, keys_read, hit, selected, positions, key_starts,
                                       *mid, offset)
         return o, hit, keys_read

@@ -268,26 +268,29 @@ def decode_impl(
     kmin: Tensor | None, kmax: Tensor | None,
     phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
     completion: Tensor, scale: float, budget: int, page_size: int, selector: str, *,
-    state: bool,
+    state: bool, skip: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Selection then the decode kernels (inputs already checked): ``(o, lse, selected)``.
 
     ``state`` True: ``o`` fp32 and ``lse`` fp32; False: ``o`` in ``q``'s dtype straight from
     the kernel (the output-only path keeps its single cast) and ``lse`` None. ``selected``
-    ``[B, Hkv, K']``: the token indices retrieved (entries outside the middle are ignored)."""
+    ``[B, Hkv, K']``: the token indices retrieved (entries outside the middle are ignored).
+    ``skip[B, Hkv]`` (uint8, optional): groups whose state the caller will not read. The Triton
+    path reads nothing for them (no page bounds, keys or summary; the exact selector still
+    scores every key) and gives them the empty state; the reference computes them anyway."""
     summary = ref.PhiSummary(m, u, t, mid_start, mid_end)
     log_phi_q = log_features(q, _folded(phi_q, phi_q_mlp))
     folded_k = _folded(phi_k, phi_k_mlp)
     triton_path = _use_triton(q.device)
     selected = select(q, k, scale, mid_start, mid_end, kmin, kmax, budget, page_size, selector,
-                      triton_path)
+                      triton_path, skip)
     if triton_path:
         from macopt.kernels import topk_phi
 
         args = (q, k, v, scale, starts, ends, summary, selected, log_phi_q, folded_k,
                 completion)
         if state:
-            return (*topk_phi.topk_phi_decode_state(*args), selected)
+            return (*topk_phi.topk_phi_decode_state(*args, skip=skip), selected)
         return topk_phi.topk_phi_decode(*args), None, selected
     o, lse = ref.topk_phi_decode_state(q, k, v, scale, starts, ends, summary, selected,
                                        log_phi_q, log_features(k, folded_k), completion)
@@ -299,9 +302,10 @@ def decode_impl(
 
 def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
            kmin: Tensor | None, kmax: Tensor | None, budget: int, page_size: int,
-           selector: str, triton_path: bool) -> Tensor:
+           selector: str, triton_path: bool, skip: Tensor | None = None) -> Tensor:
     """Token indices ``[B, Hkv, K']`` to retrieve (per KV head; entries outside the middle
-    region are ignored by the decode kernels). All on the device: no host sync."""
+    region are ignored by the decode kernels). All on the device: no host sync. ``skip``: see
+    :func:`decode_impl` (the Triton page selector ranks nothing for those groups)."""
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     if selector == "page":
         n_selected = _n_pages(budget, page_size)
@@ -310,7 +314,7 @@ def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tenso
             from macopt.kernels import topk_phi
 
             return topk_phi.select_pages(q, bounds, mid_start, mid_end, page_size, scale,
-                                         n_selected)
+                                         n_selected, skip=skip)
         scores = ref.page_scores(q, bounds, mid_start, mid_end, page_size, scale)
         return ref.pages_to_tokens(ref.select_pages(scores, n_kv_heads, n_selected), page_size)
     if triton_path:

@@ -6,8 +6,10 @@ whole cache) and hit rates are forced per (row, query head) by
 :func:`macopt.bench.mac.forced_ring`. Top-K + phi (alone and inside the composed step) treats
 the whole cache as the prompt; the composed step's summary leaves out the last ``max(tail, S)``
 keys (its ``mid_end`` is then ``E(t)``), as ``mac_topk_phi_prefill`` builds it. The composed
-step runs with the site counters (what a model runs) and, at one rate, without them (what the
-counting costs). Feature maps are positive random features: speed does not depend on them.
+step runs with the site counters (what a model runs), skipping the Top-K + phi work of groups
+whose heads all hit; "every group" computes it for every group (the first version), and at one
+rate "uncounted" runs without counters (what the counting costs). Feature maps are positive
+random features: speed does not depend on them.
 
 >>> variants = mac_topk_variants(layer, maps, budget=0.02)  # doctest: +SKIP
 >>> [name for name, _ in variants][:3]  # doctest: +SKIP
@@ -17,6 +19,7 @@ counting costs). Feature maps are positive random features: speed does not depen
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -35,7 +38,8 @@ def mac_topk_variants(
     page_size: int = 32,
 ) -> list[tuple[str, Step]]:
     """``(variant, step)`` pairs: exact, Top-K + phi alone, then per hit rate MAC alone and the
-    composed step (with counters; the first rate below 1 also without)."""
+    composed step (with counters, skipping all-hit groups or not; the first rate below 1 also
+    without counters)."""
     from macopt.kernels import mac
     from macopt.mac_topk_phi_ops import MACTopKPhiSite, decode_step
     from macopt.topk_phi_ops import decode as topk_decode
@@ -68,19 +72,17 @@ def mac_topk_variants(
         counters = torch.zeros(COUNTER_ROWS, layer.q.shape[1], dtype=torch.int64,
                                device=layer.q.device)
 
-        def composed_step(site=site, counters=counters) -> object:
+        def composed_step(site=site, counters=counters, skip=True) -> object:
             return decode_step(layer.q, layer.q_pre, layer.k, layer.v, site, layer.positions,
                                layer.starts, layer.scale, budget=topk.budget_tokens(n_keys),
                                page_size=page_size, selector=topk.selector, counters=counters,
-                               **step_args)
+                               skip_hit_groups=skip, **step_args)
 
-        variants += [(f"mac h{rate}", mac_step), (f"mac+topk h{rate}", composed_step)]
+        variants += [(f"mac h{rate}", mac_step), (f"mac+topk h{rate}", composed_step),
+                     (f"mac+topk h{rate} every group", partial(composed_step, skip=False))]
         if rate == uncounted:
             variants.append((f"mac+topk h{rate} uncounted",
-                             lambda site=site: decode_step(
-                                 layer.q, layer.q_pre, layer.k, layer.v, site, layer.positions,
-                                 layer.starts, layer.scale, budget=topk.budget_tokens(n_keys),
-                                 page_size=page_size, selector=topk.selector, **step_args)))
+                             partial(composed_step, counters=None)))
     return variants
 
 
