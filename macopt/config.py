@@ -311,7 +311,10 @@ class MACTopKPhiConfig(MethodConfig):
     sinks, the retrieved middle keys and every key in ``[mid_end, E(t))`` exact, the rest of the
     prompt's middle from the feature summary) and is written to the ring as the entry (depth
     0), as ``mac`` writes its exact entries. MAC's weak spot is the full-prefix read of a miss,
-    Top-K + phi's the diffuse heads; a miss here reads what Top-K + phi reads.
+    Top-K + phi's the diffuse heads; a miss here reads what Top-K + phi reads. So no decode
+    step refreshes an entry exactly: ``mac.max_chain_depth`` still ends chains of hits, but
+    the step that ends one takes its prefix from Top-K + phi; only the prefill's entries are
+    exact.
 
     The summary must end before every decode step's ``E(t)``, so it is built at prefill with
     the tail ``max(topk_phi.tail, mac.offset)`` (:attr:`summary_tail`), and MAC's own sinks
