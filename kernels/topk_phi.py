@@ -269,11 +269,11 @@ def _page_scores_kernel(
     q_tile = batch * stride_qb + q_heads[:, None] * stride_qh + dims[None, :] * stride_qd
     q = tl.load(q_ptr + q_tile, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     tile = (kv_pid.to(tl.int64) * n_pages + pages[:, None]) * head_dim + dims[None, :]
-    read_ok = page_ok
+    tile_ok = page_ok[:, None] & dim_ok[None, :]
     if HAS_SKIP:  # a skipped group reads no bounds; its pages score -inf
         # (the flag loaded per page: a scalar bool in a mask trips Triton's interpreter)
         read_ok = page_ok & (tl.load(skip_ptr + kv_pid + pages * 0) == 0)
-    tile_ok = read_ok[:, None] & dim_ok[None, :]
+        tile_ok = read_ok[:, None] & dim_ok[None, :]
     kmin = tl.load(kmin_ptr + tile, mask=tile_ok, other=0.0)
     kmax = tl.load(kmax_ptr + tile, mask=tile_ok, other=0.0)
     if UPCAST:
@@ -286,7 +286,9 @@ def _page_scores_kernel(
     lo = tl.load(mid_start_ptr + batch).to(tl.int32)
     hi = tl.load(mid_end_ptr + batch).to(tl.int32)
     first = pages * PAGE_SIZE
-    has_mid = (first + PAGE_SIZE > lo) & (first < hi) & read_ok
+    has_mid = (first + PAGE_SIZE > lo) & (first < hi)
+    if HAS_SKIP:
+        has_mid = has_mid & read_ok
     bound = tl.where(has_mid[None, :], bound * scale, float("-inf"))
     out = (batch * n_kv_heads * group + q_heads[:, None]) * n_pages + pages[None, :]
     tl.store(scores_ptr + out, bound, mask=row_ok[:, None] & page_ok[None, :])
