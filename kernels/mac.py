@@ -39,6 +39,11 @@ static shapes, so a step never syncs with the host and can be captured in a CUDA
 all-miss step the attention kernel streams ``[s0, t]`` with the same blocks, warps and splits
 as the exact decode kernel; on an all-hit step it reads ``S + (t - j*) <= S + M`` keys.
 
+MAC + Top-K + phi needs the decisions before its Top-K + phi launches (a group whose heads all
+hit needs no Top-K + phi state): :func:`match_candidates` runs the match launch on its own,
+:func:`all_hit_groups` flags those groups from the candidates (the same ``_decide``), and
+``mac_decode_step(..., candidates=...)`` then skips its own match.
+
 >>> o, hit, keys_read = mac_decode_step(q, q_pre, k, v, ring, t, s0, 0.125, offset=256,
 ...                                     tau=0.45, t_min=2048, max_depth=4)
 """
