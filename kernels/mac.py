@@ -39,11 +39,18 @@ static shapes, so a step never syncs with the host and can be captured in a CUDA
 all-miss step the attention kernel streams ``[s0, t]`` with the same blocks, warps and splits
 as the exact decode kernel; on an all-hit step it reads ``S + (t - j*) <= S + M`` keys.
 
+MAC + Top-K + phi needs the decisions before its Top-K + phi launches (a group whose heads all
+hit needs no Top-K + phi state): :func:`match_candidates` runs the match launch on its own,
+:func:`all_hit_groups` flags those groups from the candidates (the same ``_decide``), and
+``mac_decode_step(..., candidates=...)`` then skips its own match.
+
 >>> o, hit, keys_read = mac_decode_step(q, q_pre, k, v, ring, t, s0, 0.125, offset=256,
 ...                                     tau=0.45, t_min=2048, max_depth=4)
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -487,6 +494,7 @@ def mac_decode_step(
     t_min: int, max_depth: int, counters: Tensor | None = None,
     miss_prefix: tuple[Tensor, Tensor] | None = None, num_splits: int | None = None,
     match_programs: int | None = None, block_n: int | None = None,
+    candidates: MatchCandidates | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MAC decode step on the GPU (or the Triton interpreter); updates ``ring`` in place.
 
@@ -498,8 +506,10 @@ def mac_decode_step(
     the prefix state a missing head takes instead of attending its prefix (the reference's).
     The last three arguments override the launch shape (tests, benchmarks): ``num_splits`` is
     the work items per (row, KV head) of an all-miss step (default: the exact decode kernel's
-    split count for this cache size, with its blocks and warps). Three launches: match,
-    attention, finalize.
+    split count for this cache size, with its blocks and warps). ``candidates``: this step's
+    :func:`match_candidates`, when the caller ran the match already (MAC + Top-K + phi decides
+    which groups need a Top-K + phi state from them). Three launches: match, attention,
+    finalize.
     """
     _check_ring(q, q_pre, ring)
     batch, q_heads, head_dim = q.shape
@@ -511,20 +521,18 @@ def mac_decode_step(
     n_programs = target_items + n_groups  # each group rounds its item count up at most once
     block_n = block_n or config.block_n
     ring_size = ring.size
-    n_match = match_programs or _match_programs(batch, q_heads, ring_size, q.device)
-    block_m = min(_MATCH_BLOCK_M, triton.next_power_of_2(triton.cdiv(ring_size, n_match)))
-    slots_per_program = triton.cdiv(triton.cdiv(ring_size, n_match), block_m) * block_m
-    n_match = triton.cdiv(ring_size, slots_per_program)  # no program without a slot
     positions, key_starts = positions.contiguous(), key_starts.contiguous()
+    if candidates is None:
+        candidates = match_candidates(q_pre, ring, positions, key_starts, t_min=t_min,
+                                      max_depth=max_depth, match_programs=match_programs)
+    cand_d, cand_pos, cand_ok = candidates
+    n_match = cand_d.shape[2]
     stream_misses = miss_prefix is None
     miss_o, miss_lse = (q, positions) if stream_misses else _check_miss_prefix(miss_prefix, q)
 
     def new(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         return _new_empty(*shape, dtype=dtype, device=q.device)
 
-    cand_d = new(batch, q_heads, n_match)
-    cand_pos = new(batch, q_heads, n_match, dtype=torch.int32)
-    cand_ok = new(batch, q_heads, n_match, dtype=torch.uint8)
     hit, slot = new(batch, q_heads, dtype=torch.uint8), new(batch, q_heads, dtype=torch.int32)
     keys_read = new(batch, q_heads, dtype=torch.int32)
     group_first = new(n_groups, dtype=torch.int32)
@@ -535,13 +543,6 @@ def mac_decode_step(
     block_r = triton.next_power_of_2(n_match)
     radius2 = threshold(head_dim, tau)
 
-    _match_kernel[(batch * q_heads, n_match)](
-        q_pre, ring.q, ring.pos, ring.lse, ring.depth, positions, key_starts,
-        cand_d, cand_pos, cand_ok,
-        q_heads, ring_size, head_dim, slots_per_program, t_min, max_depth,
-        *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(),
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,  # 8 warps: half the registers a thread
-    )
     _attention_kernel[(n_programs,)](
         q, k, v, positions, key_starts, cand_d, cand_pos, cand_ok,
         hit, slot, keys_read, group_first, group_items, part_o, part_lse,
@@ -577,3 +578,77 @@ def mac_decode_step(
         BLOCK_S=min(32, max(1, 8192 // block_d)), num_warps=8,
     )
     return out, hit.view(torch.bool), keys_read
+
+
+class MatchCandidates(NamedTuple):
+    """The match launch's result, ``[B, Hq, R]`` per (row, query head) and ring part: the
+    nearest valid entry's fp32 squared distance, position (-1: none) and whether it may be
+    reused (finite lse, depth below the bound)."""
+
+    d: Tensor
+    pos: Tensor
+    ok: Tensor
+
+
+def match_candidates(
+    q_pre: Tensor, ring: MACRing, positions: Tensor, key_starts: Tensor, *, t_min: int,
+    max_depth: int, match_programs: int | None = None,
+) -> MatchCandidates:
+    """The match launch of :func:`mac_decode_step` on its own: each head's nearest entry per
+    ring part. ``mac_decode_step(..., candidates=...)`` then skips its own match."""
+    batch, q_heads, head_dim = q_pre.shape
+    ring_size = ring.size
+    n_match = match_programs or _match_programs(batch, q_heads, ring_size, q_pre.device)
+    block_m = min(_MATCH_BLOCK_M, triton.next_power_of_2(triton.cdiv(ring_size, n_match)))
+    slots_per_program = triton.cdiv(triton.cdiv(ring_size, n_match), block_m) * block_m
+    n_match = triton.cdiv(ring_size, slots_per_program)  # no program without a slot
+    found = MatchCandidates(*(_new_empty(batch, q_heads, n_match, dtype=dtype,
+                                         device=q_pre.device)
+                              for dtype in (torch.float32, torch.int32, torch.uint8)))
+    _match_kernel[(batch * q_heads, n_match)](
+        q_pre, ring.q, ring.pos, ring.lse, ring.depth, positions.contiguous(),
+        key_starts.contiguous(), *found,
+        q_heads, ring_size, head_dim, slots_per_program, t_min, max_depth,
+        *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(),
+        BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=8,  # 8 warps: half the registers a thread
+    )
+    return found
+
+
+@triton.jit
+def _all_hit_kernel(
+    cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, out_ptr,
+    n_kv_heads, group, n_candidates, ring_size, offset, radius2, t_min,
+    BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # One program per (row, KV head): its heads' decisions, exactly as the attention kernel
+    # makes them (_decide), and whether every one of them hits.
+    kv_pid = tl.program_id(0)
+    batch = (kv_pid // n_kv_heads).to(tl.int64)
+    members = tl.arange(0, BLOCK_G)
+    member_ok = members < group
+    t = tl.load(t_ptr + batch)
+    s0 = tl.load(s0_ptr + batch)
+    hit, _, _ = _decide(cand_d_ptr, cand_pos_ptr, cand_ok_ptr, kv_pid * group + members,
+                        member_ok, t, s0, n_candidates, ring_size, offset, 0, radius2, t_min,
+                        False, BLOCK_R)
+    misses = tl.sum((member_ok & ~hit).to(tl.int32), axis=0)
+    tl.store(out_ptr + kv_pid, (misses == 0).to(tl.uint8))
+
+
+def all_hit_groups(
+    candidates: MatchCandidates, positions: Tensor, key_starts: Tensor, n_kv_heads: int, *,
+    ring_size: int, offset: int, tau: float, t_min: int, head_dim: int,
+) -> Tensor:
+    """``[B, Hkv]`` uint8: 1 where every query head of the (row, KV head) group hits this step
+    (the decisions :func:`mac_decode_step` makes from the same candidates). One launch."""
+    batch, q_heads, n_match = candidates.d.shape
+    out = _new_empty(batch, n_kv_heads, dtype=torch.uint8, device=candidates.d.device)
+    group = q_heads // n_kv_heads
+    _all_hit_kernel[(batch * n_kv_heads,)](
+        *candidates, positions.contiguous(), key_starts.contiguous(), out, n_kv_heads, group,
+        n_match, ring_size, offset, threshold(head_dim, tau), t_min,
+        BLOCK_G=triton.next_power_of_2(group), BLOCK_R=triton.next_power_of_2(n_match),
+    )
+    return out

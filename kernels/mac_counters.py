@@ -68,3 +68,73 @@ def count_decode_reference_(counters: Tensor, hit: Tensor, keys_read: Tensor,
     counters[2] += full
     counters[3] += batch
     counters[4] += 1
+
+
+@triton.jit
+def _add_prefix_keys_kernel(
+    counters_ptr, keys_ptr, hit_ptr, sel_ptr, t_ptr, s0_ptr, mid_start_ptr, mid_end_ptr,
+    q_heads, group, n_selected, offset, stride_cr, stride_ch, stride_b, stride_h,
+    stride_sb, stride_sh, stride_sk, BLOCK_K: tl.constexpr,
+):
+    # One program per (row, query head): the keys its Top-K + phi prefix state attended, if
+    # it missed (sinks, retrieved middle keys, [mid_end, E(t))), added to its keys_read and,
+    # atomically (rows of one head share it), to the head's counter.
+    pid = tl.program_id(0)
+    batch = (pid // q_heads).to(tl.int64)
+    head = (pid % q_heads).to(tl.int64)
+    t = tl.load(t_ptr + batch).to(tl.int64)
+    s0 = tl.load(s0_ptr + batch).to(tl.int64)
+    lo = tl.load(mid_start_ptr + batch).to(tl.int64)
+    hi = tl.load(mid_end_ptr + batch).to(tl.int64)
+    end = tl.maximum(t + 1 - offset, s0)  # E(t)
+    hit = tl.load(hit_ptr + batch * stride_b + head * stride_h) != 0
+    n_keys = tl.maximum(tl.minimum(lo, end) - s0, 0) + tl.maximum(end - tl.maximum(hi, s0), 0)
+    sel_base = sel_ptr + batch * stride_sb + (head // group) * stride_sh
+    inside = tl.zeros([BLOCK_K], tl.int64)
+    last = tl.where(hit, 0, n_selected)  # a hit reads no selection
+    for first in range(0, last, BLOCK_K):
+        slots = first + tl.arange(0, BLOCK_K)
+        sel = tl.load(sel_base + slots * stride_sk, mask=slots < last, other=-1).to(tl.int64)
+        inside += ((sel >= lo) & (sel < hi) & (sel < end)).to(tl.int64)
+    added = tl.where(hit, 0, n_keys + tl.sum(inside, axis=0))
+    keys = keys_ptr + batch * stride_b + head * stride_h
+    tl.store(keys, tl.load(keys) + added.to(tl.int32))
+    tl.atomic_add(counters_ptr + stride_cr + head * stride_ch, added, sem="relaxed")
+
+
+def add_prefix_keys_(counters: Tensor | None, keys_read: Tensor, hit: Tensor, selected: Tensor,
+                     positions: Tensor, key_starts: Tensor, mid_start: Tensor, mid_end: Tensor,
+                     offset: int) -> None:
+    """MAC + Top-K + phi: add to ``keys_read[B, Hq]`` (int32) and, when given, to the
+    ``keys_read`` row of ``counters`` the keys of ``[s0, E(t))`` a missing head's Top-K + phi
+    state attended exactly: the sinks ``[s0, mid_start)``, the retrieved middle keys
+    (``selected[B, Hkv, K']``, entries outside ``[mid_start, min(mid_end, E(t)))`` ignored)
+    and ``[mid_end, E(t))``. One launch, no host sync."""
+    batch, q_heads = hit.shape
+    hit8 = hit.view(torch.uint8)
+    if keys_read.stride() != hit8.stride():
+        raise ValueError("keys_read, hit: expected one [B, Hq] layout")
+    target = counters if counters is not None else torch.zeros(
+        COUNTER_ROWS, q_heads, dtype=torch.int64, device=hit.device)
+    n_selected = selected.shape[2]
+    _add_prefix_keys_kernel[(batch * q_heads,)](
+        target, keys_read, hit8, selected, positions.contiguous(), key_starts.contiguous(),
+        mid_start, mid_end, q_heads, q_heads // selected.shape[1], n_selected, offset,
+        *target.stride(), *hit8.stride(), *selected.stride(),
+        BLOCK_K=min(1024, triton.next_power_of_2(max(n_selected, 16))),
+    )
+
+
+def prefix_keys_reference(hit: Tensor, selected: Tensor, positions: Tensor, key_starts: Tensor,
+                          mid_start: Tensor, mid_end: Tensor, offset: int) -> Tensor:
+    """The keys :func:`add_prefix_keys_` adds per (row, query head) ``[B, Hq]`` int32, in
+    PyTorch (CPU)."""
+    s0 = key_starts.long()[:, None]
+    end = torch.maximum(positions.long()[:, None] + 1 - offset, s0)
+    lo, hi = mid_start.long()[:, None], mid_end.long()[:, None]
+    n_keys = (torch.minimum(lo, end) - s0).clamp(min=0) + (end - torch.maximum(hi, s0)).clamp(min=0)
+    sel = selected.long()
+    inside = (sel >= lo[..., None]) & (sel < hi[..., None]) & (sel < end[..., None])
+    per_kv_head = n_keys + inside.sum(-1)
+    per_head = per_kv_head.repeat_interleave(hit.shape[1] // selected.shape[1], dim=1)
+    return torch.where(hit, 0, per_head).to(torch.int32)

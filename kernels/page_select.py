@@ -59,7 +59,7 @@ def _select_page_tokens_kernel(
     scores_ptr, keys_ptr, pages_ptr, tokens_ptr,
     n_pages, group, n_keep,
     PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, skip_ptr=None, HAS_SKIP: tl.constexpr = False,
 ):
     # One program per (row, KV head): the group's [g, n_pages] scores are read twice in
     # [BLOCK_G, BLOCK_P] tiles, then the row's int32 keys (a few KB, cache resident) 33 times.
@@ -71,6 +71,9 @@ def _select_page_tokens_kernel(
     keys_ptr += kv_pid * n_pages
     pages_ptr += kv_pid * n_keep
     tokens_ptr += kv_pid * n_keep * PAGE_SIZE
+    if HAS_SKIP:  # a skipped group ranks no page and writes tokens -1 (ignored downstream)
+        skipped = tl.load(skip_ptr + kv_pid) != 0
+        n_pages = tl.where(skipped, 0, n_pages)
 
     # Elementwise max across tiles, one reduction after the loop (a reduction accumulated
     # inside the loop and read twice after it crashes Triton 3.6's thread-locality pass).
@@ -128,12 +131,18 @@ def _select_page_tokens_kernel(
     for start in range(0, n_tokens, BLOCK_T):
         slots = start + tl.arange(0, BLOCK_T)
         slot_ok = slots < n_tokens
-        page = tl.load(pages_ptr + slots // PAGE_SIZE, mask=slot_ok, other=0)
-        tl.store(tokens_ptr + slots, page * PAGE_SIZE + slots % PAGE_SIZE, mask=slot_ok)
+        if HAS_SKIP:  # (the flag per slot: a scalar bool in a mask trips the interpreter)
+            keep = slot_ok & (tl.load(skip_ptr + kv_pid + slots * 0) == 0)
+            page = tl.load(pages_ptr + slots // PAGE_SIZE, mask=keep, other=0)
+            token = tl.where(keep, page * PAGE_SIZE + slots % PAGE_SIZE, -1)
+        else:
+            page = tl.load(pages_ptr + slots // PAGE_SIZE, mask=slot_ok, other=0)
+            token = page * PAGE_SIZE + slots % PAGE_SIZE
+        tl.store(tokens_ptr + slots, token, mask=slot_ok)
 
 
-def select_page_tokens(scores: Tensor, n_kv_heads: int, n_selected: int, page_size: int
-                       ) -> Tensor:
+def select_page_tokens(scores: Tensor, n_kv_heads: int, n_selected: int, page_size: int,
+                       skip: Tensor | None = None) -> Tensor:
     """Token indices of the best pages per KV head, ascending:
     ``[B, Hkv, min(n_selected, n_pages) * page_size]`` int32.
 
@@ -141,7 +150,8 @@ def select_page_tokens(scores: Tensor, n_kv_heads: int, n_selected: int, page_si
     head ``h // (Hq // Hkv)``. Pages are ranked as in
     :func:`macopt.kernels.topk_phi_reference.select_pages` (each head shifted by its best page,
     then the group max); ties at the K-th score go to the lowest page indices. One launch, no
-    host sync.
+    host sync. ``skip[B, Hkv]`` (uint8 or bool, optional): groups that rank nothing and get
+    tokens -1.
 
     >>> tokens = select_page_tokens(scores, n_kv_heads=8, n_selected=80, page_size=32)
     """
@@ -165,5 +175,7 @@ def select_page_tokens(scores: Tensor, n_kv_heads: int, n_selected: int, page_si
         PAGE_SIZE=page_size, BLOCK_G=triton.next_power_of_2(group),
         BLOCK_P=min(_MAX_BLOCK_P, triton.next_power_of_2(n_pages)),
         BLOCK_T=min(_MAX_BLOCK_T, triton.next_power_of_2(n_keep * page_size)), num_warps=8,
+        **({"HAS_SKIP": False} if skip is None else
+           {"skip_ptr": skip.contiguous().view(torch.uint8), "HAS_SKIP": True}),
     )
     return tokens

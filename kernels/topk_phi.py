@@ -251,6 +251,7 @@ def _page_scores_kernel(
     stride_qb, stride_qh, stride_qd,
     PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    skip_ptr=None, HAS_SKIP: tl.constexpr = False,
 ):
     # A program scores BLOCK_P pages of one (row, KV head) for the whole query group:
     # max_k q.k <= q+ . kmax + q- . kmin, two [g, D] x [D, BLOCK_P] products.
@@ -269,6 +270,10 @@ def _page_scores_kernel(
     q = tl.load(q_ptr + q_tile, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     tile = (kv_pid.to(tl.int64) * n_pages + pages[:, None]) * head_dim + dims[None, :]
     tile_ok = page_ok[:, None] & dim_ok[None, :]
+    if HAS_SKIP:  # a skipped group reads no bounds; its pages score -inf
+        # (the flag loaded per page: a scalar bool in a mask trips Triton's interpreter)
+        read_ok = page_ok & (tl.load(skip_ptr + kv_pid + pages * 0) == 0)
+        tile_ok = read_ok[:, None] & dim_ok[None, :]
     kmin = tl.load(kmin_ptr + tile, mask=tile_ok, other=0.0)
     kmax = tl.load(kmax_ptr + tile, mask=tile_ok, other=0.0)
     if UPCAST:
@@ -282,6 +287,8 @@ def _page_scores_kernel(
     hi = tl.load(mid_end_ptr + batch).to(tl.int32)
     first = pages * PAGE_SIZE
     has_mid = (first + PAGE_SIZE > lo) & (first < hi)
+    if HAS_SKIP:
+        has_mid = has_mid & read_ok
     bound = tl.where(has_mid[None, :], bound * scale, float("-inf"))
     out = (batch * n_kv_heads * group + q_heads[:, None]) * n_pages + pages[None, :]
     tl.store(scores_ptr + out, bound, mask=row_ok[:, None] & page_ok[None, :])
@@ -301,6 +308,7 @@ def _decode_split_kernel(
     HAS_MLP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr, SHARE_PRECISION: tl.constexpr = "ieee",
+    skip_ptr=None, HAS_SKIP: tl.constexpr = False,
 ):
     # A program owns one (row, KV head, split) of the exact key list [sinks | tail + generated |
     # retrieved]; each [BLOCK_N, D] K/V tile serves the whole query group, and tiles holding
@@ -325,6 +333,8 @@ def _decode_split_kernel(
     after_mid = tl.maximum(hi, start)
     n_exact = n_sinks + tl.maximum(end - after_mid, 0)
     total = n_exact + n_selected
+    if HAS_SKIP:  # a skipped group attends nothing: its splits store empty states
+        total = tl.where(tl.load(skip_ptr + kv_pid) != 0, 0, total)
     chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
     split_lo = split * chunk
     split_hi = tl.minimum(split_lo + chunk, total)
@@ -408,6 +418,7 @@ def _complete_kernel(
     n_kv_heads, group, head_dim, d_phi, num_splits, eps,
     stride_ob, stride_oh, stride_od,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr,
+    skip_ptr=None, HAS_SKIP: tl.constexpr = False,
 ):
     # A program owns one (row, KV head): it merges the splits' exact states, then builds the
     # completion state in BLOCK_F feature chunks ([g, F] x [F, D] against T~) and merges both.
@@ -421,11 +432,16 @@ def _complete_kernel(
     dim_ok = dims < head_dim
     row_tile_ok = row_ok[:, None] & dim_ok[None, :]
 
+    n_splits, n_features = num_splits, d_phi
+    if HAS_SKIP:  # a skipped group reads no split and no summary: it stores the empty state
+        skipped = tl.load(skip_ptr + kv_pid) != 0
+        n_splits = tl.where(skipped, 0, num_splits)
+        n_features = tl.where(skipped, 0, d_phi)
     run_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     sub_n = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for split in range(num_splits):
+    for split in range(n_splits):
         part = (q_rows * num_splits + split).to(tl.int64)
         tile = part[:, None] * head_dim + dims[None, :]
         lse_s = tl.load(lse_parts_ptr + part, mask=row_ok, other=float("-inf"))
@@ -445,7 +461,7 @@ def _complete_kernel(
 
     # Same shift M_g as the split kernel (a max: exact whatever the chunking).
     top = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for f_start in range(0, d_phi, BLOCK_F):
+    for f_start in range(0, n_features, BLOCK_F):
         feats = f_start + tl.arange(0, BLOCK_F)
         shifted = _completion_logits(log_phi_q_ptr, m_ptr, q_rows, row_ok, kv_pid, feats, d_phi)
         top = tl.maximum(top, tl.max(shifted, axis=1))
@@ -454,7 +470,7 @@ def _complete_kernel(
     mass = tl.zeros([BLOCK_G], tl.float32)
     numer = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     splits = tl.arange(0, BLOCK_S)
-    for f_start in range(0, d_phi, BLOCK_F):
+    for f_start in range(0, n_features, BLOCK_F):
         feats = f_start + tl.arange(0, BLOCK_F)
         feat_ok = feats < d_phi
         shifted = _completion_logits(log_phi_q_ptr, m_ptr, q_rows, row_ok, kv_pid, feats, d_phi)
@@ -617,9 +633,11 @@ def build_page_bounds(k: Tensor, mid_start: Tensor, mid_end: Tensor, page_size: 
 
 
 def page_scores(q: Tensor, bounds: PageBounds, mid_start: Tensor, mid_end: Tensor,
-                page_size: int, scale: float, block_p: int = 64) -> Tensor:
+                page_size: int, scale: float, block_p: int = 64,
+                skip: Tensor | None = None) -> Tensor:
     """Upper bound of ``scale * q.k`` over each page's mid keys, ``[B, Hq, n_pages]`` fp32;
-    -inf for pages without mid keys."""
+    -inf for pages without mid keys. ``skip[B, Hkv]`` (uint8 or bool, optional): groups whose
+    pages all score -inf without reading their bounds."""
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads, n_pages = bounds.kmin.shape[1], bounds.kmin.shape[2]
     group = n_q_heads // n_kv_heads
@@ -631,29 +649,43 @@ def page_scores(q: Tensor, bounds: PageBounds, mid_start: Tensor, mid_end: Tenso
         n_kv_heads, n_pages, group, head_dim, scale, *q.stride(),
         PAGE_SIZE=page_size, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_G=_pow2(group), BLOCK_P=block_p, BLOCK_D=_pow2(head_dim),
+        **_skip_args(skip, batch, n_kv_heads),
     )
     return scores
 
 
+def _skip_args(skip: Tensor | None, batch: int, n_kv_heads: int) -> dict:
+    """Kernel arguments of an optional per-(row, KV head) skip flag (HAS_SKIP False: the
+    kernels compile exactly as without it)."""
+    if skip is None:
+        return {"HAS_SKIP": False}
+    if skip.shape != (batch, n_kv_heads) or skip.dtype not in (torch.uint8, torch.bool):
+        raise ValueError(f"skip: expected a uint8 or bool [{batch}, {n_kv_heads}] tensor, got "
+                         f"{skip.dtype} {tuple(skip.shape)}")
+    return {"skip_ptr": skip.contiguous().view(torch.uint8), "HAS_SKIP": True}
+
+
 def select_pages(q: Tensor, bounds: PageBounds, mid_start: Tensor, mid_end: Tensor,
-                 page_size: int, scale: float, n_selected: int) -> Tensor:
+                 page_size: int, scale: float, n_selected: int,
+                 skip: Tensor | None = None) -> Tensor:
     """Token indices ``[B, Hkv, min(n_selected, n_pages) * page_size]`` int32 of the best pages
     per KV head (see :func:`macopt.kernels.topk_phi_reference.select_pages`), ascending.
 
     The token budget is ``n_selected * page_size``; indices past the mid region are ignored by
     the decode kernel. Two launches, no host sync: the page scores, then
     :func:`macopt.kernels.page_select.select_page_tokens` (on a tie at the K-th group score,
-    the lowest page indices are kept).
+    the lowest page indices are kept). ``skip[B, Hkv]`` (optional): groups that read no bounds
+    and select nothing (their tokens are -1, which the decode kernels ignore).
     """
-    scores = page_scores(q, bounds, mid_start, mid_end, page_size, scale)
-    return select_page_tokens(scores, bounds.kmin.shape[1], n_selected, page_size)
+    scores = page_scores(q, bounds, mid_start, mid_end, page_size, scale, skip=skip)
+    return select_page_tokens(scores, bounds.kmin.shape[1], n_selected, page_size, skip=skip)
 
 
 def topk_phi_decode_state(
     q: Tensor, k: Tensor, v: Tensor, scale: float, starts: Tensor, ends: Tensor,
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None = None, eps: float = 1e-6, num_splits: int | None = None,
-    block_n: int | None = None, num_warps: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None, skip: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-K + phi decode state ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])``.
 
@@ -662,12 +694,14 @@ def topk_phi_decode_state(
     entries ignored, no repeats), ``log_phi_q[B, Hq, F]`` and the folded ``phi_k`` (one map
     per KV head, the map the summary was built with). ``completion[Hq]`` (bool, default all
     on) switches each head's completion; off gives Top-K-only renormalised attention.
+    ``skip[B, Hkv]`` (uint8 or bool, optional): groups whose state is not needed (MAC + Top-K
+    + phi: every head hits); they read nothing and get the empty state ``(0, -inf)``.
 
     >>> o, lse = topk_phi_decode_state(q, k, v, scale, starts, ends, summary, selected,
     ...                                log_phi_q, maps.phi_k.folded())
     """
     return _decode(q, k, v, scale, starts, ends, summary, selected, log_phi_q, phi_k,
-                   completion, eps, num_splits, block_n, num_warps, torch.float32)
+                   completion, eps, num_splits, block_n, num_warps, torch.float32, skip)
 
 
 def topk_phi_decode(
@@ -685,7 +719,7 @@ def _decode(
     q: Tensor, k: Tensor, v: Tensor, scale: float, starts: Tensor, ends: Tensor,
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None, eps: float, num_splits: int | None, block_n: int | None,
-    num_warps: int | None, out_dtype: torch.dtype,
+    num_warps: int | None, out_dtype: torch.dtype, skip: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
@@ -710,6 +744,7 @@ def _decode(
     sub_u = _new_empty((batch, n_kv_heads, num_splits, d_phi), dtype=torch.float32,
                        device=q.device)
     weights = _feature_weights(phi_k, q.device)
+    skip_args = _skip_args(skip, batch, n_kv_heads)
     block_g, block_d, block_f = _pow2(group), _pow2(head_dim), _pow2(d_phi)
     _decode_split_kernel[(batch * n_kv_heads, num_splits)](
         q, k, v, starts, ends, summary.mid_start, summary.mid_end, selected, log_phi_q, m,
@@ -719,7 +754,7 @@ def _decode(
         HAS_MLP=phi_k.has_mlp, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
         HALF=_half_features(q.dtype), SHARE_PRECISION=_share_precision(q.dtype),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_F=block_f,
-        BLOCK_E=_pow2(width), num_warps=num_warps or 4,
+        BLOCK_E=_pow2(width), num_warps=num_warps or 4, **skip_args,
     )
     out = _new_empty((batch, n_q_heads, head_dim), dtype=out_dtype, device=q.device)
     lse = _new_empty((batch, n_q_heads), dtype=torch.float32, device=q.device)
@@ -727,6 +762,6 @@ def _decode(
         o_parts, lse_parts, sub_u, sub_n, log_phi_q, m, u, t, completion.to(torch.int32),
         out, lse, n_kv_heads, group, head_dim, d_phi, num_splits, eps, *out.stride(),
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_F=min(block_f, 32),
-        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, **skip_args,
     )
     return out, lse

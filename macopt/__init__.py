@@ -3,16 +3,17 @@
 from macopt import (  # noqa: F401  (register ops)
     causal_prefill_ops,
     mac_ops,
+    mac_topk_phi_ops,
     ops,
     topk_phi_ops,
     topk_phi_site,
 )
 from macopt.api import backend, explain, install_passes, optimize
-from macopt.config import ExactConfig, MACConfig, MethodConfig, TopKPhiConfig
+from macopt.config import ExactConfig, MACConfig, MACTopKPhiConfig, MethodConfig, TopKPhiConfig
 from macopt.pretrained import from_pretrained
 from macopt.stats import stats
 
 __version__ = "0.1.0"
 
-__all__ = ["ExactConfig", "MACConfig", "MethodConfig", "TopKPhiConfig", "backend", "explain",
-           "from_pretrained", "install_passes", "optimize", "stats"]
+__all__ = ["ExactConfig", "MACConfig", "MACTopKPhiConfig", "MethodConfig", "TopKPhiConfig",
+           "backend", "explain", "from_pretrained", "install_passes", "optimize", "stats"]

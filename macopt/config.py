@@ -297,3 +297,84 @@ class MACConfig(MethodConfig):
             raise ValueError(f"MACConfig.tau: expected a number <= 1.0 (1.0: nothing matches; "
                              f"smaller matches more), got {tau!r}")
         object.__setattr__(self, "tau", float(tau))
+
+
+@dataclass(frozen=True)
+class MACTopKPhiConfig(MethodConfig):
+    """MAC-Attention whose misses use Top-K + phi for the prefix instead of exact attention.
+    Approximate by design (both halves are), beyond both papers.
+
+    MAC decides hit or miss per query head as ``mac`` does. A hit is unchanged: the reused ring
+    entry, the exact band since it and the exact tail of the ``mac.offset`` (S) most recent
+    keys. A miss does not attend its prefix ``[s0, E(t))`` (``E(t) = max(t + 1 - S, s0)``)
+    exactly: that state comes from Top-K + phi restricted to those keys (the ``topk_phi``
+    sinks, the retrieved middle keys and every key in ``[mid_end, E(t))`` exact, the rest of the
+    prompt's middle from the feature summary) and is written to the ring as the entry (depth
+    0), as ``mac`` writes its exact entries. MAC's weak spot is the full-prefix read of a miss,
+    Top-K + phi's the diffuse heads; a miss here reads what Top-K + phi reads. So no decode
+    step refreshes an entry exactly: ``mac.max_chain_depth`` still ends chains of hits, but
+    the step that ends one takes its prefix from Top-K + phi; only the prefill's entries are
+    exact.
+
+    The summary must end before every decode step's ``E(t)``, so it is built at prefill with
+    the tail ``max(topk_phi.tail, mac.offset)`` (:attr:`summary_tail`), and MAC's own sinks
+    must be 0 (the ``topk_phi`` sinks are attended exactly on every miss, and a hit's reused
+    entry covers them). ``mac.tau = 1.0`` never hits: then every step is Top-K + phi over
+    ``[s0, E(t))`` merged with the exact tail.
+
+    >>> config = MACTopKPhiConfig(MACConfig(offset=256), TopKPhiConfig(budget=0.02))
+    >>> config.summary_tail, config.method
+    (256, 'mac_topk_phi')
+    >>> MethodConfig.from_dict(config.to_dict()) == config
+    True
+    >>> MACTopKPhiConfig(mac=MACConfig(sinks=4))
+    Traceback (most recent call last):
+    ...
+    ValueError: MACTopKPhiConfig.mac.sinks: expected 0 (topk_phi's sinks cover them), got 4
+    """
+
+    method: ClassVar[str] = "mac_topk_phi"
+    needs_pre_rope_query: ClassVar[bool] = True
+    keeps_state: ClassVar[bool] = True  # MAC rings and Top-K + phi summaries
+
+    mac: MACConfig = dataclasses.field(default_factory=MACConfig)
+    topk_phi: TopKPhiConfig = dataclasses.field(default_factory=TopKPhiConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("mac", MACConfig), ("topk_phi", TopKPhiConfig)):
+            object.__setattr__(self, name, _part(name, getattr(self, name), cls))
+        if self.mac.sinks != 0:
+            # A miss attends the topk_phi sinks exactly, a hit's entry covers them.
+            raise ValueError(f"MACTopKPhiConfig.mac.sinks: expected 0 (topk_phi's sinks cover "
+                             f"them), got {self.mac.sinks}")
+
+    @property
+    def summary_tail(self) -> int:
+        """Prompt keys the prefill summary leaves out at the end: at least S, so that the
+        summary ends before ``E(t)`` at every decode step."""
+        return max(self.topk_phi.tail, self.mac.offset)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-able data: its method and both parts' own dicts.
+
+        >>> MACTopKPhiConfig().to_dict()["mac"]["method"]
+        'mac'
+        """
+        return {"method": self.method, "mac": self.mac.to_dict(),
+                "topk_phi": self.topk_phi.to_dict()}
+
+
+def _part(name: str, value: Any, cls: type[MethodConfig]) -> MethodConfig:
+    """A part of a composed config: an instance of ``cls``, or its dict (with or without its
+    method name, as ``to_dict`` writes it)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        fields = dict(value)
+        method = fields.pop("method", cls.method)
+        if method != cls.method:
+            raise ValueError(f"MACTopKPhiConfig.{name}: expected a {cls.method!r} config, got "
+                             f"method {method!r}")
+        return cls(**fields)
+    raise ValueError(f"MACTopKPhiConfig.{name}: expected a {cls.__name__} (or its dict), got "
+                     f"{type(value).__name__}")

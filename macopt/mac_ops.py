@@ -18,6 +18,7 @@ import torch
 
 from macopt import mac_state
 from macopt.kernels import mac_counters, mac_reference
+from macopt.kernels.mac_reference import MACRing
 from macopt.ops import _use_triton
 from macopt.validation import check_decode_inputs
 
@@ -90,6 +91,16 @@ def mac_prefill(
     of its own positions; older ones stay empty (misses until decoding refills them)."""
     _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends)
     ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
+    write_prefill_entries(ring, q_post, q_pre, k, v, scale, key_starts, ends, offset, sinks)
+    counters[mac_counters.COUNTERS.index("prefills")] += 1
+    return attn_out.clone()
+
+
+def write_prefill_entries(ring: MACRing, q_post: Tensor, q_pre: Tensor, k: Tensor, v: Tensor,
+                          scale: float, key_starts: Tensor, ends: Tensor, offset: int,
+                          sinks: int) -> None:
+    """Rewrite every slot of ``ring`` with the exact entries of a prompt chunk (Triton on CUDA,
+    the reference on CPU); see :func:`mac_prefill`."""
     if _use_triton(q_post.device):
         from macopt.kernels import mac_prefill
 
@@ -97,9 +108,7 @@ def mac_prefill(
                                      sinks)
     else:
         ring.copy_(mac_reference.prefill_entries(q_post, q_pre, k, v, scale, key_starts, ends,
-                                                 ring_size, offset, sinks))
-    counters[mac_counters.COUNTERS.index("prefills")] += 1
-    return attn_out.clone()
+                                                 ring.size, offset, sinks))
 
 
 @mac_prefill.register_fake

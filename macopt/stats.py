@@ -23,8 +23,10 @@ class LayerStats:
     ``hit_rate``: share of (row, query head) decode steps that reused a ring entry;
     ``head_hit_rates``: the same per query head; ``keys_read`` / ``keys_full``: keys attended vs
     what full attention would have attended (summed over rows and heads); ``nbytes``: memory
-    held by the site's state (ring + counters). Top-K + phi sites keep no device counters yet:
-    their counts are None and only ``nbytes`` is reported.
+    held by the site's state (ring + counters). MAC + Top-K + phi sites (``mac_topk_phi``)
+    count like MAC; a miss's keys read are its tail plus the keys its Top-K + phi prefix state
+    attended (sinks, retrieved, the prompt's last keys before the tail). Top-K + phi sites keep
+    no device counters yet: their counts are None and only ``nbytes`` is reported.
     """
 
     layer: str

@@ -11,6 +11,8 @@ the prompt's middle from a fixed-size feature summary built at prefill.
 - ``macopt::topk_phi_decode`` selects (page bounds or exact scores; ``torch.topk`` on the
   device, no host sync), then runs the decode kernel: exact state over sinks + tail +
   generated + retrieved keys merged with the completion state.
+- ``macopt::topk_phi_decode_state``: the same step's fp32 state ``(o, lse)``, for merging with
+  other states (MAC + Top-K + phi takes it as a miss's prefix state).
 
 CPU runs the reference (:mod:`macopt.kernels.topk_phi_reference`), CUDA the Triton kernels
 (:mod:`macopt.kernels.topk_phi`); ``MACOPT_CPU_KERNELS=triton`` runs Triton on CPU through the
@@ -26,6 +28,7 @@ FoldedFeatureMap`) plus a ``has_mlp`` flag.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -198,19 +201,10 @@ def topk_phi_decode(
     """
     _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
                   completion, budget, page_size, selector)
-    summary = ref.PhiSummary(m, u, t, mid_start, mid_end)
-    log_phi_q = log_features(q, _folded(phi_q, phi_q_mlp))
-    folded_k = _folded(phi_k, phi_k_mlp)
-    triton_path = _use_triton(q.device)
-    selected = select(q, k, scale, mid_start, mid_end, kmin, kmax, budget, page_size, selector,
-                      triton_path)
-    if triton_path:
-        from macopt.kernels import topk_phi
-
-        return topk_phi.topk_phi_decode(q, k, v, scale, starts, ends, summary, selected,
-                                        log_phi_q, folded_k, completion)
-    return ref.topk_phi_decode(q, k, v, scale, starts, ends, summary, selected, log_phi_q,
-                               log_features(k, folded_k), completion)
+    o, _, _ = decode_impl(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q,
+                          phi_q_mlp, phi_k, phi_k_mlp, completion, scale, budget, page_size,
+                          selector, state=False)
+    return o
 
 
 def _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
@@ -239,14 +233,79 @@ def _(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("macopt::topk_phi_decode_state", mutates_args=())
+def topk_phi_decode_state(
+    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor,
+    m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: Tensor,
+    kmin: Tensor | None, kmax: Tensor | None,
+    phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
+    completion: Tensor, scale: float, budget: int, page_size: int, selector: str,
+) -> tuple[Tensor, Tensor]:
+    """The state ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])`` of :func:`topk_phi_decode` (same
+    arguments; approximate): the merge of the exact keys' state with the completion state,
+    before the cast to ``q``'s dtype. A state can be merged with others (ALGORITHMS.md,
+    section 0), e.g. as the prefix state of a MAC miss over keys ``[starts, E(t))``."""
+    _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
+                  completion, budget, page_size, selector)
+    o, lse, _ = decode_impl(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax,
+                            phi_q, phi_q_mlp, phi_k, phi_k_mlp, completion, scale, budget,
+                            page_size, selector, state=True)
+    return o, lse
+
+
+@topk_phi_decode_state.register_fake
+def _(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_q_mlp, phi_k,
+      phi_k_mlp, completion, scale, budget, page_size, selector):
+    _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
+                  completion, budget, page_size, selector)
+    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:2],
+                                                                  dtype=torch.float32)
+
+
+def decode_impl(
+    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor,
+    m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: Tensor,
+    kmin: Tensor | None, kmax: Tensor | None,
+    phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
+    completion: Tensor, scale: float, budget: int, page_size: int, selector: str, *,
+    state: bool, skip: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Selection then the decode kernels (inputs already checked): ``(o, lse, selected)``.
+
+    ``state`` True: ``o`` fp32 and ``lse`` fp32; False: ``o`` in ``q``'s dtype straight from
+    the kernel (the output-only path keeps its single cast) and ``lse`` None. ``selected``
+    ``[B, Hkv, K']``: the token indices retrieved (entries outside the middle are ignored).
+    ``skip[B, Hkv]`` (uint8, optional): groups whose state the caller will not read. The Triton
+    path reads nothing for them (no page bounds, keys or summary; the exact selector still
+    scores every key) and gives them the empty state; the reference computes them anyway."""
+    summary = ref.PhiSummary(m, u, t, mid_start, mid_end)
+    log_phi_q = log_features(q, _folded(phi_q, phi_q_mlp))
+    folded_k = _folded(phi_k, phi_k_mlp)
+    triton_path = _use_triton(q.device)
+    selected = select(q, k, scale, mid_start, mid_end, kmin, kmax, budget, page_size, selector,
+                      triton_path, skip)
+    if triton_path:
+        from macopt.kernels import topk_phi
+
+        args = (q, k, v, scale, starts, ends, summary, selected, log_phi_q, folded_k,
+                completion)
+        if state:
+            return (*topk_phi.topk_phi_decode_state(*args, skip=skip), selected)
+        return topk_phi.topk_phi_decode(*args), None, selected
+    o, lse = ref.topk_phi_decode_state(q, k, v, scale, starts, ends, summary, selected,
+                                       log_phi_q, log_features(k, folded_k), completion)
+    return (o, lse, selected) if state else (o.to(q.dtype), None, selected)
+
+
 # --- selection -------------------------------------------------------------------------------
 
 
 def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
            kmin: Tensor | None, kmax: Tensor | None, budget: int, page_size: int,
-           selector: str, triton_path: bool) -> Tensor:
+           selector: str, triton_path: bool, skip: Tensor | None = None) -> Tensor:
     """Token indices ``[B, Hkv, K']`` to retrieve (per KV head; entries outside the middle
-    region are ignored by the decode kernels). All on the device: no host sync."""
+    region are ignored by the decode kernels). All on the device: no host sync. ``skip``: see
+    :func:`decode_impl` (the Triton page selector ranks nothing for those groups)."""
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     if selector == "page":
         n_selected = _n_pages(budget, page_size)
@@ -255,7 +314,7 @@ def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tenso
             from macopt.kernels import topk_phi
 
             return topk_phi.select_pages(q, bounds, mid_start, mid_end, page_size, scale,
-                                         n_selected)
+                                         n_selected, skip=skip)
         scores = ref.page_scores(q, bounds, mid_start, mid_end, page_size, scale)
         return ref.pages_to_tokens(ref.select_pages(scores, n_kv_heads, n_selected), page_size)
     if triton_path:
@@ -304,6 +363,18 @@ class TopKPhiState:
     phi_k: list[Tensor]
     phi_k_mlp: bool
     completion: Tensor
+
+    def first_rows(self, batch: int) -> TopKPhiState:
+        """The state of the first ``batch`` rows: views at the same addresses, so a state
+        allocated for a batch capacity serves smaller batches without moving."""
+        if batch > self.m.shape[0]:
+            raise ValueError(f"batch {batch} exceeds the {self.m.shape[0]} rows the Top-K + phi "
+                             "state was allocated for")
+        rows = {name: getattr(self, name)[:batch] for name in
+                ("m", "u", "t", "mid_start", "mid_end")}
+        bounds = {name: None if x is None else x[:batch]
+                  for name, x in (("kmin", self.kmin), ("kmax", self.kmax))}
+        return dataclasses.replace(self, **rows, **bounds)
 
     def tensors(self) -> tuple[Tensor, ...]:
         """Every buffer the state holds (for memory accounting)."""
@@ -380,5 +451,6 @@ def summary_token_equivalent(head_dim: int, d_phi: int, itemsize: int) -> float:
     return 4 * d_phi * (head_dim + 2) / (2 * head_dim * itemsize)
 
 
-__all__ = ["TopKPhiState", "decode", "exact_selection", "prefill", "select",
-           "summary_token_equivalent", "topk_phi_decode", "topk_phi_prefill"]
+__all__ = ["TopKPhiState", "decode", "decode_impl", "exact_selection", "prefill", "select",
+           "summary_token_equivalent", "topk_phi_decode", "topk_phi_decode_state",
+           "topk_phi_prefill"]

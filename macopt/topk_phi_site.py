@@ -37,25 +37,42 @@ def site_buffers(site_id: int, layer: int, q_heads: int, k: Tensor, use_pages: b
                  seed: int) -> TopKPhiState:
     """The state of ``site_id`` for a prefill cache ``k[B, Hkv, N, D]`` (allocated on first
     use; decode steps find it, whatever their cache length, without reallocating)."""
-    batch, n_kv_heads, n_keys, head_dim = k.shape
-    spec = (batch, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device, use_pages,
-            page_size, d_phi, tuple(completion), feature_maps, seed)
+    spec = state_spec(k.shape[0], layer, q_heads, k, use_pages, page_size, d_phi, completion,
+                      feature_maps, seed)
 
     def allocate() -> tuple[TopKPhiState, Tensor]:
-        maps = None
-        if feature_maps:
-            found = _file_maps(feature_maps)
-            if site_name(layer) not in found:
-                raise ValueError(f"{feature_maps} holds no maps for {site_name(layer)} "
-                                 f"(it has {sorted(found)[:4]}...)")
-            maps = found[site_name(layer)]
-        buffers = TopKPhiState.allocate(
-            batch, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device,
-            d_phi=d_phi or None, page_size=page_size if use_pages else None, maps=maps,
-            completion=tuple(completion), seed=seed)
+        buffers = allocate_state(k.shape[0], layer, q_heads, k, use_pages, page_size, d_phi,
+                                 completion, feature_maps, seed)
         return buffers, torch.zeros(1, dtype=torch.int64, device=k.device)
 
     return state.site_state(site_id, "topk_phi", spec, allocate).buffers
+
+
+def state_spec(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bool, page_size: int,
+               d_phi: int, completion: list[bool], feature_maps: str, seed: int) -> tuple:
+    """What a site's Top-K + phi state is allocated for (a different spec reallocates)."""
+    _, n_kv_heads, n_keys, head_dim = k.shape
+    return (rows, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device, use_pages,
+            page_size, d_phi, tuple(completion), feature_maps, seed)
+
+
+def allocate_state(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bool,
+                   page_size: int, d_phi: int, completion: list[bool], feature_maps: str,
+                   seed: int) -> TopKPhiState:
+    """A Top-K + phi state for ``rows`` rows of a cache like ``k[B, Hkv, N, D]``, with the
+    maps of ``layer`` from ``feature_maps`` (empty: positive random features of ``seed``)."""
+    _, n_kv_heads, n_keys, head_dim = k.shape
+    maps = None
+    if feature_maps:
+        found = _file_maps(feature_maps)
+        if site_name(layer) not in found:
+            raise ValueError(f"{feature_maps} holds no maps for {site_name(layer)} "
+                             f"(it has {sorted(found)[:4]}...)")
+        maps = found[site_name(layer)]
+    return TopKPhiState.allocate(
+        rows, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device,
+        d_phi=d_phi or None, page_size=page_size if use_pages else None, maps=maps,
+        completion=tuple(completion), seed=seed)
 @torch.library.custom_op("macopt::topk_phi_site_prefill", mutates_args=())
 def topk_phi_site_prefill(
     attn_out: Tensor, k: Tensor, v: Tensor, key_starts: Tensor, ends: Tensor, site_id: int,

@@ -28,7 +28,7 @@ def rewrite_mac(graph: Graph, site: AttentionSite, inputs: DecodeInputs, config:
     """
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
     key_starts, positions = key_range(graph, site, inputs.key_mask, batch, n_keys)
-    q_pre = _pre_rope_query(graph, site, inputs.rope, decode=True)
+    q_pre = pre_rope_query(graph, site, inputs.rope, decode=True)
     args = (inputs.q, q_pre, inputs.k, inputs.v, positions, key_starts, inputs.scale,
             inputs.site_id, config.ring_size, config.offset, config.sinks, config.tau,
             config.t_min, config.max_chain_depth, config.batch_capacity or 0)
@@ -41,14 +41,14 @@ def rewrite_mac_prefill(
 ) -> Node:
     """Exact (attention unchanged); also writes the site's MAC ring entries for the last
     ring-size prompt positions of each row, resetting the ring for the new sequences."""
-    q_pre = _pre_rope_query(graph, site, inputs.rope, decode=False)
+    q_pre = pre_rope_query(graph, site, inputs.rope, decode=False)
     args = (inputs.out, inputs.q, q_pre, inputs.k, inputs.v, inputs.key_starts, inputs.ends,
             inputs.scale, inputs.site_id, config.ring_size, config.offset, config.sinks,
             config.batch_capacity or 0)
     return call(graph, torch.ops.macopt.mac_prefill.default, args, site)
 
 
-def _pre_rope_query(graph: Graph, site: AttentionSite, rope: RopeMatch, decode: bool) -> Node:
+def pre_rope_query(graph: Graph, site: AttentionSite, rope: RopeMatch, decode: bool) -> Node:
     """The pre-RoPE query as ``[B,Hq,D]`` (decode) or ``[B,Hq,N,D]`` (prefill), in the site's
     query dtype (a q-norm may leave it in fp32: the ring stores the query dtype)."""
     q_pre = rope.pre_rope_query

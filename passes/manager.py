@@ -22,6 +22,7 @@ from torch.fx import Graph
 
 from macopt.passes import (
     mac_rewrite,  # noqa: F401  (registers the "mac" rewrites)
+    mac_topk_phi_rewrite,  # noqa: F401  (registers the "mac_topk_phi" rewrites)
     scope,
     topk_phi_rewrite,  # noqa: F401  (registers the "topk_phi" rewrites)
 )

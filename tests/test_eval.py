@@ -88,6 +88,39 @@ def test_parse_methods_reads_calibrated_files(tmp_path: Path):
         parse_methods(f"topk:{tmp_path / 'mac_calibrated.json'}")
 
 
+def test_parse_methods_composes_mac_with_topk_phi(tmp_path: Path):
+    methods = parse_methods("mac_topk_phi,mac_topk_phi:0.05,mac_topk_phi:64:0.3")
+    default, budget, both = (m.config for m in methods[1:])
+    assert default == macopt.MACTopKPhiConfig()
+    assert budget.topk_phi.budget == 0.05 and budget.mac == macopt.MACConfig()
+    assert both.topk_phi.budget == 64 and both.mac.tau == 0.3
+    layer = macopt.MACConfig(tau=0.2, offset=512).to_dict()
+    (tmp_path / "mac_calibrated.json").write_text(json.dumps(
+        {"config": macopt.MACConfig(tau=0.6).to_dict(), "overrides": {"model.layers.1": layer}}))
+    method = parse_methods("mac_topk_phi:0.02:calibrated", tmp_path)[1]
+    assert method.name == "mac_topk_phi:0.02:calibrated"
+    assert method.config == macopt.MACTopKPhiConfig(macopt.MACConfig(tau=0.6),
+                                                    macopt.TopKPhiConfig(budget=0.02))
+    composed = method.overrides["model.layers.1"]
+    assert composed.mac.offset == 512 and composed.topk_phi.budget == 0.02
+    with pytest.raises(ValueError, match="mac_topk_phi:x"):
+        parse_methods("mac_topk_phi:x")
+
+
+def test_composed_method_at_tau_one_with_every_key_retrieved_equals_the_unmodified_model(text):
+    composed = macopt.MACTopKPhiConfig(macopt.MACConfig(tau=1.0, t_min=0, offset=16),
+                                       macopt.TopKPhiConfig(budget=1.0, page_size=8, sinks=2))
+    result = evaluate(ZOO["llama"].build(), None, [None, composed], text=text, context=128,
+                      ppl_chunks=1, ppl_decode=8, lengths=(), depths=(), agreement_steps=8)
+    entry, base = result["methods"]["mac_topk_phi:1:1"], result["methods"]["unmodified"]
+    ratio = entry["perplexity"]["decode_perplexity"] / base["perplexity"]["decode_perplexity"]
+    assert abs(ratio - 1) < 1e-4 and entry["agreement"]["top1"] == 1.0
+    assert entry["sites"] == {"rewritten": 2, "skipped": []}
+    keys = entry["keys"]  # every key, plus each miss's page bounds and summary
+    assert keys["hit_rate"] == 0.0 and keys["read_fraction"] > 1.0
+    assert set(bar(result)) == {"mac_topk_phi:1:1"}
+
+
 @pytest.fixture(scope="module")
 def result(text) -> dict:
     methods = [None, macopt.ExactConfig(), macopt.MACConfig(tau=1.0, t_min=0),

@@ -7,6 +7,7 @@ device time of every kernel in the replayed graph (``torch.profiler``, 30-50 rep
     python -m macopt.bench.profile_steps mac   # exact vs MAC at forced hit rates 1 / 0.95 / 0
     python -m macopt.bench.profile_steps topk  # Top-K + phi, page selector, 1% and 2%
     python -m macopt.bench.profile_steps mac-stack  # per layer, many layers in one graph
+    python -m macopt.bench.profile_steps mac-topk  # MAC + Top-K + phi vs each alone and exact
 
 ``mac-stack`` captures the steps of several independent layers (each its own K/V cache and
 ring, so nothing is served from L2 by a previous layer) in one CUDA graph and divides the replay
@@ -101,15 +102,16 @@ def profile_mac_stack(rows: list[dict]) -> None:
         inputs = [decode.DecodeInputs(x.q, x.k, x.v, x.starts, x.positions + 1, x.scale)
                   for x in layers]
         attend = decode._build_macopt(decode.LayerShape(batch, context, **LAYER), inputs[0])
-        _record_stack(rows, case, "exact", n, lambda: [attend(x) for x in inputs])
+        _record_stack(rows, case, "exact", n,
+                      lambda attend=attend, inputs=inputs: [attend(x) for x in inputs])
         for rate in (1.0, 0.95, 0.0):
             rings = [bench_mac.forced_ring(x, 512, rate, seed=i) for i, x in enumerate(layers)]
 
-            def steps(rings=rings):
+            def steps(rings=rings, layers=layers):
                 return [mac.mac_decode_step(x.q, x.q_pre, x.k, x.v, ring, x.positions, x.starts,
                                             x.scale, offset=256, tau=0.45, t_min=0,
                                             max_depth=16)
-                        for x, ring in zip(layers, rings)]
+                        for x, ring in zip(layers, rings, strict=True)]
             _record_stack(rows, case, f"mac h{rate}", n, steps)
         del layers, inputs
         torch.cuda.empty_cache()
@@ -121,6 +123,24 @@ def _record_stack(rows: list[dict], case: str, variant: str, n: int,
     ms = timing.graph_median_ms(fn, 25, 100) / n
     rows.append(dict(case=case, variant=variant, layers=n, ms_per_layer=round(ms, 4)))
     print(f"{case:14s} {variant:12s} {ms * 1000:8.1f} us a layer", flush=True)
+
+
+def profile_mac_topk(rows: list[dict]) -> None:
+    """MAC + Top-K + phi (page selector, 2%) at forced hit rates 1 / 0.95 / 0 against exact, MAC
+    alone and Top-K + phi alone, same K/V (:mod:`macopt.bench.mac_topk`)."""
+    from macopt.bench import mac as bench_mac
+    from macopt.bench.mac_topk import mac_topk_variants
+    from macopt.kernels.feature_maps import positive_random_features
+
+    config = bench_mac.MACBenchConfig(device="cuda")
+    maps = positive_random_features(32, 8, 128, 128,
+                                    generator=torch.Generator().manual_seed(0)).to("cuda")
+    for batch, context in [(16, 131072), (1, 131072), (16, 32768)]:
+        layer = bench_mac.make_layer(config, batch, context)
+        for variant, step in mac_topk_variants(layer, maps, budget=0.02):
+            _record(rows, f"b{batch} {context // 1024}K", variant, step)
+        del layer
+        torch.cuda.empty_cache()
 
 
 def profile_topk(rows: list[dict]) -> None:
@@ -154,7 +174,9 @@ def _topk_case(rows: list[dict], x, batch: int, method, maps, device: torch.devi
 def main(argv: list[str] | None = None) -> int:
     what = (argv or sys.argv[1:] or ["mac"])[0]
     rows: list[dict] = []
-    {"mac": profile_mac, "mac-stack": profile_mac_stack, "topk": profile_topk}[what](rows)
+    cases = {"mac": profile_mac, "mac-stack": profile_mac_stack, "topk": profile_topk,
+             "mac-topk": profile_mac_topk}
+    cases[what](rows)
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, f"profile_{what}.json"), "w") as f:
         json.dump({"environment": timing.environment("cuda"), "rows": rows}, f, indent=1)

@@ -5,9 +5,11 @@ transformers model type built with random weights (as ``macopt generate``); with
 tiny trained model of the source checkout (``examples/tiny-lm``). Without a tokenizer, text is
 byte-level (each UTF-8 byte a token id). ``--methods`` lists the methods: ``exact``, ``mac``,
 ``mac:TAU``, ``mac:FILE.json`` or ``mac:calibrated`` (``MODEL/mac_calibrated.json``, written by
-``macopt calibrate --method mac``), ``topk:BUDGET`` (Top-K only) and ``topk_phi:BUDGET``
-(a budget is a token count or a fraction of the cache); the unmodified model always runs first
-and is the reference. Each method runs eagerly on a fresh copy of the model.
+``macopt calibrate --method mac``), ``topk:BUDGET`` (Top-K only), ``topk_phi:BUDGET``
+(a budget is a token count or a fraction of the cache) and ``mac_topk_phi:BUDGET[:MAC]`` (MAC
+whose misses use Top-K + phi of that budget; ``MAC`` as after ``mac:``, e.g.
+``mac_topk_phi:0.02:calibrated``); the unmodified model always runs first and is the
+reference. Each method runs eagerly on a fresh copy of the model.
 
 Measures (see :mod:`macopt.evaluation.harness`): held-out perplexity on ``--text`` in chunks of
 ``--context`` tokens whose last ``--ppl-decode`` tokens are decode steps (the decode steps'

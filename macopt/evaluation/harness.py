@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from macopt.config import ExactConfig, MACConfig, MethodConfig, TopKPhiConfig
+from macopt.config import ExactConfig, MACConfig, MACTopKPhiConfig, MethodConfig, TopKPhiConfig
 from macopt.evaluation.tasks import Task, make_tasks
 
 Progress = Callable[[str], None]
@@ -70,7 +70,11 @@ def parse_methods(spec: str, model_dir: str | Path | None = None) -> list[Method
     calibrate --method mac`` writes one; per-layer overrides included) and ``mac:calibrated``
     is ``MODEL/mac_calibrated.json``; ``topk_phi:BUDGET`` sets ``TopKPhiConfig.budget`` (an
     int: tokens; a float in (0, 1]: a fraction) and ``topk:BUDGET`` is the same without the
-    completion (Top-K only); ``none`` is the unmodified model.
+    completion (Top-K only); ``mac_topk_phi:BUDGET`` is MAC whose misses use Top-K + phi with
+    that budget and ``mac_topk_phi:BUDGET:MAC`` takes its MAC part from ``MAC``, anything
+    ``mac:`` accepts (``mac_topk_phi:0.02:calibrated``: the calibrated file's MAC config and
+    per-layer overrides, each with the same Top-K + phi part); ``none`` is the unmodified
+    model.
     """
     methods = [Method("unmodified", None)]
     for item in (s.strip() for s in spec.split(",")):
@@ -85,6 +89,8 @@ def parse_methods(spec: str, model_dir: str | Path | None = None) -> list[Method
 
 
 def _parse_method(item: str, name: str, arg: str, model_dir: str | Path | None) -> Method:
+    if name == "mac_topk_phi" and arg and not arg.endswith(".json"):
+        return _parse_composed(item, arg, model_dir)
     if arg == "calibrated" or arg.endswith(".json"):
         from macopt.calibrate_mac import CALIBRATED_FILENAME
         from macopt.pretrained import parse_config_file
@@ -112,6 +118,19 @@ def _parse_method(item: str, name: str, arg: str, model_dir: str | Path | None) 
     if arg:
         raise ValueError(f"method {name!r} takes no argument")
     return Method(item, MethodConfig.from_dict({"method": name}))
+
+
+def _parse_composed(item: str, arg: str, model_dir: str | Path | None) -> Method:
+    """``mac_topk_phi:BUDGET[:MAC]``: the Top-K + phi budget, then a ``mac:`` argument."""
+    budget_text, _, mac_arg = arg.partition(":")
+    budget = int(budget_text) if budget_text.isdigit() else float(budget_text)
+    topk = TopKPhiConfig(budget=budget)
+    mac = _parse_method(f"mac:{mac_arg}", "mac", mac_arg, model_dir)
+    overrides = None
+    if mac.overrides:
+        overrides = {name: None if c is None else MACTopKPhiConfig(c, topk)
+                     for name, c in mac.overrides.items()}
+    return Method(item, MACTopKPhiConfig(mac.config, topk), overrides)
 
 
 def byte_encoder(vocab_size: int) -> Callable[[str], list[int]]:
@@ -181,7 +200,7 @@ def evaluate(
     for method in methods:
         candidate = _prepare(model, method)
         cache = _Cache(candidate, max_len, device)
-        meter = _KeyMeter(candidate, method.config, max_len)
+        meter = _KeyMeter(candidate, method.config, max_len, method.overrides)
         run = _Runner(candidate, cache, meter, device)
         with torch.no_grad(), _recompile_room():
             entry: dict[str, Any] = {"config": None if method.config is None
@@ -237,6 +256,8 @@ def _name(config: MethodConfig | None) -> str:
         return f"mac:{config.tau:g}"
     if isinstance(config, TopKPhiConfig):
         return f"{'topk_phi' if config.completion else 'topk'}:{config.budget:g}"
+    if isinstance(config, MACTopKPhiConfig):
+        return f"mac_topk_phi:{config.topk_phi.budget:g}:{config.mac.tau:g}"
     return config.method
 
 
@@ -294,34 +315,52 @@ def topk_keys_read(config: TopKPhiConfig, prefill: int, position: int, n_keys: i
     for the exact selector, every middle key's K row (half a key row each), and the summary
     (:func:`macopt.topk_phi_ops.summary_token_equivalent`) when the completion is on.
     At most ``position + 1`` exact keys are read."""
-    from macopt.topk_phi_ops import summary_token_equivalent
-
     middle = max(prefill - config.sinks - config.tail, 0)
     budget = config.budget_tokens(n_keys)
     if config.selector == "page":
         budget = -(-budget // config.page_size) * config.page_size
+    exact = min(position + 1, config.sinks + config.tail + min(budget, middle)
+                + position + 1 - prefill)
+    return exact + topk_lookup_rows(config, middle, head_dim, itemsize)
+
+
+def topk_lookup_rows(config: TopKPhiConfig, middle: int, head_dim: int, itemsize: int) -> float:
+    """Key-row equivalents (K and V) a Top-K (+ phi) step reads per KV head besides the keys it
+    attends, over a prompt middle of ``middle`` keys: the page bounds (two K-only rows per page:
+    one key row) or, for the exact selector, every middle key's K row (half a key row each),
+    and the summary (:func:`macopt.topk_phi_ops.summary_token_equivalent`) when the completion
+    is on."""
+    from macopt.topk_phi_ops import summary_token_equivalent
+
+    if config.selector == "page":
         selection = -(-middle // config.page_size)
     else:
         selection = middle / 2
-    exact = min(position + 1, config.sinks + config.tail + min(budget, middle)
-                + position + 1 - prefill)
     d_phi = config.d_phi or head_dim
     summary = summary_token_equivalent(head_dim, d_phi, itemsize) if config.completion else 0
-    return exact + selection + summary
+    return selection + summary
 
 
 class _KeyMeter:
-    """Keys read by a method's decode steps past ``t_min`` (see the module docstring)."""
+    """Keys read by a method's decode steps past ``t_min`` (see the module docstring).
 
-    def __init__(self, model: torch.nn.Module, config: MethodConfig | None, n_keys: int):
+    MAC and MAC + Top-K + phi are counted from ``macopt.stats`` (the keys each query head
+    attended); for MAC + Top-K + phi, each miss also reads the page bounds and summary of its
+    Top-K + phi state, added per missing query head as :func:`topk_lookup_rows` key rows."""
+
+    def __init__(self, model: torch.nn.Module, config: MethodConfig | None, n_keys: int,
+                 overrides: dict[str, MethodConfig | None] | None = None):
         text = model.config.get_text_config()
         self.model, self.config, self.n_keys = model, config, n_keys
+        self.overrides = overrides or {}
         self.layers = text.num_hidden_layers
         self.q_heads = text.num_attention_heads
         self.kv_heads = getattr(text, "num_key_value_heads", None) or self.q_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // self.q_heads
         self.itemsize = next(model.parameters()).element_size()
-        self.t_min = config.t_min if isinstance(config, MACConfig) else 0
+        self.counted = isinstance(config, MACConfig | MACTopKPhiConfig)  # by the ops' counters
+        mac = config.mac if isinstance(config, MACTopKPhiConfig) else config
+        self.t_min = mac.t_min if isinstance(mac, MACConfig) else 0
         self.read = self.full = self.steps = 0.0
         self.layer_counts: dict[str, list[float]] = {}  # layer: [hits, queries, read, full]
         self._last: dict[str, tuple[float, float, float, int]] = {}
@@ -330,22 +369,24 @@ class _KeyMeter:
     def start(self, prefill: int) -> None:
         """A new sequence whose prompt is ``prefill`` tokens long."""
         self.prefill = prefill
-        if isinstance(self.config, MACConfig):
+        if self.counted:
             self._last = self._mac_counts()
 
     def step(self, position: int) -> None:
         """Count the decode step that just ran at ``position``."""
-        if isinstance(self.config, MACConfig):
+        if self.counted:
             now = self._mac_counts()
             if position >= self.t_min:
                 for layer, (hits, read, full, steps) in now.items():
                     old = self._last.get(layer, (0.0, 0.0, 0.0, 0))
+                    queries = (steps - old[3]) * self.q_heads
+                    read = read - old[1] + (queries - hits + old[0]) * self._miss_lookup(layer)
                     counts = self.layer_counts.setdefault(layer, [0.0, 0.0, 0.0, 0.0])
                     counts[0] += hits - old[0]
-                    counts[1] += (steps - old[3]) * self.q_heads
-                    counts[2] += read - old[1]
+                    counts[1] += queries
+                    counts[2] += read
                     counts[3] += full - old[2]
-                    self.read += read - old[1]
+                    self.read += read
                     self.full += full - old[2]
                 self.steps += 1
             self._last = now
@@ -359,6 +400,14 @@ class _KeyMeter:
         self.read += per_head * self.kv_heads * self.layers
         self.full += (position + 1) * self.kv_heads * self.layers
         self.steps += 1
+
+    def _miss_lookup(self, layer: str) -> float:
+        """Key rows a MAC + Top-K + phi miss reads besides its keys (0 for MAC)."""
+        config = self.overrides.get(layer, self.config)
+        if not isinstance(config, MACTopKPhiConfig):
+            return 0.0
+        middle = max(self.prefill - config.topk_phi.sinks - config.summary_tail, 0)
+        return topk_lookup_rows(config.topk_phi, middle, self.head_dim, self.itemsize)
 
     def _mac_counts(self) -> dict[str, tuple[float, float, float, int]]:
         """Per layer: (hits, keys read, keys full, decode steps), cumulative (batch 1)."""

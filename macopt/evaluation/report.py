@@ -19,16 +19,18 @@ from macopt.plot import line_chart, side_by_side
 
 PPL_TOLERANCE = 0.01
 KEYS_REDUCTION = 5.0
+MAC_METHODS = ("mac", "mac_topk_phi")  # the methods the bar applies to
 
 
 def family(name: str, entry: dict) -> str:
-    """The series a method belongs to in the chart: ``mac``, ``topk``, ``topk_phi``, or
-    ``full attention`` (unmodified, exact); a calibrated MAC config is its own series."""
+    """The series a method belongs to in the chart: ``mac``, ``topk``, ``topk_phi``,
+    ``mac_topk_phi``, or ``full attention`` (unmodified, exact); a calibrated MAC config (alone
+    or as the MAC part of ``mac_topk_phi``) is its own series."""
     if entry["config"] is None or entry["config"]["method"] == "exact":
         return "full attention"
     kind = name.partition(":")[0]
-    if kind == "mac" and (name.endswith(".json") or name.endswith(":calibrated")):
-        return "mac (calibrated)"
+    if kind in MAC_METHODS and (name.endswith(".json") or name.endswith(":calibrated")):
+        return f"{kind} (calibrated)"
     return kind
 
 
@@ -39,12 +41,13 @@ def ppl_ratio(result: dict, name: str) -> float:
 
 
 def bar(result: dict) -> dict[str, dict[str, Any]]:
-    """Per MAC method: each part of the fidelity bar and whether it holds."""
+    """Per MAC method (``mac`` and ``mac_topk_phi``): each part of the fidelity bar and
+    whether it holds."""
     methods = result["methods"]
     base = methods["unmodified"]
     out = {}
     for name, entry in methods.items():
-        if entry["config"] is None or entry["config"]["method"] != "mac":
+        if entry["config"] is None or entry["config"]["method"] not in MAC_METHODS:
             continue
         ratio = ppl_ratio(result, name)
         keys = entry["keys"]
