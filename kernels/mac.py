@@ -572,10 +572,11 @@ def mac_decode_step(
         *part_o.stride(), *part_lse.stride(), *miss_strides, *out.stride(), *hit.stride(),
         *counter_strides,
         STREAM_MISSES=stream_misses, COUNT=count, BLOCK_D=block_d,
-        # A group whose range was spread over many items (H200, batch 1, 128K, h=0.95: ~85)
-        # merges them 32 at a time: each pass is a dependent round trip to L2 (~1.5 us; 8 at
-        # a time cost 17 us of a 78 us step). Two [BLOCK_S, D] fp32 tiles in flight.
-        BLOCK_S=min(32, max(1, 8192 // block_d)), num_warps=8,
+        # Up to 8 items merged a pass, two [BLOCK_S, D] fp32 tiles in flight. 32 a pass at 8
+        # warps (fewer passes for a group spread over ~85 items) measured slower where it
+        # counts on the H200: the all-hit finalize 3.7 -> 6.1 us at batch 1, 6.3 -> 14.9 us
+        # at batch 16 (BENCHMARKS.md 2f).
+        BLOCK_S=min(8, max(1, 4096 // block_d)), num_warps=4,
     )
     return out, hit.view(torch.bool), keys_read
 
