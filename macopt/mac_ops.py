@@ -64,8 +64,9 @@ def _(q, q_pre, k, v, positions, key_starts, scale, site_id, ring_size, offset, 
     return torch.empty_like(q)
 
 
-def _check_prefill(attn_out: Tensor, q_post: Tensor, q_pre: Tensor, k: Tensor,
-                   key_starts: Tensor, ends: Tensor) -> None:
+def check_prefill_inputs(attn_out: Tensor, q_post: Tensor, q_pre: Tensor, k: Tensor,
+                         key_starts: Tensor, ends: Tensor) -> None:
+    """The shapes every MAC prefill op takes (``mac_prefill``, ``mac_topk_phi_prefill``)."""
     if q_post.dim() != 4 or q_pre.shape != q_post.shape or attn_out.shape != q_post.shape:
         raise ValueError(f"q_post, q_pre, attn_out: expected one shape [B, Hq, N, D], got "
                          f"{tuple(q_post.shape)}, {tuple(q_pre.shape)}, {tuple(attn_out.shape)}")
@@ -89,7 +90,7 @@ def mac_prefill(
     ends[b])``, row ``b``'s sequence ``[key_starts[b], ends[b])``, keys from the whole cache
     ``k``): the reset that starts new sequences. A chunk continuing a sequence fills the slots
     of its own positions; older ones stay empty (misses until decoding refills them)."""
-    _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends)
+    check_prefill_inputs(attn_out, q_post, q_pre, k, key_starts, ends)
     ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
     write_prefill_entries(ring, q_post, q_pre, k, v, scale, key_starts, ends, offset, sinks)
     counters[mac_counters.COUNTERS.index("prefills")] += 1
@@ -114,5 +115,5 @@ def write_prefill_entries(ring: MACRing, q_post: Tensor, q_pre: Tensor, k: Tenso
 @mac_prefill.register_fake
 def _(attn_out, q_post, q_pre, k, v, key_starts, ends, scale, site_id, ring_size, offset,
       sinks, batch_capacity):
-    _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends)
+    check_prefill_inputs(attn_out, q_post, q_pre, k, key_starts, ends)
     return torch.empty_like(attn_out)

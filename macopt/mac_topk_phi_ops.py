@@ -43,7 +43,7 @@ from macopt import state, topk_phi_site
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.mac_counters import COUNTER_ROWS
 from macopt.kernels.mac_reference import MACRing
-from macopt.mac_ops import write_prefill_entries
+from macopt.mac_ops import check_prefill_inputs, write_prefill_entries
 from macopt.ops import _use_triton
 from macopt.topk_phi_ops import TopKPhiState, decode_impl, topk_phi_prefill
 from macopt.validation import check_decode_inputs
@@ -229,16 +229,7 @@ def mac_topk_phi_prefill(
 
 def _check_prefill(attn_out: Tensor, q_post: Tensor, q_pre: Tensor, k: Tensor,
                    key_starts: Tensor, ends: Tensor, offset: int, tail: int) -> None:
-    if q_post.dim() != 4 or q_pre.shape != q_post.shape or attn_out.shape != q_post.shape:
-        raise ValueError(f"q_post, q_pre, attn_out: expected one shape [B, Hq, N, D], got "
-                         f"{tuple(q_post.shape)}, {tuple(q_pre.shape)}, {tuple(attn_out.shape)}")
-    batch = q_post.shape[0]
-    if k.dim() != 4 or k.shape[0] != batch or k.shape[3] != q_post.shape[3]:
-        raise ValueError(f"k: expected [{batch}, Hkv, Nk, {q_post.shape[3]}], got "
-                         f"{tuple(k.shape)}")
-    for name, t in (("key_starts", key_starts), ("ends", ends)):
-        if t.shape != (batch,):
-            raise ValueError(f"{name}: expected shape ({batch},), got {tuple(t.shape)}")
+    check_prefill_inputs(attn_out, q_post, q_pre, k, key_starts, ends)
     if tail < offset:
         raise ValueError(f"tail: expected at least the offset S = {offset} (the summary must "
                          f"end before every decode step's prefix end), got {tail}")

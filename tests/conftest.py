@@ -40,3 +40,19 @@ def isolated_scope(monkeypatch):
     from macopt.passes import scope
 
     monkeypatch.setattr(scope, "_KNOWN", {})
+
+
+@pytest.fixture
+def graphs_run(monkeypatch) -> list:
+    """Every graph the ``macopt_eager`` backend hands back to run, as it runs it."""
+    from macopt import api
+
+    seen = []
+    boxed = api.make_boxed_func
+
+    def spy(gm):  # noqa: ANN001, ANN202
+        seen.append(gm)
+        return boxed(gm)
+
+    monkeypatch.setattr(api, "make_boxed_func", spy)
+    return seen

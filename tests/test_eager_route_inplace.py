@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import macopt
-from macopt import api
 from macopt._hf_compat import static_cache
 from tests.model_zoo import VOCAB, ZOO
 
@@ -29,20 +28,6 @@ def reference() -> torch.nn.Module:
     model = ZOO["llama"].build()
     model.set_attn_implementation("sdpa")
     return model
-
-
-@pytest.fixture
-def graphs_run(monkeypatch) -> list[torch.fx.GraphModule]:
-    """Every graph the ``macopt_eager`` backend hands back to run, as it runs it."""
-    seen: list[torch.fx.GraphModule] = []
-    boxed = api.make_boxed_func
-
-    def spy(gm: torch.fx.GraphModule):  # noqa: ANN202
-        seen.append(gm)
-        return boxed(gm)
-
-    monkeypatch.setattr(api, "make_boxed_func", spy)
-    return seen
 
 
 def _chunks() -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import macopt
-from macopt import api, causal_prefill_ops
+from macopt import causal_prefill_ops
 from macopt._hf_compat import static_cache
 from macopt.passes._compat import dynamo
 from macopt.passes.causal_prefill import REWRITTEN
@@ -124,20 +124,6 @@ def test_attention_passes_opcheck(name):
 
 # ---------------------------------------------------------------------------------------------
 # Routed prefills of whole models
-
-
-@pytest.fixture
-def graphs_run(monkeypatch) -> list[torch.fx.GraphModule]:
-    """Every graph the ``macopt_eager`` backend hands back to run."""
-    seen: list[torch.fx.GraphModule] = []
-    boxed = api.make_boxed_func
-
-    def spy(gm: torch.fx.GraphModule):  # noqa: ANN202
-        seen.append(gm)
-        return boxed(gm)
-
-    monkeypatch.setattr(api, "make_boxed_func", spy)
-    return seen
 
 
 @pytest.fixture
