@@ -6,6 +6,7 @@ device time of every kernel in the replayed graph (``torch.profiler``, 30-50 rep
 
     python -m macopt.bench.profile_steps mac   # exact vs MAC at forced hit rates 1 / 0.95 / 0
     python -m macopt.bench.profile_steps topk  # Top-K + phi, page selector, 1% and 2%
+    python -m macopt.bench.profile_steps topk-small  # the same at batch 16 with 2 / 16 features
     python -m macopt.bench.profile_steps mac-stack  # per layer, many layers in one graph
     python -m macopt.bench.profile_steps mac-topk  # MAC + Top-K + phi vs each alone and exact
 
@@ -143,20 +144,29 @@ def profile_mac_topk(rows: list[dict]) -> None:
         torch.cuda.empty_cache()
 
 
-def profile_topk(rows: list[dict]) -> None:
+def profile_topk(rows: list[dict], variants: tuple[tuple[int, int], ...] = ((128, 32),),
+                 batches: tuple[int, ...] = (1, 16)) -> None:
+    """Page selector at 1% and 2%, 128K, for each ``(d_phi, page_size)`` of ``variants``."""
     from macopt.bench import topk as bench_topk
     from macopt.kernels.feature_maps import positive_random_features
 
-    config = bench_topk.TopKBenchConfig(device="cuda")
     device = torch.device("cuda")
     gen = torch.Generator(device).manual_seed(0)
-    maps = positive_random_features(32, 8, 128, config.d_phi,
-                                    generator=torch.Generator().manual_seed(0))
-    for batch in (1, 16):
+    for batch in batches:
         x = decode.make_inputs(decode.LayerShape(batch, 131072, **LAYER), device, gen)
-        for budget in (0.01, 0.02):
-            _topk_case(rows, x, batch, config.method(budget, "page"), maps, device)
+        for d_phi, page_size in variants:
+            config = bench_topk.TopKBenchConfig(device="cuda", d_phi=d_phi, page_size=page_size)
+            maps = positive_random_features(32, 8, 128, d_phi,
+                                            generator=torch.Generator().manual_seed(0))
+            for budget in (0.01, 0.02):
+                _topk_case(rows, x, batch, config.method(budget, "page"), maps, device)
+        del x
         torch.cuda.empty_cache()
+
+
+def profile_topk_small(rows: list[dict]) -> None:
+    """Batch 16, small maps (2 / 16 features, what calibration gives) at pages of 32 and 64."""
+    profile_topk(rows, variants=((16, 32), (16, 64), (2, 64)), batches=(16,))
 
 
 def _topk_case(rows: list[dict], x, batch: int, method, maps, device: torch.device) -> None:
@@ -167,7 +177,8 @@ def _topk_case(rows: list[dict], x, batch: int, method, maps, device: torch.devi
     state = TopKPhiState.allocate(batch, 32, 8, 131072, 128, torch.bfloat16, device,
                                   page_size=method.page_size, maps=maps)
     topk_prefill(state, x.k, x.v, x.starts, x.ends, method)
-    _record(rows, f"b{batch} 128K", f"page {method.budget:g}",
+    variant = f"page {method.budget:g} d_phi {method.d_phi} page_size {method.page_size}"
+    _record(rows, f"b{batch} 128K", variant,
             lambda: topk_decode(state, x.q, x.k, x.v, x.starts, x.ends, x.scale, method))
 
 
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     what = (argv or sys.argv[1:] or ["mac"])[0]
     rows: list[dict] = []
     cases = {"mac": profile_mac, "mac-stack": profile_mac_stack, "topk": profile_topk,
-             "mac-topk": profile_mac_topk}
+             "topk-small": profile_topk_small, "mac-topk": profile_mac_topk}
     cases[what](rows)
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, f"profile_{what}.json"), "w") as f:
