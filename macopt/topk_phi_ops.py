@@ -279,9 +279,14 @@ def decode_impl(
     path reads nothing for them (no page bounds, keys or summary; the exact selector still
     scores every key) and gives them the empty state; the reference computes them anyway."""
     summary = ref.PhiSummary(m, u, t, mid_start, mid_end)
-    log_phi_q = log_features(q, _folded(phi_q, phi_q_mlp))
-    folded_k = _folded(phi_k, phi_k_mlp)
+    folded_q, folded_k = _folded(phi_q, phi_q_mlp), _folded(phi_k, phi_k_mlp)
     triton_path = _use_triton(q.device)
+    if triton_path:
+        from macopt.kernels.topk_phi import query_log_features
+
+        log_phi_q = query_log_features(q, folded_q)
+    else:
+        log_phi_q = log_features(q, folded_q)
     selected = select(q, k, scale, mid_start, mid_end, kmin, kmax, budget, page_size, selector,
                       triton_path, skip)
     if triton_path:

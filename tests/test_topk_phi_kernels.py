@@ -9,6 +9,7 @@ from topk_phi_cases import Problem
 
 from macopt.kernels import reference, topk_phi
 from macopt.kernels import topk_phi_reference as ref
+from macopt.kernels.feature_maps import positive_random_features
 
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,6 +125,27 @@ def test_small_feature_maps_fill_a_padded_dot_tile(d_phi):
     selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=16)
     decoded, expected = _both_decodes(p, selected, num_splits=2, block_n=16)
     _assert_states_close(decoded, expected, tol=1e-4)
+
+
+@pytest.mark.parametrize(("d_phi", "mlp", "batch"), [(2, False, 3), (16, True, 17), (72, True, 2)])
+def test_query_feature_kernel_matches_log_features(d_phi, mlp, batch):
+    # Rows past a 16-row block (17), features past a 64-feature block (72), the MLP path.
+    from macopt.kernels.feature_maps import log_features
+
+    maps = positive_random_features(8, 2, 32, d_phi, generator=torch.Generator().manual_seed(3))
+    if mlp:
+        gen = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            maps.phi_q.alpha.copy_(torch.rand(maps.phi_q.alpha.shape, generator=gen))
+            maps.phi_q.w_2.copy_(torch.randn(maps.phi_q.w_2.shape, generator=gen) * 0.1)
+    folded = maps.phi_q.folded()
+    assert folded.has_mlp == mlp
+    folded = type(folded)(*(x.to(DEVICE) if torch.is_tensor(x) else x for x in folded))
+    q = torch.randn(batch, 8, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    got = topk_phi.query_log_features(q.to(torch.bfloat16), folded)
+    want = log_features(q.to(torch.bfloat16), folded)
+    assert got.shape == (batch, 8, d_phi) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_decode_output_is_the_state_in_q_dtype():

@@ -4,6 +4,7 @@ section 3d, not a ``macopt bench`` sub-command.
 
     python -m macopt.bench.topk_variants          # precision variants: error and step time
     python -m macopt.bench.topk_variants warps    # launch variants of the default precision
+    python -m macopt.bench.topk_variants splits   # splits x warps, 16 features, 64-key pages
 
 Error: worst |kernel - fp64 reference| over the states of the bf16 kernel-test problems.
 Time: CUDA-graph replay median of the whole decode step (selection included) at batch 16,
@@ -48,7 +49,7 @@ def worst_errors() -> dict[str, float]:
     return worst
 
 
-def _bar_step():
+def _bar_step(d_phi: int = 128, page_size: int = 32):
     """The decode step at the bar point, and a function that rebuilds its prefill state."""
     from macopt.kernels.feature_maps import positive_random_features
     from macopt.topk_phi_ops import TopKPhiState
@@ -56,7 +57,7 @@ def _bar_step():
     from macopt.topk_phi_ops import prefill as topk_prefill
 
     device = torch.device("cuda")
-    config = bench_topk.TopKBenchConfig(device="cuda")
+    config = bench_topk.TopKBenchConfig(device="cuda", d_phi=d_phi, page_size=page_size)
     maps = positive_random_features(32, 8, 128, config.d_phi,
                                     generator=torch.Generator().manual_seed(0))
     shape = decode.LayerShape(16, 131072, **profile_steps.LAYER)
@@ -101,10 +102,29 @@ def launch_variants(rows: list[dict]) -> None:
         topk_phi.topk_phi_decode = original
 
 
+def split_variants(rows: list[dict]) -> None:
+    """Splits and warps of the split kernel with small maps and 64-key pages (BENCHMARKS 3g)."""
+    step = _bar_step(d_phi=16, page_size=64)()
+    original = topk_phi.topk_phi_decode
+    try:
+        for splits in (None, 8, 12, 16):
+            for warps in (4, 8):
+                topk_phi.topk_phi_decode = functools.partial(original, num_warps=warps,
+                                                             num_splits=splits)
+                ms = timing.graph_median_ms(step)
+                rows.append(dict(splits=splits, warps=warps, ms=ms,
+                                 kernels_us=profile_steps.kernel_us(step)))
+                print({k: v for k, v in rows[-1].items() if k != "kernels_us"},
+                      rows[-1]["kernels_us"].get("_decode_split_kernel"), flush=True)
+    finally:
+        topk_phi.topk_phi_decode = original
+
+
 def main(argv: list[str] | None = None) -> int:
     what = (argv or sys.argv[1:] or ["precision"])[0]
     rows: list[dict] = []
-    {"precision": precision_variants, "warps": launch_variants}[what](rows)
+    {"precision": precision_variants, "warps": launch_variants,
+     "splits": split_variants}[what](rows)
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, f"topk_variants_{what}.json"), "w") as f:
         json.dump({"environment": timing.environment("cuda"), "rows": rows}, f, indent=1)
