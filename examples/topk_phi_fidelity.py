@@ -28,16 +28,19 @@ Llama, 8 query / 2 KV heads, head dim 128, 8K context):
    ``TopKPhiConfig.budget_tokens``). Top-K retrieves ``B`` keys; Top-K + phi also reads its
    summary (:func:`macopt.topk_phi_ops.summary_token_equivalent`: 16.25 tokens for
    ``d_phi = 16`` (the default here), 130 for ``d_phi = D = 128``, bf16 cache), so it retrieves
-   ``floor(B - summary)`` (no entry when negative).
-   The page selector rounds both down to whole pages. ``topk_same_k`` is Top-K at Top-K + phi's
-   ``K`` (the paper's comparison, and what a head with completion off runs).
+   ``B - ceil(summary)`` (no entry when negative): exactly what the op retrieves with
+   ``TopKPhiConfig(budget=B, summary_in_budget=True)``. The page selector rounds both up to
+   whole pages, as the config does (result files written before that change hold round-down
+   counts; ``--render`` keeps the counts a file was measured with). ``topk_same_k`` is Top-K
+   at Top-K + phi's ``K`` (the paper's comparison, and what a head with completion off runs
+   inside a summary-reading group).
 6. **Switch** (decided per budget and selector on the switch-decision windows, never on the
-   evaluation split). ``switch_head``: completion on for a query head iff calibrated Top-K + phi
-   beats Top-K at the same ``K`` there; deployable today as ``TopKPhiConfig``'s
-   ``completion_overrides`` (the JSON holds them). ``switch_group``: additionally, a KV group
-   whose heads would do better on average with Top-K at the full matched budget (no summary)
-   drops the summary; that needs a budget per (layer, KV head), which ``TopKPhiConfig`` does
-   not have yet.
+   evaluation split). ``switch_head`` (for comparison): completion on for a query head iff
+   calibrated Top-K + phi beats Top-K at the same ``K`` there. ``switch_group`` (the verdict's
+   switch): a KV group keeps the summary iff every one of its heads, completion on, beats Top-K
+   at the full matched budget; otherwise all its heads are off and the group retrieves the full
+   ``B``, which is exactly Top-K. Each row's ``switch.config`` in the JSON is the
+   ``TopKPhiConfig`` that deploys it (``summary_in_budget=True`` and ``completion_overrides``).
 
 The evaluation core computes exactly what ``macopt.topk_phi_ops.decode`` computes on CPU (the
 reference), but subtracts the retrieved keys' share from the summary by gathering the ``K``
@@ -80,6 +83,7 @@ from macopt.calibrate_phi import (
     initial_maps,
     site_name,
 )
+from macopt.config import TopKPhiConfig
 from macopt.kernels import topk_phi_reference as ref
 from macopt.kernels.feature_maps import (
     FeatureMaps,
@@ -87,7 +91,7 @@ from macopt.kernels.feature_maps import (
     log_features,
     save_feature_maps,
 )
-from macopt.topk_phi_ops import select, summary_token_equivalent
+from macopt.topk_phi_ops import retrieved_tokens, select, summary_token_equivalent
 
 Tensor = torch.Tensor
 EOS = "<|endoftext|>"
@@ -169,18 +173,21 @@ class Budget:
 
 def matched_budget(fraction: float, context: int, summary_tokens: float, page_size: int | None
                    ) -> Budget:
-    """Both methods read at most ``ceil(fraction * context)`` token-equivalents; with a page
-    selector (``page_size``) each retrieves whole pages only.
+    """Both methods get ``B = ceil(fraction * context)`` token-equivalents; Top-K + phi gives
+    ``ceil(summary_tokens)`` of them to its summary. The counts are the deployed op's with
+    ``TopKPhiConfig(budget=B, summary_in_budget=True)``
+    (:func:`macopt.topk_phi_ops.retrieved_tokens`): the page selector (``page_size``) rounds
+    each up to whole pages, as the config does.
 
     >>> matched_budget(0.05, 8192, 130.0, None)
     Budget(fraction=0.05, tokens=410, topk_k=410, phi_k=280)
     >>> matched_budget(0.05, 8192, 130.0, 32)
-    Budget(fraction=0.05, tokens=410, topk_k=384, phi_k=256)
+    Budget(fraction=0.05, tokens=410, topk_k=416, phi_k=288)
     """
     tokens = math.ceil(fraction * context)
-    whole = (lambda n: n) if page_size is None else (lambda n: n // page_size * page_size)
-    rest = math.floor(tokens - summary_tokens)
-    return Budget(fraction, tokens, whole(tokens), whole(rest) if rest >= 0 else None)
+    summary = math.ceil(summary_tokens)
+    phi_k = retrieved_tokens(tokens, summary, page_size) if tokens >= summary else None
+    return Budget(fraction, tokens, retrieved_tokens(tokens, 0, page_size), phi_k)
 
 
 # --- one layer's errors ------------------------------------------------------------------------
@@ -382,41 +389,56 @@ def measure_split(windows_: Iterable[dict[int, Window]], maps: dict[str, dict[st
 
 @dataclass(frozen=True)
 class Switch:
-    """Per-layer, per-head completion flags, and per (layer, KV head) whether the group reads
-    the summary at all (``use_summary``; off: Top-K at the full matched budget)."""
+    """Per-layer, per-head completion flags at a fixed ``K`` (``completion``: the per-head
+    switch), and per (layer, KV head) whether the group reads the summary (``use_summary``:
+    the group switch; off: every head off, Top-K at the full matched budget)."""
 
     completion: list[list[bool]]
     use_summary: list[list[bool]]
 
     def overrides(self) -> dict[int, dict[int, bool]]:
-        """``TopKPhiConfig.completion_overrides`` for :attr:`completion`."""
+        """``TopKPhiConfig.completion_overrides`` for :attr:`completion` (per-head switch)."""
         return {layer: dict(enumerate(heads)) for layer, heads in enumerate(self.completion)}
+
+    def group_overrides(self, group: int) -> dict[int, dict[int, bool]]:
+        """``completion_overrides`` deploying the group switch (with ``summary_in_budget``):
+        every head of a group that keeps the summary on, every head of the others off."""
+        return {layer: {h: groups[h // group] for h in range(len(groups) * group)}
+                for layer, groups in enumerate(self.use_summary)}
 
 
 def decide_switch(topk: list[list[float]], topk_same_k: list[list[float]],
                   phi: list[list[float]], group: int) -> Switch:
-    """Completion on iff Top-K + phi beats Top-K at the same ``K``; a KV group keeps the
-    summary iff its heads' mean error (each on its better variant) beats Top-K's at the full
-    matched budget. Inputs are per-head errors on the calibration data."""
+    """Per head: completion on iff Top-K + phi beats Top-K at the same ``K``. Per KV group:
+    the group keeps the summary iff *every* head of it, completion on, beats Top-K at the full
+    matched budget; otherwise all its heads are off and it retrieves the full budget. (Inside
+    a summary-reading group an off head runs Top-K at the smaller ``K``, which never beats the
+    full budget, so "no head worse" needs every head on.) Inputs: per-head calibration errors.
+
+    >>> switch = decide_switch(topk=[[1.0, 1.0, 1.0, 1.0]], topk_same_k=[[1.1, 1.1, 1.1, 1.1]],
+    ...                        phi=[[0.5, 0.9, 0.5, 1.2]], group=2)
+    >>> switch.use_summary, switch.completion
+    ([[True, False]], [[True, True, True, False]])
+    """
     completion = [[p < t for p, t in zip(ps, ts, strict=True)]
                   for ps, ts in zip(phi, topk_same_k, strict=True)]
     use_summary = []
-    for on, ps, ts, full in zip(completion, phi, topk_same_k, topk, strict=True):
-        best = [p if c else t for c, p, t in zip(on, ps, ts, strict=True)]
-        use_summary.append([sum(best[g:g + group]) < sum(full[g:g + group])
-                            for g in range(0, len(best), group)])
+    for ps, full in zip(phi, topk, strict=True):
+        wins = [p < f for p, f in zip(ps, full, strict=True)]
+        use_summary.append([all(wins[g:g + group]) for g in range(0, len(wins), group)])
     return Switch(completion, use_summary)
 
 
 def switched_errors(switch: Switch, topk: list[list[float]], topk_same_k: list[list[float]],
                     phi: list[list[float]], group: int) -> tuple[list[list[float]], ...]:
     """Per-head errors of ``switch_head`` (flags at the same ``K``) and ``switch_group`` (a
-    group without the summary runs Top-K at the full budget)."""
+    group with the summary runs Top-K + phi on every head, one without it Top-K at the full
+    budget)."""
     per_head = [[p if c else t for c, p, t in zip(on, ps, ts, strict=True)]
                 for on, ps, ts in zip(switch.completion, phi, topk_same_k, strict=True)]
-    per_group = [[e if summary[h // group] else f for h, (e, f) in enumerate(zip(es, fs,
-                                                                                strict=True))]
-                 for es, fs, summary in zip(per_head, topk, switch.use_summary, strict=True)]
+    per_group = [[p if summary[h // group] else f
+                  for h, (p, f) in enumerate(zip(ps, fs, strict=True))]
+                 for ps, fs, summary in zip(phi, topk, switch.use_summary, strict=True)]
     return per_head, per_group
 
 
@@ -444,9 +466,12 @@ def _count(pairs: Iterable[tuple[bool, bool]], want_high: bool) -> int:
 
 
 def summarise_budget(selector: str, b: Budget, calibration: SplitResult,
-                     evaluation: SplitResult, high: list[bool], group: int) -> dict:
+                     evaluation: SplitResult, high: list[bool], group: int,
+                     deploy: dict | None = None) -> dict:
     """One (selector, budget) row: the switch decided on calibration data, and per variant
-    the evaluation split's mean error over all / high- / low-entropy heads."""
+    the evaluation split's mean error over all / high- / low-entropy heads. ``deploy``: the
+    ``TopKPhiConfig`` fields of the run (sinks, tail, page size, d_phi), to which the row adds
+    the ones deploying its group switch (``switch.config``)."""
     row: dict = {"selector": selector, "fraction": b.fraction, "tokens": b.tokens,
                  "topk_k": b.topk_k, "phi_k": b.phi_k}
     ev = {v: evaluation.errors[(selector, b.fraction, v)] for v in VARIANTS
@@ -454,10 +479,15 @@ def summarise_budget(selector: str, b: Budget, calibration: SplitResult,
     if b.phi_k is not None:
         cal = {v: calibration.errors[(selector, b.fraction, v)] for v in VARIANTS}
         switch = decide_switch(cal["topk"], cal["topk_same_k"], cal["phi_cal"], group)
+        group_overrides = switch.group_overrides(group)
         row["switch"] = {"completion_overrides": switch.overrides(),
                          "use_summary": switch.use_summary,
                          "completion_on": sum(_flat(switch.completion)),
-                         "groups_with_summary": sum(_flat(switch.use_summary))}
+                         "groups_with_summary": sum(_flat(switch.use_summary)),
+                         "config": TopKPhiConfig(**(deploy or {}), budget=b.tokens,
+                                                 selector=selector, summary_in_budget=True,
+                                                 completion_overrides=group_overrides
+                                                 ).to_dict()}
         ev["switch_head"], ev["switch_group"] = switched_errors(
             switch, ev["topk"], ev["topk_same_k"], ev["phi_cal"], group)
     row["mean_error"] = {v: _split_means(e, high) for v, e in ev.items()}
@@ -478,15 +508,16 @@ def summarise_budget(selector: str, b: Budget, calibration: SplitResult,
 
 
 def summarise(calibration: SplitResult, evaluation: SplitResult, budgets: dict[str, list[Budget]],
-              group: int) -> dict:
+              group: int, deploy: dict | None = None) -> dict:
     """Switches (decided on calibration data), mean errors and the bar's verdict (evaluation).
 
-    High-entropy heads: the upper half by mean entropy on the calibration (switch) split.
+    High-entropy heads: the upper half by mean entropy on the calibration (switch) split. The
+    verdict's switch half is the group switch (``deploy``: see :func:`summarise_budget`).
     """
     entropy = _flat(calibration.entropy)
     threshold = sorted(entropy)[len(entropy) // 2]
     high = [e >= threshold for e in entropy]
-    rows = [summarise_budget(selector, b, calibration, evaluation, high, group)
+    rows = [summarise_budget(selector, b, calibration, evaluation, high, group, deploy)
             for selector, selector_budgets in budgets.items() for b in selector_budgets]
     n_high, n_low = sum(high), len(high) - sum(high)
     return {"rows": rows, "high_entropy": high, "verdict": {
@@ -642,7 +673,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--json", type=Path, default=None)
     a("--markdown", type=Path, default=None)
     a("--render", type=Path, default=None,
-      help="only re-render the markdown of an earlier --json result")
+      help="re-summarise an earlier --json result from its stored per-head errors (switches, "
+           "means, verdict; no capture) and print its markdown; with --json, write the "
+           "updated result there (may be the same file)")
     return p.parse_args(argv)
 
 
@@ -705,10 +738,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     if args.render is not None:
-        result = json.loads(args.render.read_text())
+        result = resummarise(json.loads(args.render.read_text()))
         result["config"]["detail"] = args.detail
         table = markdown(result)
         log(table)
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
         if args.markdown is not None:
             args.markdown.write_text(table)
         return result
@@ -778,7 +813,8 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads(), "machine": platform.machine()},
     }
-    result["summary"] = summarise(calibration, evaluation, budgets, group)
+    result["summary"] = summarise(calibration, evaluation, budgets, group,
+                                  _deploy_fields(result["config"]))
     result["seconds"] = time.perf_counter() - t0
     table = markdown(result)
     log(table)
@@ -787,6 +823,28 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown is not None:
         args.markdown.write_text(table)
+    return result
+
+
+def _deploy_fields(config: dict) -> dict:
+    """The run's ``TopKPhiConfig`` fields that every row's deployed config shares."""
+    return {"sinks": config["sinks"], "tail": config["tail"], "page_size": config["page_size"],
+            "d_phi": config["d_phi"]}
+
+
+def _split_from_json(split: dict) -> SplitResult:
+    return SplitResult(errors={(e["selector"], e["fraction"], e["variant"]): e["per_head"]
+                               for e in split["errors"]},
+                       entropy=split["entropy"], queries=split["queries"])
+
+
+def resummarise(result: dict) -> dict:
+    """``result`` (an earlier ``--json``) with its summary recomputed from the stored per-head
+    errors and budgets: the current switch rules and verdict, without re-measuring."""
+    budgets = {s: [Budget(**b) for b in bs] for s, bs in result["budgets"].items()}
+    result["summary"] = summarise(_split_from_json(result["switch_split"]),
+                                  _split_from_json(result["evaluation"]), budgets,
+                                  result["config"]["group"], _deploy_fields(result["config"]))
     return result
 
 

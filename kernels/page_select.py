@@ -60,6 +60,7 @@ def _select_page_tokens_kernel(
     n_pages, group, n_keep,
     PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_T: tl.constexpr, skip_ptr=None, HAS_SKIP: tl.constexpr = False,
+    counts_ptr=None, HAS_COUNTS: tl.constexpr = False,
 ):
     # One program per (row, KV head): the group's [g, n_pages] scores are read twice in
     # [BLOCK_G, BLOCK_P] tiles, then the row's int32 keys (a few KB, cache resident) 33 times.
@@ -71,9 +72,12 @@ def _select_page_tokens_kernel(
     keys_ptr += kv_pid * n_pages
     pages_ptr += kv_pid * n_keep
     tokens_ptr += kv_pid * n_keep * PAGE_SIZE
+    n_width = n_keep  # the row's width in pages (a group's own count may be smaller)
     if HAS_SKIP:  # a skipped group ranks no page and writes tokens -1 (ignored downstream)
         skipped = tl.load(skip_ptr + kv_pid) != 0
         n_pages = tl.where(skipped, 0, n_pages)
+    if HAS_COUNTS:  # this group's own page count (<= n_keep); its slots past it get -1
+        n_keep = tl.minimum(tl.maximum(tl.load(counts_ptr + kv_pid), 0), n_keep)
 
     # Elementwise max across tiles, one reduction after the loop (a reduction accumulated
     # inside the loop and read twice after it crashes Triton 3.6's thread-locality pass).
@@ -127,11 +131,17 @@ def _select_page_tokens_kernel(
     tl.debug_barrier()  # as for the keys: the page list is read back by other threads
 
     # Token expansion: contiguous, coalesced stores of page * PAGE_SIZE + offset.
-    n_tokens = n_keep * PAGE_SIZE
+    n_tokens = n_width * PAGE_SIZE
     for start in range(0, n_tokens, BLOCK_T):
         slots = start + tl.arange(0, BLOCK_T)
         slot_ok = slots < n_tokens
-        if HAS_SKIP:  # (the flag per slot: a scalar bool in a mask trips the interpreter)
+        if HAS_COUNTS:  # slots past the group's count: -1 (ignored downstream)
+            keep = slot_ok & (slots < n_keep * PAGE_SIZE)
+            page = tl.load(pages_ptr + slots // PAGE_SIZE, mask=keep, other=0)
+            token = tl.where(keep, page * PAGE_SIZE + slots % PAGE_SIZE, -1)
+            if HAS_SKIP:
+                token = tl.where(tl.load(skip_ptr + kv_pid + slots * 0) == 0, token, -1)
+        elif HAS_SKIP:  # (the flag per slot: a scalar bool in a mask trips the interpreter)
             keep = slot_ok & (tl.load(skip_ptr + kv_pid + slots * 0) == 0)
             page = tl.load(pages_ptr + slots // PAGE_SIZE, mask=keep, other=0)
             token = tl.where(keep, page * PAGE_SIZE + slots % PAGE_SIZE, -1)
@@ -142,7 +152,7 @@ def _select_page_tokens_kernel(
 
 
 def select_page_tokens(scores: Tensor, n_kv_heads: int, n_selected: int, page_size: int,
-                       skip: Tensor | None = None) -> Tensor:
+                       skip: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
     """Token indices of the best pages per KV head, ascending:
     ``[B, Hkv, min(n_selected, n_pages) * page_size]`` int32.
 
@@ -151,7 +161,9 @@ def select_page_tokens(scores: Tensor, n_kv_heads: int, n_selected: int, page_si
     :func:`macopt.kernels.topk_phi_reference.select_pages` (each head shifted by its best page,
     then the group max); ties at the K-th score go to the lowest page indices. One launch, no
     host sync. ``skip[B, Hkv]`` (uint8 or bool, optional): groups that rank nothing and get
-    tokens -1.
+    tokens -1. ``counts[B, Hkv]`` (int32, optional): pages each group keeps, its best ones
+    (at most ``min(n_selected, n_pages)``: the width stays), ascending, then -1 in the slots
+    past them.
 
     >>> tokens = select_page_tokens(scores, n_kv_heads=8, n_selected=80, page_size=32)
     """
@@ -177,5 +189,7 @@ def select_page_tokens(scores: Tensor, n_kv_heads: int, n_selected: int, page_si
         BLOCK_T=min(_MAX_BLOCK_T, triton.next_power_of_2(n_keep * page_size)), num_warps=8,
         **({"HAS_SKIP": False} if skip is None else
            {"skip_ptr": skip.contiguous().view(torch.uint8), "HAS_SKIP": True}),
+        **({"HAS_COUNTS": False} if counts is None else
+           {"counts_ptr": counts.to(torch.int32).contiguous(), "HAS_COUNTS": True}),
     )
     return tokens

@@ -128,34 +128,56 @@ def page_scores(q: Tensor, bounds: PageBounds, mid_start: Tensor, mid_end: Tenso
     return upper.reshape(q.shape[0], q.shape[1], n_pages)
 
 
-def select_pages(scores: Tensor, n_kv_heads: int, n_selected: int) -> Tensor:
+def select_pages(scores: Tensor, n_kv_heads: int, n_selected: int,
+                 counts: Tensor | None = None) -> Tensor:
     """Top pages per KV head, sorted ascending: ``[B, Hkv, min(n_selected, n_pages)]`` int32.
 
     Each query head's bounds are shifted so that its best page scores 0, then the group takes
     the max: a page is kept when it is near the top for any head of the group, whatever the
-    heads' query norms.
+    heads' query norms. ``counts[B, Hkv]`` (optional): each group keeps only its best
+    ``counts`` pages, the rest of its row -1.
     """
     batch, n_q_heads, n_pages = scores.shape
     best = _finite_or_zero(scores.amax(dim=-1, keepdim=True))
     relative = (scores - best).view(batch, n_kv_heads, n_q_heads // n_kv_heads, n_pages)
     group_score = relative.amax(dim=2)
-    top = torch.topk(group_score, min(n_selected, n_pages), dim=-1, sorted=False).indices
-    return top.sort(dim=-1).values.to(torch.int32)
+    return top_indices(group_score, min(n_selected, n_pages), counts)
 
 
 def pages_to_tokens(pages: Tensor, page_size: int) -> Tensor:
-    """Token indices of the selected pages: ``[..., P]`` -> ``[..., P * page_size]`` int32."""
+    """Token indices of the selected pages: ``[..., P]`` -> ``[..., P * page_size]`` int32;
+    a page -1 (none) gives tokens -1."""
     offsets = torch.arange(page_size, device=pages.device, dtype=pages.dtype)
-    return (pages[..., None] * page_size + offsets).flatten(-2)
+    tokens = pages[..., None] * page_size + offsets
+    return torch.where(pages[..., None] >= 0, tokens, -1).flatten(-2)
+
+
+def top_indices(scores: Tensor, width: int, counts: Tensor | None = None) -> Tensor:
+    """Indices of the ``width`` best ``scores[B, H, n]`` per row, ascending, int32. With
+    ``counts[B, H]``: only the best ``counts`` of them, the rest of the row -1 (the width, a
+    shape, stays; -1 sorts first and every consumer ignores it).
+
+    >>> top_indices(torch.tensor([[[0.1, 0.9, 0.5, 0.7]]]), 3, torch.tensor([[2]])).tolist()
+    [[[-1, 1, 3]]]
+    """
+    if counts is None:
+        top = torch.topk(scores, width, dim=-1, sorted=False).indices
+    else:
+        top = torch.topk(scores, width, dim=-1, sorted=True).indices
+        rank = torch.arange(width, device=scores.device)
+        top = torch.where(rank < counts[..., None].to(scores.device), top, -1)
+    return top.sort(dim=-1).values.to(torch.int32)
 
 
 def exact_topk(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
-               top_k: int, per_kv_head: bool = True) -> Tensor:
+               top_k: int, per_kv_head: bool = True, counts: Tensor | None = None) -> Tensor:
     """The oracle selector: the ``top_k`` mid keys by exact score, int32 indices.
 
     Per query head -> ``[B, Hq, K]``; per KV head -> ``[B, Hkv, K]``, ranking each key by the
     largest softmax probability (over the mid region) any head of the group gives it.
     ``K = min(top_k, N)``; rows with a short mid region get indices outside it (ignored).
+    ``counts[B, H]`` (optional): row ``(b, h)`` keeps only its best ``counts[b, h]`` keys, the
+    rest of it -1 (:func:`top_indices`).
     """
     batch, n_q_heads, _ = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
@@ -169,8 +191,7 @@ def exact_topk(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: T
         scores = (scores - lse).amax(dim=2)
     else:
         scores = scores.reshape(batch, n_q_heads, n_keys)
-    top = torch.topk(scores, min(top_k, n_keys), dim=-1, sorted=False).indices
-    return top.sort(dim=-1).values.to(torch.int32)
+    return top_indices(scores, min(top_k, n_keys), counts)
 
 
 def selection_mask(selected: Tensor, n_q_heads: int, mid_start: Tensor, mid_end: Tensor,

@@ -99,6 +99,14 @@ class TopKPhiConfig(MethodConfig):
     a layer index to a bool (every head of it) or to ``{query head: bool}``: heads whose
     attention Top-K alone already captures can be switched off.
 
+    ``summary_in_budget``: when True, ``budget`` also pays for the summary's bytes. A KV group
+    that reads the summary (any of its query heads has completion on) retrieves
+    ``budget - ceil(summary)`` keys (:func:`macopt.topk_phi_ops.summary_budget_tokens`, in
+    cached tokens of the KV dtype; at least 0: a summary that fills the budget leaves no
+    retrieval), and a group whose heads are all off reads no summary and retrieves the full
+    ``budget``: exactly Top-K. The page selector rounds each group's count up to whole pages.
+    False (default): every group retrieves ``budget``, the summary comes on top.
+
     >>> config = TopKPhiConfig(budget=0.02, completion_overrides={0: False, 3: {5: False}})
     >>> config.budget_tokens(131072), config.completion_for(3, 8)
     (2622, (True, True, True, True, True, False, True, True))
@@ -122,6 +130,7 @@ class TopKPhiConfig(MethodConfig):
     completion_overrides: Any = ()
     feature_maps: str | None = None
     seed: int = 0
+    summary_in_budget: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sinks", "tail"):
@@ -139,9 +148,10 @@ class TopKPhiConfig(MethodConfig):
             if self.d_phi % 2:
                 raise ValueError(f"TopKPhiConfig.d_phi: expected an even number (random "
                                  f"features come in antithetic pairs), got {self.d_phi}")
-        if not isinstance(self.completion, bool):
-            raise ValueError(f"TopKPhiConfig.completion: expected a bool, got "
-                             f"{self.completion!r}")
+        for name in ("completion", "summary_in_budget"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TopKPhiConfig.{name}: expected a bool, got "
+                                 f"{getattr(self, name)!r}")
         # Stored as nested sorted tuples: the config stays frozen, hashable and JSON-able.
         object.__setattr__(self, "completion_overrides",
                            _normalise_overrides(self.completion_overrides))

@@ -29,6 +29,7 @@ FoldedFeatureMap`) plus a ``has_mlp`` flag.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -190,6 +191,7 @@ def topk_phi_decode(
     kmin: Tensor | None, kmax: Tensor | None,
     phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
     completion: Tensor, scale: float, budget: int, page_size: int, selector: str,
+    summary_tokens: int = 0,
 ) -> Tensor:
     """Top-K + phi decode attention ``o[B, Hq, D]`` in ``q``'s dtype (approximate).
 
@@ -198,17 +200,23 @@ def topk_phi_decode(
     "page": ``ceil(budget / page_size)`` pages by key bounds; "exact": the top ``budget`` keys
     by score), the rest of it comes from the summary when ``completion[h]`` is on for query
     head ``h`` (off: Top-K-only renormalised attention).
+
+    ``summary_tokens`` > 0 (``TopKPhiConfig.summary_in_budget``): the budget pays for the
+    summary. A KV group with completion on for any of its heads retrieves
+    ``max(0, budget - summary_tokens)`` tokens, a group with every head off the full
+    ``budget`` (pages: each rounded up to whole pages). The selection keeps its width (static
+    shapes); the slots a group gives up hold -1. 0: every group retrieves ``budget``.
     """
     _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector)
+                  completion, budget, page_size, selector, summary_tokens)
     o, _, _ = decode_impl(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q,
                           phi_q_mlp, phi_k, phi_k_mlp, completion, scale, budget, page_size,
-                          selector, state=False)
+                          selector, state=False, summary_tokens=summary_tokens)
     return o
 
 
 def _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector) -> None:
+                  completion, budget, page_size, selector, summary_tokens=0) -> None:
     check_decode_inputs(q, k, v, starts, ends, None)
     d_phi = _check_summary(m, u, t, mid_start, mid_end, k)
     n_q_heads, head_dim = q.shape[1], q.shape[2]
@@ -218,6 +226,9 @@ def _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax
         raise ValueError(f"selector: expected one of {SELECTORS}, got {selector!r}")
     if budget < 1:
         raise ValueError(f"budget: expected a number of tokens >= 1, got {budget}")
+    if summary_tokens < 0:
+        raise ValueError(f"summary_tokens: expected the tokens a summary-reading group gives "
+                         f"up (>= 0; 0: the summary is not in the budget), got {summary_tokens}")
     _check_bounds(kmin, kmax, k, page_size, needed=selector == "page")
     if completion.shape != (n_q_heads,) or completion.dtype not in (torch.bool, torch.int32):
         raise ValueError(f"completion: expected a bool or int32 [{n_q_heads}] tensor (one "
@@ -227,9 +238,9 @@ def _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax
 
 @topk_phi_decode.register_fake
 def _(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_q_mlp, phi_k,
-      phi_k_mlp, completion, scale, budget, page_size, selector):
+      phi_k_mlp, completion, scale, budget, page_size, selector, summary_tokens=0):
     _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector)
+                  completion, budget, page_size, selector, summary_tokens)
     return torch.empty_like(q)
 
 
@@ -240,24 +251,25 @@ def topk_phi_decode_state(
     kmin: Tensor | None, kmax: Tensor | None,
     phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
     completion: Tensor, scale: float, budget: int, page_size: int, selector: str,
+    summary_tokens: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The state ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])`` of :func:`topk_phi_decode` (same
     arguments; approximate): the merge of the exact keys' state with the completion state,
     before the cast to ``q``'s dtype. A state can be merged with others (ALGORITHMS.md,
     section 0), e.g. as the prefix state of a MAC miss over keys ``[starts, E(t))``."""
     _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector)
+                  completion, budget, page_size, selector, summary_tokens)
     o, lse, _ = decode_impl(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax,
                             phi_q, phi_q_mlp, phi_k, phi_k_mlp, completion, scale, budget,
-                            page_size, selector, state=True)
+                            page_size, selector, state=True, summary_tokens=summary_tokens)
     return o, lse
 
 
 @topk_phi_decode_state.register_fake
 def _(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_q_mlp, phi_k,
-      phi_k_mlp, completion, scale, budget, page_size, selector):
+      phi_k_mlp, completion, scale, budget, page_size, selector, summary_tokens=0):
     _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector)
+                  completion, budget, page_size, selector, summary_tokens)
     return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:2],
                                                                   dtype=torch.float32)
 
@@ -268,7 +280,7 @@ def decode_impl(
     kmin: Tensor | None, kmax: Tensor | None,
     phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
     completion: Tensor, scale: float, budget: int, page_size: int, selector: str, *,
-    state: bool, skip: Tensor | None = None,
+    state: bool, skip: Tensor | None = None, summary_tokens: int = 0,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Selection then the decode kernels (inputs already checked): ``(o, lse, selected)``.
 
@@ -277,7 +289,8 @@ def decode_impl(
     ``[B, Hkv, K']``: the token indices retrieved (entries outside the middle are ignored).
     ``skip[B, Hkv]`` (uint8, optional): groups whose state the caller will not read. The Triton
     path reads nothing for them (no page bounds, keys or summary; the exact selector still
-    scores every key) and gives them the empty state; the reference computes them anyway."""
+    scores every key) and gives them the empty state; the reference computes them anyway.
+    ``summary_tokens``: see :func:`topk_phi_decode`."""
     summary = ref.PhiSummary(m, u, t, mid_start, mid_end)
     folded_q, folded_k = _folded(phi_q, phi_q_mlp), _folded(phi_k, phi_k_mlp)
     triton_path = _use_triton(q.device)
@@ -287,8 +300,13 @@ def decode_impl(
         log_phi_q = query_log_features(q, folded_q)
     else:
         log_phi_q = log_features(q, folded_q)
+    counts = None
+    if summary_tokens:
+        counts = group_counts(completion, k.shape[1], budget, summary_tokens,
+                              page_size if selector == "page" else None)
+        counts = counts.expand(q.shape[0], -1)
     selected = select(q, k, scale, mid_start, mid_end, kmin, kmax, budget, page_size, selector,
-                      triton_path, skip)
+                      triton_path, skip, counts)
     if triton_path:
         from macopt.kernels import topk_phi
 
@@ -305,12 +323,35 @@ def decode_impl(
 # --- selection -------------------------------------------------------------------------------
 
 
+def group_counts(completion: Tensor, n_kv_heads: int, budget: int, summary_tokens: int,
+                 page_size: int | None) -> Tensor:
+    """What each KV group retrieves when the budget pays for the summary: ``[Hkv]`` int32,
+    tokens (``page_size`` None) or pages. A group reads the summary iff any of its query heads
+    has completion on; it then retrieves :func:`retrieved_tokens` of ``budget -
+    summary_tokens``, otherwise of the full ``budget``. Device ops only: no host sync, and the
+    result keeps its address pattern under CUDA graphs (``completion`` is state).
+
+    >>> group_counts(torch.tensor([True, False, False, False]), 2, 40, 17, None).tolist()
+    [23, 40]
+    >>> group_counts(torch.tensor([True, False, False, False]), 2, 40, 17, 16).tolist()
+    [2, 3]
+    """
+    reads_summary = completion.bool().view(n_kv_heads, -1).any(dim=-1)
+    per = (lambda n: n) if page_size is None else (lambda n: _n_pages(n, page_size))
+    with_summary, without = per(retrieved_tokens(budget, summary_tokens, None)), per(budget)
+    return torch.where(reads_summary, with_summary, without).to(torch.int32)
+
+
 def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
            kmin: Tensor | None, kmax: Tensor | None, budget: int, page_size: int,
-           selector: str, triton_path: bool, skip: Tensor | None = None) -> Tensor:
+           selector: str, triton_path: bool, skip: Tensor | None = None,
+           counts: Tensor | None = None) -> Tensor:
     """Token indices ``[B, Hkv, K']`` to retrieve (per KV head; entries outside the middle
     region are ignored by the decode kernels). All on the device: no host sync. ``skip``: see
-    :func:`decode_impl` (the Triton page selector ranks nothing for those groups)."""
+    :func:`decode_impl` (the Triton page selector ranks nothing for those groups).
+    ``counts[B, Hkv]`` int32 (optional, :func:`group_counts`): each group keeps only its best
+    ``counts`` tokens (pages for the page selector); the rest of its row is -1, so ``K'`` is
+    the same as without counts."""
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     if selector == "page":
         n_selected = _n_pages(budget, page_size)
@@ -319,19 +360,22 @@ def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tenso
             from macopt.kernels import topk_phi
 
             return topk_phi.select_pages(q, bounds, mid_start, mid_end, page_size, scale,
-                                         n_selected, skip=skip)
+                                         n_selected, skip=skip, counts=counts)
         scores = ref.page_scores(q, bounds, mid_start, mid_end, page_size, scale)
-        return ref.pages_to_tokens(ref.select_pages(scores, n_kv_heads, n_selected), page_size)
+        return ref.pages_to_tokens(ref.select_pages(scores, n_kv_heads, n_selected, counts),
+                                   page_size)
     if triton_path:
-        return exact_selection(q, k, scale, mid_start, mid_end, min(budget, n_keys))
-    return ref.exact_topk(q, k, scale, mid_start, mid_end, budget, per_kv_head=True)
+        return exact_selection(q, k, scale, mid_start, mid_end, min(budget, n_keys), counts)
+    return ref.exact_topk(q, k, scale, mid_start, mid_end, budget, per_kv_head=True,
+                          counts=counts)
 
 
 def exact_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
-                    top_k: int) -> Tensor:
+                    top_k: int, counts: Tensor | None = None) -> Tensor:
     """:func:`~macopt.kernels.topk_phi_reference.exact_topk` (per KV head) without an fp32
     copy of the keys: scores come from one matmul in ``k.dtype`` (fp32 accumulation), so
-    near-ties may rank differently than in fp32. Reads every key: the paper's oracle."""
+    near-ties may rank differently than in fp32. Reads every key: the paper's oracle.
+    ``counts``: see :func:`select`."""
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     grouped = q.view(batch, n_kv_heads, n_q_heads // n_kv_heads, head_dim)
@@ -341,8 +385,7 @@ def exact_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_e
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     ranked = (scores - lse).amax(dim=2)  # a key's best probability over the group's heads
-    top = torch.topk(ranked, top_k, dim=-1, sorted=False).indices
-    return top.sort(dim=-1).values.to(torch.int32)
+    return ref.top_indices(ranked, top_k, counts)
 
 
 # --- per-site state --------------------------------------------------------------------------
@@ -444,7 +487,17 @@ def decode(state: TopKPhiState, q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
     return torch.ops.macopt.topk_phi_decode(
         q, k, v, starts, ends, state.m, state.u, state.t, state.mid_start, state.mid_end,
         state.kmin, state.kmax, state.phi_q, state.phi_q_mlp, state.phi_k, state.phi_k_mlp,
-        state.completion, scale, budget, config.page_size, config.selector)
+        state.completion, scale, budget, config.page_size, config.selector,
+        budget_summary_tokens(config, state.t, k.dtype))
+
+
+def budget_summary_tokens(config: TopKPhiConfig, t: Tensor, kv_dtype: torch.dtype) -> int:
+    """The ops' ``summary_tokens`` for ``config``: :func:`summary_budget_tokens` of the summary
+    ``t[B, Hkv, F, D]`` in the cache's ``kv_dtype`` when ``summary_in_budget``, else 0 (shapes
+    only: no host sync)."""
+    if not config.summary_in_budget:
+        return 0
+    return summary_budget_tokens(t.shape[-1], t.shape[-2], kv_dtype.itemsize)
 
 
 def summary_token_equivalent(head_dim: int, d_phi: int, itemsize: int) -> float:
@@ -456,6 +509,31 @@ def summary_token_equivalent(head_dim: int, d_phi: int, itemsize: int) -> float:
     return 4 * d_phi * (head_dim + 2) / (2 * head_dim * itemsize)
 
 
-__all__ = ["TopKPhiState", "decode", "decode_impl", "exact_selection", "prefill", "select",
-           "summary_token_equivalent", "topk_phi_decode", "topk_phi_decode_state",
-           "topk_phi_prefill"]
+def summary_budget_tokens(head_dim: int, d_phi: int, itemsize: int) -> int:
+    """Whole tokens of the budget a summary-reading KV group gives up when
+    ``TopKPhiConfig.summary_in_budget`` is set: the summary's token equivalent, rounded up (so
+    a group never reads more bytes than the budget allows at token granularity).
+
+    >>> summary_budget_tokens(128, 2, 2), summary_budget_tokens(128, 16, 2)
+    (3, 17)
+    """
+    return math.ceil(summary_token_equivalent(head_dim, d_phi, itemsize))
+
+
+def retrieved_tokens(budget: int, summary_tokens: int, page_size: int | None) -> int:
+    """Middle keys one KV group retrieves from a budget of ``budget`` token equivalents when it
+    gives ``summary_tokens`` of them to its summary (0: no summary read). Floored at 0: a group
+    whose summary alone fills the budget retrieves nothing (the op's ``budget`` stays >= 1).
+    The page selector (``page_size``) rounds up to whole pages, as ``TopKPhiConfig`` does.
+
+    >>> retrieved_tokens(410, 17, None), retrieved_tokens(410, 17, 32), retrieved_tokens(8, 17, 32)
+    (393, 416, 0)
+    """
+    n = max(0, budget - summary_tokens)
+    return n if page_size is None else _n_pages(n, page_size) * page_size
+
+
+__all__ = ["TopKPhiState", "budget_summary_tokens", "decode", "decode_impl",
+           "exact_selection", "group_counts", "prefill", "retrieved_tokens", "select",
+           "summary_budget_tokens", "summary_token_equivalent", "topk_phi_decode",
+           "topk_phi_decode_state", "topk_phi_prefill"]

@@ -20,7 +20,7 @@ import torch
 from macopt import state
 from macopt.calibrate_phi import site_name
 from macopt.kernels.feature_maps import FeatureMaps, load_feature_maps
-from macopt.topk_phi_ops import TopKPhiState
+from macopt.topk_phi_ops import TopKPhiState, summary_budget_tokens
 from macopt.topk_phi_ops import topk_phi_decode as decode_impl
 from macopt.topk_phi_ops import topk_phi_prefill as prefill_impl
 
@@ -100,10 +100,12 @@ def _(attn_out, k, v, key_starts, ends, site_id, layer, sinks, tail, page_size, 
 def topk_phi_site_decode(
     q: Tensor, k: Tensor, v: Tensor, key_starts: Tensor, ends: Tensor, scale: float,
     site_id: int, layer: int, budget: int, page_size: int, selector: str, d_phi: int,
-    completion: list[bool], feature_maps: str, seed: int,
+    completion: list[bool], feature_maps: str, seed: int, summary_in_budget: bool = False,
 ) -> Tensor:
     """Top-K + phi decode ``o[B, Hq, D]`` of row ``b`` over keys ``[key_starts[b], ends[b])``
-    with the summary the site's last prefill built (approximate)."""
+    with the summary the site's last prefill built (approximate). ``summary_in_budget``: the
+    budget pays for the summary (``TopKPhiConfig.summary_in_budget``; its token count from the
+    state's shapes and the cache dtype)."""
     found = state.get(site_id)
     if found is None or found.method != "topk_phi":
         raise RuntimeError(f"macopt Top-K + phi: attention site {site_id} decodes before any "
@@ -113,11 +115,19 @@ def topk_phi_site_decode(
     return decode_impl(q, k, v, key_starts, ends, buffers.m, buffers.u, buffers.t,
                        buffers.mid_start, buffers.mid_end, buffers.kmin, buffers.kmax,
                        buffers.phi_q, buffers.phi_q_mlp, buffers.phi_k, buffers.phi_k_mlp,
-                       buffers.completion, scale, budget, page_size, selector)
+                       buffers.completion, scale, budget, page_size, selector,
+                       _summary_tokens(summary_in_budget, buffers, k.dtype))
+
+
+def _summary_tokens(summary_in_budget: bool, buffers: TopKPhiState, kv_dtype: torch.dtype
+                    ) -> int:
+    if not summary_in_budget:
+        return 0
+    return summary_budget_tokens(buffers.t.shape[-1], buffers.t.shape[-2], kv_dtype.itemsize)
 
 
 @topk_phi_site_decode.register_fake
 def _(q, k, v, key_starts, ends, scale, site_id, layer, budget, page_size, selector, d_phi,
-      completion, feature_maps, seed):
+      completion, feature_maps, seed, summary_in_budget=False):
     return torch.empty_like(q)
 

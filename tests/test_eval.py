@@ -264,3 +264,26 @@ def test_gz_text_and_directories_are_read(tmp_path: Path):
     (tmp_path / "b.py").write_text("plain")
     assert read_text([tmp_path]) == "zipped\nplain"
     assert read_text([tmp_path / "b.py"]) == "plain"
+
+
+def test_keys_read_charge_the_summary_only_to_groups_that_read_it():
+    from macopt.evaluation.harness import summary_groups, topk_keys_read
+    from macopt.topk_phi_ops import summary_token_equivalent
+
+    # 1000-key prompt, decode at position 1000: sinks 4 + tail 16 + 1 generated key exact;
+    # exact selector: every middle key's K row (980 / 2); d_phi 2, bf16: summary 2.03 (3 whole).
+    base = dict(budget=100, selector="exact", d_phi=2)
+    summary = summary_token_equivalent(128, 2, 2)
+    read = lambda config, on: topk_keys_read(config, 1000, 1000, 2048, 128, 2,  # noqa: E731
+                                             reads_summary=on)
+    plain, charged = macopt.TopKPhiConfig(**base), macopt.TopKPhiConfig(**base,
+                                                                         summary_in_budget=True)
+    assert read(plain, True) == pytest.approx(21 + 100 + 490 + summary)
+    assert read(plain, False) == pytest.approx(21 + 100 + 490)
+    assert read(charged, True) == pytest.approx(21 + 97 + 490 + summary)
+    assert read(charged, False) == pytest.approx(21 + 100 + 490)  # no summary: full budget
+    paged = macopt.TopKPhiConfig(**{**base, "selector": "page"}, summary_in_budget=True)
+    assert read(paged, True) == pytest.approx(21 + 128 + 31 + summary)  # ceil(97 / 32) pages
+    off_group = macopt.TopKPhiConfig(completion_overrides={0: {0: False, 1: False}})
+    assert summary_groups(off_group, 0, 4, 2) == [False, True]
+    assert summary_groups(off_group, 1, 4, 2) == [True, True]

@@ -182,3 +182,30 @@ def test_select_pages_is_the_reference_selector_on_the_kernel_scores(group):
 def test_scores_other_than_float32_are_refused():
     with pytest.raises(ValueError, match="float32"):
         page_select.select_page_tokens(torch.zeros(1, 2, 4, dtype=torch.bfloat16), 1, 2, 8)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_per_group_counts_keep_each_groups_best_pages_and_pad_with_minus_one(group):
+    scores = random_scores(2, 3 * group, 37, seed=7 + group, mid_pages=[(0, 37), (5, 30)])
+    counts = torch.tensor([[12, 0, 5], [3, 12, 40]], dtype=torch.int32, device=DEVICE)
+    with small_blocks(8):
+        tokens = page_select.select_page_tokens(scores, 3, 12, page_size=4, counts=counts)
+        plain = page_select.select_page_tokens(scores, 3, 12, page_size=4)
+    pages = ref.select_pages(scores.cpu(), n_kv_heads=3, n_selected=12, counts=counts.cpu())
+    # The kernel writes its pages first, the reference sorts its -1s first: same sets.
+    expected = ref.pages_to_tokens(pages, 4).sort(dim=-1).values
+    assert torch.equal(tokens.cpu().sort(dim=-1).values, expected)
+    assert tokens.shape == plain.shape  # the width stays; only the contents change
+    kept = (tokens >= 0).sum(dim=-1) // 4
+    assert kept.tolist() == [[12, 0, 5], [3, 12, 12]]  # a count past the width keeps it all
+    assert torch.all(tokens[tokens < 0] == -1)
+    assert torch.equal(tokens[0, 0], plain[0, 0])  # a full count is the plain selection
+
+
+def test_per_group_counts_with_skipped_groups_select_nothing_there():
+    scores = random_scores(1, 4, 9, seed=2)
+    counts = torch.tensor([[2, 2]], dtype=torch.int32, device=DEVICE)
+    skip = torch.tensor([[0, 1]], dtype=torch.uint8, device=DEVICE)
+    tokens = page_select.select_page_tokens(scores, 2, 3, page_size=2, skip=skip, counts=counts)
+    assert torch.all(tokens[0, 1] == -1)
+    assert (tokens[0, 0] >= 0).sum() == 4

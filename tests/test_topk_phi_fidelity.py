@@ -5,6 +5,7 @@ measurement runs on a tiny random Llama."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -99,9 +100,10 @@ def test_matched_budgets_charge_the_summary_to_top_k_plus_phi():
     assert (exact.tokens, exact.topk_k, exact.phi_k) == (410, 410, 280)
     assert exact.phi_k + summary <= exact.tokens == math.ceil(0.05 * 8192)
     page = fid.matched_budget(0.05, 8192, summary, 32)
-    assert (page.topk_k, page.phi_k) == (384, 256)  # whole pages within the budget
+    assert (page.topk_k, page.phi_k) == (416, 288)  # whole pages, rounded up as the op does
     assert fid.matched_budget(0.01, 8192, summary, None).phi_k is None  # summary > budget
-    assert fid.matched_budget(0.02, 8192, summary, 32).phi_k == 32
+    assert fid.matched_budget(0.02, 8192, summary, 32).phi_k == 64  # ceil((164 - 130) / 32)
+    assert fid.matched_budget(0.01, 8192, 2.03, None).phi_k == 79  # the summary's 3 tokens
 
 
 def test_switch_never_picks_a_worse_variant_on_its_calibration_data():
@@ -116,9 +118,13 @@ def test_switch_never_picks_a_worse_variant_on_its_calibration_data():
             assert switch.completion[layer][head] == (phi[layer][head] < same_k[layer][head])
         for g in range(2):
             heads = slice(4 * g, 4 * g + 4)
-            chosen = sum(per_group[layer][heads])
-            assert chosen == pytest.approx(min(sum(per_head[layer][heads]),
-                                               sum(topk[layer][heads])))
+            pairs = zip(phi[layer][heads], topk[layer][heads], strict=True)
+            group_wins = all(p < t for p, t in pairs)
+            assert switch.use_summary[layer][g] == group_wins
+            best = phi[layer][heads] if group_wins else topk[layer][heads]
+            assert per_group[layer][heads] == best
+            assert all(e <= t for e, t in zip(per_group[layer][heads], topk[layer][heads],
+                                              strict=True))
     overrides = switch.overrides()
     config = TopKPhiConfig(completion_overrides=overrides)
     assert list(config.completion_for(1, 8)) == switch.completion[1]
@@ -143,3 +149,42 @@ def test_measurement_runs_on_a_tiny_random_llama():
     config = {"summary_tokens": 4.0, "context": 96, "d_phi": 16}
     table = fid.markdown({"summary": summary, "evaluation": {"queries": 6}, "config": config})
     assert "| exact | 20% |" in table and "| page | 50% |" in table
+
+
+def test_a_group_with_one_losing_head_drops_the_summary_for_every_head():
+    # Layer 0: group 0's heads both beat full Top-K; in group 1 head 3 loses (0.9 > 0.8),
+    # though it beats Top-K at the same K and the group's mean would win.
+    topk = [[1.0, 1.0, 1.0, 0.8]]
+    same_k = [[1.1, 1.1, 1.1, 0.95]]
+    phi = [[0.5, 0.9, 0.2, 0.9]]
+    switch = fid.decide_switch(topk, same_k, phi, group=2)
+    assert switch.use_summary == [[True, False]]
+    assert switch.completion == [[True, True, True, True]]  # the per-head switch, for comparison
+    per_head, per_group = fid.switched_errors(switch, topk, same_k, phi, group=2)
+    assert per_group == [[0.5, 0.9, 1.0, 0.8]]  # group 1: Top-K at the full budget
+    assert per_head == [[0.5, 0.9, 0.2, 0.9]]
+    config = TopKPhiConfig(completion_overrides=switch.group_overrides(2), summary_in_budget=True)
+    assert config.completion_for(0, 4) == (True, True, False, False)
+
+
+def test_render_resummarises_stored_errors_with_the_group_rule_and_a_deployable_config():
+    budgets = {"exact": [fid.Budget(0.1, 10, 10, 7)]}
+    errors = lambda t, s, p: {("exact", 0.1, v): e for v, e in  # noqa: E731
+                              zip(fid.VARIANTS, (t, s, p, p), strict=True)}
+    cal = fid.SplitResult(errors([[1.0, 1.0, 1.0, 0.8]], [[1.1, 1.1, 1.1, 0.95]],
+                                 [[0.5, 0.9, 0.2, 0.9]]), [[3.0, 2.0, 1.0, 0.5]], 4)
+    ev = fid.SplitResult(errors([[1.0, 1.0, 1.0, 0.8]], [[1.1, 1.1, 1.1, 0.9]],
+                                [[0.6, 0.8, 0.3, 0.85]]), [[3.0, 2.0, 1.0, 0.5]], 4)
+    config = {"group": 2, "sinks": 4, "tail": 16, "page_size": 32, "d_phi": 2}
+    stored = {"budgets": {s: [vars(b) for b in bs] for s, bs in budgets.items()},
+              "switch_split": fid._split_json(cal), "evaluation": fid._split_json(ev),
+              "config": config, "summary": {"stale": True}}
+    result = fid.resummarise(json.loads(json.dumps(stored)))
+    row = result["summary"]["rows"][0]
+    assert row["switch"]["use_summary"] == [[True, False]]
+    deployed = TopKPhiConfig.from_dict(row["switch"]["config"])
+    assert deployed.summary_in_budget and deployed.budget == 10 and deployed.d_phi == 2
+    assert deployed.completion_for(0, 4) == (True, True, False, False)
+    # Head 3 (low entropy) runs full Top-K in its group, so the switch half holds.
+    assert result["summary"]["verdict"][
+        "switch_group_not_worse_on_every_low_entropy_head_and_budget"]

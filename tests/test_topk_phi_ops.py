@@ -8,7 +8,16 @@ import macopt  # noqa: F401  (registers torch.ops.macopt.*)
 from macopt.config import TopKPhiConfig
 from macopt.kernels import reference
 from macopt.kernels import topk_phi_reference as ref
-from macopt.topk_phi_ops import TopKPhiState, decode, exact_selection, prefill
+from macopt.topk_phi_ops import (
+    TopKPhiState,
+    budget_summary_tokens,
+    decode,
+    exact_selection,
+    group_counts,
+    prefill,
+    select,
+    summary_budget_tokens,
+)
 
 ops = torch.ops.macopt
 HEAD_DIM = 64  # the kernels' smallest supported head dim
@@ -213,3 +222,73 @@ def test_prefill_rejects_a_summary_of_the_wrong_feature_count():
     args[9] = torch.zeros(2, 2, 8)  # m with 8 features; u and t have 16
     with pytest.raises(ValueError, match="^u: expected"):
         ops.topk_phi_prefill(*args)
+
+
+# --- summary_in_budget -------------------------------------------------------------------------
+
+# Group 0 (heads 0, 1) reads the summary through head 0; group 1 (heads 2, 3) has every head off.
+MIXED = (True, False, False, False)
+
+
+def _decode_with(p: Problem, config: TopKPhiConfig, completion) -> torch.Tensor:
+    state = _prefilled(p, config, completion=completion)
+    return decode(state, p.q, p.k, p.v, p.starts, p.ends, p.scale, config)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+@pytest.mark.parametrize("selector", ["page", "exact"])
+def test_summary_in_budget_charges_only_groups_that_read_the_summary(selector, path,
+                                                                     monkeypatch):
+    if path == "triton":
+        monkeypatch.setenv("MACOPT_CPU_KERNELS", "triton")
+    p = _problem(n_keys=128, lengths=[120, 101], device=DEVICE if path == "triton" else "cpu")
+    given_up = summary_budget_tokens(HEAD_DIM, 16, p.k.element_size())
+    assert given_up == 9  # fp32 cache, d_phi 16: 8.25 token equivalents, rounded up
+    budget = 40  # page selector: 3 pages for Top-K, ceil(31 / 16) = 2 with the summary
+    charged = _config(selector=selector, budget=budget, summary_in_budget=True)
+    out = _decode_with(p, charged, MIXED)
+    # An all-off group is exactly Top-K-only attention at the full budget ...
+    topk_full = _decode_with(p, _config(selector=selector, budget=budget), (False,) * 4)
+    torch.testing.assert_close(out[:, 2:], topk_full[:, 2:], rtol=1e-6, atol=1e-6)
+    # ... and a summary-reading group is Top-K + phi with K - s keys (its off head: Top-K).
+    reduced = _decode_with(p, _config(selector=selector, budget=budget - given_up), MIXED)
+    torch.testing.assert_close(out[:, :2], reduced[:, :2], rtol=1e-6, atol=1e-6)
+    # The summary's keys matter here: without the charge, group 0 differs.
+    uncharged = _decode_with(p, _config(selector=selector, budget=budget), MIXED)
+    assert not torch.allclose(out[:, :2], uncharged[:, :2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("selector", ["page", "exact"])
+def test_summary_in_budget_keeps_the_selection_width_and_pads_with_minus_one(selector):
+    p = _problem(n_keys=128, lengths=[120, 101])
+    config = _config(selector=selector, budget=40)
+    state = _prefilled(p, config, completion=MIXED)
+    counts = group_counts(state.completion, 2, 40, 9, 16 if selector == "page" else None)
+    assert counts.tolist() == ([2, 3] if selector == "page" else [31, 40])
+    args = (p.q, p.k, p.scale, p.mid_start, p.mid_end, state.kmin, state.kmax, 40, 16,
+            selector, False)
+    plain, counted = select(*args), select(*args, counts=counts.expand(2, -1))
+    assert counted.shape == plain.shape  # static shapes: only the contents change
+    kept = (counted >= 0).sum(dim=-1)
+    per_group = [2 * 16, 3 * 16] if selector == "page" else [31, 40]
+    assert kept.tolist() == [per_group, per_group]
+    assert torch.equal(counted[:, 1], plain[:, 1])  # a full count is the plain selection
+
+
+def test_summary_in_budget_false_is_bit_identical_to_the_op_without_the_argument():
+    p, config = _problem(), _config(budget=32)
+    state = _prefilled(p, config, completion=MIXED)
+    assert budget_summary_tokens(config, state.t, p.k.dtype) == 0
+    args = _decode_args(state, p, config, budget=32)
+    assert torch.equal(ops.topk_phi_decode(*args), ops.topk_phi_decode(*args, 0))
+    assert torch.equal(decode(state, p.q, p.k, p.v, p.starts, p.ends, p.scale, config),
+                       ops.topk_phi_decode(*args))
+
+
+@pytest.mark.parametrize("selector", ["page", "exact"])
+def test_decode_with_summary_tokens_passes_opcheck(selector):
+    p, config = _problem(), _config(selector=selector)
+    state = _prefilled(p, config, completion=MIXED)
+    torch.library.opcheck(ops.topk_phi_decode, (*_decode_args(state, p, config, budget=32), 9))
+    torch.library.opcheck(ops.topk_phi_decode_state,
+                          (*_decode_args(state, p, config, budget=32), 9))

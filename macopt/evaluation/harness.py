@@ -307,38 +307,62 @@ class _Cache:
 
 
 def topk_keys_read(config: TopKPhiConfig, prefill: int, position: int, n_keys: int,
-                   head_dim: int, itemsize: int) -> float:
+                   head_dim: int, itemsize: int, reads_summary: bool | None = None) -> float:
     """Key rows (K and V) a Top-K (+ phi) decode step at ``position`` reads per KV head,
     counting what its selection and completion read as key-row equivalents: the exact keys
-    (sinks, tail, the budget rounded up to whole pages for the page selector, the generated
-    keys), the page bounds (two K-only rows per page of the middle: one key row per page) or,
-    for the exact selector, every middle key's K row (half a key row each), and the summary
-    (:func:`macopt.topk_phi_ops.summary_token_equivalent`) when the completion is on.
-    At most ``position + 1`` exact keys are read."""
+    (sinks, tail, the retrieved keys, the generated keys), the page bounds (two K-only rows per
+    page of the middle: one key row per page) or, for the exact selector, every middle key's K
+    row (half a key row each), and the summary
+    (:func:`macopt.topk_phi_ops.summary_token_equivalent`) when the KV group reads it
+    (``reads_summary``: any of its heads has completion on; None: ``config.completion``).
+    Retrieved: the budget (rounded up to whole pages for the page selector), less the
+    summary's whole tokens for a summary-reading group under ``summary_in_budget``
+    (:func:`macopt.topk_phi_ops.retrieved_tokens`). At most ``position + 1`` exact keys."""
+    from macopt.topk_phi_ops import retrieved_tokens, summary_budget_tokens
+
+    reads_summary = config.completion if reads_summary is None else reads_summary
     middle = max(prefill - config.sinks - config.tail, 0)
-    budget = config.budget_tokens(n_keys)
-    if config.selector == "page":
-        budget = -(-budget // config.page_size) * config.page_size
+    given_up = 0
+    if config.summary_in_budget and reads_summary:
+        given_up = summary_budget_tokens(head_dim, config.d_phi or head_dim, itemsize)
+    page = config.page_size if config.selector == "page" else None
+    budget = retrieved_tokens(config.budget_tokens(n_keys), given_up, page)
     exact = min(position + 1, config.sinks + config.tail + min(budget, middle)
                 + position + 1 - prefill)
-    return exact + topk_lookup_rows(config, middle, head_dim, itemsize)
+    return exact + topk_lookup_rows(config, middle, head_dim, itemsize, reads_summary)
 
 
-def topk_lookup_rows(config: TopKPhiConfig, middle: int, head_dim: int, itemsize: int) -> float:
+def topk_lookup_rows(config: TopKPhiConfig, middle: int, head_dim: int, itemsize: int,
+                     reads_summary: bool | None = None) -> float:
     """Key-row equivalents (K and V) a Top-K (+ phi) step reads per KV head besides the keys it
     attends, over a prompt middle of ``middle`` keys: the page bounds (two K-only rows per page:
     one key row) or, for the exact selector, every middle key's K row (half a key row each),
-    and the summary (:func:`macopt.topk_phi_ops.summary_token_equivalent`) when the completion
-    is on."""
+    and the summary (:func:`macopt.topk_phi_ops.summary_token_equivalent`) when the group
+    reads it (``reads_summary``; None: ``config.completion``)."""
     from macopt.topk_phi_ops import summary_token_equivalent
 
+    reads_summary = config.completion if reads_summary is None else reads_summary
     if config.selector == "page":
         selection = -(-middle // config.page_size)
     else:
         selection = middle / 2
     d_phi = config.d_phi or head_dim
-    summary = summary_token_equivalent(head_dim, d_phi, itemsize) if config.completion else 0
+    summary = summary_token_equivalent(head_dim, d_phi, itemsize) if reads_summary else 0
     return selection + summary
+
+
+def summary_groups(config: TopKPhiConfig, layer: int, n_q_heads: int, n_kv_heads: int
+                   ) -> list[bool]:
+    """Per KV head of ``layer``: whether its group reads the summary (any head completes).
+
+    >>> summary_groups(TopKPhiConfig(completion_overrides={1: {0: False}}), 1, 4, 2)
+    [True, True]
+    >>> summary_groups(TopKPhiConfig(completion_overrides={1: {0: False, 1: False}}), 1, 4, 2)
+    [False, True]
+    """
+    flags = config.completion_for(layer, n_q_heads)
+    group = n_q_heads // n_kv_heads
+    return [any(flags[g * group:(g + 1) * group]) for g in range(n_kv_heads)]
 
 
 class _KeyMeter:
@@ -393,13 +417,20 @@ class _KeyMeter:
             return
         if position < self.t_min:
             return
-        per_head = position + 1
+        read = (position + 1) * self.kv_heads * self.layers
         if isinstance(self.config, TopKPhiConfig) and self.prefill:
-            per_head = topk_keys_read(self.config, self.prefill, position, self.n_keys,
-                                      self.head_dim, self.itemsize)
-        self.read += per_head * self.kv_heads * self.layers
+            read = self._topk_read(self.config, position)
+        self.read += read
         self.full += (position + 1) * self.kv_heads * self.layers
         self.steps += 1
+
+    def _topk_read(self, config: TopKPhiConfig, position: int) -> float:
+        """Key rows a Top-K (+ phi) step reads over every layer and KV head, each group
+        counted with or without its summary."""
+        read = {on: topk_keys_read(config, self.prefill, position, self.n_keys, self.head_dim,
+                                   self.itemsize, reads_summary=on) for on in (False, True)}
+        return sum(read[on] for layer in range(self.layers)
+                   for on in summary_groups(config, layer, self.q_heads, self.kv_heads))
 
     def _miss_lookup(self, layer: str) -> float:
         """Key rows a MAC + Top-K + phi miss reads besides its keys (0 for MAC)."""
