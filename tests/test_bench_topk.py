@@ -87,6 +87,14 @@ def test_cli_runs_end_to_end(tmp_path, capsys):
     assert "Top-K + phi" in capsys.readouterr().out
 
 
+def test_cli_summary_in_budget_reaches_the_measured_config():
+    args = cli.build_parser().parse_args(["bench", "topk", "--summary-in-budget"])
+    config = topk.config_from_args(args)
+    assert config.summary_in_budget and config.method(0.02, "page").summary_in_budget
+    plain = topk.config_from_args(cli.build_parser().parse_args(["bench", "topk"]))
+    assert not plain.method(0.02, "page").summary_in_budget
+
+
 @pytest.mark.parametrize("bad", [["--budgets", "0"], ["--budgets", "150%"],
                                  ["--selectors", "quest"], ["--contexts", "4Q"]])
 def test_cli_rejects_bad_arguments(bad):

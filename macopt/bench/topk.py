@@ -57,6 +57,7 @@ class TopKBenchConfig:
     head_dim: int = 128
     d_phi: int = 128
     page_size: int = 32
+    summary_in_budget: bool = False  # TopKPhiConfig's: the budget pays for the summary
     sinks: int = 4
     tail: int = 16
     dtype: torch.dtype = torch.bfloat16
@@ -73,7 +74,8 @@ class TopKBenchConfig:
 
     def method(self, budget: float | int, selector: str) -> TopKPhiConfig:
         return TopKPhiConfig(sinks=self.sinks, tail=self.tail, budget=budget,
-                             page_size=self.page_size, selector=selector, d_phi=self.d_phi)
+                             page_size=self.page_size, selector=selector, d_phi=self.d_phi,
+                             summary_in_budget=self.summary_in_budget)
 
 
 @dataclasses.dataclass
@@ -376,6 +378,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_layer_arguments(parser)
     parser.add_argument("--d-phi", type=int, default=128, help="features per map (default 128)")
     parser.add_argument("--page-size", type=int, default=32, help="selector page (default 32)")
+    parser.add_argument("--summary-in-budget", action="store_true",
+                        help="the budget pays for the summary (TopKPhiConfig.summary_in_budget)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="time eager calls instead of CUDA-graph replays")
     parser.add_argument("--qk-std", type=float, default=1.0,
@@ -390,7 +394,8 @@ def config_from_args(args: argparse.Namespace) -> TopKBenchConfig:
         batches=args.batches, contexts=args.contexts, budgets=args.budgets,
         selectors=args.selectors, q_heads=args.heads, kv_heads=args.kv_heads,
         head_dim=args.head_dim, d_phi=args.d_phi, page_size=args.page_size,
-        dtype=DTYPES[args.dtype], device=args.device, cuda_graphs=args.cuda_graphs,
+        summary_in_budget=args.summary_in_budget, dtype=DTYPES[args.dtype], device=args.device,
+        cuda_graphs=args.cuda_graphs,
         qk_std=args.qk_std, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, seed=args.seed)
 
 
