@@ -37,10 +37,13 @@ Llama, 8 query / 2 KV heads, head dim 128, 8K context):
 6. **Switch** (decided per budget and selector on the switch-decision windows, never on the
    evaluation split). ``switch_head`` (for comparison): completion on for a query head iff
    calibrated Top-K + phi beats Top-K at the same ``K`` there. ``switch_group`` (the verdict's
-   switch): a KV group keeps the summary iff every one of its heads, completion on, beats Top-K
-   at the full matched budget; otherwise all its heads are off and the group retrieves the full
-   ``B``, which is exactly Top-K. Each row's ``switch.config`` in the JSON is the
-   ``TopKPhiConfig`` that deploys it (``summary_in_budget=True`` and ``completion_overrides``).
+   switch): each head's flag as in ``switch_head``, and a KV group keeps the summary iff some
+   head of it is on and no head of it, on its own variant, is worse than Top-K at the full
+   matched budget (an off head inside the group runs Top-K at the group's ``K``: equal to the
+   full budget's only where whole pages make the two ``K`` equal); otherwise all its heads are
+   off and the group retrieves the full ``B``, which is exactly Top-K. Each row's
+   ``switch.config`` in the JSON is the ``TopKPhiConfig`` that deploys it
+   (``summary_in_budget=True`` and ``completion_overrides``).
 
 The evaluation core computes exactly what ``macopt.topk_phi_ops.decode`` computes on CPU (the
 reference), but subtracts the retrieved keys' share from the summary by gathering the ``K``
@@ -402,43 +405,48 @@ class Switch:
 
     def group_overrides(self, group: int) -> dict[int, dict[int, bool]]:
         """``completion_overrides`` deploying the group switch (with ``summary_in_budget``):
-        every head of a group that keeps the summary on, every head of the others off."""
-        return {layer: {h: groups[h // group] for h in range(len(groups) * group)}
-                for layer, groups in enumerate(self.use_summary)}
+        a group that keeps the summary keeps its heads' own flags, every head of the others
+        is off."""
+        return {layer: {h: on and groups[h // group] for h, on in enumerate(heads)}
+                for layer, (heads, groups) in enumerate(zip(self.completion, self.use_summary,
+                                                            strict=True))}
 
 
 def decide_switch(topk: list[list[float]], topk_same_k: list[list[float]],
                   phi: list[list[float]], group: int) -> Switch:
     """Per head: completion on iff Top-K + phi beats Top-K at the same ``K``. Per KV group:
-    the group keeps the summary iff *every* head of it, completion on, beats Top-K at the full
-    matched budget; otherwise all its heads are off and it retrieves the full budget. (Inside
-    a summary-reading group an off head runs Top-K at the smaller ``K``, which never beats the
-    full budget, so "no head worse" needs every head on.) Inputs: per-head calibration errors.
+    the group keeps the summary iff some head of it is on and *no* head of it, on its own
+    variant (Top-K + phi if on, Top-K at the same ``K`` if off), is worse than Top-K at the
+    full matched budget; otherwise all its heads are off and it retrieves the full budget.
+    (Inside a summary-reading group an off head runs Top-K at the group's ``K``: no worse than
+    the full budget only where the two ``K`` are equal, as whole pages often make them.)
+    Inputs: per-head calibration errors.
 
-    >>> switch = decide_switch(topk=[[1.0, 1.0, 1.0, 1.0]], topk_same_k=[[1.1, 1.1, 1.1, 1.1]],
-    ...                        phi=[[0.5, 0.9, 0.5, 1.2]], group=2)
+    >>> switch = decide_switch(topk=[[1.0, 1.0, 1.0, 1.0]], topk_same_k=[[1.0, 1.0, 1.1, 1.1]],
+    ...                        phi=[[0.5, 1.2, 0.5, 1.2]], group=2)
     >>> switch.use_summary, switch.completion
-    ([[True, False]], [[True, True, True, False]])
+    ([[True, False]], [[True, False, True, False]])
     """
     completion = [[p < t for p, t in zip(ps, ts, strict=True)]
                   for ps, ts in zip(phi, topk_same_k, strict=True)]
     use_summary = []
-    for ps, full in zip(phi, topk, strict=True):
-        wins = [p < f for p, f in zip(ps, full, strict=True)]
-        use_summary.append([all(wins[g:g + group]) for g in range(0, len(wins), group)])
+    for on, ps, ts, full in zip(completion, phi, topk_same_k, topk, strict=True):
+        no_worse = [(p if c else t) <= f for c, p, t, f in zip(on, ps, ts, full, strict=True)]
+        use_summary.append([any(on[g:g + group]) and all(no_worse[g:g + group])
+                            for g in range(0, len(on), group)])
     return Switch(completion, use_summary)
 
 
 def switched_errors(switch: Switch, topk: list[list[float]], topk_same_k: list[list[float]],
                     phi: list[list[float]], group: int) -> tuple[list[list[float]], ...]:
     """Per-head errors of ``switch_head`` (flags at the same ``K``) and ``switch_group`` (a
-    group with the summary runs Top-K + phi on every head, one without it Top-K at the full
-    budget)."""
+    group with the summary runs each head's own variant at the group's ``K``, one without it
+    Top-K at the full budget)."""
     per_head = [[p if c else t for c, p, t in zip(on, ps, ts, strict=True)]
                 for on, ps, ts in zip(switch.completion, phi, topk_same_k, strict=True)]
-    per_group = [[p if summary[h // group] else f
-                  for h, (p, f) in enumerate(zip(ps, fs, strict=True))]
-                 for ps, fs, summary in zip(phi, topk, switch.use_summary, strict=True)]
+    per_group = [[e if summary[h // group] else f
+                  for h, (e, f) in enumerate(zip(es, fs, strict=True))]
+                 for es, fs, summary in zip(per_head, topk, switch.use_summary, strict=True)]
     return per_head, per_group
 
 
