@@ -35,7 +35,8 @@ class Patch:
 
     def to_json(self, files: dict[str, str]) -> dict[str, Any]:
         config = self.config.to_dict()
-        config.update(files)  # parameter fields point inside the patched directory
+        for name, relative in files.items():  # parameter fields point inside the patched dir
+            _set_field(config, name, relative)
         overrides = {name: c.to_dict() if c else None for name, c in self.overrides.items()}
         return {"format": FORMAT, "source": self.source, "config": config,
                 "overrides": overrides, "files": files}
@@ -72,19 +73,33 @@ def config_from_json(data: Any, where: str) -> tuple[MethodConfig, dict[str, Met
 
 
 def parameter_files(config: MethodConfig, base: Path | None = None) -> dict[str, Path]:
-    """Fields of ``config`` naming an existing file (calibrated parameters), by field name.
+    """Fields of ``config`` naming an existing file (calibrated parameters), by field name;
+    a nested config's fields by dotted name (``MACTopKPhiConfig``: ``topk_phi.feature_maps``).
 
     Found by value rather than by a per-method list, so a new method's file fields travel
     with a patched model without code here.
     """
     found = {}
-    for name, value in config.to_dict().items():
-        if name == "method" or not isinstance(value, str) or not value:
-            continue
-        path = Path(value) if base is None else base / value
-        if path.is_file():
-            found[name] = path
+
+    def walk(fields: dict[str, Any], prefix: str) -> None:
+        for name, value in fields.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{name}.")
+            elif name != "method" and isinstance(value, str) and value:
+                path = Path(value) if base is None else base / value
+                if path.is_file():
+                    found[prefix + name] = path
+
+    walk(config.to_dict(), "")
     return found
+
+
+def _set_field(fields: dict[str, Any], dotted: str, value: Any) -> None:
+    """``fields["a"]["b"] = value`` for ``dotted`` ``"a.b"`` (a :func:`parameter_files` name)."""
+    *parents, last = dotted.split(".")
+    for name in parents:
+        fields = fields[name]
+    fields[last] = value
 
 
 def read_patch(directory: str | Path) -> Patch:
@@ -100,9 +115,9 @@ def read_patch(directory: str | Path) -> Patch:
     if data.get("format") != FORMAT:
         raise ValueError(f"{path}: format {data.get('format')!r}, this macopt reads format "
                          f"{FORMAT}; rewrite it with `macopt patch`.")
-    body = dict(data["config"])
+    body = json.loads(json.dumps(data["config"]))  # a deep copy: nested fields are set below
     for name, relative in (data.get("files") or {}).items():
-        body[name] = str(directory / relative)
+        _set_field(body, name, str(directory / relative))
     config, overrides = config_from_json({**data, "config": body}, where=str(path))
     return Patch(config, overrides, data.get("source", ""))
 

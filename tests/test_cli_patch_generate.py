@@ -69,6 +69,21 @@ def test_patch_copies_the_parameter_files_the_config_names(llama_dir, tmp_path):
     assert read_patch(out).config == macopt.TopKPhiConfig(feature_maps=str(stored))
 
 
+def test_patch_copies_a_nested_configs_parameter_files(llama_dir, tmp_path):
+    maps = tmp_path / "phi.safetensors"
+    maps.write_bytes(b"calibrated maps")
+    composed = macopt.MACTopKPhiConfig(mac=macopt.MACConfig(),
+                                       topk_phi=macopt.TopKPhiConfig(feature_maps=str(maps)))
+    out = tmp_path / "patched"
+    assert _patch(llama_dir, _config_file(tmp_path, composed.to_dict()), out) == 0
+    stored = out / "phi.safetensors"
+    assert stored.read_bytes() == b"calibrated maps"
+    data = json.loads((out / PATCH_FILE).read_text())
+    assert data["files"] == {"topk_phi.feature_maps": "phi.safetensors"}
+    assert data["config"]["topk_phi"]["feature_maps"] == "phi.safetensors"
+    assert read_patch(out).config.topk_phi.feature_maps == str(stored)
+
+
 def test_patch_of_a_config_only_directory_saves_random_weights(tmp_path):
     source = tmp_path / "config-only"
     ZOO["qwen3"].build().config.save_pretrained(source)
