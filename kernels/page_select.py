@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from macopt.kernels.topk_phi_reference import GroupCounts
+
 Tensor = torch.Tensor
 
 # Every output and workspace buffer comes from here; tests swap in a sentinel-filling allocator
@@ -60,7 +62,8 @@ def _select_page_tokens_kernel(
     n_pages, group, n_keep,
     PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_T: tl.constexpr, skip_ptr=None, HAS_SKIP: tl.constexpr = False,
-    counts_ptr=None, HAS_COUNTS: tl.constexpr = False,
+    completion_ptr=None, keep_with_summary=0, keep_plain=0, n_kv_heads=1,
+    HAS_COUNTS: tl.constexpr = False,
 ):
     # One program per (row, KV head): the group's [g, n_pages] scores are read twice in
     # [BLOCK_G, BLOCK_P] tiles, then the row's int32 keys (a few KB, cache resident) 33 times.
@@ -76,8 +79,11 @@ def _select_page_tokens_kernel(
     if HAS_SKIP:  # a skipped group ranks no page and writes tokens -1 (ignored downstream)
         skipped = tl.load(skip_ptr + kv_pid) != 0
         n_pages = tl.where(skipped, 0, n_pages)
-    if HAS_COUNTS:  # this group's own page count (<= n_keep); its slots past it get -1
-        n_keep = tl.minimum(tl.maximum(tl.load(counts_ptr + kv_pid), 0), n_keep)
+    if HAS_COUNTS:  # this group's own page count (<= n_keep; GroupCounts): slots past it -1
+        flags = tl.load(completion_ptr + (kv_pid % n_kv_heads) * group + tl.arange(0, BLOCK_G),
+                        mask=tl.arange(0, BLOCK_G) < group, other=0)
+        own = tl.where(tl.max(flags.to(tl.int32), axis=0) > 0, keep_with_summary, keep_plain)
+        n_keep = tl.minimum(tl.maximum(own, 0), n_keep)
 
     # Elementwise max across tiles, one reduction after the loop (a reduction accumulated
     # inside the loop and read twice after it crashes Triton 3.6's thread-locality pass).
@@ -152,7 +158,7 @@ def _select_page_tokens_kernel(
 
 
 def select_page_tokens(scores: Tensor, n_kv_heads: int, n_selected: int, page_size: int,
-                       skip: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
+                       skip: Tensor | None = None, counts: GroupCounts | None = None) -> Tensor:
     """Token indices of the best pages per KV head, ascending:
     ``[B, Hkv, min(n_selected, n_pages) * page_size]`` int32.
 
@@ -161,9 +167,9 @@ def select_page_tokens(scores: Tensor, n_kv_heads: int, n_selected: int, page_si
     :func:`macopt.kernels.topk_phi_reference.select_pages` (each head shifted by its best page,
     then the group max); ties at the K-th score go to the lowest page indices. One launch, no
     host sync. ``skip[B, Hkv]`` (uint8 or bool, optional): groups that rank nothing and get
-    tokens -1. ``counts[B, Hkv]`` (int32, optional): pages each group keeps, its best ones
-    (at most ``min(n_selected, n_pages)``: the width stays), ascending, then -1 in the slots
-    past them.
+    tokens -1. ``counts`` (:class:`GroupCounts`, optional): pages each group keeps, its best
+    ones (at most ``min(n_selected, n_pages)``: the width stays), ascending, then -1 in the
+    slots past them.
 
     >>> tokens = select_page_tokens(scores, n_kv_heads=8, n_selected=80, page_size=32)
     """
@@ -189,7 +195,17 @@ def select_page_tokens(scores: Tensor, n_kv_heads: int, n_selected: int, page_si
         BLOCK_T=min(_MAX_BLOCK_T, triton.next_power_of_2(n_keep * page_size)), num_warps=8,
         **({"HAS_SKIP": False} if skip is None else
            {"skip_ptr": skip.contiguous().view(torch.uint8), "HAS_SKIP": True}),
-        **({"HAS_COUNTS": False} if counts is None else
-           {"counts_ptr": counts.to(torch.int32).contiguous(), "HAS_COUNTS": True}),
+        **({"HAS_COUNTS": False} if counts is None else _count_args(counts, n_q_heads,
+                                                                      n_kv_heads)),
     )
     return tokens
+
+
+def _count_args(counts: GroupCounts, n_q_heads: int, n_kv_heads: int) -> dict:
+    completion = counts.completion
+    if completion.shape != (n_q_heads,) or completion.dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"counts.completion: expected a bool or uint8 [{n_q_heads}] tensor, got "
+                         f"{completion.dtype} {tuple(completion.shape)}")
+    return {"completion_ptr": completion.contiguous().view(torch.uint8),
+            "keep_with_summary": counts.with_summary, "keep_plain": counts.plain,
+            "n_kv_heads": n_kv_heads, "HAS_COUNTS": True}

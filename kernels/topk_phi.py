@@ -41,7 +41,7 @@ import triton.language as tl
 from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
 from macopt.kernels.feature_maps import FoldedFeatureMap
 from macopt.kernels.page_select import select_page_tokens
-from macopt.kernels.topk_phi_reference import PageBounds, PhiSummary
+from macopt.kernels.topk_phi_reference import GroupCounts, PageBounds, PhiSummary
 
 Tensor = torch.Tensor
 
@@ -715,7 +715,7 @@ def _skip_args(skip: Tensor | None, batch: int, n_kv_heads: int) -> dict:
 
 def select_pages(q: Tensor, bounds: PageBounds, mid_start: Tensor, mid_end: Tensor,
                  page_size: int, scale: float, n_selected: int,
-                 skip: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
+                 skip: Tensor | None = None, counts: GroupCounts | None = None) -> Tensor:
     """Token indices ``[B, Hkv, min(n_selected, n_pages) * page_size]`` int32 of the best pages
     per KV head (see :func:`macopt.kernels.topk_phi_reference.select_pages`), ascending.
 
@@ -723,8 +723,9 @@ def select_pages(q: Tensor, bounds: PageBounds, mid_start: Tensor, mid_end: Tens
     the decode kernel. Two launches, no host sync: the page scores, then
     :func:`macopt.kernels.page_select.select_page_tokens` (on a tie at the K-th group score,
     the lowest page indices are kept). ``skip[B, Hkv]`` (optional): groups that read no bounds
-    and select nothing (their tokens are -1, which the decode kernels ignore). ``counts[B,
-    Hkv]`` int32 (optional): pages each group keeps (at most ``n_selected``); the rest -1.
+    and select nothing (their tokens are -1, which the decode kernels ignore). ``counts``
+    (:class:`~macopt.kernels.topk_phi_reference.GroupCounts`, optional): pages each group keeps (at
+    most ``n_selected``); the rest -1.
     """
     scores = page_scores(q, bounds, mid_start, mid_end, page_size, scale, skip=skip)
     return select_page_tokens(scores, bounds.kmin.shape[1], n_selected, page_size, skip=skip,

@@ -61,6 +61,27 @@ class PageBounds(NamedTuple):
     kmax: Tensor
 
 
+class GroupCounts(NamedTuple):
+    """How many pages (or tokens) each KV group keeps, in the form the Top-K + phi summary
+    switch gives them: ``with_summary`` for a group any of whose query heads has completion on
+    (``completion[Hq]``, bool or uint8; query head ``h`` is in group ``h // g``), ``plain`` for
+    a group whose heads are all off. The page-select kernel reads it as is (no per-step torch
+    launches); :meth:`tensor` spells it out for the reference and the exact selectors.
+
+    >>> GroupCounts(torch.tensor([True, False, False, False]), 2, 3).tensor(2).tolist()
+    [2, 3]
+    """
+
+    completion: Tensor
+    with_summary: int
+    plain: int
+
+    def tensor(self, n_kv_heads: int) -> Tensor:
+        """``[Hkv]`` int32 counts."""
+        reads_summary = self.completion.bool().view(n_kv_heads, -1).any(dim=-1)
+        return torch.where(reads_summary, self.with_summary, self.plain).to(torch.int32)
+
+
 def mid_range(starts: Tensor, prefill_ends: Tensor, n_sink: int, n_tail: int
               ) -> tuple[Tensor, Tensor]:
     """``(mid_start, mid_end)`` per row; the region is empty when the prompt is too short."""

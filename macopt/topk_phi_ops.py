@@ -37,6 +37,7 @@ import torch
 from macopt.config import SELECTORS, TopKPhiConfig
 from macopt.kernels import topk_phi_reference as ref
 from macopt.kernels.feature_maps import FeatureMaps, FoldedFeatureMap, log_features
+from macopt.kernels.topk_phi_reference import GroupCounts
 from macopt.ops import _use_triton
 from macopt.validation import check_decode_inputs
 
@@ -302,9 +303,8 @@ def decode_impl(
         log_phi_q = log_features(q, folded_q)
     counts = None
     if summary_tokens:
-        counts = group_counts(completion, k.shape[1], budget, summary_tokens,
-                              page_size if selector == "page" else None)
-        counts = counts.expand(q.shape[0], -1)
+        counts = summary_counts(completion, budget, summary_tokens,
+                                page_size if selector == "page" else None)
     selected = select(q, k, scale, mid_start, mid_end, kmin, kmax, budget, page_size, selector,
                       triton_path, skip, counts)
     if triton_path:
@@ -323,44 +323,52 @@ def decode_impl(
 # --- selection -------------------------------------------------------------------------------
 
 
+def summary_counts(completion: Tensor, budget: int, summary_tokens: int,
+                   page_size: int | None) -> GroupCounts:
+    """What each KV group retrieves when the budget pays for the summary, tokens (``page_size``
+    None) or pages: a group reads the summary iff any of its query heads has completion on; it
+    then retrieves :func:`retrieved_tokens` of ``budget - summary_tokens``, otherwise of the
+    full ``budget``. Symbolic (the flags and two counts): the page selector's kernel reads it
+    as is, so a step adds no launch for it."""
+    per = (lambda n: n) if page_size is None else (lambda n: _n_pages(n, page_size))
+    return GroupCounts(completion, per(retrieved_tokens(budget, summary_tokens, None)),
+                       per(budget))
+
+
 def group_counts(completion: Tensor, n_kv_heads: int, budget: int, summary_tokens: int,
                  page_size: int | None) -> Tensor:
-    """What each KV group retrieves when the budget pays for the summary: ``[Hkv]`` int32,
-    tokens (``page_size`` None) or pages. A group reads the summary iff any of its query heads
-    has completion on; it then retrieves :func:`retrieved_tokens` of ``budget -
-    summary_tokens``, otherwise of the full ``budget``. Device ops only: no host sync, and the
-    result keeps its address pattern under CUDA graphs (``completion`` is state).
+    """:func:`summary_counts` as ``[Hkv]`` int32.
 
     >>> group_counts(torch.tensor([True, False, False, False]), 2, 40, 17, None).tolist()
     [23, 40]
     >>> group_counts(torch.tensor([True, False, False, False]), 2, 40, 17, 16).tolist()
     [2, 3]
     """
-    reads_summary = completion.bool().view(n_kv_heads, -1).any(dim=-1)
-    per = (lambda n: n) if page_size is None else (lambda n: _n_pages(n, page_size))
-    with_summary, without = per(retrieved_tokens(budget, summary_tokens, None)), per(budget)
-    return torch.where(reads_summary, with_summary, without).to(torch.int32)
+    return summary_counts(completion, budget, summary_tokens, page_size).tensor(n_kv_heads)
 
 
 def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
            kmin: Tensor | None, kmax: Tensor | None, budget: int, page_size: int,
            selector: str, triton_path: bool, skip: Tensor | None = None,
-           counts: Tensor | None = None) -> Tensor:
+           counts: GroupCounts | None = None) -> Tensor:
     """Token indices ``[B, Hkv, K']`` to retrieve (per KV head; entries outside the middle
     region are ignored by the decode kernels). All on the device: no host sync. ``skip``: see
     :func:`decode_impl` (the Triton page selector ranks nothing for those groups).
-    ``counts[B, Hkv]`` int32 (optional, :func:`group_counts`): each group keeps only its best
-    ``counts`` tokens (pages for the page selector); the rest of its row is -1, so ``K'`` is
+    ``counts`` (optional, :func:`summary_counts`): each group keeps only its best tokens
+    (pages for the page selector) up to its count; the rest of its row is -1, so ``K'`` is
     the same as without counts."""
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    if selector == "page" and triton_path:
+        from macopt.kernels import topk_phi
+
+        return topk_phi.select_pages(q, ref.PageBounds(kmin, kmax), mid_start, mid_end,
+                                     page_size, scale, _n_pages(budget, page_size), skip=skip,
+                                     counts=counts)
+    if counts is not None:  # the torch paths take them spelled out, per row
+        counts = counts.tensor(n_kv_heads).expand(q.shape[0], -1)
     if selector == "page":
         n_selected = _n_pages(budget, page_size)
         bounds = ref.PageBounds(kmin, kmax)
-        if triton_path:
-            from macopt.kernels import topk_phi
-
-            return topk_phi.select_pages(q, bounds, mid_start, mid_end, page_size, scale,
-                                         n_selected, skip=skip, counts=counts)
         scores = ref.page_scores(q, bounds, mid_start, mid_end, page_size, scale)
         return ref.pages_to_tokens(ref.select_pages(scores, n_kv_heads, n_selected, counts),
                                    page_size)
@@ -375,7 +383,7 @@ def exact_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_e
     """:func:`~macopt.kernels.topk_phi_reference.exact_topk` (per KV head) without an fp32
     copy of the keys: scores come from one matmul in ``k.dtype`` (fp32 accumulation), so
     near-ties may rank differently than in fp32. Reads every key: the paper's oracle.
-    ``counts``: see :func:`select`."""
+    ``counts[B, Hkv]`` int32 (optional): tokens each group keeps (see :func:`select`)."""
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     grouped = q.view(batch, n_kv_heads, n_q_heads // n_kv_heads, head_dim)
@@ -535,5 +543,5 @@ def retrieved_tokens(budget: int, summary_tokens: int, page_size: int | None) ->
 
 __all__ = ["TopKPhiState", "budget_summary_tokens", "decode", "decode_impl",
            "exact_selection", "group_counts", "prefill", "retrieved_tokens", "select",
-           "summary_budget_tokens", "summary_token_equivalent", "topk_phi_decode",
-           "topk_phi_decode_state", "topk_phi_prefill"]
+           "summary_budget_tokens", "summary_counts", "summary_token_equivalent",
+           "topk_phi_decode", "topk_phi_decode_state", "topk_phi_prefill"]

@@ -187,24 +187,39 @@ def test_scores_other_than_float32_are_refused():
 @pytest.mark.parametrize("group", [1, 4])
 def test_per_group_counts_keep_each_groups_best_pages_and_pad_with_minus_one(group):
     scores = random_scores(2, 3 * group, 37, seed=7 + group, mid_pages=[(0, 37), (5, 30)])
-    counts = torch.tensor([[12, 0, 5], [3, 12, 40]], dtype=torch.int32, device=DEVICE)
-    with small_blocks(8):
-        tokens = page_select.select_page_tokens(scores, 3, 12, page_size=4, counts=counts)
-        plain = page_select.select_page_tokens(scores, 3, 12, page_size=4)
-    pages = ref.select_pages(scores.cpu(), n_kv_heads=3, n_selected=12, counts=counts.cpu())
-    # The kernel writes its pages first, the reference sorts its -1s first: same sets.
-    expected = ref.pages_to_tokens(pages, 4).sort(dim=-1).values
-    assert torch.equal(tokens.cpu().sort(dim=-1).values, expected)
-    assert tokens.shape == plain.shape  # the width stays; only the contents change
-    kept = (tokens >= 0).sum(dim=-1) // 4
-    assert kept.tolist() == [[12, 0, 5], [3, 12, 12]]  # a count past the width keeps it all
-    assert torch.all(tokens[tokens < 0] == -1)
-    assert torch.equal(tokens[0, 0], plain[0, 0])  # a full count is the plain selection
+    plain = page_select.select_page_tokens(scores, 3, 12, page_size=4)
+    # Groups 0 and 2 read the summary (some head on), group 1 does not; counts of 0, of
+    # part of the width and past the width.
+    on = torch.tensor([True, False, False], device=DEVICE).repeat_interleave(group)
+    on[-1] = True
+    for with_summary, without in ((5, 40), (0, 12), (12, 3)):
+        counts = ref.GroupCounts(on, with_summary, without)
+        with small_blocks(8):
+            tokens = page_select.select_page_tokens(scores, 3, 12, page_size=4, counts=counts)
+        per_row = counts.tensor(3).cpu().expand(2, -1)
+        pages = ref.select_pages(scores.cpu(), n_kv_heads=3, n_selected=12, counts=per_row)
+        # The kernel writes its pages first, the reference sorts its -1s first: same sets.
+        expected = ref.pages_to_tokens(pages, 4).sort(dim=-1).values
+        assert torch.equal(tokens.cpu().sort(dim=-1).values, expected)
+        assert tokens.shape == plain.shape  # the width stays; only the contents change
+        kept = (tokens >= 0).sum(dim=-1) // 4
+        want = [min(with_summary, 12), min(without, 12), min(with_summary, 12)]
+        assert kept.tolist() == [want, want]  # a count past the width keeps it all
+        assert torch.all(tokens[tokens < 0] == -1)
+        if without >= 12:
+            assert torch.equal(tokens[:, 1], plain[:, 1])  # a full count is the plain selection
+
+
+def test_per_group_counts_refuse_flags_of_the_wrong_shape():
+    scores = random_scores(1, 4, 9, seed=2)
+    counts = ref.GroupCounts(torch.ones(3, dtype=torch.bool, device=DEVICE), 1, 2)
+    with pytest.raises(ValueError, match="completion"):
+        page_select.select_page_tokens(scores, 2, 3, page_size=2, counts=counts)
 
 
 def test_per_group_counts_with_skipped_groups_select_nothing_there():
     scores = random_scores(1, 4, 9, seed=2)
-    counts = torch.tensor([[2, 2]], dtype=torch.int32, device=DEVICE)
+    counts = ref.GroupCounts(torch.ones(4, dtype=torch.bool, device=DEVICE), 2, 2)
     skip = torch.tensor([[0, 1]], dtype=torch.uint8, device=DEVICE)
     tokens = page_select.select_page_tokens(scores, 2, 3, page_size=2, skip=skip, counts=counts)
     assert torch.all(tokens[0, 1] == -1)

@@ -17,6 +17,7 @@ from macopt.topk_phi_ops import (
     prefill,
     select,
     summary_budget_tokens,
+    summary_counts,
 )
 
 ops = torch.ops.macopt
@@ -267,7 +268,9 @@ def test_summary_in_budget_keeps_the_selection_width_and_pads_with_minus_one(sel
     assert counts.tolist() == ([2, 3] if selector == "page" else [31, 40])
     args = (p.q, p.k, p.scale, p.mid_start, p.mid_end, state.kmin, state.kmax, 40, 16,
             selector, False)
-    plain, counted = select(*args), select(*args, counts=counts.expand(2, -1))
+    symbolic = summary_counts(state.completion, 40, 9, 16 if selector == "page" else None)
+    assert torch.equal(symbolic.tensor(2), counts)
+    plain, counted = select(*args), select(*args, counts=symbolic)
     assert counted.shape == plain.shape  # static shapes: only the contents change
     kept = (counted >= 0).sum(dim=-1)
     per_group = [2 * 16, 3 * 16] if selector == "page" else [31, 40]
