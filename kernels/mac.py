@@ -50,6 +50,7 @@ hit needs no Top-K + phi state): :func:`match_candidates` runs the match launch 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -72,6 +73,25 @@ _INT32_MAX = tl.constexpr(2**31 - 1)  # a jit function may read a global only as
 _MATCH_BLOCK_M = 64  # ring slots per tile: 16 KB of bf16 queries at D = 128
 
 
+@dataclasses.dataclass
+class StepTuning:
+    """Launch choices of the step that only change its speed (``macopt.bench.mac_variants``
+    sweeps them; the defaults are the measured best, BENCHMARKS.md section 2g)."""
+
+    one_loop: bool = False  # prefix and tail states in one K/V loop (_attend_split)
+    pdl: bool = False  # programmatic dependent launch, match -> attention -> finalize (sm_90+)
+    finalize_block_s: int = 8  # item states merged a pass by the finalize
+    finalize_warps: int = 4
+
+
+TUNING = StepTuning()
+
+
+def _use_pdl(device: torch.device) -> bool:
+    return (TUNING.pdl and device.type == "cuda" and not _interpreting()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 @triton.jit
 def _match_kernel(
     q_pre_ptr, ring_q_ptr, ring_pos_ptr, ring_lse_ptr, ring_depth_ptr, t_ptr, s0_ptr,
@@ -80,8 +100,10 @@ def _match_kernel(
     stride_qb, stride_qh, stride_qd,
     stride_rb, stride_rh, stride_rm, stride_rd,
     stride_pb, stride_ph, stride_pm,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # the attention launch may start now; it waits for this grid's results
+        tl.extra.cuda.gdc_launch_dependents()
     # A program owns one (row, query head) and a run of ring slots, read as [BLOCK_M, D] tiles;
     # it keeps the nearest valid entry (fp32 squared L2, ties: the older) as its candidate, and
     # whether that entry may be reused (finite lse, depth below the bound), so that deciding a
@@ -101,33 +123,40 @@ def _match_kernel(
     ring_q = ring_q_ptr + batch * stride_rb + head * stride_rh
     ring_pos = ring_pos_ptr + batch * stride_pb + head * stride_ph
 
+    # One round trip a tile: every slot's position, query, lse and depth are loaded together
+    # (an invalid slot's values are read and ignored), so no load waits on another's result.
+    ring_meta = batch * stride_pb + head * stride_ph
     best_d = tl.min(tl.full([BLOCK_M], float("inf"), tl.float32), axis=0)
     best_pos = tl.min(tl.full([BLOCK_M], -1, tl.int32), axis=0)
+    best_usable = best_pos > 0  # False
     first = part * slots_per_program
     last = tl.minimum(first + slots_per_program, ring_size)
     last = tl.where(t - s0 >= t_min, last, first)  # a row below t_min cannot hit: read nothing
     for tile_start in range(first, last, BLOCK_M):
         slots = tile_start + tl.arange(0, BLOCK_M)
-        pos = tl.load(ring_pos + slots * stride_pm, mask=slots < last, other=-1)
-        valid = (pos >= lowest) & (pos < t) & (slots < last)
+        in_run = slots < last
+        pos = tl.load(ring_pos + slots * stride_pm, mask=in_run, other=-1)
         x = tl.load(ring_q + slots[:, None] * stride_rm + dims[None, :] * stride_rd,
-                    mask=valid[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+                    mask=in_run[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+        lse = tl.load(ring_lse_ptr + ring_meta + slots * stride_pm, mask=in_run,
+                      other=float("-inf"))
+        depth = tl.load(ring_depth_ptr + ring_meta + slots * stride_pm, mask=in_run, other=0)
+        valid = (pos >= lowest) & (pos < t) & in_run
         diff = x - q[None, :]
         dist = tl.where(valid, tl.sum(diff * diff, axis=1), float("inf"))
         tile_d = tl.min(dist, axis=0)
         tile_pos = tl.min(tl.where(valid & (dist == tile_d), pos, _INT32_MAX), axis=0)
+        # Valid positions are distinct, so the tile's choice is one slot: its reusability.
+        usable = (lse > float("-inf")) & (lse < float("inf")) & (depth < max_depth)
+        tile_usable = tl.max(tl.where(valid & (pos == tile_pos), usable, False).to(tl.int32),
+                             axis=0) != 0
         better = (tile_d < best_d) | ((tile_d == best_d) & (tile_pos < best_pos))
         better = better & (tile_pos != _INT32_MAX)
         best_pos = tl.where(better, tile_pos, best_pos)
         best_d = tl.where(better, tile_d, best_d)
+        best_usable = tl.where(better, tile_usable, best_usable)
 
-    found = best_pos >= 0
-    entry = tl.where(found, best_pos, 0) % ring_size * stride_pm
-    lse = tl.load(ring_lse_ptr + batch * stride_pb + head * stride_ph + entry, mask=found,
-                  other=float("-inf"))
-    depth = tl.load(ring_depth_ptr + batch * stride_pb + head * stride_ph + entry, mask=found,
-                    other=0)
-    usable = found & (lse > float("-inf")) & (lse < float("inf")) & (depth < max_depth)
+    usable = (best_pos >= 0) & best_usable
 
     out = bh * tl.num_programs(1) + part  # candidates are contiguous [B * Hq, R]
     tl.store(cand_d_ptr + out, best_d)
@@ -171,7 +200,9 @@ def _find_item(
     BLOCK_GP: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """The work plan of this step, computed alike by every program: (group, first item of the
-    group, items of the group, keys per item) for work item ``item``; group -1 if none.
+    group, items of the group, keys per item) for work item ``item``, group -1 if none; then
+    that group's per-member ``[BLOCK_GP]`` (hit, slot of j*, first prefix key) and its row's
+    ``t, s0`` (zeros where there is no group).
 
     Every group's range ``[U_g, t_g]`` comes from every head's decision. The step's keys
     ``W = sum_g (t_g + 1 - U_g)`` are cut into items of ``C = ceil(W / target_items)`` keys
@@ -191,9 +222,9 @@ def _find_item(
     flat_ok = tl.reshape(head_ok, (BLOCK_GROUPS * BLOCK_GP,))
     flat_t = tl.reshape(t[:, None] + members[None, :] * 0, (BLOCK_GROUPS * BLOCK_GP,))
     flat_s0 = tl.reshape(s0[:, None] + members[None, :] * 0, (BLOCK_GROUPS * BLOCK_GP,))
-    _, _, start = _decide(cand_d_ptr, cand_pos_ptr, cand_ok_ptr, flat, flat_ok, flat_t, flat_s0,
-                          n_candidates, ring_size, offset, sinks, radius2, t_min, STREAM_MISSES,
-                          BLOCK_R)
+    hit, slot, start = _decide(cand_d_ptr, cand_pos_ptr, cand_ok_ptr, flat, flat_ok, flat_t,
+                               flat_s0, n_candidates, ring_size, offset, sinks, radius2, t_min,
+                               STREAM_MISSES, BLOCK_R)
     start = tl.reshape(start, (BLOCK_GROUPS, BLOCK_GP))
     union = tl.minimum(tl.min(tl.where(head_ok, start, e_t[:, None]), axis=1), e_t)
     length = tl.where(group_ok, t + 1 - union, 0)
@@ -205,7 +236,15 @@ def _find_item(
     owner = tl.max(tl.where(mine, groups, -1), axis=0)
     first = tl.sum(tl.where(mine, after - items, 0), axis=0)
     count = tl.sum(tl.where(mine, items, 0), axis=0)
-    return owner, first, count, keys_per_item
+    # The owner's own values, picked from the plan's (no second round of loads).
+    owned = mine[:, None] & head_ok
+    hit = tl.max(tl.where(owned, tl.reshape(hit.to(tl.int32), (BLOCK_GROUPS, BLOCK_GP)), 0),
+                 axis=0) != 0
+    slot = tl.sum(tl.where(owned, tl.reshape(slot, (BLOCK_GROUPS, BLOCK_GP)), 0), axis=0)
+    start = tl.sum(tl.where(owned, start, 0), axis=0)
+    own_t = tl.sum(tl.where(mine, t, 0), axis=0)
+    own_s0 = tl.sum(tl.where(mine, s0, 0), axis=0)
+    return owner, first, count, keys_per_item, hit, slot, start, own_t, own_s0
 
 
 @triton.jit
@@ -227,6 +266,39 @@ def _attend_blocks(
         running_max, running_sum, acc = online_softmax_update(
             q, k, v, attend, running_max, running_sum, acc, qk_scale_log2, DOT_PRECISION)
     return running_max, running_sum, acc
+
+
+@triton.jit
+def _attend_split(
+    q, k_base, v_base, lo, hi, e_t, row_start, p_max, p_sum, p_acc, t_max, t_sum, t_acc,
+    qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Keys ``[lo, hi)`` in one loop: a block before ``e_t`` goes to the prefix state (row r
+    from ``row_start[r]`` on), one from ``e_t`` on to the tail state, the one block that
+    straddles ``e_t`` to both. Same states as two :func:`_attend_blocks` loops, but the K/V
+    pipeline is filled once (the group's last item would otherwise refill it at ``e_t``)."""
+    for block_start in range(lo, hi, BLOCK_N):
+        keys = block_start + tl.arange(0, BLOCK_N)
+        key_ok = keys < hi
+        tile_ok = key_ok[:, None] & dim_ok[None, :]
+        k, v = load_kv_tile(k_base, v_base, keys.to(tl.int64), tile_ok, dims, stride_kn,
+                            stride_kd, stride_vn, stride_vd, UPCAST)
+        prefix = key_ok[None, :] & (keys[None, :] >= row_start[:, None]) \
+            & (keys[None, :] < e_t)
+        if block_start + BLOCK_N <= e_t:
+            p_max, p_sum, p_acc = online_softmax_update(
+                q, k, v, prefix, p_max, p_sum, p_acc, qk_scale_log2, DOT_PRECISION)
+        elif block_start >= e_t:
+            t_max, t_sum, t_acc = online_softmax_update(
+                q, k, v, key_ok[None, :], t_max, t_sum, t_acc, qk_scale_log2, DOT_PRECISION)
+        else:
+            p_max, p_sum, p_acc = online_softmax_update(
+                q, k, v, prefix, p_max, p_sum, p_acc, qk_scale_log2, DOT_PRECISION)
+            t_max, t_sum, t_acc = online_softmax_update(
+                q, k, v, key_ok[None, :] & (keys[None, :] >= e_t), t_max, t_sum, t_acc,
+                qk_scale_log2, DOT_PRECISION)
+    return p_max, p_sum, p_acc, t_max, t_sum, t_acc
 
 
 @triton.jit
@@ -259,16 +331,20 @@ def _attention_kernel(
     stride_db, stride_dh,
     STREAM_MISSES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_GROUPS: tl.constexpr, BLOCK_GP: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr, BLOCK_GP: tl.constexpr, ONE_LOOP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # A program owns one work item of the plan (_find_item): a run of at most C keys of one
     # (row, KV head) group's range [U, t], read once in [BLOCK_N, D] blocks; the group's query
     # heads are the rows of one [BLOCK_G, D] tile, each masking its own prefix start.
     item = tl.program_id(0)
-    kv_pid, first_item, n_items, keys_per_item = _find_item(
-        cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, item, n_groups, n_kv_heads, group,
-        n_candidates, ring_size, offset, sinks, radius2, t_min, target_items, STREAM_MISSES,
-        BLOCK_N, BLOCK_GROUPS, BLOCK_GP, BLOCK_R)
+    if PDL:  # launched while the match runs: its candidates are read below
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    kv_pid, first_item, n_items, keys_per_item, member_hit, member_slot, member_start, t, s0 = \
+        _find_item(cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, item, n_groups,
+                   n_kv_heads, group, n_candidates, ring_size, offset, sinks, radius2, t_min,
+                   target_items, STREAM_MISSES, BLOCK_N, BLOCK_GROUPS, BLOCK_GP, BLOCK_R)
     has_item = kv_pid >= 0  # the plan has fewer items than the grid has programs
     rows = tl.arange(0, BLOCK_G)
     # (A scalar bool from a reduction broadcast into a mask trips Triton's interpreter.)
@@ -280,13 +356,12 @@ def _attention_kernel(
     heads = kv_head * group + rows
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
-    t = tl.load(t_ptr + batch)
-    s0 = tl.load(s0_ptr + batch)
     e_t = tl.maximum(t + 1 - offset, s0)
-    q_heads = n_kv_heads * group
-    hit, slot, start = _decide(
-        cand_d_ptr, cand_pos_ptr, cand_ok_ptr, batch * q_heads + heads, row_ok, t, s0,
-        n_candidates, ring_size, offset, sinks, radius2, t_min, STREAM_MISSES, BLOCK_R)
+    # The plan's [BLOCK_GP] member values spread over the tile's [BLOCK_G] rows.
+    spread = rows[:, None] == tl.arange(0, BLOCK_GP)[None, :]
+    hit = tl.max(tl.where(spread, member_hit[None, :], False).to(tl.int32), axis=1) != 0
+    slot = tl.sum(tl.where(spread, member_slot[None, :], 0), axis=1)
+    start = tl.sum(tl.where(spread, member_start[None, :], 0), axis=1)
 
     # The group's first item publishes its heads' decisions and where its items lie.
     decision = batch * stride_db + heads * stride_dh
@@ -314,15 +389,21 @@ def _attention_kernel(
     no_sum = tl.zeros([BLOCK_G], tl.float32)
     no_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
-    p_max, p_sum, p_acc = _attend_blocks(
-        q, k_base, v_base, lo, tl.minimum(hi, e_t), start, no_max, no_sum, no_acc,
-        qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
-        UPCAST, DOT_PRECISION, BLOCK_N)
     everyone = tl.zeros([BLOCK_G], tl.int32)
-    t_max, t_sum, t_acc = _attend_blocks(
-        q, k_base, v_base, tl.maximum(lo, e_t), hi, everyone, no_max, no_sum, no_acc,
-        qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
-        UPCAST, DOT_PRECISION, BLOCK_N)
+    if ONE_LOOP:
+        p_max, p_sum, p_acc, t_max, t_sum, t_acc = _attend_split(
+            q, k_base, v_base, lo, hi, e_t, start, no_max, no_sum, no_acc, no_max, no_sum,
+            no_acc, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
+            UPCAST, DOT_PRECISION, BLOCK_N)
+    else:
+        p_max, p_sum, p_acc = _attend_blocks(
+            q, k_base, v_base, lo, tl.minimum(hi, e_t), start, no_max, no_sum, no_acc,
+            qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
+            UPCAST, DOT_PRECISION, BLOCK_N)
+        t_max, t_sum, t_acc = _attend_blocks(
+            q, k_base, v_base, tl.maximum(lo, e_t), hi, everyone, no_max, no_sum, no_acc,
+            qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
+            UPCAST, DOT_PRECISION, BLOCK_N)
     sinks_end = tl.where(has_item & (part == 0), tl.minimum(s0 + sinks, e_t), s0)
     t_max, t_sum, t_acc = _attend_blocks(
         q, k_base, v_base, s0, sinks_end, everyone, t_max, t_sum, t_acc,
@@ -354,7 +435,7 @@ def _finalize_kernel(
     stride_outb, stride_outh, stride_outd,
     stride_db, stride_dh, stride_cr, stride_ch,
     STREAM_MISSES: tl.constexpr, COUNT: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     # A program owns one (row, query head): it merges its group's items' prefix and tail states,
     # amends with entry j* on a hit (on a miss with a given prefix state, with that state),
@@ -366,18 +447,34 @@ def _finalize_kernel(
     member = bh % group
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
-    # Latency-bound: issue every independent load first, the entry's (which needs the slot)
-    # last, so their round trips overlap.
+    # Latency-bound: issue every independent load first, then the entry's (which needs the
+    # slot) before the item states', so that their round trips overlap.
+    t = tl.load(t_ptr + batch)
+    q = tl.load(q_pre_ptr + batch * stride_qpb + head * stride_qph + dims * stride_qpd,
+                mask=dim_ok)
+    if PDL:  # launched while the attention runs: everything below reads its results
+        tl.extra.cuda.gdc_wait()
     decision = batch * stride_db + head * stride_dh
     hit = tl.load(hit_ptr + decision) != 0
     slot = tl.load(slot_ptr + decision)
     first_item = tl.load(group_first_ptr + kv_pid)
     n_items = tl.load(group_items_ptr + kv_pid)
-    t = tl.load(t_ptr + batch)
-    q = tl.load(q_pre_ptr + batch * stride_qpb + head * stride_qph + dims * stride_qpd,
-                mask=dim_ok)
     part_o = part_o_ptr + first_item * stride_pi + member * stride_pg
     part_lse = part_lse_ptr + first_item * stride_pli + member * stride_plg
+    # A missed entry may hold anything: its slot is read (in bounds) but never used.
+    ring = batch * stride_lb + head * stride_lh
+    ring_o = ring_o_ptr + batch * stride_rob + head * stride_roh
+    o_j = tl.load(ring_o + slot * stride_rom + dims * stride_rod, mask=dim_ok)
+    lse_j = tl.load(ring_lse_ptr + ring + slot * stride_lm)
+    depth = tl.where(hit, tl.load(ring_depth_ptr + ring + slot * stride_lm) + 1, 0)
+    if STREAM_MISSES:  # a miss reuses nothing
+        o_j = tl.where(hit, o_j, 0.0)
+        lse_j = tl.where(hit, lse_j, float("-inf"))
+    else:  # a miss takes the given prefix state as its entry
+        o_j = tl.where(hit, o_j, tl.load(miss_o_ptr + batch * stride_mob + head * stride_moh
+                                         + dims * stride_mod, mask=dim_ok))
+        lse_j = tl.where(hit, lse_j, tl.load(miss_lse_ptr + batch * stride_mlb
+                                             + head * stride_mlh))
     a_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
     a_total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
     a_acc = tl.zeros([BLOCK_D], tl.float32)
@@ -396,20 +493,6 @@ def _finalize_kernel(
             tl.load(part_lse + stride_plw + parts * stride_pli, mask=part_ok,
                     other=float("-inf")),
             tl.load(part_o + stride_pw + o_offsets, mask=o_ok, other=0.0))
-    # A missed entry may hold anything: its slot is read (in bounds) but never used.
-    ring = batch * stride_lb + head * stride_lh
-    ring_o = ring_o_ptr + batch * stride_rob + head * stride_roh
-    o_j = tl.load(ring_o + slot * stride_rom + dims * stride_rod, mask=dim_ok)
-    lse_j = tl.load(ring_lse_ptr + ring + slot * stride_lm)
-    depth = tl.where(hit, tl.load(ring_depth_ptr + ring + slot * stride_lm) + 1, 0)
-    if STREAM_MISSES:  # a miss reuses nothing
-        o_j = tl.where(hit, o_j, 0.0)
-        lse_j = tl.where(hit, lse_j, float("-inf"))
-    else:  # a miss takes the given prefix state as its entry
-        o_j = tl.where(hit, o_j, tl.load(miss_o_ptr + batch * stride_mob + head * stride_moh
-                                         + dims * stride_mod, mask=dim_ok))
-        lse_j = tl.where(hit, lse_j, tl.load(miss_lse_ptr + batch * stride_mlb
-                                             + head * stride_mlh))
     o_a, lse_a = merge_finish(a_max, a_total, a_acc)
     o_t, lse_t = merge_finish(t_max, t_total, t_acc)
     o_c, lse_c = _merge_two(o_a, lse_a, o_j, lse_j)
@@ -522,6 +605,7 @@ def mac_decode_step(
     block_n = block_n or config.block_n
     ring_size = ring.size
     positions, key_starts = positions.contiguous(), key_starts.contiguous()
+    given_candidates = candidates is not None
     if candidates is None:
         candidates = match_candidates(q_pre, ring, positions, key_starts, t_min=t_min,
                                       max_depth=max_depth, match_programs=match_programs)
@@ -542,6 +626,8 @@ def mac_decode_step(
     block_d = triton.next_power_of_2(head_dim)
     block_r = triton.next_power_of_2(n_match)
     radius2 = threshold(head_dim, tau)
+    pdl = _use_pdl(q.device) and not given_candidates  # the match launch directly precedes
+    launch_pdl = {"launch_pdl": True} if pdl else {}
 
     _attention_kernel[(n_programs,)](
         q, k, v, positions, key_starts, cand_d, cand_pos, cand_ok,
@@ -554,8 +640,8 @@ def mac_decode_step(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_R=block_r, BLOCK_GROUPS=triton.next_power_of_2(n_groups),
-        BLOCK_GP=triton.next_power_of_2(group),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_GP=triton.next_power_of_2(group), ONE_LOOP=TUNING.one_loop, PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_pdl,
     )
     count = counters is not None
     if count and (counters.dtype != torch.int64 or counters.shape[1] != q_heads):
@@ -576,7 +662,8 @@ def mac_decode_step(
         # warps (fewer passes for a group spread over ~85 items) measured slower where it
         # counts on the H200: the all-hit finalize 3.7 -> 6.1 us at batch 1, 6.3 -> 14.9 us
         # at batch 16 (BENCHMARKS.md 2f).
-        BLOCK_S=min(8, max(1, 4096 // block_d)), num_warps=4,
+        BLOCK_S=min(TUNING.finalize_block_s, max(1, 4096 // block_d)), PDL=pdl,
+        num_warps=TUNING.finalize_warps, **launch_pdl,
     )
     return out, hit.view(torch.bool), keys_read
 
@@ -612,6 +699,7 @@ def match_candidates(
         q_heads, ring_size, head_dim, slots_per_program, t_min, max_depth,
         *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(),
         BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(head_dim),
+        PDL=_use_pdl(q_pre.device),
         num_warps=8,  # 8 warps: half the registers a thread
     )
     return found
