@@ -42,7 +42,6 @@ _new_empty = torch.empty
 _LOG2_E = 1.4426950408889634
 _LN_2 = tl.constexpr(0.6931471805599453)  # a constexpr: jitted code may read it
 _MAX_SPLITS = 64
-LAUNCH_PDL = False  # DecodeConfig.pdl's default (benchmarks flip it)
 _MERGE_TILE = 8192  # fp32 elements of the last program's [states, D] merge tile
 
 
@@ -59,9 +58,6 @@ class DecodeConfig:
     # faster (BENCHMARKS.md: 0.019 vs 0.022 ms at 1 x 4K, 5.7 vs 6.4 ms at 32 x 128K), so it is
     # off by default; MAC's step, which must finalize ring entries anyway, uses the fused form.
     fuse_merge: bool = False
-    # Launch the merge as a programmatic dependent of the split kernel (sm_90+): its launch
-    # overlaps the split kernel's tail. Measured in BENCHMARKS.md 2g.
-    pdl: bool = False
 
 
 @triton.jit
@@ -79,10 +75,8 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_od, stride_lb, stride_lh,
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, FUSE_MERGE: tl.constexpr, MERGE_S: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, FUSE_MERGE: tl.constexpr, MERGE_S: tl.constexpr,
 ):
-    if PDL:  # the merge launch may start now; it waits for this grid's states
-        tl.extra.cuda.gdc_launch_dependents()
     # A program owns one (batch row, KV head, split): the g query heads of the group are the rows
     # of one [BLOCK_G, D] tile, so each [BLOCK_N, D] K/V block is read once for all of them.
     kv_pid = tl.program_id(0)
@@ -218,8 +212,7 @@ def _launch_config(
     target_programs = _multiprocessor_count(device)
     splits = triton.cdiv(target_programs, max(batch * kv_heads, 1))
     splits = max(1, min(splits, triton.cdiv(n_keys, 2 * block_n), _MAX_SPLITS))
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, num_splits=splits,
-                        pdl=LAUNCH_PDL)
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, num_splits=splits)
 
 
 def _interpreting() -> bool:
@@ -276,8 +269,6 @@ def _launch_split_kernel(
     mask = key_mask.view(torch.uint8) if key_mask is not None else starts
     mask_strides = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
     fused = splits > 1 and config.fuse_merge
-    pdl = (config.pdl and splits > 1 and not fused and q.device.type == "cuda"
-           and not _interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9)
     if splits > 1:
         part_o = _new_empty((batch, q_heads, splits, head_dim), dtype=torch.float32,
                             device=q.device)
@@ -304,12 +295,11 @@ def _launch_split_kernel(
         SPLIT=splits > 1,
         FUSE_MERGE=fused,
         MERGE_S=min(triton.next_power_of_2(splits), _MERGE_TILE // block_d),
-        PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     if splits > 1 and not fused:
-        merge_states_into(part_o, part_lse, o, lse, pdl=pdl)
+        merge_states_into(part_o, part_lse, o, lse)
 
 
 def _decode(

@@ -6,15 +6,16 @@ The math and the exact semantics (sinks, left padding, chain depth) are those of
 1. ``_match_kernel`` (grid ``(B * Hq, R)``): each program scans ``M / R`` ring slots of one
    query head and keeps its nearest valid entry, with whether that entry may be reused;
    ``R`` spreads the ring read over the SMs when ``B * Hq`` is small.
-2. ``_attention_kernel`` (grid ``(P + B * Hkv,)``): every program first decides every head of
-   the step from the candidates (a few hundred loads from L2, in parallel), which gives each
+2. ``_attention_kernel`` (grid ``(P + 2 B * Hkv,)``): every program first decides every head
+   of the step from the candidates (a few hundred loads from L2, in parallel), which gives each
    (row, KV head) group its union range ``[U, t]`` of keys, and cuts the step's keys into work
-   items of equal size (``_find_item``): ``P`` items on an all-miss step, cut as the exact
-   decode kernel cuts it; when few groups miss, their long ranges are spread over all the
-   programs instead of waiting on one program per group. A program streams its item once,
-   the group's query heads as the rows of one tile, each masking its own prefix start, into
-   two partial states: prefix ``[start_h, E(t))`` and tail ``[E(t), t]`` (plus the sinks, in
-   the group's first item).
+   items of equal size (``_find_item``), none straddling ``E(t)``: about ``P`` items on an
+   all-miss step, cut as the exact decode kernel cuts it; when few groups miss, their long
+   ranges are spread over all the programs instead of waiting on one program per group. A
+   program streams its item once, the group's query heads as the rows of one tile, each
+   masking its own prefix start, into two partial states: prefix ``[start_h, E(t))`` and tail
+   ``[E(t), t]`` (one of them empty; the sinks go to the tail state of the group's first
+   item).
 3. ``_finalize_kernel`` (grid ``(B * Hq,)``): merges each head's item states into ``A`` and
    ``T``, forms ``C = merge(entry j*, A)`` on a hit (``A`` on a miss), writes
    ``(q_pre, C, t, depth)`` to ring slot ``t mod M`` and ``o = merge(C, T)`` in ``q.dtype``, and
@@ -75,21 +76,14 @@ _MATCH_BLOCK_M = 64  # ring slots per tile: 16 KB of bf16 queries at D = 128
 
 @dataclasses.dataclass
 class StepTuning:
-    """Launch choices of the step that only change its speed (``macopt.bench.mac_variants``
-    sweeps them; the defaults are the measured best, BENCHMARKS.md section 2g)."""
+    """Launch choices that change only the step's speed (``macopt.bench.mac_variants`` sweeps
+    them; the defaults are the measured best, BENCHMARKS.md section 2g)."""
 
-    one_loop: bool = False  # prefix and tail states in one K/V loop (_attend_split)
-    pdl: bool = False  # programmatic dependent launch, match -> attention -> finalize (sm_90+)
-    finalize_block_s: int = 8  # item states merged a pass by the finalize
+    finalize_block_s: int = 8  # item states the finalize merges a pass
     finalize_warps: int = 4
 
 
 TUNING = StepTuning()
-
-
-def _use_pdl(device: torch.device) -> bool:
-    return (TUNING.pdl and device.type == "cuda" and not _interpreting()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 @triton.jit
@@ -100,10 +94,8 @@ def _match_kernel(
     stride_qb, stride_qh, stride_qd,
     stride_rb, stride_rh, stride_rm, stride_rd,
     stride_pb, stride_ph, stride_pm,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    if PDL:  # the attention launch may start now; it waits for this grid's results
-        tl.extra.cuda.gdc_launch_dependents()
     # A program owns one (row, query head) and a run of ring slots, read as [BLOCK_M, D] tiles;
     # it keeps the nearest valid entry (fp32 squared L2, ties: the older) as its candidate, and
     # whether that entry may be reused (finite lse, depth below the bound), so that deciding a
@@ -200,15 +192,18 @@ def _find_item(
     BLOCK_GP: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """The work plan of this step, computed alike by every program: (group, first item of the
-    group, items of the group, keys per item) for work item ``item``, group -1 if none; then
-    that group's per-member ``[BLOCK_GP]`` (hit, slot of j*, first prefix key) and its row's
-    ``t, s0`` (zeros where there is no group).
+    group, items of the group, prefix items of the group, keys per item) for work item
+    ``item``, group -1 if none; then that group's per-member ``[BLOCK_GP]`` (hit, slot of j*,
+    first prefix key) and its row's ``t, s0`` (zeros where there is no group).
 
     Every group's range ``[U_g, t_g]`` comes from every head's decision. The step's keys
     ``W = sum_g (t_g + 1 - U_g)`` are cut into items of ``C = ceil(W / target_items)`` keys
-    (whole blocks); group ``g`` gets ``max(1, ceil(L_g / C))`` consecutive items. An all-miss
-    step is cut exactly as the exact decode kernel cuts it; when few groups miss, their ranges
-    are spread over all programs instead of one program per group and split.
+    (whole blocks); group ``g`` gets ``ceil(P_g / C)`` items of its prefix ``[U_g, E(t_g))``,
+    then ``max(1, ceil(T_g / C))`` of its tail ``[E(t_g), t_g]``, so that no item straddles
+    ``E(t)`` (one K/V loop an item: a second loop would refill the load pipeline). An
+    all-miss step is cut about as the exact decode kernel cuts it; when few groups miss,
+    their ranges are spread over all programs instead of one program per group and split.
+    At most ``target_items + 2 * n_groups`` items (each side of a group rounds up once).
     """
     groups = tl.arange(0, BLOCK_GROUPS)
     members = tl.arange(0, BLOCK_GP)
@@ -227,15 +222,19 @@ def _find_item(
                                STREAM_MISSES, BLOCK_R)
     start = tl.reshape(start, (BLOCK_GROUPS, BLOCK_GP))
     union = tl.minimum(tl.min(tl.where(head_ok, start, e_t[:, None]), axis=1), e_t)
-    length = tl.where(group_ok, t + 1 - union, 0)
-    total = tl.sum(length, axis=0)
+    prefix_len = tl.where(group_ok, e_t - union, 0)
+    tail_len = tl.where(group_ok, t + 1 - e_t, 0)
+    total = tl.sum(prefix_len + tail_len, axis=0)
     keys_per_item = tl.cdiv(tl.maximum(tl.cdiv(total, target_items), 1), BLOCK_N) * BLOCK_N
-    items = tl.where(group_ok, tl.maximum(tl.cdiv(length, keys_per_item), 1), 0)
+    prefix_items = tl.cdiv(prefix_len, keys_per_item)
+    items = tl.where(group_ok, prefix_items + tl.maximum(tl.cdiv(tail_len, keys_per_item), 1),
+                     0)
     after = tl.cumsum(items, axis=0)
     mine = group_ok & (after - items <= item) & (item < after)
     owner = tl.max(tl.where(mine, groups, -1), axis=0)
     first = tl.sum(tl.where(mine, after - items, 0), axis=0)
     count = tl.sum(tl.where(mine, items, 0), axis=0)
+    own_prefix_items = tl.sum(tl.where(mine, prefix_items, 0), axis=0)
     # The owner's own values, picked from the plan's (no second round of loads).
     owned = mine[:, None] & head_ok
     hit = tl.max(tl.where(owned, tl.reshape(hit.to(tl.int32), (BLOCK_GROUPS, BLOCK_GP)), 0),
@@ -244,7 +243,7 @@ def _find_item(
     start = tl.sum(tl.where(owned, start, 0), axis=0)
     own_t = tl.sum(tl.where(mine, t, 0), axis=0)
     own_s0 = tl.sum(tl.where(mine, s0, 0), axis=0)
-    return owner, first, count, keys_per_item, hit, slot, start, own_t, own_s0
+    return owner, first, count, own_prefix_items, keys_per_item, hit, slot, start, own_t, own_s0
 
 
 @triton.jit
@@ -266,39 +265,6 @@ def _attend_blocks(
         running_max, running_sum, acc = online_softmax_update(
             q, k, v, attend, running_max, running_sum, acc, qk_scale_log2, DOT_PRECISION)
     return running_max, running_sum, acc
-
-
-@triton.jit
-def _attend_split(
-    q, k_base, v_base, lo, hi, e_t, row_start, p_max, p_sum, p_acc, t_max, t_sum, t_acc,
-    qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Keys ``[lo, hi)`` in one loop: a block before ``e_t`` goes to the prefix state (row r
-    from ``row_start[r]`` on), one from ``e_t`` on to the tail state, the one block that
-    straddles ``e_t`` to both. Same states as two :func:`_attend_blocks` loops, but the K/V
-    pipeline is filled once (the group's last item would otherwise refill it at ``e_t``)."""
-    for block_start in range(lo, hi, BLOCK_N):
-        keys = block_start + tl.arange(0, BLOCK_N)
-        key_ok = keys < hi
-        tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k, v = load_kv_tile(k_base, v_base, keys.to(tl.int64), tile_ok, dims, stride_kn,
-                            stride_kd, stride_vn, stride_vd, UPCAST)
-        prefix = key_ok[None, :] & (keys[None, :] >= row_start[:, None]) \
-            & (keys[None, :] < e_t)
-        if block_start + BLOCK_N <= e_t:
-            p_max, p_sum, p_acc = online_softmax_update(
-                q, k, v, prefix, p_max, p_sum, p_acc, qk_scale_log2, DOT_PRECISION)
-        elif block_start >= e_t:
-            t_max, t_sum, t_acc = online_softmax_update(
-                q, k, v, key_ok[None, :], t_max, t_sum, t_acc, qk_scale_log2, DOT_PRECISION)
-        else:
-            p_max, p_sum, p_acc = online_softmax_update(
-                q, k, v, prefix, p_max, p_sum, p_acc, qk_scale_log2, DOT_PRECISION)
-            t_max, t_sum, t_acc = online_softmax_update(
-                q, k, v, key_ok[None, :] & (keys[None, :] >= e_t), t_max, t_sum, t_acc,
-                qk_scale_log2, DOT_PRECISION)
-    return p_max, p_sum, p_acc, t_max, t_sum, t_acc
 
 
 @triton.jit
@@ -331,20 +297,17 @@ def _attention_kernel(
     stride_db, stride_dh,
     STREAM_MISSES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_GROUPS: tl.constexpr, BLOCK_GP: tl.constexpr, ONE_LOOP: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr, BLOCK_GP: tl.constexpr,
 ):
     # A program owns one work item of the plan (_find_item): a run of at most C keys of one
     # (row, KV head) group's range [U, t], read once in [BLOCK_N, D] blocks; the group's query
     # heads are the rows of one [BLOCK_G, D] tile, each masking its own prefix start.
     item = tl.program_id(0)
-    if PDL:  # launched while the match runs: its candidates are read below
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    kv_pid, first_item, n_items, keys_per_item, member_hit, member_slot, member_start, t, s0 = \
-        _find_item(cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, item, n_groups,
-                   n_kv_heads, group, n_candidates, ring_size, offset, sinks, radius2, t_min,
-                   target_items, STREAM_MISSES, BLOCK_N, BLOCK_GROUPS, BLOCK_GP, BLOCK_R)
+    (kv_pid, first_item, n_items, prefix_items, keys_per_item, member_hit, member_slot,
+     member_start, t, s0) = _find_item(
+        cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, item, n_groups, n_kv_heads, group,
+        n_candidates, ring_size, offset, sinks, radius2, t_min, target_items, STREAM_MISSES,
+        BLOCK_N, BLOCK_GROUPS, BLOCK_GP, BLOCK_R)
     has_item = kv_pid >= 0  # the plan has fewer items than the grid has programs
     rows = tl.arange(0, BLOCK_G)
     # (A scalar bool from a reduction broadcast into a mask trips Triton's interpreter.)
@@ -376,8 +339,10 @@ def _attention_kernel(
 
     # The union [U, t]: every head's prefix start, and E(t) so the tail is always covered.
     union_start = tl.minimum(tl.min(tl.where(row_ok, start, e_t), axis=0), e_t)
-    lo = union_start + part * keys_per_item
-    hi = tl.where(has_item, tl.minimum(lo + keys_per_item, t + 1), lo)
+    in_prefix = part < prefix_items
+    lo = tl.where(in_prefix, union_start + part * keys_per_item,
+                  e_t + (part - prefix_items) * keys_per_item)
+    hi = tl.where(has_item, tl.minimum(lo + keys_per_item, tl.where(in_prefix, e_t, t + 1)), lo)
 
     q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -389,21 +354,15 @@ def _attention_kernel(
     no_sum = tl.zeros([BLOCK_G], tl.float32)
     no_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
+    p_max, p_sum, p_acc = _attend_blocks(
+        q, k_base, v_base, lo, tl.minimum(hi, e_t), start, no_max, no_sum, no_acc,
+        qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
+        UPCAST, DOT_PRECISION, BLOCK_N)
     everyone = tl.zeros([BLOCK_G], tl.int32)
-    if ONE_LOOP:
-        p_max, p_sum, p_acc, t_max, t_sum, t_acc = _attend_split(
-            q, k_base, v_base, lo, hi, e_t, start, no_max, no_sum, no_acc, no_max, no_sum,
-            no_acc, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
-            UPCAST, DOT_PRECISION, BLOCK_N)
-    else:
-        p_max, p_sum, p_acc = _attend_blocks(
-            q, k_base, v_base, lo, tl.minimum(hi, e_t), start, no_max, no_sum, no_acc,
-            qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
-            UPCAST, DOT_PRECISION, BLOCK_N)
-        t_max, t_sum, t_acc = _attend_blocks(
-            q, k_base, v_base, tl.maximum(lo, e_t), hi, everyone, no_max, no_sum, no_acc,
-            qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
-            UPCAST, DOT_PRECISION, BLOCK_N)
+    t_max, t_sum, t_acc = _attend_blocks(
+        q, k_base, v_base, tl.maximum(lo, e_t), hi, everyone, no_max, no_sum, no_acc,
+        qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
+        UPCAST, DOT_PRECISION, BLOCK_N)
     sinks_end = tl.where(has_item & (part == 0), tl.minimum(s0 + sinks, e_t), s0)
     t_max, t_sum, t_acc = _attend_blocks(
         q, k_base, v_base, s0, sinks_end, everyone, t_max, t_sum, t_acc,
@@ -435,7 +394,7 @@ def _finalize_kernel(
     stride_outb, stride_outh, stride_outd,
     stride_db, stride_dh, stride_cr, stride_ch,
     STREAM_MISSES: tl.constexpr, COUNT: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     # A program owns one (row, query head): it merges its group's items' prefix and tail states,
     # amends with entry j* on a hit (on a miss with a given prefix state, with that state),
@@ -452,8 +411,6 @@ def _finalize_kernel(
     t = tl.load(t_ptr + batch)
     q = tl.load(q_pre_ptr + batch * stride_qpb + head * stride_qph + dims * stride_qpd,
                 mask=dim_ok)
-    if PDL:  # launched while the attention runs: everything below reads its results
-        tl.extra.cuda.gdc_wait()
     decision = batch * stride_db + head * stride_dh
     hit = tl.load(hit_ptr + decision) != 0
     slot = tl.load(slot_ptr + decision)
@@ -601,11 +558,10 @@ def mac_decode_step(
     n_groups = batch * kv_heads
     config = _launch_config(batch, kv_heads, n_keys, head_dim, group, q.device, k.element_size())
     target_items = n_groups * (num_splits or config.num_splits)
-    n_programs = target_items + n_groups  # each group rounds its item count up at most once
+    n_programs = target_items + 2 * n_groups  # each side of a group rounds up at most once
     block_n = block_n or config.block_n
     ring_size = ring.size
     positions, key_starts = positions.contiguous(), key_starts.contiguous()
-    given_candidates = candidates is not None
     if candidates is None:
         candidates = match_candidates(q_pre, ring, positions, key_starts, t_min=t_min,
                                       max_depth=max_depth, match_programs=match_programs)
@@ -626,8 +582,6 @@ def mac_decode_step(
     block_d = triton.next_power_of_2(head_dim)
     block_r = triton.next_power_of_2(n_match)
     radius2 = threshold(head_dim, tau)
-    pdl = _use_pdl(q.device) and not given_candidates  # the match launch directly precedes
-    launch_pdl = {"launch_pdl": True} if pdl else {}
 
     _attention_kernel[(n_programs,)](
         q, k, v, positions, key_starts, cand_d, cand_pos, cand_ok,
@@ -640,8 +594,8 @@ def mac_decode_step(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_R=block_r, BLOCK_GROUPS=triton.next_power_of_2(n_groups),
-        BLOCK_GP=triton.next_power_of_2(group), ONE_LOOP=TUNING.one_loop, PDL=pdl,
-        num_warps=config.num_warps, num_stages=config.num_stages, **launch_pdl,
+        BLOCK_GP=triton.next_power_of_2(group),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     count = counters is not None
     if count and (counters.dtype != torch.int64 or counters.shape[1] != q_heads):
@@ -662,8 +616,8 @@ def mac_decode_step(
         # warps (fewer passes for a group spread over ~85 items) measured slower where it
         # counts on the H200: the all-hit finalize 3.7 -> 6.1 us at batch 1, 6.3 -> 14.9 us
         # at batch 16 (BENCHMARKS.md 2f).
-        BLOCK_S=min(TUNING.finalize_block_s, max(1, 4096 // block_d)), PDL=pdl,
-        num_warps=TUNING.finalize_warps, **launch_pdl,
+        BLOCK_S=min(TUNING.finalize_block_s, max(1, 4096 // block_d)),
+        num_warps=TUNING.finalize_warps,
     )
     return out, hit.view(torch.bool), keys_read
 
@@ -699,7 +653,6 @@ def match_candidates(
         q_heads, ring_size, head_dim, slots_per_program, t_min, max_depth,
         *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(),
         BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(head_dim),
-        PDL=_use_pdl(q_pre.device),
         num_warps=8,  # 8 warps: half the registers a thread
     )
     return found

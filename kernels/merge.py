@@ -114,11 +114,9 @@ def _merge_states_kernel(
     stride_o_r, stride_o_s, stride_o_d,
     stride_l_r, stride_l_s,
     stride_out_r, stride_out_d, stride_out_lse_r,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per row merges its S states, BLOCK_S states per step as one [BLOCK_S, D] tile.
-    if PDL:  # launched while the kernel writing the states runs
-        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
@@ -175,11 +173,8 @@ def merge_states(
     return out_o, out_lse
 
 
-def merge_states_into(o: Tensor, lse: Tensor, out_o: Tensor, out_lse: Tensor, *,
-                      pdl: bool = False) -> None:
-    """:func:`merge_states` writing into preallocated ``out_o[..., D]`` and ``out_lse[...]``.
-    ``pdl``: launch as a programmatic dependent of the kernel that wrote ``o, lse`` (CUDA
-    sm_90+; that kernel signals ``gdc_launch_dependents``)."""
+def merge_states_into(o: Tensor, lse: Tensor, out_o: Tensor, out_lse: Tensor) -> None:
+    """:func:`merge_states` writing into preallocated ``out_o[..., D]`` and ``out_lse[...]``."""
     n_states, head_dim = o.shape[-2], o.shape[-1]
     n_rows = math.prod(lse.shape[:-1])
     o3 = o.reshape(n_rows, n_states, head_dim)
@@ -196,5 +191,5 @@ def merge_states_into(o: Tensor, lse: Tensor, out_o: Tensor, out_lse: Tensor, *,
         o3.stride(0), o3.stride(1), o3.stride(2),
         lse2.stride(0), lse2.stride(1),
         out_o2.stride(0), out_o2.stride(1), out_lse1.stride(0),
-        BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
+        BLOCK_S=block_s, BLOCK_D=block_d,
     )
