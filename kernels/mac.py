@@ -59,7 +59,12 @@ import triton
 import triton.language as tl
 
 from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
-from macopt.kernels.decode import _interpreting, _launch_config, _multiprocessor_count
+from macopt.kernels.decode import (
+    _group_counters,
+    _interpreting,
+    _launch_config,
+    _multiprocessor_count,
+)
 from macopt.kernels.mac_reference import MACRing, threshold
 from macopt.kernels.merge import merge_finish, merge_step
 
@@ -81,6 +86,9 @@ class StepTuning:
 
     finalize_block_s: int = 8  # item states the finalize merges a pass
     finalize_warps: int = 4
+    # The group's last attention program finalizes it (no third launch); its [S, G, D] merge
+    # tile takes at most 2048 fp32 elements.
+    fuse_finalize: bool = False
 
 
 TUNING = StepTuning()
@@ -287,6 +295,8 @@ def _store_state(
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, t_ptr, s0_ptr, cand_d_ptr, cand_pos_ptr, cand_ok_ptr,
     hit_ptr, slot_ptr, keys_ptr, group_first_ptr, group_items_ptr, part_o_ptr, part_lse_ptr,
+    q_pre_ptr, ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr, ring_depth_ptr, miss_o_ptr,
+    miss_lse_ptr, out_ptr, counters_ptr, arrival_ptr,
     qk_scale_log2, radius2, n_groups, n_kv_heads, group, head_dim, target_items, n_candidates,
     ring_size, offset, sinks, t_min,
     stride_qb, stride_qh, stride_qd,
@@ -295,9 +305,16 @@ def _attention_kernel(
     stride_pw, stride_pi, stride_pg, stride_pd,
     stride_plw, stride_pli, stride_plg,
     stride_db, stride_dh,
+    stride_qpb, stride_qph, stride_qpd,
+    stride_rb, stride_rh, stride_rm, stride_rd,
+    stride_rob, stride_roh, stride_rom, stride_rod,
+    stride_lb, stride_lh, stride_lm,
+    stride_mob, stride_moh, stride_mod, stride_mlb, stride_mlh,
+    stride_outb, stride_outh, stride_outd, stride_cr, stride_ch,
     STREAM_MISSES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_GROUPS: tl.constexpr, BLOCK_GP: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr, BLOCK_GP: tl.constexpr, FUSE_FINALIZE: tl.constexpr,
+    COUNT: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # A program owns one work item of the plan (_find_item): a run of at most C keys of one
     # (row, KV head) group's range [U, t], read once in [BLOCK_N, D] blocks; the group's query
@@ -376,6 +393,155 @@ def _attention_kernel(
                  dims, dim_ok, row_ok, stride_pd)
     _store_state(item_o + stride_pw, item_lse + stride_plw, rows * stride_pg, rows * stride_plg,
                  t_max, t_sum, t_acc, dims, dim_ok, row_ok, stride_pd)
+
+    if FUSE_FINALIZE:  # the group's last program to finish finalizes it
+        if has_item:
+            # The barrier puts every thread's stores before the release; the last program to
+            # arrive acquires the group's states, finalizes, re-arms the counter.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrival_ptr + kv_pid, 1, sem="acq_rel")
+            if arrived == n_items - 1:
+                members = tl.arange(0, BLOCK_GP)
+                member_ok = members < group
+                member_keys = (tl.maximum(e_t - member_start, 0) + (t + 1 - e_t)
+                               + (tl.minimum(s0 + sinks, e_t) - s0))
+                _finalize_group(
+                    q_pre_ptr, ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr,
+                    ring_depth_ptr, part_o_ptr, part_lse_ptr, miss_o_ptr, miss_lse_ptr, out_ptr,
+                    counters_ptr, batch, kv_head * group + members, member_ok, member_hit,
+                    member_slot, member_keys, first_item, n_items, t, s0, ring_size,
+                    stride_qpb, stride_qph, stride_qpd,
+                    stride_rb, stride_rh, stride_rm, stride_rd,
+                    stride_rob, stride_roh, stride_rom, stride_rod,
+                    stride_lb, stride_lh, stride_lm,
+                    stride_pw, stride_pi, stride_pg, stride_pd,
+                    stride_plw, stride_pli, stride_plg,
+                    stride_mob, stride_moh, stride_mod, stride_mlb, stride_mlh,
+                    stride_outb, stride_outh, stride_outd, stride_cr, stride_ch, dims, dim_ok,
+                    STREAM_MISSES, COUNT, BLOCK_S)
+                tl.store(arrival_ptr + kv_pid, 0)
+
+
+@triton.jit
+def _finalize_group(
+    q_pre_ptr, ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr, ring_depth_ptr, part_o_ptr,
+    part_lse_ptr, miss_o_ptr, miss_lse_ptr, out_ptr, counters_ptr,
+    batch, heads, member_ok, hit, slot, keys_read, first_item, n_items, t, s0, ring_size,
+    stride_qpb, stride_qph, stride_qpd,
+    stride_rb, stride_rh, stride_rm, stride_rd,
+    stride_rob, stride_roh, stride_rom, stride_rod,
+    stride_lb, stride_lh, stride_lm,
+    stride_pw, stride_pi, stride_pg, stride_pd,
+    stride_plw, stride_pli, stride_plg,
+    stride_mob, stride_moh, stride_mod, stride_mlb, stride_mlh,
+    stride_outb, stride_outh, stride_outd, stride_cr, stride_ch, dims, dim_ok,
+    STREAM_MISSES: tl.constexpr, COUNT: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """The finalize of one (row, KV head) group, its heads ``[GP]`` as the rows of one tile:
+    what ``_finalize_kernel`` does for each head, run by the group's last attention program."""
+    members = tl.arange(0, heads.shape[0])
+    tile_ok = member_ok[:, None] & dim_ok[None, :]
+    ring = batch * stride_lb + heads * stride_lh
+    ring_o = (ring_o_ptr + batch * stride_rob + heads[:, None] * stride_roh
+              + dims[None, :] * stride_rod)
+    q = tl.load(q_pre_ptr + batch * stride_qpb + heads[:, None] * stride_qph
+                + dims[None, :] * stride_qpd, mask=tile_ok)
+    o_j = tl.load(ring_o + slot[:, None] * stride_rom, mask=tile_ok)
+    lse_j = tl.load(ring_lse_ptr + ring + slot * stride_lm, mask=member_ok)
+    depth = tl.where(hit, tl.load(ring_depth_ptr + ring + slot * stride_lm, mask=member_ok) + 1,
+                     0)
+    if STREAM_MISSES:
+        o_j = tl.where(hit[:, None], o_j, 0.0)
+        lse_j = tl.where(hit, lse_j, float("-inf"))
+    else:
+        o_j = tl.where(hit[:, None], o_j, tl.load(
+            miss_o_ptr + batch * stride_mob + heads[:, None] * stride_moh
+            + dims[None, :] * stride_mod, mask=tile_ok))
+        lse_j = tl.where(hit, lse_j, tl.load(miss_lse_ptr + batch * stride_mlb
+                                             + heads * stride_mlh, mask=member_ok))
+    # Online merge of the items' [S, GP(, D)] states, prefix (A) and tail (T) side by side.
+    a_max = tl.full(heads.shape, float("-inf"), tl.float32)
+    a_total = tl.zeros(heads.shape, tl.float32)
+    a_acc = tl.zeros([heads.shape[0], dims.shape[0]], tl.float32)
+    t_max, t_total, t_acc = a_max, a_total, a_acc
+    for first in range(0, n_items, BLOCK_S):
+        parts = first + tl.arange(0, BLOCK_S)
+        ok2 = (parts < n_items)[:, None] & member_ok[None, :]
+        ok3 = ok2[:, :, None] & dim_ok[None, None, :]
+        lse_at = (first_item + parts)[:, None] * stride_pli + members[None, :] * stride_plg
+        o_at = ((first_item + parts)[:, None, None] * stride_pi
+                + members[None, :, None] * stride_pg + dims[None, None, :] * stride_pd)
+        # .cg: the states were written by other programs of this launch
+        a_max, a_total, a_acc = _merge_step_rows(
+            a_max, a_total, a_acc,
+            tl.load(part_lse_ptr + lse_at, mask=ok2, other=float("-inf"), cache_modifier=".cg"),
+            tl.load(part_o_ptr + o_at, mask=ok3, other=0.0, cache_modifier=".cg"))
+        t_max, t_total, t_acc = _merge_step_rows(
+            t_max, t_total, t_acc,
+            tl.load(part_lse_ptr + stride_plw + lse_at, mask=ok2, other=float("-inf"),
+                    cache_modifier=".cg"),
+            tl.load(part_o_ptr + stride_pw + o_at, mask=ok3, other=0.0, cache_modifier=".cg"))
+    o_a, lse_a = _finish_rows(a_max, a_total, a_acc)
+    o_t, lse_t = _finish_rows(t_max, t_total, t_acc)
+    o_c, lse_c = _merge_two_rows(o_a, lse_a, o_j, lse_j)
+    o, _ = _merge_two_rows(o_c, lse_c, o_t, lse_t)
+    tl.store(out_ptr + batch * stride_outb + heads[:, None] * stride_outh
+             + dims[None, :] * stride_outd, o.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+    tl.debug_barrier()  # j* may be the slot written below (j* = t - M): every read first
+    new_slot = t % ring_size
+    tl.store(ring_q_ptr + batch * stride_rb + heads[:, None] * stride_rh + new_slot * stride_rm
+             + dims[None, :] * stride_rd, q.to(ring_q_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(ring_o + new_slot * stride_rom, o_c, mask=tile_ok)
+    tl.store(ring_lse_ptr + ring + new_slot * stride_lm, lse_c, mask=member_ok)
+    tl.store(ring_pos_ptr + ring + new_slot * stride_lm, (heads * 0 + t).to(tl.int32),
+             mask=member_ok)
+    tl.store(ring_depth_ptr + ring + new_slot * stride_lm, depth.to(tl.int32), mask=member_ok)
+    if COUNT:
+        counter = counters_ptr + heads * stride_ch
+        tl.atomic_add(counter, hit.to(tl.int64), mask=member_ok, sem="relaxed")
+        tl.atomic_add(counter + stride_cr, keys_read.to(tl.int64), mask=member_ok,
+                      sem="relaxed")
+        tl.atomic_add(counter + 2 * stride_cr, (heads * 0 + t - s0 + 1).to(tl.int64),
+                      mask=member_ok, sem="relaxed")
+        tl.atomic_add(counter + 3 * stride_cr, (heads * 0 + 1).to(tl.int64), mask=member_ok,
+                      sem="relaxed")
+        tl.atomic_add(counter + 4 * stride_cr, (heads * 0 + (batch == 0)).to(tl.int64),
+                      mask=member_ok, sem="relaxed")
+
+
+@triton.jit
+def _merge_step_rows(running_max, total, acc, lse, o):
+    """:func:`merge_step` for a row of states per head: ``lse[S, R]``, ``o[S, R, D]``."""
+    new_max = tl.maximum(running_max, tl.max(lse, axis=0))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp(running_max - shift)
+    weights = tl.exp(lse - shift[None, :])
+    total = total * rescale + tl.sum(weights, axis=0)
+    acc = acc * rescale[:, None] + tl.sum(weights[:, :, None] * o, axis=0)
+    return new_max, total, acc
+
+
+@triton.jit
+def _finish_rows(running_max, total, acc):
+    """:func:`merge_finish` per row: ``(o[R, D], lse[R])``."""
+    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+    safe_total = tl.where(total > 0, total, 1.0)
+    lse = tl.where(total > 0, shift + tl.log(safe_total), float("-inf"))
+    return acc / safe_total[:, None], lse
+
+
+@triton.jit
+def _merge_two_rows(o_a, lse_a, o_b, lse_b):
+    """:func:`_merge_two` per row: states ``(o[R, D], lse[R])``."""
+    lse_max = tl.maximum(lse_a, lse_b)
+    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w_a = tl.exp(lse_a - shift)
+    w_b = tl.exp(lse_b - shift)
+    total = w_a + w_b
+    safe_total = tl.where(total > 0, total, 1.0)
+    lse = tl.where(total > 0, shift + tl.log(safe_total), float("-inf"))
+    return (w_a[:, None] * o_a + w_b[:, None] * o_b) / safe_total[:, None], lse
 
 
 @triton.jit
@@ -583,42 +749,48 @@ def mac_decode_step(
     block_r = triton.next_power_of_2(n_match)
     radius2 = threshold(head_dim, tau)
 
-    _attention_kernel[(n_programs,)](
-        q, k, v, positions, key_starts, cand_d, cand_pos, cand_ok,
-        hit, slot, keys_read, group_first, group_items, part_o, part_lse,
-        scale * _LOG2_E, radius2, n_groups, kv_heads, group, head_dim, target_items, n_match,
-        ring_size, offset, sinks, t_min,
-        *q.stride(), *k.stride(), *v.stride(), *part_o.stride(), *part_lse.stride(),
-        *hit.stride(),
-        STREAM_MISSES=stream_misses, UPCAST=_interpreting(),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_R=block_r, BLOCK_GROUPS=triton.next_power_of_2(n_groups),
-        BLOCK_GP=triton.next_power_of_2(group),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
     count = counters is not None
     if count and (counters.dtype != torch.int64 or counters.shape[1] != q_heads):
         raise ValueError(f"counters: expected int64 [rows, {q_heads}], got {counters.dtype} "
                          f"{tuple(counters.shape)}")
+    counters = counters if count else hit
     counter_strides = counters.stride() if count else (0, 0)
     miss_strides = (0,) * 5 if stream_misses else (*miss_o.stride(), *miss_lse.stride())
-    _finalize_kernel[(batch * q_heads,)](
-        q_pre, positions, key_starts, ring.q, ring.o, ring.lse, ring.pos, ring.depth,
-        hit, slot, keys_read, group_first, group_items, part_o, part_lse, miss_o, miss_lse,
-        out, counters if count else hit,
-        q_heads, group, head_dim, ring_size,
-        *q_pre.stride(), *ring.q.stride(), *ring.o.stride(), *ring.lse.stride(),
-        *part_o.stride(), *part_lse.stride(), *miss_strides, *out.stride(), *hit.stride(),
-        *counter_strides,
-        STREAM_MISSES=stream_misses, COUNT=count, BLOCK_D=block_d,
-        # Up to 8 items merged a pass, two [BLOCK_S, D] fp32 tiles in flight. 32 a pass at 8
-        # warps (fewer passes for a group spread over ~85 items) measured slower where it
-        # counts on the H200: the all-hit finalize 3.7 -> 6.1 us at batch 1, 6.3 -> 14.9 us
-        # at batch 16 (BENCHMARKS.md 2f).
-        BLOCK_S=min(TUNING.finalize_block_s, max(1, 4096 // block_d)),
-        num_warps=TUNING.finalize_warps,
+    fuse = TUNING.fuse_finalize
+    arrivals = _group_counters(q.device, n_groups) if fuse else group_first
+    # Up to 8 items merged a pass, two [BLOCK_S, D] fp32 tiles in flight. 32 a pass at 8
+    # warps (fewer passes for a group spread over ~85 items) measured slower where it counts
+    # on the H200: the all-hit finalize 3.7 -> 6.1 us at batch 1, 6.3 -> 14.9 us at batch 16
+    # (BENCHMARKS.md 2f).
+    block_s = min(TUNING.finalize_block_s, max(1, 4096 // block_d))
+    ring_strides = (*q_pre.stride(), *ring.q.stride(), *ring.o.stride(), *ring.lse.stride())
+    _attention_kernel[(n_programs,)](
+        q, k, v, positions, key_starts, cand_d, cand_pos, cand_ok,
+        hit, slot, keys_read, group_first, group_items, part_o, part_lse,
+        q_pre, ring.q, ring.o, ring.lse, ring.pos, ring.depth, miss_o, miss_lse, out, counters,
+        arrivals,
+        scale * _LOG2_E, radius2, n_groups, kv_heads, group, head_dim, target_items, n_match,
+        ring_size, offset, sinks, t_min,
+        *q.stride(), *k.stride(), *v.stride(), *part_o.stride(), *part_lse.stride(),
+        *hit.stride(), *ring_strides, *miss_strides, *out.stride(), *counter_strides,
+        STREAM_MISSES=stream_misses, UPCAST=_interpreting(),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_R=block_r, BLOCK_GROUPS=triton.next_power_of_2(n_groups),
+        BLOCK_GP=triton.next_power_of_2(group), FUSE_FINALIZE=fuse, COUNT=count,
+        BLOCK_S=min(block_s, max(1, 2048 // (block_d * triton.next_power_of_2(group)))),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if not fuse:
+        _finalize_kernel[(batch * q_heads,)](
+            q_pre, positions, key_starts, ring.q, ring.o, ring.lse, ring.pos, ring.depth,
+            hit, slot, keys_read, group_first, group_items, part_o, part_lse, miss_o, miss_lse,
+            out, counters, q_heads, group, head_dim, ring_size,
+            *ring_strides, *part_o.stride(), *part_lse.stride(), *miss_strides, *out.stride(),
+            *hit.stride(), *counter_strides,
+            STREAM_MISSES=stream_misses, COUNT=count, BLOCK_D=block_d, BLOCK_S=block_s,
+            num_warps=TUNING.finalize_warps,
+        )
     return out, hit.view(torch.bool), keys_read
 
 
