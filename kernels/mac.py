@@ -6,16 +6,15 @@ The math and the exact semantics (sinks, left padding, chain depth) are those of
 1. ``_match_kernel`` (grid ``(B * Hq, R)``): each program scans ``M / R`` ring slots of one
    query head and keeps its nearest valid entry, with whether that entry may be reused;
    ``R`` spreads the ring read over the SMs when ``B * Hq`` is small.
-2. ``_attention_kernel`` (grid ``(P + 2 B * Hkv,)``): every program first decides every head
-   of the step from the candidates (a few hundred loads from L2, in parallel), which gives each
+2. ``_attention_kernel`` (grid ``(P + B * Hkv,)``): every program first decides every head of
+   the step from the candidates (a few hundred loads from L2, in parallel), which gives each
    (row, KV head) group its union range ``[U, t]`` of keys, and cuts the step's keys into work
-   items of equal size (``_find_item``), none straddling ``E(t)``: about ``P`` items on an
-   all-miss step, cut as the exact decode kernel cuts it; when few groups miss, their long
-   ranges are spread over all the programs instead of waiting on one program per group. A
-   program streams its item once, the group's query heads as the rows of one tile, each
-   masking its own prefix start, into two partial states: prefix ``[start_h, E(t))`` and tail
-   ``[E(t), t]`` (one of them empty; the sinks go to the tail state of the group's first
-   item).
+   items of equal size (``_find_item``): ``P`` items on an all-miss step, cut as the exact
+   decode kernel cuts it; when few groups miss, their long ranges are spread over all the
+   programs instead of waiting on one program per group. A program streams its item once,
+   the group's query heads as the rows of one tile, each masking its own prefix start, into
+   two partial states: prefix ``[start_h, E(t))`` and tail ``[E(t), t]`` (plus the sinks, in
+   the group's first item).
 3. ``_finalize_kernel`` (grid ``(B * Hq,)``): merges each head's item states into ``A`` and
    ``T``, forms ``C = merge(entry j*, A)`` on a hit (``A`` on a miss), writes
    ``(q_pre, C, t, depth)`` to ring slot ``t mod M`` and ``o = merge(C, T)`` in ``q.dtype``, and
@@ -59,12 +58,7 @@ import triton
 import triton.language as tl
 
 from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
-from macopt.kernels.decode import (
-    _group_counters,
-    _interpreting,
-    _launch_config,
-    _multiprocessor_count,
-)
+from macopt.kernels.decode import _interpreting, _launch_config, _multiprocessor_count
 from macopt.kernels.mac_reference import MACRing, threshold
 from macopt.kernels.merge import merge_finish, merge_step
 
@@ -82,13 +76,12 @@ _MATCH_BLOCK_M = 64  # ring slots per tile: 16 KB of bf16 queries at D = 128
 @dataclasses.dataclass
 class StepTuning:
     """Launch choices that change only the step's speed (``macopt.bench.mac_variants`` sweeps
-    them; the defaults are the measured best, BENCHMARKS.md section 2g)."""
+    them; BENCHMARKS.md section 2g)."""
 
-    finalize_block_s: int = 8  # item states the finalize merges a pass
+    # Item states the finalize merges a pass. On the H200, 32 at 4 warps against 8: hit rate
+    # 0.95 -3.2 us a layer at batch 1, 8K (-4.8 at 128K), all-miss -1.3, all-hit +0.7.
+    finalize_block_s: int = 32
     finalize_warps: int = 4
-    # The group's last attention program finalizes it (no third launch); its [S, G, D] merge
-    # tile takes at most 2048 fp32 elements.
-    fuse_finalize: bool = False
 
 
 TUNING = StepTuning()
@@ -200,18 +193,13 @@ def _find_item(
     BLOCK_GP: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """The work plan of this step, computed alike by every program: (group, first item of the
-    group, items of the group, prefix items of the group, keys per item) for work item
-    ``item``, group -1 if none; then that group's per-member ``[BLOCK_GP]`` (hit, slot of j*,
-    first prefix key) and its row's ``t, s0`` (zeros where there is no group).
+    group, items of the group, keys per item) for work item ``item``; group -1 if none.
 
     Every group's range ``[U_g, t_g]`` comes from every head's decision. The step's keys
     ``W = sum_g (t_g + 1 - U_g)`` are cut into items of ``C = ceil(W / target_items)`` keys
-    (whole blocks); group ``g`` gets ``ceil(P_g / C)`` items of its prefix ``[U_g, E(t_g))``,
-    then ``max(1, ceil(T_g / C))`` of its tail ``[E(t_g), t_g]``, so that no item straddles
-    ``E(t)`` (one K/V loop an item: a second loop would refill the load pipeline). An
-    all-miss step is cut about as the exact decode kernel cuts it; when few groups miss,
-    their ranges are spread over all programs instead of one program per group and split.
-    At most ``target_items + 2 * n_groups`` items (each side of a group rounds up once).
+    (whole blocks); group ``g`` gets ``max(1, ceil(L_g / C))`` consecutive items. An all-miss
+    step is cut exactly as the exact decode kernel cuts it; when few groups miss, their ranges
+    are spread over all programs instead of one program per group and split.
     """
     groups = tl.arange(0, BLOCK_GROUPS)
     members = tl.arange(0, BLOCK_GP)
@@ -225,33 +213,21 @@ def _find_item(
     flat_ok = tl.reshape(head_ok, (BLOCK_GROUPS * BLOCK_GP,))
     flat_t = tl.reshape(t[:, None] + members[None, :] * 0, (BLOCK_GROUPS * BLOCK_GP,))
     flat_s0 = tl.reshape(s0[:, None] + members[None, :] * 0, (BLOCK_GROUPS * BLOCK_GP,))
-    hit, slot, start = _decide(cand_d_ptr, cand_pos_ptr, cand_ok_ptr, flat, flat_ok, flat_t,
-                               flat_s0, n_candidates, ring_size, offset, sinks, radius2, t_min,
-                               STREAM_MISSES, BLOCK_R)
+    _, _, start = _decide(cand_d_ptr, cand_pos_ptr, cand_ok_ptr, flat, flat_ok, flat_t, flat_s0,
+                          n_candidates, ring_size, offset, sinks, radius2, t_min, STREAM_MISSES,
+                          BLOCK_R)
     start = tl.reshape(start, (BLOCK_GROUPS, BLOCK_GP))
     union = tl.minimum(tl.min(tl.where(head_ok, start, e_t[:, None]), axis=1), e_t)
-    prefix_len = tl.where(group_ok, e_t - union, 0)
-    tail_len = tl.where(group_ok, t + 1 - e_t, 0)
-    total = tl.sum(prefix_len + tail_len, axis=0)
+    length = tl.where(group_ok, t + 1 - union, 0)
+    total = tl.sum(length, axis=0)
     keys_per_item = tl.cdiv(tl.maximum(tl.cdiv(total, target_items), 1), BLOCK_N) * BLOCK_N
-    prefix_items = tl.cdiv(prefix_len, keys_per_item)
-    items = tl.where(group_ok, prefix_items + tl.maximum(tl.cdiv(tail_len, keys_per_item), 1),
-                     0)
+    items = tl.where(group_ok, tl.maximum(tl.cdiv(length, keys_per_item), 1), 0)
     after = tl.cumsum(items, axis=0)
     mine = group_ok & (after - items <= item) & (item < after)
     owner = tl.max(tl.where(mine, groups, -1), axis=0)
     first = tl.sum(tl.where(mine, after - items, 0), axis=0)
     count = tl.sum(tl.where(mine, items, 0), axis=0)
-    own_prefix_items = tl.sum(tl.where(mine, prefix_items, 0), axis=0)
-    # The owner's own values, picked from the plan's (no second round of loads).
-    owned = mine[:, None] & head_ok
-    hit = tl.max(tl.where(owned, tl.reshape(hit.to(tl.int32), (BLOCK_GROUPS, BLOCK_GP)), 0),
-                 axis=0) != 0
-    slot = tl.sum(tl.where(owned, tl.reshape(slot, (BLOCK_GROUPS, BLOCK_GP)), 0), axis=0)
-    start = tl.sum(tl.where(owned, start, 0), axis=0)
-    own_t = tl.sum(tl.where(mine, t, 0), axis=0)
-    own_s0 = tl.sum(tl.where(mine, s0, 0), axis=0)
-    return owner, first, count, own_prefix_items, keys_per_item, hit, slot, start, own_t, own_s0
+    return owner, first, count, keys_per_item
 
 
 @triton.jit
@@ -295,8 +271,6 @@ def _store_state(
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, t_ptr, s0_ptr, cand_d_ptr, cand_pos_ptr, cand_ok_ptr,
     hit_ptr, slot_ptr, keys_ptr, group_first_ptr, group_items_ptr, part_o_ptr, part_lse_ptr,
-    q_pre_ptr, ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr, ring_depth_ptr, miss_o_ptr,
-    miss_lse_ptr, out_ptr, counters_ptr, arrival_ptr,
     qk_scale_log2, radius2, n_groups, n_kv_heads, group, head_dim, target_items, n_candidates,
     ring_size, offset, sinks, t_min,
     stride_qb, stride_qh, stride_qd,
@@ -305,23 +279,15 @@ def _attention_kernel(
     stride_pw, stride_pi, stride_pg, stride_pd,
     stride_plw, stride_pli, stride_plg,
     stride_db, stride_dh,
-    stride_qpb, stride_qph, stride_qpd,
-    stride_rb, stride_rh, stride_rm, stride_rd,
-    stride_rob, stride_roh, stride_rom, stride_rod,
-    stride_lb, stride_lh, stride_lm,
-    stride_mob, stride_moh, stride_mod, stride_mlb, stride_mlh,
-    stride_outb, stride_outh, stride_outd, stride_cr, stride_ch,
     STREAM_MISSES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_GROUPS: tl.constexpr, BLOCK_GP: tl.constexpr, FUSE_FINALIZE: tl.constexpr,
-    COUNT: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr, BLOCK_GP: tl.constexpr,
 ):
     # A program owns one work item of the plan (_find_item): a run of at most C keys of one
     # (row, KV head) group's range [U, t], read once in [BLOCK_N, D] blocks; the group's query
     # heads are the rows of one [BLOCK_G, D] tile, each masking its own prefix start.
     item = tl.program_id(0)
-    (kv_pid, first_item, n_items, prefix_items, keys_per_item, member_hit, member_slot,
-     member_start, t, s0) = _find_item(
+    kv_pid, first_item, n_items, keys_per_item = _find_item(
         cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, item, n_groups, n_kv_heads, group,
         n_candidates, ring_size, offset, sinks, radius2, t_min, target_items, STREAM_MISSES,
         BLOCK_N, BLOCK_GROUPS, BLOCK_GP, BLOCK_R)
@@ -336,12 +302,13 @@ def _attention_kernel(
     heads = kv_head * group + rows
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
+    t = tl.load(t_ptr + batch)
+    s0 = tl.load(s0_ptr + batch)
     e_t = tl.maximum(t + 1 - offset, s0)
-    # The plan's [BLOCK_GP] member values spread over the tile's [BLOCK_G] rows.
-    spread = rows[:, None] == tl.arange(0, BLOCK_GP)[None, :]
-    hit = tl.max(tl.where(spread, member_hit[None, :], False).to(tl.int32), axis=1) != 0
-    slot = tl.sum(tl.where(spread, member_slot[None, :], 0), axis=1)
-    start = tl.sum(tl.where(spread, member_start[None, :], 0), axis=1)
+    q_heads = n_kv_heads * group
+    hit, slot, start = _decide(
+        cand_d_ptr, cand_pos_ptr, cand_ok_ptr, batch * q_heads + heads, row_ok, t, s0,
+        n_candidates, ring_size, offset, sinks, radius2, t_min, STREAM_MISSES, BLOCK_R)
 
     # The group's first item publishes its heads' decisions and where its items lie.
     decision = batch * stride_db + heads * stride_dh
@@ -356,10 +323,8 @@ def _attention_kernel(
 
     # The union [U, t]: every head's prefix start, and E(t) so the tail is always covered.
     union_start = tl.minimum(tl.min(tl.where(row_ok, start, e_t), axis=0), e_t)
-    in_prefix = part < prefix_items
-    lo = tl.where(in_prefix, union_start + part * keys_per_item,
-                  e_t + (part - prefix_items) * keys_per_item)
-    hi = tl.where(has_item, tl.minimum(lo + keys_per_item, tl.where(in_prefix, e_t, t + 1)), lo)
+    lo = union_start + part * keys_per_item
+    hi = tl.where(has_item, tl.minimum(lo + keys_per_item, t + 1), lo)
 
     q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -394,155 +359,6 @@ def _attention_kernel(
     _store_state(item_o + stride_pw, item_lse + stride_plw, rows * stride_pg, rows * stride_plg,
                  t_max, t_sum, t_acc, dims, dim_ok, row_ok, stride_pd)
 
-    if FUSE_FINALIZE:  # the group's last program to finish finalizes it
-        if has_item:
-            # The barrier puts every thread's stores before the release; the last program to
-            # arrive acquires the group's states, finalizes, re-arms the counter.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(arrival_ptr + kv_pid, 1, sem="acq_rel")
-            if arrived == n_items - 1:
-                members = tl.arange(0, BLOCK_GP)
-                member_ok = members < group
-                member_keys = (tl.maximum(e_t - member_start, 0) + (t + 1 - e_t)
-                               + (tl.minimum(s0 + sinks, e_t) - s0))
-                _finalize_group(
-                    q_pre_ptr, ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr,
-                    ring_depth_ptr, part_o_ptr, part_lse_ptr, miss_o_ptr, miss_lse_ptr, out_ptr,
-                    counters_ptr, batch, kv_head * group + members, member_ok, member_hit,
-                    member_slot, member_keys, first_item, n_items, t, s0, ring_size,
-                    stride_qpb, stride_qph, stride_qpd,
-                    stride_rb, stride_rh, stride_rm, stride_rd,
-                    stride_rob, stride_roh, stride_rom, stride_rod,
-                    stride_lb, stride_lh, stride_lm,
-                    stride_pw, stride_pi, stride_pg, stride_pd,
-                    stride_plw, stride_pli, stride_plg,
-                    stride_mob, stride_moh, stride_mod, stride_mlb, stride_mlh,
-                    stride_outb, stride_outh, stride_outd, stride_cr, stride_ch, dims, dim_ok,
-                    STREAM_MISSES, COUNT, BLOCK_S)
-                tl.store(arrival_ptr + kv_pid, 0)
-
-
-@triton.jit
-def _finalize_group(
-    q_pre_ptr, ring_q_ptr, ring_o_ptr, ring_lse_ptr, ring_pos_ptr, ring_depth_ptr, part_o_ptr,
-    part_lse_ptr, miss_o_ptr, miss_lse_ptr, out_ptr, counters_ptr,
-    batch, heads, member_ok, hit, slot, keys_read, first_item, n_items, t, s0, ring_size,
-    stride_qpb, stride_qph, stride_qpd,
-    stride_rb, stride_rh, stride_rm, stride_rd,
-    stride_rob, stride_roh, stride_rom, stride_rod,
-    stride_lb, stride_lh, stride_lm,
-    stride_pw, stride_pi, stride_pg, stride_pd,
-    stride_plw, stride_pli, stride_plg,
-    stride_mob, stride_moh, stride_mod, stride_mlb, stride_mlh,
-    stride_outb, stride_outh, stride_outd, stride_cr, stride_ch, dims, dim_ok,
-    STREAM_MISSES: tl.constexpr, COUNT: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """The finalize of one (row, KV head) group, its heads ``[GP]`` as the rows of one tile:
-    what ``_finalize_kernel`` does for each head, run by the group's last attention program."""
-    members = tl.arange(0, heads.shape[0])
-    tile_ok = member_ok[:, None] & dim_ok[None, :]
-    ring = batch * stride_lb + heads * stride_lh
-    ring_o = (ring_o_ptr + batch * stride_rob + heads[:, None] * stride_roh
-              + dims[None, :] * stride_rod)
-    q = tl.load(q_pre_ptr + batch * stride_qpb + heads[:, None] * stride_qph
-                + dims[None, :] * stride_qpd, mask=tile_ok)
-    o_j = tl.load(ring_o + slot[:, None] * stride_rom, mask=tile_ok)
-    lse_j = tl.load(ring_lse_ptr + ring + slot * stride_lm, mask=member_ok)
-    depth = tl.where(hit, tl.load(ring_depth_ptr + ring + slot * stride_lm, mask=member_ok) + 1,
-                     0)
-    if STREAM_MISSES:
-        o_j = tl.where(hit[:, None], o_j, 0.0)
-        lse_j = tl.where(hit, lse_j, float("-inf"))
-    else:
-        o_j = tl.where(hit[:, None], o_j, tl.load(
-            miss_o_ptr + batch * stride_mob + heads[:, None] * stride_moh
-            + dims[None, :] * stride_mod, mask=tile_ok))
-        lse_j = tl.where(hit, lse_j, tl.load(miss_lse_ptr + batch * stride_mlb
-                                             + heads * stride_mlh, mask=member_ok))
-    # Online merge of the items' [S, GP(, D)] states, prefix (A) and tail (T) side by side.
-    a_max = tl.full(heads.shape, float("-inf"), tl.float32)
-    a_total = tl.zeros(heads.shape, tl.float32)
-    a_acc = tl.zeros([heads.shape[0], dims.shape[0]], tl.float32)
-    t_max, t_total, t_acc = a_max, a_total, a_acc
-    for first in range(0, n_items, BLOCK_S):
-        parts = first + tl.arange(0, BLOCK_S)
-        ok2 = (parts < n_items)[:, None] & member_ok[None, :]
-        ok3 = ok2[:, :, None] & dim_ok[None, None, :]
-        lse_at = (first_item + parts)[:, None] * stride_pli + members[None, :] * stride_plg
-        o_at = ((first_item + parts)[:, None, None] * stride_pi
-                + members[None, :, None] * stride_pg + dims[None, None, :] * stride_pd)
-        # .cg: the states were written by other programs of this launch
-        a_max, a_total, a_acc = _merge_step_rows(
-            a_max, a_total, a_acc,
-            tl.load(part_lse_ptr + lse_at, mask=ok2, other=float("-inf"), cache_modifier=".cg"),
-            tl.load(part_o_ptr + o_at, mask=ok3, other=0.0, cache_modifier=".cg"))
-        t_max, t_total, t_acc = _merge_step_rows(
-            t_max, t_total, t_acc,
-            tl.load(part_lse_ptr + stride_plw + lse_at, mask=ok2, other=float("-inf"),
-                    cache_modifier=".cg"),
-            tl.load(part_o_ptr + stride_pw + o_at, mask=ok3, other=0.0, cache_modifier=".cg"))
-    o_a, lse_a = _finish_rows(a_max, a_total, a_acc)
-    o_t, lse_t = _finish_rows(t_max, t_total, t_acc)
-    o_c, lse_c = _merge_two_rows(o_a, lse_a, o_j, lse_j)
-    o, _ = _merge_two_rows(o_c, lse_c, o_t, lse_t)
-    tl.store(out_ptr + batch * stride_outb + heads[:, None] * stride_outh
-             + dims[None, :] * stride_outd, o.to(out_ptr.dtype.element_ty), mask=tile_ok)
-
-    tl.debug_barrier()  # j* may be the slot written below (j* = t - M): every read first
-    new_slot = t % ring_size
-    tl.store(ring_q_ptr + batch * stride_rb + heads[:, None] * stride_rh + new_slot * stride_rm
-             + dims[None, :] * stride_rd, q.to(ring_q_ptr.dtype.element_ty), mask=tile_ok)
-    tl.store(ring_o + new_slot * stride_rom, o_c, mask=tile_ok)
-    tl.store(ring_lse_ptr + ring + new_slot * stride_lm, lse_c, mask=member_ok)
-    tl.store(ring_pos_ptr + ring + new_slot * stride_lm, (heads * 0 + t).to(tl.int32),
-             mask=member_ok)
-    tl.store(ring_depth_ptr + ring + new_slot * stride_lm, depth.to(tl.int32), mask=member_ok)
-    if COUNT:
-        counter = counters_ptr + heads * stride_ch
-        tl.atomic_add(counter, hit.to(tl.int64), mask=member_ok, sem="relaxed")
-        tl.atomic_add(counter + stride_cr, keys_read.to(tl.int64), mask=member_ok,
-                      sem="relaxed")
-        tl.atomic_add(counter + 2 * stride_cr, (heads * 0 + t - s0 + 1).to(tl.int64),
-                      mask=member_ok, sem="relaxed")
-        tl.atomic_add(counter + 3 * stride_cr, (heads * 0 + 1).to(tl.int64), mask=member_ok,
-                      sem="relaxed")
-        tl.atomic_add(counter + 4 * stride_cr, (heads * 0 + (batch == 0)).to(tl.int64),
-                      mask=member_ok, sem="relaxed")
-
-
-@triton.jit
-def _merge_step_rows(running_max, total, acc, lse, o):
-    """:func:`merge_step` for a row of states per head: ``lse[S, R]``, ``o[S, R, D]``."""
-    new_max = tl.maximum(running_max, tl.max(lse, axis=0))
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    rescale = tl.exp(running_max - shift)
-    weights = tl.exp(lse - shift[None, :])
-    total = total * rescale + tl.sum(weights, axis=0)
-    acc = acc * rescale[:, None] + tl.sum(weights[:, :, None] * o, axis=0)
-    return new_max, total, acc
-
-
-@triton.jit
-def _finish_rows(running_max, total, acc):
-    """:func:`merge_finish` per row: ``(o[R, D], lse[R])``."""
-    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
-    safe_total = tl.where(total > 0, total, 1.0)
-    lse = tl.where(total > 0, shift + tl.log(safe_total), float("-inf"))
-    return acc / safe_total[:, None], lse
-
-
-@triton.jit
-def _merge_two_rows(o_a, lse_a, o_b, lse_b):
-    """:func:`_merge_two` per row: states ``(o[R, D], lse[R])``."""
-    lse_max = tl.maximum(lse_a, lse_b)
-    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    w_a = tl.exp(lse_a - shift)
-    w_b = tl.exp(lse_b - shift)
-    total = w_a + w_b
-    safe_total = tl.where(total > 0, total, 1.0)
-    lse = tl.where(total > 0, shift + tl.log(safe_total), float("-inf"))
-    return (w_a[:, None] * o_a + w_b[:, None] * o_b) / safe_total[:, None], lse
-
 
 @triton.jit
 def _finalize_kernel(
@@ -572,32 +388,18 @@ def _finalize_kernel(
     member = bh % group
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
-    # Latency-bound: issue every independent load first, then the entry's (which needs the
-    # slot) before the item states', so that their round trips overlap.
-    t = tl.load(t_ptr + batch)
-    q = tl.load(q_pre_ptr + batch * stride_qpb + head * stride_qph + dims * stride_qpd,
-                mask=dim_ok)
+    # Latency-bound: issue every independent load first, the entry's (which needs the slot)
+    # last, so their round trips overlap.
     decision = batch * stride_db + head * stride_dh
     hit = tl.load(hit_ptr + decision) != 0
     slot = tl.load(slot_ptr + decision)
     first_item = tl.load(group_first_ptr + kv_pid)
     n_items = tl.load(group_items_ptr + kv_pid)
+    t = tl.load(t_ptr + batch)
+    q = tl.load(q_pre_ptr + batch * stride_qpb + head * stride_qph + dims * stride_qpd,
+                mask=dim_ok)
     part_o = part_o_ptr + first_item * stride_pi + member * stride_pg
     part_lse = part_lse_ptr + first_item * stride_pli + member * stride_plg
-    # A missed entry may hold anything: its slot is read (in bounds) but never used.
-    ring = batch * stride_lb + head * stride_lh
-    ring_o = ring_o_ptr + batch * stride_rob + head * stride_roh
-    o_j = tl.load(ring_o + slot * stride_rom + dims * stride_rod, mask=dim_ok)
-    lse_j = tl.load(ring_lse_ptr + ring + slot * stride_lm)
-    depth = tl.where(hit, tl.load(ring_depth_ptr + ring + slot * stride_lm) + 1, 0)
-    if STREAM_MISSES:  # a miss reuses nothing
-        o_j = tl.where(hit, o_j, 0.0)
-        lse_j = tl.where(hit, lse_j, float("-inf"))
-    else:  # a miss takes the given prefix state as its entry
-        o_j = tl.where(hit, o_j, tl.load(miss_o_ptr + batch * stride_mob + head * stride_moh
-                                         + dims * stride_mod, mask=dim_ok))
-        lse_j = tl.where(hit, lse_j, tl.load(miss_lse_ptr + batch * stride_mlb
-                                             + head * stride_mlh))
     a_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
     a_total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
     a_acc = tl.zeros([BLOCK_D], tl.float32)
@@ -616,6 +418,20 @@ def _finalize_kernel(
             tl.load(part_lse + stride_plw + parts * stride_pli, mask=part_ok,
                     other=float("-inf")),
             tl.load(part_o + stride_pw + o_offsets, mask=o_ok, other=0.0))
+    # A missed entry may hold anything: its slot is read (in bounds) but never used.
+    ring = batch * stride_lb + head * stride_lh
+    ring_o = ring_o_ptr + batch * stride_rob + head * stride_roh
+    o_j = tl.load(ring_o + slot * stride_rom + dims * stride_rod, mask=dim_ok)
+    lse_j = tl.load(ring_lse_ptr + ring + slot * stride_lm)
+    depth = tl.where(hit, tl.load(ring_depth_ptr + ring + slot * stride_lm) + 1, 0)
+    if STREAM_MISSES:  # a miss reuses nothing
+        o_j = tl.where(hit, o_j, 0.0)
+        lse_j = tl.where(hit, lse_j, float("-inf"))
+    else:  # a miss takes the given prefix state as its entry
+        o_j = tl.where(hit, o_j, tl.load(miss_o_ptr + batch * stride_mob + head * stride_moh
+                                         + dims * stride_mod, mask=dim_ok))
+        lse_j = tl.where(hit, lse_j, tl.load(miss_lse_ptr + batch * stride_mlb
+                                             + head * stride_mlh))
     o_a, lse_a = merge_finish(a_max, a_total, a_acc)
     o_t, lse_t = merge_finish(t_max, t_total, t_acc)
     o_c, lse_c = _merge_two(o_a, lse_a, o_j, lse_j)
@@ -724,7 +540,7 @@ def mac_decode_step(
     n_groups = batch * kv_heads
     config = _launch_config(batch, kv_heads, n_keys, head_dim, group, q.device, k.element_size())
     target_items = n_groups * (num_splits or config.num_splits)
-    n_programs = target_items + 2 * n_groups  # each side of a group rounds up at most once
+    n_programs = target_items + n_groups  # each group rounds its item count up at most once
     block_n = block_n or config.block_n
     ring_size = ring.size
     positions, key_starts = positions.contiguous(), key_starts.contiguous()
@@ -749,48 +565,39 @@ def mac_decode_step(
     block_r = triton.next_power_of_2(n_match)
     radius2 = threshold(head_dim, tau)
 
-    count = counters is not None
-    if count and (counters.dtype != torch.int64 or counters.shape[1] != q_heads):
-        raise ValueError(f"counters: expected int64 [rows, {q_heads}], got {counters.dtype} "
-                         f"{tuple(counters.shape)}")
-    counters = counters if count else hit
-    counter_strides = counters.stride() if count else (0, 0)
-    miss_strides = (0,) * 5 if stream_misses else (*miss_o.stride(), *miss_lse.stride())
-    fuse = TUNING.fuse_finalize
-    arrivals = _group_counters(q.device, n_groups) if fuse else group_first
-    # Up to 8 items merged a pass, two [BLOCK_S, D] fp32 tiles in flight. 32 a pass at 8
-    # warps (fewer passes for a group spread over ~85 items) measured slower where it counts
-    # on the H200: the all-hit finalize 3.7 -> 6.1 us at batch 1, 6.3 -> 14.9 us at batch 16
-    # (BENCHMARKS.md 2f).
-    block_s = min(TUNING.finalize_block_s, max(1, 4096 // block_d))
-    ring_strides = (*q_pre.stride(), *ring.q.stride(), *ring.o.stride(), *ring.lse.stride())
     _attention_kernel[(n_programs,)](
         q, k, v, positions, key_starts, cand_d, cand_pos, cand_ok,
         hit, slot, keys_read, group_first, group_items, part_o, part_lse,
-        q_pre, ring.q, ring.o, ring.lse, ring.pos, ring.depth, miss_o, miss_lse, out, counters,
-        arrivals,
         scale * _LOG2_E, radius2, n_groups, kv_heads, group, head_dim, target_items, n_match,
         ring_size, offset, sinks, t_min,
         *q.stride(), *k.stride(), *v.stride(), *part_o.stride(), *part_lse.stride(),
-        *hit.stride(), *ring_strides, *miss_strides, *out.stride(), *counter_strides,
+        *hit.stride(),
         STREAM_MISSES=stream_misses, UPCAST=_interpreting(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_R=block_r, BLOCK_GROUPS=triton.next_power_of_2(n_groups),
-        BLOCK_GP=triton.next_power_of_2(group), FUSE_FINALIZE=fuse, COUNT=count,
-        BLOCK_S=min(block_s, max(1, 2048 // (block_d * triton.next_power_of_2(group)))),
+        BLOCK_GP=triton.next_power_of_2(group),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if not fuse:
-        _finalize_kernel[(batch * q_heads,)](
-            q_pre, positions, key_starts, ring.q, ring.o, ring.lse, ring.pos, ring.depth,
-            hit, slot, keys_read, group_first, group_items, part_o, part_lse, miss_o, miss_lse,
-            out, counters, q_heads, group, head_dim, ring_size,
-            *ring_strides, *part_o.stride(), *part_lse.stride(), *miss_strides, *out.stride(),
-            *hit.stride(), *counter_strides,
-            STREAM_MISSES=stream_misses, COUNT=count, BLOCK_D=block_d, BLOCK_S=block_s,
-            num_warps=TUNING.finalize_warps,
-        )
+    count = counters is not None
+    if count and (counters.dtype != torch.int64 or counters.shape[1] != q_heads):
+        raise ValueError(f"counters: expected int64 [rows, {q_heads}], got {counters.dtype} "
+                         f"{tuple(counters.shape)}")
+    counter_strides = counters.stride() if count else (0, 0)
+    miss_strides = (0,) * 5 if stream_misses else (*miss_o.stride(), *miss_lse.stride())
+    _finalize_kernel[(batch * q_heads,)](
+        q_pre, positions, key_starts, ring.q, ring.o, ring.lse, ring.pos, ring.depth,
+        hit, slot, keys_read, group_first, group_items, part_o, part_lse, miss_o, miss_lse,
+        out, counters if count else hit,
+        q_heads, group, head_dim, ring_size,
+        *q_pre.stride(), *ring.q.stride(), *ring.o.stride(), *ring.lse.stride(),
+        *part_o.stride(), *part_lse.stride(), *miss_strides, *out.stride(), *hit.stride(),
+        *counter_strides,
+        STREAM_MISSES=stream_misses, COUNT=count, BLOCK_D=block_d,
+        # Two [BLOCK_S, D] fp32 tiles in flight (BENCHMARKS.md 2f, 2g).
+        BLOCK_S=min(TUNING.finalize_block_s, max(1, 4096 // block_d)),
+        num_warps=TUNING.finalize_warps,
+    )
     return out, hit.view(torch.bool), keys_read
 
 

@@ -6,7 +6,7 @@ section 2g, not a ``macopt bench`` sub-command.
 For each case (batch, context) it captures the steps of several independent layers in one CUDA
 graph, as ``profile_steps mac-stack`` does, and prints the per-layer replay median of the exact
 decode and of MAC at forced hit rates 1 / 0.95 / 0 under every :class:`StepTuning` variant (the
-finalize's items a pass, the finalize fused into the attention launch). Before timing, each variant's step on the first layer is checked
+finalize's items a pass). Before timing, each variant's step on the first layer is checked
 against the first variant's (outputs, ring entries, decisions, keys read).
 """
 
@@ -27,7 +27,6 @@ VARIANTS = {
     "S8": mac.StepTuning(finalize_block_s=8),
     "S16": mac.StepTuning(finalize_block_s=16),
     "S32": mac.StepTuning(finalize_block_s=32),
-    "fused": mac.StepTuning(fuse_finalize=True),
 }
 CASES = [(1, 8192), (2, 8192), (1, 32768), (1, 131072), (16, 131072)]
 RATES = (1.0, 0.95, 0.0)
