@@ -76,7 +76,7 @@ _MATCH_BLOCK_M = 64  # ring slots per tile: 16 KB of bf16 queries at D = 128
 @dataclasses.dataclass
 class StepTuning:
     """Launch choices that change only the step's speed (``macopt.bench.mac_variants`` sweeps
-    them; BENCHMARKS.md section 2g)."""
+    them; BENCHMARKS.md section 2h)."""
 
     # Item states the finalize merges a pass. On the H200, 32 at 4 warps against 8: hit rate
     # 0.95 -3.2 us a layer at batch 1, 8K (-4.8 at 128K), all-miss -1.3, all-hit +0.7.
@@ -594,7 +594,7 @@ def mac_decode_step(
         *part_o.stride(), *part_lse.stride(), *miss_strides, *out.stride(), *hit.stride(),
         *counter_strides,
         STREAM_MISSES=stream_misses, COUNT=count, BLOCK_D=block_d,
-        # Two [BLOCK_S, D] fp32 tiles in flight (BENCHMARKS.md 2f, 2g).
+        # Two [BLOCK_S, D] fp32 tiles in flight (BENCHMARKS.md 2f, 2h).
         BLOCK_S=min(TUNING.finalize_block_s, max(1, 4096 // block_d)),
         num_warps=TUNING.finalize_warps,
     )

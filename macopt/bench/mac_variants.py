@@ -1,5 +1,5 @@
 """MAC decode-step launch variants on the GPU (CUDA only): a profiling aid behind BENCHMARKS.md
-section 2g, not a ``macopt bench`` sub-command.
+section 2h, not a ``macopt bench`` sub-command.
 
     python -m macopt.bench.mac_variants [--json FILE]
 
