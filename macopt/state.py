@@ -1,4 +1,4 @@
-"""Per-site state of stateful methods (MAC rings; later Top-K+phi summaries), by site id.
+"""Per-site state of stateful methods (MAC rings, Top-K + phi summaries), by site id.
 
 The graph passes bake an integer site id into every rewritten graph (one per attention
 module, see :mod:`macopt.passes.scope`); the ops look their state up here. Site ids are never
@@ -6,8 +6,10 @@ reused, and a module's state is released when the module is garbage collected, s
 never starts from a dead one's state. A site's state is allocated once, at its first use (a
 warm-up step, outside any CUDA-graph capture), and never moves afterwards, so graphs captured
 later keep valid addresses. Allocating while a CUDA graph is being captured is refused with
-an error instead. Each site also holds device-side counters that its ops update in place (no
-host sync); :func:`macopt.stats` reads them.
+an error instead, and so is reallocating a state that a captured graph reads (another spec: a
+new prompt length into a dynamic cache, another batch capacity). Each site also holds
+device-side counters that its ops update in place (no host sync); :func:`macopt.stats` reads
+them.
 
 >>> state = site_state(7, "demo", ("spec",), lambda: ([torch.zeros(3)], torch.zeros(2)))
 >>> site_state(7, "demo", ("spec",), lambda: None) is state  # same spec: the same buffers
@@ -36,6 +38,7 @@ class SiteState:
     spec: tuple  # shapes, dtype, device, capacity: a different spec reallocates
     buffers: Any
     counters: Tensor  # int64, updated in place by the ops
+    captured: bool = False  # a CUDA graph was recorded reading these buffers: they must stay
 
     def nbytes(self) -> int:
         """Bytes held by the buffers and counters."""
@@ -53,20 +56,44 @@ def site_state(
     when ``spec`` changed (a re-optimized model, another dtype or device)."""
     state = _STATES.get(site_id)
     if state is not None and state.method == method and state.spec == spec:
+        note_capture(state)
         return state
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if capturing():
         raise RuntimeError(
             f"macopt: the state of attention site {site_id} would be allocated during CUDA-graph "
             "capture, where its address would not survive. Run one step of the optimized model "
             "before capturing (torch.compile's mode='reduce-overhead' does this warm-up itself).")
+    if state is not None and state.captured:
+        # The graph would go on reading the old buffers' freed memory: refuse, loudly.
+        raise RuntimeError(
+            f"macopt: attention site {site_id}'s {state.method} state was recorded into a CUDA "
+            f"graph, and this call needs it reallocated for another shape ({state.spec} -> "
+            f"{spec}). Replaying that graph would read freed memory. Keep the state's shape "
+            "fixed across sequences: a static cache (its length, not the prompt's, sizes the "
+            "Top-K + phi state) and one batch capacity; or optimize and compile a fresh model.")
     buffers, counters = allocate()
     _STATES[site_id] = SiteState(method, spec, buffers, counters)
     return _STATES[site_id]
 
 
 def get(site_id: int) -> SiteState | None:
-    """The state of ``site_id`` if it was allocated, else None."""
-    return _STATES.get(site_id)
+    """The state of ``site_id`` if it was allocated, else None (an op about to read it)."""
+    state = _STATES.get(site_id)
+    if state is not None:
+        note_capture(state)
+    return state
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def note_capture(state: SiteState) -> None:
+    """Mark ``state`` as read by a CUDA graph when the caller runs under capture: from then on
+    a different spec is refused instead of reallocated (:func:`site_state`)."""
+    if capturing():
+        state.captured = True
 
 
 def release(site_id: int) -> None:
