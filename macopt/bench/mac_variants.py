@@ -13,14 +13,13 @@ against the first variant's (outputs, ring entries, decisions, keys read).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 
 import torch
 
-from macopt.bench import decode, profile_steps, timing
 from macopt.bench import mac as bench_mac
+from macopt.bench import profile_steps, timing
 from macopt.kernels import mac
 
 VARIANTS = {
@@ -60,20 +59,10 @@ def _check(layer, rate: float) -> dict[str, float]:
 
 
 def run(rows: list[dict]) -> None:
-    config = bench_mac.MACBenchConfig(device="cuda")
-    kv_gib = 24
     for batch, context in CASES:
-        per_layer_gib = 2 * batch * 8 * context * 128 * 2 / 2**30
-        n = max(1, min(16, int(kv_gib // per_layer_gib)))
-        layers = [bench_mac.make_layer(dataclasses.replace(config, seed=i), batch, context)
-                  for i in range(n)]
-        case = f"b{batch} {context // 1024}K x{n}"
-        inputs = [decode.DecodeInputs(x.q, x.k, x.v, x.starts, x.positions + 1, x.scale)
-                  for x in layers]
-        shape = decode.LayerShape(batch, context, **profile_steps.LAYER)
-        attend = decode._build_macopt(shape, inputs[0])
-        _record(rows, case, "exact", n,
-                lambda attend=attend, inputs=inputs: [attend(x) for x in inputs])
+        case, layers, exact = profile_steps.stacked_layers(batch, context)
+        n = len(layers)
+        _record(rows, case, "exact", n, exact)
         for rate in RATES:
             worst = _check(layers[0], rate)
             print(f"{case:14s} h{rate}: worst |variant - base| {worst}", flush=True)
@@ -85,7 +74,7 @@ def run(rows: list[dict]) -> None:
                 _record(rows, case, f"mac h{rate} {name}", n,
                         lambda rings=rings, layers=layers: _steps(layers, rings))
             mac.TUNING = mac.StepTuning()
-        del layers, inputs
+        del layers, exact
         torch.cuda.empty_cache()
 
 

@@ -88,23 +88,30 @@ def _mac_case(rows: list[dict], layer, batch: int, context: int) -> None:
             _record(rows, case, f"mac h{rate} sp{splits}", step)
 
 
+def stacked_layers(batch: int, context: int, kv_gib: float = 24):
+    """Up to 16 independent MAC bench layers whose K/V take about ``kv_gib`` together: (case
+    name, layers, the exact decode over all of them)."""
+    from macopt.bench import mac as bench_mac
+
+    config = bench_mac.MACBenchConfig(device="cuda")
+    per_layer_gib = 2 * batch * 8 * context * 128 * 2 / 2**30
+    n = max(1, min(16, int(kv_gib // per_layer_gib)))
+    layers = [bench_mac.make_layer(dataclasses.replace(config, seed=i), batch, context)
+              for i in range(n)]
+    inputs = [decode.DecodeInputs(x.q, x.k, x.v, x.starts, x.positions + 1, x.scale)
+              for x in layers]
+    attend = decode._build_macopt(decode.LayerShape(batch, context, **LAYER), inputs[0])
+    return f"b{batch} {context // 1024}K x{n}", layers, lambda: [attend(x) for x in inputs]
+
+
 def profile_mac_stack(rows: list[dict]) -> None:
     from macopt.bench import mac as bench_mac
     from macopt.kernels import mac
 
-    config = bench_mac.MACBenchConfig(device="cuda")
-    kv_gib = 24  # K/V of all stacked layers of a case
     for batch, context in [(1, 8192), (1, 32768), (1, 131072), (16, 131072)]:
-        per_layer_gib = 2 * batch * 8 * context * 128 * 2 / 2**30
-        n = max(1, min(16, int(kv_gib // per_layer_gib)))
-        layers = [bench_mac.make_layer(dataclasses.replace(config, seed=i), batch, context)
-                  for i in range(n)]
-        case = f"b{batch} {context // 1024}K x{n}"
-        inputs = [decode.DecodeInputs(x.q, x.k, x.v, x.starts, x.positions + 1, x.scale)
-                  for x in layers]
-        attend = decode._build_macopt(decode.LayerShape(batch, context, **LAYER), inputs[0])
-        _record_stack(rows, case, "exact", n,
-                      lambda attend=attend, inputs=inputs: [attend(x) for x in inputs])
+        case, layers, exact = stacked_layers(batch, context)
+        n = len(layers)
+        _record_stack(rows, case, "exact", n, exact)
         for rate in (1.0, 0.95, 0.0):
             rings = [bench_mac.forced_ring(x, 512, rate, seed=i) for i, x in enumerate(layers)]
 
@@ -114,7 +121,7 @@ def profile_mac_stack(rows: list[dict]) -> None:
                                             max_depth=16)
                         for x, ring in zip(layers, rings, strict=True)]
             _record_stack(rows, case, f"mac h{rate}", n, steps)
-        del layers, inputs
+        del layers, exact
         torch.cuda.empty_cache()
 
 
