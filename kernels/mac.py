@@ -81,7 +81,6 @@ class StepTuning:
     # Item states the finalize merges a pass. On the H200, 32 at 4 warps against 8: hit rate
     # 0.95 -3.2 us a layer at batch 1, 8K (-4.8 at 128K), all-miss -1.3, all-hit +0.7.
     finalize_block_s: int = 32
-    finalize_warps: int = 4
 
 
 TUNING = StepTuning()
@@ -114,21 +113,20 @@ def _match_kernel(
     q = tl.load(q_pre_ptr + batch * stride_qb + head * stride_qh + dims * stride_qd,
                 mask=dim_ok, other=0.0).to(tl.float32)
     ring_q = ring_q_ptr + batch * stride_rb + head * stride_rh
-    ring_pos = ring_pos_ptr + batch * stride_pb + head * stride_ph
+    ring_meta = batch * stride_pb + head * stride_ph  # pos, lse, depth share one layout
 
     # One round trip a tile: every slot's position, query, lse and depth are loaded together
     # (an invalid slot's values are read and ignored), so no load waits on another's result.
-    ring_meta = batch * stride_pb + head * stride_ph
     best_d = tl.min(tl.full([BLOCK_M], float("inf"), tl.float32), axis=0)
     best_pos = tl.min(tl.full([BLOCK_M], -1, tl.int32), axis=0)
-    best_usable = best_pos > 0  # False
+    best_usable = best_pos >= 0  # False: no candidate yet
     first = part * slots_per_program
     last = tl.minimum(first + slots_per_program, ring_size)
     last = tl.where(t - s0 >= t_min, last, first)  # a row below t_min cannot hit: read nothing
     for tile_start in range(first, last, BLOCK_M):
         slots = tile_start + tl.arange(0, BLOCK_M)
         in_run = slots < last
-        pos = tl.load(ring_pos + slots * stride_pm, mask=in_run, other=-1)
+        pos = tl.load(ring_pos_ptr + ring_meta + slots * stride_pm, mask=in_run, other=-1)
         x = tl.load(ring_q + slots[:, None] * stride_rm + dims[None, :] * stride_rd,
                     mask=in_run[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
         lse = tl.load(ring_lse_ptr + ring_meta + slots * stride_pm, mask=in_run,
@@ -596,7 +594,7 @@ def mac_decode_step(
         STREAM_MISSES=stream_misses, COUNT=count, BLOCK_D=block_d,
         # Two [BLOCK_S, D] fp32 tiles in flight (BENCHMARKS.md 2f, 2h).
         BLOCK_S=min(TUNING.finalize_block_s, max(1, 4096 // block_d)),
-        num_warps=TUNING.finalize_warps,
+        num_warps=4,
     )
     return out, hit.view(torch.bool), keys_read
 

@@ -85,8 +85,9 @@ def get(site_id: int) -> SiteState | None:
 
 
 def capturing() -> bool:
-    """Whether the current CUDA stream is being captured into a graph."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    """Whether the current CUDA stream is being captured into a graph (called on every op's
+    state lookup: without an initialized CUDA context it asks nothing of the driver)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def note_capture(state: SiteState) -> None:
