@@ -51,7 +51,6 @@ hit needs no Top-K + phi state): :func:`match_candidates` runs the match launch 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import torch
 import triton
@@ -59,7 +58,7 @@ import triton.language as tl
 
 from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
 from macopt.kernels.decode import _interpreting, _launch_config, _multiprocessor_count
-from macopt.kernels.mac_reference import MACRing, threshold
+from macopt.kernels.mac_reference import MACRing, MatchCandidates, threshold
 from macopt.kernels.merge import merge_finish, merge_step
 
 Tensor = torch.Tensor
@@ -599,40 +598,49 @@ def mac_decode_step(
     return out, hit.view(torch.bool), keys_read
 
 
-class MatchCandidates(NamedTuple):
-    """The match launch's result, ``[B, Hq, R]`` per (row, query head) and ring part: the
-    nearest valid entry's fp32 squared distance, position (-1: none) and whether it may be
-    reused (finite lse, depth below the bound)."""
-
-    d: Tensor
-    pos: Tensor
-    ok: Tensor
-
-
 def match_candidates(
     q_pre: Tensor, ring: MACRing, positions: Tensor, key_starts: Tensor, *, t_min: int,
-    max_depth: int, match_programs: int | None = None,
+    max_depth: int, match_programs: int | None = None, out: MatchCandidates | None = None,
 ) -> MatchCandidates:
     """The match launch of :func:`mac_decode_step` on its own: each head's nearest entry per
-    ring part. ``mac_decode_step(..., candidates=...)`` then skips its own match."""
+    ring part. ``mac_decode_step(..., candidates=...)`` then skips its own match. ``out``:
+    buffers from :func:`empty_candidates` to write into (nothing is allocated then: the launch
+    may go to another stream than the one that owns the memory)."""
+    n_match, slots_per_program, block_m = _match_layout(q_pre, ring.size, match_programs)
+    found = out if out is not None else empty_candidates(q_pre, ring.size, match_programs)
     batch, q_heads, head_dim = q_pre.shape
-    ring_size = ring.size
-    n_match = match_programs or _match_programs(batch, q_heads, ring_size, q_pre.device)
-    block_m = min(_MATCH_BLOCK_M, triton.next_power_of_2(triton.cdiv(ring_size, n_match)))
-    slots_per_program = triton.cdiv(triton.cdiv(ring_size, n_match), block_m) * block_m
-    n_match = triton.cdiv(ring_size, slots_per_program)  # no program without a slot
-    found = MatchCandidates(*(_new_empty(batch, q_heads, n_match, dtype=dtype,
-                                         device=q_pre.device)
-                              for dtype in (torch.float32, torch.int32, torch.uint8)))
+    if found.d.shape != (batch, q_heads, n_match):
+        raise ValueError(f"out: expected [{batch}, {q_heads}, {n_match}] buffers "
+                         f"(empty_candidates), got {tuple(found.d.shape)}")
+    # (contiguous() copies only what is not: callers on a side stream pass contiguous ones.)
     _match_kernel[(batch * q_heads, n_match)](
         q_pre, ring.q, ring.pos, ring.lse, ring.depth, positions.contiguous(),
         key_starts.contiguous(), *found,
-        q_heads, ring_size, head_dim, slots_per_program, t_min, max_depth,
+        q_heads, ring.size, head_dim, slots_per_program, t_min, max_depth,
         *q_pre.stride(), *ring.q.stride(), *ring.pos.stride(),
         BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=8,  # 8 warps: half the registers a thread
     )
     return found
+
+
+def empty_candidates(q_pre: Tensor, ring_size: int,
+                     match_programs: int | None = None) -> MatchCandidates:
+    """Unwritten buffers for :func:`match_candidates` of ``q_pre[B, Hq, D]``."""
+    n_match = _match_layout(q_pre, ring_size, match_programs)[0]
+    batch, q_heads, _ = q_pre.shape
+    return MatchCandidates(*(_new_empty(batch, q_heads, n_match, dtype=dtype, device=q_pre.device)
+                             for dtype in (torch.float32, torch.int32, torch.uint8)))
+
+
+def _match_layout(q_pre: Tensor, ring_size: int,
+                  match_programs: int | None) -> tuple[int, int, int]:
+    """(ring parts R, slots a part, slots a tile) of the match launch."""
+    batch, q_heads, _ = q_pre.shape
+    n_match = match_programs or _match_programs(batch, q_heads, ring_size, q_pre.device)
+    block_m = min(_MATCH_BLOCK_M, triton.next_power_of_2(triton.cdiv(ring_size, n_match)))
+    slots_per_program = triton.cdiv(triton.cdiv(ring_size, n_match), block_m) * block_m
+    return triton.cdiv(ring_size, slots_per_program), slots_per_program, block_m  # no empty part
 
 
 @triton.jit

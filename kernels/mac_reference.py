@@ -21,6 +21,7 @@ reused entry never double counts them, and they are attended with the current qu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -174,18 +175,25 @@ class Match:
     start: Tensor  # first prefix key this step attends: E(j*) on a hit, s0 + F on a miss
 
 
-def match(
-    q_pre: Tensor, ring: MACRing, t: Tensor, s0: Tensor, *, offset: int, sinks: int, tau: float,
-    t_min: int, max_depth: int, stream_misses: bool = True,
-) -> Match:
-    """Nearest valid entry (ties: the older) and whether it may be reused.
+class MatchCandidates(NamedTuple):
+    """What a match found, per (row, query head) and part of the ring, ``[B, Hq, R]``: the
+    nearest valid entry's fp32 squared distance, its position (-1: none) and whether it may be
+    reused (finite lse, depth below the bound). :func:`decide` gives the same decision for any
+    split of the ring into parts, so the Triton match (``R`` parts, a row below ``t_min`` reads
+    nothing) and :func:`nearest_entries` (one part) are interchangeable."""
 
-    Valid entries have positions in ``[max(t - M, s0), t)``. A hit needs the fp32 squared L2
-    distance of the pre-RoPE queries below :func:`threshold`, ``t - s0 >= t_min``, a finite
-    entry lse and an entry depth below ``max_depth``. ``stream_misses`` False: a miss streams
-    no prefix (its start is ``E(t)``; the caller brings the prefix state).
-    """
-    ring_size, head_dim = ring.size, q_pre.shape[-1]
+    d: Tensor  # float32
+    pos: Tensor  # int32
+    ok: Tensor  # uint8
+
+
+def nearest_entries(q_pre: Tensor, ring: MACRing, t: Tensor, s0: Tensor, *,
+                    max_depth: int) -> MatchCandidates:
+    """Each head's nearest valid entry (ties: the older) as one-part candidates ``[B, Hq, 1]``.
+
+    Valid entries have positions in ``[max(t - M, s0), t)``."""
+    ring_size = ring.size
+    t, s0 = t.to(q_pre.device).long(), s0.to(q_pre.device).long()
     dist = ((ring.q.float() - q_pre.float()[:, :, None, :]) ** 2).sum(-1)  # [B, Hq, M]
     pos = ring.pos.long()
     lowest = torch.maximum(t - ring_size, s0)[:, None, None]
@@ -195,23 +203,53 @@ def match(
     nearest = valid & (dist == best)
     j_star = torch.where(nearest, pos, torch.iinfo(torch.int64).max).min(dim=-1).values
     found = nearest.any(dim=-1)
-    j_star = torch.where(found, j_star, 0)
-    slot = j_star % ring_size
+    slot = torch.where(found, j_star, 0) % ring_size
+    usable = (torch.isfinite(_gather_slot(ring.lse, slot))
+              & (_gather_slot(ring.depth, slot) < max_depth) & found)
+    return MatchCandidates(d=best, pos=torch.where(found, j_star, -1).to(torch.int32)[..., None],
+                           ok=usable.to(torch.uint8)[..., None])
 
-    lse_j = ring.lse.gather(-1, slot[..., None])[..., 0]
-    depth_j = ring.depth.gather(-1, slot[..., None])[..., 0]
-    hit = (
-        found
-        & (best[..., 0] < threshold(head_dim, tau))
-        & ((t - s0) >= t_min)[:, None]
-        & torch.isfinite(lse_j)
-        & (depth_j < max_depth)
-    )
+
+def decide(
+    candidates: MatchCandidates, t: Tensor, s0: Tensor, *, ring_size: int, head_dim: int,
+    offset: int, sinks: int, tau: float, t_min: int, stream_misses: bool = True,
+) -> Match:
+    """The step's decision from match candidates: the nearest entry over all parts (ties: the
+    older) hits when it may be reused, its distance is below :func:`threshold` and
+    ``t - s0 >= t_min``. ``stream_misses`` False: a miss streams no prefix (its start is
+    ``E(t)``; the caller brings the prefix state)."""
+    t, s0 = t.to(candidates.d.device).long(), s0.to(candidates.d.device).long()
+    dist, pos = candidates.d, candidates.pos.long()
+    best = dist.min(dim=-1, keepdim=True).values
+    nearest = (dist == best) & (pos >= 0)
+    j_star = torch.where(nearest, pos, torch.iinfo(torch.int64).max).min(dim=-1).values
+    found = nearest.any(dim=-1)
+    reusable = (nearest & (pos == j_star[..., None]) & (candidates.ok != 0)).any(dim=-1)
+    j_star = torch.where(found, j_star, 0)
+    hit = (found & reusable & (best[..., 0] < threshold(head_dim, tau))
+           & ((t - s0) >= t_min)[:, None])
     first_prefix = (s0 + sinks)[:, None]
     miss_start = first_prefix if stream_misses else prefix_end(t, s0, offset)[:, None]
     start = torch.where(hit, torch.maximum(prefix_end(j_star, s0[:, None], offset), first_prefix),
                         miss_start)
-    return Match(hit=hit, slot=slot, start=start)
+    return Match(hit=hit, slot=j_star % ring_size, start=start)
+
+
+def match(
+    q_pre: Tensor, ring: MACRing, t: Tensor, s0: Tensor, *, offset: int, sinks: int, tau: float,
+    t_min: int, max_depth: int, stream_misses: bool = True,
+) -> Match:
+    """Nearest valid entry (ties: the older) and whether it may be reused: :func:`decide` on
+    :func:`nearest_entries`.
+
+    Valid entries have positions in ``[max(t - M, s0), t)``. A hit needs the fp32 squared L2
+    distance of the pre-RoPE queries below :func:`threshold`, ``t - s0 >= t_min``, a finite
+    entry lse and an entry depth below ``max_depth``. ``stream_misses`` False: a miss streams
+    no prefix (its start is ``E(t)``; the caller brings the prefix state).
+    """
+    found = nearest_entries(q_pre, ring, t, s0, max_depth=max_depth)
+    return decide(found, t, s0, ring_size=ring.size, head_dim=q_pre.shape[-1], offset=offset,
+                  sinks=sinks, tau=tau, t_min=t_min, stream_misses=stream_misses)
 
 
 def _gather_slot(x: Tensor, slot: Tensor) -> Tensor:
@@ -226,6 +264,7 @@ def mac_decode_step(
     key_starts: Tensor, scale: float, *, offset: int, sinks: int = 0, tau: float,
     t_min: int, max_depth: int, compute_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None, miss_prefix: tuple[Tensor, Tensor] | None = None,
+    candidates: MatchCandidates | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MAC decode step; updates ``ring`` in place (slot ``t mod M``).
 
@@ -238,14 +277,19 @@ def mac_decode_step(
     ``[s0 + F, E(t))`` computed by another method (e.g. Top-K + phi). A missing head then takes
     it as its prefix state instead of attending the prefix (and writes it to the ring); its
     ``keys_read`` counts only what this step read (tail and sinks). Hits are unchanged.
+    ``candidates``: this step's match, when the caller ran it already (:func:`nearest_entries`
+    or the Triton match launch); the decision is then taken from them.
 
     >>> o, hit, keys = mac_decode_step(q, q_pre, k, v, ring, t, s0, 0.125, offset=256,
     ...                                tau=0.45, t_min=2048, max_depth=4)
     """
     t = positions.to(q.device).long()
     s0 = key_starts.to(q.device).long()
-    found = match(q_pre, ring, t, s0, offset=offset, sinks=sinks, tau=tau, t_min=t_min,
-                  max_depth=max_depth, stream_misses=miss_prefix is None)
+    if candidates is None:
+        candidates = nearest_entries(q_pre, ring, t, s0, max_depth=max_depth)
+    found = decide(candidates, t, s0, ring_size=ring.size, head_dim=q_pre.shape[-1],
+                   offset=offset, sinks=sinks, tau=tau, t_min=t_min,
+                   stream_misses=miss_prefix is None)
     e_t = prefix_end(t, s0, offset)[:, None].expand_as(found.start)  # [B, Hq]
     keys = torch.arange(k.shape[2], device=q.device)
 

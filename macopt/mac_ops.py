@@ -1,12 +1,18 @@
-"""MAC-Attention ops (``torch.ops.macopt.mac_decode`` / ``mac_prefill``): what the ``mac``
-rewrites insert. CPU runs the reference (:mod:`macopt.kernels.mac_reference`), CUDA the Triton
-step (:mod:`macopt.kernels.mac`); ``MACOPT_CPU_KERNELS=triton`` as in :mod:`macopt.ops`.
+"""MAC-Attention ops (``torch.ops.macopt.mac_match`` + ``mac_decode_matched``, ``mac_decode``,
+``mac_prefill``): what the ``mac`` rewrites insert. CPU runs the reference
+(:mod:`macopt.kernels.mac_reference`), CUDA the Triton step (:mod:`macopt.kernels.mac`);
+``MACOPT_CPU_KERNELS=triton`` as in :mod:`macopt.ops`.
 
-Both ops keep hidden state: the ring of the attention site named by ``site_id`` (a graph
+Every op keeps hidden state: the ring of the attention site named by ``site_id`` (a graph
 constant, see :mod:`macopt.state`). They are declared functional (``mutates_args=()``) because
 the ring is not a graph value; what keeps compilers from dropping or merging them is that each
 returns a fresh tensor the graph uses, and that no two calls share arguments (site ids
 differ). ``batch_capacity`` 0 means: the batch of the first call.
+
+The decode step comes whole (``mac_decode``) or in two ops: ``mac_match`` (the match, which
+needs only the pre-RoPE query: the pass puts it right after the query projection, and on CUDA
+it runs on a side stream, :mod:`macopt.side_stream`) and ``mac_decode_matched`` (the rest of
+the step, from the match's candidates). Both forms compute the same step.
 
 >>> o = torch.ops.macopt.mac_decode(q, q_pre, k, v, t, s0, 0.125, 0, 512, 256, 0, 0.45,
 ...                                 2048, 16, 0)  # doctest: +SKIP
@@ -16,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from macopt import mac_state
+from macopt import mac_state, side_stream
 from macopt.kernels import mac_counters, mac_reference
-from macopt.kernels.mac_reference import MACRing
+from macopt.kernels.mac_reference import MACRing, MatchCandidates
 from macopt.ops import _use_triton
 from macopt.validation import check_decode_inputs
 
@@ -60,6 +66,83 @@ def mac_decode(
 @mac_decode.register_fake
 def _(q, q_pre, k, v, positions, key_starts, scale, site_id, ring_size, offset, sinks, tau,
       t_min, max_depth, batch_capacity):
+    _check_decode(q, q_pre, k, v, positions, key_starts)
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("macopt::mac_match", mutates_args=())
+def mac_match(
+    q_pre: Tensor, positions: Tensor, key_starts: Tensor, site_id: int, ring_size: int,
+    t_min: int, max_depth: int, batch_capacity: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The match of a MAC decode step (:class:`MatchCandidates` ``d, pos, ok[B, Hq, R]``) on
+    the site's ring as it is before this step; :func:`mac_decode_matched` takes the rest. On
+    CUDA it is launched on the side stream (:mod:`macopt.side_stream`)."""
+    _check_match(q_pre, positions, key_starts)
+    ring, _ = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
+    if not _use_triton(q_pre.device):
+        return tuple(mac_reference.nearest_entries(q_pre, ring, positions, key_starts,
+                                                   max_depth=max_depth))
+    from macopt.kernels import mac
+
+    positions, key_starts = positions.contiguous(), key_starts.contiguous()
+    # Allocated before the fork: the side stream allocates nothing.
+    found = mac.empty_candidates(q_pre, ring_size)
+    with side_stream.forked(q_pre.device, q_pre, positions, key_starts):
+        mac.match_candidates(q_pre, ring, positions, key_starts, t_min=t_min,
+                             max_depth=max_depth, out=found)
+    return tuple(found)
+
+
+@mac_match.register_fake
+def _(q_pre, positions, key_starts, site_id, ring_size, t_min, max_depth, batch_capacity):
+    _check_match(q_pre, positions, key_starts)
+    if _use_triton(q_pre.device):
+        from macopt.kernels import mac
+
+        return tuple(mac.empty_candidates(q_pre, ring_size))
+    batch, q_heads, _ = q_pre.shape
+    return tuple(q_pre.new_empty(batch, q_heads, 1, dtype=dtype)
+                 for dtype in (torch.float32, torch.int32, torch.uint8))
+
+
+def _check_match(q_pre: Tensor, positions: Tensor, key_starts: Tensor) -> None:
+    if q_pre.dim() != 3:
+        raise ValueError(f"q_pre: expected [B, Hq, D], got {tuple(q_pre.shape)}")
+    for name, t in (("positions", positions), ("key_starts", key_starts)):
+        if t.shape != (q_pre.shape[0],):
+            raise ValueError(f"{name}: expected shape ({q_pre.shape[0]},), got {tuple(t.shape)}")
+
+
+@torch.library.custom_op("macopt::mac_decode_matched", mutates_args=())
+def mac_decode_matched(
+    q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_starts: Tensor,
+    cand_d: Tensor, cand_pos: Tensor, cand_ok: Tensor, scale: float, site_id: int,
+    ring_size: int, offset: int, sinks: int, tau: float, t_min: int, max_depth: int,
+    batch_capacity: int,
+) -> Tensor:
+    """:func:`mac_decode` given this step's :func:`mac_match` (its three tensors, in order):
+    the same step, without its own match."""
+    _check_decode(q, q_pre, k, v, positions, key_starts)
+    ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
+    candidates = MatchCandidates(cand_d, cand_pos, cand_ok)
+    params = dict(offset=offset, sinks=sinks, tau=tau, t_min=t_min, max_depth=max_depth)
+    if _use_triton(q.device):
+        from macopt.kernels import mac
+
+        side_stream.join(q.device)  # the match ran on the side stream
+        o, _, _ = mac.mac_decode_step(q, q_pre, k, v, ring, positions, key_starts, scale,
+                                      counters=counters, candidates=candidates, **params)
+    else:
+        o, hit, keys_read = mac_reference.mac_decode_step(
+            q, q_pre, k, v, ring, positions, key_starts, scale, candidates=candidates, **params)
+        mac_counters.count_decode_reference_(counters, hit, keys_read, positions, key_starts)
+    return o
+
+
+@mac_decode_matched.register_fake
+def _(q, q_pre, k, v, positions, key_starts, cand_d, cand_pos, cand_ok, scale, site_id,
+      ring_size, offset, sinks, tau, t_min, max_depth, batch_capacity):
     _check_decode(q, q_pre, k, v, positions, key_starts)
     return torch.empty_like(q)
 

@@ -16,7 +16,14 @@ import torch
 from torch.fx import Graph, Node
 
 from macopt.kernels.limits import MAX_GQA_GROUP, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
-from macopt.passes.graph_utils import aten, fake, is_call, static_int, statically_equals
+from macopt.passes.graph_utils import (
+    INSERTED,
+    aten,
+    fake,
+    is_call,
+    static_int,
+    statically_equals,
+)
 from macopt.passes.masks import boolean_key_mask, decode_key_mask
 from macopt.passes.rope import RopeMatch, pre_rope_heads_dim
 from macopt.passes.sites import AttentionSite
@@ -169,6 +176,7 @@ def call(
     """Insert ``target(*args)`` with ``meta["val"]`` from fake-tensor propagation."""
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
+    node.meta[INSERTED] = True
     fake_mode = fake(site.q).fake_mode
 
     def val(a: object) -> object:

@@ -36,6 +36,35 @@ CAST_OPS = frozenset((aten._to_copy.default, prims.convert_element_type.default)
 RESHAPE_OPS = frozenset((aten.view.default, aten.reshape.default, aten._unsafe_view.default))
 
 
+INSERTED = "macopt_inserted"  # meta flag on every node the passes insert (decode_rewrite.call)
+
+
+def hoist(node: Node) -> None:
+    """Move ``node`` as early as it may run: right after its latest input, never above a node
+    that may write memory (a mutable schema, a module or method call). Inputs the passes
+    inserted (:data:`INSERTED`) are hoisted first, so a chain of them moves together; the
+    model's own nodes never move. Reads only move earlier past nodes that write nothing, so
+    every value read is the one read before."""
+    for arg in node.all_input_nodes:
+        if arg.meta.get(INSERTED):
+            hoist(arg)
+    inputs = set(node.all_input_nodes)
+    above = node.prev
+    while above.op != "root" and above not in inputs and not _may_write(above):
+        above = above.prev
+    if above is not node.prev:
+        above.append(node)
+
+
+def _may_write(node: Node) -> bool:
+    if node.op != "call_function":
+        return node.op != "get_attr"  # placeholders, outputs, module and method calls
+    schema = getattr(node.target, "_schema", None)  # aten, prims and custom ops
+    if schema is not None:
+        return schema.is_mutable
+    return getattr(node.target, "__module__", None) != "_operator"  # getitem, SymInt math
+
+
 def is_call(node: object, targets: Iterable[object] | object) -> bool:
     """Whether ``node`` is a call_function node to one of ``targets``."""
     if not isinstance(node, Node) or node.op != "call_function":

@@ -1,17 +1,23 @@
-"""The ``mac`` rewrites: MAC-Attention decode (``macopt::mac_decode``) and its prefill ring
-builder (``macopt::mac_prefill``), keyed by the site id baked into the graph.
+"""The ``mac`` rewrites: MAC-Attention decode (``macopt::mac_match`` then
+``macopt::mac_decode_matched``) and its prefill ring builder (``macopt::mac_prefill``), keyed by
+the site id baked into the graph.
 
-The decode op needs each row's position ``t`` and key start ``s0`` (from the key mask:
-:mod:`.key_range`) and the pre-RoPE query the RoPE lift found, in the site's head layout.
+The decode ops need each row's position ``t`` and key start ``s0`` (from the key mask:
+:mod:`.key_range`) and the pre-RoPE query the RoPE lift found, in the site's head layout. The
+match is hoisted to right after the pre-RoPE query (with the nodes computing its inputs): it
+runs on a side stream on CUDA, beside the layer's K/V projections and RoPE
+(:mod:`macopt.side_stream`).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch.fx import Graph, Node
 
 from macopt.passes.decode_rewrite import DecodeInputs, call, register_decode_rewrite, size_arg
-from macopt.passes.graph_utils import aten, fake
+from macopt.passes.graph_utils import aten, fake, hoist
 from macopt.passes.key_range import key_range
 from macopt.passes.prefill_rewrite import PrefillInputs, register_prefill_rewrite
 from macopt.passes.rope import RopeMatch, pre_rope_heads_dim
@@ -29,10 +35,16 @@ def rewrite_mac(graph: Graph, site: AttentionSite, inputs: DecodeInputs, config:
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
     key_starts, positions = key_range(graph, site, inputs.key_mask, batch, n_keys)
     q_pre = pre_rope_query(graph, site, inputs.rope, decode=True)
-    args = (inputs.q, q_pre, inputs.k, inputs.v, positions, key_starts, inputs.scale,
-            inputs.site_id, config.ring_size, config.offset, config.sinks, config.tau,
-            config.t_min, config.max_chain_depth, config.batch_capacity or 0)
-    return call(graph, torch.ops.macopt.mac_decode.default, args, site)
+    capacity = config.batch_capacity or 0
+    match = call(graph, torch.ops.macopt.mac_match.default,
+                 (q_pre, positions, key_starts, inputs.site_id, config.ring_size, config.t_min,
+                  config.max_chain_depth, capacity), site)
+    hoist(match)
+    candidates = [call(graph, operator.getitem, (match, index), site) for index in range(3)]
+    args = (inputs.q, q_pre, inputs.k, inputs.v, positions, key_starts, *candidates,
+            inputs.scale, inputs.site_id, config.ring_size, config.offset, config.sinks,
+            config.tau, config.t_min, config.max_chain_depth, capacity)
+    return call(graph, torch.ops.macopt.mac_decode_matched.default, args, site)
 
 
 @register_prefill_rewrite("mac")

@@ -102,7 +102,35 @@ def test_routed_decode_steps_write_in_place_and_match_eager(reference, graphs_ru
             out.append(int(ids))
         tokens[name] = out
     assert tokens["routed"] == tokens["eager"]
-    decode_graphs = [gm for gm in graphs_run if _calls(gm, torch.ops.macopt.mac_decode.default)]
+    decode_op = torch.ops.macopt.mac_decode_matched.default
+    decode_graphs = [gm for gm in graphs_run if _calls(gm, decode_op)]
     assert decode_graphs
     for gm in decode_graphs:
         assert _cache_sized_allocations(gm, cache.layers[0].keys.shape) == []
+
+
+@torch.no_grad()
+def test_the_match_is_placed_before_the_layers_key_and_value_projections(reference, graphs_run):
+    """The pass hoists each site's match to right after its pre-RoPE query, so that on CUDA its
+    side-stream launch overlaps the K/V projections: at least two matmuls (K and V) lie between
+    a site's match and its decode op, and the last matmul before the match is the query's."""
+    model = macopt.optimize(copy.deepcopy(reference), MAC)
+    _, cache = _prefill(model, _chunks()[:1])
+    model(input_ids=torch.ones(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+    match_op, decode_op = torch.ops.macopt.mac_match.default, torch.ops.macopt.mac_decode_matched
+    decode_graphs = [gm for gm in graphs_run if _calls(gm, decode_op.default)]
+    assert decode_graphs
+    for gm in decode_graphs:
+        nodes = list(gm.graph.nodes)
+        matches = [i for i, n in enumerate(nodes) if n.target is match_op]
+        decodes = [i for i, n in enumerate(nodes) if n.target is decode_op.default]
+        mms = [i for i, n in enumerate(nodes) if n.target in (torch.ops.aten.mm.default,
+                                                               torch.ops.aten.addmm.default)]
+        config = reference.config
+        assert len(matches) == len(decodes) == config.num_hidden_layers
+        for match, decode in zip(matches, decodes, strict=True):
+            assert sum(match < i < decode for i in mms) >= 2
+            q_matmul = nodes[max(i for i in mms if i < match)]
+            q_width = config.num_attention_heads * config.head_dim
+            assert q_width != config.num_key_value_heads * config.head_dim  # tells Q from K/V
+            assert q_matmul.meta["val"].shape[-1] == q_width

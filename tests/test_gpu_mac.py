@@ -1,10 +1,16 @@
 """The MAC decode step on a real GPU at Llama-3.1-8B sizes (skipped without CUDA)."""
 
+import copy
+
 import pytest
 import torch
 
+import macopt
+from macopt import mac_state
+from macopt._hf_compat import static_cache
 from macopt.kernels import mac
 from macopt.kernels.mac_reference import MACRing, mac_decode_step
+from tests.model_zoo import VOCAB, ZOO
 
 pytestmark = [
     pytest.mark.gpu,
@@ -64,3 +70,70 @@ def test_step_equals_the_reference_at_llama_sizes(batch, hit_share):
         assert hit_ref.any()
     if hit_share < 1:
         assert not hit_ref.all()
+
+
+def test_the_two_op_step_captured_in_a_cuda_graph_equals_the_plain_step():
+    # mac_match runs on the side stream (macopt.side_stream): the capture must record its
+    # fork and join, and the replay give the plain step's output and ring, bit for bit.
+    q, q_pre, k, v, ring, t, s0 = _step_inputs(2, 8192, 512, 0.5, seed=7)
+    site, scale = 990_001, 128**-0.5
+    site_ring, _ = mac_state.ring_for(site, q_pre, 512, 0)
+    ops = torch.ops.macopt
+
+    def step():
+        found = ops.mac_match(q_pre, t, s0, site, 512, 0, 4, 0)
+        return ops.mac_decode_matched(q, q_pre, k, v, t, s0, *found, scale, site, 512, 256, 0,
+                                      0.5, 0, 4, 0)
+
+    site_ring.copy_(ring)
+    step()  # compiles the kernels before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    site_ring.copy_(ring)
+    graph.replay()
+    plain = ring.clone()
+    want, hit, _ = mac.mac_decode_step(q, q_pre, k, v, plain, t, s0, scale, offset=256,
+                                       tau=0.5, t_min=0, max_depth=4)
+    torch.cuda.synchronize()
+    assert hit.any() and not hit.all()
+    assert torch.equal(out, want)
+    for got, expected in zip(site_ring.tensors(), plain.tensors(), strict=True):
+        assert torch.equal(got, expected)
+
+
+FORCED_HITS = -1000.0  # radius 2 D (1 - tau)^2 beyond any distance: every valid entry hits
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tau", [1.0, FORCED_HITS])
+def test_decode_compiled_with_cuda_graphs_equals_the_eager_route(tau):
+    """``torch.compile(mode="reduce-overhead")`` (CUDA-graph trees, the match on the side
+    stream) decodes what the same method decodes eagerly; with tau 1 (no hit) that is the
+    unmodified model's decode."""
+    reference = ZOO["llama"].build().cuda()
+    reference.set_attn_implementation("sdpa")
+    config = macopt.MACConfig(ring_size=16, offset=4, tau=tau, t_min=0, max_chain_depth=2**30)
+    prompt = torch.randint(2, VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
+
+    def decode(model, compiled):
+        cache = static_cache(model, 1, 64, torch.float32, "cuda")
+        logits = model(input_ids=prompt.cuda(), past_key_values=cache, use_cache=True).logits
+
+        def step(ids, cache):
+            return model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+
+        run = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compiled else step
+        ids, out = logits[:, -1:].argmax(-1), []
+        for _ in range(12):
+            logits = run(ids, cache).clone()  # a CUDA-graph output is overwritten by the replay
+            out.append(logits)
+            ids = logits[:, -1:].argmax(-1)
+        return torch.cat(out, dim=1)
+
+    compiled = decode(macopt.optimize(copy.deepcopy(reference), config), compiled=True)
+    eager = decode(macopt.optimize(copy.deepcopy(reference), config), compiled=False)
+    torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
+    if tau == 1.0:
+        torch.testing.assert_close(compiled, decode(reference, compiled=False), atol=1e-3,
+                                   rtol=1e-3)

@@ -1,5 +1,5 @@
-"""torch.ops.macopt.mac_decode / mac_prefill: registration, the per-site ring they keep, the
-device counters, and the capacity rule.
+"""torch.ops.macopt.mac_decode / mac_match + mac_decode_matched / mac_prefill: registration,
+the per-site ring they keep, the device counters, and the capacity rule.
 
 opcheck calls an op several times on the same inputs and compares the results. The ops keep
 hidden state (the site's ring), so it can only check a decode step whose output does not depend
@@ -58,6 +58,47 @@ def test_decode_passes_opcheck_when_nothing_matches():
     args = (p["q"][:, :, 12], p["q_pre"][:, :, 12], p["k"], p["v"], positions, p["starts"],
             SCALE, site, M, S, 0, 1.0, 0, 16, 0)
     torch.library.opcheck(ops.mac_decode, args)
+
+
+def _decode_in_two_ops(p: dict, site: int, t: int, tau: float) -> torch.Tensor:
+    positions = torch.full((B,), t, dtype=torch.int32)
+    q, q_pre = p["q"][:, :, t], p["q_pre"][:, :, t]
+    found = ops.mac_match(q_pre, positions, p["starts"], site, M, 0, 16, 0)
+    return ops.mac_decode_matched(q, q_pre, p["k"], p["v"], positions, p["starts"], *found,
+                                  SCALE, site, M, S, 0, tau, 0, 16, 0)
+
+
+def test_match_and_decode_matched_pass_opcheck_when_nothing_matches():
+    p, site = _problem(), next(_SITE_IDS)
+    _prefill(p, site)
+    positions = torch.full((B,), 12, dtype=torch.int32)
+    q_pre = p["q_pre"][:, :, 12]
+    match_args = (q_pre, positions, p["starts"], site, M, 0, 16, 0)
+    torch.library.opcheck(ops.mac_match, match_args)  # reads the ring, writes nothing
+    found = ops.mac_match(*match_args)
+    torch.library.opcheck(ops.mac_decode_matched,
+                          (p["q"][:, :, 12], q_pre, p["k"], p["v"], positions, p["starts"],
+                           *found, SCALE, site, M, S, 0, 1.0, 0, 16, 0))
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("tau, hits", [(0.0, True), (1.0, False)])
+def test_the_step_in_two_ops_equals_the_step_in_one(tau, hits, kernels, monkeypatch):
+    # Same prompt on two sites; each decodes through one form. tau 0: every head finds a
+    # near entry (hits, chained); tau 1: nothing matches. On CPU "triton" is the interpreter
+    # (no side stream there: macopt.side_stream is CUDA only; tests/test_gpu_mac.py).
+    monkeypatch.setenv("MACOPT_CPU_KERNELS", kernels)
+    p, one, two = _problem(seed=5), next(_SITE_IDS), next(_SITE_IDS)
+    _prefill(p, one)
+    _prefill(p, two)
+    for t in range(12, 20):
+        torch.testing.assert_close(_decode_in_two_ops(p, two, t, tau), _decode(p, one, t, tau),
+                                   atol=0, rtol=0)
+        for mine, theirs in zip(state.get(two).buffers.tensors(),
+                                state.get(one).buffers.tensors(), strict=True):
+            assert torch.equal(mine, theirs)
+    counted = state.get(two).counters[mac_counters.COUNTERS.index("hits")].sum()
+    assert (counted > 0) == hits
 
 
 def test_prefill_passes_opcheck():

@@ -8,7 +8,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from macopt.kernels import reference
-from macopt.kernels.mac_reference import MACRing, mac_decode_step, prefill_entries, prefix_end
+from macopt.kernels.mac_reference import (
+    MACRing,
+    MatchCandidates,
+    decide,
+    mac_decode_step,
+    match,
+    nearest_entries,
+    prefill_entries,
+    prefix_end,
+)
 
 F64 = torch.float64
 
@@ -236,3 +245,32 @@ def test_the_step_writes_its_entry_into_slot_t_mod_m():
         torch.testing.assert_close(ring.o[b, :, slot], o[0].float())
         torch.testing.assert_close(ring.lse[b, :, slot], lse[0].float())
         assert (ring.pos[b, :, torch.arange(8) != slot] == -1).all()
+
+
+@given(st.integers(1, 4), st.integers(0, 2**16))
+def test_the_decision_is_the_same_from_any_split_of_the_ring_into_parts(parts, seed):
+    # Small integer queries make equal distances (ties) common; some entries are empty, deep
+    # or outside the window. Part r sees only its slots (the others marked empty).
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, ring_size, head_dim = 2, 3, 8, 4
+    ring = MACRing.empty(batch, heads, ring_size, head_dim, F64)
+    ring.q.copy_(torch.randint(-1, 2, ring.q.shape, generator=gen).to(F64))
+    ring.pos.copy_(torch.randint(-1, 14, ring.pos.shape, generator=gen).to(torch.int32))
+    ring.lse.copy_(torch.where(torch.rand(ring.lse.shape, generator=gen) < 0.2, float("-inf"), 0.0))
+    ring.depth.copy_(torch.randint(0, 4, ring.depth.shape, generator=gen).to(torch.int32))
+    q_pre = torch.randint(-1, 2, (batch, heads, head_dim), generator=gen).to(F64)
+    t, s0 = torch.tensor([12, 13]), torch.tensor([0, 6])
+    split = []
+    for part in torch.arange(ring_size).tensor_split(parts):
+        mine = ring.clone()
+        others = torch.ones(ring_size, dtype=torch.bool)
+        others[part] = False
+        mine.pos[:, :, others] = -1
+        split.append(nearest_entries(q_pre, mine, t, s0, max_depth=3))
+    candidates = MatchCandidates(*(torch.cat(x, dim=-1) for x in zip(*split, strict=True)))
+    params = dict(offset=4, sinks=1, tau=0.5, t_min=0)
+    got = decide(candidates, t, s0, ring_size=ring_size, head_dim=head_dim, **params)
+    want = match(q_pre, ring, t, s0, max_depth=3, **params)
+    assert torch.equal(got.hit, want.hit)
+    assert torch.equal(got.start, want.start)
+    assert torch.equal(got.slot[got.hit], want.slot[want.hit])

@@ -259,7 +259,7 @@ GENERATE_CONFIGS = {
     "exact": macopt.ExactConfig(),
     "mac": macopt.MACConfig(ring_size=16, offset=4, tau=1.0, t_min=0, batch_capacity=3),
 }
-DECODE_OP_CALLS = {"exact": OP_CALL, "mac": "torch.ops.macopt.mac_decode.default("}
+DECODE_OP_CALLS = {"exact": OP_CALL, "mac": "torch.ops.macopt.mac_decode_matched.default("}
 CHECK_FAILED = re.escape(CHECK_MESSAGE[:60])
 
 
