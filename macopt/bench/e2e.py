@@ -76,6 +76,8 @@ state; not yet re-measured on the H100. ``--max-batch-tokens N`` decodes only po
 Timing. CUDA: one CUDA event recorded before every timed step and one after the last, no
 synchronisation in between (CUDA-graph replays queue back to back as in a real decode loop;
 host gaps count); ``median_ms`` is the median step interval, ``mean_ms`` the block (total / N).
+The block starts after a synchronisation for every method (MAC's statistics are read there), so
+its first step also pays the host's launch of the replay: a mean above the median.
 CPU: host clock per step. Peak memory: ``torch.cuda.max_memory_allocated`` over the point
 (chunk prefill and decode), reset at its start.
 
@@ -815,7 +817,9 @@ class E2ERun:
         health.end_warmup()
         warmup_s = time.perf_counter() - started
         is_mac = isinstance(method.config, MACConfig)
-        before = MacTotals.read(self.model) if is_mac else None
+        before = MacTotals.read(self.model) if is_mac else None  # reads counters: a sync
+        if self.cuda:  # every method's block starts from an idle GPU (not only MAC's)
+            torch.cuda.synchronize()
         timer = StepTimer(self.cuda, config.steps)
         timed, _ = greedy(step, cache, ids, config.steps, timer)
         step_ms = timer.intervals_ms()
