@@ -48,17 +48,27 @@ def mac_decode(
     """One MAC decode step ``o[B,Hq,D]`` of row ``b`` at cache position ``positions[b]`` over
     keys ``[key_starts[b], positions[b]]``; updates the site's ring and counters in place."""
     _check_decode(q, q_pre, k, v, positions, key_starts)
-    ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
     params = dict(offset=offset, sinks=sinks, tau=tau, t_min=t_min, max_depth=max_depth)
+    return _decode_step(q, q_pre, k, v, positions, key_starts, scale, site_id, ring_size,
+                        batch_capacity, params, candidates=None)
+
+
+def _decode_step(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor,
+                 key_starts: Tensor, scale: float, site_id: int, ring_size: int,
+                 batch_capacity: int, params: dict,
+                 candidates: MatchCandidates | None) -> Tensor:
+    """The step on the site's ring (its own match unless ``candidates`` are given), adding
+    it to the site's counters."""
+    ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
     if _use_triton(q.device):
         from macopt.kernels import mac
 
         # The finalize launch adds the step to the counters: no separate counting launch.
         o, _, _ = mac.mac_decode_step(q, q_pre, k, v, ring, positions, key_starts, scale,
-                                      counters=counters, **params)
+                                      counters=counters, candidates=candidates, **params)
     else:
-        o, hit, keys_read = mac_reference.mac_decode_step(q, q_pre, k, v, ring, positions,
-                                                          key_starts, scale, **params)
+        o, hit, keys_read = mac_reference.mac_decode_step(
+            q, q_pre, k, v, ring, positions, key_starts, scale, candidates=candidates, **params)
         mac_counters.count_decode_reference_(counters, hit, keys_read, positions, key_starts)
     return o
 
@@ -124,20 +134,10 @@ def mac_decode_matched(
     """:func:`mac_decode` given this step's :func:`mac_match` (its three tensors, in order):
     the same step, without its own match."""
     _check_decode(q, q_pre, k, v, positions, key_starts)
-    ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
-    candidates = MatchCandidates(cand_d, cand_pos, cand_ok)
+    side_stream.join(q.device)  # the match ran on the side stream (CUDA)
     params = dict(offset=offset, sinks=sinks, tau=tau, t_min=t_min, max_depth=max_depth)
-    if _use_triton(q.device):
-        from macopt.kernels import mac
-
-        side_stream.join(q.device)  # the match ran on the side stream
-        o, _, _ = mac.mac_decode_step(q, q_pre, k, v, ring, positions, key_starts, scale,
-                                      counters=counters, candidates=candidates, **params)
-    else:
-        o, hit, keys_read = mac_reference.mac_decode_step(
-            q, q_pre, k, v, ring, positions, key_starts, scale, candidates=candidates, **params)
-        mac_counters.count_decode_reference_(counters, hit, keys_read, positions, key_starts)
-    return o
+    return _decode_step(q, q_pre, k, v, positions, key_starts, scale, site_id, ring_size,
+                        batch_capacity, params, MatchCandidates(cand_d, cand_pos, cand_ok))
 
 
 @mac_decode_matched.register_fake
