@@ -11,3 +11,8 @@ Modules, in the order a graph flows through them:
 - ``scope``: which modules ``macopt.optimize`` put in scope, and the per-site reports
 - ``_compat``: every private torch import
 """
+
+if __name__ == "passes":  # the repository root is on sys.path: see _unshadow.py
+    from macopt.kernels._unshadow import hand_over as _hand_over
+
+    _hand_over(__name__, __file__)
