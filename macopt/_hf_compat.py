@@ -1,4 +1,4 @@
-"""Transformers specifics that moved or are private, in one place (5.17 through 5.23).
+"""Transformers specifics that moved or are private, in one place (5.17 through 5.25).
 
 ``passes/_compat.py`` holds the torch ones; this module the Hugging Face ones, so supporting a
 new transformers release means editing this file.
@@ -65,18 +65,42 @@ def static_cache(model: torch.nn.Module, batch: int, max_len: int, dtype: torch.
     from transformers import StaticCache
 
     compile_window_lengths_dynamic()
-    text = model.config.get_text_config()
     try:
         cache = StaticCache(config=model.config, max_cache_len=max_len)
     except TypeError:  # releases that still size the batch up front
         cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=max_len)
+    ready_static_cache(model, cache, batch, dtype, torch.device(device))
+    return cache
+
+
+def ready_static_cache(model: torch.nn.Module, cache: Any, batch: int, dtype: torch.dtype,
+                       device: torch.device) -> bool:
+    """Allocate a static cache that ``generate()`` made (lazily allocated) now, outside any
+    trace, and mark its tensors static; False if ``cache`` is no uninitialised static cache.
+
+    Why: a stateful method's prefill runs through the traced ``macopt_eager`` route, where
+    transformers' lazy allocation skips ``mark_static_address``; the decode step that
+    ``generate()`` compiles with CUDA graphs would then skip them ("mutated inputs").
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers or not getattr(cache, "is_compileable", False):
+        return False
+    if all(getattr(layer, "is_initialized", True) for layer in layers):
+        return False
+    text = model.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     cache.early_initialization(batch_size=batch, num_heads=kv_heads, head_dim=head_dim,
-                               dtype=dtype, device=torch.device(device))
+                               dtype=dtype, device=device)
     for tensor in static_cache_tensors(cache):
         torch._dynamo.mark_static_address(tensor)
-    return cache
+    return True
+
+
+def cache_argument(kwargs: dict) -> Any:
+    """The cache a transformers forward was given (``cache`` from 5.2x, ``past_key_values``
+    before)."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def static_cache_tensors(cache: Any) -> list[torch.Tensor]:

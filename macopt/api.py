@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
+import types
 from collections.abc import Callable
 
 import torch
@@ -22,11 +23,13 @@ from macopt.config import MethodConfig
 from macopt.passes import scope
 from macopt.passes._compat import (
     aot_autograd,
+    cache_entries,
     compile_fx,
     dynamo,
     inductor_config,
     make_boxed_func,
     reinplacing_input_writes,
+    reset_code,
     select_decomp_table,
 )
 from macopt.passes.manager import MacoptPasses, run_passes
@@ -68,6 +71,8 @@ def optimize(
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config: expected a macopt MethodConfig (e.g. macopt.ExactConfig()), "
                         f"got {type(config).__name__}")
+    compiled = model
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model): tag the model inside
     _use_sdpa(model)
     _check_model_supports(model, config)
     plan = _plan_scope(model, config, overrides or {}, filter_fn)
@@ -83,8 +88,10 @@ def optimize(
     stateful = any(getattr(c, "keeps_state", False) for _, c in plan.values())
     for module, module_config in plan.values():
         _guard_site_identity(module, getattr(module_config, "keeps_state", False))
+    _forget_compiled_code(model)
     _route_eager_forward(model, stateful)
-    return model
+    _count_calls(model)
+    return compiled
 
 
 def _guard_site_identity(module: torch.nn.Module, stateful: bool) -> None:
@@ -127,10 +134,74 @@ def _route_eager_forward(model: torch.nn.Module, stateful: bool) -> None:
     def forward(*args, **kwargs):  # noqa: ANN202
         if torch.compiler.is_compiling():  # the user's own compile: let it see the plain code
             return plain(*args, **kwargs)
+        _ready_static_cache(model, args, kwargs)
         return rewritten(*args, **kwargs)
 
     model._macopt_plain_forward = plain
-    model.forward = forward
+    model.forward = _with_own_code(forward, f"macopt_{id(model):x}")
+
+
+def _with_own_code(fn: Callable, label: str) -> Callable:
+    """``fn`` with a code object of its own.
+
+    Dynamo keeps compiled graphs, and counts recompiles against ``recompile_limit`` (8), per
+    code object. Every optimized model's routing wrapper would otherwise share one code
+    object, each model's site-id guard adding entries to it, until dynamo stops compiling and
+    runs the unmodified forward: the 5th model in a process silently lost its method.
+    """
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{label}")
+    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return functools.update_wrapper(own, fn)
+
+
+def _ready_static_cache(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Allocate and mark a lazily allocated static cache before the traced prefill
+    (:func:`macopt._hf_compat.ready_static_cache`: CUDA graphs for generate()'s decode)."""
+    if not hasattr(model, "config"):
+        return
+    from macopt import _hf_compat
+
+    cache = _hf_compat.cache_argument(kwargs)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    weight = next(model.parameters(), None)
+    if cache is None or ids is None or weight is None:
+        return
+    dtype = weight.dtype if weight.is_floating_point() else torch.get_default_dtype()
+    _hf_compat.ready_static_cache(model, cache, ids.shape[0], dtype, ids.device)
+
+
+def _forget_compiled_code(model: torch.nn.Module) -> None:
+    """Drop dynamo's compiled code for ``model``'s forwards, so the next call traces again.
+
+    Code compiled before optimize() (a model already compiled and run, or optimize() on
+    ``torch.compile(model)``) holds no macopt site, and dynamo would keep replaying it: the
+    model would run unmodified with nothing said. Dynamo keeps compiled code per code object,
+    shared by every module of a class, so other models of the same classes recompile too.
+    """
+    codes = {getattr(type(m).forward, "__code__", None) for m in model.modules()}
+    codes.add(getattr(getattr(model.forward, "__func__", model.forward), "__code__", None))
+    codes |= {torch.nn.Module._call_impl.__code__, torch.nn.Module._wrapped_call_impl.__code__}
+    for code in codes - {None}:
+        if cache_entries(code):
+            reset_code(code)
+    model.__dict__.pop("_compiled_call", None)  # transformers' compiled decode step
+
+
+def _count_calls(model: torch.nn.Module) -> None:
+    """Count the model's eager forward calls since optimize(), for ``explain``. Under a trace
+    the hook does nothing: a counter there would be a guarded constant, recompiling per call."""
+    handle = model.__dict__.pop("_macopt_call_counter", None)
+    if handle is not None:
+        handle.remove()
+    model._macopt_eager_calls = [0]
+
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        if not torch.compiler.is_compiling():
+            module._macopt_eager_calls[0] += 1
+
+    model._macopt_call_counter = model.register_forward_pre_hook(count)
 
 
 def explain(model: torch.nn.Module) -> Explanation:
@@ -141,14 +212,32 @@ def explain(model: torch.nn.Module) -> Explanation:
     >>> import macopt
     >>> print(macopt.explain(model).table())  # doctest: +SKIP
     """
+    model = getattr(model, "_orig_mod", model)
     reports = [r for m in model.modules() for r in scope.reports_of(m)]
     if not reports:
-        raise ValueError(
-            "explain: no attention site of this model has been through macopt's passes yet. "
-            "Call macopt.optimize(model, config), compile, and run one step (or use `macopt "
-            "inspect MODEL`). A graph loaded from Inductor's FX graph cache reruns no pass: "
-            "set torch._inductor.config.fx_graph_cache = False to see its report.")
+        raise ValueError(f"explain: no attention site of this model has been through macopt's "
+                         f"passes. {why_no_reports(model)}")
     return Explanation(sorted(reports, key=_report_order))
+
+
+def why_no_reports(model: torch.nn.Module) -> str:
+    """Why no graph of ``model`` went through macopt's passes, from what was observed."""
+    calls = getattr(model, "_macopt_eager_calls", None)
+    configs = [s.config for s in map(scope.scope_of_module, model.modules()) if s is not None]
+    if calls is None or not configs:
+        return "The model is not optimized: call macopt.optimize(model, config) first."
+    stateful = any(getattr(c, "keeps_state", False) for c in configs)
+    if calls[0] and not stateful:
+        return ("It ran eagerly, and a stateless method (exact) rewrites compiled graphs only "
+                "(eager runs compute the same with the unmodified attention). For the speed, "
+                "decode with a static cache on CUDA, where generate() compiles the decode step "
+                "itself: model.generate(ids, cache_implementation='static').")
+    limit = dynamo.config.recompile_limit
+    return ("Either it has not run since macopt.optimize() (run it, e.g. generate()), or it "
+            "was compiled with a backend that runs no Inductor post-grad pass (backend="
+            "'eager', 'aot_eager', 'cudagraphs'; use 'inductor' or 'macopt'), or dynamo "
+            f"stopped compiling its code (recompile_limit {limit} reached; torch logs "
+            "'recompile_limit reached') and runs it unmodified.")
 
 
 def install_passes() -> MacoptPasses:

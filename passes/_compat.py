@@ -27,6 +27,7 @@ __all__ = [
     "FakeTensorMode",
     "SDPA_TARGETS",
     "aot_autograd",
+    "cache_entries",
     "compile_fx",
     "count_cudagraph_recordings",
     "cudagraph_skip_log",
@@ -39,6 +40,7 @@ __all__ = [
     "module_ids_in_stack",
     "normalize_function",
     "reinplacing_input_writes",
+    "reset_code",
     "run_and_get_code",
     "select_decomp_table",
     "statically_known_true",
@@ -69,6 +71,20 @@ def module_ids_in_stack(node: torch.fx.Node) -> list[tuple[int | None, str, type
         head = str(key).split("@", 1)[0]
         out.append((int(head) if head.isdigit() else None, str(path), cls))
     return out
+
+
+def cache_entries(code: object) -> list:
+    """Dynamo's compiled entries for a code object (empty when none was compiled)."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return list(_debug_get_cache_entry_list(code))
+
+
+def reset_code(code: object) -> None:
+    """Drop dynamo's compiled entries for one code object."""
+    from torch._C._dynamo.eval_frame import reset_code as reset
+
+    reset(code)
 
 
 def make_boxed_func(fn):  # noqa: ANN001, ANN201  (torch's own signature)

@@ -2,13 +2,10 @@
 
 Per attention site in scope: find it, lift the pre-RoPE query, decide, rewrite decode sites
 to the method's op (and, for methods with per-site state, give prefill sites the method's
-state builder), record a :class:`SiteReport`. ``uuid()`` hashes the pass sources, torch's
-version, the tags in scope (module class, name, config) and any pass it wraps, so Inductor's
-FX graph cache reuses a compiled graph only when the rewrite would be the same.
-
-Known limit of the cache key: the graph cache cannot see module identity, so compiling an
-untagged model whose graph is identical to a tagged one's while the tags are live may reuse
-the tagged (rewritten) artifact. Both compute the same attention under ``ExactConfig``.
+state builder), record a :class:`SiteReport`. While any module is tagged (or the ``macopt``
+backend carries a config), ``uuid()`` is None: Inductor's FX graph cache is bypassed, so every
+compile runs the passes and reports its sites. Otherwise it hashes the pass sources, torch's
+version and any pass it wraps.
 """
 
 from __future__ import annotations
@@ -68,15 +65,13 @@ class MacoptPasses(CustomGraphPass):
         previous = self.previous.uuid() if hasattr(self.previous, "uuid") else None
         if self.previous is not None and previous is None:
             return None  # the wrapped pass is uncacheable, so are we
-        if getattr(self.default_config, "keeps_state", False):
-            return None  # untagged sites get site ids at pass time: nothing stable to key on
-        if scope.any_stateful_tag():
-            # A stateful graph bakes in the site ids of the modules it was traced from, and two
-            # models of one class trace to the same graph: a cache key cannot tell which
-            # model's ids it holds, so such graphs are never served from the cache.
+        if self.default_config is not None or scope.any_tag():
+            # A graph served from Inductor's FX graph cache reruns no pass, so its sites would
+            # have no report (``macopt.explain`` would see nothing), and a stateful graph bakes
+            # in site ids that no key can tell apart between two models of one class. Graphs
+            # that may hold macopt sites are therefore always compiled cold.
             return None
-        default = getattr(self.default_config, "cache_key", lambda: "none")()
-        extra = "\n".join((torch.__version__, default, str(previous), scope.cache_description()))
+        extra = "\n".join((torch.__version__, str(previous)))
         return get_hash_for_files(_PASS_SOURCES, extra).hex()
 
 

@@ -9,9 +9,9 @@ prefill and the decode graphs of a module, never a per-token value. A module get
 when it is tagged, or when a backend pass first meets it untagged, and keeps it while it lives;
 ids come from one counter and are never handed out twice, so a new module never inherits a dead
 one's state, even where Python reuses the dead module's ``id()``. When a module is garbage
-collected its site id is retired and its state released (:func:`on_forget`). Graphs that bake
-in site ids are never served from Inductor's FX graph cache (two models of one class trace to
-the same graph, so no key could say whose ids it holds; see :func:`any_stateful_tag`), and
+collected its site id is retired and its state released (:func:`on_forget`). While any module
+is tagged, no graph is served from Inductor's FX graph cache (:func:`any_tag`; two models of one
+class trace to the same graph, so no key could say whose site ids it holds), and
 ``macopt.optimize`` adds a guard on each stateful module's site id so that dynamo compiles a
 model's own graph instead of replaying another model's.
 """
@@ -138,28 +138,12 @@ def scope_of_module(module: torch.nn.Module) -> Scope | None:
     return known.scope if known is not None and known.ref() is module else None
 
 
-def cache_description() -> str:
-    """Every live tag, sorted (what a compiled graph's rewrite depends on besides the graph)."""
-    # Collect first: an optimized model the program dropped keeps its tags until the garbage
-    # collector runs, so without this the key (and FX-graph-cache hits) would depend on GC
-    # timing, e.g. a dropped model collected between two compiles of the same graph.
+def any_tag() -> bool:
+    """Whether any live module is tagged."""
+    # Collect first: a model the program dropped keeps its tags until the garbage collector
+    # runs, and whether a graph may be cached must not depend on GC timing.
     gc.collect()
-    rows = []
-    for known in list(_KNOWN.values()):  # a collection during the loop may drop entries
-        module, scope = known.ref(), known.scope
-        if module is not None and scope is not None:
-            config = scope.config
-            key = config.cache_key() if hasattr(config, "cache_key") else repr(config)
-            if getattr(config, "keeps_state", False):  # the graph bakes the site id in
-                key += f"|site {known.site_id}"
-            rows.append(f"{type(module).__qualname__}|{scope.qualname}|{key}")
-    return "\n".join(sorted(rows))
-
-
-def any_stateful_tag() -> bool:
-    """Whether a live tagged module has a stateful config (its graphs bake in site ids)."""
     return any(known.ref() is not None and known.scope is not None
-               and getattr(known.scope.config, "keeps_state", False)
                for known in list(_KNOWN.values()))
 
 

@@ -46,10 +46,13 @@ from tests.model_zoo import ZOO
 from tests.passes_harness import DECODE_STEPS, OP_CALL, Generation, generate, prompts
 
 STEPS, CACHE_LEN, BATCH = 6, 16, 3  # batch 3: rows 1 and 2 are left-padded
-SDPA_FUSED = "_scaled_dot_product_flash_attention_for_cpu"  # Inductor fuses GPT-J's pattern
-# Family -> the op found at its decode sites (two layers each, all rewritten).
-HF_FAMILIES = {"llama": "eager_softmax", "qwen2": "eager_softmax", "phi3": "eager_softmax",
-               "gptj": SDPA_FUSED}
+SDPA_FUSED = "_scaled_dot_product_flash_attention_for_cpu"
+# Family -> the ops its decode sites may be found as (two layers each, all rewritten). Whether
+# Inductor fuses GPT-J's eager pattern into SDPA before macopt's pass depends on the torch /
+# transformers release (fused with transformers 5.23, not with 5.25); either is rewritten.
+GPTJ_OPS = {"eager_softmax", SDPA_FUSED}
+HF_FAMILIES = {"llama": {"eager_softmax"}, "qwen2": {"eager_softmax"},
+               "phi3": {"eager_softmax"}, "gptj": GPTJ_OPS}
 
 
 @dataclass
@@ -115,7 +118,8 @@ def eager_run(name: str, backend: str = "inductor") -> EagerRun:
 @pytest.mark.parametrize("name", sorted(HF_FAMILIES))
 def test_eager_hf_decode_sites_are_rewritten(name):
     entry, reports = ZOO[name], eager_run(name).reports
-    assert [(r.op, r.decision) for r in reports] == [(HF_FAMILIES[name], "rewritten")] * 2
+    assert len(reports) == 2 and all(r.op in HF_FAMILIES[name] for r in reports)
+    assert [r.decision for r in reports] == ["rewritten"] * 2
     assert {(r.rope_form, r.group) for r in reports} == {(entry.rope_form, entry.group)}
     assert eager_run(name).op_calls == 2
 
@@ -252,7 +256,7 @@ def test_attention_dropout_in_training_is_left_with_its_reason():
 # before the model, so they are graph inputs, checked at run time (passes/masks.py).
 GENERATE_BATCHES = (1, 3)  # batch 3: rows 1 and 2 left-padded
 # Family -> the op found at its decode sites: Inductor fuses GPT-J's pattern, not Llama's.
-GENERATE_FAMILIES = {"gptj": SDPA_FUSED, "llama": "eager_softmax"}
+GENERATE_FAMILIES = {"gptj": GPTJ_OPS, "llama": {"eager_softmax"}}
 # MAC with tau = 1.0: nothing matches, so each step attends its whole context (exact tokens),
 # while the prefill still builds the ring from the checked mask.
 GENERATE_CONFIGS = {
@@ -294,8 +298,9 @@ def generate_run(name: str, method: str) -> GenerateRun:
 @pytest.mark.parametrize("name", sorted(GENERATE_FAMILIES))
 def test_generate_float_mask_sites_are_rewritten(name, method):
     reports = generate_run(name, method).phase("decode")
-    assert [(r.op, r.decision) for r in reports] == [(GENERATE_FAMILIES[name], "rewritten")] * 2, \
-        [(r.layer, r.op, r.decision, r.reason) for r in reports]
+    found = [(r.layer, r.op, r.decision, r.reason) for r in reports]
+    assert len(reports) == 2 and all(r.op in GENERATE_FAMILIES[name] for r in reports), found
+    assert [r.decision for r in reports] == ["rewritten"] * 2, found
 
 
 @pytest.mark.parametrize("name", sorted(GENERATE_FAMILIES))

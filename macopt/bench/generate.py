@@ -1,0 +1,205 @@
+"""``macopt bench generate``: decode speed on the user's path, ``model.generate()``.
+
+What a user runs, and nothing else: ``macopt.optimize(model, config)`` (none for
+``unmodified``), then ``model.generate(ids, max_new_tokens=N, cache_implementation="static")``.
+transformers allocates the static cache, runs the prefill (for MAC and Top-K + phi macopt's
+routed ``macopt_eager`` graph), and compiles the decode step itself (``torch.compile`` of the
+model's call, ``mode="reduce-overhead"``: CUDA graphs). The model is Llama-3.1-8B-shaped with
+random bf16 weights (``--layers`` of them; 8 by default, to keep 128K prefills and cold compiles
+within one GPU call), prompts are random token ids.
+
+Per (batch, method, context): one untimed ``generate`` (compiles, records CUDA graphs), then a
+timed one of the same shapes. A logits processor records a CUDA event each time generate asks
+for the next token's scores, without synchronising: the intervals between consecutive events
+are decode steps as generate runs them (model step, sampling, stopping checks, host gaps), the
+first event closes the prefill. ``median_ms`` is the median interval. MAC hit rates are
+measured over the timed call (deltas of ``macopt.stats``), never assumed.
+
+The unmodified model runs first at every batch (``optimize`` works in place), then each method.
+Compile health per timed call: graphs dynamo compiled during it (0 after the untimed call),
+CUDA-graph skips, decode sites macopt rewrote (``macopt.explain``).
+
+    macopt bench generate --contexts 8192,131072 --batches 1,2 --json generate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from macopt.bench.decode import parse_sizes
+from macopt.bench.e2e import (
+    ModelShape,
+    _compile_counts,
+    build_model,
+    decode_sites_rewritten,
+    parse_method,
+)
+
+DEFAULT_METHODS = ("unmodified", "exact", "mac:all", "mac:1")
+
+
+class StepClock:
+    """A logits processor recording a CUDA event per generated token (no synchronisation)."""
+
+    def __init__(self) -> None:
+        self.events: list[torch.cuda.Event] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append(event)
+        return scores
+
+
+def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> dict:
+    """One ``generate`` call as a user makes it; per-step intervals from :class:`StepClock`."""
+    from transformers import LogitsProcessorList
+
+    clock = StepClock()
+    start = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         cache_implementation="static",
+                         logits_processor=LogitsProcessorList([clock]))
+    torch.cuda.synchronize()
+    steps = [a.elapsed_time(b) for a, b in zip(clock.events, clock.events[1:], strict=False)]
+    return {"prefill_ms": start.elapsed_time(clock.events[0]), "median_ms":
+            statistics.median(steps), "mean_ms": statistics.fmean(steps), "steps": len(steps),
+            "tokens": out[:, ids.shape[1]:].cpu()}
+
+
+def mac_hits(model: torch.nn.Module) -> tuple[int, int]:
+    """(hits, queries) summed over MAC sites, 0s when none."""
+    import macopt
+
+    layers = [s for s in macopt.stats(model) if s.decode_steps]
+    hits = sum(round(s.hit_rate * s.decode_steps) for s in layers)
+    return hits, sum(s.decode_steps for s in layers)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    import macopt
+    from macopt.passes._compat import count_cudagraph_recordings
+
+    if not torch.cuda.is_available():
+        raise SystemExit("macopt bench generate: needs a CUDA GPU (the path it measures compiles "
+                         "generate()'s decode step with CUDA graphs).")
+    shape = ModelShape(layers=args.layers)
+    longest = max(args.contexts) + args.new_tokens
+    model = build_model(shape, "cuda", torch.bfloat16, args.seed, longest)
+    methods = [parse_method(m) for m in args.methods]
+    order = [m for m in methods if m.config is None] + [m for m in methods if m.config]
+    records: list[dict] = []
+    unmodified_tokens: dict[tuple[int, int], torch.Tensor] = {}
+    with count_cudagraph_recordings() as recordings:
+        for method in order:
+            for batch in args.batches:
+                if method.config is not None:
+                    macopt.optimize(model, method.config_for(batch),
+                                    overrides=method.overrides_for(batch))
+                for context in args.contexts:
+                    ids = torch.randint(2, shape.vocab, (batch, context), device="cuda",
+                                        generator=torch.Generator("cuda").manual_seed(context))
+                    first = time.perf_counter()
+                    timed_generate(model, ids, args.new_tokens)  # compiles, records graphs
+                    first_s = time.perf_counter() - first
+                    before, recorded = _compile_counts(), len(recordings)
+                    hits_before = mac_hits(model) if method.config is not None else (0, 0)
+                    result = timed_generate(model, ids, args.new_tokens)
+                    after = _compile_counts()
+                    tokens = result.pop("tokens")
+                    if method.config is None:
+                        unmodified_tokens[batch, context] = tokens
+                    hits = [a - b for a, b in zip(mac_hits(model) if method.config else (0, 0),
+                                                  hits_before, strict=True)]
+                    base = unmodified_tokens.get((batch, context))
+                    record = {
+                        "method": method.label, "batch": batch, "context": context, **result,
+                        "first_call_s": round(first_s, 2),
+                        "hit_rate": hits[0] / hits[1] if hits[1] else None,
+                        "recompiles_in_timed_call": after["graphs"] - before["graphs"],
+                        "cudagraph_recordings_in_timed_call": len(recordings) - recorded,
+                        "cudagraph_skips_total": after["cudagraph_skips"],
+                        "decode_sites_rewritten": decode_sites_rewritten(model)
+                        if method.config is not None else 0,
+                        "tokens_equal_unmodified": None if base is None
+                        else bool(torch.equal(base, tokens)),
+                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                    }
+                    records.append(record)
+                    print(_line(record), flush=True)
+                    if args.json:
+                        Path(args.json).write_text(json.dumps(
+                            {"environment": _environment(args), "records": records}, indent=1))
+    return records
+
+
+def _line(r: dict) -> str:
+    hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
+    return (f"{r['method']:>11} b{r['batch']} {r['context']:>7}: {r['median_ms']:7.3f} ms/token "
+            f"(mean {r['mean_ms']:.3f}) prefill {r['prefill_ms'] / 1000:.2f} s hit {hit} "
+            f"sites {r['decode_sites_rewritten']} recompiles {r['recompiles_in_timed_call']} "
+            f"cg-rec {r['cudagraph_recordings_in_timed_call']} cg-skips "
+            f"{r['cudagraph_skips_total']} equal {r['tokens_equal_unmodified']}")
+
+
+def _environment(args: argparse.Namespace) -> dict[str, Any]:
+    import transformers
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "transformers": transformers.__version__,
+            "args": {k: v for k, v in vars(args).items() if k != "func"}}
+
+
+def summary(records: list[dict]) -> list[str]:
+    """Per (batch, context): each method's ms/token and its ratio to exact and unmodified."""
+    rows = ["| batch | context | method | ms/token | vs exact | vs unmodified | hit rate |",
+            "|---|---|---|---|---|---|---|"]
+    by_point: dict[tuple[int, int], dict[str, dict]] = {}
+    for r in records:
+        by_point.setdefault((r["batch"], r["context"]), {})[r["method"]] = r
+    for (batch, context), point in sorted(by_point.items()):
+        exact, plain = point.get("exact"), point.get("unmodified")
+        for label, r in point.items():
+            hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
+            rows.append(f"| {batch} | {context} | {label} | {r['median_ms']:.3f} | "
+                        f"{_speedup(exact, r)} | {_speedup(plain, r)} | {hit} |")
+    return rows
+
+
+def _speedup(reference: dict | None, record: dict) -> str:
+    return f"{reference['median_ms'] / record['median_ms']:.2f}x" if reference else "-"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "generate", help="decode speed through model.generate() after macopt.optimize (GPU)",
+        description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", type=lambda s: tuple(s.split(",")), default=DEFAULT_METHODS,
+                        help="unmodified, exact, mac:all (forced hits), mac:TAU (mac:1: no "
+                             "hit), topk_phi:BUDGET; default " + ",".join(DEFAULT_METHODS))
+    parser.add_argument("--contexts", type=parse_sizes, default=(8192, 131072))
+    parser.add_argument("--batches", type=parse_sizes, default=(1, 2))
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--layers", type=int, default=8,
+                        help="Llama-3.1-8B-shaped layers (default 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    parser.set_defaults(func=_main)
+    return parser
+
+
+def _main(args: argparse.Namespace) -> int:
+    records = run(args)
+    print("\n".join(summary(records)))
+    return 0
