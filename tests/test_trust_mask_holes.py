@@ -5,9 +5,9 @@ MAC, Top-K + phi and their composition take. Such rows must still get the model'
 A tiny random Llama generates greedily through the eager route (the rewritten graph without
 Inductor) with a dynamic cache and with a static cache; one test compiles the decode step with
 Inductor. With tau = 1.0 and a Top-K budget covering the context every method must give the
-unmodified model's tokens and logits, for any mask. The Top-K + phi methods run with a static
-cache only: with a dynamic cache their decode sites see GQA keys already repeated (a separate
-fault, reported in issue 17's follow-up) and fail loudly on the summary's head count.
+unmodified model's tokens and logits, for any mask. (Top-K + phi with a dynamic cache also
+needed its decode sites to see through repeat_kv's full slice on a symbolic key length: its
+summary is per KV head.)
 """
 
 from __future__ import annotations
@@ -107,3 +107,13 @@ def test_rows_without_holes_keep_the_method_rows_with_holes_take_exact_attention
     torch.testing.assert_close(got[1][1], want[1][1], atol=2e-4, rtol=2e-4)
     stats = macopt.stats(model)
     assert all(layer.hit_rate > 0 for layer in stats)
+
+
+def test_top_k_phi_with_a_dynamic_cache_finds_the_kv_heads_behind_repeat_kv():
+    # With a symbolic key length repeat_kv keeps a full slice; the decode op must still get
+    # the KV heads the prefill summarised (it failed on the summary's head count before).
+    dynamo.reset()
+    model = macopt.optimize(copy.deepcopy(reference()), TOPK)
+    assert_same_generation(generate(model, RIGHT_PADDED), generate(reference(), RIGHT_PADDED))
+    decode = [r for r in macopt.explain(model) if r.phase == "decode"]
+    assert decode and all((r.gqa_form, r.group) == ("repeat_kv", 2) for r in decode)
