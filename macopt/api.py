@@ -33,6 +33,7 @@ from macopt.passes._compat import (
     select_decomp_table,
 )
 from macopt.passes.manager import MacoptPasses, run_passes
+from macopt.passes.module_checks import latent_attention_reason
 from macopt.passes.report import SiteReport
 from macopt.report import Explanation
 from macopt.validation import SUPPORTED_HEAD_DIMS
@@ -324,7 +325,10 @@ def _use_sdpa(model: torch.nn.Module) -> None:
     if not hasattr(hf_config, "_attn_implementation"):
         return
     if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("sdpa")
+        try:
+            model.set_attn_implementation("sdpa")
+        except ValueError:  # no SDPA path (Gemma2): its eager attention stays, sites report why
+            return
     else:
         hf_config._attn_implementation = "sdpa"
 
@@ -335,7 +339,11 @@ def _check_model_supports(model: torch.nn.Module, config: MethodConfig) -> None:
     if hf_config is None or not hasattr(hf_config, "num_attention_heads"):
         return
     text = getattr(hf_config, "get_text_config", lambda: hf_config)()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    latent = latent_attention_reason(text)  # MLA: head_dim is only the RoPE part of q/k
+    if latent:
+        raise ValueError(f"{type(model).__name__}: {latent}. Leave this model unoptimized.")
+    head_dim = (getattr(text, "qk_head_dim", None) or getattr(text, "head_dim", None)
+                or text.hidden_size // text.num_attention_heads)
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"{type(model).__name__} has head dim {head_dim}; macopt's decode "
                          f"kernels support {SUPPORTED_HEAD_DIMS}. Leave this model unoptimized.")

@@ -47,19 +47,26 @@ class DecodeInputs:
 
 DecodeRewrite = Callable[[Graph, AttentionSite, DecodeInputs, object], Node]
 DECODE_REWRITES: dict[str, DecodeRewrite] = {}
+# Methods whose op reads the whole key mask. The others read each row's keys as one range, so
+# their rows with holes in the mask are given exact attention (:mod:`.mask_holes`).
+HONOURS_MASK_HOLES: set[str] = set()
 
 
-def register_decode_rewrite(method: str) -> Callable[[DecodeRewrite], DecodeRewrite]:
-    """Register the decode rewrite of ``method`` (a ``MethodConfig.method`` name)."""
+def register_decode_rewrite(method: str, honours_mask_holes: bool = False
+                            ) -> Callable[[DecodeRewrite], DecodeRewrite]:
+    """Register the decode rewrite of ``method`` (a ``MethodConfig.method`` name);
+    ``honours_mask_holes``: its op takes the key mask, not only each row's key range."""
 
     def register(fn: DecodeRewrite) -> DecodeRewrite:
         DECODE_REWRITES[method] = fn
+        if honours_mask_holes:
+            HONOURS_MASK_HOLES.add(method)
         return fn
 
     return register
 
 
-@register_decode_rewrite("exact")
+@register_decode_rewrite("exact", honours_mask_holes=True)
 def rewrite_exact(graph: Graph, site: AttentionSite, inputs: DecodeInputs, config: object) -> Node:
     """Exact by construction: same keys, scale and GQA head map.
 
@@ -123,8 +130,13 @@ def rewrite_decode_site(
         inputs = _decode_inputs(graph, site, rope, site_id)
         out = DECODE_REWRITES[config.method](graph, site, inputs, config)
         checked = out
+        if config.method not in HONOURS_MASK_HOLES:
+            from macopt.passes.mask_holes import exact_where_holes  # imports this module
+
+            checked = exact_where_holes(graph, site, inputs, out)
         if inputs.valid_rows is not None:  # NaN where the mask check failed (masks.py: why)
-            checked = call(graph, aten.where.ScalarOther, (inputs.valid_rows, out, math.nan), site)
+            checked = call(graph, aten.where.ScalarOther, (inputs.valid_rows, checked, math.nan),
+                           site)
         out4 = call(graph, aten.unsqueeze.default, (checked, 2), site)
     site.output.replace_all_uses_with(out4)
     if site.output is not site.node:

@@ -147,6 +147,7 @@ def eager_attention_site(probs: Node, scores: Node, value_matmul: Node) -> Atten
         k_base, v_base = k, v
     k_base, v_base = _uncast(k_base), _uncast(v_base)
     reason = (found.reason or q_reason or k_reason or v_reason or out_reason
+              or _head_dims_reason(q, v)
               or _probs_reason(value_matmul.args[0], probs)
               or _layout_reason(found.heads, probs, q, k, v, output)
               or _dtype_reason(q, k_base, v_base, output))
@@ -201,7 +202,9 @@ def _read_scores(scores: Node) -> _Scores | None:
         if term is None and reason is None:
             reasons.append(_unsupported_op_reason(node))
         elif masked:
-            reasons.append("more than one term added to the scores (e.g. ALiBi bias and mask)")
+            # Said first: what the terms are (a mask of either form) matters less than a bias.
+            reasons.insert(0, "more than one term added to the scores: a bias besides the "
+                              "mask (e.g. ALiBi position bias), which the kernels do not add")
         else:
             mask, masked = term, True
             reasons.append(reason or ("the scores are scaled after the mask is applied"
@@ -368,6 +371,16 @@ def _output_heads(value_matmul: Node) -> tuple[Node | None, str | None]:
         if out is not None and out.dim() == 4 and _merges(out, fake(value_matmul)):
             return users[0], None
     return None, "the attention output is not read as [batch, heads, query, dim]"
+
+
+def _head_dims_reason(q: Node | None, v: Node | None) -> str | None:
+    """Multi-head latent attention (MLA) reads v with a head dim other than q/k's: said
+    before anything else between the softmax and the value matmul (which follows from it)."""
+    q_val, v_val = fake(q), fake(v)
+    if q_val is None or v_val is None or q_val.shape[-1] == v_val.shape[-1]:
+        return None
+    return (f"v head dim {v_val.shape[-1]} differs from the q/k head dim {q_val.shape[-1]} "
+            "(the decode kernels need one head dim for q, k and v)")
 
 
 def _probs_reason(operand: Node, probs: Node) -> str | None:

@@ -4,8 +4,9 @@ Stateful methods need a row's current position ``t`` (its last attended key: the
 token being decoded) and its key start ``s0`` (left padding). Both come from the mask with
 aten ops inserted in the graph, so they are device tensors of every step, never Python ints
 (an int would be baked into the graph and recompile it every token). The methods assume the
-attended keys are contiguous, ``[s0, t]``: a causal mask with left padding, which is what the
-sites that reach them carry (sliding-window modules are left untouched before this).
+attended keys are contiguous, ``[s0, t]``: a causal mask with left padding (sliding-window
+modules are left untouched before this). Rows whose mask has holes (right padding) are given
+exact attention by the decode rewrite instead (:mod:`.mask_holes`).
 """
 
 from __future__ import annotations

@@ -27,11 +27,13 @@ from macopt.passes._compat import CustomGraphPass, get_hash_for_files
 from macopt.passes.causal_prefill import rewrite_causal_prefill
 from macopt.passes.decode_rewrite import (
     DECODE_REWRITES,
+    HONOURS_MASK_HOLES,
     decode_skip_reason,
     is_decode,
     rewrite_decode_site,
 )
 from macopt.passes.eager_sites import find_eager_attention_sites
+from macopt.passes.mask_holes import NOTE as MASK_HOLES_NOTE
 from macopt.passes.module_checks import unsupported_module_reason
 from macopt.passes.prefill_rewrite import (
     PREFILL_REWRITES,
@@ -155,6 +157,9 @@ def process_site(
         decision=decision,
         reason=reason or _rewrite_description(config.method, decode),
     )
+    holes_to_mind = decode and site.attn_mask is not None
+    if decision == "rewritten" and holes_to_mind and config.method not in HONOURS_MASK_HOLES:
+        report = dataclasses.replace(report, reason=f"{report.reason} {MASK_HOLES_NOTE}")
     if decision == "rewritten" and decode:
         rewrite_decode_site(graph, site, rope, config, site_id)
     elif decision == "rewritten":

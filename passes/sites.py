@@ -13,7 +13,14 @@ import torch
 from torch.fx import Graph, Node
 
 from macopt.passes._compat import SDPA_TARGETS, module_ids_in_stack, normalize_function
-from macopt.passes.graph_utils import RESHAPE_OPS, aten, fake, is_call, static_int
+from macopt.passes.graph_utils import (
+    RESHAPE_OPS,
+    aten,
+    fake,
+    is_call,
+    static_int,
+    statically_equals,
+)
 
 # Which output of each op holds the attention result (aten.sdpa returns a bare tensor).
 _TUPLE_OUTPUT = {t for t in SDPA_TARGETS if t != aten.scaled_dot_product_attention.default}
@@ -148,7 +155,7 @@ def unrepeat_kv(node: Node) -> tuple[Node, int | None]:
         expanded = expanded.args[0]
     if not is_call(expanded, aten.expand.default):
         return node, None
-    unsqueezed = expanded.args[0]
+    unsqueezed = _whole_slice_input(expanded.args[0])
     if not is_call(unsqueezed, aten.unsqueeze.default) or unsqueezed.args[1] not in (2, -3):
         return node, None
     base = unsqueezed.args[0]
@@ -160,6 +167,18 @@ def unrepeat_kv(node: Node) -> tuple[Node, int | None]:
     if group is None or static_int(out_val.shape[1]) != static_int(base_val.shape[1]) * group:
         return node, None
     return base, group
+
+
+def _whole_slice_input(node: Node) -> Node:
+    """The input of ``node`` when it slices nothing off (``x[:, :, None, :, :]`` with a
+    symbolic key length keeps a ``slice(x, 3, 0, end)`` that static shapes elide), else
+    ``node``."""
+    if not is_call(node, aten.slice.Tensor) or fake(node) is None:
+        return node
+    before, after = fake(node.args[0]).shape, fake(node).shape
+    same = len(before) == len(after) and all(
+        statically_equals(a - b, 0) for a, b in zip(before, after, strict=True))
+    return node.args[0] if same else node
 
 
 def _group(q_val: torch.Tensor | None, k_val: torch.Tensor | None) -> int | None:
