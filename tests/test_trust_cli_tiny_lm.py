@@ -1,0 +1,45 @@
+"""Issue 17, B5: the bundled tiny model decodes with a cache, and a compiled (fullgraph)
+forward of a MAC-optimized model survives generate() both with and without a cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import macopt
+
+TINY_LM = Path(__file__).resolve().parents[1] / "examples" / "tiny-lm"
+
+
+def test_tiny_lm_generation_config_decodes_with_a_cache():
+    config = json.loads((TINY_LM / "generation_config.json").read_text())
+    assert config.get("use_cache", True) is True
+    loaded = transformers.GenerationConfig.from_pretrained(TINY_LM)
+    assert loaded.use_cache is True
+
+
+def _one_layer_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_compiled_mac_generate_with_and_without_cache(use_cache):
+    # Without a cache every step is a prefill of a growing (symbolic) length: the key-range
+    # nodes once handed Inductor a where() whose scalar was that symbol (LoweringException).
+    model = _one_layer_llama()
+    eager = model.generate(torch.arange(2, 22)[None], max_new_tokens=3, do_sample=False,
+                           use_cache=use_cache)
+    macopt.optimize(model, macopt.MACConfig(tau=1.0, t_min=0))  # never matches: exact
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    out = model.generate(torch.arange(2, 22)[None], max_new_tokens=3, do_sample=False,
+                         use_cache=use_cache)
+    assert torch.equal(out, eager)
