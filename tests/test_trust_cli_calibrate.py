@@ -74,3 +74,13 @@ def test_calibrate_refuses_to_overwrite_without_force(model_dir, tmp_path, capsy
     assert cli.main(argv) == 2
     assert out.read_text() == "keep me"
     assert "--force" in capsys.readouterr().out
+
+
+def test_phi_calibration_at_its_default_prints_no_empty_progress(model_dir, tmp_path, capsys):
+    # --steps defaults to 0 (the probe init is the result): no "0/0 loss nan" bar.
+    assert cli.main(["calibrate", str(model_dir), "--method", "topk_phi", "--text",
+                     str(model_dir / "calib.txt"), "--seq-len", "128", "--sequences", "1",
+                     "--out", str(tmp_path / "phi.safetensors"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "0/0" not in out and "nan" not in out, out
+    assert "no gradient steps" in out

@@ -246,6 +246,12 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
     console.print(f"capturing attention on {tokens.shape[0]} x {tokens.shape[1]} tokens")
     captured = capture_attention(model, tokens)
     del model  # the captured queries and keys are all training needs
+    if config.steps == 0:  # the default: the init is the result, there is nothing to train
+        maps, _ = calibrate_feature_maps(captured, config, checkpoint)
+        console.print(f"{config.init} init of {len(maps)} layers, no gradient steps "
+                      "(--steps N trains from it)")
+        save_feature_maps({name: m.cpu() for name, m in maps.items()}, out)
+        return out
     columns = (TextColumn("calibrating phi"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total}"), TextColumn("loss {task.fields[loss]:.4f}"),
                TimeRemainingColumn())

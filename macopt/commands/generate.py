@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 import torch
 
-from macopt.config import MethodConfig
+from macopt.config import MethodConfig, method_names
 from macopt.model_source import load_causal_lm, load_tokenizer
 from macopt.pretrained import PATCH_FILE, parse_config_file, read_patch
 
@@ -38,7 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model directory, patched directory, or model type")
     method = parser.add_mutually_exclusive_group()
-    method.add_argument("--method", help="method name, default settings (exact, mac, ...)")
+    method.add_argument("--method",
+                        help=f"method, default settings: {', '.join(method_names())}")
     method.add_argument("--config", type=Path, help="method config JSON file")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
