@@ -43,3 +43,23 @@ def test_compiled_mac_generate_with_and_without_cache(use_cache):
     out = model.generate(torch.arange(2, 22)[None], max_new_tokens=3, do_sample=False,
                          use_cache=use_cache)
     assert torch.equal(out, eager)
+
+
+def test_macopt_generate_decodes_with_a_cache_whatever_the_generation_config(tmp_path,
+                                                                              monkeypatch):
+    model = _one_layer_llama()
+    model.generation_config.use_cache = False
+    model.save_pretrained(tmp_path)
+    seen = []
+    original = transformers.LlamaForCausalLM.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("use_cache", self.generation_config.use_cache))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "generate", spy)
+    from macopt.cli import main
+
+    assert main(["generate", str(tmp_path), "--prompt-ids", "5,6,7", "--max-new-tokens",
+                 "2"]) == 0
+    assert seen == [True]

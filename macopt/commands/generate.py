@@ -160,8 +160,11 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, com
     # A graph from Inductor's FX graph cache reruns no pass, so the per-layer report would be
     # empty on every run after the first: compile afresh (this command is for looking).
     with inductor_config.patch(fx_graph_cache=False):
+        # use_cache: a model's generation_config may turn the cache off, and then no step is
+        # a decode step (nothing of macopt's decode path runs, the tokens/s would mislead).
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new_tokens, cache_implementation="static",
+                             use_cache=True,
                              streamer=printer, compile_config=compile_config(mode=mode),
                              disable_compile=not compile)
     return GenerationResult(out[0, ids.shape[1]:].tolist(), printer.arrivals)
