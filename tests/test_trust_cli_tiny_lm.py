@@ -31,14 +31,19 @@ def _one_layer_llama() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_compiled_mac_generate_with_and_without_cache(use_cache):
+# MAC at tau 1.0 is exact; Top-K + phi is exact without a cache (every forward a prefill).
+@pytest.mark.parametrize("config, use_cache", [
+    (macopt.MACConfig(tau=1.0, t_min=0), False),
+    (macopt.MACConfig(tau=1.0, t_min=0), True),
+    (macopt.TopKPhiConfig(), False),
+], ids=["mac-no-cache", "mac-cache", "topk_phi-no-cache"])
+def test_compiled_generate_with_and_without_cache(config, use_cache):
     # Without a cache every step is a prefill of a growing (symbolic) length: the key-range
     # nodes once handed Inductor a where() whose scalar was that symbol (LoweringException).
     model = _one_layer_llama()
     eager = model.generate(torch.arange(2, 22)[None], max_new_tokens=3, do_sample=False,
                            use_cache=use_cache)
-    macopt.optimize(model, macopt.MACConfig(tau=1.0, t_min=0))  # never matches: exact
+    macopt.optimize(model, config)
     model.forward = torch.compile(model.forward, fullgraph=True)
     out = model.generate(torch.arange(2, 22)[None], max_new_tokens=3, do_sample=False,
                          use_cache=use_cache)
