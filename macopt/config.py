@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 _CONFIG_CLASSES: dict[str, type[MethodConfig]] = {}
+
+
+def method_names() -> list[str]:
+    """The registered method names (what ``--method`` and ``{"method": ...}`` accept)."""
+    return sorted(_CONFIG_CLASSES)
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,12 @@ class TopKPhiConfig(MethodConfig):
             if self.d_phi % 2:
                 raise ValueError(f"TopKPhiConfig.d_phi: expected an even number (random "
                                  f"features come in antithetic pairs), got {self.d_phi}")
+        _check_int(self, "seed", self.seed, least=0)
+        if isinstance(self.feature_maps, os.PathLike):
+            object.__setattr__(self, "feature_maps", os.fspath(self.feature_maps))
+        if self.feature_maps is not None and not isinstance(self.feature_maps, str):
+            raise ValueError(f"TopKPhiConfig.feature_maps: expected None or the path of a "
+                             f"`macopt calibrate` phi file, got {self.feature_maps!r}")
         for name in ("completion", "summary_in_budget"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TopKPhiConfig.{name}: expected a bool, got "
@@ -238,6 +250,9 @@ def _index(value: Any, what: str) -> int:
     return value
 
 
+MAX_RING_SIZE = 1 << 16
+
+
 @dataclass(frozen=True)
 class MACConfig(MethodConfig):
     """MAC-Attention (Match, Amend, Complete; ALGORITHMS.md, section 1). Approximate by design:
@@ -296,6 +311,11 @@ class MACConfig(MethodConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"MACConfig.{name}: expected an int >= {low}, got {value!r}")
+        if self.ring_size > MAX_RING_SIZE:
+            # Each entry is a past decode query: a longer ring never fills, and it is
+            # allocated up front (Hq * M * ~6 D bytes per site and row).
+            raise ValueError(f"MACConfig.ring_size: expected at most {MAX_RING_SIZE} (entries "
+                             f"are past decode steps, allocated up front), got {self.ring_size}")
         capacity = self.batch_capacity
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
                                      or capacity < 1):

@@ -37,7 +37,7 @@ def decode_attention_state(
 ) -> tuple[Tensor, Tensor]:
     """State ``(o fp32 [B,Hq,D], lse fp32 [B,Hq])`` of one decode query per row over keys
     ``[starts[b], ends[b])`` of ``k/v[B,Hkv,N,D]`` (and ``key_mask[b]`` when given)."""
-    check_decode_inputs(q, k, v, starts, ends, key_mask)
+    check_decode_inputs(q, k, v, starts, ends, key_mask, scale)
     if _use_triton(q.device):
         from macopt.kernels import decode
 
@@ -64,7 +64,7 @@ def decode_attention(
     scale: float,
 ) -> Tensor:
     """Exact decode attention ``o[B,Hq,D]`` in ``q``'s dtype; a row with no key gives zeros."""
-    check_decode_inputs(q, k, v, starts, ends, key_mask)
+    check_decode_inputs(q, k, v, starts, ends, key_mask, scale)
     if _use_triton(q.device):
         from macopt.kernels import decode
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from rich import box
 from rich.table import Table
 
 from macopt import state
 from macopt.kernels.mac_counters import COUNTERS
 from macopt.passes import scope
+from macopt.report import render
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class LayerStats:
 
 
 class Stats(list[LayerStats]):
-    """Per-layer stats, printable as a table (``rich.print(macopt.stats(model))``)."""
+    """Per-layer stats, printable as a table (``print(macopt.stats(model))``)."""
 
     @property
     def nbytes(self) -> int:
@@ -60,10 +62,11 @@ class Stats(list[LayerStats]):
         return sum(r for r, _ in steps) / len(steps) if steps else 0.0
 
     def table(self, title: str = "macopt stats") -> Table:
-        table = Table(title=title)
-        for column in ("layer", "method", "decode steps", "prefills", "hit rate",
-                       "keys read / full", "state MB"):
-            table.add_column(column)
+        # Compact (no edge, one space of padding) so that it fits 80 columns whole.
+        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+        for column in ("layer", "method", "decode\nsteps", "prefills", "hit\nrate",
+                       "read /\nfull", "state\nMB"):
+            table.add_column(column, no_wrap=True, overflow="fold")
         for s in self:
             table.add_row(s.layer, s.method, _text(s.decode_steps), _text(s.prefills),
                           _text(s.hit_rate), _text(s.read_fraction), f"{s.nbytes / 2**20:.1f}")
@@ -71,6 +74,9 @@ class Stats(list[LayerStats]):
 
     def __rich__(self) -> Table:
         return self.table()
+
+    def __str__(self) -> str:
+        return render(self.table())
 
 
 def stats(model: torch.nn.Module) -> Stats:

@@ -18,8 +18,8 @@ from functools import cache
 import torch
 
 from macopt import state
-from macopt.calibrate_phi import site_name
-from macopt.kernels.feature_maps import FeatureMaps, load_feature_maps
+from macopt.calibrate_phi import maps_for_kv_heads, read_feature_maps, site_name
+from macopt.kernels.feature_maps import FeatureMaps
 from macopt.topk_phi_ops import TopKPhiState, summary_budget_tokens
 from macopt.topk_phi_ops import topk_phi_decode as decode_impl
 from macopt.topk_phi_ops import topk_phi_prefill as prefill_impl
@@ -29,7 +29,7 @@ Tensor = torch.Tensor
 
 @cache
 def _file_maps(path: str) -> dict[str, FeatureMaps]:
-    return load_feature_maps(path)
+    return read_feature_maps(path)  # errors name the file
 
 
 def site_buffers(site_id: int, layer: int, q_heads: int, k: Tensor, use_pages: bool,
@@ -68,7 +68,7 @@ def allocate_state(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bo
         if site_name(layer) not in found:
             raise ValueError(f"{feature_maps} holds no maps for {site_name(layer)} "
                              f"(it has {sorted(found)[:4]}...)")
-        maps = found[site_name(layer)]
+        maps = maps_for_kv_heads(found[site_name(layer)], n_kv_heads)
     return TopKPhiState.allocate(
         rows, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device,
         d_phi=d_phi or None, page_size=page_size if use_pages else None, maps=maps,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 # Re-exported: callers checking inputs read the limits from the module that checks them.
 from macopt.kernels.limits import MAX_GQA_GROUP, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 
 __all__ = ["MAX_GQA_GROUP", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "check_decode_inputs",
-           "check_states"]
+           "check_key_range", "check_scale", "check_states"]
 
 
 def check_decode_inputs(
@@ -18,8 +21,12 @@ def check_decode_inputs(
     starts: torch.Tensor,
     ends: torch.Tensor,
     key_mask: torch.Tensor | None,
+    scale: float | None = None,
 ) -> None:
-    """Validate a decode problem: ``q[B,Hq,D]``, ``k/v[B,Hkv,N,D]``, ``starts/ends[B]``."""
+    """Validate a decode problem: ``q[B,Hq,D]``, ``k/v[B,Hkv,N,D]``, ``starts/ends[B]``, and
+    ``scale`` when given."""
+    if scale is not None:
+        check_scale(scale)
     if q.dim() != 3:
         raise ValueError(f"q: expected shape [batch, q_heads, head_dim], got {tuple(q.shape)}")
     batch, n_q_heads, head_dim = q.shape
@@ -72,6 +79,29 @@ def check_decode_inputs(
             raise ValueError(
                 f"{name}: expected device {q.device} (the device of q), got {t.device}"
             )
+    check_key_range(starts, ends, k.shape[2])
+
+
+def check_scale(scale: float) -> None:
+    """The softmax scale must be a finite number > 0 (NaN would make every output NaN)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (
+            math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
+
+
+def check_key_range(starts: torch.Tensor, ends: torch.Tensor, n_keys: int) -> None:
+    """``starts >= 0`` and ``ends <= n_keys`` (the kernels would clamp them silently).
+
+    Checked on CPU tensors only: reading CUDA values would sync the device every decode step
+    (and break CUDA-graph capture); fake tensors have no values.
+    """
+    if starts.device.type != "cpu" or is_fake(starts) or is_fake(ends):
+        return
+    if starts.numel() and int(starts.min()) < 0:
+        raise ValueError(f"starts: expected values >= 0, got {starts.tolist()}")
+    if ends.numel() and int(ends.max()) > n_keys:
+        raise ValueError(f"ends: expected values <= n_keys {n_keys} (k.shape[2]), got "
+                         f"{ends.tolist()}")
 
 
 def check_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor):

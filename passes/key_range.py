@@ -34,7 +34,10 @@ def key_range(
     iota_kwargs = dict(int_kwargs, start=0, step=1, requires_grad=False)
     index = call(graph, prims.iota.default, (n_keys,), site, iota_kwargs)
     before_all = call(graph, aten.where.ScalarOther, (key_mask, index, -1), site)
-    after_all = call(graph, aten.where.ScalarOther, (key_mask, index, n_keys), site)
+    # n_keys as a tensor: Inductor cannot lower where.ScalarOther whose scalar is a symbol
+    # (a dynamic cache length), which crashed compiled forwards without a cache.
+    past_end = call(graph, aten.full.default, ([], n_keys), site, int_kwargs)
+    after_all = call(graph, aten.where.self, (key_mask, index, past_end), site)
     last = call(graph, aten.amax.default, (before_all, [-1]), site)
     first = call(graph, aten.amin.default, (after_all, [-1]), site)
     return first, last

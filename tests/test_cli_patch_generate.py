@@ -11,6 +11,7 @@ import torch
 
 import macopt
 from macopt.cli import main
+from macopt.kernels.feature_maps import positive_random_features, save_feature_maps
 from macopt.passes import scope
 from macopt.pretrained import PATCH_FILE, read_patch
 from tests.model_zoo import ZOO
@@ -58,26 +59,31 @@ def test_patch_keeps_overrides(llama_dir, tmp_path):
     assert _tagged(macopt.from_pretrained(out)) == ATTENTION[1:]
 
 
+def _phi_file(tmp_path: Path) -> Path:
+    """A loadable phi maps file (patch refuses one that does not load)."""
+    path = tmp_path / "phi.safetensors"
+    save_feature_maps({"layer.0": positive_random_features(4, 2, 64, 8)}, path)
+    return path
+
+
 def test_patch_copies_the_parameter_files_the_config_names(llama_dir, tmp_path):
-    maps = tmp_path / "phi.safetensors"
-    maps.write_bytes(b"calibrated maps")
+    maps = _phi_file(tmp_path)
     config = macopt.TopKPhiConfig(feature_maps=str(maps)).to_dict()
     out = tmp_path / "patched"
     assert _patch(llama_dir, _config_file(tmp_path, config), out) == 0
     stored = out / "phi.safetensors"
-    assert not stored.is_symlink() and stored.read_bytes() == b"calibrated maps"
+    assert not stored.is_symlink() and stored.read_bytes() == maps.read_bytes()
     assert read_patch(out).config == macopt.TopKPhiConfig(feature_maps=str(stored))
 
 
 def test_patch_copies_a_nested_configs_parameter_files(llama_dir, tmp_path):
-    maps = tmp_path / "phi.safetensors"
-    maps.write_bytes(b"calibrated maps")
+    maps = _phi_file(tmp_path)
     composed = macopt.MACTopKPhiConfig(mac=macopt.MACConfig(),
                                        topk_phi=macopt.TopKPhiConfig(feature_maps=str(maps)))
     out = tmp_path / "patched"
     assert _patch(llama_dir, _config_file(tmp_path, composed.to_dict()), out) == 0
     stored = out / "phi.safetensors"
-    assert stored.read_bytes() == b"calibrated maps"
+    assert stored.read_bytes() == maps.read_bytes()
     data = json.loads((out / PATCH_FILE).read_text())
     assert data["files"] == {"topk_phi.feature_maps": "phi.safetensors"}
     assert data["config"]["topk_phi"]["feature_maps"] == "phi.safetensors"

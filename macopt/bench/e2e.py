@@ -196,6 +196,12 @@ class ModelShape:
     vocab: int = 128256
     rope_theta: float = 500000.0
 
+    def parameters(self) -> int:
+        """Weights of the model (tied embeddings not assumed: embedding and head)."""
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.intermediate
+        return 2 * self.vocab * self.hidden + self.layers * (attention + mlp + 2 * self.hidden)
+
     def kv_bytes_per_token(self, itemsize: int) -> int:
         """K and V bytes of one token over all layers."""
         return self.layers * 2 * self.kv_heads * self.head_dim * itemsize
@@ -1306,7 +1312,25 @@ def config_from_args(args: argparse.Namespace) -> E2EConfig:
         dtype=DTYPES[dtype], backend=args.backend, seed=args.seed, budget_s=args.budget_s,
         max_batch_tokens=args.max_batch_tokens, model=args.model, **chosen)
     config.parsed_methods()  # a missing calibration file fails here, before any work
+    if args.model is None:
+        check_fits_host(shape, DTYPES[dtype], args.device)
     return config
+
+
+def check_fits_host(shape: ModelShape, dtype: torch.dtype, device: str) -> None:
+    """On CPU, refuse a synthetic model whose weights alone exceed the host's memory (the
+    default is Llama-3.1-8B-shaped: 32 GB in fp32), saying what would run."""
+    if timing.is_cuda(device):
+        return
+    needed = shape.parameters() * dtype.itemsize
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise ValueError(
+            f"the synthetic model's weights need {needed / 2**30:.0f} GiB "
+            f"({str(dtype).removeprefix('torch.')}) and this host has {memory / 2**30:.0f} "
+            "GiB. This benchmark is for a CUDA GPU (--device cuda); on CPU pass a small "
+            "model (--model examples/tiny-lm) or a small shape (e.g. --layers 2 --hidden 512 "
+            "--heads 8 --kv-heads 2 --intermediate 1024 --vocab 8192)")
 
 
 def _model_defaults(args: argparse.Namespace, given: dict) -> tuple[dict, ModelShape]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -260,6 +262,13 @@ def _parse_baselines(text: str) -> tuple[str, ...]:
 def _main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    if not timing.is_cuda(args.device) and os.environ.get("TRITON_INTERPRET") != "1":
+        # Without a GPU, Triton fails deep in its driver; say what is needed instead.
+        print(f"macopt bench mac: times MAC's Triton kernels, which need a CUDA GPU (device "
+              f"{args.device!r}). Run it on a GPU; on CPU they run only under Triton's "
+              "interpreter (TRITON_INTERPRET=1: a correctness check, not a timing).",
+              file=sys.stderr)
+        return 2
     config = MACBenchConfig(
         batches=args.batches, contexts=args.contexts, hit_rates=args.hit_rates,
         q_heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,

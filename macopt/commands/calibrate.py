@@ -49,6 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="output file (default MODEL/macopt_phi.safetensors or "
                         "MODEL/mac_calibrated.json)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing output file (default: refuse)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default bfloat16 (mac on CPU: float32)")
@@ -109,12 +111,27 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         args.model = args.model or default_model()
+        args.out = output_path(args)
         out = (calibrate_mac if args.method == "mac" else calibrate_topk_phi)(args, console)
     except (ValueError, OSError) as err:
         console.print(f"[red]macopt calibrate {args.model or ''}:[/red] {err}")
         return 2
     console.print(f"wrote {out}")
     return 0
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """Where the result goes; an existing file is an error without ``--force`` (the bundled
+    model's calibrated file backs the README's numbers)."""
+    from macopt.calibrate_mac import CALIBRATED_FILENAME
+    from macopt.calibrate_phi import PHI_FILENAME
+
+    default = CALIBRATED_FILENAME if args.method == "mac" else PHI_FILENAME
+    out = Path(args.out or Path(args.model) / default)
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} already exists; pass --force to overwrite it or --out to "
+                         "write elsewhere")
+    return out
 
 
 def load_sequences(tokenizer, text_paths: list[Path], seq_len: int, sequences: int
@@ -146,7 +163,6 @@ def calibrate_mac(args: argparse.Namespace, console) -> Path:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from macopt.calibrate_mac import (
-        CALIBRATED_FILENAME,
         MACCalibration,
         calibrate_mac,
         search_steps,
@@ -188,7 +204,7 @@ def calibrate_mac(args: argparse.Namespace, console) -> Path:
 
         result = calibrate_mac(model, windows, settings, progress=tick)
         progress.update(bar, completed=progress.tasks[0].total)
-    out = args.out or Path(args.model) / CALIBRATED_FILENAME
+    out = args.out
     write_result(result, out, model=str(args.model), text=[str(f) for f in files],
                  text_tokens=int(ids.numel()), device=str(args.device),
                  dtype=str(dtype).removeprefix("torch."))
@@ -209,14 +225,13 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from macopt.calibrate_phi import (
-        PHI_FILENAME,
         CalibrationConfig,
         calibrate_feature_maps,
         capture_attention,
     )
     from macopt.kernels.feature_maps import save_feature_maps
 
-    out = args.out or args.model / PHI_FILENAME
+    out = args.out
     checkpoint = args.checkpoint or out.with_name(out.name + ".ckpt")
     config = CalibrationConfig(d_phi=args.d_phi, sinks=args.sinks, tail=args.tail,
                                steps=args.steps, queries_per_step=args.queries, lr=args.lr,
@@ -231,6 +246,12 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
     console.print(f"capturing attention on {tokens.shape[0]} x {tokens.shape[1]} tokens")
     captured = capture_attention(model, tokens)
     del model  # the captured queries and keys are all training needs
+    if config.steps == 0:  # the default: the init is the result, there is nothing to train
+        maps, _ = calibrate_feature_maps(captured, config, checkpoint)
+        console.print(f"{config.init} init of {len(maps)} layers, no gradient steps "
+                      "(--steps N trains from it)")
+        save_feature_maps({name: m.cpu() for name, m in maps.items()}, out)
+        return out
     columns = (TextColumn("calibrating phi"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total}"), TextColumn("loss {task.fields[loss]:.4f}"),
                TimeRemainingColumn())

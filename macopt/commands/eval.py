@@ -35,6 +35,7 @@ from typing import TextIO
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_CONTEXT = 1024
 DEFAULT_METHODS = "exact,mac:calibrated,mac:0.45,mac:0.3,topk:0.02,topk_phi:0.02,topk_phi:0.1"
 
 
@@ -47,13 +48,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated methods (default {DEFAULT_METHODS}; "
                         "mac:calibrated only where the model has the file)")
-    parser.add_argument("--context", type=int, default=1024,
-                        help="perplexity chunk and agreement prompt length in tokens")
+    parser.add_argument("--context", type=int, default=None,
+                        help="perplexity chunk and agreement prompt length in tokens "
+                        f"(default: enough for every decode step to lie past the MAC "
+                        f"methods' t_min, at least {MIN_CONTEXT})")
     parser.add_argument("--ppl-chunks", type=int, default=4)
     parser.add_argument("--ppl-decode", type=int, default=64,
                         help="tokens at each chunk's end scored as decode steps")
-    parser.add_argument("--lengths", type=_ints, default=[1024],
-                        help="task prompt lengths in tokens, comma-separated")
+    parser.add_argument("--lengths", type=_ints, default=None,
+                        help="task prompt lengths in tokens, comma-separated (default: the "
+                        "context)")
     parser.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9],
                         help="needle depths in [0, 1], comma-separated")
     parser.add_argument("--kinds", default="passkey,multikey", help="task kinds")
@@ -89,6 +93,44 @@ def default_text_files() -> list[Path]:
     from macopt.evaluation.text import stdlib_text_files
 
     return stdlib_text_files()
+
+
+def mac_t_min(method: object) -> int | None:
+    """The largest ``t_min`` of a method's MAC parts (config and per-layer overrides); None
+    for a method without MAC."""
+    from macopt.config import MACConfig, MACTopKPhiConfig
+
+    configs = [method.config, *(method.overrides or {}).values()]
+    macs = [c.mac if isinstance(c, MACTopKPhiConfig) else c for c in configs]
+    t_mins = [c.t_min for c in macs if isinstance(c, MACConfig)]
+    return max(t_mins) if t_mins else None
+
+
+def default_context(methods: list, ppl_decode: int) -> int:
+    """A context whose scored decode steps all lie past every MAC method's ``t_min`` (before
+    it MAC never matches, so its rows would only repeat exact attention's)."""
+    t_mins = [t for t in map(mac_t_min, methods) if t is not None]
+    return max([MIN_CONTEXT] + [t + ppl_decode for t in t_mins])
+
+
+def short_context_warnings(methods: list, context: int, ppl_decode: int,
+                           lengths: list[int]) -> list[str]:
+    """One line per MAC method that the chosen lengths leave before its ``t_min``."""
+    warnings = []
+    for method in methods:
+        t_min = mac_t_min(method)
+        if t_min is None:
+            continue
+        if context - ppl_decode < t_min:
+            warnings.append(f"{method.name}: t_min {t_min} > {context - ppl_decode}, where the "
+                            f"decode steps of --context {context} start: MAC never matches "
+                            "there (hit rate '-', keys read 1.00x); raise --context to at "
+                            f"least {t_min + ppl_decode}")
+        short = [n for n in lengths if n < t_min]
+        if short:
+            warnings.append(f"{method.name}: task --lengths {short} are below t_min {t_min}: "
+                            "MAC never matches in those tasks")
+    return warnings
 
 
 def resolve(args: argparse.Namespace) -> tuple[str, list[Path], str, str]:
@@ -127,15 +169,19 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         model_name, files, spec, needles = resolve(args)
         methods = parse_methods(spec, model_name if Path(model_name).is_dir() else None)
         kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        context = args.context or default_context(methods, args.ppl_decode)
+        lengths = args.lengths or [context]
         text = read_text(files)
         dtype = _DTYPES[args.dtype] if args.dtype else (
             torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
         model = load_causal_lm(model_name, layers=args.layers, dtype=dtype).to(args.device)
         tokenizer = load_tokenizer(model_name)
-        n_tasks = len(kinds) * len(args.lengths) * len(args.depths) * args.samples
+        n_tasks = len(kinds) * len(lengths) * len(args.depths) * args.samples
         console.print(f"[bold]{model_name}[/bold]: {len(methods)} methods, context "
-                      f"{args.context}, {n_tasks} tasks ({needles} needles), {args.device}, "
+                      f"{context}, {n_tasks} tasks ({needles} needles), {args.device}, "
                       f"{str(dtype).removeprefix('torch.')}, eager")
+        for warning in short_context_warnings(methods, context, args.ppl_decode, lengths):
+            console.print(f"[yellow]warning: {warning}[/yellow]")
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
             bar = progress.add_task("eval", total=work_units(
@@ -146,9 +192,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 if not out.isatty():  # a log: one line per step
                     progress.console.print(what)
 
-            result = evaluate(model, tokenizer, methods, text=text, context=args.context,
+            result = evaluate(model, tokenizer, methods, text=text, context=context,
                               ppl_chunks=args.ppl_chunks, ppl_decode=args.ppl_decode,
-                              lengths=args.lengths, depths=args.depths, kinds=kinds,
+                              lengths=lengths, depths=args.depths, kinds=kinds,
                               samples=args.samples, agreement_steps=args.agreement_steps,
                               needles=needles, topk_queries=args.topk_queries,
                               seed=args.seed, progress=tick)

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 import torch
 
-from macopt.config import MethodConfig
+from macopt.config import MethodConfig, method_names
 from macopt.model_source import load_causal_lm, load_tokenizer
 from macopt.pretrained import PATCH_FILE, parse_config_file, read_patch
 
@@ -38,7 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model directory, patched directory, or model type")
     method = parser.add_mutually_exclusive_group()
-    method.add_argument("--method", help="method name, default settings (exact, mac, ...)")
+    method.add_argument("--method",
+                        help=f"method, default settings: {', '.join(method_names())}")
     method.add_argument("--config", type=Path, help="method config JSON file")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
@@ -159,8 +160,11 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, com
     # A graph from Inductor's FX graph cache reruns no pass, so the per-layer report would be
     # empty on every run after the first: compile afresh (this command is for looking).
     with inductor_config.patch(fx_graph_cache=False):
+        # use_cache: a model's generation_config may turn the cache off, and then no step is
+        # a decode step (nothing of macopt's decode path runs, the tokens/s would mislead).
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new_tokens, cache_implementation="static",
+                             use_cache=True,
                              streamer=printer, compile_config=compile_config(mode=mode),
                              disable_compile=not compile)
     return GenerationResult(out[0, ids.shape[1]:].tolist(), printer.arrivals)

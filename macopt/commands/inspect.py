@@ -13,14 +13,18 @@ import argparse
 
 import torch
 
+from macopt.config import method_names
 from macopt.model_source import build_random_model
+from macopt.report import WIDE_COLUMNS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("inspect", help="table of attention sites (found/rewritten/why)",
                                    description=__doc__)
     parser.add_argument("model", help="local model directory, or a transformers model type")
-    parser.add_argument("--method", default="exact", help="method config name (default exact)")
+    parser.add_argument("--method", default="exact",
+                        help=f"method, default settings: {', '.join(method_names())} "
+                        "(default exact)")
     parser.add_argument("--layers", type=int, default=2, help="layers to build (default 2)")
     parser.set_defaults(func=run)
 
@@ -40,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         console.print(f"[red]macopt inspect {args.model}:[/red] {err}")
         return 2
-    console.print(explanation.table(title=f"{args.model}: attention sites ({args.method})"))
+    console.print(explanation.table(title=f"{args.model}: attention sites ({args.method})",
+                                    compact=console.width < WIDE_COLUMNS))
     return 0
 
 

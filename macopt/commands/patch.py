@@ -66,6 +66,8 @@ def patch_model(model: str | Path, config_file: str | Path, out: str | Path, *,
         raise ValueError(f"--out {out} already exists and is not empty; choose a new directory "
                          "or remove it first (patch never overwrites).")
     config, overrides = parse_config_file(config_file)
+    for part in (config, *(c for c in overrides.values() if c is not None)):
+        check_feature_maps(part)
     files = parameter_files(config)
     check_config_fits(model, config, overrides)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent.resolve()))
@@ -85,6 +87,21 @@ def patch_model(model: str | Path, config_file: str | Path, out: str | Path, *,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def check_feature_maps(config: MethodConfig) -> None:
+    """Every phi maps file the config names exists and loads (else generate's first step
+    would fail, a corrupt file without its name)."""
+    from macopt.calibrate_phi import read_feature_maps
+
+    def walk(fields: dict) -> None:
+        for name, value in fields.items():
+            if isinstance(value, dict):
+                walk(value)
+            elif name == "feature_maps" and value:
+                read_feature_maps(value)
+
+    walk(config.to_dict())
 
 
 def check_config_fits(model: str | Path, config: MethodConfig,
