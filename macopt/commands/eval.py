@@ -57,8 +57,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9],
                         help="needle depths in [0, 1], comma-separated")
     parser.add_argument("--kinds", default="passkey,multikey", help="task kinds")
-    parser.add_argument("--needles", choices=("prose", "code"), default=None,
-                        help="needle style (default: code for the tiny model, else prose)")
+    parser.add_argument("--needles", choices=("prose", "code", "chat"), default=None,
+                        help="needle style (default: code for the tiny model, chat for a "
+                        "model directory with a chat template, else prose)")
     parser.add_argument("--samples", type=int, default=1, help="tasks per (kind, length, depth)")
     parser.add_argument("--agreement-steps", type=int, default=64)
     parser.add_argument("--topk-queries", type=int, default=16,
@@ -91,6 +92,15 @@ def default_text_files() -> list[Path]:
     return stdlib_text_files()
 
 
+def has_chat_template(model_dir: str | Path) -> bool:
+    """Whether a saved tokenizer carries a chat template (its own file or its config's)."""
+    path = Path(model_dir)
+    if (path / "chat_template.jinja").is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    return config.is_file() and "chat_template" in json.loads(config.read_text())
+
+
 def resolve(args: argparse.Namespace) -> tuple[str, list[Path], str, str]:
     """(model, text files, methods, needle style) with the defaults filled in."""
     from macopt.calibrate_mac import CALIBRATED_FILENAME
@@ -106,7 +116,8 @@ def resolve(args: argparse.Namespace) -> tuple[str, list[Path], str, str]:
         methods = DEFAULT_METHODS if has_calibration else DEFAULT_METHODS.replace(
             "mac:calibrated,", "")
     tiny = is_dir and Path(model).resolve() == tiny_model_dir()
-    needles = args.needles or ("code" if tiny else "prose")
+    needles = args.needles or ("code" if tiny else "chat" if is_dir and has_chat_template(
+        model) else "prose")
     return model, list(files), methods, needles
 
 
@@ -159,9 +170,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                               methods=spec, device=str(args.device),
                               dtype=str(dtype).removeprefix("torch."))
     result["bar"] = report.bar(result)
+    result["topk_bar"] = report.topk_bar(result)
     console.print(report.table(result, title=f"macopt eval {model_name}"))
     if result["bar"]:
         console.print(report.bar_table(result))
+    if result["topk_bar"]:
+        console.print(report.topk_bar_table(result))
     errors = report.topk_error_table(result)
     if errors is not None:
         console.print(errors)

@@ -187,8 +187,15 @@ def evaluate(
         raise ValueError(f"ppl_decode must be in [0, context), got {ppl_decode}")
     chunks = [ids[i * context:(i + 1) * context] for i in range(min(ppl_chunks,
                                                                     len(ids) // context))]
+    chat = None
+    if needles == "chat":
+        from macopt.evaluation.tasks import chat_wrap
+
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat needles need a tokenizer with a chat template")
+        chat = chat_wrap(tokenizer)
     tasks = make_tasks(ids, encode, kinds=kinds, lengths=lengths, depths=depths, seed=seed,
-                       samples=samples, style=needles)
+                       samples=samples, style=needles, chat=chat)
     answer_tokens = max((len(t.answer_ids) for t in tasks), default=0) + 2
     prompt = ids[:context]
     max_len = max([context + agreement_steps] + [t.length + answer_tokens for t in tasks])
@@ -232,6 +239,12 @@ def evaluate(
                 captured, method.config, len(chunks[0]) - ppl_decode, max_len, topk_queries)
             tick(f"{method.name}: output error")
         results[method.name] = entry
+    extra = {}
+    if captured is not None:  # where Top-K bars look: the heads of high attention entropy
+        from macopt.evaluation import topk_error
+
+        extra["attention_entropy"] = topk_error.head_entropy(
+            captured, len(chunks[0]) - ppl_decode, topk_queries)
     return {
         "settings": {"context": context, "ppl_chunks": len(chunks), "ppl_decode": ppl_decode,
                      "lengths": list(lengths), "depths": list(depths), "kinds": list(kinds),
@@ -240,6 +253,7 @@ def evaluate(
                      "cache_length": max_len, "tokenizer": "bytes" if tokenizer is None
                      else type(tokenizer).__name__},
         "methods": results,
+        **extra,
     }
 
 
