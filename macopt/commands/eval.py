@@ -67,6 +67,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text", type=Path, nargs="+",
                         help="held-out text files or directories (.gz too)")
+    parser.add_argument("--phi", default=None,
+                        help="feature maps (`macopt calibrate --method topk_phi`) for every "
+                        "topk_phi / mac_topk_phi method; default MODEL/macopt_phi.safetensors "
+                        "when present, 'none': seeded random features")
     parser.add_argument("--json", type=Path, help="write the full results here")
     parser.add_argument("--plot", type=Path, help="write an SVG of quality vs keys read here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -90,6 +94,20 @@ def default_text_files() -> list[Path]:
     from macopt.evaluation.text import stdlib_text_files
 
     return stdlib_text_files()
+
+
+def resolve_phi(phi: str | None, model: str) -> Path | None:
+    """The feature-map file for Top-K + phi methods (see ``--phi``)."""
+    from macopt.calibrate_phi import PHI_FILENAME
+
+    if phi == "none":
+        return None
+    if phi is not None:
+        if not Path(phi).is_file():
+            raise ValueError(f"--phi: no file {phi}")
+        return Path(phi)
+    default = Path(model) / PHI_FILENAME
+    return default if default.is_file() else None
 
 
 def has_chat_template(model_dir: str | Path) -> bool:
@@ -136,7 +154,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         model_name, files, spec, needles = resolve(args)
-        methods = parse_methods(spec, model_name if Path(model_name).is_dir() else None)
+        phi = resolve_phi(args.phi, model_name)
+        methods = parse_methods(spec, model_name if Path(model_name).is_dir() else None, phi)
         kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
         text = read_text(files)
         dtype = _DTYPES[args.dtype] if args.dtype else (
@@ -167,7 +186,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         console.print(f"[red]macopt eval {args.model or ''}:[/red] {err}")
         return 2
     result["settings"].update(model=str(model_name), text=[str(f) for f in files],
-                              methods=spec, device=str(args.device),
+                              methods=spec, phi=None if phi is None else str(phi),
+                              device=str(args.device),
                               dtype=str(dtype).removeprefix("torch."))
     result["bar"] = report.bar(result)
     result["topk_bar"] = report.topk_bar(result)

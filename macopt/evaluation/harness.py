@@ -38,6 +38,7 @@ steps (teacher-forced), because the methods change the decode steps only:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,7 +63,8 @@ class Method:
     overrides: dict[str, MethodConfig | None] | None = field(default=None, compare=False)
 
 
-def parse_methods(spec: str, model_dir: str | Path | None = None) -> list[Method]:
+def parse_methods(spec: str, model_dir: str | Path | None = None,
+                  phi: str | Path | None = None) -> list[Method]:
     """``"exact,mac:0.45,mac:calibrated,topk:0.02,topk_phi:0.02"`` -> methods, the
     unmodified model first.
 
@@ -74,7 +76,8 @@ def parse_methods(spec: str, model_dir: str | Path | None = None) -> list[Method
     that budget and ``mac_topk_phi:BUDGET:MAC`` takes its MAC part from ``MAC``, anything
     ``mac:`` accepts (``mac_topk_phi:0.02:calibrated``: the calibrated file's MAC config and
     per-layer overrides, each with the same Top-K + phi part); ``none`` is the unmodified
-    model.
+    model. ``phi``: a feature-map file (``macopt calibrate --method topk_phi``) every Top-K +
+    phi completion uses (None: the config's seeded random features).
     """
     methods = [Method("unmodified", None)]
     for item in (s.strip() for s in spec.split(",")):
@@ -82,10 +85,27 @@ def parse_methods(spec: str, model_dir: str | Path | None = None) -> list[Method
             continue
         name, _, arg = item.partition(":")
         try:
-            methods.append(_parse_method(item, name, arg, model_dir))
+            methods.append(_with_maps(_parse_method(item, name, arg, model_dir), phi))
         except (ValueError, TypeError, KeyError, OSError) as err:
             raise ValueError(f"--methods: cannot read {item!r}: {err}") from None
     return methods
+
+
+def _with_maps(method: Method, phi: str | Path | None) -> Method:
+    """The method with its Top-K + phi completions reading the feature maps file ``phi``."""
+    if phi is None:
+        return method
+
+    def swap(config: MethodConfig | None) -> MethodConfig | None:
+        if isinstance(config, TopKPhiConfig) and config.completion:
+            return dataclasses.replace(config, feature_maps=str(phi))
+        if isinstance(config, MACTopKPhiConfig):
+            return MACTopKPhiConfig(config.mac, swap(config.topk_phi))
+        return config
+
+    overrides = None if method.overrides is None else {
+        name: swap(c) for name, c in method.overrides.items()}
+    return Method(method.name, swap(method.config), overrides)
 
 
 def _parse_method(item: str, name: str, arg: str, model_dir: str | Path | None) -> Method:
