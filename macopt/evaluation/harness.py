@@ -109,7 +109,7 @@ def _with_maps(method: Method, phi: str | Path | None) -> Method:
 
 
 def _parse_method(item: str, name: str, arg: str, model_dir: str | Path | None) -> Method:
-    if name == "mac_topk_phi" and arg and not arg.endswith(".json"):
+    if name == "mac_topk_phi" and arg and _is_number(arg.partition(":")[0]):
         return _parse_composed(item, arg, model_dir)
     if arg == "calibrated" or arg.endswith(".json"):
         from macopt.calibrate_mac import CALIBRATED_FILENAME
@@ -138,6 +138,14 @@ def _parse_method(item: str, name: str, arg: str, model_dir: str | Path | None) 
     if arg:
         raise ValueError(f"method {name!r} takes no argument")
     return Method(item, MethodConfig.from_dict({"method": name}))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_composed(item: str, arg: str, model_dir: str | Path | None) -> Method:
