@@ -49,7 +49,7 @@ for stage in $STAGES; do
     [ -f "$base.json" ] || $PY -m macopt.cli eval "$M" --device cuda --dtype bfloat16 \
       --text "$TEXT/evaluation.txt.gz" --phi "$PHI" --methods "$methods" --needles chat \
       --context $ctx --ppl-chunks $chunks --ppl-decode 64 --agreement-steps 64 \
-      --lengths $lengths --depths 0.1,0.5,0.9 --kinds passkey,multikey --samples 2 \
+      --lengths $lengths --depths 0.1,0.5,0.9 --kinds passkey,multikey --samples 1 \
       --json "$base.json" --plot "$base.svg" 2>&1 | grep -v "it/s\]" > "$base.log"
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
