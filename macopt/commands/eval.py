@@ -14,11 +14,14 @@ reference. Each method runs eagerly on a fresh copy of the model.
 Measures (see :mod:`macopt.evaluation.harness`): held-out perplexity on ``--text`` in chunks of
 ``--context`` tokens whose last ``--ppl-decode`` tokens are decode steps (the decode steps'
 perplexity is the one methods change); passkey and multi-key retrieval over the same text at
-``--lengths`` x ``--depths`` (seeded; ``--needles code`` for models of source code); top-1
+``--lengths`` x ``--depths`` (seeded; ``--needles code`` for models of source code, ``chat``,
+the default for a model with a chat template, asks through the template); top-1
 agreement with the unmodified model's greedy generation (teacher-forced), first divergence and
 max logit error; hit rate and keys read per decode step past ``t_min`` vs full attention; for
-Top-K (+ phi), the attention-output error per layer and head. ``--json`` writes everything,
-``--plot`` an SVG of quality against keys read.
+Top-K (+ phi), the attention-output error per layer and head, and (``topk:B`` beside
+``topk_phi:B``) the Top-K bar on the heads of above-median attention entropy. Top-K + phi
+methods use the feature maps of ``--phi`` (default ``MODEL/macopt_phi.safetensors`` when
+present). ``--json`` writes everything, ``--plot`` an SVG of quality against keys read.
 
 ``--text`` defaults to the model directory's ``heldout.txt.gz`` when it has one (the tiny
 model does), else to the Python sources of the standard library's ``email`` package.
