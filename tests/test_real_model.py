@@ -142,3 +142,22 @@ def test_passkey_through_macopts_decode_path_at_2k():
     assert mac["sites"]["rewritten"] == 30 and mac["keys"]["hit_rate"] == 0.0
     assert mac["keys"]["decode_steps"] > 0  # steps past t_min = 2048 went through MAC
     assert mac["agreement"]["max_logit_error"] < 1e-2
+
+
+def test_methods_read_phi_maps_and_calibrated_files(tmp_path: Path):
+    import json
+
+    import macopt
+    from macopt.evaluation.harness import parse_methods
+
+    path = tmp_path / "mac.json"
+    path.write_text(json.dumps({"config": macopt.MACConfig(tau=0.6).to_dict(), "overrides": {
+        "model.layers.1.self_attn": macopt.MACConfig(tau=0.2).to_dict()}}))
+    methods = parse_methods(f"topk:0.02,topk_phi:0.02,mac_topk_phi:0.02:{path}", None,
+                            tmp_path / "phi.safetensors")
+    topk, phi, composed = (m.config for m in methods[1:])
+    assert topk.feature_maps is None  # no completion: no maps
+    assert phi.feature_maps == str(tmp_path / "phi.safetensors")
+    assert composed.mac.tau == 0.6 and composed.topk_phi.feature_maps == phi.feature_maps
+    layer = methods[3].overrides["model.layers.1.self_attn"]
+    assert layer.mac.tau == 0.2 and layer.topk_phi.feature_maps == phi.feature_maps
