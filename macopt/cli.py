@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module defines ``add_parser(subparsers)``; its parser sets ``func(args) -> int``.
-COMMANDS = ("inspect", "patch", "generate", "bench", "eval", "calibrate")
+COMMANDS = ("inspect", "patch", "generate", "bench", "eval", "calibrate", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:

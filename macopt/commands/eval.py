@@ -14,11 +14,14 @@ reference. Each method runs eagerly on a fresh copy of the model.
 Measures (see :mod:`macopt.evaluation.harness`): held-out perplexity on ``--text`` in chunks of
 ``--context`` tokens whose last ``--ppl-decode`` tokens are decode steps (the decode steps'
 perplexity is the one methods change); passkey and multi-key retrieval over the same text at
-``--lengths`` x ``--depths`` (seeded; ``--needles code`` for models of source code); top-1
+``--lengths`` x ``--depths`` (seeded; ``--needles code`` for models of source code, ``chat``,
+the default for a model with a chat template, asks through the template); top-1
 agreement with the unmodified model's greedy generation (teacher-forced), first divergence and
 max logit error; hit rate and keys read per decode step past ``t_min`` vs full attention; for
-Top-K (+ phi), the attention-output error per layer and head. ``--json`` writes everything,
-``--plot`` an SVG of quality against keys read.
+Top-K (+ phi), the attention-output error per layer and head, and (``topk:B`` beside
+``topk_phi:B``) the Top-K bar on the heads of above-median attention entropy. Top-K + phi
+methods use the feature maps of ``--phi`` (default ``MODEL/macopt_phi.safetensors`` when
+present). ``--json`` writes everything, ``--plot`` an SVG of quality against keys read.
 
 ``--text`` defaults to the model directory's ``heldout.txt.gz`` when it has one (the tiny
 model does), else to the Python sources of the standard library's ``email`` package.
@@ -61,8 +64,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9],
                         help="needle depths in [0, 1], comma-separated")
     parser.add_argument("--kinds", default="passkey,multikey", help="task kinds")
-    parser.add_argument("--needles", choices=("prose", "code"), default=None,
-                        help="needle style (default: code for the tiny model, else prose)")
+    parser.add_argument("--needles", choices=("prose", "code", "chat"), default=None,
+                        help="needle style (default: code for the tiny model, chat for a "
+                        "model directory with a chat template, else prose)")
     parser.add_argument("--samples", type=int, default=1, help="tasks per (kind, length, depth)")
     parser.add_argument("--agreement-steps", type=int, default=64)
     parser.add_argument("--topk-queries", type=int, default=16,
@@ -70,6 +74,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text", type=Path, nargs="+",
                         help="held-out text files or directories (.gz too)")
+    parser.add_argument("--phi", default=None,
+                        help="feature maps (`macopt calibrate --method topk_phi`) for every "
+                        "topk_phi / mac_topk_phi method; default MODEL/macopt_phi.safetensors "
+                        "when present, 'none': seeded random features")
     parser.add_argument("--json", type=Path, help="write the full results here")
     parser.add_argument("--plot", type=Path, help="write an SVG of quality vs keys read here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -133,6 +141,29 @@ def short_context_warnings(methods: list, context: int, ppl_decode: int,
     return warnings
 
 
+def resolve_phi(phi: str | None, model: str) -> Path | None:
+    """The feature-map file for Top-K + phi methods (see ``--phi``)."""
+    from macopt.calibrate_phi import PHI_FILENAME
+
+    if phi == "none":
+        return None
+    if phi is not None:
+        if not Path(phi).is_file():
+            raise ValueError(f"--phi: no file {phi}")
+        return Path(phi)
+    default = Path(model) / PHI_FILENAME
+    return default if default.is_file() else None
+
+
+def has_chat_template(model_dir: str | Path) -> bool:
+    """Whether a saved tokenizer carries a chat template (its own file or its config's)."""
+    path = Path(model_dir)
+    if (path / "chat_template.jinja").is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    return config.is_file() and "chat_template" in json.loads(config.read_text())
+
+
 def resolve(args: argparse.Namespace) -> tuple[str, list[Path], str, str]:
     """(model, text files, methods, needle style) with the defaults filled in."""
     from macopt.calibrate_mac import CALIBRATED_FILENAME
@@ -148,7 +179,8 @@ def resolve(args: argparse.Namespace) -> tuple[str, list[Path], str, str]:
         methods = DEFAULT_METHODS if has_calibration else DEFAULT_METHODS.replace(
             "mac:calibrated,", "")
     tiny = is_dir and Path(model).resolve() == tiny_model_dir()
-    needles = args.needles or ("code" if tiny else "prose")
+    needles = args.needles or ("code" if tiny else "chat" if is_dir and has_chat_template(
+        model) else "prose")
     return model, list(files), methods, needles
 
 
@@ -167,7 +199,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         model_name, files, spec, needles = resolve(args)
-        methods = parse_methods(spec, model_name if Path(model_name).is_dir() else None)
+        phi = resolve_phi(args.phi, model_name)
+        methods = parse_methods(spec, model_name if Path(model_name).is_dir() else None, phi)
         kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
         context = args.context or default_context(methods, args.ppl_decode)
         lengths = args.lengths or [context]
@@ -202,12 +235,16 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         console.print(f"[red]macopt eval {args.model or ''}:[/red] {err}")
         return 2
     result["settings"].update(model=str(model_name), text=[str(f) for f in files],
-                              methods=spec, device=str(args.device),
+                              methods=spec, phi=None if phi is None else str(phi),
+                              device=str(args.device),
                               dtype=str(dtype).removeprefix("torch."))
     result["bar"] = report.bar(result)
+    result["topk_bar"] = report.topk_bar(result)
     console.print(report.table(result, title=f"macopt eval {model_name}"))
     if result["bar"]:
         console.print(report.bar_table(result))
+    if result["topk_bar"]:
+        console.print(report.topk_bar_table(result))
     errors = report.topk_error_table(result)
     if errors is not None:
         console.print(errors)

@@ -38,6 +38,7 @@ steps (teacher-forced), because the methods change the decode steps only:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,7 +63,8 @@ class Method:
     overrides: dict[str, MethodConfig | None] | None = field(default=None, compare=False)
 
 
-def parse_methods(spec: str, model_dir: str | Path | None = None) -> list[Method]:
+def parse_methods(spec: str, model_dir: str | Path | None = None,
+                  phi: str | Path | None = None) -> list[Method]:
     """``"exact,mac:0.45,mac:calibrated,topk:0.02,topk_phi:0.02"`` -> methods, the
     unmodified model first.
 
@@ -74,7 +76,8 @@ def parse_methods(spec: str, model_dir: str | Path | None = None) -> list[Method
     that budget and ``mac_topk_phi:BUDGET:MAC`` takes its MAC part from ``MAC``, anything
     ``mac:`` accepts (``mac_topk_phi:0.02:calibrated``: the calibrated file's MAC config and
     per-layer overrides, each with the same Top-K + phi part); ``none`` is the unmodified
-    model.
+    model. ``phi``: a feature-map file (``macopt calibrate --method topk_phi``) every Top-K +
+    phi completion uses (None: the config's seeded random features).
     """
     methods = [Method("unmodified", None)]
     for item in (s.strip() for s in spec.split(",")):
@@ -82,14 +85,31 @@ def parse_methods(spec: str, model_dir: str | Path | None = None) -> list[Method
             continue
         name, _, arg = item.partition(":")
         try:
-            methods.append(_parse_method(item, name, arg, model_dir))
+            methods.append(_with_maps(_parse_method(item, name, arg, model_dir), phi))
         except (ValueError, TypeError, KeyError, OSError) as err:
             raise ValueError(f"--methods: cannot read {item!r}: {err}") from None
     return methods
 
 
+def _with_maps(method: Method, phi: str | Path | None) -> Method:
+    """The method with its Top-K + phi completions reading the feature maps file ``phi``."""
+    if phi is None:
+        return method
+
+    def swap(config: MethodConfig | None) -> MethodConfig | None:
+        if isinstance(config, TopKPhiConfig) and config.completion:
+            return dataclasses.replace(config, feature_maps=str(phi))
+        if isinstance(config, MACTopKPhiConfig):
+            return MACTopKPhiConfig(config.mac, swap(config.topk_phi))
+        return config
+
+    overrides = None if method.overrides is None else {
+        name: swap(c) for name, c in method.overrides.items()}
+    return Method(method.name, swap(method.config), overrides)
+
+
 def _parse_method(item: str, name: str, arg: str, model_dir: str | Path | None) -> Method:
-    if name == "mac_topk_phi" and arg and not arg.endswith(".json"):
+    if name == "mac_topk_phi" and arg and _is_number(arg.partition(":")[0]):
         return _parse_composed(item, arg, model_dir)
     if arg == "calibrated" or arg.endswith(".json"):
         from macopt.calibrate_mac import CALIBRATED_FILENAME
@@ -118,6 +138,14 @@ def _parse_method(item: str, name: str, arg: str, model_dir: str | Path | None) 
     if arg:
         raise ValueError(f"method {name!r} takes no argument")
     return Method(item, MethodConfig.from_dict({"method": name}))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_composed(item: str, arg: str, model_dir: str | Path | None) -> Method:
@@ -187,8 +215,15 @@ def evaluate(
         raise ValueError(f"ppl_decode must be in [0, context), got {ppl_decode}")
     chunks = [ids[i * context:(i + 1) * context] for i in range(min(ppl_chunks,
                                                                     len(ids) // context))]
+    chat = None
+    if needles == "chat":
+        from macopt.evaluation.tasks import chat_wrap
+
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat needles need a tokenizer with a chat template")
+        chat = chat_wrap(tokenizer)
     tasks = make_tasks(ids, encode, kinds=kinds, lengths=lengths, depths=depths, seed=seed,
-                       samples=samples, style=needles)
+                       samples=samples, style=needles, chat=chat)
     answer_tokens = max((len(t.answer_ids) for t in tasks), default=0) + 2
     prompt = ids[:context]
     max_len = max([context + agreement_steps] + [t.length + answer_tokens for t in tasks])
@@ -232,6 +267,12 @@ def evaluate(
                 captured, method.config, len(chunks[0]) - ppl_decode, max_len, topk_queries)
             tick(f"{method.name}: output error")
         results[method.name] = entry
+    extra = {}
+    if captured is not None:  # where Top-K bars look: the heads of high attention entropy
+        from macopt.evaluation import topk_error
+
+        extra["attention_entropy"] = topk_error.head_entropy(
+            captured, len(chunks[0]) - ppl_decode, topk_queries)
     return {
         "settings": {"context": context, "ppl_chunks": len(chunks), "ppl_decode": ppl_decode,
                      "lengths": list(lengths), "depths": list(depths), "kinds": list(kinds),
@@ -240,6 +281,7 @@ def evaluate(
                      "cache_length": max_len, "tokenizer": "bytes" if tokenizer is None
                      else type(tokenizer).__name__},
         "methods": results,
+        **extra,
     }
 
 

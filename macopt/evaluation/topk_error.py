@@ -78,6 +78,27 @@ def output_errors(calls: Sequence[AttentionCall], config: TopKPhiConfig, prefill
             "queries": len(positions) if calls else 0}
 
 
+@torch.no_grad()
+def head_entropy(calls: Sequence[AttentionCall], prefill: int, queries: int = 16) -> list:
+    """Mean entropy (nats) of each query head's exact attention, per layer, over the same
+    decode positions :func:`output_errors` scores: how spread a head's mass is, which is where
+    a Top-K selection leaves the most mass out and a completion has the most to add."""
+    layers = []
+    for call in calls:
+        length = call.q.shape[2]
+        picks = torch.linspace(prefill, length - 1, min(queries, length - prefill)).round()
+        total = torch.zeros(call.q.shape[1])
+        positions = sorted({int(p) for p in picks})
+        group = call.q.shape[1] // call.k.shape[1]
+        for p in positions:
+            k = call.k[:, :, :p + 1].float().repeat_interleave(group, dim=1)
+            logits = torch.einsum("bhd,bhnd->bhn", call.q[:, :, p].float(), k) * call.scale
+            logp = torch.log_softmax(logits, dim=-1)
+            total += -(logp.exp() * logp).sum(-1)[0].cpu()
+        layers.append((total / max(len(positions), 1)).tolist())
+    return layers
+
+
 def _exact(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Full attention of ``q[1, Hq, D]`` over ``k, v[1, Hkv, N, D]`` (fp32)."""
     group = q.shape[1] // k.shape[1]
