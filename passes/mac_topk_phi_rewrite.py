@@ -36,7 +36,7 @@ def rewrite_mac_topk_phi(graph: Graph, site: AttentionSite, inputs: DecodeInputs
     q_pre = pre_rope_query(graph, site, inputs.rope, decode=True)
     args = (inputs.q, q_pre, inputs.k, inputs.v, positions, key_starts, inputs.scale,
             inputs.site_id, mac.ring_size, mac.offset, mac.tau, mac.t_min, mac.max_chain_depth,
-            mac.batch_capacity or 0, site_budget(topk, site), topk.page_size, topk.selector)
+            mac.batch_capacity or 0, site_budget(topk, site), topk.page_size, topk.selector_spec())
     return call(graph, torch.ops.macopt.mac_topk_phi_decode.default, args, site)
 
 
