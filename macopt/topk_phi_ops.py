@@ -561,7 +561,7 @@ def decode(state: TopKPhiState, q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
     return torch.ops.macopt.topk_phi_decode(
         q, k, v, starts, ends, state.m, state.u, state.t, state.mid_start, state.mid_end,
         state.kmin, state.kmax, state.phi_q, state.phi_q_mlp, state.phi_k, state.phi_k_mlp,
-        state.completion, scale, budget, config.page_size, config.selector,
+        state.completion, scale, budget, config.page_size, config.selector_spec(),
         budget_summary_tokens(config, state.t, k.dtype))
 
 
