@@ -256,6 +256,9 @@ def _index(value: Any, what: str) -> int:
     return value
 
 
+RADII = ("relative", "absolute")
+
+
 @dataclass(frozen=True)
 class MACConfig(MethodConfig):
     """MAC-Attention (Match, Amend, Complete; ALGORITHMS.md, section 1). Approximate by design:
@@ -270,8 +273,15 @@ class MACConfig(MethodConfig):
 
     ``tau`` is a similarity threshold: *larger is stricter*. ``tau = 1.0`` gives radius 0, so
     nothing ever matches and ``mac`` computes exactly full attention (a test setting); a tiny or
-    negative ``tau`` matches almost everything. The radius is absolute, so the right ``tau``
-    depends on the model's query scale.
+    negative ``tau`` matches almost everything.
+
+    ``radius``: "relative" (default) matches query *directions*: every pre-RoPE query is scaled
+    to norm ``sqrt(D)`` before the ring and the match see it, so a hit needs
+    ``1 - cos(q, q_j) < (1 - tau)^2`` whatever the model's query norms, head dim or query
+    normalisation (``tau`` means the same on every model). "absolute": the raw pre-RoPE
+    queries (the radius depends on the model's query scale; for taus calibrated that way).
+    The default ``tau = 0.85`` (cosine > 0.9775) is stricter than 0.45 was on SmolLM2, whose
+    query norms (12-18) made the absolute radius loose (docs/SAFE_DEFAULTS.md).
 
     ``max_chain_depth``: an entry built on a hit is itself approximate; an entry that is the
     ``max_chain_depth``-th link of a chain of hits is not reused again, so that step attends its
@@ -286,8 +296,10 @@ class MACConfig(MethodConfig):
     ``Hq * M * (D * (2 + 4) + 12)`` bytes at bf16 (Llama-3.1-8B, M = 512: 12.6 MB per layer and
     row, 403 MB per row for 32 layers); ``macopt.stats(model)`` reports it.
 
-    >>> MACConfig().ring_size, MACConfig().tau
-    (512, 0.45)
+    >>> MACConfig().ring_size, MACConfig().tau, MACConfig().radius
+    (512, 0.85, 'relative')
+    >>> MACConfig().tau_source()
+    'tau 0.85 on query directions (radius relative to each query norm: model-independent)'
     >>> MACConfig(tau=1.0, t_min=0).tau  # radius 0: nothing matches, exactly full attention
     1.0
     >>> MACConfig(ring_size=0)
@@ -302,13 +314,23 @@ class MACConfig(MethodConfig):
 
     ring_size: int = 512
     offset: int = 256
-    tau: float = 0.45
+    tau: float = 0.85
     t_min: int = 2048
     sinks: int = 0
     max_chain_depth: int = 16
     batch_capacity: int | None = None
+    radius: str = "relative"
+
+    def tau_source(self) -> str:
+        """Which tau this config gives its sites, and what its radius is relative to."""
+        if self.radius == "relative":
+            return (f"tau {self.tau:g} on query directions (radius relative to each query "
+                    f"norm: model-independent)")
+        return f"tau {self.tau:g} on raw pre-RoPE queries (absolute radius sqrt(2 D) (1 - tau))"
 
     def __post_init__(self) -> None:
+        if self.radius not in RADII:
+            raise ValueError(f"MACConfig.radius: expected one of {RADII}, got {self.radius!r}")
         least = {"ring_size": 1, "offset": 0, "t_min": 0, "sinks": 0, "max_chain_depth": 1}
         for name, low in least.items():
             value = getattr(self, name)

@@ -1,0 +1,94 @@
+"""MAC's safe defaults: the guard warns on a site that hits on nearly every early decode
+step, and the relative radius gives tau the same meaning on models of any query scale."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import macopt
+from macopt import mac_guard
+from macopt.kernels.mac_reference import threshold
+from tests.model_zoo import ZOO
+from tests.passes_harness import generate
+
+# Random models' pre-RoPE queries are tiny (~0.05 per element): the absolute radius of
+# tau = 0.45 (sqrt(38.7) at D = 64) makes nearly every step hit (tests/test_mac_generate.py).
+LOOSE = macopt.MACConfig(ring_size=16, offset=4, tau=0.45, t_min=0, batch_capacity=3,
+                         radius="absolute")
+
+
+def _llama() -> torch.nn.Module:
+    model = ZOO["llama"].build()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _warnings_of(config: macopt.MACConfig) -> list[str]:
+    mac_guard.reset()
+    model = macopt.optimize(copy.deepcopy(_llama()), config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(model, 3, compiled=False)
+    return [str(w.message) for w in caught if issubclass(w.category, mac_guard.MACHitRateWarning)]
+
+
+def test_guard_warns_once_per_site_naming_it_and_the_remedy():
+    messages = _warnings_of(LOOSE)
+    assert len(messages) == 2  # the zoo's Llama has two attention layers: one warning each
+    assert all("self_attn" in m and "tau" in m and "calibrate" in m for m in messages)
+    assert len(set(messages)) == 2
+
+
+def test_guard_is_silent_when_nothing_matches():
+    assert _warnings_of(macopt.MACConfig(ring_size=16, offset=4, tau=1.0, t_min=0,
+                                         batch_capacity=3)) == []
+
+
+def _hit_rates(config: macopt.MACConfig) -> list[float]:
+    model = macopt.optimize(copy.deepcopy(_llama()), config)
+    generate(model, 3, compiled=False)
+    return [layer.hit_rate for layer in macopt.stats(model)]
+
+
+def test_relative_radius_does_not_depend_on_the_query_scale():
+    # The same random queries scaled x100: the absolute radius now matches nothing it matched
+    # (its hit rate moves), the relative one sees the same directions (its hit rate stays).
+    def scaled(factor):
+        model = _llama()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(factor)
+        return model
+
+    rates = {}
+    for radius in ("relative", "absolute"):
+        config = macopt.MACConfig(ring_size=16, offset=4, tau=0.2, t_min=0, batch_capacity=3,
+                                  radius=radius)
+        for factor in (1.0, 100.0):
+            model = macopt.optimize(scaled(factor), config)
+            generate(model, 3, compiled=False)
+            rates[radius, factor] = [layer.hit_rate for layer in macopt.stats(model)]
+    assert rates["relative", 1.0] == pytest.approx(rates["relative", 100.0], abs=0.05)
+    assert rates["absolute", 1.0] != pytest.approx(rates["absolute", 100.0], abs=0.05)
+
+
+def test_tau_source_says_which_radius_a_site_uses():
+    assert "relative" in macopt.MACConfig().tau_source()
+    assert "absolute" in macopt.MACConfig(radius="absolute").tau_source()
+    with pytest.raises(ValueError, match="radius"):
+        macopt.MACConfig(radius="cosine")
+
+
+def test_relative_radius_means_the_same_at_head_dim_64_and_256():
+    # A direction at cosine c from another is at squared distance 2 D (1 - c) after the
+    # scaling to norm sqrt(D): the hit test 2 D (1 - c) < 2 D (1 - tau)^2 drops D. The absolute
+    # radius at D 256 is twice the one at D 64 on queries of the same norm.
+    for dim in (64, 256):
+        cos = 1 - (1 - 0.85) ** 2
+        assert 2 * dim * (1 - (cos + 1e-6)) < threshold(dim, 0.85) < 2 * dim * (1 - (cos - 1e-6))
+    assert math.sqrt(threshold(256, 0.45)) == pytest.approx(2 * math.sqrt(threshold(64, 0.45)))
