@@ -13,6 +13,7 @@ import torch
 import macopt
 from macopt import mac_guard
 from macopt.kernels.mac_reference import threshold
+from macopt.passes._compat import dynamo
 from tests.model_zoo import ZOO
 from tests.passes_harness import generate
 
@@ -23,6 +24,9 @@ LOOSE = macopt.MACConfig(ring_size=16, offset=4, tau=0.45, t_min=0, batch_capaci
 
 
 def _llama() -> torch.nn.Module:
+    # Each model compiles the same forward code object: reset dynamo so that the recompile
+    # limit never sends a later model down the unrewritten path.
+    dynamo.reset()
     model = ZOO["llama"].build()
     model.set_attn_implementation("sdpa")
     return model
@@ -58,13 +62,15 @@ def _hit_rates(config: macopt.MACConfig) -> list[float]:
 
 
 def test_relative_radius_does_not_depend_on_the_query_scale():
-    # The same random queries scaled x100: the absolute radius now matches nothing it matched
-    # (its hit rate moves), the relative one sees the same directions (its hit rate stays).
+    # Queries x100 and keys / 100: the same model (q.k, hence every token, unchanged) with
+    # other query norms. The absolute radius now matches what it did not (its hit rate moves),
+    # the relative one sees the same directions (its hit rate stays).
     def scaled(factor):
         model = _llama()
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.q_proj.weight.mul_(factor)
+                layer.self_attn.k_proj.weight.div_(factor)
         return model
 
     rates = {}
