@@ -108,3 +108,42 @@ def test_stats_name_each_mac_sites_tau_and_radius():
     generate(model, 3, compiled=False)
     taus = [layer.tau for layer in macopt.stats(model)]
     assert taus and all(t == macopt.MACConfig().tau_source() for t in taus)
+
+
+def _ring_query_norms(model: torch.nn.Module) -> list[float]:
+    """Median norm of the pre-RoPE queries each MAC site's ring holds after a generation."""
+    from macopt import state
+    from macopt.passes import scope
+
+    norms = []
+    for module in model.modules():
+        site_id = scope.site_id_of(module)
+        site = state.get(site_id) if site_id is not None else None
+        if site is not None and site.method == "mac":
+            ring = site.buffers
+            filled = ring.pos >= 0
+            norms.append(ring.q.float().norm(dim=-1)[filled].median().item())
+    return norms
+
+
+def test_head_dim_256_normalised_queries_get_their_own_radius():
+    # Gemma-3-like (q-norm: normalised queries, D 256) vs Llama-like (D 64), random weights.
+    # The relative radius scales every query to norm sqrt(D) before the match: the radius in
+    # the model's raw query units is sqrt(2) (1 - tau) |q|, which differs between the two
+    # models (and from the absolute sqrt(2 D) (1 - tau)) wherever their query norms differ.
+    dynamo.reset()
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=256, num_hidden_layers=2, hidden_size=128, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=256, max_position_embeddings=256,
+        query_pre_attn_scalar=256, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"])).eval()
+    gemma.set_attn_implementation("sdpa")
+    config = macopt.MACConfig(ring_size=16, offset=4, t_min=0, batch_capacity=3)
+    for model, dim in ((gemma, 256), (_llama(), 64)):
+        dynamo.reset()
+        model = macopt.optimize(model, config)
+        generate(model, 3, compiled=False)
+        norms = _ring_query_norms(model)
+        assert norms and all(n == pytest.approx(math.sqrt(dim), rel=1e-3) for n in norms)

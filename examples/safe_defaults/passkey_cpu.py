@@ -19,12 +19,14 @@ def prompt(depth, key):
 CONFIGS = {"unmodified": None, "exact": macopt.ExactConfig(), "topk": macopt.TopKPhiConfig(),
            "topk_page": macopt.TopKPhiConfig(selector="page"), "mac": macopt.MACConfig(),
            "mac_exact": macopt.MACConfig(tau=1.0)}
+import os
+DEPTHS = [float(x) for x in os.environ.get("DEPTHS", "0.2,0.5,0.8").split(",")]
 for name in methods:
     model = AutoModelForCausalLM.from_pretrained(PATH, dtype=torch.float32).eval()
     if CONFIGS[name] is not None:
         model = macopt.optimize(model, CONFIGS[name]) or model
     score = 0; t0 = time.time(); outs = []
-    for depth, key in zip((0.2, 0.5, 0.8), KEYS):
+    for depth, key in zip(DEPTHS, KEYS):
         enc = tok(prompt(depth, key), return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=12, do_sample=False, cache_implementation="static")
@@ -36,4 +38,4 @@ for name in methods:
             extra = str(macopt.stats(model))[:600]
         except Exception as e:
             extra = f"stats: {e!r}"
-    print(f"{name}: {score}/3 prompt tokens {enc['input_ids'].shape[1]} answers {outs} ({time.time()-t0:.0f}s)\n  {extra}", flush=True)
+    print(f"{name}: {score}/{len(DEPTHS)} prompt tokens {enc['input_ids'].shape[1]} answers {outs} ({time.time()-t0:.0f}s)\n  {extra}", flush=True)
