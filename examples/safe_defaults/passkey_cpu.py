@@ -4,6 +4,7 @@ exact | topk | topk_page | mac | mac_exact"""
 import sys, glob, time, torch, macopt
 from transformers import AutoTokenizer, AutoModelForCausalLM
 torch.set_num_threads(2)
+import os
 PATH = "/root/.cache/macopt/smollm2-135m-instruct"
 n_tokens = int(sys.argv[1]); methods = sys.argv[2:]
 tok = AutoTokenizer.from_pretrained(PATH)
@@ -22,12 +23,14 @@ CONFIGS = {"unmodified": None, "exact": macopt.ExactConfig(), "topk": macopt.Top
 import os
 DEPTHS = [float(x) for x in os.environ.get("DEPTHS", "0.2,0.5,0.8").split(",")]
 for name in methods:
-    model = AutoModelForCausalLM.from_pretrained(PATH, dtype=torch.float32).eval()
+    device = os.environ.get("DEVICE", "cpu")  # DEVICE=cuda runs in bf16
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(PATH, dtype=dtype).to(device).eval()
     if CONFIGS[name] is not None:
         model = macopt.optimize(model, CONFIGS[name]) or model
     score = 0; t0 = time.time(); outs = []
     for depth, key in zip(DEPTHS, KEYS):
-        enc = tok(prompt(depth, key), return_tensors="pt")
+        enc = tok(prompt(depth, key), return_tensors="pt").to(device)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=12, do_sample=False, cache_implementation="static")
         ans = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
