@@ -95,7 +95,8 @@ class TopKPhiConfig(MethodConfig):
     score over the ``channels`` query channels of largest magnitude in the KV group (None:
     head dim / 4), then re-ranks the best ``rerank * budget`` of them by their exact score and
     keeps ``budget`` (SparQ-style; on SmolLM2 the page bounds keep 18% of the attention mass
-    exact Top-K keeps at 2% of a 4K prompt, this keeps 99.7%: docs/SAFE_DEFAULTS.md). ``d_phi`` features per map (None: the head dim, as in the paper).
+    exact Top-K keeps at 2% of a 4K prompt, this keeps 99.7%: docs/SAFE_DEFAULTS.md).
+    ``d_phi`` features per map (None: the head dim, as in the paper).
     ``feature_maps``: a safetensors file of calibrated maps (``macopt calibrate``); None uses
     the parameter-free positive-random-feature initialisation (seeded by ``seed``).
 
