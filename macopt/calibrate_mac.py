@@ -259,7 +259,7 @@ def prefill_ring(call: AttentionCall, config: MACConfig) -> MACRing:
     ring = MACRing.empty(1, q_heads, config.ring_size, head_dim, call.q_pre.dtype,
                          call.q.device)
     slots = positions % config.ring_size
-    ring.q[0, :, slots] = call.q_pre[0, :, lo:].to(ring.q.dtype)
+    ring.q[0, :, slots] = matched_query(call.q_pre[0, :, lo:], config).to(ring.q.dtype)
     ring.o[0, :, slots] = o[0].float()
     ring.lse[0, :, slots] = lse[0].float()
     ring.pos[0, :, slots] = positions.to(torch.int32)
@@ -286,7 +286,8 @@ class _MACAttention:
             if exact:
                 hits, keys = 0, (t + 1) * q_heads
             else:
-                o, hit, read = mac_step(call.q[:, :, i], call.q_pre[:, :, i], call.k, call.v,
+                o, hit, read = mac_step(call.q[:, :, i],
+                                        matched_query(call.q_pre[:, :, i], config), call.k, call.v,
                                         ring, t, call.scale, config)
                 outputs.append(o)
                 hits, keys = int(hit.sum()), int(read.sum())
@@ -350,7 +351,7 @@ def exact_window(model: torch.nn.Module, ids: Tensor, settings: MACCalibration) 
     first_step = max(settings.base.t_min - p, 0)
     for call in tap.calls:
         before = prefill_calls[call.layer].q_pre[0, :, -settings.base.ring_size:]
-        q_pre = torch.cat([before, call.q_pre[0]], dim=1)
+        q_pre = matched_query(torch.cat([before, call.q_pre[0]], dim=1), settings.base)
         distances[call.layer] = nearest_ring_distances(q_pre, before.shape[1] + first_step,
                                                        settings.base.ring_size)
     names = {layer: call.name for layer, call in prefill_calls.items()}
@@ -358,6 +359,16 @@ def exact_window(model: torch.nn.Module, ids: Tensor, settings: MACCalibration) 
 
 
 # --- candidates ----------------------------------------------------------------------------
+
+
+def matched_query(q_pre: Tensor, config: MACConfig) -> Tensor:
+    """The pre-RoPE queries as the ring and the match see them: scaled to norm ``sqrt(D)``
+    under ``radius="relative"`` (as the rewrite does), unchanged under "absolute"; so the taus
+    calibrated here mean what the optimized model's sites do with them."""
+    if config.radius != "relative":
+        return q_pre
+    x = q_pre.float()
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-12)
 
 
 def tau_for_radius(radius: float, head_dim: int) -> float:

@@ -82,7 +82,7 @@ class ExactConfig(MethodConfig):
     needs_pre_rope_query: ClassVar[bool] = False
 
 
-SELECTORS = ("page", "exact")
+SELECTORS = ("channel", "page", "exact")
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,12 @@ class TopKPhiConfig(MethodConfig):
     shape, so choosing K never syncs the host). ``selector`` "page" ranks pages of
     ``page_size`` keys by Quest-style bounds (reads no key it does not retrieve; the budget is
     rounded up to whole pages); "exact" ranks every middle key by its exact score (the paper's
-    oracle; reads every key). ``d_phi`` features per map (None: the head dim, as in the paper).
+    oracle; reads every key); "channel" (default) ranks every middle key by an approximate
+    score over the ``channels`` query channels of largest magnitude in the KV group (None:
+    head dim / 4), then re-ranks the best ``rerank * budget`` of them by their exact score and
+    keeps ``budget`` (SparQ-style; on SmolLM2 the page bounds keep 18% of the attention mass
+    exact Top-K keeps at 2% of a 4K prompt, this keeps 99.7%: docs/SAFE_DEFAULTS.md).
+    ``d_phi`` features per map (None: the head dim, as in the paper).
     ``feature_maps``: a safetensors file of calibrated maps (``macopt calibrate``); None uses
     the parameter-free positive-random-feature initialisation (seeded by ``seed``).
 
@@ -119,7 +124,9 @@ class TopKPhiConfig(MethodConfig):
     >>> TopKPhiConfig(selector="quest")
     Traceback (most recent call last):
     ...
-    ValueError: TopKPhiConfig.selector: expected one of ('page', 'exact'), got 'quest'
+    ValueError: TopKPhiConfig.selector: expected one of ('channel', 'page', 'exact'), got 'quest'
+    >>> TopKPhiConfig().selector_spec(), TopKPhiConfig(selector="page").selector_spec()
+    ('channel:0:2', 'page')
     """
 
     method: ClassVar[str] = "topk_phi"
@@ -130,7 +137,9 @@ class TopKPhiConfig(MethodConfig):
     tail: int = 16
     budget: int | float = 0.02
     page_size: int = 32
-    selector: str = "page"
+    selector: str = "channel"
+    channels: int | None = None
+    rerank: int = 2
     d_phi: int | None = None
     completion: bool = True
     completion_overrides: Any = ()
@@ -149,6 +158,9 @@ class TopKPhiConfig(MethodConfig):
         if self.selector not in SELECTORS:
             raise ValueError(f"TopKPhiConfig.selector: expected one of {SELECTORS}, "
                              f"got {self.selector!r}")
+        if self.channels is not None:
+            _check_int(self, "channels", self.channels, least=1)
+        _check_int(self, "rerank", self.rerank, least=1)
         if self.d_phi is not None:
             _check_int(self, "d_phi", self.d_phi, least=2)
             if self.d_phi % 2:
@@ -167,6 +179,13 @@ class TopKPhiConfig(MethodConfig):
         # Stored as nested sorted tuples: the config stays frozen, hashable and JSON-able.
         object.__setattr__(self, "completion_overrides",
                            _normalise_overrides(self.completion_overrides))
+
+    def selector_spec(self) -> str:
+        """The selector as the decode ops take it: its name, and for "channel" its channel
+        count (0: head dim / 4) and re-rank factor, ``"channel:C:R"``."""
+        if self.selector != "channel":
+            return self.selector
+        return f"channel:{self.channels or 0}:{self.rerank}"
 
     def budget_tokens(self, n_keys: int) -> int:
         """K for a site whose cache holds ``n_keys`` keys (fractions round up, at least 1)."""
@@ -251,6 +270,7 @@ def _index(value: Any, what: str) -> int:
 
 
 MAX_RING_SIZE = 1 << 16
+RADII = ("relative", "absolute")
 
 
 @dataclass(frozen=True)
@@ -267,8 +287,15 @@ class MACConfig(MethodConfig):
 
     ``tau`` is a similarity threshold: *larger is stricter*. ``tau = 1.0`` gives radius 0, so
     nothing ever matches and ``mac`` computes exactly full attention (a test setting); a tiny or
-    negative ``tau`` matches almost everything. The radius is absolute, so the right ``tau``
-    depends on the model's query scale.
+    negative ``tau`` matches almost everything.
+
+    ``radius``: "relative" (default) matches query *directions*: every pre-RoPE query is scaled
+    to norm ``sqrt(D)`` before the ring and the match see it, so a hit needs
+    ``1 - cos(q, q_j) < (1 - tau)^2`` whatever the model's query norms, head dim or query
+    normalisation (``tau`` means the same on every model). "absolute": the raw pre-RoPE
+    queries (the radius depends on the model's query scale; for taus calibrated that way).
+    The default ``tau = 0.85`` (cosine > 0.9775) is stricter than 0.45 was on SmolLM2, whose
+    query norms (12-18) made the absolute radius loose (docs/SAFE_DEFAULTS.md).
 
     ``max_chain_depth``: an entry built on a hit is itself approximate; an entry that is the
     ``max_chain_depth``-th link of a chain of hits is not reused again, so that step attends its
@@ -283,8 +310,10 @@ class MACConfig(MethodConfig):
     ``Hq * M * (D * (2 + 4) + 12)`` bytes at bf16 (Llama-3.1-8B, M = 512: 12.6 MB per layer and
     row, 403 MB per row for 32 layers); ``macopt.stats(model)`` reports it.
 
-    >>> MACConfig().ring_size, MACConfig().tau
-    (512, 0.45)
+    >>> MACConfig().ring_size, MACConfig().tau, MACConfig().radius
+    (512, 0.85, 'relative')
+    >>> MACConfig().tau_source()
+    'tau 0.85 on query directions (radius relative to each query norm: model-independent)'
     >>> MACConfig(tau=1.0, t_min=0).tau  # radius 0: nothing matches, exactly full attention
     1.0
     >>> MACConfig(ring_size=0)
@@ -299,13 +328,23 @@ class MACConfig(MethodConfig):
 
     ring_size: int = 512
     offset: int = 256
-    tau: float = 0.45
+    tau: float = 0.85
     t_min: int = 2048
     sinks: int = 0
     max_chain_depth: int = 16
     batch_capacity: int | None = None
+    radius: str = "relative"
+
+    def tau_source(self) -> str:
+        """Which tau this config gives its sites, and what its radius is relative to."""
+        if self.radius == "relative":
+            return (f"tau {self.tau:g} on query directions (radius relative to each query "
+                    f"norm: model-independent)")
+        return f"tau {self.tau:g} on raw pre-RoPE queries (absolute radius sqrt(2 D) (1 - tau))"
 
     def __post_init__(self) -> None:
+        if self.radius not in RADII:
+            raise ValueError(f"MACConfig.radius: expected one of {RADII}, got {self.radius!r}")
         least = {"ring_size": 1, "offset": 0, "t_min": 0, "sinks": 0, "max_chain_depth": 1}
         for name, low in least.items():
             value = getattr(self, name)

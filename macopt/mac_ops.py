@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from macopt import mac_state, side_stream
+from macopt import mac_guard, mac_state, side_stream
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.mac_reference import MACRing, MatchCandidates
 from macopt.ops import _use_triton
@@ -70,6 +70,7 @@ def _decode_step(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tens
         o, hit, keys_read = mac_reference.mac_decode_step(
             q, q_pre, k, v, ring, positions, key_starts, scale, candidates=candidates, **params)
         mac_counters.count_decode_reference_(counters, hit, keys_read, positions, key_starts)
+    mac_guard.on_decode(site_id, counters)
     return o
 
 
@@ -177,6 +178,7 @@ def mac_prefill(
     ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
     write_prefill_entries(ring, q_post, q_pre, k, v, scale, key_starts, ends, offset, sinks)
     counters[mac_counters.COUNTERS.index("prefills")] += 1
+    mac_guard.on_prefill(site_id, counters)
     return attn_out.clone()
 
 

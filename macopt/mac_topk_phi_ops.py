@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from macopt import state, topk_phi_site
+from macopt import mac_guard, state, topk_phi_site
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.mac_counters import COUNTER_ROWS
 from macopt.kernels.mac_reference import MACRing
@@ -171,6 +171,7 @@ def mac_topk_phi_decode(
     o, _, _ = decode_step(q, q_pre, k, v, site, positions, key_starts, scale, offset=offset,
                           tau=tau, t_min=t_min, max_depth=max_depth, budget=budget,
                           page_size=page_size, selector=selector, counters=found.counters)
+    mac_guard.on_decode(site_id, found.counters)
     return o
 
 
@@ -224,6 +225,7 @@ def mac_topk_phi_prefill(
     topk_phi_prefill(k, v, key_starts, ends, topk.phi_k, topk.phi_k_mlp, sinks, tail, page_size,
                      topk.m, topk.u, topk.t, topk.mid_start, topk.mid_end, topk.kmin, topk.kmax)
     counters[mac_counters.COUNTERS.index("prefills")] += 1
+    mac_guard.on_prefill(site_id, counters)
     return attn_out.clone()
 
 

@@ -6,6 +6,7 @@ is the one sync, and it happens only when asked.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ class LayerStats:
     keys_read: int | None
     keys_full: int | None
     nbytes: int
+    tau: str | None = None  # MAC sites: the tau in use and its radius (MACConfig.tau_source)
 
     @property
     def read_fraction(self) -> float | None:
@@ -92,14 +94,14 @@ def stats(model: torch.nn.Module) -> Stats:
         site_id = scope.site_id_of(module)
         site = state.get(site_id) if site_id is not None else None
         if found is not None and site is not None:
-            sites.append((found.qualname or name, site))
-    counted = [site for _, site in sites if _has_counters(site)]
+            sites.append((found.qualname or name, site, _tau_source(found.config)))
+    counted = [site for _, site, _ in sites if _has_counters(site)]
     counts = []
     if counted:
         device = counted[0].counters.device
         counts = torch.cat([s.counters.flatten().to(device) for s in counted]).cpu().tolist()
     out, offset = Stats(), 0
-    for layer, site in sites:
+    for layer, site, tau in sites:
         if not _has_counters(site):
             out.append(LayerStats(layer, site.method, None, None, None, (), None, None,
                                   site.nbytes()))
@@ -109,8 +111,15 @@ def stats(model: torch.nn.Module) -> Stats:
         offset += size
         heads = site.counters.shape[1]
         rows = [flat[i * heads:(i + 1) * heads] for i in range(len(COUNTERS))]
-        out.append(_layer_stats(layer, site, dict(zip(COUNTERS, rows, strict=True))))
+        out.append(dataclasses.replace(
+            _layer_stats(layer, site, dict(zip(COUNTERS, rows, strict=True))), tau=tau))
     return out
+
+
+def _tau_source(config: object) -> str | None:
+    """Which tau a MAC site uses (its own config: a calibrated override or the model's)."""
+    mac = getattr(config, "mac", config)
+    return mac.tau_source() if hasattr(mac, "tau_source") else None
 
 
 def _has_counters(site: state.SiteState) -> bool:

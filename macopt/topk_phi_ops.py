@@ -223,8 +223,7 @@ def _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax
     n_q_heads, head_dim = q.shape[1], q.shape[2]
     _check_phi("phi_q", phi_q, n_q_heads, head_dim, d_phi, q.device)
     _check_phi("phi_k", phi_k, k.shape[1], head_dim, d_phi, q.device)
-    if selector not in SELECTORS:
-        raise ValueError(f"selector: expected one of {SELECTORS}, got {selector!r}")
+    parse_selector(selector)
     if budget < 1:
         raise ValueError(f"budget: expected a number of tokens >= 1, got {budget}")
     if summary_tokens < 0:
@@ -358,6 +357,11 @@ def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tenso
     (pages for the page selector) up to its count; the rest of its row is -1, so ``K'`` is
     the same as without counts."""
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    name, channels, rerank = parse_selector(selector)
+    if name == "channel":
+        counts = None if counts is None else counts.tensor(n_kv_heads).expand(q.shape[0], -1)
+        return channel_selection(q, k, scale, mid_start, mid_end, min(budget, n_keys),
+                                 channels, rerank, counts)
     if selector == "page" and triton_path:
         from macopt.kernels import topk_phi
 
@@ -376,6 +380,68 @@ def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tenso
         return exact_selection(q, k, scale, mid_start, mid_end, min(budget, n_keys), counts)
     return ref.exact_topk(q, k, scale, mid_start, mid_end, budget, per_kv_head=True,
                           counts=counts)
+
+
+def parse_selector(selector: str) -> tuple[str, int, int]:
+    """``(name, channels, rerank)`` of a selector spec (:meth:`TopKPhiConfig.selector_spec`):
+    "page", "exact", "channel" or "channel:C:R" (C 0: head dim / 4; R: re-rank factor).
+
+    >>> parse_selector("channel:16:2"), parse_selector("channel"), parse_selector("page")
+    (('channel', 16, 2), ('channel', 0, 2), ('page', 0, 0))
+    """
+    name, _, rest = selector.partition(":")
+    if name not in SELECTORS or (rest and name != "channel"):
+        raise ValueError(f"selector: expected one of {SELECTORS} (or 'channel:C:R'), "
+                         f"got {selector!r}")
+    if name != "channel":
+        return name, 0, 0
+    parts = rest.split(":") if rest else ["0", "2"]
+    if len(parts) != 2 or not all(x.isdigit() for x in parts) or int(parts[1]) < 1:
+        raise ValueError(f"selector: expected 'channel:C:R' with C >= 0 and R >= 1, "
+                         f"got {selector!r}")
+    return name, int(parts[0]), int(parts[1])
+
+
+def _group_rank(scores: Tensor) -> Tensor:
+    """``[B, Hkv, g, n]`` scores (-inf: not a candidate) -> ``[B, Hkv, n]``: each key's best
+    log-probability over the group's heads (as :func:`exact_selection` ranks)."""
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return (scores - lse).amax(dim=2)
+
+
+def channel_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
+                      top_k: int, channels: int = 0, rerank: int = 2,
+                      counts: Tensor | None = None) -> Tensor:
+    """The "channel" selector: ``[B, Hkv, K]`` int32 token indices, ascending (-1: none).
+
+    Per KV group: the ``channels`` dims where the group's queries are largest carry most of
+    ``q.k``, so scores over those dims alone rank the middle keys (reading ``channels / D`` of
+    each key); the best ``rerank * top_k`` candidates are then scored exactly and the best
+    ``top_k`` kept, ranked as :func:`exact_selection` ranks (a key's best probability over the
+    group's heads, here normalised over the candidates). A budget that covers the middle keeps
+    every middle key, as the exact selector does. ``counts[B, Hkv]``: see :func:`select`."""
+    batch, n_q_heads, head_dim = q.shape
+    n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    group = n_q_heads // n_kv_heads
+    n_channels = min(channels or max(1, head_dim // 4), head_dim)
+    grouped = q.view(batch, n_kv_heads, group, head_dim)
+    dims = grouped.float().abs().sum(dim=2).topk(n_channels, dim=-1).indices  # [B, Hkv, C]
+    q_part = torch.gather(grouped, 3, dims[:, :, None, :].expand(-1, -1, group, -1))
+    k_part = torch.gather(k, 3, dims[:, :, None, :].expand(-1, -1, n_keys, -1))
+    inside = ref.positions_in(mid_start, mid_end, n_keys)[:, None, None, :]
+    approx = torch.matmul(q_part, k_part.transpose(-1, -2)).float() * scale
+    approx = approx.masked_fill(~inside, float("-inf"))
+    n_candidates = min(rerank * top_k, n_keys)
+    candidates = torch.topk(_group_rank(approx), n_candidates, dim=-1).indices  # [B, Hkv, R]
+    k_cand = torch.gather(k, 2, candidates[..., None].expand(-1, -1, -1, head_dim))
+    exact = torch.matmul(grouped, k_cand.transpose(-1, -2)).float() * scale  # [B, Hkv, g, R]
+    in_mid = ((candidates >= mid_start[:, None, None]) & (candidates < mid_end[:, None, None]))
+    exact = exact.masked_fill(~in_mid[:, :, None, :], float("-inf"))
+    best = ref.top_indices(_group_rank(exact), min(top_k, n_candidates), counts).long()
+    tokens = torch.gather(candidates, 2, best.clamp(min=0))
+    tokens = torch.where(best >= 0, tokens, -1)
+    return tokens.sort(dim=-1).values.to(torch.int32)
 
 
 def exact_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
@@ -495,7 +561,7 @@ def decode(state: TopKPhiState, q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
     return torch.ops.macopt.topk_phi_decode(
         q, k, v, starts, ends, state.m, state.u, state.t, state.mid_start, state.mid_end,
         state.kmin, state.kmax, state.phi_q, state.phi_q_mlp, state.phi_k, state.phi_k_mlp,
-        state.completion, scale, budget, config.page_size, config.selector,
+        state.completion, scale, budget, config.page_size, config.selector_spec(),
         budget_summary_tokens(config, state.t, k.dtype))
 
 

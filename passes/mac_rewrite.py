@@ -34,7 +34,8 @@ def rewrite_mac(graph: Graph, site: AttentionSite, inputs: DecodeInputs, config:
     """
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
     key_starts, positions = key_range(graph, site, inputs.key_mask, batch, n_keys)
-    q_pre = pre_rope_query(graph, site, inputs.rope, decode=True)
+    q_pre = pre_rope_query(graph, site, inputs.rope, decode=True,
+                           relative=config.radius == "relative")
     capacity = config.batch_capacity or 0
     match = call(graph, torch.ops.macopt.mac_match.default,
                  (q_pre, positions, key_starts, inputs.site_id, config.ring_size, config.t_min,
@@ -53,17 +54,23 @@ def rewrite_mac_prefill(
 ) -> Node:
     """Exact (attention unchanged); also writes the site's MAC ring entries for the last
     ring-size prompt positions of each row, resetting the ring for the new sequences."""
-    q_pre = pre_rope_query(graph, site, inputs.rope, decode=False)
+    q_pre = pre_rope_query(graph, site, inputs.rope, decode=False,
+                           relative=config.radius == "relative")
     args = (inputs.out, inputs.q, q_pre, inputs.k, inputs.v, inputs.key_starts, inputs.ends,
             inputs.scale, inputs.site_id, config.ring_size, config.offset, config.sinks,
             config.batch_capacity or 0)
     return call(graph, torch.ops.macopt.mac_prefill.default, args, site)
 
 
-def pre_rope_query(graph: Graph, site: AttentionSite, rope: RopeMatch, decode: bool) -> Node:
+def pre_rope_query(graph: Graph, site: AttentionSite, rope: RopeMatch, decode: bool,
+                   relative: bool = False) -> Node:
     """The pre-RoPE query as ``[B,Hq,D]`` (decode) or ``[B,Hq,N,D]`` (prefill), in the site's
-    query dtype (a q-norm may leave it in fp32: the ring stores the query dtype)."""
+    query dtype (a q-norm may leave it in fp32: the ring stores the query dtype). ``relative``
+    (``MACConfig.radius``): each query scaled to norm ``sqrt(D)``, so that the match compares
+    directions and ``tau`` means the same on every model."""
     q_pre = rope.pre_rope_query
+    if relative:
+        q_pre = _unit_rms(graph, site, q_pre)
     if pre_rope_heads_dim(rope, site.q) == 2:  # [B,S,Hq,D]: RoPE before the head transpose
         # permute, not transpose: post-grad graphs are decomposed, and Inductor refuses an
         # aten.transpose.int there ("both a fallback and a decomp").
@@ -74,3 +81,13 @@ def pre_rope_query(graph: Graph, site: AttentionSite, rope: RopeMatch, decode: b
     if fake(q_pre).dtype != dtype:
         q_pre = call(graph, aten._to_copy.default, (q_pre,), site, {"dtype": dtype})
     return q_pre
+
+
+def _unit_rms(graph: Graph, site: AttentionSite, q_pre: Node) -> Node:
+    """``q * rsqrt(mean(q^2) + eps)`` in fp32 (norm ``sqrt(D)``; eps keeps a zero query 0)."""
+    x = call(graph, aten._to_copy.default, (q_pre,), site, {"dtype": torch.float32})
+    mean_sq = call(graph, aten.mean.dim, (call(graph, aten.mul.Tensor, (x, x), site), [-1], True),
+                   site)
+    inv = call(graph, aten.rsqrt.default, (call(graph, aten.add.Tensor, (mean_sq, 1e-12), site),),
+               site)
+    return call(graph, aten.mul.Tensor, (x, inv), site)

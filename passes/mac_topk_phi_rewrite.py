@@ -33,10 +33,11 @@ def rewrite_mac_topk_phi(graph: Graph, site: AttentionSite, inputs: DecodeInputs
     mac, topk = config.mac, config.topk_phi
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
     key_starts, positions = key_range(graph, site, inputs.key_mask, batch, n_keys)
-    q_pre = pre_rope_query(graph, site, inputs.rope, decode=True)
+    q_pre = pre_rope_query(graph, site, inputs.rope, decode=True,
+                           relative=mac.radius == "relative")
     args = (inputs.q, q_pre, inputs.k, inputs.v, positions, key_starts, inputs.scale,
             inputs.site_id, mac.ring_size, mac.offset, mac.tau, mac.t_min, mac.max_chain_depth,
-            mac.batch_capacity or 0, site_budget(topk, site), topk.page_size, topk.selector)
+            mac.batch_capacity or 0, site_budget(topk, site), topk.page_size, topk.selector_spec())
     return call(graph, torch.ops.macopt.mac_topk_phi_decode.default, args, site)
 
 
@@ -48,7 +49,8 @@ def rewrite_mac_topk_phi_prefill(graph: Graph, site: AttentionSite, inputs: Pref
     resetting both for the new sequences."""
     mac, topk = config.mac, config.topk_phi
     layer = layer_index(site)
-    q_pre = pre_rope_query(graph, site, inputs.rope, decode=False)
+    q_pre = pre_rope_query(graph, site, inputs.rope, decode=False,
+                           relative=mac.radius == "relative")
     args = (inputs.out, inputs.q, q_pre, inputs.k, inputs.v, inputs.key_starts, inputs.ends,
             inputs.scale, inputs.site_id, layer, mac.ring_size, mac.offset,
             mac.batch_capacity or 0, topk.sinks, config.summary_tail, topk.page_size,

@@ -30,7 +30,7 @@ def rewrite_topk_phi(graph: Graph, site: AttentionSite, inputs: DecodeInputs,
     ends = call(graph, aten.add.Tensor, (last, 1), site)
     layer = layer_index(site)
     args = (inputs.q, inputs.k, inputs.v, first, ends, inputs.scale, inputs.site_id, layer,
-            site_budget(config, site), config.page_size, config.selector, config.d_phi or 0,
+            site_budget(config, site), config.page_size, config.selector_spec(), config.d_phi or 0,
             list(config.completion_for(layer, fake(site.q).shape[1])),
             config.feature_maps or "", config.seed, config.summary_in_budget)
     return call(graph, torch.ops.macopt.topk_phi_site_decode.default, args, site)

@@ -10,7 +10,8 @@ from macopt import MACConfig, MethodConfig
 def test_defaults_are_the_reference_parameters():
     config = MACConfig()
     assert (config.ring_size, config.offset, config.tau, config.t_min, config.sinks) == (
-        512, 256, 0.45, 2048, 0)
+        512, 256, 0.85, 2048, 0)
+    assert config.radius == "relative"
     assert config.needs_pre_rope_query and config.keeps_state
 
 

@@ -39,7 +39,8 @@ def _state(p: Problem, page_size: int | None = 16, completion=None) -> TopKPhiSt
 
 
 def _config(**fields) -> TopKPhiConfig:
-    return TopKPhiConfig(**{"sinks": 4, "tail": 8, "page_size": 16, **fields})
+    # The page selector unless a test names another (these tests cover the page bounds too).
+    return TopKPhiConfig(**{"sinks": 4, "tail": 8, "page_size": 16, "selector": "page", **fields})
 
 
 def _prefilled(p: Problem, config: TopKPhiConfig, completion=None) -> TopKPhiState:
@@ -59,7 +60,7 @@ def _decode_args(state: TopKPhiState, p: Problem, config: TopKPhiConfig, budget:
     return (p.q, p.k, p.v, p.starts, p.ends, state.m, state.u, state.t, state.mid_start,
             state.mid_end, state.kmin, state.kmax, state.phi_q, state.phi_q_mlp, state.phi_k,
             state.phi_k_mlp, state.completion, p.scale, budget, config.page_size,
-            config.selector)
+            config.selector_spec())
 
 
 def _exact(p: Problem) -> torch.Tensor:
@@ -131,7 +132,7 @@ def test_a_second_prefill_replaces_the_state_of_the_first():
 # --- identities through the ops --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("selector", ["page", "exact"])
+@pytest.mark.parametrize("selector", ["page", "exact", "channel"])
 def test_a_budget_covering_the_context_gives_exact_attention(selector):
     p = _problem(lengths=[80, 51])
     config = _config(selector=selector, budget=1.0)

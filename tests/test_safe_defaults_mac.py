@@ -1,0 +1,149 @@
+"""MAC's safe defaults: the guard warns on a site that hits on nearly every early decode
+step, and the relative radius gives tau the same meaning on models of any query scale."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import macopt
+from macopt import mac_guard
+from macopt.kernels.mac_reference import threshold
+from macopt.passes._compat import dynamo
+from tests.model_zoo import ZOO
+from tests.passes_harness import generate
+
+# Random models' pre-RoPE queries are tiny (~0.05 per element): the absolute radius of
+# tau = 0.45 (sqrt(38.7) at D = 64) makes nearly every step hit (tests/test_mac_generate.py).
+LOOSE = macopt.MACConfig(ring_size=16, offset=4, tau=0.45, t_min=0, batch_capacity=3,
+                         radius="absolute")
+
+
+def _llama() -> torch.nn.Module:
+    # Each model compiles the same forward code object: reset dynamo so that the recompile
+    # limit never sends a later model down the unrewritten path.
+    dynamo.reset()
+    model = ZOO["llama"].build()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _warnings_of(config: macopt.MACConfig, runs: int = 1) -> list[str]:
+    mac_guard.reset()
+    model = macopt.optimize(copy.deepcopy(_llama()), config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(runs):
+            generate(model, 3, compiled=False)
+    return [str(w.message) for w in caught if issubclass(w.category, mac_guard.MACHitRateWarning)]
+
+
+def test_guard_warns_once_per_site_naming_it_and_the_remedy():
+    # Two generations: a site that warned in the first stays quiet in the second.
+    messages = _warnings_of(LOOSE, runs=2)
+    assert 1 <= len(messages) <= 2  # the zoo's Llama has two attention layers
+    assert all("self_attn" in m and "tau" in m and "calibrate" in m for m in messages)
+    assert len(set(messages)) == len(messages)
+
+
+def test_guard_is_silent_when_nothing_matches():
+    assert _warnings_of(macopt.MACConfig(ring_size=16, offset=4, tau=1.0, t_min=0,
+                                         batch_capacity=3)) == []
+
+
+def _hit_rates(config: macopt.MACConfig) -> list[float]:
+    model = macopt.optimize(copy.deepcopy(_llama()), config)
+    generate(model, 3, compiled=False)
+    return [layer.hit_rate for layer in macopt.stats(model)]
+
+
+def test_relative_radius_does_not_depend_on_the_query_scale():
+    # Queries x100 and keys / 100: the same model (q.k, hence every token, unchanged) with
+    # other query norms. The absolute radius now matches what it did not (its hit rate moves),
+    # the relative one sees the same directions (its hit rate stays).
+    def scaled(factor):
+        model = _llama()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(factor)
+                layer.self_attn.k_proj.weight.div_(factor)
+        return model
+
+    rates = {}
+    for radius in ("relative", "absolute"):
+        config = macopt.MACConfig(ring_size=16, offset=4, tau=0.2, t_min=0, batch_capacity=3,
+                                  radius=radius)
+        for factor in (1.0, 100.0):
+            model = macopt.optimize(scaled(factor), config)
+            generate(model, 3, compiled=False)
+            rates[radius, factor] = [layer.hit_rate for layer in macopt.stats(model)]
+    assert rates["relative", 1.0] == pytest.approx(rates["relative", 100.0], abs=0.05)
+    assert rates["absolute", 1.0] != pytest.approx(rates["absolute", 100.0], abs=0.05)
+
+
+def test_tau_source_says_which_radius_a_site_uses():
+    assert "relative" in macopt.MACConfig().tau_source()
+    assert "absolute" in macopt.MACConfig(radius="absolute").tau_source()
+    with pytest.raises(ValueError, match="radius"):
+        macopt.MACConfig(radius="cosine")
+
+
+def test_relative_radius_means_the_same_at_head_dim_64_and_256():
+    # A direction at cosine c from another is at squared distance 2 D (1 - c) after the
+    # scaling to norm sqrt(D): the hit test 2 D (1 - c) < 2 D (1 - tau)^2 drops D. The absolute
+    # radius at D 256 is twice the one at D 64 on queries of the same norm.
+    for dim in (64, 256):
+        cos = 1 - (1 - 0.85) ** 2
+        assert 2 * dim * (1 - (cos + 1e-6)) < threshold(dim, 0.85) < 2 * dim * (1 - (cos - 1e-6))
+    assert math.sqrt(threshold(256, 0.45)) == pytest.approx(2 * math.sqrt(threshold(64, 0.45)))
+
+
+def test_stats_name_each_mac_sites_tau_and_radius():
+    model = macopt.optimize(_llama(), macopt.MACConfig(ring_size=16, offset=4, t_min=0,
+                                                       batch_capacity=3))
+    generate(model, 3, compiled=False)
+    taus = [layer.tau for layer in macopt.stats(model)]
+    assert taus and all(t == macopt.MACConfig().tau_source() for t in taus)
+
+
+def _ring_query_norms(model: torch.nn.Module) -> list[float]:
+    """Median norm of the pre-RoPE queries each MAC site's ring holds after a generation."""
+    from macopt import state
+    from macopt.passes import scope
+
+    norms = []
+    for module in model.modules():
+        site_id = scope.site_id_of(module)
+        site = state.get(site_id) if site_id is not None else None
+        if site is not None and site.method == "mac":
+            ring = site.buffers
+            filled = ring.pos >= 0
+            norms.append(ring.q.float().norm(dim=-1)[filled].median().item())
+    return norms
+
+
+def test_head_dim_256_normalised_queries_get_their_own_radius():
+    # Gemma-3-like (q-norm: normalised queries, D 256) vs Llama-like (D 64), random weights.
+    # The relative radius scales every query to norm sqrt(D) before the match: the radius in
+    # the model's raw query units is sqrt(2) (1 - tau) |q|, which differs between the two
+    # models (and from the absolute sqrt(2 D) (1 - tau)) wherever their query norms differ.
+    dynamo.reset()
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=256, num_hidden_layers=2, hidden_size=128, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=256, max_position_embeddings=256,
+        query_pre_attn_scalar=256, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"])).eval()
+    gemma.set_attn_implementation("sdpa")
+    config = macopt.MACConfig(ring_size=16, offset=4, t_min=0, batch_capacity=3)
+    for model, dim in ((gemma, 256), (_llama(), 64)):
+        dynamo.reset()
+        model = macopt.optimize(model, config)
+        generate(model, 3, compiled=False)
+        norms = _ring_query_norms(model)
+        assert norms and all(n == pytest.approx(math.sqrt(dim), rel=1e-3) for n in norms)
