@@ -9,7 +9,8 @@ from macopt.config import MethodConfig, TopKPhiConfig
 
 def test_defaults_follow_the_paper():
     config = TopKPhiConfig()
-    assert (config.sinks, config.tail, config.selector, config.completion) == (4, 16, "channel", True)
+    assert (config.sinks, config.tail, config.selector, config.completion) == (
+        4, 16, "channel", True)
     assert config.method == "topk_phi" and not config.needs_pre_rope_query
 
 

@@ -1,8 +1,12 @@
 """Capture per-layer post-RoPE keys, the last queries and pre-RoPE queries of SmolLM2 on real text."""
-import sys, glob, torch, transformers
-from transformers import AutoTokenizer, AutoModelForCausalLM
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+import glob
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
 torch.set_num_threads(2)
 PATH = "/root/.cache/macopt/smollm2-135m-instruct"
 n_tokens = int(sys.argv[1]); out = sys.argv[2]

@@ -1,6 +1,11 @@
 """Mass recall of page vs exact Top-K selection per layer on captured real-text q/k."""
-import sys, math, torch
+import math
+import sys
+
+import torch
+
 from macopt.kernels import topk_phi_reference as ref
+
 cap = torch.load(sys.argv[1])
 K_all, Q_all = cap["k"], cap["q_last"]   # [L, Hkv, N, D], [L, Hq, T, D]
 ids = cap["input_ids"][0].tolist()
@@ -73,6 +78,7 @@ def page_select(q, k, n_pages, how, bounds):
 # needle positions: digit run 4 8 2 1 3
 toks = [str(t) for t in ids]
 from transformers import AutoTokenizer
+
 tok = AutoTokenizer.from_pretrained("/root/.cache/macopt/smollm2-135m-instruct")
 dec = [tok.decode([t]).strip() for t in ids]
 needle = [i for i in range(N - 4) if dec[i:i + 5] == list("48213")]

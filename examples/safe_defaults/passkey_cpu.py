@@ -1,10 +1,18 @@
 """Passkey at 20/50/80% depth of ~N tokens of licence text, through the chat template, greedy
 generate with a static cache. Usage: passkey.py N method [method...]; method: unmodified |
 exact | topk | topk_page | mac | mac_exact"""
-import sys, glob, time, torch, macopt
-from transformers import AutoTokenizer, AutoModelForCausalLM
+import glob
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import macopt
+
 torch.set_num_threads(2)
 import os
+
 PATH = "/root/.cache/macopt/smollm2-135m-instruct"
 n_tokens = int(sys.argv[1]); methods = sys.argv[2:]
 tok = AutoTokenizer.from_pretrained(PATH)
@@ -20,7 +28,6 @@ def prompt(depth, key):
 CONFIGS = {"unmodified": None, "exact": macopt.ExactConfig(), "topk": macopt.TopKPhiConfig(),
            "topk_page": macopt.TopKPhiConfig(selector="page"), "mac": macopt.MACConfig(),
            "mac_exact": macopt.MACConfig(tau=1.0)}
-import os
 DEPTHS = [float(x) for x in os.environ.get("DEPTHS", "0.2,0.5,0.8").split(",")]
 for name in methods:
     device = os.environ.get("DEVICE", "cpu")  # DEVICE=cuda runs in bf16

@@ -1,4 +1,8 @@
-import sys, torch, math
+import math
+import sys
+
+import torch
+
 cap = torch.load(sys.argv[1]); qp = cap["q_pre"].float()  # [L, Hq, T, D]
 L, H, T, D = qp.shape
 q = qp / qp.norm(dim=-1, keepdim=True) * math.sqrt(D)

@@ -1,7 +1,12 @@
 """Per-layer share of exact Top-K's attention mass kept by the page and channel selectors."""
-import sys, math, torch
+import math
+import sys
+
+import torch
+
 from macopt.kernels import topk_phi_reference as ref
 from macopt.topk_phi_ops import channel_selection, exact_selection
+
 torch.set_num_threads(1)
 cap = torch.load(sys.argv[1])
 K_all, Q_all = cap["k"], cap["q_last"]
