@@ -17,7 +17,7 @@ import torch
 from torch.fx import Graph, Node
 
 from macopt.passes.decode_rewrite import DecodeInputs, call, register_decode_rewrite, size_arg
-from macopt.passes.graph_utils import aten, fake, hoist
+from macopt.passes.graph_utils import aten, fake, hoist, prims
 from macopt.passes.key_range import key_range
 from macopt.passes.prefill_rewrite import PrefillInputs, register_prefill_rewrite
 from macopt.passes.rope import RopeMatch, pre_rope_heads_dim
@@ -79,15 +79,18 @@ def pre_rope_query(graph: Graph, site: AttentionSite, rope: RopeMatch, decode: b
         q_pre = call(graph, aten.squeeze.dim, (q_pre, 2), site)
     dtype = fake(site.q).dtype
     if fake(q_pre).dtype != dtype:
-        q_pre = call(graph, aten._to_copy.default, (q_pre,), site, {"dtype": dtype})
+        q_pre = call(graph, prims.convert_element_type.default, (q_pre, dtype), site)
     return q_pre
 
 
 def _unit_rms(graph: Graph, site: AttentionSite, q_pre: Node) -> Node:
-    """``q * rsqrt(mean(q^2) + eps)`` in fp32 (norm ``sqrt(D)``; eps keeps a zero query 0)."""
-    x = call(graph, aten._to_copy.default, (q_pre,), site, {"dtype": torch.float32})
-    mean_sq = call(graph, aten.mean.dim, (call(graph, aten.mul.Tensor, (x, x), site), [-1], True),
-                   site)
+    """``q * rsqrt(mean(q^2) + eps)`` in fp32 (norm ``sqrt(D)``; eps keeps a zero query 0).
+    Post-grad ops only (a cast as ``convert_element_type``, a mean as sum times 1/D): Inductor
+    refuses ops it has decompositions for there ("both a fallback and a decomp")."""
+    x = call(graph, prims.convert_element_type.default, (q_pre, torch.float32), site)
+    sum_sq = call(graph, aten.sum.dim_IntList,
+                  (call(graph, aten.mul.Tensor, (x, x), site), [-1], True), site)
+    mean_sq = call(graph, aten.mul.Tensor, (sum_sq, 1.0 / fake(x).shape[-1]), site)
     inv = call(graph, aten.rsqrt.default, (call(graph, aten.add.Tensor, (mean_sq, 1e-12), site),),
                site)
     return call(graph, aten.mul.Tensor, (x, inv), site)
