@@ -83,10 +83,10 @@ def check_decode_inputs(
 
 
 def check_scale(scale: float) -> None:
-    """The softmax scale must be a finite number > 0 (NaN would make every output NaN)."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (
-            math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
+    """The softmax scale must be a finite number (NaN or infinity would make outputs NaN; 0
+    is uniform attention, as in SDPA)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
 
 
 def check_key_range(starts: torch.Tensor, ends: torch.Tensor, n_keys: int) -> None:

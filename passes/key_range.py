@@ -38,6 +38,11 @@ def key_range(
     # (a dynamic cache length), which crashed compiled forwards without a cache.
     past_end = call(graph, aten.full.default, ([], n_keys), site, int_kwargs)
     after_all = call(graph, aten.where.self, (key_mask, index, past_end), site)
+    # Explicit int32 casts: Inductor's Triton code indexes iota in int64, and a reduction whose
+    # accumulator is int32 then fails to compile on the GPU ("loop-carried variable ... int32
+    # ... re-assigned to int64").
+    before_all, after_all = (call(graph, prims.convert_element_type.default, (x, torch.int32),
+                                  site) for x in (before_all, after_all))
     last = call(graph, aten.amax.default, (before_all, [-1]), site)
     first = call(graph, aten.amin.default, (after_all, [-1]), site)
     return first, last

@@ -14,7 +14,7 @@ from macopt.kernels.feature_maps import positive_random_features
 
 TINY = dict(batches=(1,), contexts=(256,), budgets=(0.05, 32), q_heads=4, kv_heads=2,
             head_dim=64, d_phi=32, page_size=16, dtype=torch.float32, device="cpu",
-            warmup_ms=1.0, rep_ms=3.0)
+            warmup_ms=1.0, rep_ms=3.0, selectors=("page", "exact"))
 
 
 def _inputs(n_keys=192, std=0.5):
@@ -54,7 +54,8 @@ def test_errors_take_captured_queries_as_rows_over_one_shared_sequence():
 
 
 def test_tokens_read_rounds_page_budgets_up_to_whole_pages():
-    assert topk.tokens_read(TopKPhiConfig(budget=40, page_size=32), 4096) == 20 + 64
+    assert topk.tokens_read(TopKPhiConfig(budget=40, page_size=32, selector="page"),
+                            4096) == 20 + 64
     assert topk.tokens_read(TopKPhiConfig(budget=40, selector="exact"), 4096) == 20 + 40
     assert topk.tokens_read(TopKPhiConfig(budget=1.0), 100) == 100
 

@@ -27,13 +27,14 @@ def _compiled_decode_code(model: torch.nn.Module) -> list[str]:
     return code
 
 
-def test_rewrite_survives_a_warm_fx_graph_cache(isolated_scope):
+def test_a_tagged_graph_is_rewritten_at_every_compile_never_served_from_the_fx_cache(
+        isolated_scope):
     model = macopt.optimize(ZOO["llama"].build(), macopt.ExactConfig())
     with inductor_config.patch(fx_graph_cache=True), fresh_inductor_cache():
         hits = dynamo_counters["inductor"]["fxgraph_cache_hit"]
         cold = _compiled_decode_code(model)
         warm = _compiled_decode_code(model)
-        assert dynamo_counters["inductor"]["fxgraph_cache_hit"] - hits == 1
+        assert dynamo_counters["inductor"]["fxgraph_cache_hit"] - hits == 0
     assert sum(c.count(OP_CALL) for c in cold) == 2
     assert sum(c.count(OP_CALL) for c in warm) == 2
 
