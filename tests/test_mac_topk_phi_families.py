@@ -69,9 +69,11 @@ def test_every_decode_and_prefill_site_is_rewritten_to_the_composed_ops(name):
         assert all(r.method == "mac_topk_phi" for r in rewritten)
     assert [layer.method for layer in stats] == ["mac_topk_phi"] * sites
     for layer in stats:
-        # The eager prefill saw the prompt's keys, the compiled one the whole static cache: a
-        # cache of another length reallocates the site's state, so these count the last run.
-        assert layer.prefills == 1 and layer.decode_steps == DECODE_STEPS - 1
+        # The counters cover the runs since the site's state was last allocated: the eager
+        # batch-1 run and the compiled batch-3 run, or the latter alone where its other
+        # shapes reallocated the state (qwen3). Each run prefills once and decodes every step.
+        assert layer.prefills in (1, 2), stats
+        assert layer.decode_steps == layer.prefills * (DECODE_STEPS - 1), stats
         # Nothing hits and every middle key is retrieved: every key of every step is read.
         assert layer.hit_rate == 0.0 and layer.keys_read == layer.keys_full > 0
 
