@@ -33,16 +33,17 @@ def key_range(
     # prims.iota: what arange decomposes to (Inductor lowers it; aten.arange it refuses).
     iota_kwargs = dict(int_kwargs, start=0, step=1, requires_grad=False)
     index = call(graph, prims.iota.default, (n_keys,), site, iota_kwargs)
-    before_all = call(graph, aten.where.ScalarOther, (key_mask, index, -1), site)
+    # The reductions run on fp32 positions (exact below 2^24 keys): on integer positions
+    # Inductor's Triton code mixes the int64 index with an int32 accumulator under dynamic
+    # lengths, which fails to compile on the GPU ("loop-carried variable ... int32 ... int64").
+    index = call(graph, prims.convert_element_type.default, (index, torch.float32), site)
+    before_all = call(graph, aten.where.ScalarOther, (key_mask, index, -1.0), site)
     # n_keys as a tensor: Inductor cannot lower where.ScalarOther whose scalar is a symbol
     # (a dynamic cache length), which crashed compiled forwards without a cache.
-    past_end = call(graph, aten.full.default, ([], n_keys), site, int_kwargs)
+    past_end = call(graph, aten.full.default, ([], n_keys), site,
+                    dict(int_kwargs, dtype=torch.float32))
     after_all = call(graph, aten.where.self, (key_mask, index, past_end), site)
-    # Explicit int32 casts: Inductor's Triton code indexes iota in int64, and a reduction whose
-    # accumulator is int32 then fails to compile on the GPU ("loop-carried variable ... int32
-    # ... re-assigned to int64").
-    before_all, after_all = (call(graph, prims.convert_element_type.default, (x, torch.int32),
-                                  site) for x in (before_all, after_all))
-    last = call(graph, aten.amax.default, (before_all, [-1]), site)
-    first = call(graph, aten.amin.default, (after_all, [-1]), site)
+    last, first = (call(graph, prims.convert_element_type.default, (
+        call(graph, reduce, (x, [-1]), site), torch.int32), site)
+        for reduce, x in ((aten.amax.default, before_all), (aten.amin.default, after_all)))
     return first, last
