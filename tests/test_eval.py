@@ -287,3 +287,22 @@ def test_keys_read_charge_the_summary_only_to_groups_that_read_it():
     off_group = macopt.TopKPhiConfig(completion_overrides={0: {0: False, 1: False}})
     assert summary_groups(off_group, 0, 4, 2) == [False, True]
     assert summary_groups(off_group, 1, 4, 2) == [True, True]
+
+
+def test_topk_error_table_puts_layers_down_the_rows_and_fits_80_columns():
+    """A 30-layer model's per-layer errors read in an 80-column terminal: one row per layer,
+    one column per method, no cell cut short."""
+    from rich.console import Console
+
+    from macopt.evaluation.report import topk_error_table
+
+    heads = [[0.1, 0.2, 0.3]] * 30
+    result = {"methods": {"topk_phi:0.02": {"topk_error": {"mean": 0.2, "layers": heads}},
+                          "topk:0.02": {"topk_error": {"mean": 0.3, "layers": heads}},
+                          "mac": {}}}
+    console = Console(width=80, record=True)
+    console.print(topk_error_table(result))
+    text = console.export_text()
+    assert text.count("0.200 / 0.300") == 60  # 30 layers x 2 methods, whole
+    assert "29" in text and "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80

@@ -181,20 +181,23 @@ def topk_bar_table(result: dict) -> Any | None:
 
 
 def topk_error_table(result: dict) -> Any | None:
-    """A rich table of the Top-K (+ phi) output error: mean per layer, worst head."""
+    """A rich table of the Top-K (+ phi) output error: a row per layer, a column per method
+    (mean over heads / worst head). Layers go down the rows: a model has tens of them, and a
+    column each would not fit a terminal."""
     from rich.table import Table
 
     rows = [(n, e["topk_error"]) for n, e in result["methods"].items() if "topk_error" in e]
     if not rows:
         return None
-    layers = len(rows[0][1]["layers"])
     out = Table(title="Top-K (+ phi) attention-output relative L1 vs exact, per layer "
                 "(mean over heads / worst head)")
-    for column in ("method", "mean", *[f"layer {i}" for i in range(layers)]):
-        out.add_column(column, justify="left" if column == "method" else "right")
-    for name, error in rows:
-        cells = [f"{sum(h) / len(h):.3f} / {max(h):.3f}" for h in error["layers"]]
-        out.add_row(name, f"{error['mean']:.4f}", *cells)
+    out.add_column("layer", justify="right")
+    for name, _ in rows:
+        out.add_column(name, justify="right")
+    out.add_row("all (mean)", *[f"{error['mean']:.4f}" for _, error in rows])
+    for layer in range(len(rows[0][1]["layers"])):
+        out.add_row(str(layer), *[f"{sum(h) / len(h):.3f} / {max(h):.3f}"
+                                  for h in (error["layers"][layer] for _, error in rows)])
     return out
 
 
