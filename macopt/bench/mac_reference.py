@@ -381,11 +381,38 @@ def device_arch(device: str | torch.device = "cuda") -> str:
     return "90a" if (major, minor) == (9, 0) else f"{major}{minor}"
 
 
+def cuda_home() -> str | None:
+    """The CUDA root for the build: ``$CUDA_HOME``/``$CUDA_PATH`` when it holds the headers, else
+    the first of PyTorch's guess, ``/usr/local/cuda``, ``/usr/local/cuda-*`` that holds
+    ``bin/nvcc`` and ``include/cuda_runtime.h``; set in the environment and in
+    ``torch.utils.cpp_extension``. (PyTorch guesses from ``which nvcc``: a wrapper script in
+    ``/usr/local/bin``, as on this workplace's CPU machines, would give ``/usr/local``.)"""
+    import glob
+
+    from torch.utils import cpp_extension
+
+    def usable(root: str | None) -> bool:
+        return bool(root) and (Path(root) / "include" / "cuda_runtime.h").is_file() and \
+            (Path(root) / "bin" / "nvcc").is_file()
+
+    given = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = (given, cpp_extension.CUDA_HOME, "/usr/local/cuda",
+                  *sorted(glob.glob("/usr/local/cuda-*"), reverse=True))
+    home = next((root for root in candidates if usable(root)), given)
+    if home:
+        os.environ["CUDA_HOME"] = home
+        cpp_extension.CUDA_HOME = home
+    return home
+
+
 def build_extension(source_dir: Path, build_dir: Path, arch: str, fast_math: bool = True,
                     verbose: bool = False):
     """Build (or load the cached build of) the reference op; returns the module."""
     from torch.utils.cpp_extension import load
 
+    home = cuda_home()
+    if verbose:
+        print(f"CUDA_HOME={home}", flush=True)
     source = Path(source_dir).resolve() / SOURCE_FILE
     if not source.is_file():
         raise FileNotFoundError(f"{source} not found (see the module docstring)")
@@ -394,7 +421,29 @@ def build_extension(source_dir: Path, build_dir: Path, arch: str, fast_math: boo
     cuda_flags, c_flags = compile_flags(arch, fast_math)
     name = f"macopt_mac_reference_sm{arch}" + ("_fastmath" if fast_math else "")
     return load(name=name, sources=[str(source)], extra_cuda_cflags=cuda_flags,
-                extra_cflags=c_flags, build_directory=str(build_dir), verbose=verbose)
+                extra_cflags=c_flags, extra_include_paths=[str(write_shim(build_dir))],
+                build_directory=str(build_dir), verbose=verbose)
+
+
+SHIM_HEADER = """#pragma once
+// Written by macopt's bench (macopt/bench/mac_reference.py), found before PyTorch's own header
+// (-I precedes -isystem). The reference includes <ATen/cuda/CUDAContext.h> for
+// at::cuda::getCurrentCUDAStream only; PyTorch's header also pulls in the cuSPARSE, cuBLAS and
+// cuSOLVER headers, which a CUDA toolkit of nvcc and the runtime alone lacks. This one declares
+// the stream functions (c10 maps at::cuda onto c10::cuda).
+#include <c10/cuda/CUDAStream.h>
+"""
+
+
+def write_shim(build_dir: Path) -> Path:
+    """The include folder of :data:`SHIM_HEADER` (rewritten only when it differs, so that a
+    cached build stays valid)."""
+    root = Path(build_dir) / "shim"
+    header = root / "ATen" / "cuda" / "CUDAContext.h"
+    if not header.is_file() or header.read_text() != SHIM_HEADER:
+        header.parent.mkdir(parents=True, exist_ok=True)
+        header.write_text(SHIM_HEADER)
+    return root
 
 
 def start_build(config: RefBenchConfig, log_path: Path) -> subprocess.Popen:
