@@ -45,7 +45,6 @@ is kept as a repeat).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import json
@@ -76,6 +75,7 @@ DEFAULT_HIT_RATES = (1.0, 0.95, 0.9, 0.0)
 DEFAULT_BUILD_DIR = Path("/tmp/macopt-mac-reference-build")
 SDPA_BACKENDS = ("flash", "cudnn")
 TOLERANCE = decode.TOLERANCE[torch.bfloat16]
+PHASE1_SHARE = 0.55  # of --budget-s for macopt's rows when the reference runs after them
 # The kernel-side settings of the reference's portable environment
 # (portable_plugin_repro/env_mac_portable.sh, sourced by its published hit-curve run), set only
 # where the caller did not set them; the kernel reads them at every call.
@@ -113,9 +113,11 @@ class RefBenchConfig:
     bench_seed: int = 1
     arch: str | None = None  # e.g. "90a"; None: from the device
     build_dir: Path = DEFAULT_BUILD_DIR
+    build_log: Path | None = None  # default: build_dir / "build.log"
     build_timeout_s: float = 420.0
-    budget_s: float = 330.0  # stop starting new points after this (the build wait included)
+    budget_s: float = 300.0  # stop starting new points after this (the build wait included)
     emulate_reference: bool = False  # tests: a pure-torch model stands in for the CUDA op
+    time_failed: bool = False  # time the reference even where its output fails the check
     device: str = "cuda"
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
@@ -640,10 +642,19 @@ def measure_reference(ext, point: Point, rate: float, predicted: Tensor) -> tupl
               **output_error(out, point.exact_o)}
     if not record["correct"]:
         record["status"] = "wrong"
-        return record, decided
+        # Where it goes wrong: heads that hit against heads that missed, unwritten elements.
+        for name, heads in (("hit_heads", decided), ("miss_heads", ~decided)):
+            if heads.any():
+                mask = heads.to(out.device)
+                record[f"rel_err_{name}"] = output_error(out[mask], point.exact_o[mask])["rel_err"]
+        record["nan_elements"] = int(out.isnan().sum())
+        if not point.config.time_failed:
+            return record, decided
     if not record["decisions_match"]:
         plant_hits(point, decided)  # macopt then gets exactly the reference's heads
     record["median_ms"], record["timer"] = _time(lambda: op(*args), point)
+    if record["status"] == "wrong":
+        record["status"] = "wrong (timed: --time-failed)"
     return record, decided
 
 
@@ -800,7 +811,7 @@ def run(config: RefBenchConfig, json_path: Path | None = None, echo=print) -> di
         os.environ.setdefault(key, value)
     state = Run(config, json_path, echo)
     cuda = timing.is_cuda(config.device)
-    build, log_path = None, config.build_dir / "build.log"
+    build, log_path = None, config.build_log or config.build_dir / "build.log"
     want_reference = config.source_dir is not None or config.emulate_reference
     if config.emulate_reference:
         state.report["build"] = {"status": "emulated (pure-torch model, not the CUDA kernel)"}
@@ -819,11 +830,13 @@ def run(config: RefBenchConfig, json_path: Path | None = None, echo=print) -> di
         patterns_of[(batch, hq, context)] = {
             r: synthetic_hits(batch, hq, context, r, config.bench_seed) for r in config.hit_rates}
 
-    # Phase 1: macopt
+    # Phase 1: macopt (leaving the reference its share of the budget)
+    phase1_budget = config.budget_s * (PHASE1_SHARE if want_reference else 1.0)
     for key in config.points():
         hq, hkv, batch, context = key
-        if state.over_budget():
-            state.skip(key, "macopt", "time budget spent (--budget-s)")
+        if state.elapsed() > phase1_budget:
+            state.skip(key, "macopt", f"phase 1 budget spent ({phase1_budget:.0f} s of "
+                                      "--budget-s)")
             continue
         need = bytes_needed(config, *key)["macopt"]
         if need > decode.MEMORY_HEADROOM * free_bytes(config.device):
@@ -927,7 +940,8 @@ def _finish_build(build: subprocess.Popen, config: RefBenchConfig, state: Run, l
         echo(f"reference load FAILED: {err}\n{log_tail(log_path)}")
         state.save()
         return None
-    state.report["build"].update(status="ok", log_tail=log_tail(log_path, 12))
+    state.report["build"].update(status="ok", log_tail=log_tail(log_path, 12),
+                                 cuda_home=os.environ.get("CUDA_HOME"))
     echo(f"reference built in {state.report['build']['wall_s']:.0f} s")
     state.save()
     return ext
@@ -939,11 +953,21 @@ def _release(device: str) -> None:
 
 
 def _progress_line(key: tuple, records: list[dict], seconds: float, elapsed: float) -> str:
+    """One line a point, with its times: the output's tail holds them even if the run is cut."""
     hq, hkv, batch, context = key
-    bad = [f"{r['variant']}@{r.get('hit_rate')}:{r['status']}" for r in records
-           if r["status"] != "ok"]
-    return (f"gqa{hq // hkv} b{batch} ctx {context}: {len(records)} rows in {seconds:.0f} s "
-            f"(total {elapsed:.0f} s)" + (f"; not ok: {', '.join(bad)}" if bad else ""))
+    cells = []
+    for r in records:
+        name = r["variant"] if r.get("hit_rate") is None else f"{r['variant']}@{r['hit_rate']:g}"
+        if r.get("median_ms") is not None:
+            cells.append(f"{name} {r['median_ms']:.3f}")
+        else:
+            cells.append(f"{name} {r['status']}")
+        if r["variant"] == "mac" and r.get("ratio_vs_reference"):
+            cells[-1] += f" ({r['ratio_vs_reference']:.2f}x ref)"
+        if r.get("rel_err") is not None and r["status"] == "wrong":
+            cells[-1] += f" err {r['rel_err']:.1e}"
+    return (f"gqa{hq // hkv} b{batch} {_ctx(context)} [{seconds:.0f} s, total {elapsed:.0f} s]: "
+            + "; ".join(cells))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -957,8 +981,8 @@ def table(report: dict):
 
     out = Table(title="MAC step vs the MAC reference kernel, CUDA-graph replay, ms "
                       "(mac/ref < 1: macopt faster)")
-    for column in ("layout", "batch", "context", "hit", "ref", "mac", "mac/ref", "exact",
-                   "exact/ref", "sdpa", "ref pub.", "checks"):
+    for column in ("layout", "batch", "context", "hit", "ref", "mac", "mac/ref", "mac 1st",
+                   "exact", "exact/ref", "sdpa", "ref pub.", "checks"):
         out.add_column(column, justify="right")
     by_point: dict[tuple, list[dict]] = {}
     for r in report["records"]:
@@ -973,17 +997,20 @@ def table(report: dict):
                        reverse=True)
         for rate in rates:
             ref = _pick(records, "reference", rate)
-            mac_rec = _pick(records, "mac", rate, phase="reference") or _pick(records, "mac",
-                                                                              rate)
+            first = _pick(records, "mac", rate, phase="macopt")
+            mac_rec = _pick(records, "mac", rate, phase="reference") or first
             ref_ms = ref.get("median_ms") if ref else None
             mac_ms = mac_rec.get("median_ms") if mac_rec else None
             checks = [f"{name}:{r['status']}" for name, r in
                       (("ref", ref), ("mac", mac_rec)) if r and r["status"] != "ok"]
+            if mac_rec and "view" in mac_rec.get("kv_layout", ""):
+                checks.append("mac-on-pool-view")
             if ref and not ref.get("decisions_match", True):
                 checks.append("pattern!=predicted")
             out.add_row(
                 f"gqa{hq // hkv}", str(batch), _ctx(context), f"{rate:g}", _ms(ref_ms),
-                _ms(mac_ms), _ratio(mac_ms, ref_ms), _ms(exact), _ratio(exact, ref_ms),
+                _ms(mac_ms), _ratio(mac_ms, ref_ms), _ms((first or {}).get("median_ms")),
+                _ms(exact), _ratio(exact, ref_ms),
                 f"{min(sdpa)[0]:.3f} {min(sdpa)[1]}" if sdpa else "-",
                 _ms((ref or {}).get("published", {}).get("mac_ms")),
                 " ".join(checks) or "ok")
@@ -1052,8 +1079,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--no-fast-math", dest="fast_math", action="store_false")
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
     parser.add_argument("--build-timeout-s", type=float, default=420.0)
-    parser.add_argument("--budget-s", type=float, default=330.0,
-                        help="start no new point after this many seconds (default 330)")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="start no new point after this many seconds (default 300; "
+                             f"macopt's rows get {PHASE1_SHARE:.0%} of it when the reference "
+                             "runs)")
+    parser.add_argument("--time-failed", action="store_true",
+                        help="time the reference even where its output fails the fp32 check "
+                             "(flagged in the record); default: a wrong kernel is not timed")
     parser.add_argument("--emulate-reference", action="store_true",
                         help="tests: a pure-torch model of the op instead of the CUDA build")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -1084,15 +1116,14 @@ def _main(args: argparse.Namespace) -> int:
         ring_size=args.ring_size, offset=args.offset, lag=args.lag, arch=args.arch,
         fast_math=args.fast_math, build_dir=args.build_dir,
         build_timeout_s=args.build_timeout_s, budget_s=args.budget_s,
-        emulate_reference=args.emulate_reference, device=args.device,
+        emulate_reference=args.emulate_reference, time_failed=args.time_failed,
+        device=args.device,
         warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, seed=args.seed)
+    if os.environ.get("OUT"):  # the build log comes back with the run's files
+        config.build_log = Path(os.environ["OUT"]) / "mac_reference_build.log"
     console = Console(width=160)
     report = run(config, json_path, echo=console.print)
     console.print(table(report))
-    if os.environ.get("OUT") and (config.build_dir / "build.log").is_file():
-        with contextlib.suppress(OSError):
-            (Path(os.environ["OUT"]) / "mac_reference_build.log").write_text(
-                (config.build_dir / "build.log").read_text(errors="replace"))
     env = report["environment"]
     console.print(f"{env['device']} | torch {env['torch']} (CUDA {env['cuda']}) | triton "
                   f"{env['triton']} | nvcc {env.get('nvcc')} | reference "
