@@ -205,3 +205,16 @@ def test_reuses_the_mac_bench_helpers():
     point = tiny_point()
     assert isinstance(point.layer, mac.Layer)
     assert point.mac_config.offset == 4 and point.mac_config.ring_size == 16
+
+
+def test_a_failed_build_is_reported_with_its_log(tmp_path):
+    # The child process's code string runs for real; the source is missing, so it fails.
+    config = mr.RefBenchConfig(source_dir=tmp_path / "no-source", build_dir=tmp_path / "build",
+                               arch="90a", build_timeout_s=120, **TINY)
+    state = mr.Run(config, None, echo=lambda *a: None)
+    log = tmp_path / "build.log"
+    state.report["build"] = {"status": "building", "started_s": 0.0}
+    child = mr.start_build(config, log)
+    assert mr._finish_build(child, config, state, log, echo=lambda *a: None) is None
+    assert state.report["build"]["status"] == "failed (exit 1)"
+    assert "mac_decode_persistent.cu not found" in state.report["build"]["log_tail"]

@@ -702,8 +702,8 @@ def _nvcc_version() -> str | None:
         out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
-    lines = [line for line in out.stdout.splitlines() if line.strip()]
-    return lines[-1] if lines else None
+    lines = [line.strip() for line in out.stdout.splitlines() if "release" in line]
+    return lines[0] if lines else None
 
 
 def _nvidia_smi() -> str | None:
