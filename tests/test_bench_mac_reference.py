@@ -218,3 +218,9 @@ def test_a_failed_build_is_reported_with_its_log(tmp_path):
     assert mr._finish_build(child, config, state, log, echo=lambda *a: None) is None
     assert state.report["build"]["status"] == "failed (exit 1)"
     assert "mac_decode_persistent.cu not found" in state.report["build"]["log_tail"]
+
+
+def test_help_renders(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "mac-reference", "--help"])
+    assert exit_info.value.code == 0 and "--budget-s" in capsys.readouterr().out

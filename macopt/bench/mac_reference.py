@@ -1118,8 +1118,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--build-timeout-s", type=float, default=420.0)
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="start no new point after this many seconds (default 300; "
-                             f"macopt's rows get {PHASE1_SHARE:.0%} of it when the reference "
-                             "runs)")
+                             f"macopt's rows get {PHASE1_SHARE * 100:.0f}%% of it when the "
+                             "reference runs)")
     parser.add_argument("--time-failed", action="store_true",
                         help="time the reference even where its output fails the fp32 check "
                              "(flagged in the record); default: a wrong kernel is not timed")
