@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("decode", "mac", "topk", "e2e", "generate")
+BENCHMARKS = ("decode", "mac", "mac_reference", "topk", "e2e", "generate")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
