@@ -24,12 +24,13 @@ GGUF=$(cd "$(dirname "$GGUF")" && pwd)/$(basename "$GGUF")
 PY=${PYTHON:-python}
 TEXT=$REPO/macopt/bench/results/real_text
 cd /tmp
+export PYTHONUNBUFFERED=1  # logs up to the moment a run is cut short
 if [ -n "$WHEEL" ] && [ "$WHEEL" != "-" ]; then
   $PY -m pip install -q --no-deps --no-index "$WHEEL"
 fi
 # macopt.kernels / macopt.passes exist only in an installed macopt (pyproject's package-dir).
 $PY -c "import macopt.kernels" 2>/dev/null || $PY -m pip install -q --no-deps --no-build-isolation -e "$REPO"
-$PY -m macopt.cli models get smollm2 --gguf "$GGUF" 2>&1 | grep -v "it/s\]" | tee "$OUT/real_smollm2_gpu_get.log"
+$PY -m macopt.cli models get smollm2 --gguf "$GGUF" 2>&1 | grep --line-buffered -v "it/s\]" | tee "$OUT/real_smollm2_gpu_get.log"
 M=$($PY -m macopt.cli models path smollm2)
 MAC="$OUT/real_smollm2_gpu_mac_calibrated.json"
 PHI="$OUT/real_smollm2_gpu_phi.safetensors"
@@ -43,24 +44,28 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/real_
 for stage in $STAGES; do
   case $stage in
   defaults)
-    # What most users run: no arguments. Full attention's score on the same tasks beside it.
-    base="$OUT/real_smollm2_gpu_defaults"
-    [ -f "$base.json" ] || $PY -m macopt.cli eval "$M" --device cuda --dtype bfloat16 \
-      --text "$TEXT/evaluation.txt.gz" --phi none --methods exact,mac,topk_phi,mac:1 \
-      --needles chat --context 8192 --ppl-chunks 2 --ppl-decode 64 --agreement-steps 64 \
-      --lengths 2048,4096,8100 --depths 0.1,0.5,0.9 --kinds passkey,multikey --samples 1 \
-      --json "$base.json" --plot "$base.svg" 2>&1 | grep -v "it/s\]" > "$base.log" \
-      || echo "defaults failed: see $base.log"
+    # What most users run: no arguments, each beside full attention (the unmodified model every
+    # eval runs first) on the same tasks. Two processes at once (the small model leaves the GPU
+    # mostly idle), each writing its own files as it finishes.
+    for m in mac topk_phi; do
+      base="$OUT/real_smollm2_gpu_defaults_$m"
+      [ -f "$base.json" ] || $PY -m macopt.cli eval "$M" --device cuda --dtype bfloat16 \
+        --text "$TEXT/evaluation.txt.gz" --phi none --methods $m \
+        --needles chat --context 8192 --ppl-chunks 1 --ppl-decode 64 --agreement-steps 32 \
+        --lengths 2048,4096,8100 --depths 0.1,0.5,0.9 --kinds passkey,multikey --samples 1 \
+        --json "$base.json" 2>&1 | grep --line-buffered -v "it/s\]" > "$base.log" &
+    done
+    wait
     ;;
   calibrate)
     # One 8K window of the calibration text (disjoint from the evaluation text), 64 decode steps.
     [ -f "$MAC" ] || $PY -m macopt.cli calibrate "$M" --method mac --device cuda --dtype bfloat16 \
       --text "$TEXT/calibration.txt.gz" --prefill 8127 --decode 64 --sequences 1 \
       --shares 0.5,0.7,0.8,0.9,0.95,0.98 --out "$MAC" 2>&1 \
-      | grep -v "it/s\]" > "$OUT/real_smollm2_gpu_mac_calibration.log" || echo "MAC calibration failed"
+      | grep --line-buffered -v "it/s\]" > "$OUT/real_smollm2_gpu_mac_calibration.log" || echo "MAC calibration failed"
     [ -f "$PHI" ] || $PY -m macopt.cli calibrate "$M" --method topk_phi --device cuda \
       --dtype bfloat16 --text "$TEXT/calibration.txt.gz" --seq-len 4096 --sequences 4 \
-      --out "$PHI" 2>&1 | grep -v "it/s\]" > "$OUT/real_smollm2_gpu_phi_calibration.log" \
+      --out "$PHI" 2>&1 | grep --line-buffered -v "it/s\]" > "$OUT/real_smollm2_gpu_phi_calibration.log" \
       || echo "phi calibration failed"
     ;;
   mac8k|topk8k|all2k)
@@ -82,7 +87,7 @@ for stage in $STAGES; do
       --text "$TEXT/evaluation.txt.gz" --phi "$phi" --methods "$methods" --needles chat \
       --context $ctx --ppl-chunks $chunks --ppl-decode 64 --agreement-steps 64 \
       --lengths $lengths --depths 0.1,0.5,0.9 --kinds passkey,multikey --samples 1 \
-      --json "$base.json" --plot "$base.svg" 2>&1 | grep -v "it/s\]" > "$base.log" \
+      --json "$base.json" --plot "$base.svg" 2>&1 | grep --line-buffered -v "it/s\]" > "$base.log" \
       || echo "$stage failed: see $base.log"
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
