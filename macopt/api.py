@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import re
 import types
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -33,7 +34,11 @@ from macopt.passes._compat import (
     select_decomp_table,
 )
 from macopt.passes.manager import MacoptPasses, run_passes
-from macopt.passes.module_checks import latent_attention_reason
+from macopt.passes.module_checks import (
+    alibi_reason,
+    latent_attention_reason,
+    quantized_modules_reason,
+)
 from macopt.passes.report import SiteReport
 from macopt.report import Explanation
 from macopt.validation import SUPPORTED_HEAD_DIMS
@@ -76,6 +81,7 @@ def optimize(
     model = getattr(model, "_orig_mod", model)  # torch.compile(model): tag the model inside
     _use_sdpa(model)
     _check_model_supports(model, config)
+    _warn_if_alibi(model)
     plan = _plan_scope(model, config, overrides or {}, filter_fn)
     for _, module in model.named_modules():
         scope.untag(module)
@@ -227,6 +233,10 @@ def why_no_reports(model: torch.nn.Module) -> str:
     configs = [s.config for s in map(scope.scope_of_module, model.modules()) if s is not None]
     if calls is None or not configs:
         return "The model is not optimized: call macopt.optimize(model, config) first."
+    alibi = alibi_reason(model)
+    if alibi:  # whatever the cache or compile: advice on either would send the user in circles
+        return (f"{type(model).__name__} is out of scope ({alibi}): its attention runs "
+                "unmodified.")
     stateful = any(getattr(c, "keeps_state", False) for c in configs)
     if calls[0] and not stateful:
         return ("It ran eagerly, and a stateless method (exact) rewrites compiled graphs only "
@@ -334,7 +344,12 @@ def _use_sdpa(model: torch.nn.Module) -> None:
 
 
 def _check_model_supports(model: torch.nn.Module, config: MethodConfig) -> None:
-    """Fail early, before tagging anything, on what a Hugging Face config already rules out."""
+    """Fail early, before tagging anything, on what the modules or a Hugging Face config
+    already rule out."""
+    quantized = quantized_modules_reason(model)
+    if quantized:
+        raise ValueError(f"{type(model).__name__} has {quantized}. Leave this model "
+                         "unoptimized, or optimize it unquantized.")
     hf_config = getattr(model, "config", None)
     if hf_config is None or not hasattr(hf_config, "num_attention_heads"):
         return
@@ -351,6 +366,16 @@ def _check_model_supports(model: torch.nn.Module, config: MethodConfig) -> None:
     if config.needs_pre_rope_query and not has_rope:
         raise ValueError(f"{type(model).__name__} ({text.model_type}) has no RoPE, and method "
                          f"{config.method!r} needs the pre-RoPE query; use macopt.ExactConfig().")
+
+
+def _warn_if_alibi(model: torch.nn.Module) -> None:
+    """ALiBi models (Bloom, MPT) are optimized, with every site they reach left untouched and
+    reported; say so now, not only in ``explain``."""
+    reason = alibi_reason(model)
+    if reason:
+        warnings.warn(f"macopt.optimize: {type(model).__name__} is out of scope ({reason}): its "
+                      "attention will run unmodified (macopt.explain(model) says so).",
+                      stacklevel=3)
 
 
 def _plan_scope(

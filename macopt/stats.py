@@ -17,6 +17,7 @@ from macopt import state
 from macopt.kernels.mac_counters import COUNTERS
 from macopt.passes import scope
 from macopt.report import render
+from macopt.topk_phi_site import STEP_COUNTERS
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class LayerStats:
     what full attention would have attended (summed over rows and heads); ``nbytes``: memory
     held by the site's state (ring + counters). MAC + Top-K + phi sites (``mac_topk_phi``)
     count like MAC; a miss's keys read are its tail plus the keys its Top-K + phi prefix state
-    attended (sinks, retrieved, the prompt's last keys before the tail). Top-K + phi sites keep
-    no device counters yet: their counts are None and only ``nbytes`` is reported.
+    attended (sinks, retrieved, the prompt's last keys before the tail). Top-K + phi sites
+    count their ``decode_steps`` and ``prefills`` only: their hit and key counts are None.
     """
 
     layer: str
@@ -95,20 +96,25 @@ def stats(model: torch.nn.Module) -> Stats:
         site = state.get(site_id) if site_id is not None else None
         if found is not None and site is not None:
             sites.append((found.qualname or name, site, _tau_source(found.config)))
-    counted = [site for _, site, _ in sites if _has_counters(site)]
+    counted = [site for _, site, _ in sites if _has_counters(site) or _counts_steps(site)]
     counts = []
     if counted:
         device = counted[0].counters.device
         counts = torch.cat([s.counters.flatten().to(device) for s in counted]).cpu().tolist()
     out, offset = Stats(), 0
     for layer, site, tau in sites:
-        if not _has_counters(site):
+        if not (_has_counters(site) or _counts_steps(site)):
             out.append(LayerStats(layer, site.method, None, None, None, (), None, None,
                                   site.nbytes()))
             continue
         size = site.counters.numel()
         flat = counts[offset:offset + size]
         offset += size
+        if _counts_steps(site):
+            steps = dict(zip(STEP_COUNTERS, flat, strict=True))
+            out.append(LayerStats(layer, site.method, steps["steps"], steps["prefills"], None,
+                                  (), None, None, site.nbytes()))
+            continue
         heads = site.counters.shape[1]
         rows = [flat[i * heads:(i + 1) * heads] for i in range(len(COUNTERS))]
         out.append(dataclasses.replace(
@@ -125,6 +131,11 @@ def _tau_source(config: object) -> str | None:
 def _has_counters(site: state.SiteState) -> bool:
     """Whether the site keeps the per-head counters of :data:`COUNTERS` (MAC does)."""
     return site.counters.dim() == 2 and site.counters.shape[0] == len(COUNTERS)
+
+
+def _counts_steps(site: state.SiteState) -> bool:
+    """Whether the site keeps only :data:`STEP_COUNTERS` (Top-K + phi does)."""
+    return site.counters.dim() == 1 and site.counters.numel() == len(STEP_COUNTERS)
 
 
 def _text(value: float | int | None) -> str:

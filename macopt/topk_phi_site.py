@@ -9,6 +9,10 @@ output), so no compiler drops them.
 
 The site's maps: ``feature_maps`` (a ``macopt calibrate`` file, site ``layer.<layer>``) or,
 when empty, positive random features seeded by ``seed``.
+
+Each site counts its prefills and decode steps on the device (:data:`STEP_COUNTERS`, no host
+sync), so ``macopt.stats`` shows that decode steps ran through the method: equal tokens alone
+cannot tell a rewritten model from one that ran nothing. Keys read are not counted yet.
 """
 
 from __future__ import annotations
@@ -26,26 +30,30 @@ from macopt.topk_phi_ops import topk_phi_prefill as prefill_impl
 
 Tensor = torch.Tensor
 
+STEP_COUNTERS = ("steps", "prefills")  # a Top-K + phi site's counters, in this order
+
 
 @cache
 def _file_maps(path: str) -> dict[str, FeatureMaps]:
     return read_feature_maps(path)  # errors name the file
 
 
-def site_buffers(site_id: int, layer: int, q_heads: int, k: Tensor, use_pages: bool,
-                 page_size: int, d_phi: int, completion: list[bool], feature_maps: str,
-                 seed: int) -> TopKPhiState:
+def site_state(site_id: int, layer: int, q_heads: int, k: Tensor, use_pages: bool,
+               page_size: int, d_phi: int, completion: list[bool], feature_maps: str,
+               seed: int) -> state.SiteState:
     """The state of ``site_id`` for a prefill cache ``k[B, Hkv, N, D]`` (allocated on first
-    use; decode steps find it, whatever their cache length, without reallocating)."""
+    use; decode steps find it, whatever their cache length, without reallocating): its
+    :class:`TopKPhiState` buffers and its :data:`STEP_COUNTERS`."""
     spec = state_spec(k.shape[0], layer, q_heads, k, use_pages, page_size, d_phi, completion,
                       feature_maps, seed)
 
     def allocate() -> tuple[TopKPhiState, Tensor]:
         buffers = allocate_state(k.shape[0], layer, q_heads, k, use_pages, page_size, d_phi,
                                  completion, feature_maps, seed)
-        return buffers, torch.zeros(1, dtype=torch.int64, device=k.device)
+        counters = torch.zeros(len(STEP_COUNTERS), dtype=torch.int64, device=k.device)
+        return buffers, counters
 
-    return state.site_state(site_id, "topk_phi", spec, allocate).buffers
+    return state.site_state(site_id, "topk_phi", spec, allocate)
 
 
 def state_spec(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bool, page_size: int,
@@ -82,8 +90,10 @@ def topk_phi_site_prefill(
     """A copy of ``attn_out[B, Hq, L, D]``; rebuilds the site's summary (and page bounds) from
     row ``b``'s prompt keys ``[key_starts[b], ends[b])`` of ``k, v``: the reset that starts
     new sequences."""
-    buffers = site_buffers(site_id, layer, attn_out.shape[1], k, use_pages, page_size, d_phi,
-                           completion, feature_maps, seed)
+    found = site_state(site_id, layer, attn_out.shape[1], k, use_pages, page_size, d_phi,
+                       completion, feature_maps, seed)
+    buffers: TopKPhiState = found.buffers
+    found.counters[STEP_COUNTERS.index("prefills")] += 1
     prefill_impl(k, v, key_starts, ends, buffers.phi_k, buffers.phi_k_mlp, sinks, tail,
                  page_size, buffers.m, buffers.u, buffers.t, buffers.mid_start,
                  buffers.mid_end, buffers.kmin, buffers.kmax)
@@ -112,6 +122,7 @@ def topk_phi_site_decode(
                            "prefill built its summary; run the prompt through the optimized "
                            "model first")
     buffers: TopKPhiState = found.buffers
+    found.counters[STEP_COUNTERS.index("steps")] += 1
     return decode_impl(q, k, v, key_starts, ends, buffers.m, buffers.u, buffers.t,
                        buffers.mid_start, buffers.mid_end, buffers.kmin, buffers.kmax,
                        buffers.phi_q, buffers.phi_q_mlp, buffers.phi_k, buffers.phi_k_mlp,

@@ -61,3 +61,36 @@ def latent_attention_reason(config_or_module: object) -> str | None:
                 f"head dim {v_dim} differs from it (the decode kernels need one head dim for "
                 f"q, k and v)")
     return None
+
+
+def alibi_reason(model: torch.nn.Module) -> str | None:
+    """Why a model's attention is out of scope because it adds an ALiBi position bias to the
+    scores, or None: Bloom always does (its model builds the bias), MPT and Falcon where their
+    config says ``alibi``. The decode kernels add no bias, so no site can be rewritten."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    flags = (getattr(text, "alibi", None), getattr(getattr(text, "attn_config", None), "alibi",
+                                                   None))
+    builds_bias = any(callable(getattr(m, "build_alibi_tensor", None)) for m in model.modules())
+    if any(flag is True for flag in flags) or builds_bias:
+        return ("ALiBi: an ALiBi position bias is added to the attention scores, and the decode "
+                "kernels add no bias")
+    return None
+
+
+def quantized_modules_reason(model: torch.nn.Module) -> str | None:
+    """Why a model with eager-quantized modules (``torch.ao.quantization.quantize_dynamic``,
+    static quantization) cannot be rewritten, or None: dynamo cannot trace their packed
+    weights (TorchScript objects), so each one breaks the graph and runs outside it."""
+    found: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(outer + ".") for outer, _ in found)  # its packed params
+        if not inside and type(module).__module__.startswith(("torch.ao.nn.quantized",
+                                                              "torch.nn.quantized")):
+            found.append((name, type(module).__name__))
+    if not found:
+        return None
+    name, cls = found[0]
+    return (f"{len(found)} quantized modules (e.g. {name!r}, {cls} from torch.ao.nn.quantized): "
+            "torch.compile cannot trace their packed weights, so every one breaks the graph "
+            "and macopt's passes never see an attention site whole")

@@ -74,7 +74,7 @@ def test_a_one_token_budget_without_completion_changes_the_logits():
     assert (got.logits - want.logits).abs().max() > 0.05
 
 
-def test_stats_report_the_state_bytes_of_topk_phi_sites():
+def test_stats_report_the_steps_and_state_bytes_of_topk_phi_sites():
     reference = ZOO["llama"].build()
     reference.set_attn_implementation("sdpa")
     model = macopt.optimize(reference, whole_context("page"))
@@ -83,8 +83,10 @@ def test_stats_report_the_state_bytes_of_topk_phi_sites():
     layers = macopt.stats(model)
     assert len(layers) == ZOO["llama"].decode_sites("topk_phi")[0]
     for layer in layers:
-        assert layer.method == "topk_phi" and layer.decode_steps is None
-        assert layer.read_fraction is None
+        # One prefill, then every decode step through the site; keys read are not counted.
+        assert layer.method == "topk_phi"
+        assert (layer.decode_steps, layer.prefills) == (DECODE_STEPS - 1, 1)
+        assert layer.hit_rate is None and layer.read_fraction is None
         # at least the summary: m, u [Hkv, F] and t [Hkv, F, D] in fp32 for the one row,
         # F = D by default
         head_dim = model.config.head_dim

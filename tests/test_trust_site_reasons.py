@@ -139,3 +139,15 @@ def test_an_sdpa_site_with_a_smaller_v_head_dim_says_so():
     (report,) = scope.reports_of(model.attn)
     assert report.decision == "skipped"
     assert report.reason.startswith("v head dim 32 differs from the q/k head dim 64")
+
+
+def test_inspect_shows_mpts_decode_sites_with_the_alibi_reason(monkeypatch, capsys):
+    # MPT keeps its own cache: generate() compiles no decode step, so inspect compiles its
+    # forward itself (before: no row, and an explain message about static caches).
+    from macopt import cli
+
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line
+    assert cli.main(["inspect", "mpt"]) == 0
+    decode = [line for line in capsys.readouterr().out.splitlines() if "decode (q=1)" in line]
+    assert len(decode) == 2
+    assert all("skipped" in line and "ALiBi" in line for line in decode), decode

@@ -51,15 +51,32 @@ def run(args: argparse.Namespace) -> int:
 
 @torch.no_grad()
 def trace_decode_step(model: torch.nn.Module, config: object) -> None:
-    """Prefill eagerly, then compile one decode step with the passes (no Inductor codegen)."""
+    """Prefill eagerly, then compile one decode step with the passes (no Inductor codegen).
+
+    A model whose ``generate()`` compiles nothing (no static cache: MPT keeps its own tuple
+    cache) has its forward compiled instead, on its own cache, so its sites are reported too.
+    """
     from transformers import CompileConfig
 
     import macopt
 
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(1, vocab, (1, 4))
+    if not getattr(model, "_can_compile_fullgraph", False):
+        _trace_on_own_cache(model, ids)
+        return
     compile_config = CompileConfig(fullgraph=True, mode="default",
                                    backend=macopt.backend(inductor=False))
     compile_config._compile_all_devices = True  # transformers only auto-compiles on GPUs
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(1, vocab, (1, 4))
     model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False,
                    cache_implementation="static", compile_config=compile_config)
+
+
+def _trace_on_own_cache(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """A prefill and one decode step through the forward compiled with the passes, on the
+    cache the model returns."""
+    import macopt
+
+    forward = torch.compile(model.forward, backend=macopt.backend(inductor=False))
+    out = forward(ids, use_cache=True)
+    forward(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)

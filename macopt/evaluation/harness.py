@@ -483,11 +483,13 @@ class _KeyMeter:
         return topk_lookup_rows(config.topk_phi, middle, self.head_dim, self.itemsize)
 
     def _mac_counts(self) -> dict[str, tuple[float, float, float, int]]:
-        """Per layer: (hits, keys read, keys full, decode steps), cumulative (batch 1)."""
+        """Per layer: (hits, keys read, keys full, decode steps), cumulative (batch 1); layers
+        that count keys only (Top-K + phi sites count their steps but not their keys)."""
         import macopt
 
-        return {s.layer: (sum(s.head_hit_rates) * (s.decode_steps or 0), s.keys_read or 0,
-                          s.keys_full or 0, s.decode_steps or 0) for s in macopt.stats(self.model)}
+        return {s.layer: (sum(s.head_hit_rates) * s.decode_steps, s.keys_read, s.keys_full,
+                          s.decode_steps)
+                for s in macopt.stats(self.model) if s.keys_read is not None}
 
     def report(self) -> dict:
         layers = [{"layer": layer, "hit_rate": c[0] / c[1] if c[1] else 0.0,
