@@ -82,7 +82,7 @@ class ExactConfig(MethodConfig):
     needs_pre_rope_query: ClassVar[bool] = False
 
 
-SELECTORS = ("channel", "page", "exact")
+SELECTORS = ("channel", "page", "exact", "sketch")
 
 
 @dataclass(frozen=True)
@@ -181,11 +181,11 @@ class TopKPhiConfig(MethodConfig):
                            _normalise_overrides(self.completion_overrides))
 
     def selector_spec(self) -> str:
-        """The selector as the decode ops take it: its name, and for "channel" its channel
-        count (0: head dim / 4) and re-rank factor, ``"channel:C:R"``."""
-        if self.selector != "channel":
+        """The selector as the decode ops take it: its name, and for "channel" / "sketch" its
+        channel count (0: head dim / 4) and re-rank factor, ``"channel:C:R"``."""
+        if self.selector not in ("channel", "sketch"):
             return self.selector
-        return f"channel:{self.channels or 0}:{self.rerank}"
+        return f"{self.selector}:{self.channels or 0}:{self.rerank}"
 
     def budget_tokens(self, n_keys: int) -> int:
         """K for a site whose cache holds ``n_keys`` keys (fractions round up, at least 1)."""
