@@ -137,7 +137,7 @@ class TopKPhiConfig(MethodConfig):
     tail: int = 16
     budget: int | float = 0.02
     page_size: int = 32
-    selector: str = "channel"
+    selector: str = "sketch"
     channels: int | None = None
     rerank: int = 2
     d_phi: int | None = None

@@ -477,16 +477,27 @@ def channel_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid
 
 
 def _rerank(grouped: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
-            candidates: Tensor, top_k: int, counts: Tensor | None) -> Tensor:
+            candidates: Tensor, top_k: int, counts: Tensor | None,
+            triton_path: bool = False) -> Tensor:
     """The best ``top_k`` of ``candidates[B, Hkv, R]`` by their exact scores (a key's best
     probability over the group's heads, normalised over the candidates), as ascending int32
-    token indices (-1: none); candidates outside the middle never win over ones inside."""
+    token indices (-1: none); candidates outside the middle never win over ones inside.
+    ``triton_path``: the scores from :func:`macopt.kernels.sketch_select.candidate_scores`
+    (reads each candidate's key row once, fp32 products) instead of a gather and a matmul."""
     head_dim = k.shape[3]
+    if triton_path:
+        from macopt.kernels.sketch_select import candidate_scores
+
+        exact = candidate_scores(grouped.flatten(1, 2), k, candidates, mid_start, mid_end,
+                                 scale)
+    else:
+        candidates = candidates.long()
+        k_cand = torch.gather(k, 2, candidates[..., None].expand(-1, -1, -1, head_dim))
+        exact = torch.matmul(grouped, k_cand.transpose(-1, -2)).float() * scale  # [B,Hkv,g,R]
+        in_mid = ((candidates >= mid_start[:, None, None])
+                  & (candidates < mid_end[:, None, None]))
+        exact = exact.masked_fill(~in_mid[:, :, None, :], float("-inf"))
     candidates = candidates.long()
-    k_cand = torch.gather(k, 2, candidates[..., None].expand(-1, -1, -1, head_dim))
-    exact = torch.matmul(grouped, k_cand.transpose(-1, -2)).float() * scale  # [B, Hkv, g, R]
-    in_mid = ((candidates >= mid_start[:, None, None]) & (candidates < mid_end[:, None, None]))
-    exact = exact.masked_fill(~in_mid[:, :, None, :], float("-inf"))
     best = ref.top_indices(_group_rank(exact), min(top_k, candidates.shape[-1]), counts).long()
     tokens = torch.gather(candidates, 2, best.clamp(min=0))
     tokens = torch.where(best >= 0, tokens, -1)
@@ -593,15 +604,16 @@ def sketch_selection(q: Tensor, k: Tensor, codes: Tensor, scales: Tensor, scale:
     if triton_path:
         from macopt.kernels import sketch_select
 
-        approx = sketch_select.sketch_scores(codes, dims, q_scaled, mid_start, mid_end, n_keys)
-        candidates = sketch_select.select_candidates(approx, n_candidates)
+        approx, maxima = sketch_select.sketch_scores(codes, dims, q_scaled, mid_start, mid_end,
+                                                     n_keys, block_max=True)
+        candidates = sketch_select.select_candidates(approx, maxima, n_candidates)
     else:
         from macopt.kernels.sketch_select import select_candidates_reference
 
         approx = sketch_scores_reference(codes, dims, q_scaled, mid_start, mid_end, n_keys)
         candidates = select_candidates_reference(approx, n_candidates)
     return _rerank(grouped, k, scale, mid_start, mid_end, candidates, min(top_k, n_keys),
-                   counts)
+                   counts, triton_path)
 
 
 def exact_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
