@@ -99,8 +99,8 @@ def test_candidate_kernel_equals_its_reference_and_keeps_a_top_set_up_to_a_bin(n
     scores = scores.half()
     # the block maxima may cut the row anywhere: uneven blocks here
     cuts = list(range(0, n_keys, 37)) + [n_keys]
-    block_max = torch.stack([scores[..., a:b].float().amax(-1) for a, b in zip(cuts, cuts[1:])],
-                            dim=-1)
+    block_max = torch.stack([scores[..., a:b].float().amax(-1)
+                             for a, b in zip(cuts[:-1], cuts[1:], strict=True)], dim=-1)
     got = sketch_select.select_candidates(scores, block_max, n_keep)
     want = sketch_select.select_candidates_reference(scores, n_keep)
     assert torch.equal(got, want)
