@@ -325,6 +325,170 @@ def candidate_scores(q: Tensor, k: Tensor, candidates: Tensor, mid_start: Tensor
     return out
 
 
+@triton.jit
+def _sketch_query_kernel(
+    q_ptr, scales_ptr, dims_ptr, out_ptr, group, head_dim, n_channels, scale,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (row, KV head): rank the channels by the group's summed |q| (ties: lower
+    # channel first) and write the best n_channels with each head's scaled query there.
+    pid = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    ok = (heads < group)[:, None] & dim_ok[None, :]
+    q = tl.load(q_ptr + (pid * group + heads[:, None]) * head_dim + dims[None, :], mask=ok,
+                other=0.0).to(tl.float32)
+    weight = tl.where(dim_ok, tl.sum(tl.abs(q), axis=0), -1.0)
+    ahead = (weight[:, None] > weight[None, :]) | ((weight[:, None] == weight[None, :])
+                                                   & (dims[:, None] < dims[None, :]))
+    rank = tl.sum(ahead.to(tl.int32), axis=0)  # [BLOCK_D]: channels ranked before each
+    chosen = dim_ok & (rank < n_channels)
+    tl.store(dims_ptr + pid * n_channels + rank, dims, mask=chosen)
+    factor = tl.load(scales_ptr + pid * head_dim + dims, mask=dim_ok, other=0.0) * scale
+    tl.store(out_ptr + (pid * group + heads[:, None]) * n_channels + rank[None, :],
+             q * factor[None, :], mask=ok & chosen[None, :])
+
+
+def sketch_query(q: Tensor, scales: Tensor, scale: float, n_channels: int
+                 ) -> tuple[Tensor, Tensor]:
+    """``(dims [B, Hkv, C] int32, q_scaled [B, Hkv, g, C] fp32)`` for :func:`sketch_scores`:
+    per KV group the ``C`` channels of largest summed |q| over its heads (best first; ties to
+    the lower channel) and each head's q there times the channel's scale ``scales[B, Hkv, D]``
+    and the softmax ``scale``. One launch."""
+    batch, n_q_heads, head_dim = q.shape
+    n_kv_heads = scales.shape[1]
+    group = n_q_heads // n_kv_heads
+    dims = _new_empty((batch, n_kv_heads, n_channels), dtype=torch.int32, device=q.device)
+    out = _new_empty((batch, n_kv_heads, group, n_channels), dtype=torch.float32,
+                     device=q.device)
+    if out.numel():
+        _sketch_query_kernel[(batch * n_kv_heads,)](
+            q.contiguous(), scales.contiguous(), dims, out, group, head_dim, n_channels, scale,
+            BLOCK_G=triton.next_power_of_2(group), BLOCK_D=triton.next_power_of_2(head_dim),
+            num_warps=4)
+    return dims, out
+
+
+@triton.jit
+def _order32(x):
+    """int32 ordering like the fp32 ``x`` (-inf lowest; -0.0 just below +0.0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _rerank_select_kernel(
+    scores_ptr, cand_ptr, keys_ptr, out_ptr, counts_ptr, n_cand, group, n_keep,
+    HAS_COUNTS: tl.constexpr, BLOCK_R: tl.constexpr, WAYS: tl.constexpr,
+):
+    # One program per (row, KV head): each candidate's best log-probability over the group's
+    # heads (softmax over the candidates), then its n_keep best, exactly (8 counting passes of
+    # 16 thresholds over the 32-bit keys; ties to the lower candidate slot).
+    pid = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK_R)
+    keys_ptr += pid * n_cand
+    width = n_keep
+    if HAS_COUNTS:
+        n_keep = tl.minimum(tl.maximum(tl.load(counts_ptr + pid), 0), n_keep)
+    for h in range(group):
+        row = scores_ptr + (pid * group + h) * n_cand
+        top = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for start in range(0, n_cand, BLOCK_R):
+            idx = start + offsets
+            top = tl.maximum(top, tl.load(row + idx, mask=idx < n_cand, other=float("-inf")))
+        m = tl.max(top, axis=0)
+        m = tl.where(tl.abs(m) < float("inf"), m, 0.0)
+        total = tl.zeros([BLOCK_R], tl.float32)
+        for start in range(0, n_cand, BLOCK_R):
+            idx = start + offsets
+            x = tl.load(row + idx, mask=idx < n_cand, other=float("-inf"))
+            total += tl.exp(x - m)
+        sum_exp = tl.sum(total, axis=0)
+        lse = tl.where(sum_exp > 0, m + tl.log(sum_exp), 0.0)
+        for start in range(0, n_cand, BLOCK_R):
+            idx = start + offsets
+            ok = idx < n_cand
+            rank = tl.load(row + idx, mask=ok, other=float("-inf")) - lse
+            if h > 0:
+                rank = tl.maximum(rank, tl.load(keys_ptr + idx, mask=ok, other=0).to(
+                    tl.float32, bitcast=True))
+            tl.store(keys_ptr + idx, rank.to(tl.int32, bitcast=True), mask=ok)
+        tl.debug_barrier()  # other threads read these back
+    for start in range(0, n_cand, BLOCK_R):
+        idx = start + offsets
+        ok = idx < n_cand
+        rank = tl.load(keys_ptr + idx, mask=ok, other=0).to(tl.float32, bitcast=True)
+        tl.store(keys_ptr + idx, _order32(rank), mask=ok)
+    tl.debug_barrier()
+
+    ways = tl.arange(0, WAYS).to(tl.int64)
+    lo = tl.full([], -2147483648, tl.int64)
+    step = tl.full([], 268435456, tl.int64)  # 2^32 / 16
+    n_above = tl.zeros([], tl.int32)
+    for _ in range(8):
+        thresholds = lo + ways * step
+        counts = tl.zeros([WAYS], tl.int32)
+        for start in range(0, n_cand, BLOCK_R):
+            idx = start + offsets
+            ok = idx < n_cand
+            key = tl.load(keys_ptr + idx, mask=ok, other=0).to(tl.int64)
+            counts += tl.sum(((key[:, None] >= thresholds[None, :]) & ok[:, None]).to(tl.int32),
+                             axis=0)
+        best = tl.maximum(tl.sum((counts >= n_keep).to(tl.int32), axis=0) - 1, 0)
+        above = tl.sum(tl.where(ways == best + 1, counts, 0), axis=0)
+        n_above = tl.where(best + 1 < WAYS, above, n_above)
+        lo = lo + best * step
+        step = step // WAYS
+    threshold = lo.to(tl.int32)
+
+    out_ptr += pid * width
+    cand_ptr += pid * n_cand
+    ties_wanted = n_keep - n_above
+    n_taken = tl.zeros([], tl.int32)
+    n_ties = tl.zeros([], tl.int32)
+    for start in range(0, n_cand, BLOCK_R):
+        idx = start + offsets
+        ok = idx < n_cand
+        key = tl.load(keys_ptr + idx, mask=ok, other=0)
+        tie = ((key == threshold) & ok).to(tl.int32)
+        tie_rank = n_ties + tl.cumsum(tie, axis=0) - tie
+        chosen = (((key > threshold) & ok) | ((tie != 0) & (tie_rank < ties_wanted)))
+        chosen = chosen.to(tl.int32)
+        slot = n_taken + tl.cumsum(chosen, axis=0) - 1
+        token = tl.load(cand_ptr + idx, mask=chosen != 0, other=0)
+        tl.store(out_ptr + slot, token, mask=chosen != 0)
+        n_taken += tl.sum(chosen, axis=0)
+        n_ties += tl.sum(tie, axis=0)
+    for start in range(0, width, BLOCK_R):  # slots past this group's count: -1
+        idx = start + offsets
+        tl.store(out_ptr + idx, tl.full([BLOCK_R], -1, tl.int32),
+                 mask=(idx < width) & (idx >= n_keep))
+
+
+def rerank_select(scores: Tensor, candidates: Tensor, n_keep: int,
+                  counts: Tensor | None = None) -> Tensor:
+    """The ``n_keep`` best of ``candidates[B, H, R]`` (token indices) by exact ``scores[B, H, g,
+    R]`` fp32: a candidate's best log-probability over the ``g`` heads, each head's softmax
+    taken over the candidates (``-inf``: never chosen before a finite one), exactly (ties: the
+    earlier candidate slot). ``[B, H, n_keep]`` int32 in candidate order (not sorted).
+    ``counts[B, H]`` int32 (optional): a row keeps only its best ``counts`` (at most
+    ``n_keep``), the rest of its slots -1. One launch, no host sync."""
+    batch, heads, group, n_cand = scores.shape
+    if not 1 <= n_keep <= n_cand:
+        raise ValueError(f"n_keep: expected 1..{n_cand}, got {n_keep}")
+    out = _new_empty((batch, heads, n_keep), dtype=torch.int32, device=scores.device)
+    if out.numel() == 0:
+        return out
+    keys = _new_empty((batch, heads, n_cand), dtype=torch.int32, device=scores.device)
+    _rerank_select_kernel[(batch * heads,)](
+        scores.contiguous(), candidates.to(torch.int32).contiguous(), keys, out,
+        None if counts is None else counts.to(torch.int32).contiguous(), n_cand, group,
+        n_keep, HAS_COUNTS=counts is not None,
+        BLOCK_R=min(1024, triton.next_power_of_2(n_cand)), WAYS=16, num_warps=8)
+    return out
+
+
 def select_candidates_reference(scores: Tensor, n_keep: int) -> Tensor:
     """:func:`select_candidates` in torch, same indices in the same order."""
     n_keys = scores.shape[-1]
@@ -339,5 +503,5 @@ def select_candidates_reference(scores: Tensor, n_keep: int) -> Tensor:
     return (torch.sort(key, dim=-1).values % n_keys).to(torch.int32)
 
 
-__all__ = ["BIN_WIDTH", "N_BINS", "candidate_scores", "score_bins", "select_candidates",
-           "select_candidates_reference", "sketch_scores"]
+__all__ = ["BIN_WIDTH", "N_BINS", "candidate_scores", "rerank_select", "score_bins",
+           "select_candidates", "select_candidates_reference", "sketch_query", "sketch_scores"]

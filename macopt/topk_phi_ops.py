@@ -477,27 +477,16 @@ def channel_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid
 
 
 def _rerank(grouped: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
-            candidates: Tensor, top_k: int, counts: Tensor | None,
-            triton_path: bool = False) -> Tensor:
+            candidates: Tensor, top_k: int, counts: Tensor | None) -> Tensor:
     """The best ``top_k`` of ``candidates[B, Hkv, R]`` by their exact scores (a key's best
     probability over the group's heads, normalised over the candidates), as ascending int32
-    token indices (-1: none); candidates outside the middle never win over ones inside.
-    ``triton_path``: the scores from :func:`macopt.kernels.sketch_select.candidate_scores`
-    (reads each candidate's key row once, fp32 products) instead of a gather and a matmul."""
+    token indices (-1: none); candidates outside the middle never win over ones inside."""
     head_dim = k.shape[3]
-    if triton_path:
-        from macopt.kernels.sketch_select import candidate_scores
-
-        exact = candidate_scores(grouped.flatten(1, 2), k, candidates, mid_start, mid_end,
-                                 scale)
-    else:
-        candidates = candidates.long()
-        k_cand = torch.gather(k, 2, candidates[..., None].expand(-1, -1, -1, head_dim))
-        exact = torch.matmul(grouped, k_cand.transpose(-1, -2)).float() * scale  # [B,Hkv,g,R]
-        in_mid = ((candidates >= mid_start[:, None, None])
-                  & (candidates < mid_end[:, None, None]))
-        exact = exact.masked_fill(~in_mid[:, :, None, :], float("-inf"))
     candidates = candidates.long()
+    k_cand = torch.gather(k, 2, candidates[..., None].expand(-1, -1, -1, head_dim))
+    exact = torch.matmul(grouped, k_cand.transpose(-1, -2)).float() * scale  # [B, Hkv, g, R]
+    in_mid = ((candidates >= mid_start[:, None, None]) & (candidates < mid_end[:, None, None]))
+    exact = exact.masked_fill(~in_mid[:, :, None, :], float("-inf"))
     best = ref.top_indices(_group_rank(exact), min(top_k, candidates.shape[-1]), counts).long()
     tokens = torch.gather(candidates, 2, best.clamp(min=0))
     tokens = torch.where(best >= 0, tokens, -1)
@@ -594,26 +583,31 @@ def sketch_selection(q: Tensor, k: Tensor, codes: Tensor, scales: Tensor, scale:
     score being its best head's; the best ``rerank * top_k`` tokens (fp16 scores, ties to the
     lowest indices) are then scored exactly from the cache and the best ``top_k`` kept, as
     :func:`channel_selection` keeps them. A budget covering the middle keeps every middle key.
-    ``triton_path``: the two Triton kernels of :mod:`macopt.kernels.sketch_select` (else their
-    torch references; same results up to fp32 summation order). ``counts``: see :func:`select`.
+    ``triton_path``: the Triton kernels of :mod:`macopt.kernels.sketch_select` (five launches;
+    the tokens come in candidate order, not sorted), else torch (the reference: same set up to
+    fp32 summation order, ascending). ``counts``: see :func:`select`.
     """
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     n_keys = min(n_keys, 2 * codes.shape[-1])  # a growing cache: the sketch covers the prompt
-    grouped, dims, q_scaled = _sketch_query(q, scales, scale, n_kv_heads, channels)
+    head_dim = q.shape[-1]
+    n_channels = min(channels or max(1, head_dim // 4), head_dim)
     n_candidates = min(rerank * top_k, n_keys)
-    if triton_path:
-        from macopt.kernels import sketch_select
+    if triton_path:  # five launches; the tokens come in candidate order (not sorted)
+        from macopt.kernels import sketch_select as kernels
 
-        approx, maxima = sketch_select.sketch_scores(codes, dims, q_scaled, mid_start, mid_end,
-                                                     n_keys, block_max=True)
-        candidates = sketch_select.select_candidates(approx, maxima, n_candidates)
-    else:
-        from macopt.kernels.sketch_select import select_candidates_reference
+        dims, q_scaled = kernels.sketch_query(q, scales, scale, n_channels)
+        approx, maxima = kernels.sketch_scores(codes, dims, q_scaled, mid_start, mid_end,
+                                               n_keys, block_max=True)
+        candidates = kernels.select_candidates(approx, maxima, n_candidates)
+        exact = kernels.candidate_scores(q, k, candidates, mid_start, mid_end, scale)
+        return kernels.rerank_select(exact, candidates, min(top_k, n_candidates), counts)
+    from macopt.kernels.sketch_select import select_candidates_reference
 
-        approx = sketch_scores_reference(codes, dims, q_scaled, mid_start, mid_end, n_keys)
-        candidates = select_candidates_reference(approx, n_candidates)
+    grouped, dims, q_scaled = _sketch_query(q, scales, scale, n_kv_heads, channels)
+    approx = sketch_scores_reference(codes, dims, q_scaled, mid_start, mid_end, n_keys)
+    candidates = select_candidates_reference(approx, n_candidates)
     return _rerank(grouped, k, scale, mid_start, mid_end, candidates, min(top_k, n_keys),
-                   counts, triton_path)
+                   counts)
 
 
 def exact_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
