@@ -259,7 +259,7 @@ def select_candidates(scores: Tensor, block_max: Tensor, n_keep: int) -> Tensor:
     _bin_histogram_kernel[(rows, n_chunks)](scores, block_max, hist, n_keys, n_blocks,
                                             n_chunks, **common, num_warps=4)
     _bin_threshold_kernel[(rows,)](hist, offsets, n_chunks, n_keep,
-                                   BLOCK_CH=min(32, triton.next_power_of_2(n_chunks)),
+                                   BLOCK_CH=max(16, min(32, triton.next_power_of_2(n_chunks))),
                                    N_BINS=N_BINS, num_warps=4)
     _bin_compact_kernel[(rows, n_chunks)](scores, block_max, offsets, out, n_keys, n_blocks,
                                           n_chunks, n_keep, **common, num_warps=4)
@@ -427,12 +427,12 @@ def _rerank_select_kernel(
     step = tl.full([], 268435456, tl.int64)  # 2^32 / 16
     n_above = tl.zeros([], tl.int32)
     for _ in range(8):
-        thresholds = lo + ways * step
+        thresholds = (lo + ways * step).to(tl.int32)  # inside the int32 range [lo, lo + 16 step)
         counts = tl.zeros([WAYS], tl.int32)
         for start in range(0, n_cand, BLOCK_R):
             idx = start + offsets
             ok = idx < n_cand
-            key = tl.load(keys_ptr + idx, mask=ok, other=0).to(tl.int64)
+            key = tl.load(keys_ptr + idx, mask=ok, other=0)
             counts += tl.sum(((key[:, None] >= thresholds[None, :]) & ok[:, None]).to(tl.int32),
                              axis=0)
         best = tl.maximum(tl.sum((counts >= n_keep).to(tl.int32), axis=0) - 1, 0)

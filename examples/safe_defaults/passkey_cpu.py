@@ -13,6 +13,12 @@ import macopt
 torch.set_num_threads(2)
 import os
 
+if os.environ.get("STATIC_SHAPES"):
+    # Prompts one token apart get static caches one key apart; dynamo's automatic dynamic
+    # shapes then make the cache length symbolic, which a fractional budget refuses (issue:
+    # TopKPhiConfig.budget as a fraction needs a static cache length). Recompile instead.
+    torch._dynamo.config.automatic_dynamic_shapes = False
+
 PATH = "/root/.cache/macopt/smollm2-135m-instruct"
 n_tokens = int(sys.argv[1]); methods = sys.argv[2:]
 tok = AutoTokenizer.from_pretrained(PATH)
