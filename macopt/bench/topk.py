@@ -394,7 +394,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="budgets: percentages, fractions or token counts (default "
                         "1%%,2%%,5%%)")
     parser.add_argument("--selectors", type=parse_selectors, default=SELECTORS,
-                        help="comma-separated among sketch, channel, page, exact; sketch and channel take ':C:R' (channels, re-rank factor), e.g. sketch:32:3 (default all four)")
+                        help="comma-separated among sketch, channel, page, exact; sketch "
+                        "and channel take ':C:R' (channels, re-rank factor), e.g. "
+                        "sketch:32:3 (default all four)")
     add_layer_arguments(parser)
     parser.add_argument("--d-phi", type=int, default=128, help="features per map (default 128)")
     parser.add_argument("--page-size", type=int, default=32, help="selector page (default 32)")
