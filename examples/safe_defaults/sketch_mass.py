@@ -33,7 +33,8 @@ SINKS, TAIL = 4, 16
 
 def selectors(D):
     return {"page": None, "channel": ("channel", 0, 2), "sketch": ("sketch", 0, 2),
-            "sketch_r3": ("sketch", 0, 3), "sketch_c8": ("sketch", D // 8, 2)}
+            "sketch_r1": ("sketch", 0, 1), "sketch_r3": ("sketch", 0, 3),
+            "sketch_c8": ("sketch", D // 8, 2)}
 
 
 def measure(path):
