@@ -381,6 +381,7 @@ def _order32(x):
 def _rerank_select_kernel(
     scores_ptr, cand_ptr, keys_ptr, out_ptr, counts_ptr, n_cand, group, n_keep,
     HAS_COUNTS: tl.constexpr, BLOCK_R: tl.constexpr, WAYS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # One program per (row, KV head): each candidate's best log-probability over the group's
     # heads (softmax over the candidates), then its n_keep best, exactly (8 counting passes of
@@ -391,36 +392,34 @@ def _rerank_select_kernel(
     width = n_keep
     if HAS_COUNTS:
         n_keep = tl.minimum(tl.maximum(tl.load(counts_ptr + pid), 0), n_keep)
-    for h in range(group):
-        row = scores_ptr + (pid * group + h) * n_cand
-        top = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        for start in range(0, n_cand, BLOCK_R):
-            idx = start + offsets
-            top = tl.maximum(top, tl.load(row + idx, mask=idx < n_cand, other=float("-inf")))
-        m = tl.max(top, axis=0)
-        m = tl.where(tl.abs(m) < float("inf"), m, 0.0)
-        total = tl.zeros([BLOCK_R], tl.float32)
-        for start in range(0, n_cand, BLOCK_R):
-            idx = start + offsets
-            x = tl.load(row + idx, mask=idx < n_cand, other=float("-inf"))
-            total += tl.exp(x - m)
-        sum_exp = tl.sum(total, axis=0)
-        lse = tl.where(sum_exp > 0, m + tl.log(sum_exp), 0.0)
-        for start in range(0, n_cand, BLOCK_R):
-            idx = start + offsets
-            ok = idx < n_cand
-            rank = tl.load(row + idx, mask=ok, other=float("-inf")) - lse
-            if h > 0:
-                rank = tl.maximum(rank, tl.load(keys_ptr + idx, mask=ok, other=0).to(
-                    tl.float32, bitcast=True))
-            tl.store(keys_ptr + idx, rank.to(tl.int32, bitcast=True), mask=ok)
-        tl.debug_barrier()  # other threads read these back
-    for start in range(0, n_cand, BLOCK_R):
-        idx = start + offsets
+    # Pass 1: every head's log-sum-exp over the candidates (online max / sum per lane).
+    heads = tl.arange(0, BLOCK_G)
+    head_ok = heads < group
+    rows = scores_ptr + (pid * group + heads[:, None]) * n_cand
+    lane_max = tl.full([BLOCK_G, BLOCK_T], float("-inf"), tl.float32)
+    lane_sum = tl.zeros([BLOCK_G, BLOCK_T], tl.float32)
+    lanes = tl.arange(0, BLOCK_T)
+    for start in range(0, n_cand, BLOCK_T):
+        idx = start + lanes
+        x = tl.load(rows + idx[None, :], mask=head_ok[:, None] & (idx < n_cand)[None, :],
+                    other=float("-inf"))
+        new_max = tl.maximum(lane_max, x)
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        lane_sum = lane_sum * tl.exp(lane_max - safe) + tl.exp(x - safe)
+        lane_max = new_max
+    m = tl.max(lane_max, axis=1)
+    safe_m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(lane_sum * tl.exp(lane_max - safe_m[:, None]), axis=1)
+    lse = tl.where(total > 0, safe_m + tl.log(tl.maximum(total, 1e-30)), 0.0)  # none: 0
+    # Pass 2: each candidate's best log-probability over the heads, as an ordered int32 key.
+    for start in range(0, n_cand, BLOCK_T):
+        idx = start + lanes
         ok = idx < n_cand
-        rank = tl.load(keys_ptr + idx, mask=ok, other=0).to(tl.float32, bitcast=True)
+        x = tl.load(rows + idx[None, :], mask=head_ok[:, None] & ok[None, :],
+                    other=float("-inf"))
+        rank = tl.max(x - lse[:, None], axis=0)
         tl.store(keys_ptr + idx, _order32(rank), mask=ok)
-    tl.debug_barrier()
+    tl.debug_barrier()  # other threads read these keys back
 
     ways = tl.arange(0, WAYS).to(tl.int64)
     lo = tl.full([], -2147483648, tl.int64)
@@ -485,7 +484,10 @@ def rerank_select(scores: Tensor, candidates: Tensor, n_keep: int,
         scores.contiguous(), candidates.to(torch.int32).contiguous(), keys, out,
         None if counts is None else counts.to(torch.int32).contiguous(), n_cand, group,
         n_keep, HAS_COUNTS=counts is not None,
-        BLOCK_R=min(1024, triton.next_power_of_2(n_cand)), WAYS=16, num_warps=8)
+        BLOCK_R=min(1024, triton.next_power_of_2(n_cand)), WAYS=16,
+        BLOCK_G=triton.next_power_of_2(group),
+        BLOCK_T=min(max(16, 2048 // triton.next_power_of_2(group)),
+                    triton.next_power_of_2(n_cand)), num_warps=8)
     return out
 
 
