@@ -4,9 +4,10 @@ Approximate by design. At prefill the prompt's keys are quantised to 4 bits per 
 (symmetric, one scale per (row, KV head, channel)) and stored channel-major, two tokens per
 byte: ``codes[B, Hkv, D, ceil(N / 2)]`` uint8 (token ``2j`` in the low nibble of byte ``j``,
 ``2j + 1`` in the high one), so the keys' values on one channel are a contiguous byte row.
-A decode step picks, per KV group, the ``C`` channels where the group's queries are largest
-(torch, ``[B, Hkv, D]`` only) and then:
+A decode step runs five launches, no host sync, static shapes (CUDA-graph safe):
 
+0. :func:`sketch_query` (one program per row x KV head): the ``C`` channels where the group's
+   queries are largest and each head's query there, scaled.
 1. :func:`sketch_scores` (one launch, grid rows x token blocks): reads only those ``C`` byte
    rows (``C / (4 D)`` of the bf16 key bytes: 1/16 at ``C = D / 4``), and writes each token's
    group score, the best approximate ``s q.k`` over the group's query heads, as fp16
@@ -16,9 +17,12 @@ A decode step picks, per KV group, the ``C`` channels where the group's queries 
    best score (256 bins), the threshold bin and per-chunk offsets, then a compaction (tokens
    of the threshold bin in index order until ``n_keep``). The scores (2 bytes a token) are
    read twice more, from L2 at the sizes that matter.
+3. :func:`candidate_scores`: the candidates' full key rows, scored exactly for every head.
+4. :func:`rerank_select` (one program per row x KV head): a candidate's best log-probability
+   over the group's heads (softmax over the candidates), the budget's best exactly, per-group
+   counts honoured.
 
-The caller re-scores the candidates' full keys exactly and keeps the budget
-(:func:`macopt.topk_phi_ops.sketch_selection`). No host sync, static shapes: CUDA-graph safe.
+:func:`macopt.topk_phi_ops.sketch_selection` chains them (and holds the torch reference).
 
 >>> scores, block_max = sketch_scores(codes, dims, q_scaled, mid_start, mid_end, n_keys,
 ...                                   block_max=True)
@@ -37,7 +41,6 @@ Tensor = torch.Tensor
 _new_empty = torch.empty
 
 _BLOCK_N = 256  # tokens per scoring program at C <= 32 channels
-_BLOCK_S = 1024
 _CHUNK = 4096  # tokens per program of the candidate passes
 _BLOCK_S = 1024
 N_BINS = 256
