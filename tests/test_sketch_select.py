@@ -360,3 +360,15 @@ def test_rerank_kernel_keeps_the_best_by_group_log_probability(with_counts):
             else:
                 top = set(cand[b, h][torch.isfinite(rank[b, h])].tolist())
                 assert top <= set(g)
+
+
+def test_a_cache_grown_past_the_prompt_selects_from_the_prompts_sketch():
+    # A dynamic cache grows at decode; the sketch covers the prompt it was built from.
+    q, k, lo, hi = _selection_case(9, n_keys=101)
+    codes, scales = _sketch(k, lo, hi)
+    grown = torch.cat([k, torch.randn(2, 2, 29, k.shape[-1]) * 5], dim=2)
+    scale = k.shape[-1] ** -0.5
+    got = sketch_selection(q, grown, codes, scales, scale, lo, hi, 10, triton_path=True)
+    want = sketch_selection(q, k, codes, scales, scale, lo, hi, 10, triton_path=False)
+    assert torch.equal(got.sort(dim=-1).values, want)
+    assert (got < 101).all()
