@@ -82,7 +82,7 @@ class ExactConfig(MethodConfig):
     needs_pre_rope_query: ClassVar[bool] = False
 
 
-SELECTORS = ("channel", "page", "exact")
+SELECTORS = ("channel", "page", "exact", "sketch")
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,15 @@ class TopKPhiConfig(MethodConfig):
     shape, so choosing K never syncs the host). ``selector`` "page" ranks pages of
     ``page_size`` keys by Quest-style bounds (reads no key it does not retrieve; the budget is
     rounded up to whole pages); "exact" ranks every middle key by its exact score (the paper's
-    oracle; reads every key); "channel" (default) ranks every middle key by an approximate
-    score over the ``channels`` query channels of largest magnitude in the KV group (None:
-    head dim / 4), then re-ranks the best ``rerank * budget`` of them by their exact score and
-    keeps ``budget`` (SparQ-style; on SmolLM2 the page bounds keep 18% of the attention mass
-    exact Top-K keeps at 2% of a 4K prompt, this keeps 99.7%: docs/SAFE_DEFAULTS.md).
+    oracle; reads every key); "channel" ranks every middle key by an approximate score over
+    the ``channels`` query channels of largest magnitude in the KV group (None: head dim / 4),
+    then re-ranks the best ``rerank * budget`` of them by their exact score and keeps
+    ``budget`` (SparQ-style; reads those channels from the row-major cache); "sketch"
+    (default) does the same from a 4-bit channel-major copy of the prompt's keys written at
+    prefill (reads ``channels / (4 D)`` of the key bytes, contiguously, plus the candidates'
+    keys; Triton kernels on CUDA). On SmolLM2 the page bounds keep 18% of the attention mass
+    exact Top-K keeps at 2% of a 4K prompt, "channel" 99.7%, "sketch" 98.8% (median over
+    heads; docs/SAFE_DEFAULTS.md). Approximate by design.
     ``d_phi`` features per map (None: the head dim, as in the paper).
     ``feature_maps``: a safetensors file of calibrated maps (``macopt calibrate``); None uses
     the parameter-free positive-random-feature initialisation (seeded by ``seed``).
@@ -121,12 +125,12 @@ class TopKPhiConfig(MethodConfig):
     >>> config = TopKPhiConfig(budget=0.02, completion_overrides={0: False, 3: {5: False}})
     >>> config.budget_tokens(131072), config.completion_for(3, 8)
     (2622, (True, True, True, True, True, False, True, True))
-    >>> TopKPhiConfig(selector="quest")
+    >>> TopKPhiConfig(selector="quest")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: TopKPhiConfig.selector: expected one of ('channel', 'page', 'exact'), got 'quest'
+    ValueError: TopKPhiConfig.selector: expected one of (...), got 'quest'
     >>> TopKPhiConfig().selector_spec(), TopKPhiConfig(selector="page").selector_spec()
-    ('channel:0:2', 'page')
+    ('sketch:0:2', 'page')
     """
 
     method: ClassVar[str] = "topk_phi"
@@ -137,7 +141,7 @@ class TopKPhiConfig(MethodConfig):
     tail: int = 16
     budget: int | float = 0.02
     page_size: int = 32
-    selector: str = "channel"
+    selector: str = "sketch"
     channels: int | None = None
     rerank: int = 2
     d_phi: int | None = None
@@ -181,11 +185,11 @@ class TopKPhiConfig(MethodConfig):
                            _normalise_overrides(self.completion_overrides))
 
     def selector_spec(self) -> str:
-        """The selector as the decode ops take it: its name, and for "channel" its channel
-        count (0: head dim / 4) and re-rank factor, ``"channel:C:R"``."""
-        if self.selector != "channel":
+        """The selector as the decode ops take it: its name, and for "channel" / "sketch" its
+        channel count (0: head dim / 4) and re-rank factor, ``"channel:C:R"``."""
+        if self.selector not in ("channel", "sketch"):
             return self.selector
-        return f"channel:{self.channels or 0}:{self.rerank}"
+        return f"{self.selector}:{self.channels or 0}:{self.rerank}"
 
     def budget_tokens(self, n_keys: int) -> int:
         """K for a site whose cache holds ``n_keys`` keys (fractions round up, at least 1)."""

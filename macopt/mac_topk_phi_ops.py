@@ -184,13 +184,14 @@ def _(q, q_pre, k, v, positions, key_starts, scale, site_id, ring_size, offset, 
 
 def site_state(site_id: int, layer: int, q_pre: Tensor, k: Tensor, ring_size: int,
                capacity: int, use_pages: bool, page_size: int, d_phi: int,
-               completion: list[bool], feature_maps: str, seed: int) -> tuple[MACTopKPhiSite,
-                                                                              Tensor]:
+               completion: list[bool], feature_maps: str, seed: int,
+               sketch: bool = False) -> tuple[MACTopKPhiSite, Tensor]:
     """The state (first ``B`` rows) and counters of ``site_id`` for a prefill of
     ``q_pre[B, Hq, N, D]`` into the cache ``k[B, Hkv, Nk, D]``; allocated for ``capacity``
     rows (0: ``B``) on first use, at addresses that never move afterwards."""
     batch, q_heads, _, head_dim = q_pre.shape
-    topk_args = (layer, q_heads, k, use_pages, page_size, d_phi, completion, feature_maps, seed)
+    topk_args = (layer, q_heads, k, use_pages, page_size, d_phi, completion, feature_maps, seed,
+                 sketch)
     spec = (q_heads, head_dim, ring_size, q_pre.dtype, q_pre.device, capacity,
             topk_phi_site.state_spec(capacity, *topk_args))
 
@@ -210,7 +211,7 @@ def mac_topk_phi_prefill(
     attn_out: Tensor, q_post: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, key_starts: Tensor,
     ends: Tensor, scale: float, site_id: int, layer: int, ring_size: int, offset: int,
     batch_capacity: int, sinks: int, tail: int, page_size: int, use_pages: bool, d_phi: int,
-    completion: list[bool], feature_maps: str, seed: int,
+    completion: list[bool], feature_maps: str, seed: int, sketch: bool = False,
 ) -> Tensor:
     """A copy of ``attn_out[B, Hq, N, D]``; rebuilds the site's state from the prompt chunk
     (queries at cache positions ``[ends[b] - N, ends[b])``, row ``b``'s prompt ``[key_starts[b],
@@ -219,7 +220,7 @@ def mac_topk_phi_prefill(
     ends before every decode step's ``E(t)``."""
     _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends, offset, tail)
     site, counters = site_state(site_id, layer, q_pre, k, ring_size, batch_capacity, use_pages,
-                                page_size, d_phi, completion, feature_maps, seed)
+                                page_size, d_phi, completion, feature_maps, seed, sketch)
     write_prefill_entries(site.ring, q_post, q_pre, k, v, scale, key_starts, ends, offset, 0)
     topk = site.topk
     topk_phi_prefill(k, v, key_starts, ends, topk.phi_k, topk.phi_k_mlp, sinks, tail, page_size,
@@ -239,6 +240,7 @@ def _check_prefill(attn_out: Tensor, q_post: Tensor, q_pre: Tensor, k: Tensor,
 
 @mac_topk_phi_prefill.register_fake
 def _(attn_out, q_post, q_pre, k, v, key_starts, ends, scale, site_id, layer, ring_size, offset,
-      batch_capacity, sinks, tail, page_size, use_pages, d_phi, completion, feature_maps, seed):
+      batch_capacity, sinks, tail, page_size, use_pages, d_phi, completion, feature_maps, seed,
+      sketch=False):
     _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends, offset, tail)
     return torch.empty_like(attn_out)

@@ -98,15 +98,38 @@ def _check_summary(m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: 
 
 
 def _check_bounds(kmin: Tensor | None, kmax: Tensor | None, k: Tensor, page_size: int,
-                  needed: bool) -> None:
+                  needed: bool | str) -> None:
+    """Check the selector's prefill-written index: page bounds ``(kmin, kmax)`` in ``k.dtype``,
+    or the sketch ``(codes uint8, scales fp32)`` when ``kmin`` is uint8. ``needed``: the
+    decode's selector name ("page" / "sketch" need their index), or a bool (page bounds)."""
     if page_size < 1 or page_size & (page_size - 1):
         raise ValueError(f"page_size: expected a power of two, got {page_size}")
+    if needed is True:
+        needed = "page"
     if kmin is None or kmax is None:
-        if needed:
-            raise ValueError("kmin: the page selector needs the page bounds (kmin, kmax) that "
+        if needed in ("page", "sketch"):
+            what = "page bounds" if needed == "page" else "key sketch (codes, scales)"
+            raise ValueError(f"kmin: the {needed} selector needs the {what} that "
                              "topk_phi_prefill writes; got None")
         return
     batch, n_kv_heads, n_keys, head_dim = k.shape
+    if kmin.dtype == torch.uint8:
+        if needed == "page":
+            raise ValueError("kmin: the page selector needs page bounds, got a key sketch "
+                             "(uint8 codes); allocate the state for the page selector")
+        codes_shape, scales_shape = sketch_shapes(batch, n_kv_heads, n_keys, head_dim)
+        if (kmin.dim() != 4 or kmin.shape[:3] != codes_shape[:3]
+                or kmin.shape[3] > codes_shape[3] or not kmin.is_contiguous()):
+            raise ValueError(f"kmin: expected contiguous uint8 sketch codes [{batch}, "
+                             f"{n_kv_heads}, {head_dim}, <= {codes_shape[3]}], got "
+                             f"{tuple(kmin.shape)}")
+        if kmax.shape != scales_shape or kmax.dtype != torch.float32 or kmax.device != k.device:
+            raise ValueError(f"kmax: expected float32 sketch scales {list(scales_shape)} on "
+                             f"{k.device}, got {kmax.dtype} {tuple(kmax.shape)} on {kmax.device}")
+        return
+    if needed == "sketch":
+        raise ValueError("kmin: the sketch selector needs the key sketch (uint8 codes), got "
+                         f"{kmin.dtype} page bounds; allocate the state with sketch=True")
     # A growing cache may hold more pages at decode than the prompt's bounds cover.
     most = _n_pages(n_keys, page_size)
     for name, x in (("kmin", kmin), ("kmax", kmax)):
@@ -135,7 +158,9 @@ def topk_phi_prefill(
     Row ``b``'s prompt is keys ``[starts[b], prefill_ends[b])``; its middle region
     ``[starts + n_sink, prefill_ends - n_tail)`` is summarised into ``m, u[B, Hkv, F]``,
     ``t[B, Hkv, F, D]`` (fp32) and its bounds into ``mid_start, mid_end[B]``; page bounds
-    ``kmin, kmax[B, Hkv, ceil(N / page_size), D]`` (``k.dtype``) when given.
+    ``kmin, kmax[B, Hkv, ceil(N / page_size), D]`` (``k.dtype``) when given, or, when ``kmin``
+    is uint8, the sketch selector's key sketch (``kmin``: codes ``[B, Hkv, D, ceil(N / 2)]``,
+    ``kmax``: scales ``[B, Hkv, D]`` fp32; :func:`build_sketch`).
     """
     _check_prefill(k, v, starts, prefill_ends, phi_k, m, u, t, mid_start, mid_end, kmin, kmax,
                    page_size)
@@ -144,6 +169,9 @@ def topk_phi_prefill(
     mid_start.copy_(lo)
     mid_end.copy_(hi)
     folded = _folded(phi_k, phi_k_mlp)
+    if kmin is not None and kmin.dtype == torch.uint8:  # the sketch selector's index
+        build_sketch(k, mid_start, mid_end, kmin, kmax)
+        kmin = kmax = None
     if _use_triton(k.device):
         from macopt.kernels import topk_phi
 
@@ -173,6 +201,9 @@ def _check_prefill(k, v, starts, prefill_ends, phi_k, m, u, t, mid_start, mid_en
     d_phi = _check_summary(m, u, t, mid_start, mid_end, k)
     _check_phi("phi_k", phi_k, n_kv_heads, head_dim, d_phi, k.device)
     _check_bounds(kmin, kmax, k, page_size, needed=False)
+    if kmin is not None and kmin.dtype == torch.uint8 and kmin.shape[3] != -(-k.shape[2] // 2):
+        raise ValueError(f"kmin: the prefill writes the sketch of all {k.shape[2]} cache keys: "
+                         f"expected codes [..., {-(-k.shape[2] // 2)}], got {tuple(kmin.shape)}")
 
 
 @topk_phi_prefill.register_fake
@@ -229,7 +260,7 @@ def _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax
     if summary_tokens < 0:
         raise ValueError(f"summary_tokens: expected the tokens a summary-reading group gives "
                          f"up (>= 0; 0: the summary is not in the budget), got {summary_tokens}")
-    _check_bounds(kmin, kmax, k, page_size, needed=selector == "page")
+    _check_bounds(kmin, kmax, k, page_size, needed=parse_selector(selector)[0])
     if completion.shape != (n_q_heads,) or completion.dtype not in (torch.bool, torch.int32):
         raise ValueError(f"completion: expected a bool or int32 [{n_q_heads}] tensor (one "
                          f"switch per query head), got {completion.dtype} "
@@ -362,6 +393,10 @@ def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tenso
         counts = None if counts is None else counts.tensor(n_kv_heads).expand(q.shape[0], -1)
         return channel_selection(q, k, scale, mid_start, mid_end, min(budget, n_keys),
                                  channels, rerank, counts)
+    if name == "sketch":
+        counts = None if counts is None else counts.tensor(n_kv_heads).expand(q.shape[0], -1)
+        return sketch_selection(q, k, kmin, kmax, scale, mid_start, mid_end,
+                                min(budget, n_keys), channels, rerank, counts, triton_path)
     if selector == "page" and triton_path:
         from macopt.kernels import topk_phi
 
@@ -384,22 +419,26 @@ def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tenso
 
 def parse_selector(selector: str) -> tuple[str, int, int]:
     """``(name, channels, rerank)`` of a selector spec (:meth:`TopKPhiConfig.selector_spec`):
-    "page", "exact", "channel" or "channel:C:R" (C 0: head dim / 4; R: re-rank factor).
+    "page", "exact", "channel" / "sketch" or "channel:C:R" / "sketch:C:R" (C 0: head dim / 4;
+    R: re-rank factor).
 
-    >>> parse_selector("channel:16:2"), parse_selector("channel"), parse_selector("page")
-    (('channel', 16, 2), ('channel', 0, 2), ('page', 0, 0))
+    >>> parse_selector("channel:16:2"), parse_selector("sketch"), parse_selector("page")
+    (('channel', 16, 2), ('sketch', 0, 2), ('page', 0, 0))
     """
     name, _, rest = selector.partition(":")
-    if name not in SELECTORS or (rest and name != "channel"):
-        raise ValueError(f"selector: expected one of {SELECTORS} (or 'channel:C:R'), "
-                         f"got {selector!r}")
-    if name != "channel":
+    if name not in SELECTORS or (rest and name not in _RANKED):
+        raise ValueError(f"selector: expected one of {SELECTORS} (or 'channel:C:R', "
+                         f"'sketch:C:R'), got {selector!r}")
+    if name not in _RANKED:
         return name, 0, 0
     parts = rest.split(":") if rest else ["0", "2"]
     if len(parts) != 2 or not all(x.isdigit() for x in parts) or int(parts[1]) < 1:
-        raise ValueError(f"selector: expected 'channel:C:R' with C >= 0 and R >= 1, "
+        raise ValueError(f"selector: expected '{name}:C:R' with C >= 0 and R >= 1, "
                          f"got {selector!r}")
     return name, int(parts[0]), int(parts[1])
+
+
+_RANKED = ("channel", "sketch")  # selectors that rank channels, then re-rank candidates
 
 
 def _group_rank(scores: Tensor) -> Tensor:
@@ -434,14 +473,141 @@ def channel_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid
     approx = approx.masked_fill(~inside, float("-inf"))
     n_candidates = min(rerank * top_k, n_keys)
     candidates = torch.topk(_group_rank(approx), n_candidates, dim=-1).indices  # [B, Hkv, R]
+    return _rerank(grouped, k, scale, mid_start, mid_end, candidates, top_k, counts)
+
+
+def _rerank(grouped: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
+            candidates: Tensor, top_k: int, counts: Tensor | None) -> Tensor:
+    """The best ``top_k`` of ``candidates[B, Hkv, R]`` by their exact scores (a key's best
+    probability over the group's heads, normalised over the candidates), as ascending int32
+    token indices (-1: none); candidates outside the middle never win over ones inside."""
+    head_dim = k.shape[3]
+    candidates = candidates.long()
     k_cand = torch.gather(k, 2, candidates[..., None].expand(-1, -1, -1, head_dim))
     exact = torch.matmul(grouped, k_cand.transpose(-1, -2)).float() * scale  # [B, Hkv, g, R]
     in_mid = ((candidates >= mid_start[:, None, None]) & (candidates < mid_end[:, None, None]))
     exact = exact.masked_fill(~in_mid[:, :, None, :], float("-inf"))
-    best = ref.top_indices(_group_rank(exact), min(top_k, n_candidates), counts).long()
+    best = ref.top_indices(_group_rank(exact), min(top_k, candidates.shape[-1]), counts).long()
     tokens = torch.gather(candidates, 2, best.clamp(min=0))
     tokens = torch.where(best >= 0, tokens, -1)
     return tokens.sort(dim=-1).values.to(torch.int32)
+
+
+# --- the sketch selector ---------------------------------------------------------------------
+
+SKETCH_LEVELS = 7  # 4-bit symmetric codes: levels -7..7 stored as 1..15 (8 is zero)
+_SKETCH_CHUNK = 16384  # tokens quantised per step at prefill (bounds the temporaries)
+
+
+def sketch_shapes(batch: int, n_kv_heads: int, n_keys: int, head_dim: int
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(codes, scales)`` shapes of the sketch of a ``[batch, n_kv_heads, n_keys, head_dim]``
+    cache: ``[B, Hkv, D, ceil(N / 2)]`` uint8 and ``[B, Hkv, D]`` fp32."""
+    return (batch, n_kv_heads, head_dim, -(-n_keys // 2)), (batch, n_kv_heads, head_dim)
+
+
+def build_sketch(k: Tensor, mid_start: Tensor, mid_end: Tensor, codes: Tensor,
+                 scales: Tensor) -> None:
+    """Write the 4-bit channel-major sketch of ``k[B, Hkv, N, D]`` into ``codes[B, Hkv, D,
+    ceil(N / 2)]`` (uint8, token ``2j`` in the low nibble of byte ``j``) and ``scales[B, Hkv,
+    D]`` (fp32: the channel's largest magnitude over the middle ``[mid_start, mid_end)`` / 7).
+    Codes are ``round(k / scale)`` clamped to [-7, 7], plus 8. Torch ops in token chunks (no
+    host sync; prefill work, read back by :func:`sketch_selection` at every decode step)."""
+    batch, n_kv_heads, n_keys, head_dim = k.shape
+    inside = ref.positions_in(mid_start, mid_end, n_keys)  # [B, N]
+    amax = torch.zeros(batch, n_kv_heads, head_dim, dtype=torch.float32, device=k.device)
+    for lo in range(0, n_keys, _SKETCH_CHUNK):
+        hi = min(lo + _SKETCH_CHUNK, n_keys)
+        part = k[:, :, lo:hi].float().abs() * inside[:, None, lo:hi, None]
+        amax = torch.maximum(amax, part.amax(dim=2))
+    scale = (amax / SKETCH_LEVELS).clamp_min(torch.finfo(torch.float32).tiny)
+    scales.copy_(scale)
+    inverse = (1.0 / scale)[:, :, None, :]
+    for lo in range(0, n_keys, _SKETCH_CHUNK):  # _SKETCH_CHUNK is even: pairs stay whole
+        hi = min(lo + _SKETCH_CHUNK, n_keys)
+        level = torch.round(k[:, :, lo:hi].float() * inverse).clamp_(-SKETCH_LEVELS,
+                                                                    SKETCH_LEVELS)
+        level = (level + 8).to(torch.uint8)
+        if (hi - lo) % 2:
+            level = torch.cat([level, level.new_full(level[:, :, :1].shape, 8)], dim=2)
+        packed = level[:, :, 0::2] | (level[:, :, 1::2] << 4)  # [B, Hkv, P, D]
+        codes[:, :, :, lo // 2: lo // 2 + packed.shape[2]].copy_(packed.transpose(-1, -2))
+
+
+def sketch_keys(codes: Tensor, scales: Tensor, n_keys: int) -> Tensor:
+    """The sketch dequantised, ``[B, Hkv, n_keys, D]`` fp32 (for references and tests)."""
+    low = (codes & 15).to(torch.int16) - 8
+    high = (codes >> 4).to(torch.int16) - 8
+    level = torch.stack([low, high], dim=-1).flatten(-2)[..., :n_keys]  # [B, Hkv, D, N]
+    return (level.float() * scales[..., None]).transpose(-1, -2)
+
+
+def _sketch_query(q: Tensor, scales: Tensor, scale: float, n_kv_heads: int, channels: int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grouped q [B, Hkv, g, D], dims [B, Hkv, C] int32, q_scaled [B, Hkv, g, C] fp32)``:
+    the group's ``C`` channels of largest summed |q| and each head's q there times the
+    channel's dequantisation scale and the softmax scale."""
+    batch, n_q_heads, head_dim = q.shape
+    group = n_q_heads // n_kv_heads
+    n_channels = min(channels or max(1, head_dim // 4), head_dim)
+    grouped = q.view(batch, n_kv_heads, group, head_dim)
+    dims = grouped.float().abs().sum(dim=2).topk(n_channels, dim=-1).indices  # [B, Hkv, C]
+    q_part = torch.gather(grouped.float(), 3, dims[:, :, None, :].expand(-1, -1, group, -1))
+    q_scaled = q_part * torch.gather(scales, 2, dims)[:, :, None, :] * scale
+    return grouped, dims.to(torch.int32), q_scaled
+
+
+def sketch_scores_reference(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tensor,
+                            mid_end: Tensor, n_keys: int) -> Tensor:
+    """:func:`macopt.kernels.sketch_select.sketch_scores` in torch (fp32 sums, fp16 out)."""
+    batch, n_kv_heads, head_dim, n_packed = codes.shape
+    rows = torch.gather(codes, 2, dims.long()[..., None].expand(-1, -1, -1, n_packed))
+    low = (rows & 15).float() - 8
+    high = (rows >> 4).float() - 8
+    level = torch.stack([low, high], dim=-1).flatten(-2)[..., :n_keys]  # [B, Hkv, C, N]
+    scores = torch.matmul(q_scaled.float(), level).amax(dim=2)  # [B, Hkv, N]
+    inside = ref.positions_in(mid_start, mid_end, n_keys)[:, None, :]
+    return scores.masked_fill(~inside, float("-inf")).to(torch.float16)
+
+
+def sketch_selection(q: Tensor, k: Tensor, codes: Tensor, scales: Tensor, scale: float,
+                     mid_start: Tensor, mid_end: Tensor, top_k: int, channels: int = 0,
+                     rerank: int = 2, counts: Tensor | None = None,
+                     triton_path: bool = False) -> Tensor:
+    """The "sketch" selector: ``[B, Hkv, K]`` int32 token indices, ascending (-1: none).
+    Approximate by design.
+
+    Per KV group, the ``channels`` dims where the group's queries are largest (0: D / 4) score
+    every middle token from the 4-bit channel-major sketch that prefill wrote
+    (:func:`build_sketch`; reads ``channels / (4 D)`` of the bf16 key bytes), the token's group
+    score being its best head's; the best ``rerank * top_k`` tokens (fp16 scores, ties to the
+    lowest indices) are then scored exactly from the cache and the best ``top_k`` kept, as
+    :func:`channel_selection` keeps them. A budget covering the middle keeps every middle key.
+    ``triton_path``: the Triton kernels of :mod:`macopt.kernels.sketch_select` (five launches;
+    the tokens come in candidate order, not sorted), else torch (the reference: same set up to
+    fp32 summation order, ascending). ``counts``: see :func:`select`.
+    """
+    n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    n_keys = min(n_keys, 2 * codes.shape[-1])  # a growing cache: the sketch covers the prompt
+    head_dim = q.shape[-1]
+    n_channels = min(channels or max(1, head_dim // 4), head_dim)
+    n_candidates = min(rerank * top_k, n_keys)
+    if triton_path:  # five launches; the tokens come in candidate order (not sorted)
+        from macopt.kernels import sketch_select as kernels
+
+        dims, q_scaled = kernels.sketch_query(q, scales, scale, n_channels)
+        approx, maxima = kernels.sketch_scores(codes, dims, q_scaled, mid_start, mid_end,
+                                               n_keys, block_max=True)
+        candidates = kernels.select_candidates(approx, maxima, n_candidates)
+        exact = kernels.candidate_scores(q, k, candidates, mid_start, mid_end, scale)
+        return kernels.rerank_select(exact, candidates, min(top_k, n_candidates), counts)
+    from macopt.kernels.sketch_select import select_candidates_reference
+
+    grouped, dims, q_scaled = _sketch_query(q, scales, scale, n_kv_heads, channels)
+    approx = sketch_scores_reference(codes, dims, q_scaled, mid_start, mid_end, n_keys)
+    candidates = select_candidates_reference(approx, n_candidates)
+    return _rerank(grouped, k, scale, mid_start, mid_end, candidates, min(top_k, n_keys),
+                   counts)
 
 
 def exact_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
@@ -468,6 +634,9 @@ def exact_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_e
 @dataclass
 class TopKPhiState:
     """One attention site's Top-K + phi state, preallocated at fixed addresses.
+
+    ``kmin, kmax``: the selector's index, page bounds (page selector) or the key sketch's codes
+    and scales (sketch selector: uint8 ``kmin``), None for the others.
 
     Buffers written by ``topk_phi_prefill`` (summary, middle range, page bounds) and read by
     ``topk_phi_decode``, plus the site's folded feature maps and per-head completion switches.
@@ -509,11 +678,14 @@ class TopKPhiState:
         cls, batch: int, n_q_heads: int, n_kv_heads: int, n_keys: int, head_dim: int,
         dtype: torch.dtype, device: torch.device | str, d_phi: int | None = None,
         page_size: int | None = 32, maps: FeatureMaps | None = None,
-        completion: tuple[bool, ...] | None = None, seed: int = 0,
+        completion: tuple[bool, ...] | None = None, seed: int = 0, sketch: bool = False,
     ) -> TopKPhiState:
         """Buffers for ``batch`` rows of a cache of ``n_keys`` keys (``page_size`` None: no
-        page bounds, for the exact selector). ``maps`` defaults to positive random features
-        for ``exp(q.k / sqrt(D))`` seeded by ``seed`` (what works without calibration)."""
+        page bounds, for the exact and channel selectors). ``sketch``: the sketch selector's
+        key sketch instead of page bounds (``kmin``: uint8 codes ``[B, Hkv, D, ceil(N / 2)]``,
+        ``kmax``: fp32 scales ``[B, Hkv, D]``; :func:`build_sketch`). ``maps`` defaults to
+        positive random features for ``exp(q.k / sqrt(D))`` seeded by ``seed`` (what works
+        without calibration)."""
         from macopt.kernels.feature_maps import positive_random_features
 
         if maps is None:
@@ -524,7 +696,11 @@ class TopKPhiState:
         d_phi = maps.phi_k.d_phi
         fp32 = {"dtype": torch.float32, "device": device}
         bounds = None
-        if page_size is not None:
+        if sketch:
+            codes_shape, scales_shape = sketch_shapes(batch, n_kv_heads, n_keys, head_dim)
+            bounds = [torch.full(codes_shape, 8, dtype=torch.uint8, device=device),
+                      torch.ones(scales_shape, **fp32)]
+        elif page_size is not None:
             shape = (batch, n_kv_heads, _n_pages(n_keys, page_size), head_dim)
             bounds = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
         folded_q, folded_k = maps.phi_q.folded(), maps.phi_k.folded()

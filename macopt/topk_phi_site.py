@@ -40,16 +40,16 @@ def _file_maps(path: str) -> dict[str, FeatureMaps]:
 
 def site_state(site_id: int, layer: int, q_heads: int, k: Tensor, use_pages: bool,
                page_size: int, d_phi: int, completion: list[bool], feature_maps: str,
-               seed: int) -> state.SiteState:
+               seed: int, sketch: bool = False) -> state.SiteState:
     """The state of ``site_id`` for a prefill cache ``k[B, Hkv, N, D]`` (allocated on first
     use; decode steps find it, whatever their cache length, without reallocating): its
     :class:`TopKPhiState` buffers and its :data:`STEP_COUNTERS`."""
     spec = state_spec(k.shape[0], layer, q_heads, k, use_pages, page_size, d_phi, completion,
-                      feature_maps, seed)
+                      feature_maps, seed, sketch)
 
     def allocate() -> tuple[TopKPhiState, Tensor]:
         buffers = allocate_state(k.shape[0], layer, q_heads, k, use_pages, page_size, d_phi,
-                                 completion, feature_maps, seed)
+                                 completion, feature_maps, seed, sketch)
         counters = torch.zeros(len(STEP_COUNTERS), dtype=torch.int64, device=k.device)
         return buffers, counters
 
@@ -57,18 +57,20 @@ def site_state(site_id: int, layer: int, q_heads: int, k: Tensor, use_pages: boo
 
 
 def state_spec(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bool, page_size: int,
-               d_phi: int, completion: list[bool], feature_maps: str, seed: int) -> tuple:
+               d_phi: int, completion: list[bool], feature_maps: str, seed: int,
+               sketch: bool = False) -> tuple:
     """What a site's Top-K + phi state is allocated for (a different spec reallocates)."""
     _, n_kv_heads, n_keys, head_dim = k.shape
     return (rows, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device, use_pages,
-            page_size, d_phi, tuple(completion), feature_maps, seed)
+            page_size, d_phi, tuple(completion), feature_maps, seed, sketch)
 
 
 def allocate_state(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bool,
                    page_size: int, d_phi: int, completion: list[bool], feature_maps: str,
-                   seed: int) -> TopKPhiState:
+                   seed: int, sketch: bool = False) -> TopKPhiState:
     """A Top-K + phi state for ``rows`` rows of a cache like ``k[B, Hkv, N, D]``, with the
-    maps of ``layer`` from ``feature_maps`` (empty: positive random features of ``seed``)."""
+    maps of ``layer`` from ``feature_maps`` (empty: positive random features of ``seed``);
+    ``use_pages``: page bounds, ``sketch``: the sketch selector's key sketch."""
     _, n_kv_heads, n_keys, head_dim = k.shape
     maps = None
     if feature_maps:
@@ -80,18 +82,18 @@ def allocate_state(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bo
     return TopKPhiState.allocate(
         rows, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device,
         d_phi=d_phi or None, page_size=page_size if use_pages else None, maps=maps,
-        completion=tuple(completion), seed=seed)
+        completion=tuple(completion), seed=seed, sketch=sketch)
 @torch.library.custom_op("macopt::topk_phi_site_prefill", mutates_args=())
 def topk_phi_site_prefill(
     attn_out: Tensor, k: Tensor, v: Tensor, key_starts: Tensor, ends: Tensor, site_id: int,
     layer: int, sinks: int, tail: int, page_size: int, use_pages: bool, d_phi: int,
-    completion: list[bool], feature_maps: str, seed: int,
+    completion: list[bool], feature_maps: str, seed: int, sketch: bool = False,
 ) -> Tensor:
-    """A copy of ``attn_out[B, Hq, L, D]``; rebuilds the site's summary (and page bounds) from
-    row ``b``'s prompt keys ``[key_starts[b], ends[b])`` of ``k, v``: the reset that starts
-    new sequences."""
+    """A copy of ``attn_out[B, Hq, L, D]``; rebuilds the site's summary (and page bounds or
+    key sketch) from row ``b``'s prompt keys ``[key_starts[b], ends[b])`` of ``k, v``: the
+    reset that starts new sequences."""
     found = site_state(site_id, layer, attn_out.shape[1], k, use_pages, page_size, d_phi,
-                       completion, feature_maps, seed)
+                       completion, feature_maps, seed, sketch)
     buffers: TopKPhiState = found.buffers
     found.counters[STEP_COUNTERS.index("prefills")] += 1
     prefill_impl(k, v, key_starts, ends, buffers.phi_k, buffers.phi_k_mlp, sinks, tail,
@@ -102,7 +104,7 @@ def topk_phi_site_prefill(
 
 @topk_phi_site_prefill.register_fake
 def _(attn_out, k, v, key_starts, ends, site_id, layer, sinks, tail, page_size, use_pages,
-      d_phi, completion, feature_maps, seed):
+      d_phi, completion, feature_maps, seed, sketch=False):
     return torch.empty_like(attn_out)
 
 

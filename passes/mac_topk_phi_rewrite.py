@@ -56,5 +56,5 @@ def rewrite_mac_topk_phi_prefill(graph: Graph, site: AttentionSite, inputs: Pref
             mac.batch_capacity or 0, topk.sinks, config.summary_tail, topk.page_size,
             topk.selector == "page", topk.d_phi or 0,
             list(topk.completion_for(layer, fake(site.q).shape[1])), topk.feature_maps or "",
-            topk.seed)
+            topk.seed, topk.selector == "sketch")
     return call(graph, torch.ops.macopt.mac_topk_phi_prefill.default, args, site)

@@ -45,7 +45,7 @@ def rewrite_topk_phi_prefill(graph: Graph, site: AttentionSite, inputs: PrefillI
     args = (inputs.out, inputs.k, inputs.v, inputs.key_starts, inputs.ends, inputs.site_id,
             layer, config.sinks, config.tail, config.page_size, config.selector == "page",
             config.d_phi or 0, list(config.completion_for(layer, fake(site.q).shape[1])),
-            config.feature_maps or "", config.seed)
+            config.feature_maps or "", config.seed, config.selector == "sketch")
     return call(graph, torch.ops.macopt.topk_phi_site_prefill.default, args, site)
 
 

@@ -284,6 +284,10 @@ def test_keys_read_charge_the_summary_only_to_groups_that_read_it():
     assert read(charged, False) == pytest.approx(21 + 100 + 490)  # no summary: full budget
     paged = macopt.TopKPhiConfig(**{**base, "selector": "page"}, summary_in_budget=True)
     assert read(paged, True) == pytest.approx(21 + 128 + 31 + summary)  # ceil(97 / 32) pages
+    # sketch: 4-bit codes of D / 4 = 32 channels per middle key (16 of a K+V row's 512 bytes),
+    # plus the K rows of rerank (2) x 100 candidates (half a key row each)
+    sketched = macopt.TopKPhiConfig(**{**base, "selector": "sketch"})
+    assert read(sketched, False) == pytest.approx(21 + 100 + 980 * 16 / 512 + 200 / 2)
     off_group = macopt.TopKPhiConfig(completion_overrides={0: {0: False, 1: False}})
     assert summary_groups(off_group, 0, 4, 2) == [False, True]
     assert summary_groups(off_group, 1, 4, 2) == [True, True]

@@ -81,7 +81,7 @@ def _prefill(case: Case, site: int, tail: int = S, selector: str = "page", capac
     return ops.mac_topk_phi_prefill(out, chunk(case.q), chunk(case.q_pre), case.k, case.v,
                                     case.starts, case.prompt_ends, SCALE, site, 0, M, S,
                                     capacity, TOPK_SINKS, tail, PAGE, selector == "page", 16,
-                                    [True] * HQ, "", seed)
+                                    [True] * HQ, "", seed, selector == "sketch")
 
 
 def _site(site_id: int) -> MACTopKPhiSite:
@@ -110,7 +110,7 @@ def _prefix_end(t: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
 # --- the identities that define the method -----------------------------------------------------
 
 
-@pytest.mark.parametrize("selector", ["page", "exact"])
+@pytest.mark.parametrize("selector", ["page", "exact", "sketch"])
 def test_a_budget_covering_the_middle_equals_plain_mac_whose_misses_are_exact(selector):
     case, site_id = make_case(seed=1), next(_SITE_IDS)
     _prefill(case, site_id, selector=selector)

@@ -1,5 +1,6 @@
-"""The default "channel" selector: approximate scores over the group's largest query channels,
-then an exact re-rank. It must keep what exact Top-K keeps where that is knowable."""
+"""The "channel" selector (the default before the sketch selector): approximate scores over the
+group's largest query channels, then an exact re-rank. It must keep what exact Top-K keeps where
+that is knowable."""
 
 import math
 
@@ -28,10 +29,11 @@ def _as_sets(tokens, mid_start, mid_end):
     return out
 
 
-def test_default_config_uses_channel_selector():
+def test_default_config_uses_the_sketch_selector_and_channel_stays_selectable():
     config = TopKPhiConfig()
-    assert config.selector == "channel" and config.selector_spec() == "channel:0:2"
-    assert TopKPhiConfig(channels=8, rerank=3).selector_spec() == "channel:8:3"
+    assert config.selector == "sketch" and config.selector_spec() == "sketch:0:2"
+    assert TopKPhiConfig(selector="channel").selector_spec() == "channel:0:2"
+    assert TopKPhiConfig(channels=8, rerank=3).selector_spec() == "sketch:8:3"
     with pytest.raises(ValueError):
         TopKPhiConfig(rerank=0)
     with pytest.raises(ValueError):

@@ -41,7 +41,7 @@ def run(name: str, selector: str):
     return list(macopt.explain(model)), optimized, expected
 
 
-@pytest.mark.parametrize("selector", ["page", "exact"])
+@pytest.mark.parametrize("selector", ["page", "exact", "sketch"])
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("batch", BATCHES)
 def test_a_budget_covering_the_context_decodes_the_unmodified_models_tokens(

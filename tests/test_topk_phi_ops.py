@@ -31,11 +31,12 @@ def _problem(dtype=torch.float32, **overrides) -> Problem:
     return make_problem(**{**fields, **overrides})
 
 
-def _state(p: Problem, page_size: int | None = 16, completion=None) -> TopKPhiState:
+def _state(p: Problem, page_size: int | None = 16, completion=None,
+           sketch: bool = False) -> TopKPhiState:
     batch, n_q_heads, head_dim = p.q.shape
     return TopKPhiState.allocate(batch, n_q_heads, p.k.shape[1], p.k.shape[2], head_dim,
                                  p.k.dtype, p.k.device, page_size=page_size, maps=p.maps,
-                                 completion=completion)
+                                 completion=completion, sketch=sketch)
 
 
 def _config(**fields) -> TopKPhiConfig:
@@ -45,7 +46,7 @@ def _config(**fields) -> TopKPhiConfig:
 
 def _prefilled(p: Problem, config: TopKPhiConfig, completion=None) -> TopKPhiState:
     page_size = config.page_size if config.selector == "page" else None
-    state = _state(p, page_size, completion)
+    state = _state(p, page_size, completion, sketch=config.selector == "sketch")
     prefill(state, p.k, p.v, p.starts, p.prefill_ends, config)
     return state
 
@@ -132,7 +133,7 @@ def test_a_second_prefill_replaces_the_state_of_the_first():
 # --- identities through the ops --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("selector", ["page", "exact", "channel"])
+@pytest.mark.parametrize("selector", ["page", "exact", "channel", "sketch"])
 def test_a_budget_covering_the_context_gives_exact_attention(selector):
     p = _problem(lengths=[80, 51])
     config = _config(selector=selector, budget=1.0)

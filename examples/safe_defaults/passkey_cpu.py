@@ -1,6 +1,6 @@
 """Passkey at 20/50/80% depth of ~N tokens of licence text, through the chat template, greedy
 generate with a static cache. Usage: passkey.py N method [method...]; method: unmodified |
-exact | topk | topk_page | mac | mac_exact"""
+exact | topk | topk_page | topk_channel | mac | mac_exact"""
 import glob
 import sys
 import time
@@ -12,6 +12,12 @@ import macopt
 
 torch.set_num_threads(2)
 import os
+
+if os.environ.get("STATIC_SHAPES"):
+    # Prompts one token apart get static caches one key apart; dynamo's automatic dynamic
+    # shapes then make the cache length symbolic, which a fractional budget refuses (issue:
+    # TopKPhiConfig.budget as a fraction needs a static cache length). Recompile instead.
+    torch._dynamo.config.automatic_dynamic_shapes = False
 
 PATH = "/root/.cache/macopt/smollm2-135m-instruct"
 n_tokens = int(sys.argv[1]); methods = sys.argv[2:]
@@ -26,7 +32,8 @@ def prompt(depth, key):
     msgs = [{"role": "user", "content": body + "\n\nWhat is the pass key? Answer with the number only."}]
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 CONFIGS = {"unmodified": None, "exact": macopt.ExactConfig(), "topk": macopt.TopKPhiConfig(),
-           "topk_page": macopt.TopKPhiConfig(selector="page"), "mac": macopt.MACConfig(),
+           "topk_page": macopt.TopKPhiConfig(selector="page"),
+           "topk_channel": macopt.TopKPhiConfig(selector="channel"), "mac": macopt.MACConfig(),
            "mac_exact": macopt.MACConfig(tau=1.0)}
 DEPTHS = [float(x) for x in os.environ.get("DEPTHS", "0.2,0.5,0.8").split(",")]
 for name in methods:

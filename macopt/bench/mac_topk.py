@@ -94,7 +94,8 @@ def _prefilled(layer: bench_mac.Layer, maps: FeatureMaps, topk: TopKPhiConfig, t
     batch, q_heads, head_dim = layer.q.shape
     kv_heads, n_keys = layer.k.shape[1], layer.k.shape[2]
     state = TopKPhiState.allocate(batch, q_heads, kv_heads, n_keys, head_dim, layer.k.dtype,
-                                  layer.k.device, page_size=topk.page_size, maps=maps)
+                                  layer.k.device, page_size=topk.page_size, maps=maps,
+                                  sketch=topk.selector == "sketch")
     prompt = TopKPhiConfig(sinks=topk.sinks, tail=tail, page_size=topk.page_size)
     topk_prefill(state, layer.k, layer.v, layer.starts, layer.positions + 1, prompt)
     return state

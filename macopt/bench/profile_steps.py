@@ -7,6 +7,7 @@ device time of every kernel in the replayed graph (``torch.profiler``, 30-50 rep
     python -m macopt.bench.profile_steps mac   # exact vs MAC at forced hit rates 1 / 0.95 / 0
     python -m macopt.bench.profile_steps topk  # Top-K + phi, page selector, 1% and 2%
     python -m macopt.bench.profile_steps topk-small  # the same at batch 16 with 2 / 16 features
+    python -m macopt.bench.profile_steps topk-sketch  # sketch vs page selector, b16 128K 2%
     python -m macopt.bench.profile_steps mac-stack  # per layer, many layers in one graph
     python -m macopt.bench.profile_steps mac-topk  # MAC + Top-K + phi vs each alone and exact
 
@@ -171,6 +172,21 @@ def profile_topk(rows: list[dict], variants: tuple[tuple[int, int], ...] = ((128
         torch.cuda.empty_cache()
 
 
+def profile_topk_sketch(rows: list[dict]) -> None:
+    """Batch 16, 128K, 2%, default maps (d_phi 128): the sketch selector (rerank 2 and 3)
+    against the page selector, kernel by kernel."""
+    from macopt.bench import topk as bench_topk
+    from macopt.kernels.feature_maps import positive_random_features
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device).manual_seed(0)
+    x = decode.make_inputs(decode.LayerShape(16, 131072, **LAYER), device, gen)
+    config = bench_topk.TopKBenchConfig(device="cuda")
+    maps = positive_random_features(32, 8, 128, 128, generator=torch.Generator().manual_seed(0))
+    for selector in ("sketch", "sketch:0:3", "page"):
+        _topk_case(rows, x, 16, config.method(0.02, selector), maps, device)
+
+
 def profile_topk_small(rows: list[dict]) -> None:
     """Batch 16, small maps (2 / 16 features, what calibration gives) at pages of 32 and 64."""
     profile_topk(rows, variants=((16, 32), (16, 64), (2, 64)), batches=(16,))
@@ -182,9 +198,11 @@ def _topk_case(rows: list[dict], x, batch: int, method, maps, device: torch.devi
     from macopt.topk_phi_ops import prefill as topk_prefill
 
     state = TopKPhiState.allocate(batch, 32, 8, 131072, 128, torch.bfloat16, device,
-                                  page_size=method.page_size, maps=maps)
+                                  page_size=method.page_size, maps=maps,
+                                  sketch=method.selector == "sketch")
     topk_prefill(state, x.k, x.v, x.starts, x.ends, method)
-    variant = f"page {method.budget:g} d_phi {method.d_phi} page_size {method.page_size}"
+    variant = (f"{method.selector_spec()} {method.budget:g} d_phi {method.d_phi} page_size "
+               f"{method.page_size}")
     _record(rows, f"b{batch} 128K", variant,
             lambda: topk_decode(state, x.q, x.k, x.v, x.starts, x.ends, x.scale, method))
 
@@ -193,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     what = (argv or sys.argv[1:] or ["mac"])[0]
     rows: list[dict] = []
     cases = {"mac": profile_mac, "mac-stack": profile_mac_stack, "topk": profile_topk,
-             "topk-small": profile_topk_small, "mac-topk": profile_mac_topk}
+             "topk-small": profile_topk_small, "mac-topk": profile_mac_topk,
+             "topk-sketch": profile_topk_sketch}
     cases[what](rows)
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, f"profile_{what}.json"), "w") as f:

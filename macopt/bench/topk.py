@@ -73,9 +73,15 @@ class TopKBenchConfig:
                 for b in self.batches for n in self.contexts]
 
     def method(self, budget: float | int, selector: str) -> TopKPhiConfig:
+        """The config of one column; ``selector`` may be a spec, "sketch:C:R" / "channel:C:R"
+        (channels, re-rank factor; C 0: head dim / 4)."""
+        from macopt.topk_phi_ops import parse_selector
+
+        name, channels, rerank = parse_selector(selector)
+        ranked = {"channels": channels or None, "rerank": rerank} if rerank else {}
         return TopKPhiConfig(sinks=self.sinks, tail=self.tail, budget=budget,
-                             page_size=self.page_size, selector=selector, d_phi=self.d_phi,
-                             summary_in_budget=self.summary_in_budget)
+                             page_size=self.page_size, selector=name, d_phi=self.d_phi,
+                             summary_in_budget=self.summary_in_budget, **ranked)
 
 
 @dataclasses.dataclass
@@ -127,7 +133,7 @@ def attention_output_errors(
         state = TopKPhiState.allocate(
             batch, n_q_heads, k.shape[1], k.shape[2], head_dim, k.dtype, k.device,
             page_size=config.page_size if config.selector == "page" else None, maps=maps,
-            completion=(on,) * n_q_heads)
+            completion=(on,) * n_q_heads, sketch=config.selector == "sketch")
         prefill(state, k, v, starts, prefill_ends, config)
         out = decode(state, q, k, v, starts, ends, scale, config)
         errors[name] = relative_l1(out, reference).tolist()
@@ -195,7 +201,8 @@ def _measure_method(record: Record, x, shape: LayerShape, method: TopKPhiConfig,
                                                                               "topk_phi"))
     state = TopKPhiState.allocate(
         shape.batch, shape.q_heads, shape.kv_heads, shape.context, shape.head_dim, shape.dtype,
-        device, page_size=method.page_size if method.selector == "page" else None, maps=maps)
+        device, page_size=method.page_size if method.selector == "page" else None, maps=maps,
+        sketch=method.selector == "sketch")
     prefill(state, x.k, x.v, x.starts, x.ends, method)
     record.median_ms, record.timer = _time(
         lambda: decode(state, x.q, x.k, x.v, x.starts, x.ends, x.scale, method), device, config)
@@ -354,10 +361,23 @@ def parse_budgets(text: str) -> tuple[float | int, ...]:
 
 
 def parse_selectors(text: str) -> tuple[str, ...]:
+    """Comma-separated selectors; "sketch" and "channel" may carry ":C:R" (channels, re-rank).
+
+    >>> parse_selectors("sketch,sketch:32:3,page,exact")
+    ('sketch', 'sketch:32:3', 'page', 'exact')
+    """
+    from macopt.topk_phi_ops import parse_selector
+
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in SELECTORS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"selectors: choose among {','.join(SELECTORS)}")
+    try:
+        for name in names:
+            parse_selector(name)
+    except ValueError:
+        names = ()
+    if not names:
+        raise argparse.ArgumentTypeError(f"selectors: choose among {','.join(SELECTORS)} "
+                                         "('sketch:C:R' / 'channel:C:R' set channels and "
+                                         "re-rank factor)")
     return names
 
 
@@ -374,7 +394,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="budgets: percentages, fractions or token counts (default "
                         "1%%,2%%,5%%)")
     parser.add_argument("--selectors", type=parse_selectors, default=SELECTORS,
-                        help="page, exact or both (default page,exact)")
+                        help="comma-separated among sketch, channel, page, exact; sketch "
+                        "and channel take ':C:R' (channels, re-rank factor), e.g. "
+                        "sketch:32:3 (default all four)")
     add_layer_arguments(parser)
     parser.add_argument("--d-phi", type=int, default=128, help="features per map (default 128)")
     parser.add_argument("--page-size", type=int, default=32, help="selector page (default 32)")

@@ -371,21 +371,28 @@ def topk_keys_read(config: TopKPhiConfig, prefill: int, position: int, n_keys: i
     budget = retrieved_tokens(config.budget_tokens(n_keys), given_up, page)
     exact = min(position + 1, config.sinks + config.tail + min(budget, middle)
                 + position + 1 - prefill)
-    return exact + topk_lookup_rows(config, middle, head_dim, itemsize, reads_summary)
+    return exact + topk_lookup_rows(config, middle, head_dim, itemsize, reads_summary,
+                                    min(budget, middle))
 
 
 def topk_lookup_rows(config: TopKPhiConfig, middle: int, head_dim: int, itemsize: int,
-                     reads_summary: bool | None = None) -> float:
+                     reads_summary: bool | None = None, retrieved: int = 0) -> float:
     """Key-row equivalents (K and V) a Top-K (+ phi) step reads per KV head besides the keys it
     attends, over a prompt middle of ``middle`` keys: the page bounds (two K-only rows per page:
     one key row) or, for the exact selector, every middle key's K row (half a key row each),
-    and the summary (:func:`macopt.topk_phi_ops.summary_token_equivalent`) when the group
-    reads it (``reads_summary``; None: ``config.completion``)."""
+    for the sketch selector its 4-bit codes of ``C`` channels per middle key plus the K rows of
+    its ``rerank * retrieved`` candidates, and the summary
+    (:func:`macopt.topk_phi_ops.summary_token_equivalent`) when the group reads it
+    (``reads_summary``; None: ``config.completion``)."""
     from macopt.topk_phi_ops import summary_token_equivalent
 
     reads_summary = config.completion if reads_summary is None else reads_summary
     if config.selector == "page":
         selection = -(-middle // config.page_size)
+    elif config.selector == "sketch":
+        channels = min(config.channels or max(1, head_dim // 4), head_dim)
+        selection = (middle * channels / 2 / (2 * head_dim * itemsize)
+                     + min(config.rerank * retrieved, middle) / 2)
     else:
         selection = middle / 2
     d_phi = config.d_phi or head_dim

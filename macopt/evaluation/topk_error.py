@@ -60,7 +60,8 @@ def output_errors(calls: Sequence[AttentionCall], config: TopKPhiConfig, prefill
         state = TopKPhiState.allocate(
             1, q_heads, k.shape[1], n_keys, head_dim, k.dtype, k.device, d_phi=config.d_phi,
             page_size=config.page_size if config.selector == "page" else None, maps=maps,
-            completion=config.completion_for(call.layer, q_heads), seed=config.seed)
+            completion=config.completion_for(call.layer, q_heads), seed=config.seed,
+            sketch=config.selector == "sketch")
         start = torch.zeros(1, dtype=torch.int32, device=k.device)
         build(state, k, v, start, start + prefill, config)
         diff = torch.zeros(q_heads)
