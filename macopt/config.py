@@ -94,18 +94,21 @@ class TopKPhiConfig(MethodConfig):
     generated key, and ``budget`` retrieved middle keys; the rest of the middle comes from the
     per-(layer, KV head) summary built at prefill. ``budget``: an int >= 1 is K tokens; a float
     in (0, 1] is a fraction of the key capacity the site sees (the static cache length: a
-    shape, so choosing K never syncs the host). ``selector`` "page" ranks pages of
+    shape, so choosing K never syncs the host). ``selector`` "exact" (default) ranks every
+    middle key by its exact score (the paper's oracle; reads every key); "page" ranks pages of
     ``page_size`` keys by Quest-style bounds (reads no key it does not retrieve; the budget is
-    rounded up to whole pages); "exact" ranks every middle key by its exact score (the paper's
-    oracle; reads every key); "channel" ranks every middle key by an approximate score over
+    rounded up to whole pages); "channel" ranks every middle key by an approximate score over
     the ``channels`` query channels of largest magnitude in the KV group (None: head dim / 4),
     then re-ranks the best ``rerank * budget`` of them by their exact score and keeps
-    ``budget`` (SparQ-style; reads those channels from the row-major cache); "sketch"
-    (default) does the same from a 4-bit channel-major copy of the prompt's keys written at
-    prefill (reads ``channels / (4 D)`` of the key bytes, contiguously, plus the candidates'
-    keys; Triton kernels on CUDA). On SmolLM2 the page bounds keep 18% of the attention mass
-    exact Top-K keeps at 2% of a 4K prompt, "channel" 99.7%, "sketch" 98.8% (median over
-    heads; docs/SAFE_DEFAULTS.md). Approximate by design.
+    ``budget`` (SparQ-style; reads those channels from the row-major cache); "sketch" does the
+    same from a 4-bit channel-major copy of the prompt's keys written at prefill (reads
+    ``channels / (4 D)`` of the key bytes, contiguously, plus the candidates' keys). On SmolLM2
+    the page bounds keep 18% of the attention mass exact Top-K keeps at 2% of a 4K prompt,
+    "channel" 99.7%, "sketch" 98.8% (median over heads; docs/SAFE_DEFAULTS.md), so "page"
+    loses needles full attention finds. "exact" is the default because, on the H100 at 128K,
+    batch 16, 2%, it is the fastest selector that keeps them (1.4x exact decode's time, the
+    sketch 1.6x, the channel selector 2.0x; BENCHMARKS.md 10) and it needs no extra state;
+    "page" takes a sixth of exact decode's time. Approximate by design.
     ``d_phi`` features per map (None: the head dim, as in the paper).
     ``feature_maps``: a safetensors file of calibrated maps (``macopt calibrate``); None uses
     the parameter-free positive-random-feature initialisation (seeded by ``seed``).
@@ -130,7 +133,7 @@ class TopKPhiConfig(MethodConfig):
     ...
     ValueError: TopKPhiConfig.selector: expected one of (...), got 'quest'
     >>> TopKPhiConfig().selector_spec(), TopKPhiConfig(selector="page").selector_spec()
-    ('sketch:0:2', 'page')
+    ('exact', 'page')
     """
 
     method: ClassVar[str] = "topk_phi"
@@ -141,7 +144,7 @@ class TopKPhiConfig(MethodConfig):
     tail: int = 16
     budget: int | float = 0.02
     page_size: int = 32
-    selector: str = "sketch"
+    selector: str = "exact"
     channels: int | None = None
     rerank: int = 2
     d_phi: int | None = None

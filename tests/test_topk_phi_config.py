@@ -10,7 +10,7 @@ from macopt.config import MethodConfig, TopKPhiConfig
 def test_defaults_follow_the_paper():
     config = TopKPhiConfig()
     assert (config.sinks, config.tail, config.selector, config.completion) == (
-        4, 16, "sketch", True)
+        4, 16, "exact", True)
     assert config.method == "topk_phi" and not config.needs_pre_rope_query
 
 
