@@ -93,8 +93,10 @@ class TopKPhiConfig(MethodConfig):
     Every decode step attends exactly to ``sinks`` first and ``tail`` last prompt keys, every
     generated key, and ``budget`` retrieved middle keys; the rest of the middle comes from the
     per-(layer, KV head) summary built at prefill. ``budget``: an int >= 1 is K tokens; a float
-    in (0, 1] is a fraction of the key capacity the site sees (the static cache length: a
-    shape, so choosing K never syncs the host). ``selector`` "exact" (default) ranks every
+    in (0, 1] is a fraction of the key capacity the site sees (the cache length of the decode
+    step, a shape: choosing K never syncs the host; resolved when the step runs, so it also
+    holds when dynamo makes the cache length symbolic, e.g. a second prompt of another
+    length under ``cache_implementation="static"``). ``selector`` "exact" (default) ranks every
     middle key by its exact score (the paper's oracle; reads every key); "page" ranks pages of
     ``page_size`` keys by Quest-style bounds (reads no key it does not retrieve; the budget is
     rounded up to whole pages); "channel" ranks every middle key by an approximate score over
@@ -196,9 +198,17 @@ class TopKPhiConfig(MethodConfig):
 
     def budget_tokens(self, n_keys: int) -> int:
         """K for a site whose cache holds ``n_keys`` keys (fractions round up, at least 1)."""
+        return resolve_budget(*self.budget_args(), n_keys)
+
+    def budget_args(self) -> tuple[int, float]:
+        """``budget`` as the decode ops take it, ``(K, fraction)``: ``(K, 0.0)`` for K tokens,
+        ``(0, fraction)`` for a fraction, which the op resolves against the cache length of
+        the step it runs (:func:`resolve_budget`): a compiled graph never bakes K in, so a
+        cache length dynamo made symbolic (a second prompt of another length) needs nothing
+        static."""
         if isinstance(self.budget, int):
-            return self.budget
-        return max(1, math.ceil(self.budget * n_keys))
+            return self.budget, 0.0
+        return 0, float(self.budget)
 
     def completion_for(self, layer: int, n_heads: int) -> tuple[bool, ...]:
         """Completion on/off for each of ``n_heads`` query heads of layer ``layer``."""
@@ -215,6 +225,28 @@ class TopKPhiConfig(MethodConfig):
                                      f"{n_heads} query heads, got head {head}")
                 heads[head] = on
         return tuple(heads)
+
+
+def resolve_budget(budget: int, fraction: float, n_keys: int) -> int:
+    """K in tokens: ``budget`` when ``fraction`` is 0, else ``max(1, ceil(fraction * n_keys))``
+    for a cache of ``n_keys`` keys (a shape: resolving it never syncs the host).
+
+    >>> resolve_budget(64, 0.0, 4096), resolve_budget(0, 0.02, 4096), resolve_budget(0, 0.02, 4097)
+    (64, 82, 82)
+    """
+    if not fraction:
+        return budget
+    return max(1, math.ceil(fraction * n_keys))
+
+
+def check_budget_args(budget: int, fraction: float) -> None:
+    """The decode ops' ``(budget, budget_fraction)``: K >= 1 tokens, or a fraction in (0, 1]."""
+    if fraction:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"budget_fraction: expected a fraction in (0, 1] (0: the budget is "
+                             f"a number of tokens), got {fraction}")
+    elif budget < 1:
+        raise ValueError(f"budget: expected a number of tokens >= 1, got {budget}")
 
 
 def _check_int(config: object, name: str, value: object, least: int) -> None:

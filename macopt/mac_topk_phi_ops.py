@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from macopt import mac_guard, state, topk_phi_site
+from macopt.config import check_budget_args, resolve_budget
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.mac_counters import COUNTER_ROWS
 from macopt.kernels.mac_reference import MACRing
@@ -137,13 +138,13 @@ def decode_step(
 
 
 def _check_decode(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor,
-                  key_starts: Tensor, budget: int, page_size: int) -> None:
+                  key_starts: Tensor, budget: int, page_size: int,
+                  budget_fraction: float = 0.0) -> None:
     check_decode_inputs(q, k, v, key_starts, positions, None)
     if q_pre.shape != q.shape:
         raise ValueError(f"q_pre: expected the shape of q {tuple(q.shape)}, got "
                          f"{tuple(q_pre.shape)}")
-    if budget < 1:
-        raise ValueError(f"budget: expected a number of tokens >= 1, got {budget}")
+    check_budget_args(budget, budget_fraction)
     if page_size < 1 or page_size & (page_size - 1):
         raise ValueError(f"page_size: expected a power of two, got {page_size}")
 
@@ -153,11 +154,15 @@ def mac_topk_phi_decode(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_starts: Tensor,
     scale: float, site_id: int, ring_size: int, offset: int, tau: float, t_min: int,
     max_depth: int, batch_capacity: int, budget: int, page_size: int, selector: str,
+    budget_fraction: float = 0.0,
 ) -> Tensor:
     """One MAC + Top-K + phi decode step ``o[B, Hq, D]`` of row ``b`` at cache position
     ``positions[b]`` over keys ``[key_starts[b], positions[b]]`` (approximate); updates the
-    site's ring and counters in place. The site's last prefill built its summary."""
-    _check_decode(q, q_pre, k, v, positions, key_starts, budget, page_size)
+    site's ring and counters in place. The site's last prefill built its summary.
+    ``budget_fraction`` > 0: K is that fraction of this step's cache length ``k.shape[2]``
+    (:func:`macopt.config.resolve_budget`; ``budget`` is then unused)."""
+    _check_decode(q, q_pre, k, v, positions, key_starts, budget, page_size, budget_fraction)
+    budget = resolve_budget(budget, budget_fraction, k.shape[2])
     found = state.get(site_id)
     if found is None or found.method != METHOD:
         raise RuntimeError(f"macopt MAC + Top-K + phi: attention site {site_id} decodes before "
@@ -177,8 +182,8 @@ def mac_topk_phi_decode(
 
 @mac_topk_phi_decode.register_fake
 def _(q, q_pre, k, v, positions, key_starts, scale, site_id, ring_size, offset, tau, t_min,
-      max_depth, batch_capacity, budget, page_size, selector):
-    _check_decode(q, q_pre, k, v, positions, key_starts, budget, page_size)
+      max_depth, batch_capacity, budget, page_size, selector, budget_fraction=0.0):
+    _check_decode(q, q_pre, k, v, positions, key_starts, budget, page_size, budget_fraction)
     return torch.empty_like(q)
 
 

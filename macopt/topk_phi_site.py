@@ -23,6 +23,7 @@ import torch
 
 from macopt import state
 from macopt.calibrate_phi import maps_for_kv_heads, read_feature_maps, site_name
+from macopt.config import check_budget_args, resolve_budget
 from macopt.kernels.feature_maps import FeatureMaps
 from macopt.topk_phi_ops import TopKPhiState, summary_budget_tokens
 from macopt.topk_phi_ops import topk_phi_decode as decode_impl
@@ -113,11 +114,17 @@ def topk_phi_site_decode(
     q: Tensor, k: Tensor, v: Tensor, key_starts: Tensor, ends: Tensor, scale: float,
     site_id: int, layer: int, budget: int, page_size: int, selector: str, d_phi: int,
     completion: list[bool], feature_maps: str, seed: int, summary_in_budget: bool = False,
+    budget_fraction: float = 0.0,
 ) -> Tensor:
     """Top-K + phi decode ``o[B, Hq, D]`` of row ``b`` over keys ``[key_starts[b], ends[b])``
     with the summary the site's last prefill built (approximate). ``summary_in_budget``: the
     budget pays for the summary (``TopKPhiConfig.summary_in_budget``; its token count from the
-    state's shapes and the cache dtype)."""
+    state's shapes and the cache dtype). ``budget_fraction`` > 0: K is that fraction of this
+    step's cache length ``k.shape[2]`` (:func:`macopt.config.resolve_budget`; ``budget`` is
+    then unused), resolved here from the shape, so the graph holds no K and a symbolic cache
+    length needs no static one."""
+    check_budget_args(budget, budget_fraction)
+    budget = resolve_budget(budget, budget_fraction, k.shape[2])
     found = state.get(site_id)
     if found is None or found.method != "topk_phi":
         raise RuntimeError(f"macopt Top-K + phi: attention site {site_id} decodes before any "
@@ -141,6 +148,7 @@ def _summary_tokens(summary_in_budget: bool, buffers: TopKPhiState, kv_dtype: to
 
 @topk_phi_site_decode.register_fake
 def _(q, k, v, key_starts, ends, scale, site_id, layer, budget, page_size, selector, d_phi,
-      completion, feature_maps, seed, summary_in_budget=False):
+      completion, feature_maps, seed, summary_in_budget=False, budget_fraction=0.0):
+    check_budget_args(budget, budget_fraction)
     return torch.empty_like(q)
 

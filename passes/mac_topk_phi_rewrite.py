@@ -3,7 +3,8 @@
 (``macopt::mac_topk_phi_prefill``), keyed by the site id baked into the graph.
 
 Built from the parts of the two methods' rewrites: MAC's row positions, key starts and pre-RoPE
-query lift (:mod:`.mac_rewrite`), Top-K + phi's layer index and budget (:mod:`.topk_phi_rewrite`).
+query lift (:mod:`.mac_rewrite`), Top-K + phi's layer index (:mod:`.topk_phi_rewrite`). A
+fractional budget goes to the op as it is, which resolves it against each step's cache length.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from macopt.passes.key_range import key_range
 from macopt.passes.mac_rewrite import pre_rope_query
 from macopt.passes.prefill_rewrite import PrefillInputs, register_prefill_rewrite
 from macopt.passes.sites import AttentionSite
-from macopt.passes.topk_phi_rewrite import layer_index, site_budget
+from macopt.passes.topk_phi_rewrite import layer_index
 
 
 @register_decode_rewrite("mac_topk_phi")
@@ -31,13 +32,14 @@ def rewrite_mac_topk_phi(graph: Graph, site: AttentionSite, inputs: DecodeInputs
     summary are found by its site id (a graph constant).
     """
     mac, topk = config.mac, config.topk_phi
+    budget, fraction = topk.budget_args()  # a fraction: resolved by the op (any cache length)
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
     key_starts, positions = key_range(graph, site, inputs.key_mask, batch, n_keys)
     q_pre = pre_rope_query(graph, site, inputs.rope, decode=True,
                            relative=mac.radius == "relative")
     args = (inputs.q, q_pre, inputs.k, inputs.v, positions, key_starts, inputs.scale,
             inputs.site_id, mac.ring_size, mac.offset, mac.tau, mac.t_min, mac.max_chain_depth,
-            mac.batch_capacity or 0, site_budget(topk, site), topk.page_size, topk.selector_spec())
+            mac.batch_capacity or 0, budget, topk.page_size, topk.selector_spec(), fraction)
     return call(graph, torch.ops.macopt.mac_topk_phi_decode.default, args, site)
 
 

@@ -14,7 +14,7 @@ from torch.fx import Graph, Node
 
 from macopt.passes import scope
 from macopt.passes.decode_rewrite import DecodeInputs, call, register_decode_rewrite, size_arg
-from macopt.passes.graph_utils import aten, fake, static_int
+from macopt.passes.graph_utils import aten, fake
 from macopt.passes.key_range import key_range
 from macopt.passes.prefill_rewrite import PrefillInputs, register_prefill_rewrite
 from macopt.passes.sites import AttentionSite
@@ -29,10 +29,11 @@ def rewrite_topk_phi(graph: Graph, site: AttentionSite, inputs: DecodeInputs,
     first, last = key_range(graph, site, inputs.key_mask, batch, n_keys)
     ends = call(graph, aten.add.Tensor, (last, 1), site)
     layer = layer_index(site)
+    budget, fraction = config.budget_args()  # a fraction: resolved by the op (any cache length)
     args = (inputs.q, inputs.k, inputs.v, first, ends, inputs.scale, inputs.site_id, layer,
-            site_budget(config, site), config.page_size, config.selector_spec(), config.d_phi or 0,
+            budget, config.page_size, config.selector_spec(), config.d_phi or 0,
             list(config.completion_for(layer, fake(site.q).shape[1])),
-            config.feature_maps or "", config.seed, config.summary_in_budget)
+            config.feature_maps or "", config.seed, config.summary_in_budget, fraction)
     return call(graph, torch.ops.macopt.topk_phi_site_decode.default, args, site)
 
 
@@ -63,13 +64,3 @@ def layer_index(site: AttentionSite) -> int:
             return int(numbers[-1])
     return 0
 
-
-def site_budget(config: object, site: AttentionSite) -> int:
-    """K in tokens: a fraction resolves against the cache length, which must be static."""
-    if isinstance(config.budget, int):
-        return config.budget
-    n_keys = static_int(fake(site.k).shape[2])
-    if n_keys is None:
-        raise ValueError("TopKPhiConfig.budget as a fraction needs a static cache length "
-                         "(cache_implementation='static'); pass K as an int instead")
-    return config.budget_tokens(n_keys)

@@ -23,7 +23,8 @@ from tests.nanogpt import NanoGPT, greedy_generate
 
 PROMPT, NEW_TOKENS = 8, 3  # the prefill gives the first token; decode steps give the rest
 METHODS = {
-    # Budgets as token counts: a fraction needs a static cache (refused on a dynamic one).
+    # Budgets as token counts (fractions of a changing cache length:
+    # tests/test_fractional_budget_prompt_lengths.py).
     "mac": macopt.MACConfig(ring_size=16, offset=4, tau=1.0, t_min=0),
     "topk_phi": macopt.TopKPhiConfig(sinks=1, tail=2, budget=32, page_size=16),
     "mac_topk_phi": macopt.MACTopKPhiConfig(

@@ -15,8 +15,9 @@ import os
 
 if os.environ.get("STATIC_SHAPES"):
     # Prompts one token apart get static caches one key apart; dynamo's automatic dynamic
-    # shapes then make the cache length symbolic, which a fractional budget refuses (issue:
-    # TopKPhiConfig.budget as a fraction needs a static cache length). Recompile instead.
+    # shapes then make the cache length symbolic. A fractional budget used to refuse that
+    # ("TopKPhiConfig.budget as a fraction needs a static cache length"); the decode op now
+    # resolves it from the cache's shape, so this only chooses recompiling per length.
     torch._dynamo.config.automatic_dynamic_shapes = False
 
 PATH = "/root/.cache/macopt/smollm2-135m-instruct"
