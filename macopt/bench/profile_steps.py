@@ -174,7 +174,7 @@ def profile_topk(rows: list[dict], variants: tuple[tuple[int, int], ...] = ((128
 
 def profile_topk_sketch(rows: list[dict]) -> None:
     """Batch 16, 128K, 2%, default maps (d_phi 128): the sketch selector (rerank 2 and 3)
-    against the page selector, kernel by kernel."""
+    against the page and exact selectors, kernel by kernel."""
     from macopt.bench import topk as bench_topk
     from macopt.kernels.feature_maps import positive_random_features
 
@@ -183,7 +183,7 @@ def profile_topk_sketch(rows: list[dict]) -> None:
     x = decode.make_inputs(decode.LayerShape(16, 131072, **LAYER), device, gen)
     config = bench_topk.TopKBenchConfig(device="cuda")
     maps = positive_random_features(32, 8, 128, 128, generator=torch.Generator().manual_seed(0))
-    for selector in ("sketch", "sketch:0:3", "page"):
+    for selector in ("sketch", "sketch:0:3", "page", "exact"):
         _topk_case(rows, x, 16, config.method(0.02, selector), maps, device)
 
 
