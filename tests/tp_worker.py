@@ -1,0 +1,119 @@
+"""One rank of tests/test_tensor_parallel.py, run under ``torchrun --nproc-per-node 2``.
+
+Loads a tiny random Llama (8 query heads, 4 KV heads) twice: sharded by transformers' own
+``tp_plan="auto"`` (gloo on CPU) and whole; runs each case's greedy generation on both, and
+saves tokens, logits, stats and ring shapes to ``OUT/rank<r>.pt`` for the test to compare. The
+whole model runs on every rank (tiny), so every rank compares against it in its own file.
+
+    torchrun --nproc-per-node 2 tests/tp_worker.py OUT
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import macopt
+from macopt import _hf_compat, state
+from macopt.passes import scope
+
+LLAMA = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+             num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+             max_position_embeddings=256, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+NEW_TOKENS = 24
+# Repetitive prompt: MAC's decode queries come back close to ring entries, so HITS hits.
+PROMPT = torch.tensor([[5, 17, 42, 99, 7, 63] * 4])
+CASES = {
+    "exact": macopt.ExactConfig(),
+    "mac_exact": macopt.MACConfig(tau=1.0),
+    "mac_hits": macopt.MACConfig(ring_size=16, offset=4, tau=0.95, t_min=0),
+}
+
+
+def save_model(folder: Path, **overrides: int) -> Path:
+    """Rank 0 writes the random model once; the others wait for it."""
+    if dist.get_rank() == 0 and not folder.exists():
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides})).save_pretrained(folder)
+    dist.barrier()
+    return folder
+
+
+def load(folder: Path, **kwargs: object) -> torch.nn.Module:
+    return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens and logits; ``compiled``: generate() compiles its static-cache decode
+    step with the macopt_eager backend (the passes rewrite it, no Inductor: fast on CPU)."""
+    extra = {}
+    if compiled:
+        extra = dict(cache_implementation="static", disable_compile=False,
+                     compile_config=_hf_compat.compile_config(backend="macopt_eager"))
+    out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         **extra)
+    return out.sequences[:, PROMPT.shape[1]:], torch.stack(out.logits, 1)
+
+
+def ring_heads(model: torch.nn.Module) -> list[int]:
+    """Query heads held by each MAC site's ring on this rank."""
+    sites = [state.get(scope.site_id_of(m)) for m in model.modules()
+             if scope.site_id_of(m) is not None]
+    return [s.buffers.q.shape[1] for s in sites if s is not None and s.method == "mac"]
+
+
+def run_case(folder: Path, config: macopt.MethodConfig) -> dict:
+    compiled = not config.keeps_state  # exact rewrites compiled graphs only
+    result = {}
+    for name, kwargs in (("sharded", {"tp_plan": "auto"}), ("whole", {})):
+        model = macopt.optimize(load(folder, **kwargs), config)
+        tokens, logits = generate(model, compiled)
+        explanation = macopt.explain(model)
+        result[name] = dict(tokens=tokens, logits=logits, title=explanation.title,
+                            rewritten=len(explanation.rewritten), rings=ring_heads(model))
+        if config.keeps_state:
+            result[name]["stats"] = [(s.head_hit_rates, s.decode_steps, s.keys_read,
+                                      s.keys_full, s.nbytes) for s in macopt.stats(model)]
+            if name == "sharded":
+                result[name]["local_stats"] = [
+                    (s.head_hit_rates, s.nbytes) for s in macopt.stats(model, gather=False)]
+    return result
+
+
+def refusal(folder: Path, **kwargs: object) -> str:
+    """The message optimize() raises for a sharding it cannot run ('' if it did not raise)."""
+    model = load(folder, **kwargs)
+    try:
+        macopt.optimize(model, macopt.MACConfig(tau=1.0))
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    folder = save_model(out / "llama")
+    results = {case: run_case(folder, config) for case, config in CASES.items()}
+    results["unmodified"] = {name: generate(load(folder, **kw), False) for name, kw in
+                             (("sharded", {"tp_plan": "auto"}), ("whole", {}))}
+    # 3 KV heads over 2 ranks: k_proj's 192 rows split at row 96, inside head 1.
+    uneven = save_model(out / "llama_kv3", num_attention_heads=6, num_key_value_heads=3,
+                        hidden_size=192)
+    results["refused_uneven"] = refusal(uneven, tp_plan="auto")
+    # Query heads sharded, keys and values gathered: rank 0's query heads 0-3 against KV
+    # heads 0-3, where local GQA would pair query head 1 with KV head 1 (it needs KV head 0).
+    gathered = {f"model.layers.*.self_attn.{p}": "colwise_gather_output"
+                for p in ("k_proj", "v_proj")}
+    results["refused_split_group"] = refusal(folder, tp_plan=gathered)
+    torch.save(results, out / f"rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
