@@ -125,6 +125,16 @@ def describe(model: torch.nn.Module) -> str | None:
     return layout.label() if layout is not None else None
 
 
+def local_kv_heads(model: torch.nn.Module) -> int | list[int] | None:
+    """KV heads per layer that this rank's cache holds under tensor parallelism (one int when
+    every layer holds as many), or None when the model is not sharded."""
+    layout = tensor_parallel(model)
+    if layout is None:
+        return None
+    heads = [site.key.count for site in layout.sites.values()]
+    return heads[0] if len(set(heads)) == 1 else heads
+
+
 def gather_head_counters(layout: TensorParallel, sites: list[tuple[str, Tensor | None, int]]
                          ) -> list[tuple[Tensor | None, int]]:
     """Every rank's per-head counters at their global head positions, and the state bytes

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DistributedConfig, LlamaConfig, LlamaForCausalLM
 
 import macopt
 from macopt import _hf_compat, state
@@ -27,10 +27,13 @@ LLAMA = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_
 NEW_TOKENS = 24
 # Repetitive prompt: MAC's decode queries come back close to ring entries, so HITS hits.
 PROMPT = torch.tensor([[5, 17, 42, 99, 7, 63] * 4])
+HITS = macopt.MACConfig(ring_size=16, offset=4, tau=0.95, t_min=0)
+# name: (config, static cache: the cache is allocated by macopt with this rank's KV heads)
 CASES = {
-    "exact": macopt.ExactConfig(),
-    "mac_exact": macopt.MACConfig(tau=1.0),
-    "mac_hits": macopt.MACConfig(ring_size=16, offset=4, tau=0.95, t_min=0),
+    "exact": (macopt.ExactConfig(), True),
+    "mac_exact": (macopt.MACConfig(tau=1.0), False),
+    "mac_hits": (HITS, False),
+    "mac_hits_static": (HITS, True),
 }
 
 
@@ -43,18 +46,21 @@ def save_model(folder: Path, **overrides: int) -> Path:
     return folder
 
 
-def load(folder: Path, **kwargs: object) -> torch.nn.Module:
-    return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+def load(folder: Path, tp_plan: str | dict | None = None) -> torch.nn.Module:
+    """The model, sharded over the ranks by transformers when ``tp_plan`` is given."""
+    sharding = {} if tp_plan is None else {"distributed_config": DistributedConfig(tp_plan=tp_plan)}
+    return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, **sharding).eval()
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(model: torch.nn.Module, compiled: bool, static: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens and logits; ``compiled``: generate() compiles its static-cache decode
     step with the macopt_eager backend (the passes rewrite it, no Inductor: fast on CPU)."""
-    extra = {}
+    extra = dict(cache_implementation="static") if static or compiled else {}
     if compiled:
-        extra = dict(cache_implementation="static", disable_compile=False,
-                     compile_config=_hf_compat.compile_config(backend="macopt_eager"))
+        extra |= dict(disable_compile=False,
+                      compile_config=_hf_compat.compile_config(backend="macopt_eager"))
     out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                          do_sample=False, output_logits=True, return_dict_in_generate=True,
                          **extra)
@@ -68,12 +74,12 @@ def ring_heads(model: torch.nn.Module) -> list[int]:
     return [s.buffers.q.shape[1] for s in sites if s is not None and s.method == "mac"]
 
 
-def run_case(folder: Path, config: macopt.MethodConfig) -> dict:
+def run_case(folder: Path, config: macopt.MethodConfig, static: bool) -> dict:
     compiled = not config.keeps_state  # exact rewrites compiled graphs only
     result = {}
-    for name, kwargs in (("sharded", {"tp_plan": "auto"}), ("whole", {})):
-        model = macopt.optimize(load(folder, **kwargs), config)
-        tokens, logits = generate(model, compiled)
+    for name, plan in (("sharded", "auto"), ("whole", None)):
+        model = macopt.optimize(load(folder, plan), config)
+        tokens, logits = generate(model, compiled, static)
         explanation = macopt.explain(model)
         result[name] = dict(tokens=tokens, logits=logits, title=explanation.title,
                             rewritten=len(explanation.rewritten), rings=ring_heads(model))
@@ -86,9 +92,9 @@ def run_case(folder: Path, config: macopt.MethodConfig) -> dict:
     return result
 
 
-def refusal(folder: Path, **kwargs: object) -> str:
+def refusal(folder: Path, tp_plan: str | dict) -> str:
     """The message optimize() raises for a sharding it cannot run ('' if it did not raise)."""
-    model = load(folder, **kwargs)
+    model = load(folder, tp_plan)
     try:
         macopt.optimize(model, macopt.MACConfig(tau=1.0))
     except ValueError as error:
@@ -99,18 +105,20 @@ def refusal(folder: Path, **kwargs: object) -> str:
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     folder = save_model(out / "llama")
-    results = {case: run_case(folder, config) for case, config in CASES.items()}
-    results["unmodified"] = {name: generate(load(folder, **kw), False) for name, kw in
-                             (("sharded", {"tp_plan": "auto"}), ("whole", {}))}
+    results = {case: run_case(folder, *args) for case, args in CASES.items()}
+    results["unmodified"] = {name: generate(load(folder, plan), False) for name, plan in
+                             (("sharded", "auto"), ("whole", None))}
     # 3 KV heads over 2 ranks: k_proj's 192 rows split at row 96, inside head 1.
     uneven = save_model(out / "llama_kv3", num_attention_heads=6, num_key_value_heads=3,
                         hidden_size=192)
-    results["refused_uneven"] = refusal(uneven, tp_plan="auto")
+    results["refused_uneven"] = refusal(uneven, "auto")
     # Query heads sharded, keys and values gathered: rank 0's query heads 0-3 against KV
     # heads 0-3, where local GQA would pair query head 1 with KV head 1 (it needs KV head 0).
-    gathered = {f"model.layers.*.self_attn.{p}": "colwise_gather_output"
-                for p in ("k_proj", "v_proj")}
-    results["refused_split_group"] = refusal(folder, tp_plan=gathered)
+    # The whole attention plan: transformers 5.17 takes a dict as the plan, 5.2x merges it.
+    styles = dict(q_proj="colwise", k_proj="colwise_gather_output",
+                  v_proj="colwise_gather_output", o_proj="rowwise")
+    gathered = {f"model.layers.*.self_attn.{p}": style for p, style in styles.items()}
+    results["refused_split_group"] = refusal(folder, gathered)
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
