@@ -117,3 +117,22 @@ def test_a_plan_splitting_a_kv_heads_query_group_is_refused(ranks):
         message = result["refused_split_group"]
         assert "query head 1 needs KV head 0" in message
         assert "splits that KV head's query group" in message
+
+
+def test_the_readme_example_runs_on_two_cpu_ranks(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tp_worker import LLAMA
+
+    torch.manual_seed(0)
+    whole = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    whole.save_pretrained(tmp_path)
+    ids = [5, 17, 42, 99, 7, 63, 5, 17, 42]
+    run = torchrun(ROOT / "examples" / "tensor_parallel.py", str(tmp_path), "--method", "mac",
+                   "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "8")
+    for rank in range(RANKS):
+        assert f"[rank {rank}] rank {rank} of {RANKS} (tensor parallel)" in run.stdout
+    printed = next(line for line in run.stdout.splitlines() if line.startswith("tokens:"))
+    with torch.no_grad():  # MACConfig() matches nothing before t_min keys: exact attention
+        want = whole.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    assert printed == f"tokens: {want[0, len(ids):].tolist()}"
