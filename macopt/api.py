@@ -84,11 +84,13 @@ def optimize(
     _check_model_supports(model, config)
     _warn_if_alibi(model)
     plan = _plan_scope(model, config, overrides or {}, filter_fn)
-    distributed.check_heads(model, {name: module for name, (module, _) in plan.items()})
+    distributed.check_heads(model, {name: module for name, (module, _) in plan.items()},
+                            [c for _, c in plan.values()])
     for _, module in model.named_modules():
         scope.untag(module)
     for name, (module, module_config) in plan.items():
         scope.tag(module, name, module_config)
+    distributed.note_site_heads(model)
     install_passes()
     if hasattr(model, "config"):  # transformers: one decode graph per window state, not per token
         from macopt import _hf_compat

@@ -91,11 +91,13 @@ def tensor_parallel(model: torch.nn.Module,
     return TensorParallel(dist.get_rank(group), dist.get_world_size(group), group, sites)
 
 
-def check_heads(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> None:
+def check_heads(model: torch.nn.Module, modules: dict[str, torch.nn.Module],
+                configs: list[object] = ()) -> None:
     """Refuse (ValueError, on every rank) a tensor-parallel plan under which some rank's
-    attention does not hold whole heads and whole GQA groups. A collective when the model is
-    sharded: every rank calls ``optimize``, so every rank raises, not only the one that sees
-    the problem (the others would hang at their next collective)."""
+    attention does not hold whole heads and whole GQA groups, or method ``configs`` that name
+    heads by index (per-head completion overrides: the passes see local head indices). A
+    collective when the model is sharded: every rank calls ``optimize``, so every rank raises,
+    not only the one that sees the problem (the others would hang at their next collective)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     sharded = {name: m for name, m in modules.items() if _sharded(m)}
@@ -105,6 +107,7 @@ def check_heads(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> 
     try:
         layout = tensor_parallel(model, sharded)
         problem = next(filter(None, (_group_problem(n, s) for n, s in layout.sites.items())), "")
+        problem = problem or _per_head_overrides(configs)
     except ValueError as error:
         problem = str(error)
     problems = [""] * dist.get_world_size(group)
@@ -117,6 +120,51 @@ def check_heads(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> 
                          "KV head of each: shard num_attention_heads and num_key_value_heads "
                          "evenly over the TP size (colwise q/k/v, rowwise o_proj), or use "
                          "fewer ranks.")
+
+
+_SITE_HEADS: dict[int, SiteShard] = {}  # site id -> its heads on this rank (sharded sites)
+
+
+def note_site_heads(model: torch.nn.Module) -> None:
+    """Remember the heads of each sharded site of ``model`` by site id, for the ops that
+    allocate its state (:func:`rank_feature_maps`). Called by ``optimize`` after tagging."""
+    layout = tensor_parallel(model)
+    for name, module in model.named_modules():
+        site_id = scope.site_id_of(module)
+        if site_id is not None:
+            _SITE_HEADS.pop(site_id, None)
+            if layout is not None and name in layout.sites:
+                _SITE_HEADS[site_id] = layout.sites[name]
+
+
+def site_heads(site_id: int) -> SiteShard | None:
+    """The heads of a sharded site on this rank (None: the site holds every head)."""
+    return _SITE_HEADS.get(site_id)
+
+
+def rank_feature_maps(shard: SiteShard, key_heads: int, head_dim: int, d_phi: int,
+                      maps: object | None, seed: int) -> object:
+    """Top-K + phi feature maps of this rank's heads: the whole site's maps (``maps``, a
+    calibrated ``FeatureMaps``, or the random features of ``seed`` that an unsharded site
+    draws), sliced to the rank's query heads and to its ``key_heads`` key heads (KV heads, or
+    query heads where the site repeats its keys). Drawing per rank would give every rank the
+    first heads' maps."""
+    from macopt.calibrate_phi import maps_for_kv_heads
+    from macopt.kernels.feature_maps import FeatureMaps, positive_random_features
+
+    keys = shard.key if key_heads == shard.key.count else shard.query
+    if maps is None:
+        generator = torch.Generator().manual_seed(seed)
+        maps = positive_random_features(shard.query.total, keys.total, head_dim,
+                                        d_phi or head_dim, generator=generator)
+    maps = maps_for_kv_heads(maps, keys.total)
+    phi_q, phi_k = maps.phi_q, maps.phi_k
+    mine = FeatureMaps(shard.query.count, keys.count, phi_k.head_dim, phi_k.d_phi,
+                       phi_k.w_s.shape[1], phi_k.w_1.shape[1])
+    for part, whole, heads in ((mine.phi_q, phi_q, shard.query), (mine.phi_k, phi_k, keys)):
+        part.load_state_dict({name: p[heads.first:heads.first + heads.count]
+                              for name, p in whole.state_dict().items()})
+    return mine.to(phi_k.w_s.device)
 
 
 def describe(model: torch.nn.Module) -> str | None:
@@ -227,6 +275,16 @@ def _heads(name: str, proj: torch.nn.Linear, style: str | None, head_dim: int) -
                          f"{offset[0]}-{offset[0] + shape[0] - 1} on this rank: a head's "
                          "columns on two ranks (heads not divisible by the TP size).")
     return Heads(offset[0] // head_dim, shape[0] // head_dim, total)
+
+
+def _per_head_overrides(configs: list[object]) -> str:
+    for config in configs:
+        topk = getattr(config, "topk", config)
+        if any(not isinstance(setting, bool)
+               for _, setting in getattr(topk, "completion_overrides", ())):
+            return ("completion_overrides name query heads by index, and under tensor "
+                    "parallelism each rank's attention numbers its own heads from 0.")
+    return ""
 
 
 def _group_problem(name: str, shard: SiteShard) -> str:

@@ -53,15 +53,18 @@ def test_unmodified_sharded_model_matches_whole(ranks):
         assert torch.equal(sharded[0], whole[0])
 
 
-@pytest.mark.parametrize("case", ["exact", "mac_exact"])
+@pytest.mark.parametrize("case", ["exact", "mac_exact", "topk_phi"])
 def test_exact_methods_are_token_identical_to_the_whole_model(ranks, case):
+    # topk_phi: approximate, but the same on each head as the whole model's (the rank's
+    # heads of the same feature maps), so the same tokens.
     for result in ranks:
         sharded, whole = result[case]["sharded"], result[case]["whole"]
         assert torch.equal(sharded["tokens"], whole["tokens"])
         torch.testing.assert_close(sharded["logits"], whole["logits"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["exact", "mac_exact", "mac_hits", "mac_hits_static"])
+@pytest.mark.parametrize("case", ["exact", "mac_exact", "mac_hits", "mac_hits_static",
+                                  "topk_phi"])
 def test_each_rank_rewrites_its_decode_sites(ranks, case):
     for result in ranks:
         assert result[case]["sharded"]["rewritten"] == result[case]["whole"]["rewritten"] > 0
@@ -69,8 +72,14 @@ def test_each_rank_rewrites_its_decode_sites(ranks, case):
 
 def test_rings_hold_only_the_ranks_query_heads(ranks):
     for result in ranks:
-        assert result["mac_hits"]["sharded"]["rings"] == [HEADS // RANKS] * 2
-        assert result["mac_hits"]["whole"]["rings"] == [HEADS] * 2
+        assert result["mac_hits"]["sharded"]["state_heads"] == [HEADS // RANKS] * 2
+        assert result["mac_hits"]["whole"]["state_heads"] == [HEADS] * 2
+
+
+def test_topk_phi_summaries_hold_only_the_ranks_kv_heads(ranks):
+    for result in ranks:
+        assert result["topk_phi"]["sharded"]["state_heads"] == [KV_HEADS // RANKS] * 2
+        assert result["topk_phi"]["whole"]["state_heads"] == [KV_HEADS] * 2
 
 
 @pytest.mark.parametrize("case", ["mac_hits", "mac_hits_static"])

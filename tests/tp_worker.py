@@ -34,6 +34,7 @@ CASES = {
     "mac_exact": (macopt.MACConfig(tau=1.0), False),
     "mac_hits": (HITS, False),
     "mac_hits_static": (HITS, True),
+    "topk_phi": (macopt.TopKPhiConfig(), False),  # random phi maps: the rank's heads of them
 }
 
 
@@ -67,11 +68,13 @@ def generate(model: torch.nn.Module, compiled: bool, static: bool = False
     return out.sequences[:, PROMPT.shape[1]:], torch.stack(out.logits, 1)
 
 
-def ring_heads(model: torch.nn.Module) -> list[int]:
-    """Query heads held by each MAC site's ring on this rank."""
+def state_heads(model: torch.nn.Module) -> list[int]:
+    """Heads each site's state holds on this rank: query heads of a MAC ring, KV heads of a
+    Top-K + phi summary."""
     sites = [state.get(scope.site_id_of(m)) for m in model.modules()
              if scope.site_id_of(m) is not None]
-    return [s.buffers.q.shape[1] for s in sites if s is not None and s.method == "mac"]
+    held = {"mac": lambda b: b.q.shape[1], "topk_phi": lambda b: b.m.shape[1]}
+    return [held[s.method](s.buffers) for s in sites if s is not None]
 
 
 def run_case(folder: Path, config: macopt.MethodConfig, static: bool) -> dict:
@@ -82,7 +85,7 @@ def run_case(folder: Path, config: macopt.MethodConfig, static: bool) -> dict:
         tokens, logits = generate(model, compiled, static)
         explanation = macopt.explain(model)
         result[name] = dict(tokens=tokens, logits=logits, title=explanation.title,
-                            rewritten=len(explanation.rewritten), rings=ring_heads(model))
+                            rewritten=len(explanation.rewritten), state_heads=state_heads(model))
         if config.keeps_state:
             result[name]["stats"] = [(s.head_hit_rates, s.decode_steps, s.keys_read,
                                       s.keys_full, s.nbytes) for s in macopt.stats(model)]
