@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from macopt import distributed
+
 
 def compile_config(mode: str = "default", fullgraph: bool = True,
                    backend: Any = "inductor") -> Any:
@@ -90,6 +92,7 @@ def ready_static_cache(model: torch.nn.Module, cache: Any, batch: int, dtype: to
     text = model.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    kv_heads = distributed.local_kv_heads(model) or kv_heads  # tensor parallel: this rank's
     cache.early_initialization(batch_size=batch, num_heads=kv_heads, head_dim=head_dim,
                                dtype=dtype, device=device)
     for tensor in static_cache_tensors(cache):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from macopt import distributed
 from macopt.config import MethodConfig
 from macopt.passes import scope
 from macopt.passes._compat import (
@@ -83,10 +84,13 @@ def optimize(
     _check_model_supports(model, config)
     _warn_if_alibi(model)
     plan = _plan_scope(model, config, overrides or {}, filter_fn)
+    distributed.check_heads(model, {name: module for name, (module, _) in plan.items()},
+                            [c for _, c in plan.values()])
     for _, module in model.named_modules():
         scope.untag(module)
     for name, (module, module_config) in plan.items():
         scope.tag(module, name, module_config)
+    distributed.note_site_heads(model)
     install_passes()
     if hasattr(model, "config"):  # transformers: one decode graph per window state, not per token
         from macopt import _hf_compat
@@ -214,7 +218,8 @@ def _count_calls(model: torch.nn.Module) -> None:
 def explain(model: torch.nn.Module) -> Explanation:
     """What the passes found and did at each attention site of an optimized, compiled model.
 
-    Reports come from the graphs compiled so far (decode and prefill graphs separately).
+    Reports come from the graphs compiled so far (decode and prefill graphs separately). On
+    a tensor-parallel model they are this rank's (its graphs, its heads: the title says which).
 
     >>> import macopt
     >>> print(macopt.explain(model).table())  # doctest: +SKIP
@@ -224,7 +229,11 @@ def explain(model: torch.nn.Module) -> Explanation:
     if not reports:
         raise ValueError(f"explain: no attention site of this model has been through macopt's "
                          f"passes. {why_no_reports(model)}")
-    return Explanation(sorted(reports, key=_report_order))
+    explanation = Explanation(sorted(reports, key=_report_order))
+    rank = distributed.describe(model)
+    if rank is not None:
+        explanation.title = f"{explanation.title}, {rank}"
+    return explanation
 
 
 def why_no_reports(model: torch.nn.Module) -> str:

@@ -203,7 +203,7 @@ def site_state(site_id: int, layer: int, q_pre: Tensor, k: Tensor, ring_size: in
     def allocate() -> tuple[MACTopKPhiSite, Tensor]:
         rows = capacity or batch
         ring = MACRing.empty(rows, q_heads, ring_size, head_dim, q_pre.dtype, q_pre.device)
-        topk = topk_phi_site.allocate_state(rows, *topk_args)
+        topk = topk_phi_site.allocate_state(rows, *topk_args, site_id=site_id)
         counters = torch.zeros(COUNTER_ROWS, q_heads, dtype=torch.int64, device=q_pre.device)
         return MACTopKPhiSite(ring, topk), counters
 

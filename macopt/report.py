@@ -37,12 +37,14 @@ class Explanation(list[SiteReport]):
     """A list of :class:`SiteReport`, printable as a table (``print(explanation)``,
     ``rich.print(explanation)``)."""
 
-    def table(self, title: str = "macopt attention sites", compact: bool | None = False
-              ) -> Table:
+    title = "macopt attention sites"  # explain() names the rank of a tensor-parallel model
+
+    def table(self, title: str | None = None, compact: bool | None = False) -> Table:
         """One row per site, every field a column. ``compact`` keeps the identifying columns
         and lists each row's details and reason under the table, so that nothing is folded
         letter by letter at 80 columns; None: compact in a terminal narrower than
         :data:`WIDE_COLUMNS` (what printing does)."""
+        title = title or self.title
         if compact is None:
             compact = shutil.get_terminal_size((80, 24)).columns < WIDE_COLUMNS
         return self._compact_table(title) if compact else self._wide_table(title)

@@ -13,7 +13,7 @@ import torch
 from rich import box
 from rich.table import Table
 
-from macopt import state
+from macopt import distributed, state
 from macopt.kernels.mac_counters import COUNTERS
 from macopt.passes import scope
 from macopt.report import render
@@ -82,8 +82,15 @@ class Stats(list[LayerStats]):
         return render(self.table())
 
 
-def stats(model: torch.nn.Module) -> Stats:
+def stats(model: torch.nn.Module, *, gather: bool | None = None) -> Stats:
     """Per-layer statistics of the stateful sites of an optimized model (one host sync).
+
+    A tensor-parallel model (transformers' ``tp_plan`` under torch.distributed): each rank's
+    state holds its own heads. ``gather`` (default: whenever the model is sharded and
+    torch.distributed is initialised) collects every rank's per-head counters over the TP group,
+    so that every rank gets the whole model's stats (``head_hit_rates`` over all query heads,
+    keys and ``nbytes`` summed over ranks); a collective: call it on every rank.
+    ``gather=False``: this rank's heads and memory only.
 
     >>> import macopt
     >>> print(macopt.stats(model)[0].hit_rate)  # doctest: +SKIP
@@ -95,30 +102,54 @@ def stats(model: torch.nn.Module) -> Stats:
         site_id = scope.site_id_of(module)
         site = state.get(site_id) if site_id is not None else None
         if found is not None and site is not None:
-            sites.append((found.qualname or name, site, _tau_source(found.config)))
-    counted = [site for _, site, _ in sites if _has_counters(site) or _counts_steps(site)]
-    counts = []
+            sites.append((found.qualname or name, site, _tau_source(found.config), name))
+    counters = _site_counters(model, sites, gather)
+    out = Stats()
+    for (layer, site, tau, _), (flat, nbytes) in zip(sites, counters, strict=True):
+        if flat is None:
+            out.append(LayerStats(layer, site.method, None, None, None, (), None, None, nbytes))
+        elif _counts_steps(site):
+            steps = dict(zip(STEP_COUNTERS, flat.tolist(), strict=True))
+            out.append(LayerStats(layer, site.method, steps["steps"], steps["prefills"], None,
+                                  (), None, None, nbytes))
+        else:
+            rows = dict(zip(COUNTERS, flat.tolist(), strict=True))
+            out.append(dataclasses.replace(_layer_stats(layer, site, rows), nbytes=nbytes,
+                                           tau=tau))
+    return out
+
+
+def _site_counters(model: torch.nn.Module, sites: list[tuple], gather: bool | None
+                   ) -> list[tuple[torch.Tensor | None, int]]:
+    """Each site's counters on the host (None: it keeps none) and its state bytes; gathered
+    over the tensor-parallel group when asked or, by default, when the model is sharded."""
+    local = _local_counters([site for _, site, _, _ in sites])
+    layout = distributed.tensor_parallel(model) if gather is not False else None
+    if layout is None:
+        if gather:
+            raise ValueError("macopt.stats(gather=True): the model is not tensor-parallel "
+                             "(no sharded attention, or torch.distributed is not initialised)")
+        return local
+    # Per-head counters (MAC) go to their global heads; step counts are the same on every rank.
+    per_head = [(name, c if c is not None and c.dim() == 2 else None, n)
+                for (_, _, _, name), (c, n) in zip(sites, local, strict=True)]
+    gathered = distributed.gather_head_counters(layout, per_head)
+    return [(c if g is None else g, n) for (c, _), (g, n) in zip(local, gathered, strict=True)]
+
+
+def _local_counters(sites: list[state.SiteState]) -> list[tuple[torch.Tensor | None, int]]:
+    """This rank's counters of each site on the host, in one device-to-host copy."""
+    counted = [s for s in sites if _has_counters(s) or _counts_steps(s)]
+    host = []
     if counted:
         device = counted[0].counters.device
-        counts = torch.cat([s.counters.flatten().to(device) for s in counted]).cpu().tolist()
-    out, offset = Stats(), 0
-    for layer, site, tau in sites:
-        if not (_has_counters(site) or _counts_steps(site)):
-            out.append(LayerStats(layer, site.method, None, None, None, (), None, None,
-                                  site.nbytes()))
-            continue
-        size = site.counters.numel()
-        flat = counts[offset:offset + size]
-        offset += size
-        if _counts_steps(site):
-            steps = dict(zip(STEP_COUNTERS, flat, strict=True))
-            out.append(LayerStats(layer, site.method, steps["steps"], steps["prefills"], None,
-                                  (), None, None, site.nbytes()))
-            continue
-        heads = site.counters.shape[1]
-        rows = [flat[i * heads:(i + 1) * heads] for i in range(len(COUNTERS))]
-        out.append(dataclasses.replace(
-            _layer_stats(layer, site, dict(zip(COUNTERS, rows, strict=True))), tau=tau))
+        flat = torch.cat([s.counters.flatten().to(device) for s in counted]).cpu()
+        host = [t.view(s.counters.shape) for t, s in
+                zip(flat.split([s.counters.numel() for s in counted]), counted, strict=True)]
+    out = []
+    for site in sites:
+        keeps = _has_counters(site) or _counts_steps(site)
+        out.append((host.pop(0) if keeps else None, site.nbytes()))
     return out
 
 

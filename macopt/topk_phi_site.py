@@ -21,7 +21,7 @@ from functools import cache
 
 import torch
 
-from macopt import state
+from macopt import distributed, state
 from macopt.calibrate_phi import maps_for_kv_heads, read_feature_maps, site_name
 from macopt.config import check_budget_args, resolve_budget
 from macopt.kernels.feature_maps import FeatureMaps
@@ -50,7 +50,7 @@ def site_state(site_id: int, layer: int, q_heads: int, k: Tensor, use_pages: boo
 
     def allocate() -> tuple[TopKPhiState, Tensor]:
         buffers = allocate_state(k.shape[0], layer, q_heads, k, use_pages, page_size, d_phi,
-                                 completion, feature_maps, seed, sketch)
+                                 completion, feature_maps, seed, sketch, site_id)
         counters = torch.zeros(len(STEP_COUNTERS), dtype=torch.int64, device=k.device)
         return buffers, counters
 
@@ -68,10 +68,12 @@ def state_spec(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bool, 
 
 def allocate_state(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bool,
                    page_size: int, d_phi: int, completion: list[bool], feature_maps: str,
-                   seed: int, sketch: bool = False) -> TopKPhiState:
+                   seed: int, sketch: bool = False, site_id: int | None = None
+                   ) -> TopKPhiState:
     """A Top-K + phi state for ``rows`` rows of a cache like ``k[B, Hkv, N, D]``, with the
     maps of ``layer`` from ``feature_maps`` (empty: positive random features of ``seed``);
-    ``use_pages``: page bounds, ``sketch``: the sketch selector's key sketch."""
+    ``use_pages``: page bounds, ``sketch``: the sketch selector's key sketch. A site that
+    tensor parallelism shards (``site_id``) takes its rank's heads of the whole site's maps."""
     _, n_kv_heads, n_keys, head_dim = k.shape
     maps = None
     if feature_maps:
@@ -79,7 +81,12 @@ def allocate_state(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bo
         if site_name(layer) not in found:
             raise ValueError(f"{feature_maps} holds no maps for {site_name(layer)} "
                              f"(it has {sorted(found)[:4]}...)")
-        maps = maps_for_kv_heads(found[site_name(layer)], n_kv_heads)
+        maps = found[site_name(layer)]
+    shard = distributed.site_heads(site_id) if site_id is not None else None
+    if shard is not None:
+        maps = distributed.rank_feature_maps(shard, n_kv_heads, head_dim, d_phi, maps, seed)
+    elif maps is not None:
+        maps = maps_for_kv_heads(maps, n_kv_heads)
     return TopKPhiState.allocate(
         rows, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device,
         d_phi=d_phi or None, page_size=page_size if use_pages else None, maps=maps,
