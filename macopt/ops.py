@@ -93,3 +93,6 @@ def merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tupl
 def _(o_a, lse_a, o_b, lse_b):
     check_states(o_a, lse_a, o_b, lse_b)
     return torch.empty_like(o_a), torch.empty_like(lse_a)
+
+
+DECODE_ATTENTION = torch.ops.macopt.decode_attention.default  # what the exact rewrite inserts

@@ -26,7 +26,8 @@ import torch
 from torch.fx import Graph, Node
 
 from macopt.passes._compat import statically_known_true
-from macopt.passes.decode_rewrite import call, is_decode
+from macopt.passes.decode_rewrite import is_decode
+from macopt.passes.graph_insert import call
 from macopt.passes.graph_utils import fake, static_int
 from macopt.passes.masks import key_mask_source
 from macopt.passes.sites import AttentionSite, find_attention_sites

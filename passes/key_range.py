@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from macopt.passes.decode_rewrite import call
+from macopt.passes.graph_insert import call
 from macopt.passes.graph_utils import aten, fake, prims
 from macopt.passes.sites import AttentionSite
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from macopt.passes.decode_rewrite import DecodeInputs, call, size_arg
+from macopt.passes.graph_insert import call, size_arg
 from macopt.passes.graph_utils import aten
 from macopt.passes.key_range import key_range
+from macopt.passes.method_rewrites import DecodeInputs
 from macopt.passes.sites import AttentionSite
 
 NOTE = ("Rows whose key mask has holes (e.g. right padding) take exact attention over the "
