@@ -23,9 +23,9 @@ from functools import cache
 import torch
 
 from macopt import state
-from macopt.calibrate_phi import maps_for_kv_heads, read_feature_maps, site_name
 from macopt.config import TopKPhiConfig, check_budget_args, resolve_budget
 from macopt.kernels.feature_maps import FeatureMaps
+from macopt.phi_files import maps_for_kv_heads, read_feature_maps, site_name
 from macopt.site_params import SiteParams, site_op
 from macopt.topk_phi_ops import TopKPhiState, summary_budget_tokens
 from macopt.topk_phi_ops import topk_phi_decode as decode_impl
