@@ -74,8 +74,8 @@ _MATCH_BLOCK_M = 64  # ring slots per tile: 16 KB of bf16 queries at D = 128
 
 @dataclasses.dataclass
 class StepTuning:
-    """Launch choices that change only the step's speed (``macopt.bench.mac_variants`` sweeps
-    them; BENCHMARKS.md section 2h)."""
+    """Launch choices that change only the step's speed (examples/research/mac_variants.py
+    sweeps them; BENCHMARKS.md section 2h)."""
 
     # Item states the finalize merges a pass. On the H200, 32 at 4 warps against 8: hit rate
     # 0.95 -3.2 us a layer at batch 1, 8K (-4.8 at 128K), all-miss -1.3, all-hit +0.7.

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from examples.research.mac_topk import mac_topk_variants
 from macopt.bench import mac as bench_mac
-from macopt.bench.mac_topk import mac_topk_variants
 from macopt.kernels.feature_maps import positive_random_features
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

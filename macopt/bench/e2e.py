@@ -157,6 +157,7 @@ import torch
 
 from macopt.bench import timing
 from macopt.bench.decode import DTYPES, first_line, parse_sizes
+from macopt.bench.model_shape import CACHE_ROUNDING, ModelShape
 from macopt.config import ExactConfig, MACConfig, MethodConfig, TopKPhiConfig
 
 Tensor = torch.Tensor
@@ -168,7 +169,6 @@ DEFAULT_PREFILL_CONTEXTS = (8192, 32768)
 DEFAULT_PREFILL_METHODS = ("unmodified", "exact", "mac:all")
 FORCED_HIT_TAU = -1000.0  # radius 2 D (1 - tau)^2 ~ 2.6e8 at D = 128: every entry is near
 UNBOUNDED_CHAIN = 2**30
-CACHE_ROUNDING = 256
 TRACED_CONTROL = "unmodified-traced"
 # Per route, the prefill points a record is compared with: (route, method) -> record key.
 PREFILL_REFERENCES = {
@@ -181,30 +181,6 @@ PREFILL_REFERENCES = {
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelShape:
-    """A Llama configuration (Llama-3.1-8B by default)."""
-
-    layers: int = 32
-    hidden: int = 4096
-    heads: int = 32
-    kv_heads: int = 8
-    head_dim: int = 128
-    intermediate: int = 14336
-    vocab: int = 128256
-    rope_theta: float = 500000.0
-
-    def parameters(self) -> int:
-        """Weights of the model (tied embeddings not assumed: embedding and head)."""
-        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        mlp = 3 * self.hidden * self.intermediate
-        return 2 * self.vocab * self.hidden + self.layers * (attention + mlp + 2 * self.hidden)
-
-    def kv_bytes_per_token(self, itemsize: int) -> int:
-        """K and V bytes of one token over all layers."""
-        return self.layers * 2 * self.kv_heads * self.head_dim * itemsize
 
 
 @dataclasses.dataclass(frozen=True)

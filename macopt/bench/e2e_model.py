@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from macopt.bench.e2e import CACHE_ROUNDING, ModelShape
+from macopt.bench.model_shape import CACHE_ROUNDING, ModelShape
 
 DEFAULT_METHODS = ("unmodified", "exact", "mac:calibrated", "mac:0.45", "topk_phi:0.02")
 DEFAULT_PREFILL_METHODS = ("unmodified", "exact", "mac:calibrated", "mac:0.45")

@@ -1,6 +1,6 @@
 """Sweep the exact decode kernel's launch parameters on a GPU (tuning aid, not a user command).
 
-    python -m macopt.bench.decode_sweep --json sweep.json
+    python -m examples.research.decode_sweep --json sweep.json
 
 Times every (block_n, num_warps, num_stages, split factor, fused merge) at a few Llama-3.1-8B
 layer shapes under CUDA-graph replay and prints, per shape, the default config's time beside

@@ -2,9 +2,9 @@
 part reuses the kernel tests' problems from ``tests/``). A profiling aid behind BENCHMARKS.md
 section 3d, not a ``macopt bench`` sub-command.
 
-    python -m macopt.bench.topk_variants          # precision variants: error and step time
-    python -m macopt.bench.topk_variants warps    # launch variants of the default precision
-    python -m macopt.bench.topk_variants splits   # splits x warps, 16 features, 64-key pages
+    python -m examples.research.topk_variants          # precision variants: error and step time
+    python -m examples.research.topk_variants warps    # launch variants of the default precision
+    python -m examples.research.topk_variants splits   # splits x warps, 16 features, 64-key pages
 
 Error: worst |kernel - fp64 reference| over the states of the bf16 kernel-test problems.
 Time: CUDA-graph replay median of the whole decode step (selection included) at batch 16,
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from macopt.bench import decode, profile_steps, timing
+from examples.research import profile_steps
+from macopt.bench import decode, timing
 from macopt.bench import topk as bench_topk
 from macopt.kernels import topk_phi
 from macopt.kernels import topk_phi_reference as ref
