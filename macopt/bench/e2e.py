@@ -37,10 +37,12 @@ from typing import Any
 
 import torch
 
+from macopt import method_spec
 from macopt.bench import timing
 from macopt.bench.decode import DTYPES, first_line, parse_sizes
 from macopt.bench.model_shape import CACHE_ROUNDING, ModelShape
-from macopt.config import ExactConfig, MACConfig, MethodConfig, TopKPhiConfig
+from macopt.config import MACConfig, TopKPhiConfig
+from macopt.method_spec import Method
 
 Tensor = torch.Tensor
 
@@ -49,8 +51,6 @@ DEFAULT_BATCHES = (1, 2)
 DEFAULT_METHODS = ("unmodified", "exact", "mac:all", "mac:1", "topk_phi:0.02")
 DEFAULT_PREFILL_CONTEXTS = (8192, 32768)
 DEFAULT_PREFILL_METHODS = ("unmodified", "exact", "mac:all")
-FORCED_HIT_TAU = -1000.0  # radius 2 D (1 - tau)^2 ~ 2.6e8 at D = 128: every entry is near
-UNBOUNDED_CHAIN = 2**30
 TRACED_CONTROL = "unmodified-traced"
 # Per route, the prefill points a record is compared with: (route, method) -> record key.
 PREFILL_REFERENCES = {
@@ -65,59 +65,16 @@ PREFILL_REFERENCES = {
 # Configuration
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """A method as named on the command line; ``config`` None is the unmodified model;
-    ``overrides`` per attention module (``macopt.optimize``'s: a calibrated MAC threshold per
-    layer)."""
-
-    label: str
-    config: MethodConfig | None
-    overrides: dict[str, MethodConfig | None] = dataclasses.field(default_factory=dict)
-
-    def config_for(self, batch: int) -> MethodConfig | None:
-        """The config for a run at ``batch`` rows (MAC rings are allocated for exactly that)."""
-        return _for_batch(self.config, batch)
-
-    def overrides_for(self, batch: int) -> dict[str, MethodConfig | None]:
-        return {name: _for_batch(c, batch) for name, c in self.overrides.items()}
-
-
-def _for_batch(config: MethodConfig | None, batch: int) -> MethodConfig | None:
-    if isinstance(config, MACConfig):
-        return dataclasses.replace(config, batch_capacity=batch)
-    return config
-
-
 def parse_method(spec: str, ring_size: int = 512, offset: int = 256,
                  model_dir: str | Path | None = None) -> Method:
-    """``unmodified``, ``exact``, ``mac:all`` (forced hits), ``mac:TAU``, ``topk_phi:BUDGET``;
-    ``mac:calibrated`` (``model_dir``'s ``mac_calibrated.json``) or ``mac:FILE.json``: a config
-    file's MAC config and per-layer overrides, as they are.
+    """A method spec (:mod:`macopt.method_spec`) whose MAC configs take the benchmark's ring
+    size and offset and ``t_min`` 0 (``mac:calibrated`` and files: their config as written).
 
-    >>> parse_method("mac:1").config.tau, parse_method("topk_phi:0.02").config.budget
-    (1.0, 0.02)
+    >>> parse_method("mac:1").config.tau, parse_method("mac:1").config.t_min
+    (1.0, 0)
     """
-    name, _, arg = spec.partition(":")
-    mac = {"ring_size": ring_size, "offset": offset, "t_min": 0}
-    if spec == "unmodified":
-        return Method(spec, None)
-    if spec == "exact":
-        return Method(spec, ExactConfig())
-    if name == "mac" and (arg == "calibrated" or arg.endswith(".json")):
-        from macopt.bench.e2e_model import method_file
-        from macopt.calibrate_mac import load_result
-
-        config, overrides = load_result(method_file(arg, model_dir))
-        return Method(spec, config, overrides)
-    if name == "mac" and arg == "all":
-        return Method(spec, MACConfig(tau=FORCED_HIT_TAU, max_chain_depth=UNBOUNDED_CHAIN, **mac))
-    if name == "mac" and arg:
-        return Method(spec, MACConfig(tau=float(arg), **mac))
-    if name == "topk_phi" and arg:
-        return Method(spec, TopKPhiConfig(budget=int(arg) if arg.isdigit() else float(arg)))
-    raise ValueError(f"unknown method {spec!r}: expected unmodified, exact, mac:all, mac:TAU, "
-                     "mac:calibrated, mac:FILE.json or topk_phi:BUDGET")
+    return method_spec.parse_method(spec, model_dir,
+                                    mac={"ring_size": ring_size, "offset": offset, "t_min": 0})
 
 
 @dataclasses.dataclass
