@@ -16,8 +16,7 @@ The Top-K + phi summary is built at prefill with the tail ``max(topk_phi.tail, S
 at ``mid_end <= N - S < E(t)`` for every decode position ``t >= N``: step 1 never summarises a
 key that MAC's tail attends. On the Triton path MAC's match runs first and step 1 skips the
 (row, KV head) groups whose heads all hit (:func:`macopt.kernels.mac.all_hit_groups`; they
-read no page bound, key or summary); ``skip_hit_groups=False`` computes every group (the
-first version, kept for comparison). The counters report what the method needs: a hit's band
+read no page bound, key or summary). The counters report what the method needs: a hit's band
 and tail, a miss's tail plus the keys its Top-K + phi state attends exactly (sinks, retrieved,
 ``[mid_end, E(t))``); the page bounds and summary it reads are not keys and are not counted
 here (``macopt eval`` adds them as key-row equivalents).
@@ -140,7 +139,6 @@ def decode_step(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, site: MACTopKPhiSite, positions: Tensor,
     key_starts: Tensor, scale: float, *, offset: int, tau: float, t_min: int, max_depth: int,
     budget: int, page_size: int, selector: str, counters: Tensor | None = None,
-    skip_hit_groups: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MAC + Top-K + phi decode step (see the module docstring); updates the ring in place.
 
@@ -149,9 +147,8 @@ def decode_step(
     ``q.dtype``, ``hit[B, Hq]`` and the keys each head attended ``[B, Hq]`` (int32); adds the
     step to ``counters`` (MAC's ``[COUNTER_ROWS, Hq]`` int64) when given. No host sync.
 
-    ``skip_hit_groups`` (Triton path): run MAC's match first and compute no Top-K + phi state
-    for (row, KV head) groups whose heads all hit (they would not read it); False computes it
-    for every group (v1, for comparison). Results are the same either way.
+    On the Triton path MAC's match runs first and no Top-K + phi state is computed for (row,
+    KV head) groups whose heads all hit (they would not read it).
 
     >>> o, hit, keys = decode_step(q, q_pre, k, v, site, t, s0, 0.125, offset=256, tau=0.45,
     ...                            t_min=2048, max_depth=16, budget=2622, page_size=32,
@@ -159,7 +156,7 @@ def decode_step(
     """
     topk, triton_path = site.topk, _use_triton(q.device)
     candidates = skip = None
-    if triton_path and skip_hit_groups:
+    if triton_path:
         from macopt.kernels import mac
 
         candidates = mac.match_candidates(q_pre, site.ring, positions, key_starts, t_min=t_min,
