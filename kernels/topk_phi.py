@@ -1,4 +1,4 @@
-"""Triton kernels for Top-K + phi decoding (ALGORITHMS.md, section 2; math in
+"""Triton kernels for Top-K + phi decoding (docs/ALGORITHMS.md, section 2; math in
 :mod:`macopt.kernels.topk_phi_reference`, shapes and conventions as there).
 
 Prefill:

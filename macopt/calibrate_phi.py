@@ -1,4 +1,4 @@
-"""Distil the Top-K + phi feature maps from a frozen model's own attention (ALGORITHMS.md, 2).
+"""Distil the Top-K + phi feature maps from a frozen model's own attention (docs/ALGORITHMS.md, 2).
 
 1. :func:`capture_attention` runs the model on calibration tokens and records, per layer, the
    post-RoPE queries and keys its attention receives. It registers a Hugging Face attention
@@ -45,7 +45,7 @@ _MIN_MID = 8  # a training query needs at least this many middle keys
 class CalibrationConfig:
     """What to train and for how long; small by default (minutes on a GPU for an 8B model).
 
-    ``temperature`` is the KL's tau (ALGORITHMS.md does not fix it; 2 softens the teacher as
+    ``temperature`` is the KL's tau (docs/ALGORITHMS.md does not fix it; 2 softens the teacher as
     in common distillation practice). ``d_phi`` None uses the head dim, as the paper does.
     ``init``: where training starts, ``"probe"`` (:mod:`macopt.phi_init`: centred probe
     features measured on the captured data, with ``margin`` standard deviations of safety on
