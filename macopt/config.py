@@ -1,9 +1,9 @@
 """Method configurations: frozen dataclasses, one per attention method (torchao style).
 
 A config names its method (``method``) and what the passes must find for it
-(``needs_pre_rope_query``). The graph passes look the method name up in their registry of
-decode rewrites (:data:`macopt.passes.decode_rewrite.DECODE_REWRITES`), so a new method plugs
-in by adding a config class here and registering its rewrite there; nothing branches on names.
+(``needs_pre_rope_query``). The graph passes find a site's method by its config's type in
+their registry (``passes/methods.py``), so a new method plugs in by adding a config class here
+and one line there (docs/LAYOUT.md); nothing branches on names.
 
 >>> ExactConfig().method
 'exact'
