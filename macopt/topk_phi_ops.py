@@ -411,8 +411,10 @@ def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tenso
         scores = ref.page_scores(q, bounds, mid_start, mid_end, page_size, scale)
         return ref.pages_to_tokens(ref.select_pages(scores, n_kv_heads, n_selected, counts),
                                    page_size)
-    if triton_path:
-        return exact_selection(q, k, scale, mid_start, mid_end, min(budget, n_keys), counts)
+    if triton_path:  # three launches, every key read once (kernels/exact_select.py)
+        from macopt.kernels.exact_select import exact_topk
+
+        return exact_topk(q, k, scale, mid_start, mid_end, min(budget, n_keys), counts)
     return ref.exact_topk(q, k, scale, mid_start, mid_end, budget, per_kv_head=True,
                           counts=counts)
 

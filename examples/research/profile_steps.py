@@ -183,6 +183,9 @@ def profile_topk_sketch(rows: list[dict]) -> None:
     x = decode.make_inputs(decode.LayerShape(16, 131072, **LAYER), device, gen)
     config = bench_topk.TopKBenchConfig(device="cuda")
     maps = positive_random_features(32, 8, 128, 128, generator=torch.Generator().manual_seed(0))
+    _record(rows, "b16 128K", "exact decode (baseline)",
+            lambda: torch.ops.macopt.decode_attention(x.q, x.k, x.v, x.starts, x.ends, None,
+                                                      x.scale))
     for selector in ("sketch", "sketch:0:3", "page", "exact"):
         _topk_case(rows, x, 16, config.method(0.02, selector), maps, device)
 

@@ -143,6 +143,7 @@ def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
     hits = [a - b for a, b in zip(mac_hits(model) if stateful else (0, 0), hits_before,
                                   strict=True)]
     base = unmodified_tokens.get((batch, context))
+    kernels = decode_kernels(model, ids, args.new_tokens) if args.profile_kernels else None
     return {
         "method": method.label, "batch": batch, "context": context, **result,
         "first_call_s": round(first_s, 2),
@@ -153,7 +154,28 @@ def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
         "decode_sites_rewritten": decode_sites_rewritten(model) if stateful else 0,
         "tokens_equal_unmodified": None if base is None else bool(torch.equal(base, tokens)),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "kernels_per_step": kernels,
     }
+
+
+def decode_kernels(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
+                   top: int = 30) -> dict[str, list[float]]:
+    """``{kernel: [launches, us]}`` per decode step of one more ``generate`` call (CUDA
+    profiler; the prefill's kernels are spread over the steps too, so profile short prompts),
+    the ``top`` largest by time: where a step's time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        timed_generate(model, ids, new_tokens)
+    steps = max(new_tokens - 1, 1)
+    total: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            entry = total.setdefault(event.name[:60], [0.0, 0.0])
+            entry[0] += 1 / steps
+            entry[1] += event.device_time_total / steps
+    ranked = sorted(total.items(), key=lambda item: -item[1][1])[:top]
+    return {name: [round(n, 2), round(us, 2)] for name, (n, us) in ranked}
 
 
 def _release_compiled_state() -> None:
@@ -220,6 +242,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="Llama-3.1-8B-shaped layers (default 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile-kernels", action="store_true",
+                        help="also record each decode step's kernels (one more profiled call)")
     parser.set_defaults(func=_main)
     return parser
 
