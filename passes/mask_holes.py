@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
+from macopt import ops
 from macopt.passes.graph_insert import call, size_arg
 from macopt.passes.graph_utils import aten
 from macopt.passes.key_range import key_range
@@ -45,7 +46,7 @@ def exact_where_holes(graph: Graph, site: AttentionSite, inputs: DecodeInputs, o
     # Rows without holes get the empty range [first, first): the exact op reads nothing there.
     ends = call(graph, aten.where.self, (holes, call(graph, aten.add.Tensor, (last, 1), site),
                                          first), site)
-    exact = call(graph, torch.ops.macopt.decode_attention.default,
+    exact = call(graph, ops.DECODE_ATTENTION,
                  (inputs.q, inputs.k, inputs.v, first, ends, inputs.key_mask, inputs.scale), site)
     rows = call(graph, aten.reshape.default, (holes, [-1, 1, 1]), site)
     return call(graph, aten.where.self, (rows, exact, out), site)
