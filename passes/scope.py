@@ -29,6 +29,7 @@ import torch
 from torch.fx import Node
 
 from macopt import state
+from macopt.config import MethodConfig
 from macopt.passes._compat import module_ids_in_stack
 from macopt.passes.report import SiteReport
 
@@ -38,7 +39,7 @@ class Scope:
     """A tagged module: its qualified name in the model and its method config."""
 
     qualname: str
-    config: object
+    config: MethodConfig
 
 
 @dataclass
@@ -57,7 +58,7 @@ _NEXT_SITE_ID = itertools.count()
 _LIVE_MODULES: weakref.WeakValueDictionary[int, torch.nn.Module] = weakref.WeakValueDictionary()
 
 
-def tag(module: torch.nn.Module, qualname: str, config: object) -> None:
+def tag(module: torch.nn.Module, qualname: str, config: MethodConfig) -> None:
     """Put ``module`` in scope of the passes with ``config``."""
     known = _known(module)
     known.scope = Scope(qualname, config)
