@@ -81,22 +81,18 @@ class MACTopKPhiDecodeParams(SiteParams):
 
 
 @dataclass(frozen=True)
-class MACTopKPhiPrefillParams(SiteParams):
-    """A MAC + Top-K + phi site's prefill constants: MAC's ring, then the Top-K + phi summary
-    (:class:`TopKPhiPrefillParams`' fields, its tail at least MAC's offset)."""
+class MACRingParams(SiteParams):
+    """The MAC ring a MAC + Top-K + phi prefill writes."""
 
     ring_size: int
     offset: int
     batch_capacity: int
-    sinks: int
-    tail: int
-    page_size: int
-    use_pages: bool
-    d_phi: int
-    completion: list[bool]
-    feature_maps: str
-    seed: int
-    sketch: bool = False
+
+
+@dataclass(frozen=True)
+class MACTopKPhiPrefillParams(TopKPhiPrefillParams, MACRingParams):
+    """A MAC + Top-K + phi site's prefill constants: :class:`MACRingParams`' fields, then
+    :class:`TopKPhiPrefillParams`' (the summary's tail at least MAC's offset)."""
 
     @classmethod
     def from_config(cls, config: MACTopKPhiConfig, layer: int, q_heads: int
@@ -105,9 +101,6 @@ class MACTopKPhiPrefillParams(SiteParams):
         topk = TopKPhiPrefillParams.from_config(config.topk_phi, layer, q_heads,
                                                 tail=config.summary_tail)
         return cls(mac.ring_size, mac.offset, mac.batch_capacity or 0, *topk.op_args())
-
-    def topk(self) -> TopKPhiPrefillParams:
-        return TopKPhiPrefillParams.from_op_args(self.op_args()[3:])
 
 
 @dataclass
@@ -276,10 +269,10 @@ def mac_topk_phi_prefill(
     ends[b])``): MAC's exact ring entries and the Top-K + phi summary of the middle
     ``[s0 + sinks, ends - tail)``. ``tail`` must be at least ``offset`` (S), so the summary
     ends before every decode step's ``E(t)``."""
-    p, summary = params, params.topk()
+    p = params
     _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends, p.offset, p.tail)
     site, counters = site_state(site_id, layer, q_pre, k, p.ring_size, p.batch_capacity,
-                                *summary.state_args())
+                                *p.state_args())
     write_prefill_entries(site.ring, q_post, q_pre, k, v, scale, key_starts, ends, p.offset, 0)
     topk = site.topk
     topk_phi_prefill(k, v, key_starts, ends, topk.phi_k, topk.phi_k_mlp, p.sinks, p.tail,
