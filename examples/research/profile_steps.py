@@ -20,13 +20,12 @@ decode graph of a whole model (a single-layer replay pays ~8-12 us of graph laun
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 from collections.abc import Callable
 
 import torch
 
+from examples.research.results import write_rows
 from macopt.bench import decode, timing
 
 LAYER = dict(q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)  # Llama-3.1-8B
@@ -217,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
              "topk-small": profile_topk_small, "mac-topk": profile_mac_topk,
              "topk-sketch": profile_topk_sketch}
     cases[what](rows)
-    out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, f"profile_{what}.json"), "w") as f:
-        json.dump({"environment": timing.environment("cuda"), "rows": rows}, f, indent=1)
+    write_rows(f"profile_{what}", rows)
     return 0
 
 

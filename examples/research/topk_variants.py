@@ -14,14 +14,13 @@ Time: CUDA-graph replay median of the whole decode step (selection included) at 
 from __future__ import annotations
 
 import functools
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from examples.research import profile_steps
+from examples.research.results import write_rows
 from macopt.bench import decode, timing
 from macopt.bench import topk as bench_topk
 from macopt.kernels import topk_phi
@@ -126,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     {"precision": precision_variants, "warps": launch_variants,
      "splits": split_variants}[what](rows)
-    out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, f"topk_variants_{what}.json"), "w") as f:
-        json.dump({"environment": timing.environment("cuda"), "rows": rows}, f, indent=1)
+    write_rows(f"topk_variants_{what}", rows)
     return 0
 
 

@@ -119,19 +119,3 @@ def default_methods(model_dir: str | Path) -> tuple[str, ...]:
     if (Path(model_dir) / CALIBRATED_FILENAME).is_file():
         return DEFAULT_METHODS
     return tuple(m for m in DEFAULT_METHODS if m != "mac:calibrated")
-
-
-def method_file(arg: str, model_dir: str | Path | None) -> Path:
-    """The config file ``mac:calibrated`` (``DIR/mac_calibrated.json``) or ``mac:FILE.json``
-    names."""
-    from macopt.calibrate_mac import CALIBRATED_FILENAME
-
-    if arg != "calibrated":
-        return Path(arg)
-    if model_dir is None:
-        raise ValueError("mac:calibrated needs --model DIR (it reads DIR/mac_calibrated.json)")
-    path = Path(model_dir) / CALIBRATED_FILENAME
-    if not path.is_file():
-        raise ValueError(f"mac:calibrated: no {path} (write it with `macopt calibrate --method "
-                         f"mac {model_dir}`)")
-    return path
