@@ -47,7 +47,7 @@ _MERGE_TILE = 8192  # fp32 elements of the last program's [states, D] merge tile
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, starts_ptr, ends_ptr, mask_ptr, part_o_ptr, part_lse_ptr,
-    o_ptr, lse_ptr, counter_ptr,
+    o_ptr, lse_ptr, counter_ptr, otherwise_ptr,
     qk_scale_log2, n_kv_heads, n_keys, group, num_splits,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -57,7 +57,9 @@ def _decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_plb, stride_plh, stride_pls,
     stride_ob, stride_oh, stride_od, stride_lb, stride_lh,
-    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_xb, stride_xh, stride_xd,
+    HAS_MASK: tl.constexpr, HAS_OTHERWISE: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, FUSE_MERGE: tl.constexpr, MERGE_S: tl.constexpr,
 ):
@@ -136,11 +138,16 @@ def _decode_split_kernel(
         if arrived == num_splits - 1:
             out_o = o_ptr + batch * stride_ob + kv_head * group * stride_oh
             out_lse = lse_ptr + batch * stride_lb + kv_head * group * stride_lh
-            _merge_group(group_o, group_lse, out_o, out_lse, group, num_splits, stride_ph,
+            alt_o = otherwise_ptr + batch * stride_xb + kv_head * group * stride_xh
+            _merge_group(group_o, group_lse, out_o, out_lse, alt_o, group, num_splits, stride_ph,
                          stride_ps, stride_pd, stride_plh, stride_pls, stride_oh, stride_od,
-                         stride_lh, dims, dim_ok, MERGE_S)
+                         stride_lh, stride_xh, stride_xd, dims, dim_ok, MERGE_S, HAS_OTHERWISE)
             tl.store(counter_ptr + kv_pid, 0)
     if not SPLIT:  # the only split's state is the answer
+        if HAS_OTHERWISE:  # a query that attended no key takes its row of `otherwise`
+            alt = tl.load(otherwise_ptr + batch * stride_xb + q_heads[:, None] * stride_xh
+                          + dims[None, :] * stride_xd, mask=tile_ok, other=0.0)
+            o = tl.where(has_keys[:, None], o, alt.to(tl.float32))
         tl.store(o_ptr + batch * stride_ob + q_heads[:, None] * stride_oh
                  + dims[None, :] * stride_od, o.to(o_ptr.dtype.element_ty), mask=tile_ok)
         tl.store(lse_ptr + batch * stride_lb + q_heads * stride_lh, lse, mask=row_ok)
@@ -148,15 +155,20 @@ def _decode_split_kernel(
 
 @triton.jit
 def _merge_group(
-    part_o, part_lse, o_ptr, lse_ptr, group, num_splits, stride_ph, stride_ps, stride_pd,
-    stride_plh, stride_pls, stride_oh, stride_od, stride_lh, dims, dim_ok, MERGE_S: tl.constexpr,
+    part_o, part_lse, o_ptr, lse_ptr, alt_ptr, group, num_splits, stride_ph, stride_ps,
+    stride_pd, stride_plh, stride_pls, stride_oh, stride_od, stride_lh, stride_xh, stride_xd,
+    dims, dim_ok, MERGE_S: tl.constexpr, HAS_OTHERWISE: tl.constexpr,
 ):
     """Merge the group's split states into its outputs, one head at a time, MERGE_S splits per
-    step: a [MERGE_S, D] fp32 tile of at most _MERGE_TILE elements."""
+    step: a [MERGE_S, D] fp32 tile of at most _MERGE_TILE elements. ``HAS_OTHERWISE``: a head
+    that attended no key takes its row of ``alt_ptr`` instead."""
     for head in range(0, group):
         o, lse = merge_row_states(part_o + head * stride_ph, part_lse + head * stride_plh,
                                   num_splits, stride_ps, stride_pd, stride_pls, dims, dim_ok,
                                   MERGE_S)
+        if HAS_OTHERWISE:
+            alt = tl.load(alt_ptr + head * stride_xh + dims * stride_xd, mask=dim_ok, other=0.0)
+            o = tl.where(lse == float("-inf"), alt.to(tl.float32), o)
         tl.store(o_ptr + head * stride_oh + dims * stride_od, o.to(o_ptr.dtype.element_ty),
                  mask=dim_ok)
         tl.store(lse_ptr + head * stride_lh, lse)
@@ -202,8 +214,13 @@ def _group_counters(device: torch.device, n_groups: int) -> Tensor:
 def _launch_split_kernel(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, key_mask: Tensor | None,
     scale: float, o: Tensor, lse: Tensor, config: DecodeConfig,
+    otherwise: Tensor | None = None,
 ) -> None:
-    """Run the split kernel (and its fused merge) writing ``o[B, Hq, D]``, ``lse[B, Hq]``."""
+    """Run the split kernel (and its fused merge) writing ``o[B, Hq, D]``, ``lse[B, Hq]``;
+    with ``otherwise[B, Hq, D]`` a query that attends no key takes its row of it (the merge
+    is then always fused: the rows are chosen where the group's states meet)."""
+    if otherwise is not None and config.num_splits > 1 and not config.fuse_merge:
+        config = dataclasses.replace(config, fuse_merge=True)
     batch, kv_heads, n_keys, head_dim = k.shape
     q_heads, splits = q.shape[1], config.num_splits
     group, block_d = q_heads // kv_heads, triton.next_power_of_2(head_dim)
@@ -222,12 +239,15 @@ def _launch_split_kernel(
     grid = (batch * kv_heads, splits)  # splits on axis 1: its 65535 limit is ample
     _decode_split_kernel[grid](
         q, k, v, starts, ends, mask, part_o, part_lse, o, lse, counters,
+        o if otherwise is None else otherwise,  # never read without it
         scale * _LOG2_E, kv_heads, n_keys, group, splits,
         *q.stride(), *k.stride(), *v.stride(),
         *_range_strides(starts), *_range_strides(ends),
         *mask_strides,
         *part_o.stride(), *part_lse.stride(), *o.stride(), *lse.stride(),
+        *(o if otherwise is None else otherwise).stride(),
         HAS_MASK=key_mask is not None,
+        HAS_OTHERWISE=otherwise is not None,
         UPCAST=interpreting(),
         # fp32 inputs: 3xTF32 keeps fp32 accuracy on tensor cores (plain ieee spills registers)
         DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
@@ -248,12 +268,13 @@ def _launch_split_kernel(
 def _decode(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, key_mask: Tensor | None,
     scale: float, out_dtype: torch.dtype, config: DecodeConfig,
+    otherwise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, q_heads, head_dim = q.shape
     o = _new_empty((batch, q_heads, head_dim), dtype=out_dtype, device=q.device)
     lse = _new_empty((batch, q_heads), dtype=torch.float32, device=q.device)
     if o.numel() != 0:
-        _launch_split_kernel(q, k, v, starts, ends, key_mask, scale, o, lse, config)
+        _launch_split_kernel(q, k, v, starts, ends, key_mask, scale, o, lse, config, otherwise)
     return o, lse
 
 
@@ -284,9 +305,11 @@ def decode_attention(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, key_mask: Tensor | None,
     scale: float, num_splits: int | None = None, *, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
-    fuse_merge: bool | None = None,
+    fuse_merge: bool | None = None, otherwise: Tensor | None = None,
 ) -> Tensor:
-    """Decode attention output ``o[B, Hq, D]`` in ``q.dtype``; a row with no key gives zeros.
+    """Decode attention output ``o[B, Hq, D]`` in ``q.dtype``; a row with no key gives zeros,
+    or its row of ``otherwise[B, Hq, D]`` when given (one launch either way: what a method's
+    output falls back to for the rows it must not answer, :mod:`macopt.passes.mask_holes`).
 
     Same arguments as :func:`decode_attention_state`.
 
@@ -295,4 +318,4 @@ def decode_attention(
     overrides = {"num_splits": num_splits, "block_n": block_n, "num_warps": num_warps,
                  "num_stages": num_stages, "fuse_merge": fuse_merge}
     config = _resolve_config(q, k, overrides)
-    return _decode(q, k, v, starts, ends, key_mask, scale, q.dtype, config)[0]
+    return _decode(q, k, v, starts, ends, key_mask, scale, q.dtype, config, otherwise)[0]

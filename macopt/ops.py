@@ -78,6 +78,44 @@ def _(q, k, v, starts, ends, key_mask, scale):
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("macopt::decode_attention_or", mutates_args=())
+def decode_attention_or(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    starts: Tensor,
+    ends: Tensor,
+    key_mask: Tensor | None,
+    scale: float,
+    otherwise: Tensor,
+) -> Tensor:
+    """:func:`decode_attention`, but a query that attends no key takes its row of
+    ``otherwise[B,Hq,D]`` (not zeros): a method's output kept where the exact op is given an
+    empty range (:mod:`macopt.passes.mask_holes`). One launch on CUDA."""
+    check_decode_inputs(q, k, v, starts, ends, key_mask, scale)
+    _check_otherwise(q, otherwise)
+    if _use_triton(q.device):
+        from macopt.kernels import decode
+
+        return decode.decode_attention(q, k, v, starts, ends, key_mask, scale,
+                                       otherwise=otherwise)
+    o, lse = reference.attention_state(q, k, v, scale, starts, ends, key_mask)
+    return torch.where(torch.isneginf(lse)[..., None], otherwise, o.to(q.dtype))
+
+
+@decode_attention_or.register_fake
+def _(q, k, v, starts, ends, key_mask, scale, otherwise):
+    check_decode_inputs(q, k, v, starts, ends, key_mask)
+    _check_otherwise(q, otherwise)
+    return torch.empty_like(q)
+
+
+def _check_otherwise(q: Tensor, otherwise: Tensor) -> None:
+    if otherwise.shape != q.shape or otherwise.dtype != q.dtype:
+        raise ValueError(f"otherwise: expected {q.dtype} {tuple(q.shape)} (as q), got "
+                         f"{otherwise.dtype} {tuple(otherwise.shape)}")
+
+
 @torch.library.custom_op("macopt::merge_states", mutates_args=())
 def merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """State of the union of two disjoint key sets (fp32 states; empty = ``(0, -inf)``)."""
@@ -95,4 +133,7 @@ def _(o_a, lse_a, o_b, lse_b):
     return torch.empty_like(o_a), torch.empty_like(lse_a)
 
 
-DECODE_ATTENTION = torch.ops.macopt.decode_attention.default  # what the exact rewrite inserts
+# What the rewrites insert: the exact op, and its form that keeps a method's output for rows
+# given no key (passes/mask_holes.py).
+DECODE_ATTENTION = torch.ops.macopt.decode_attention.default
+DECODE_ATTENTION_OR = torch.ops.macopt.decode_attention_or.default

@@ -4,9 +4,11 @@ MAC, Top-K + phi and their composition read each row's keys as one range ``[s0, 
 (:mod:`.key_range`). A row's mask can mask keys inside that range: right padding (pads between
 the prompt and the generated tokens), or any hole a user's 2D ``attention_mask`` carries, with
 a dynamic or a static cache. Which rows have holes is known only at run time, so the rewrite
-adds, after the method's op, the exact decode op over the row's mask, and takes its output for
-the rows with holes. Rows without holes get an empty key range in that op: it reads no key for
-them (one extra launch, no host sync), and they keep the method's output.
+adds, after the method's op, the exact decode op over the row's mask for the rows with holes.
+Rows without holes get an empty key range in that op: it reads no key for them and passes the
+method's output through (``macopt::decode_attention_or``: one extra launch, no host sync). The
+row ranges and hole flags are computed once per graph from the model's mask
+(:func:`.key_range.row_ranges`), not once per layer.
 
 The method's op still runs on a row with holes and updates its state (ring, counters) as if the
 row's keys were ``[s0, t]``; its output is discarded. A later step of that row reusing such an
@@ -15,13 +17,12 @@ entry is approximate by design, and while the hole remains that step is exact ag
 
 from __future__ import annotations
 
-import torch
 from torch.fx import Graph, Node
 
 from macopt import ops
 from macopt.passes.graph_insert import call, size_arg
-from macopt.passes.graph_utils import aten
-from macopt.passes.key_range import key_range
+from macopt.passes.graph_utils import fake, prims
+from macopt.passes.key_range import row_ranges
 from macopt.passes.method_rewrites import DecodeInputs
 from macopt.passes.sites import AttentionSite
 
@@ -36,17 +37,11 @@ def exact_where_holes(graph: Graph, site: AttentionSite, inputs: DecodeInputs, o
     if inputs.key_mask is None:
         return out
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
-    first, last = key_range(graph, site, inputs.key_mask, batch, n_keys)
-    # A row is one range when it attends exactly last - first + 1 keys.
-    attended = call(graph, aten.sum.dim_IntList, (inputs.key_mask, [-1]), site,
-                    {"dtype": torch.int32})
-    span = call(graph, aten.add.Tensor, (call(graph, aten.sub.Tensor, (last, first), site), 1),
-                site)
-    holes = call(graph, aten.ne.Tensor, (attended, span), site)
-    # Rows without holes get the empty range [first, first): the exact op reads nothing there.
-    ends = call(graph, aten.where.self, (holes, call(graph, aten.add.Tensor, (last, 1), site),
-                                         first), site)
-    exact = call(graph, ops.DECODE_ATTENTION,
-                 (inputs.q, inputs.k, inputs.v, first, ends, inputs.key_mask, inputs.scale), site)
-    rows = call(graph, aten.reshape.default, (holes, [-1, 1, 1]), site)
-    return call(graph, aten.where.self, (rows, exact, out), site)
+    ranges = row_ranges(graph, site, inputs.key_mask, batch, n_keys)
+    if fake(out).dtype != fake(inputs.q).dtype:
+        out = call(graph, prims.convert_element_type.default, (out, fake(inputs.q).dtype), site)
+    # Rows without holes get the empty range [first, first): the exact op reads nothing there
+    # and passes their row of `out` through.
+    return call(graph, ops.DECODE_ATTENTION_OR,
+                (inputs.q, inputs.k, inputs.v, ranges.first, ranges.hole_ends, inputs.key_mask,
+                 inputs.scale, out), site)

@@ -251,3 +251,41 @@ def test_alternating_shapes_and_split_counts_each_match_the_reference():
         starts, ends = mixed_ranges(batch, 120)
         assert_matches_reference(q, k, v, starts, ends, num_splits=splits, block_n=16,
                                  fuse_merge=True)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_query_with_no_key_takes_its_row_of_otherwise(num_splits, dtype):
+    # The fallback mask_holes.py inserts: rows with an empty range pass `otherwise` through.
+    q, k, v = make_problem(batch=5, dtype=dtype, seed=3)
+    starts, ends = mixed_ranges(5, k.shape[2])  # row 2 has no key
+    starts, ends = starts.clone(), ends.clone()
+    ends[4] = starts[4]  # and row 4
+    mask = torch.rand(5, k.shape[2], generator=torch.Generator().manual_seed(1)) > 0.3
+    mask = mask.to(DEVICE)
+    otherwise = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q)
+    got = decode.decode_attention(q, k, v, starts, ends, mask, 0.125, num_splits,
+                                  otherwise=otherwise)
+    plain = decode.decode_attention(q, k, v, starts, ends, mask, 0.125, num_splits)
+    pos = torch.arange(k.shape[2], device=DEVICE)
+    attended = mask & (pos >= starts[:, None]) & (pos < ends[:, None])
+    empty = ~attended.any(-1)
+    assert empty.tolist()[2] and empty.tolist()[4] and not empty.all()
+    assert torch.equal(got[empty], otherwise[empty])
+    torch.testing.assert_close(got[~empty], plain[~empty], atol=0, rtol=0)
+    # the op's reference path (CPU) gives the same rows
+    via_op = torch.ops.macopt.decode_attention_or(q, k, v, starts, ends, mask, 0.125, otherwise)
+    assert torch.equal(via_op[empty], otherwise[empty])
+    torch.testing.assert_close(via_op[~empty], plain[~empty], **_tolerance(dtype))
+
+
+def _tolerance(dtype):
+    atol, _ = TOLERANCES[dtype]
+    return {"atol": atol, "rtol": atol}
+
+
+def test_the_fallback_op_refuses_an_otherwise_unlike_q():
+    q, k, v = make_problem(batch=2)
+    starts, ends = mixed_ranges(2, k.shape[2])
+    with pytest.raises(ValueError, match="otherwise"):
+        torch.ops.macopt.decode_attention_or(q, k, v, starts, ends, None, 0.125, q[:, :1])

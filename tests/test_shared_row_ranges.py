@@ -1,0 +1,57 @@
+"""A decode graph reads each row's key range from the model's one mask once, for every layer:
+the reduction over the mask (first, last, holes) is shared by the sites, not repeated per layer
+(one small kernel a step instead of one a layer)."""
+
+import pytest
+import torch
+
+import macopt
+from macopt.passes import manager
+from macopt.passes.graph_utils import INSERTED
+from tests.model_zoo import ZOO
+from tests.passes_harness import _fresh_compiles, generate
+
+aten = torch.ops.aten
+
+
+@pytest.fixture
+def rewritten_graphs(monkeypatch):
+    """Every graph macopt's passes rewrote, after the rewrite."""
+    seen = []
+    run = manager.run_passes
+
+    def spy(graph, *args, **kwargs):  # noqa: ANN001, ANN202
+        reports = run(graph, *args, **kwargs)
+        seen.append(graph)
+        return reports
+
+    monkeypatch.setattr(manager, "run_passes", spy)
+    return seen
+
+
+def _inserted(graph, target):
+    return [n for n in graph.nodes if n.target is target and n.meta.get(INSERTED)]
+
+
+@pytest.mark.parametrize("config,hole_checks", [
+    (macopt.ExactConfig(), 0),  # its op reads the mask itself: no hole check
+    (macopt.MACConfig(tau=1.0, t_min=0), 1),
+], ids=["exact", "mac"])
+def test_the_mask_is_reduced_once_per_decode_graph(config, hole_checks, rewritten_graphs):
+    model = ZOO["llama"].build()
+    layers = model.config.num_hidden_layers
+    assert layers >= 2
+    macopt.optimize(model, config)
+    with _fresh_compiles():
+        generate(model, 3, compiled=True)  # left-padded rows: a real mask
+    # exact: its op; MAC: the exact op its rows with holes take (mask_holes.py)
+    op = (torch.ops.macopt.decode_attention.default if hole_checks == 0
+          else torch.ops.macopt.decode_attention_or.default)
+    decode = [g for g in rewritten_graphs if _inserted(g, op)]
+    assert decode, "no decode graph was rewritten"
+    for graph in decode:
+        assert len(_inserted(graph, op)) == layers
+        assert len(_inserted(graph, aten.amax.default)) == 1
+        counts = [n for n in _inserted(graph, aten.sum.dim_IntList)
+                  if n.kwargs.get("dtype") == torch.int32]  # keys attended per row
+        assert len(counts) == hole_checks
