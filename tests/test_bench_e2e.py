@@ -246,7 +246,7 @@ def test_tiny_model_shape_and_weights_come_from_its_directory(tiny_lm_report):
     from macopt.evaluation.text import default_model
 
     config = e2e_model.model_config(default_model())
-    assert tiny_lm_report["config"]["shape"] == dataclasses.asdict(e2e_model.shape_of(config))
+    assert tiny_lm_report["config"]["shape"] == dataclasses.asdict(e2e.shape_of(config))
     assert tiny_lm_report["config"]["shape"]["layers"] == 4
     # Tied embeddings: the output projection reads the whole table every step (fp32 on CPU).
     model = e2e_model.load_model(default_model(), "cpu", torch.float32)

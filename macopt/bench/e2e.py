@@ -40,7 +40,7 @@ import torch
 from macopt import method_spec
 from macopt.bench import timing
 from macopt.bench.decode import DTYPES, first_line, parse_sizes
-from macopt.bench.model_shape import CACHE_ROUNDING, ModelShape
+from macopt.bench.e2e_model import CACHE_ROUNDING
 from macopt.config import MACConfig, TopKPhiConfig
 from macopt.method_spec import Method
 
@@ -63,6 +63,42 @@ PREFILL_REFERENCES = {
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """A Llama configuration (Llama-3.1-8B by default)."""
+
+    layers: int = 32
+    hidden: int = 4096
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    intermediate: int = 14336
+    vocab: int = 128256
+    rope_theta: float = 500000.0
+
+    def parameters(self) -> int:
+        """Weights of the model (tied embeddings not assumed: embedding and head)."""
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.intermediate
+        return 2 * self.vocab * self.hidden + self.layers * (attention + mlp + 2 * self.hidden)
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """K and V bytes of one token over all layers."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * itemsize
+
+
+def shape_of(config: Any) -> ModelShape:
+    """The model's sizes (what the bytes roofline counts)."""
+    heads = config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    return ModelShape(
+        layers=config.num_hidden_layers, hidden=config.hidden_size, heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        intermediate=config.intermediate_size, vocab=config.vocab_size,
+        rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 0.0))))
 
 
 def parse_method(spec: str, ring_size: int = 512, offset: int = 256,
@@ -1163,7 +1199,7 @@ def _model_defaults(args: argparse.Namespace, given: dict) -> tuple[dict, ModelS
     defaults = {"methods": e2e_model.default_methods(args.model), "contexts": contexts,
                 "prefill_contexts": (max(contexts),) if contexts else (),
                 "prefill_methods": e2e_model.DEFAULT_PREFILL_METHODS}
-    return defaults, e2e_model.shape_of(text)
+    return defaults, shape_of(text)
 
 
 def _main(args: argparse.Namespace) -> int:
