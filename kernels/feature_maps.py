@@ -1,4 +1,5 @@
-"""Positive feature maps phi_q, phi_k for the Top-K + phi completion (ALGORITHMS.md, section 2).
+"""Positive feature maps phi_q, phi_k for the Top-K + phi completion (docs/ALGORITHMS.md,
+section 2).
 
 For every head ``h`` of a layer site, with input ``x`` (a post-RoPE query or key, ``[D]``)::
 

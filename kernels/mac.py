@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
-from macopt.kernels.decode import _interpreting, _launch_config, _multiprocessor_count
+from macopt.kernels.launch import decode_launch_config, interpreting, multiprocessor_count
 from macopt.kernels.mac_reference import MACRing, MatchCandidates, threshold
 from macopt.kernels.merge import merge_finish, merge_step
 
@@ -74,8 +74,8 @@ _MATCH_BLOCK_M = 64  # ring slots per tile: 16 KB of bf16 queries at D = 128
 
 @dataclasses.dataclass
 class StepTuning:
-    """Launch choices that change only the step's speed (``macopt.bench.mac_variants`` sweeps
-    them; BENCHMARKS.md section 2h)."""
+    """Launch choices that change only the step's speed (examples/research/mac_variants.py
+    sweeps them; BENCHMARKS.md section 2h)."""
 
     # Item states the finalize merges a pass. On the H200, 32 at 4 warps against 8: hit rate
     # 0.95 -3.2 us a layer at batch 1, 8K (-4.8 at 128K), all-miss -1.3, all-hit +0.7.
@@ -475,7 +475,7 @@ def _match_programs(batch: int, q_heads: int, ring_size: int, device: torch.devi
     """Programs per (row, query head) for the match: enough to put ~2 programs on every SM
     (batch 1 has only Hq heads), each scanning whole tiles."""
     tiles = triton.cdiv(ring_size, _MATCH_BLOCK_M)
-    wanted = triton.cdiv(2 * _multiprocessor_count(device), max(batch * q_heads, 1))
+    wanted = triton.cdiv(2 * multiprocessor_count(device), max(batch * q_heads, 1))
     return max(1, min(tiles, wanted))
 
 
@@ -535,7 +535,8 @@ def mac_decode_step(
     kv_heads, n_keys = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     n_groups = batch * kv_heads
-    config = _launch_config(batch, kv_heads, n_keys, head_dim, group, q.device, k.element_size())
+    config = decode_launch_config(batch, kv_heads, n_keys, head_dim, group, q.device,
+                                  k.element_size())
     target_items = n_groups * (num_splits or config.num_splits)
     n_programs = target_items + n_groups  # each group rounds its item count up at most once
     block_n = block_n or config.block_n
@@ -569,7 +570,7 @@ def mac_decode_step(
         ring_size, offset, sinks, t_min,
         *q.stride(), *k.stride(), *v.stride(), *part_o.stride(), *part_lse.stride(),
         *hit.stride(),
-        STREAM_MISSES=stream_misses, UPCAST=_interpreting(),
+        STREAM_MISSES=stream_misses, UPCAST=interpreting(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_R=block_r, BLOCK_GROUPS=triton.next_power_of_2(n_groups),

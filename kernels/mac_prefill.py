@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
-from macopt.kernels.decode import _interpreting
+from macopt.kernels.launch import interpreting
 from macopt.kernels.mac_reference import MACRing
 
 Tensor = torch.Tensor
@@ -120,10 +120,10 @@ def prefill_entries_(
                          f"{tuple(q_pre.shape)}")
     kv_heads, n_keys = k.shape[1], k.shape[2]
     ring_size = ring.size
-    interpreting = _interpreting()
+    upcast = interpreting()
     block_q = block_q or min(64, triton.next_power_of_2(ring_size))
     block_n = block_n or (32 if head_dim > 128 or q_post.dtype == torch.float32 else 64)
-    if interpreting:
+    if upcast:
         block_q, block_n = max(block_q, 16), max(block_n, 16)  # tl.dot needs 16
     if ring.pos.shape[0] != batch or ring.q.shape[1] != q_heads or ring.q.shape[3] != head_dim:
         raise ValueError(f"ring: expected [{batch}, {q_heads}, M, {head_dim}] (the batch's rows), "
@@ -136,7 +136,7 @@ def prefill_entries_(
         ring_size, offset, sinks,
         *q_post.stride(), *q_pre.stride(), *k.stride(), *v.stride(),
         *rows.q.stride(), *rows.o.stride(), *rows.lse.stride(),
-        UPCAST=interpreting, DOT_PRECISION="ieee" if q_post.dtype == torch.float32 else "tf32",
+        UPCAST=upcast, DOT_PRECISION="ieee" if q_post.dtype == torch.float32 else "tf32",
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4, num_stages=2,
     )

@@ -1,6 +1,6 @@
 """MAC-Attention (Match, Amend, Complete) in plain PyTorch: the oracle for :mod:`.mac`.
 
-Docs: ALGORITHMS.md, section 1. Shapes follow :mod:`macopt.kernels.reference`: a decode query
+Docs: docs/ALGORITHMS.md, section 1. Shapes follow :mod:`macopt.kernels.reference`: a decode query
 ``q[B, Hq, D]``, a KV cache ``k, v[B, Hkv, N, D]`` (query head ``h`` reads KV head ``h // g``),
 fp32 states ``(o, lse)`` with the empty state ``(0, -inf)``.
 

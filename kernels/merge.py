@@ -1,4 +1,4 @@
-"""Triton kernels that merge partial attention states (docs: ALGORITHMS.md, section 0).
+"""Triton kernels that merge partial attention states (docs: docs/ALGORITHMS.md, section 0).
 
 A state is ``(o[..., D], lse[...])`` in fp32 with ``lse`` a natural log; the empty state is
 ``(0, -inf)``. Merging never produces NaN: an all-empty merge gives the empty state.

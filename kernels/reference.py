@@ -1,6 +1,6 @@
 """Reference math for partial attention states, in plain PyTorch.
 
-This is the oracle every kernel is tested against (docs: ALGORITHMS.md, section 0).
+This is the oracle every kernel is tested against (docs: docs/ALGORITHMS.md, section 0).
 
 Conventions used across macopt:
 

@@ -1,4 +1,4 @@
-"""Triton kernels for Top-K + phi decoding (ALGORITHMS.md, section 2; math in
+"""Triton kernels for Top-K + phi decoding (docs/ALGORITHMS.md, section 2; math in
 :mod:`macopt.kernels.topk_phi_reference`, shapes and conventions as there).
 
 Prefill:
@@ -31,15 +31,13 @@ evaluated in-kernel from its :class:`~macopt.kernels.feature_maps.FoldedFeatureM
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from macopt.kernels.attention_tile import load_kv_tile, online_softmax_update
 from macopt.kernels.feature_maps import FoldedFeatureMap
+from macopt.kernels.launch import interpreting, multiprocessor_count
 from macopt.kernels.page_select import select_page_tokens
 from macopt.kernels.topk_phi_reference import GroupCounts, PageBounds, PhiSummary
 
@@ -554,10 +552,6 @@ def _complete_kernel(
     tl.store(out_lse_ptr + q_rows, lse, mask=row_ok)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -577,16 +571,9 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
-@functools.cache
-def _multiprocessor_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # CPU interpreter: every program runs in Python, so fewer is faster
-
-
 def _num_splits(programs: int, n_items: int, block_n: int, device: torch.device) -> int:
     """Splits per (row, KV head) from static sizes: ~4 programs per SM, >= 2 blocks a split."""
-    splits = triton.cdiv(4 * _multiprocessor_count(device), max(programs, 1))
+    splits = triton.cdiv(4 * multiprocessor_count(device), max(programs, 1))
     return max(1, min(splits, triton.cdiv(n_items, 2 * block_n), _MAX_SPLITS))
 
 
@@ -695,7 +682,7 @@ def page_scores(q: Tensor, bounds: PageBounds, mid_start: Tensor, mid_end: Tenso
     _page_scores_kernel[grid](
         q, bounds.kmin.contiguous(), bounds.kmax.contiguous(), mid_start, mid_end, scores,
         n_kv_heads, n_pages, group, head_dim, scale, *q.stride(),
-        PAGE_SIZE=page_size, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
+        PAGE_SIZE=page_size, UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_G=_pow2(group), BLOCK_P=block_p, BLOCK_D=_pow2(head_dim),
         **_skip_args(skip, batch, n_kv_heads),
     )
@@ -804,7 +791,7 @@ def _decode(
         *weights, o_parts, lse_parts, sub_u, sub_n,
         scale * _LOG2_E, n_kv_heads, n_keys, n_selected, group, head_dim, d_phi, width,
         num_splits, *q.stride(), *k.stride(), *v.stride(), *selected.stride(),
-        HAS_MLP=phi_k.has_mlp, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
+        HAS_MLP=phi_k.has_mlp, UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
         HALF=_half_features(q.dtype), SHARE_PRECISION=_share_precision(q.dtype),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_F=block_f,
         BLOCK_E=_pow2(width), num_warps=num_warps or 4, **skip_args,

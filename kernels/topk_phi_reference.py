@@ -1,4 +1,5 @@
-"""Top-K + phi retrieval with feature-map completion, in plain PyTorch (ALGORITHMS.md, section 2).
+"""Top-K + phi retrieval with feature-map completion, in plain PyTorch (docs/ALGORITHMS.md,
+section 2).
 
 The oracle the Triton kernels of :mod:`macopt.kernels.topk_phi` are tested against. Shapes and
 conventions as in :mod:`macopt.kernels.reference`: ``q[B, Hq, D]``, ``k, v[B, Hkv, N, D]``,

@@ -1,13 +1,5 @@
 """macopt: fast long-context decoding by rewriting attention to macopt's Triton kernels."""
 
-from macopt import (  # noqa: F401  (register ops)
-    causal_prefill_ops,
-    mac_ops,
-    mac_topk_phi_ops,
-    ops,
-    topk_phi_ops,
-    topk_phi_site,
-)
 from macopt.api import backend, explain, install_passes, optimize
 from macopt.config import ExactConfig, MACConfig, MACTopKPhiConfig, MethodConfig, TopKPhiConfig
 from macopt.pretrained import from_pretrained

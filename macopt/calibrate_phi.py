@@ -1,4 +1,4 @@
-"""Distil the Top-K + phi feature maps from a frozen model's own attention (ALGORITHMS.md, 2).
+"""Distil the Top-K + phi feature maps from a frozen model's own attention (docs/ALGORITHMS.md, 2).
 
 1. :func:`capture_attention` runs the model on calibration tokens and records, per layer, the
    post-RoPE queries and keys its attention receives. It registers a Hugging Face attention
@@ -12,7 +12,8 @@
    student = ``log <phi_q(q), phi_k(k)>``, with the paper's loss (:func:`phi_loss`). It is
    resumable from a checkpoint file.
 3. The maps are saved with :func:`macopt.kernels.feature_maps.save_feature_maps`, one site per
-   layer named :func:`site_name`, by default next to the model (:data:`PHI_FILENAME`).
+   layer named :func:`site_name`, by default next to the model
+   (:data:`macopt.phi_files.PHI_FILENAME`).
 
 >>> captured = capture_attention(model, token_ids)                      # doctest: +SKIP
 >>> maps, history = calibrate_feature_maps(captured, CalibrationConfig(steps=50))  # doctest: +SKIP
@@ -31,25 +32,20 @@ import torch
 import torch.nn.functional as F
 
 from macopt.kernels.feature_maps import FeatureMaps, positive_random_features
-from macopt.phi_init import probe_feature_maps
+from macopt.phi_files import site_name
+from macopt.phi_init import CapturedLayer, probe_feature_maps
 
 Tensor = torch.Tensor
-PHI_FILENAME = "macopt_phi.safetensors"
 INITS = ("probe", "prf")
 _CAPTURE_NAME = "macopt_capture"
 _MIN_MID = 8  # a training query needs at least this many middle keys
-
-
-def site_name(layer: int) -> str:
-    """The key of layer ``layer``'s maps in a phi file: ``layer.3``."""
-    return f"layer.{layer}"
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     """What to train and for how long; small by default (minutes on a GPU for an 8B model).
 
-    ``temperature`` is the KL's tau (ALGORITHMS.md does not fix it; 2 softens the teacher as
+    ``temperature`` is the KL's tau (docs/ALGORITHMS.md does not fix it; 2 softens the teacher as
     in common distillation practice). ``d_phi`` None uses the head dim, as the paper does.
     ``init``: where training starts, ``"probe"`` (:mod:`macopt.phi_init`: centred probe
     features measured on the captured data, with ``margin`` standard deviations of safety on
@@ -84,18 +80,6 @@ class CalibrationConfig:
         if self.init == "prf" and self.d_phi is not None and self.d_phi % 2:
             raise ValueError(f"CalibrationConfig.d_phi: the prf init needs an even d_phi "
                              f"(antithetic pairs), got {self.d_phi}")
-
-
-@dataclass
-class CapturedLayer:
-    """One layer's post-RoPE attention inputs: ``q[S, Hq, L, D]``, ``k[S, Hkv, L, D]``, and
-    ``v[S, Hkv, L, D]`` when captured with ``values=True`` (fidelity measurements need it,
-    training does not)."""
-
-    q: Tensor
-    k: Tensor
-    scale: float
-    v: Tensor | None = None
 
 
 # --- capture ---------------------------------------------------------------------------------
@@ -303,41 +287,3 @@ def _load_checkpoint(path: Path, maps, optimizer, config) -> list[float]:
         module.load_state_dict(state["maps"][name])
     optimizer.load_state_dict(state["optimizer"])
     return list(state["history"])[: config.steps]
-
-
-def read_feature_maps(path: str | Path) -> dict[str, FeatureMaps]:
-    """:func:`~macopt.kernels.feature_maps.load_feature_maps` with errors that name the file
-    (a missing or corrupt phi file otherwise fails deep inside safetensors)."""
-    from macopt.kernels.feature_maps import load_feature_maps
-
-    if not Path(path).is_file():
-        raise ValueError(f"feature_maps: {path} does not exist (write it with `macopt "
-                         "calibrate MODEL --method topk_phi`)")
-    try:
-        return load_feature_maps(path)
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"feature_maps: {path} is not a readable phi maps file "
-                         f"({type(err).__name__}: {err})") from None
-
-
-def maps_for_kv_heads(maps: FeatureMaps, n_kv_heads: int) -> FeatureMaps:
-    """``maps`` for a site whose keys have ``n_kv_heads`` heads.
-
-    Calibration captures keys before grouped-query attention repeats them (one phi_k per KV
-    head), but a site may see them repeated (``repeat_kv``: one per query head). Repeating
-    phi_k's heads the same way gives each repeated key its own KV head's map.
-    """
-    have = maps.phi_k.n_heads
-    if have == n_kv_heads:
-        return maps
-    if n_kv_heads % have:
-        raise ValueError(f"feature_maps: phi_k has {have} KV heads, the attention site has "
-                         f"{n_kv_heads} (not a multiple): maps calibrated on another model?")
-    phi_k = maps.phi_k
-    repeated = FeatureMaps(maps.phi_q.n_heads, n_kv_heads, phi_k.head_dim, phi_k.d_phi,
-                           phi_k.w_s.shape[1], phi_k.w_1.shape[1])
-    repeated.phi_q.load_state_dict(maps.phi_q.state_dict())
-    group = n_kv_heads // have
-    repeated.phi_k.load_state_dict({name: p.repeat_interleave(group, 0)
-                                    for name, p in phi_k.state_dict().items()})
-    return repeated.to(phi_k.w_s.device)

@@ -127,3 +127,8 @@ def causal_prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, caus
 def _(q, k, v, mask, causal, scale, layout):
     _check_attention(q, k, v, mask, causal, layout, sizes=False)
     return _output_like(q, v, layout)
+
+
+# What passes/causal_prefill.py inserts.
+MASK_IS_CAUSAL = torch.ops.macopt.mask_is_causal.default
+CAUSAL_PREFILL_ATTENTION = torch.ops.macopt.causal_prefill_attention.default

@@ -1,9 +1,9 @@
 """Method configurations: frozen dataclasses, one per attention method (torchao style).
 
 A config names its method (``method``) and what the passes must find for it
-(``needs_pre_rope_query``). The graph passes look the method name up in their registry of
-decode rewrites (:data:`macopt.passes.decode_rewrite.DECODE_REWRITES`), so a new method plugs
-in by adding a config class here and registering its rewrite there; nothing branches on names.
+(``needs_pre_rope_query``). The graph passes find a site's method by its config's type in
+their registry (``passes/methods.py``), so a new method plugs in by adding a config class here
+and one line there (docs/LAYOUT.md); nothing branches on names.
 
 >>> ExactConfig().method
 'exact'
@@ -87,7 +87,7 @@ SELECTORS = ("channel", "page", "exact", "sketch")
 
 @dataclass(frozen=True)
 class TopKPhiConfig(MethodConfig):
-    """Top-K retrieval with feature-map completion (ALGORITHMS.md, section 2). Approximate by
+    """Top-K retrieval with feature-map completion (docs/ALGORITHMS.md, section 2). Approximate by
     design: the unretrieved middle of the prompt is summarised by positive feature maps phi.
 
     Every decode step attends exactly to ``sinks`` first and ``tail`` last prompt keys, every
@@ -314,7 +314,7 @@ RADII = ("relative", "absolute")
 
 @dataclass(frozen=True)
 class MACConfig(MethodConfig):
-    """MAC-Attention (Match, Amend, Complete; ALGORITHMS.md, section 1). Approximate by design:
+    """MAC-Attention (Match, Amend, Complete; docs/ALGORITHMS.md, section 1). Approximate by design:
     a decode query close to a recent one reuses that query's attention over the old keys.
 
     Per attention site and batch row, a ring keeps the last ``ring_size`` (M) pre-RoPE queries

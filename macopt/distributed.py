@@ -149,8 +149,8 @@ def rank_feature_maps(shard: SiteShard, key_heads: int, head_dim: int, d_phi: in
     draws), sliced to the rank's query heads and to its ``key_heads`` key heads (KV heads, or
     query heads where the site repeats its keys). Drawing per rank would give every rank the
     first heads' maps."""
-    from macopt.calibrate_phi import maps_for_kv_heads
     from macopt.kernels.feature_maps import FeatureMaps, positive_random_features
+    from macopt.phi_files import maps_for_kv_heads
 
     keys = shard.key if key_heads == shard.key.count else shard.query
     if maps is None:

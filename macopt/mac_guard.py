@@ -18,7 +18,6 @@ import torch
 
 from macopt import state
 from macopt.kernels.mac_counters import COUNTERS
-from macopt.passes import scope
 
 GUARD_STEPS = 16
 HIT_LIMIT = 0.9
@@ -64,10 +63,9 @@ def on_decode(site_id: int, counters: torch.Tensor, config_hint: str = "") -> No
 
 def site_name(site_id: int) -> str:
     """The attention module of ``site_id`` (its qualified name while it is optimized)."""
-    for known in list(scope._KNOWN.values()):  # the passes' own registry of live modules
-        if known.site_id == site_id and known.scope is not None:
-            return f"attention site {known.scope.qualname!r} (site {site_id})"
-    return f"attention site {site_id}"
+    name = state.label_of(site_id)
+    return f"attention site {site_id}" if name is None else (
+        f"attention site {name!r} (site {site_id})")
 
 
 def reset() -> None:

@@ -14,21 +14,81 @@ needs only the pre-RoPE query: the pass puts it right after the query projection
 it runs on a side stream, :mod:`macopt.side_stream`) and ``mac_decode_matched`` (the rest of
 the step, from the match's candidates). Both forms compute the same step.
 
+A site's constants travel as one :class:`MACParams` (built from a :class:`MACConfig` by
+:meth:`MACParams.from_config`); the ops' schemas list its fields flat
+(:mod:`macopt.site_params`).
+
 >>> o = torch.ops.macopt.mac_decode(q, q_pre, k, v, t, s0, 0.125, 0, 512, 256, 0, 0.45,
 ...                                 2048, 16, 0)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from macopt import mac_guard, mac_state, side_stream
+from macopt.config import MACConfig
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.mac_reference import MACRing, MatchCandidates
 from macopt.ops import _use_triton
+from macopt.site_params import SiteParams, site_op
 from macopt.validation import check_decode_inputs
 
 Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class MACParams(SiteParams):
+    """A MAC site's constants, as the decode ops take them (``batch_capacity`` 0: the batch of
+    the first call)."""
+
+    ring_size: int
+    offset: int
+    sinks: int
+    tau: float
+    t_min: int
+    max_chain_depth: int
+    batch_capacity: int
+
+    @classmethod
+    def from_config(cls, config: MACConfig) -> MACParams:
+        return cls(config.ring_size, config.offset, config.sinks, config.tau, config.t_min,
+                   config.max_chain_depth, config.batch_capacity or 0)
+
+    def match(self) -> MACMatchParams:
+        return MACMatchParams(self.ring_size, self.t_min, self.max_chain_depth,
+                              self.batch_capacity)
+
+    def prefill(self) -> MACPrefillParams:
+        return MACPrefillParams(self.ring_size, self.offset, self.sinks, self.batch_capacity)
+
+    def step_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of a decode step (kernel or reference)."""
+        return dict(offset=self.offset, sinks=self.sinks, tau=self.tau, t_min=self.t_min,
+                    max_depth=self.max_chain_depth)
+
+
+@dataclass(frozen=True)
+class MACMatchParams(SiteParams):
+    """What ``mac_match`` reads of :class:`MACParams`."""
+
+    ring_size: int
+    t_min: int
+    max_chain_depth: int
+    batch_capacity: int
+
+
+@dataclass(frozen=True)
+class MACPrefillParams(SiteParams):
+    """What ``mac_prefill`` reads of :class:`MACParams`."""
+
+    ring_size: int
+    offset: int
+    sinks: int
+    batch_capacity: int
 
 
 def _check_decode(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor,
@@ -39,79 +99,76 @@ def _check_decode(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Ten
                          f"{tuple(q_pre.shape)}")
 
 
-@torch.library.custom_op("macopt::mac_decode", mutates_args=())
+@site_op("macopt::mac_decode", MACParams)
 def mac_decode(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_starts: Tensor,
-    scale: float, site_id: int, ring_size: int, offset: int, sinks: int, tau: float,
-    t_min: int, max_depth: int, batch_capacity: int,
+    scale: float, site_id: int, params: MACParams,
 ) -> Tensor:
     """One MAC decode step ``o[B,Hq,D]`` of row ``b`` at cache position ``positions[b]`` over
     keys ``[key_starts[b], positions[b]]``; updates the site's ring and counters in place."""
     _check_decode(q, q_pre, k, v, positions, key_starts)
-    params = dict(offset=offset, sinks=sinks, tau=tau, t_min=t_min, max_depth=max_depth)
-    return _decode_step(q, q_pre, k, v, positions, key_starts, scale, site_id, ring_size,
-                        batch_capacity, params, candidates=None)
+    return _decode_step(q, q_pre, k, v, positions, key_starts, scale, site_id, params,
+                        candidates=None)
 
 
 def _decode_step(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor,
-                 key_starts: Tensor, scale: float, site_id: int, ring_size: int,
-                 batch_capacity: int, params: dict,
+                 key_starts: Tensor, scale: float, site_id: int, params: MACParams,
                  candidates: MatchCandidates | None) -> Tensor:
     """The step on the site's ring (its own match unless ``candidates`` are given), adding
     it to the site's counters."""
-    ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
+    ring, counters = mac_state.ring_for(site_id, q_pre, params.ring_size, params.batch_capacity)
     if _use_triton(q.device):
         from macopt.kernels import mac
 
         # The finalize launch adds the step to the counters: no separate counting launch.
         o, _, _ = mac.mac_decode_step(q, q_pre, k, v, ring, positions, key_starts, scale,
-                                      counters=counters, candidates=candidates, **params)
+                                      counters=counters, candidates=candidates,
+                                      **params.step_kwargs())
     else:
         o, hit, keys_read = mac_reference.mac_decode_step(
-            q, q_pre, k, v, ring, positions, key_starts, scale, candidates=candidates, **params)
+            q, q_pre, k, v, ring, positions, key_starts, scale, candidates=candidates,
+            **params.step_kwargs())
         mac_counters.count_decode_reference_(counters, hit, keys_read, positions, key_starts)
     mac_guard.on_decode(site_id, counters)
     return o
 
 
 @mac_decode.register_fake
-def _(q, q_pre, k, v, positions, key_starts, scale, site_id, ring_size, offset, sinks, tau,
-      t_min, max_depth, batch_capacity):
+def _(q, q_pre, k, v, positions, key_starts, scale, site_id, params):
     _check_decode(q, q_pre, k, v, positions, key_starts)
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("macopt::mac_match", mutates_args=())
+@site_op("macopt::mac_match", MACMatchParams)
 def mac_match(
-    q_pre: Tensor, positions: Tensor, key_starts: Tensor, site_id: int, ring_size: int,
-    t_min: int, max_depth: int, batch_capacity: int,
+    q_pre: Tensor, positions: Tensor, key_starts: Tensor, site_id: int, params: MACMatchParams,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The match of a MAC decode step (:class:`MatchCandidates` ``d, pos, ok[B, Hq, R]``) on
     the site's ring as it is before this step; :func:`mac_decode_matched` takes the rest. On
     CUDA it is launched on the side stream (:mod:`macopt.side_stream`)."""
     _check_match(q_pre, positions, key_starts)
-    ring, _ = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
+    ring, _ = mac_state.ring_for(site_id, q_pre, params.ring_size, params.batch_capacity)
     if not _use_triton(q_pre.device):
         return tuple(mac_reference.nearest_entries(q_pre, ring, positions, key_starts,
-                                                   max_depth=max_depth))
+                                                   max_depth=params.max_chain_depth))
     from macopt.kernels import mac
 
     positions, key_starts = positions.contiguous(), key_starts.contiguous()
     # Allocated before the fork: the side stream allocates nothing.
-    found = mac.empty_candidates(q_pre, ring_size)
+    found = mac.empty_candidates(q_pre, params.ring_size)
     with side_stream.forked(q_pre.device, q_pre, positions, key_starts):
-        mac.match_candidates(q_pre, ring, positions, key_starts, t_min=t_min,
-                             max_depth=max_depth, out=found)
+        mac.match_candidates(q_pre, ring, positions, key_starts, t_min=params.t_min,
+                             max_depth=params.max_chain_depth, out=found)
     return tuple(found)
 
 
 @mac_match.register_fake
-def _(q_pre, positions, key_starts, site_id, ring_size, t_min, max_depth, batch_capacity):
+def _(q_pre, positions, key_starts, site_id, params):
     _check_match(q_pre, positions, key_starts)
     if _use_triton(q_pre.device):
         from macopt.kernels import mac
 
-        return tuple(mac.empty_candidates(q_pre, ring_size))
+        return tuple(mac.empty_candidates(q_pre, params.ring_size))
     batch, q_heads, _ = q_pre.shape
     return tuple(q_pre.new_empty(batch, q_heads, 1, dtype=dtype)
                  for dtype in (torch.float32, torch.int32, torch.uint8))
@@ -125,25 +182,23 @@ def _check_match(q_pre: Tensor, positions: Tensor, key_starts: Tensor) -> None:
             raise ValueError(f"{name}: expected shape ({q_pre.shape[0]},), got {tuple(t.shape)}")
 
 
-@torch.library.custom_op("macopt::mac_decode_matched", mutates_args=())
+@site_op("macopt::mac_decode_matched", MACParams)
 def mac_decode_matched(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_starts: Tensor,
     cand_d: Tensor, cand_pos: Tensor, cand_ok: Tensor, scale: float, site_id: int,
-    ring_size: int, offset: int, sinks: int, tau: float, t_min: int, max_depth: int,
-    batch_capacity: int,
+    params: MACParams,
 ) -> Tensor:
     """:func:`mac_decode` given this step's :func:`mac_match` (its three tensors, in order):
     the same step, without its own match."""
     _check_decode(q, q_pre, k, v, positions, key_starts)
     side_stream.join(q.device)  # the match ran on the side stream (CUDA)
-    params = dict(offset=offset, sinks=sinks, tau=tau, t_min=t_min, max_depth=max_depth)
-    return _decode_step(q, q_pre, k, v, positions, key_starts, scale, site_id, ring_size,
-                        batch_capacity, params, MatchCandidates(cand_d, cand_pos, cand_ok))
+    return _decode_step(q, q_pre, k, v, positions, key_starts, scale, site_id, params,
+                        MatchCandidates(cand_d, cand_pos, cand_ok))
 
 
 @mac_decode_matched.register_fake
 def _(q, q_pre, k, v, positions, key_starts, cand_d, cand_pos, cand_ok, scale, site_id,
-      ring_size, offset, sinks, tau, t_min, max_depth, batch_capacity):
+      params):
     _check_decode(q, q_pre, k, v, positions, key_starts)
     return torch.empty_like(q)
 
@@ -163,11 +218,10 @@ def check_prefill_inputs(attn_out: Tensor, q_post: Tensor, q_pre: Tensor, k: Ten
             raise ValueError(f"{name}: expected shape ({batch},), got {tuple(t.shape)}")
 
 
-@torch.library.custom_op("macopt::mac_prefill", mutates_args=())
+@site_op("macopt::mac_prefill", MACPrefillParams)
 def mac_prefill(
     attn_out: Tensor, q_post: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, key_starts: Tensor,
-    ends: Tensor, scale: float, site_id: int, ring_size: int, offset: int, sinks: int,
-    batch_capacity: int,
+    ends: Tensor, scale: float, site_id: int, params: MACPrefillParams,
 ) -> Tensor:
     """A copy of ``attn_out``; rewrites every ring slot of the site's first ``B`` rows with
     the exact entries of the prompt chunk (queries at cache positions ``[ends[b] - N,
@@ -175,8 +229,9 @@ def mac_prefill(
     ``k``): the reset that starts new sequences. A chunk continuing a sequence fills the slots
     of its own positions; older ones stay empty (misses until decoding refills them)."""
     check_prefill_inputs(attn_out, q_post, q_pre, k, key_starts, ends)
-    ring, counters = mac_state.ring_for(site_id, q_pre, ring_size, batch_capacity)
-    write_prefill_entries(ring, q_post, q_pre, k, v, scale, key_starts, ends, offset, sinks)
+    ring, counters = mac_state.ring_for(site_id, q_pre, params.ring_size, params.batch_capacity)
+    write_prefill_entries(ring, q_post, q_pre, k, v, scale, key_starts, ends, params.offset,
+                          params.sinks)
     counters[mac_counters.COUNTERS.index("prefills")] += 1
     mac_guard.on_prefill(site_id, counters)
     return attn_out.clone()
@@ -198,7 +253,6 @@ def write_prefill_entries(ring: MACRing, q_post: Tensor, q_pre: Tensor, k: Tenso
 
 
 @mac_prefill.register_fake
-def _(attn_out, q_post, q_pre, k, v, key_starts, ends, scale, site_id, ring_size, offset,
-      sinks, batch_capacity):
+def _(attn_out, q_post, q_pre, k, v, key_starts, ends, scale, site_id, params):
     check_prefill_inputs(attn_out, q_post, q_pre, k, key_starts, ends)
     return torch.empty_like(attn_out)

@@ -16,8 +16,7 @@ The Top-K + phi summary is built at prefill with the tail ``max(topk_phi.tail, S
 at ``mid_end <= N - S < E(t)`` for every decode position ``t >= N``: step 1 never summarises a
 key that MAC's tail attends. On the Triton path MAC's match runs first and step 1 skips the
 (row, KV head) groups whose heads all hit (:func:`macopt.kernels.mac.all_hit_groups`; they
-read no page bound, key or summary); ``skip_hit_groups=False`` computes every group (the
-first version, kept for comparison). The counters report what the method needs: a hit's band
+read no page bound, key or summary). The counters report what the method needs: a hit's band
 and tail, a miss's tail plus the keys its Top-K + phi state attends exactly (sinks, retrieved,
 ``[mid_end, E(t))``); the page bounds and summary it reads are not keys and are not counted
 here (``macopt eval`` adds them as key-row equivalents).
@@ -40,17 +39,68 @@ from dataclasses import dataclass
 import torch
 
 from macopt import mac_guard, state, topk_phi_site
-from macopt.config import check_budget_args, resolve_budget
+from macopt.config import MACTopKPhiConfig, check_budget_args, resolve_budget
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.mac_counters import COUNTER_ROWS
 from macopt.kernels.mac_reference import MACRing
 from macopt.mac_ops import check_prefill_inputs, write_prefill_entries
 from macopt.ops import _use_triton
+from macopt.site_params import SiteParams, site_op
 from macopt.topk_phi_ops import TopKPhiState, decode_impl, topk_phi_prefill
+from macopt.topk_phi_site import TopKPhiPrefillParams
 from macopt.validation import check_decode_inputs
 
 Tensor = torch.Tensor
 METHOD = "mac_topk_phi"
+
+
+@dataclass(frozen=True)
+class MACTopKPhiDecodeParams(SiteParams):
+    """A MAC + Top-K + phi site's decode constants: MAC's (no sinks: Top-K + phi's cover
+    them) then Top-K + phi's selection (``budget``, ``budget_fraction`` as
+    :meth:`TopKPhiConfig.budget_args`)."""
+
+    ring_size: int
+    offset: int
+    tau: float
+    t_min: int
+    max_chain_depth: int
+    batch_capacity: int
+    budget: int
+    page_size: int
+    selector: str
+    budget_fraction: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: MACTopKPhiConfig) -> MACTopKPhiDecodeParams:
+        mac, topk = config.mac, config.topk_phi
+        budget, fraction = topk.budget_args()  # a fraction: resolved when the step runs
+        return cls(mac.ring_size, mac.offset, mac.tau, mac.t_min, mac.max_chain_depth,
+                   mac.batch_capacity or 0, budget, topk.page_size, topk.selector_spec(),
+                   fraction)
+
+
+@dataclass(frozen=True)
+class MACRingParams(SiteParams):
+    """The MAC ring a MAC + Top-K + phi prefill writes."""
+
+    ring_size: int
+    offset: int
+    batch_capacity: int
+
+
+@dataclass(frozen=True)
+class MACTopKPhiPrefillParams(TopKPhiPrefillParams, MACRingParams):
+    """A MAC + Top-K + phi site's prefill constants: :class:`MACRingParams`' fields, then
+    :class:`TopKPhiPrefillParams`' (the summary's tail at least MAC's offset)."""
+
+    @classmethod
+    def from_config(cls, config: MACTopKPhiConfig, layer: int, q_heads: int
+                    ) -> MACTopKPhiPrefillParams:
+        mac = config.mac
+        topk = TopKPhiPrefillParams.from_config(config.topk_phi, layer, q_heads,
+                                                tail=config.summary_tail)
+        return cls(mac.ring_size, mac.offset, mac.batch_capacity or 0, *topk.op_args())
 
 
 @dataclass
@@ -82,7 +132,6 @@ def decode_step(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, site: MACTopKPhiSite, positions: Tensor,
     key_starts: Tensor, scale: float, *, offset: int, tau: float, t_min: int, max_depth: int,
     budget: int, page_size: int, selector: str, counters: Tensor | None = None,
-    skip_hit_groups: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MAC + Top-K + phi decode step (see the module docstring); updates the ring in place.
 
@@ -91,9 +140,8 @@ def decode_step(
     ``q.dtype``, ``hit[B, Hq]`` and the keys each head attended ``[B, Hq]`` (int32); adds the
     step to ``counters`` (MAC's ``[COUNTER_ROWS, Hq]`` int64) when given. No host sync.
 
-    ``skip_hit_groups`` (Triton path): run MAC's match first and compute no Top-K + phi state
-    for (row, KV head) groups whose heads all hit (they would not read it); False computes it
-    for every group (v1, for comparison). Results are the same either way.
+    On the Triton path MAC's match runs first and no Top-K + phi state is computed for (row,
+    KV head) groups whose heads all hit (they would not read it).
 
     >>> o, hit, keys = decode_step(q, q_pre, k, v, site, t, s0, 0.125, offset=256, tau=0.45,
     ...                            t_min=2048, max_depth=16, budget=2622, page_size=32,
@@ -101,7 +149,7 @@ def decode_step(
     """
     topk, triton_path = site.topk, _use_triton(q.device)
     candidates = skip = None
-    if triton_path and skip_hit_groups:
+    if triton_path:
         from macopt.kernels import mac
 
         candidates = mac.match_candidates(q_pre, site.ring, positions, key_starts, t_min=t_min,
@@ -149,41 +197,41 @@ def _check_decode(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Ten
         raise ValueError(f"page_size: expected a power of two, got {page_size}")
 
 
-@torch.library.custom_op("macopt::mac_topk_phi_decode", mutates_args=())
+@site_op("macopt::mac_topk_phi_decode", MACTopKPhiDecodeParams)
 def mac_topk_phi_decode(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_starts: Tensor,
-    scale: float, site_id: int, ring_size: int, offset: int, tau: float, t_min: int,
-    max_depth: int, batch_capacity: int, budget: int, page_size: int, selector: str,
-    budget_fraction: float = 0.0,
+    scale: float, site_id: int, params: MACTopKPhiDecodeParams,
 ) -> Tensor:
     """One MAC + Top-K + phi decode step ``o[B, Hq, D]`` of row ``b`` at cache position
     ``positions[b]`` over keys ``[key_starts[b], positions[b]]`` (approximate); updates the
     site's ring and counters in place. The site's last prefill built its summary.
     ``budget_fraction`` > 0: K is that fraction of this step's cache length ``k.shape[2]``
     (:func:`macopt.config.resolve_budget`; ``budget`` is then unused)."""
-    _check_decode(q, q_pre, k, v, positions, key_starts, budget, page_size, budget_fraction)
-    budget = resolve_budget(budget, budget_fraction, k.shape[2])
+    p = params
+    _check_decode(q, q_pre, k, v, positions, key_starts, p.budget, p.page_size,
+                  p.budget_fraction)
+    budget = resolve_budget(p.budget, p.budget_fraction, k.shape[2])
     found = state.get(site_id)
     if found is None or found.method != METHOD:
         raise RuntimeError(f"macopt MAC + Top-K + phi: attention site {site_id} decodes before "
                            "any prefill built its state; run the prompt through the optimized "
                            "model first")
     site: MACTopKPhiSite = found.buffers.first_rows(q.shape[0])
-    if site.ring.size != ring_size or site.ring.q.shape[1:2] != q.shape[1:2]:
+    if site.ring.size != p.ring_size or site.ring.q.shape[1:2] != q.shape[1:2]:
         raise ValueError(f"macopt MAC + Top-K + phi: site {site_id}'s state holds a ring of "
                          f"{site.ring.size} slots for {site.ring.q.shape[1]} query heads, the "
-                         f"step has ring_size {ring_size} and {q.shape[1]} query heads")
-    o, _, _ = decode_step(q, q_pre, k, v, site, positions, key_starts, scale, offset=offset,
-                          tau=tau, t_min=t_min, max_depth=max_depth, budget=budget,
-                          page_size=page_size, selector=selector, counters=found.counters)
+                         f"step has ring_size {p.ring_size} and {q.shape[1]} query heads")
+    o, _, _ = decode_step(q, q_pre, k, v, site, positions, key_starts, scale, offset=p.offset,
+                          tau=p.tau, t_min=p.t_min, max_depth=p.max_chain_depth, budget=budget,
+                          page_size=p.page_size, selector=p.selector, counters=found.counters)
     mac_guard.on_decode(site_id, found.counters)
     return o
 
 
 @mac_topk_phi_decode.register_fake
-def _(q, q_pre, k, v, positions, key_starts, scale, site_id, ring_size, offset, tau, t_min,
-      max_depth, batch_capacity, budget, page_size, selector, budget_fraction=0.0):
-    _check_decode(q, q_pre, k, v, positions, key_starts, budget, page_size, budget_fraction)
+def _(q, q_pre, k, v, positions, key_starts, scale, site_id, params):
+    _check_decode(q, q_pre, k, v, positions, key_starts, params.budget, params.page_size,
+                  params.budget_fraction)
     return torch.empty_like(q)
 
 
@@ -211,25 +259,25 @@ def site_state(site_id: int, layer: int, q_pre: Tensor, k: Tensor, ring_size: in
     return found.buffers.first_rows(batch), found.counters
 
 
-@torch.library.custom_op("macopt::mac_topk_phi_prefill", mutates_args=())
+@site_op("macopt::mac_topk_phi_prefill", MACTopKPhiPrefillParams)
 def mac_topk_phi_prefill(
     attn_out: Tensor, q_post: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, key_starts: Tensor,
-    ends: Tensor, scale: float, site_id: int, layer: int, ring_size: int, offset: int,
-    batch_capacity: int, sinks: int, tail: int, page_size: int, use_pages: bool, d_phi: int,
-    completion: list[bool], feature_maps: str, seed: int, sketch: bool = False,
+    ends: Tensor, scale: float, site_id: int, layer: int, params: MACTopKPhiPrefillParams,
 ) -> Tensor:
     """A copy of ``attn_out[B, Hq, N, D]``; rebuilds the site's state from the prompt chunk
     (queries at cache positions ``[ends[b] - N, ends[b])``, row ``b``'s prompt ``[key_starts[b],
     ends[b])``): MAC's exact ring entries and the Top-K + phi summary of the middle
     ``[s0 + sinks, ends - tail)``. ``tail`` must be at least ``offset`` (S), so the summary
     ends before every decode step's ``E(t)``."""
-    _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends, offset, tail)
-    site, counters = site_state(site_id, layer, q_pre, k, ring_size, batch_capacity, use_pages,
-                                page_size, d_phi, completion, feature_maps, seed, sketch)
-    write_prefill_entries(site.ring, q_post, q_pre, k, v, scale, key_starts, ends, offset, 0)
+    p = params
+    _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends, p.offset, p.tail)
+    site, counters = site_state(site_id, layer, q_pre, k, p.ring_size, p.batch_capacity,
+                                *p.state_args())
+    write_prefill_entries(site.ring, q_post, q_pre, k, v, scale, key_starts, ends, p.offset, 0)
     topk = site.topk
-    topk_phi_prefill(k, v, key_starts, ends, topk.phi_k, topk.phi_k_mlp, sinks, tail, page_size,
-                     topk.m, topk.u, topk.t, topk.mid_start, topk.mid_end, topk.kmin, topk.kmax)
+    topk_phi_prefill(k, v, key_starts, ends, topk.phi_k, topk.phi_k_mlp, p.sinks, p.tail,
+                     p.page_size, topk.m, topk.u, topk.t, topk.mid_start, topk.mid_end,
+                     topk.kmin, topk.kmax)
     counters[mac_counters.COUNTERS.index("prefills")] += 1
     mac_guard.on_prefill(site_id, counters)
     return attn_out.clone()
@@ -244,8 +292,6 @@ def _check_prefill(attn_out: Tensor, q_post: Tensor, q_pre: Tensor, k: Tensor,
 
 
 @mac_topk_phi_prefill.register_fake
-def _(attn_out, q_post, q_pre, k, v, key_starts, ends, scale, site_id, layer, ring_size, offset,
-      batch_capacity, sinks, tail, page_size, use_pages, d_phi, completion, feature_maps, seed,
-      sketch=False):
-    _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends, offset, tail)
+def _(attn_out, q_post, q_pre, k, v, key_starts, ends, scale, site_id, layer, params):
+    _check_prefill(attn_out, q_post, q_pre, k, key_starts, ends, params.offset, params.tail)
     return torch.empty_like(attn_out)

@@ -131,3 +131,9 @@ def merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tupl
 def _(o_a, lse_a, o_b, lse_b):
     check_states(o_a, lse_a, o_b, lse_b)
     return torch.empty_like(o_a), torch.empty_like(lse_a)
+
+
+# What the rewrites insert: the exact op, and its form that keeps a method's output for rows
+# given no key (passes/mask_holes.py).
+DECODE_ATTENTION = torch.ops.macopt.decode_attention.default
+DECODE_ATTENTION_OR = torch.ops.macopt.decode_attention_or.default

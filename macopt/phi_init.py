@@ -37,15 +37,12 @@ Everything is in the folded form the kernels read (``lin_w``, ``lin_b``; MLP off
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
 from macopt.kernels import topk_phi_reference as ref
 from macopt.kernels.feature_maps import FeatureMaps, log_features, set_linear_map
-
-if TYPE_CHECKING:
-    from macopt.calibrate_phi import CapturedLayer
 
 Tensor = torch.Tensor
 RETRIEVED_FRACTIONS = (0.01, 0.02, 0.05, 0.1)  # retrieval sizes the bias b_h is measured at
@@ -53,6 +50,18 @@ _MAX_SAMPLES = 16384  # queries per KV group that k-means sees
 _KMEANS_ITERATIONS = 20
 _PREFIXES = 4  # prefix lengths per sequence over which the probes' mean keys are averaged
 _DECODE_QUERIES = 8  # decode-like query positions per sequence for the bias
+
+
+@dataclass
+class CapturedLayer:
+    """One layer's post-RoPE attention inputs: ``q[S, Hq, L, D]``, ``k[S, Hkv, L, D]``, and
+    ``v[S, Hkv, L, D]`` when captured with ``values=True`` (fidelity measurements need it,
+    training does not)."""
+
+    q: Tensor
+    k: Tensor
+    scale: float
+    v: Tensor | None = None
 
 
 def kmeans(x: Tensor, n_centres: int, generator: torch.Generator,

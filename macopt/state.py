@@ -1,7 +1,8 @@
 """Per-site state of stateful methods (MAC rings, Top-K + phi summaries), by site id.
 
 The graph passes bake an integer site id into every rewritten graph (one per attention
-module, see :mod:`macopt.passes.scope`); the ops look their state up here. Site ids are never
+module, see :mod:`macopt.passes.scope`, which names each site here and releases its state);
+the ops look their state up here. Site ids are never
 reused, and a module's state is released when the module is garbage collected, so a new model
 never starts from a dead one's state. A site's state is allocated once, at its first use (a
 warm-up step, outside any CUDA-graph capture), and never moves afterwards, so graphs captured
@@ -25,8 +26,6 @@ from typing import Any
 
 import torch
 
-from macopt.passes import scope
-
 Tensor = torch.Tensor
 
 
@@ -47,6 +46,7 @@ class SiteState:
 
 
 _STATES: dict[int, SiteState] = {}
+_LABELS: dict[int, str] = {}  # site id -> its module's qualified name (messages)
 
 
 def site_state(
@@ -100,6 +100,16 @@ def note_capture(state: SiteState) -> None:
 def release(site_id: int) -> None:
     """Drop the state of ``site_id`` (its memory is freed once no graph holds it)."""
     _STATES.pop(site_id, None)
+    _LABELS.pop(site_id, None)
+
+
+def label(site_id: int, name: str) -> None:
+    """Name ``site_id`` for messages (the passes give its module's qualified name)."""
+    _LABELS[site_id] = name
+
+
+def label_of(site_id: int) -> str | None:
+    return _LABELS.get(site_id)
 
 
 def _tensors(buffers: Any) -> list[Tensor]:
@@ -111,5 +121,3 @@ def _tensors(buffers: Any) -> list[Tensor]:
         return [t for b in buffers for t in _tensors(b)]
     return []
 
-
-scope.on_forget(release)  # a garbage-collected module frees its sites' state

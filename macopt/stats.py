@@ -14,6 +14,7 @@ from rich import box
 from rich.table import Table
 
 from macopt import distributed, state
+from macopt.config import MethodConfig
 from macopt.kernels.mac_counters import COUNTERS
 from macopt.passes import scope
 from macopt.report import render
@@ -153,7 +154,7 @@ def _local_counters(sites: list[state.SiteState]) -> list[tuple[torch.Tensor | N
     return out
 
 
-def _tau_source(config: object) -> str | None:
+def _tau_source(config: MethodConfig | None) -> str | None:
     """Which tau a MAC site uses (its own config: a calibrated override or the model's)."""
     mac = getattr(config, "mac", config)
     return mac.tau_source() if hasattr(mac, "tau_source") else None

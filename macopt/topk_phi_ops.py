@@ -1,6 +1,6 @@
 """Top-K + phi custom ops (``torch.ops.macopt.topk_phi_*``) and the per-site state they share.
 
-Approximate by design (ALGORITHMS.md, section 2): a decode step attends exactly to the sinks,
+Approximate by design (docs/ALGORITHMS.md, section 2): a decode step attends exactly to the sinks,
 the tail, every generated key and ``budget`` retrieved middle keys, and completes the rest of
 the prompt's middle from a fixed-size feature summary built at prefill.
 
@@ -286,7 +286,7 @@ def topk_phi_decode_state(
 ) -> tuple[Tensor, Tensor]:
     """The state ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])`` of :func:`topk_phi_decode` (same
     arguments; approximate): the merge of the exact keys' state with the completion state,
-    before the cast to ``q``'s dtype. A state can be merged with others (ALGORITHMS.md,
+    before the cast to ``q``'s dtype. A state can be merged with others (docs/ALGORITHMS.md,
     section 0), e.g. as the prefix state of a MAC miss over keys ``[starts, E(t))``."""
     _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
                   completion, budget, page_size, selector, summary_tokens)

@@ -17,14 +17,16 @@ cannot tell a rewritten model from one that ran nothing. Keys read are not count
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 
 import torch
 
 from macopt import distributed, state
-from macopt.calibrate_phi import maps_for_kv_heads, read_feature_maps, site_name
-from macopt.config import check_budget_args, resolve_budget
+from macopt.config import TopKPhiConfig, check_budget_args, resolve_budget
 from macopt.kernels.feature_maps import FeatureMaps
+from macopt.phi_files import maps_for_kv_heads, read_feature_maps, site_name
+from macopt.site_params import SiteParams, site_op
 from macopt.topk_phi_ops import TopKPhiState, summary_budget_tokens
 from macopt.topk_phi_ops import topk_phi_decode as decode_impl
 from macopt.topk_phi_ops import topk_phi_prefill as prefill_impl
@@ -32,6 +34,63 @@ from macopt.topk_phi_ops import topk_phi_prefill as prefill_impl
 Tensor = torch.Tensor
 
 STEP_COUNTERS = ("steps", "prefills")  # a Top-K + phi site's counters, in this order
+
+
+@dataclass(frozen=True)
+class TopKPhiDecodeParams(SiteParams):
+    """A Top-K + phi site's decode constants (``budget``, ``budget_fraction``: as
+    :meth:`TopKPhiConfig.budget_args`; ``selector``: :meth:`TopKPhiConfig.selector_spec`;
+    ``d_phi`` 0: the head dim; ``feature_maps`` "": random features of ``seed``)."""
+
+    budget: int
+    page_size: int
+    selector: str
+    d_phi: int
+    completion: list[bool]
+    feature_maps: str
+    seed: int
+    summary_in_budget: bool = False
+    budget_fraction: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: TopKPhiConfig, layer: int, q_heads: int
+                    ) -> TopKPhiDecodeParams:
+        budget, fraction = config.budget_args()  # a fraction: resolved when the step runs
+        return cls(budget, config.page_size, config.selector_spec(), config.d_phi or 0,
+                   list(config.completion_for(layer, q_heads)), config.feature_maps or "",
+                   config.seed, config.summary_in_budget, fraction)
+
+
+@dataclass(frozen=True)
+class TopKPhiPrefillParams(SiteParams):
+    """A Top-K + phi site's prefill constants: the summary covers each row's prompt middle
+    ``[s0 + sinks, end - tail)``; ``use_pages`` / ``sketch``: the selector's page bounds or
+    key sketch are built too."""
+
+    sinks: int
+    tail: int
+    page_size: int
+    use_pages: bool
+    d_phi: int
+    completion: list[bool]
+    feature_maps: str
+    seed: int
+    sketch: bool = False
+
+    @classmethod
+    def from_config(cls, config: TopKPhiConfig, layer: int, q_heads: int,
+                    tail: int | None = None) -> TopKPhiPrefillParams:
+        """``tail``: the summary's tail when a composed method needs a longer one."""
+        return cls(config.sinks, config.tail if tail is None else tail, config.page_size,
+                   config.selector == "page", config.d_phi or 0,
+                   list(config.completion_for(layer, q_heads)), config.feature_maps or "",
+                   config.seed, config.selector == "sketch")
+
+    def state_args(self) -> tuple:
+        """The state's allocation arguments after ``(layer, q_heads, k)``
+        (:func:`site_state`, :func:`allocate_state`)."""
+        return (self.use_pages, self.page_size, self.d_phi, self.completion, self.feature_maps,
+                self.seed, self.sketch)
 
 
 @cache
@@ -91,37 +150,32 @@ def allocate_state(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bo
         rows, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device,
         d_phi=d_phi or None, page_size=page_size if use_pages else None, maps=maps,
         completion=tuple(completion), seed=seed, sketch=sketch)
-@torch.library.custom_op("macopt::topk_phi_site_prefill", mutates_args=())
+@site_op("macopt::topk_phi_site_prefill", TopKPhiPrefillParams)
 def topk_phi_site_prefill(
     attn_out: Tensor, k: Tensor, v: Tensor, key_starts: Tensor, ends: Tensor, site_id: int,
-    layer: int, sinks: int, tail: int, page_size: int, use_pages: bool, d_phi: int,
-    completion: list[bool], feature_maps: str, seed: int, sketch: bool = False,
+    layer: int, params: TopKPhiPrefillParams,
 ) -> Tensor:
     """A copy of ``attn_out[B, Hq, L, D]``; rebuilds the site's summary (and page bounds or
     key sketch) from row ``b``'s prompt keys ``[key_starts[b], ends[b])`` of ``k, v``: the
     reset that starts new sequences."""
-    found = site_state(site_id, layer, attn_out.shape[1], k, use_pages, page_size, d_phi,
-                       completion, feature_maps, seed, sketch)
+    found = site_state(site_id, layer, attn_out.shape[1], k, *params.state_args())
     buffers: TopKPhiState = found.buffers
     found.counters[STEP_COUNTERS.index("prefills")] += 1
-    prefill_impl(k, v, key_starts, ends, buffers.phi_k, buffers.phi_k_mlp, sinks, tail,
-                 page_size, buffers.m, buffers.u, buffers.t, buffers.mid_start,
-                 buffers.mid_end, buffers.kmin, buffers.kmax)
+    prefill_impl(k, v, key_starts, ends, buffers.phi_k, buffers.phi_k_mlp, params.sinks,
+                 params.tail, params.page_size, buffers.m, buffers.u, buffers.t,
+                 buffers.mid_start, buffers.mid_end, buffers.kmin, buffers.kmax)
     return attn_out.clone()
 
 
 @topk_phi_site_prefill.register_fake
-def _(attn_out, k, v, key_starts, ends, site_id, layer, sinks, tail, page_size, use_pages,
-      d_phi, completion, feature_maps, seed, sketch=False):
+def _(attn_out, k, v, key_starts, ends, site_id, layer, params):
     return torch.empty_like(attn_out)
 
 
-@torch.library.custom_op("macopt::topk_phi_site_decode", mutates_args=())
+@site_op("macopt::topk_phi_site_decode", TopKPhiDecodeParams)
 def topk_phi_site_decode(
     q: Tensor, k: Tensor, v: Tensor, key_starts: Tensor, ends: Tensor, scale: float,
-    site_id: int, layer: int, budget: int, page_size: int, selector: str, d_phi: int,
-    completion: list[bool], feature_maps: str, seed: int, summary_in_budget: bool = False,
-    budget_fraction: float = 0.0,
+    site_id: int, layer: int, params: TopKPhiDecodeParams,
 ) -> Tensor:
     """Top-K + phi decode ``o[B, Hq, D]`` of row ``b`` over keys ``[key_starts[b], ends[b])``
     with the summary the site's last prefill built (approximate). ``summary_in_budget``: the
@@ -130,8 +184,8 @@ def topk_phi_site_decode(
     step's cache length ``k.shape[2]`` (:func:`macopt.config.resolve_budget`; ``budget`` is
     then unused), resolved here from the shape, so the graph holds no K and a symbolic cache
     length needs no static one."""
-    check_budget_args(budget, budget_fraction)
-    budget = resolve_budget(budget, budget_fraction, k.shape[2])
+    check_budget_args(params.budget, params.budget_fraction)
+    budget = resolve_budget(params.budget, params.budget_fraction, k.shape[2])
     found = state.get(site_id)
     if found is None or found.method != "topk_phi":
         raise RuntimeError(f"macopt Top-K + phi: attention site {site_id} decodes before any "
@@ -142,8 +196,8 @@ def topk_phi_site_decode(
     return decode_impl(q, k, v, key_starts, ends, buffers.m, buffers.u, buffers.t,
                        buffers.mid_start, buffers.mid_end, buffers.kmin, buffers.kmax,
                        buffers.phi_q, buffers.phi_q_mlp, buffers.phi_k, buffers.phi_k_mlp,
-                       buffers.completion, scale, budget, page_size, selector,
-                       _summary_tokens(summary_in_budget, buffers, k.dtype))
+                       buffers.completion, scale, budget, params.page_size, params.selector,
+                       _summary_tokens(params.summary_in_budget, buffers, k.dtype))
 
 
 def _summary_tokens(summary_in_budget: bool, buffers: TopKPhiState, kv_dtype: torch.dtype
@@ -154,8 +208,7 @@ def _summary_tokens(summary_in_budget: bool, buffers: TopKPhiState, kv_dtype: to
 
 
 @topk_phi_site_decode.register_fake
-def _(q, k, v, key_starts, ends, scale, site_id, layer, budget, page_size, selector, d_phi,
-      completion, feature_maps, seed, summary_in_budget=False, budget_fraction=0.0):
-    check_budget_args(budget, budget_fraction)
+def _(q, k, v, key_starts, ends, scale, site_id, layer, params):
+    check_budget_args(params.budget, params.budget_fraction)
     return torch.empty_like(q)
 

@@ -6,7 +6,11 @@ Modules, in the order a graph flows through them:
 - ``rope``: walk the query back through its RoPE to the pre-RoPE query (``RopeMatch``)
 - ``masks``: prove an attention mask selects keys (bool, or ``where(bool, 0, -inf)``)
 - ``module_checks``: sliding window, softcap, cross-attention, non-causal modules
-- ``decode_rewrite``: the per-method decode rewrites (a registry keyed by method name)
+- ``methods``: the method registry, config type -> ``MethodRewrites`` (``method_rewrites``)
+- ``decode_rewrite`` / ``prefill_rewrite``: check a site (``site_checks``), build its inputs
+  and call its method's rewrite (``<method>_rewrite``: ``exact``, ``mac``, ``topk_phi``,
+  ``mac_topk_phi``); ``key_range`` and ``mask_holes`` serve the key-range methods
+- ``graph_insert``: ``call`` and ``size_arg``, how every rewrite inserts nodes
 - ``manager``: the Inductor ``CustomGraphPass`` running all of it, with its uuid
 - ``scope``: which modules ``macopt.optimize`` put in scope, and the per-site reports
 - ``_compat``: every private torch import

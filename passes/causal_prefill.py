@@ -25,8 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
+from macopt import causal_prefill_ops
 from macopt.passes._compat import statically_known_true
-from macopt.passes.decode_rewrite import call, is_decode
+from macopt.passes.decode_rewrite import is_decode
+from macopt.passes.graph_insert import call
 from macopt.passes.graph_utils import fake, static_int
 from macopt.passes.masks import key_mask_source
 from macopt.passes.sites import AttentionSite, find_attention_sites
@@ -127,14 +129,14 @@ def _rewrite(graph: Graph, site: AttentionSite, mask: Node) -> None:
     with graph.inserting_before(site.node):
         causal = _causal_check(graph, site, mask)
         args = (site.q, site.k, site.v, mask, causal, site.scale, output_layout(site))
-        out = call(graph, torch.ops.macopt.causal_prefill_attention.default, args, site)
+        out = call(graph, causal_prefill_ops.CAUSAL_PREFILL_ATTENTION, args, site)
     site.output.replace_all_uses_with(out)
 
 
 def _causal_check(graph: Graph, site: AttentionSite, mask: Node) -> Node:
     """The ``mask_is_causal`` node of ``mask``: one per mask, shared by the sites reading it,
     placed before the mask's first user so that it precedes them all."""
-    target = torch.ops.macopt.mask_is_causal.default
+    target = causal_prefill_ops.MASK_IS_CAUSAL
     for user in mask.users:
         if user.target is target:
             return user

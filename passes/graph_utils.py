@@ -36,7 +36,7 @@ CAST_OPS = frozenset((aten._to_copy.default, prims.convert_element_type.default)
 RESHAPE_OPS = frozenset((aten.view.default, aten.reshape.default, aten._unsafe_view.default))
 
 
-INSERTED = "macopt_inserted"  # meta flag on every node the passes insert (decode_rewrite.call)
+INSERTED = "macopt_inserted"  # meta flag on every node the passes insert (graph_insert.call)
 
 
 def hoist(node: Node) -> None:

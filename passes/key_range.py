@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
-from macopt.passes.decode_rewrite import call, size_arg
+from macopt.passes.graph_insert import call, size_arg
 from macopt.passes.graph_utils import aten, fake, is_call, prims, statically_equals
 from macopt.passes.sites import AttentionSite
 

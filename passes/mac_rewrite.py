@@ -16,16 +16,18 @@ import operator
 import torch
 from torch.fx import Graph, Node
 
-from macopt.passes.decode_rewrite import DecodeInputs, call, register_decode_rewrite, size_arg
+from macopt.config import MACConfig
+from macopt.mac_ops import MACParams, mac_decode_matched, mac_match, mac_prefill
+from macopt.passes.graph_insert import call, size_arg
 from macopt.passes.graph_utils import aten, fake, hoist, prims
 from macopt.passes.key_range import key_range
-from macopt.passes.prefill_rewrite import PrefillInputs, register_prefill_rewrite
+from macopt.passes.method_rewrites import DecodeInputs, MethodRewrites, PrefillInputs
 from macopt.passes.rope import RopeMatch, pre_rope_heads_dim
 from macopt.passes.sites import AttentionSite
 
 
-@register_decode_rewrite("mac")
-def rewrite_mac(graph: Graph, site: AttentionSite, inputs: DecodeInputs, config: object) -> Node:
+def rewrite_mac(graph: Graph, site: AttentionSite, inputs: DecodeInputs,
+                config: MACConfig) -> Node:
     """Approximate (MAC-Attention): a query close to a recent one reuses its attention over old
     keys; a miss, and every step when tau = 1.0, is exactly full attention.
 
@@ -36,30 +38,29 @@ def rewrite_mac(graph: Graph, site: AttentionSite, inputs: DecodeInputs, config:
     key_starts, positions = key_range(graph, site, inputs.key_mask, batch, n_keys)
     q_pre = pre_rope_query(graph, site, inputs.rope, decode=True,
                            relative=config.radius == "relative")
-    capacity = config.batch_capacity or 0
-    match = call(graph, torch.ops.macopt.mac_match.default,
-                 (q_pre, positions, key_starts, inputs.site_id, config.ring_size, config.t_min,
-                  config.max_chain_depth, capacity), site)
+    params = MACParams.from_config(config)
+    match = call(graph, mac_match.overload, (q_pre, positions, key_starts, inputs.site_id,
+                                             *params.match().op_args()), site)
     hoist(match)
     candidates = [call(graph, operator.getitem, (match, index), site) for index in range(3)]
     args = (inputs.q, q_pre, inputs.k, inputs.v, positions, key_starts, *candidates,
-            inputs.scale, inputs.site_id, config.ring_size, config.offset, config.sinks,
-            config.tau, config.t_min, config.max_chain_depth, capacity)
-    return call(graph, torch.ops.macopt.mac_decode_matched.default, args, site)
+            inputs.scale, inputs.site_id, *params.op_args())
+    return call(graph, mac_decode_matched.overload, args, site)
 
 
-@register_prefill_rewrite("mac")
 def rewrite_mac_prefill(
-    graph: Graph, site: AttentionSite, inputs: PrefillInputs, config: object
+    graph: Graph, site: AttentionSite, inputs: PrefillInputs, config: MACConfig
 ) -> Node:
     """Exact (attention unchanged); also writes the site's MAC ring entries for the last
     ring-size prompt positions of each row, resetting the ring for the new sequences."""
     q_pre = pre_rope_query(graph, site, inputs.rope, decode=False,
                            relative=config.radius == "relative")
     args = (inputs.out, inputs.q, q_pre, inputs.k, inputs.v, inputs.key_starts, inputs.ends,
-            inputs.scale, inputs.site_id, config.ring_size, config.offset, config.sinks,
-            config.batch_capacity or 0)
-    return call(graph, torch.ops.macopt.mac_prefill.default, args, site)
+            inputs.scale, inputs.site_id, *MACParams.from_config(config).prefill().op_args())
+    return call(graph, mac_prefill.overload, args, site)
+
+
+REWRITES = MethodRewrites(decode=rewrite_mac, prefill=rewrite_mac_prefill)
 
 
 def pre_rope_query(graph: Graph, site: AttentionSite, rope: RopeMatch, decode: bool,

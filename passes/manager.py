@@ -17,29 +17,16 @@ from pathlib import Path
 import torch
 from torch.fx import Graph
 
-from macopt.passes import (
-    mac_rewrite,  # noqa: F401  (registers the "mac" rewrites)
-    mac_topk_phi_rewrite,  # noqa: F401  (registers the "mac_topk_phi" rewrites)
-    scope,
-    topk_phi_rewrite,  # noqa: F401  (registers the "topk_phi" rewrites)
-)
+from macopt.config import MethodConfig
+from macopt.passes import scope
 from macopt.passes._compat import CustomGraphPass, get_hash_for_files
 from macopt.passes.causal_prefill import rewrite_causal_prefill
-from macopt.passes.decode_rewrite import (
-    DECODE_REWRITES,
-    HONOURS_MASK_HOLES,
-    decode_skip_reason,
-    is_decode,
-    rewrite_decode_site,
-)
+from macopt.passes.decode_rewrite import decode_skip_reason, is_decode, rewrite_decode_site
 from macopt.passes.eager_sites import find_eager_attention_sites
 from macopt.passes.mask_holes import NOTE as MASK_HOLES_NOTE
+from macopt.passes.methods import rewrites_for
 from macopt.passes.module_checks import unsupported_module_reason
-from macopt.passes.prefill_rewrite import (
-    PREFILL_REWRITES,
-    prefill_skip_reason,
-    rewrite_prefill_site,
-)
+from macopt.passes.prefill_rewrite import prefill_skip_reason, rewrite_prefill_site
 from macopt.passes.report import SiteReport
 from macopt.passes.rope import lift_pre_rope_query
 from macopt.passes.sites import AttentionSite, find_attention_sites
@@ -54,7 +41,8 @@ class MacoptPasses(CustomGraphPass):
     config for plain models); None leaves them alone.
     """
 
-    def __init__(self, default_config: object | None = None, previous: object | None = None):
+    def __init__(self, default_config: MethodConfig | None = None,
+                 previous: object | None = None):
         self.default_config = default_config
         self.previous = previous
 
@@ -77,7 +65,7 @@ class MacoptPasses(CustomGraphPass):
         return get_hash_for_files(_PASS_SOURCES, extra).hex()
 
 
-def run_passes(graph: Graph, default_config: object | None = None,
+def run_passes(graph: Graph, default_config: MethodConfig | None = None,
                eager_route: bool = False) -> list[SiteReport]:
     """Analyse and rewrite every in-scope attention site of ``graph``; return the reports.
 
@@ -125,7 +113,7 @@ def run_passes(graph: Graph, default_config: object | None = None,
 
 
 def process_site(
-    graph: Graph, site: AttentionSite, module: object, config: object, layer: str,
+    graph: Graph, site: AttentionSite, module: object, config: MethodConfig, layer: str,
     site_id: int | None = None,
 ) -> SiteReport:
     """Decide one site and rewrite it when it is a supported decode site, or a prefill site of
@@ -133,10 +121,14 @@ def process_site(
     rope, _ = lift_pre_rope_query(site.q)
     decode = is_decode(site)
     stateless = not getattr(config, "keeps_state", False)
-    if not decode and config.method not in PREFILL_REWRITES:
+    rewrites = rewrites_for(config)
+    if not decode and (rewrites is None or rewrites.prefill is None):
         decision, reason = "kept", f"prefill graph (query length {site.query_len})"
     else:
         skip = unsupported_module_reason(module) or site.unsupported
+        if rewrites is None:
+            skip = skip or (f"no method registered for {type(config).__name__} "
+                            f"(macopt.passes.methods.register_method)")
         if not stateless and site_id is None:
             skip = skip or ("the module has no identity to key its state by, or attends more "
                             "than once in this graph (its state would be shared)")
@@ -155,15 +147,15 @@ def process_site(
         head_dim=site.head_dim,
         method=config.method,
         decision=decision,
-        reason=reason or _rewrite_description(config.method, decode),
+        reason=reason or rewrites.description(decode),
     )
     holes_to_mind = decode and site.attn_mask is not None
-    if decision == "rewritten" and holes_to_mind and config.method not in HONOURS_MASK_HOLES:
+    if decision == "rewritten" and holes_to_mind and not rewrites.honours_mask_holes:
         report = dataclasses.replace(report, reason=f"{report.reason} {MASK_HOLES_NOTE}")
     if decision == "rewritten" and decode:
-        rewrite_decode_site(graph, site, rope, config, site_id)
+        rewrite_decode_site(graph, site, rope, config, rewrites, site_id)
     elif decision == "rewritten":
-        rewrite_prefill_site(graph, site, rope, config, site_id)
+        rewrite_prefill_site(graph, site, rope, config, rewrites, site_id)
     return report
 
 
@@ -171,8 +163,3 @@ def _readable_path(path: str) -> str:
     """``L['self'].model.layers.0.self_attn`` -> ``model.layers.0.self_attn``."""
     return re.sub(r"^L\[['\"]\w+['\"]\]\.?", "", path)
 
-
-def _rewrite_description(method: str, decode: bool = True) -> str:
-    """First paragraph of the method's rewrite docstring, on one line."""
-    doc = (DECODE_REWRITES if decode else PREFILL_REWRITES)[method].__doc__ or method
-    return " ".join(doc.split("\n\n")[0].split())

@@ -17,12 +17,13 @@ entry is approximate by design, and while the hole remains that step is exact ag
 
 from __future__ import annotations
 
-import torch
 from torch.fx import Graph, Node
 
-from macopt.passes.decode_rewrite import DecodeInputs, call, size_arg
+from macopt import ops
+from macopt.passes.graph_insert import call, size_arg
 from macopt.passes.graph_utils import fake, prims
 from macopt.passes.key_range import row_ranges
+from macopt.passes.method_rewrites import DecodeInputs
 from macopt.passes.sites import AttentionSite
 
 NOTE = ("Rows whose key mask has holes (e.g. right padding) take exact attention over the "
@@ -41,6 +42,6 @@ def exact_where_holes(graph: Graph, site: AttentionSite, inputs: DecodeInputs, o
         out = call(graph, prims.convert_element_type.default, (out, fake(inputs.q).dtype), site)
     # Rows without holes get the empty range [first, first): the exact op reads nothing there
     # and passes their row of `out` through.
-    return call(graph, torch.ops.macopt.decode_attention_or.default,
+    return call(graph, ops.DECODE_ATTENTION_OR,
                 (inputs.q, inputs.k, inputs.v, ranges.first, ranges.hole_ends, inputs.key_mask,
                  inputs.scale, out), site)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch.fx import Graph, Node
 
+from macopt.passes.graph_insert import call
 from macopt.passes.graph_utils import CAST_OPS, LAYOUT_OPS, aten, fake, is_call, peel, static_int
 from macopt.passes.sites import AttentionSite
 
@@ -132,8 +133,6 @@ def _insert_check(graph: Graph, site: AttentionSite, mask: Node) -> tuple[Node, 
     """Insert ``keep = mask == 0`` and the check that every entry of ``mask[Bm,1,R,N]`` is 0
     or drops its key and each batch row's last query keeps a key (see the comment above
     ``CHECK_MESSAGE``); ``(keep, valid_rows)``."""
-    from macopt.passes.decode_rewrite import call  # decode_rewrite imports this module
-
     def op(target: object, *args: object) -> Node:
         return call(graph, target, args, site)
 

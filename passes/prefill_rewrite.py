@@ -1,9 +1,9 @@
 """Prefill graphs (query length > 1) keep their attention and gain the method's state builder.
 
 A stateful method (MAC: ring entries for the last prompt positions; Top-K+phi: summaries)
-plugs in by registering a function under its name in :data:`PREFILL_REWRITES`. It receives
-the graph, the site and the :class:`PrefillInputs` built here and returns a node holding a
-tensor equal to the attention output, which replaces the output for its users. Returning a
+has a prefill rewrite (``MethodRewrites.prefill``, found by config type: :mod:`.methods`). It
+receives the graph, the site and the :class:`PrefillInputs` built here and returns a node
+holding a tensor equal to the attention output, which replaces the output for its users. Returning a
 fresh tensor that the graph uses, rather than nothing, keeps dead-code elimination (FX's and
 Inductor's) from dropping the op: its effect on the per-site state is invisible to them.
 The attention values are untouched, so a prefill rewrite is exact. A float mask fed to the
@@ -14,78 +14,42 @@ where asserts are compiled out, rather than build state from a mask that is not 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from torch.fx import Graph, Node
 
-from macopt.kernels.limits import MAX_GQA_GROUP, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
-from macopt.passes.decode_rewrite import call, size_arg
+from macopt.config import MethodConfig
+from macopt.passes.graph_insert import call, size_arg
 from macopt.passes.graph_utils import aten, fake, static_int, statically_equals
 from macopt.passes.key_range import key_range
 from macopt.passes.masks import checked_key_mask, key_mask_source
-from macopt.passes.rope import RopeMatch, pre_rope_heads_dim
+from macopt.passes.method_rewrites import MethodRewrites, PrefillInputs
+from macopt.passes.rope import RopeMatch
+from macopt.passes.site_checks import kernel_skip_reason, method_skip_reason
 from macopt.passes.sites import AttentionSite
 
 
-@dataclass(frozen=True)
-class PrefillInputs:
-    """Graph nodes (or Python numbers) for a prefill state builder's arguments."""
-
-    out: Node  # the attention output [B,Hq,N,D]
-    q: Node  # post-RoPE queries [B,Hq,N,D]
-    k: Node  # un-repeated keys [B,Hkv,Nk,D] (the cache)
-    v: Node
-    key_starts: Node  # [B] int32: each row's first prompt key (left padding)
-    ends: Node  # [B] int32: one past each row's last prompt key
-    scale: float
-    rope: RopeMatch | None
-    site_id: int
-    valid_rows: Node | None = None  # [B or 1,1,1]: rows whose float mask passed a run-time check
-
-
-PrefillRewrite = Callable[[Graph, AttentionSite, PrefillInputs, object], Node]
-PREFILL_REWRITES: dict[str, PrefillRewrite] = {}
-
-
-def register_prefill_rewrite(method: str) -> Callable[[PrefillRewrite], PrefillRewrite]:
-    """Register the prefill state builder of ``method`` (a ``MethodConfig.method`` name)."""
-
-    def register(fn: PrefillRewrite) -> PrefillRewrite:
-        PREFILL_REWRITES[method] = fn
-        return fn
-
-    return register
-
-
-def prefill_skip_reason(site: AttentionSite, rope: RopeMatch | None, config: object) -> str | None:
+def prefill_skip_reason(site: AttentionSite, rope: RopeMatch | None,
+                        config: MethodConfig) -> str | None:
     """Why a prefill site cannot gain ``config``'s state builder, or None when it can."""
-    q_val, k_val = fake(site.q), fake(site.k)
     if site.output is None:
         return "the site's attention output is not read"
-    if site.head_dim not in SUPPORTED_HEAD_DIMS:
-        return f"head dim {site.head_dim} is not one of {SUPPORTED_HEAD_DIMS}"
-    if q_val is None or k_val is None or q_val.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {getattr(q_val, 'dtype', None)} is not one of {SUPPORTED_DTYPES}"
-    if site.group is None or site.group > MAX_GQA_GROUP:
-        return f"GQA group {site.group} (q heads / kv heads) is not supported"
-    if config.needs_pre_rope_query and rope is None:
-        return f"no RoPE found; method {config.method!r} needs the pre-RoPE query"
-    if config.needs_pre_rope_query and pre_rope_heads_dim(rope, site.q) is None:
-        return "the pre-RoPE query is neither [B,Hq,S,D] nor [B,S,Hq,D]"
+    reason = kernel_skip_reason(site) or method_skip_reason(site, rope, config)
+    if reason:
+        return reason
     _, reason = _last_query_mask(site)
     return reason
 
 
 def rewrite_prefill_site(
-    graph: Graph, site: AttentionSite, rope: RopeMatch | None, config: object, site_id: int
+    graph: Graph, site: AttentionSite, rope: RopeMatch | None, config: MethodConfig,
+    rewrites: MethodRewrites, site_id: int,
 ) -> Node:
-    """Feed ``site``'s output through the method's state builder (checked by
+    """Feed ``site``'s output through the state builder of ``config``'s method (checked by
     :func:`prefill_skip_reason`); the builder's result replaces the output for its users."""
     users = list(site.output.users)
     with graph.inserting_before(site.output.next):
         inputs = _prefill_inputs(graph, site, rope, site_id)
-        out = PREFILL_REWRITES[config.method](graph, site, inputs, config)
+        out = rewrites.prefill(graph, site, inputs, config)
         if inputs.valid_rows is not None:  # NaN where the mask check failed (masks.py: why)
             rows = call(graph, aten.unsqueeze.default, (inputs.valid_rows, -1), site)
             out = call(graph, aten.where.ScalarOther, (rows, out, math.nan), site)

@@ -9,7 +9,8 @@ prefill and the decode graphs of a module, never a per-token value. A module get
 when it is tagged, or when a backend pass first meets it untagged, and keeps it while it lives;
 ids come from one counter and are never handed out twice, so a new module never inherits a dead
 one's state, even where Python reuses the dead module's ``id()``. When a module is garbage
-collected its site id is retired and its state released (:func:`on_forget`). While any module
+collected its site id is retired and its state released (:func:`macopt.state.release`). While
+any module
 is tagged, no graph is served from Inductor's FX graph cache (:func:`any_tag`; two models of one
 class trace to the same graph, so no key could say whose site ids it holds), and
 ``macopt.optimize`` adds a guard on each stateful module's site id so that dynamo compiles a
@@ -22,12 +23,13 @@ import functools
 import gc
 import itertools
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
 
+from macopt import state
+from macopt.config import MethodConfig
 from macopt.passes._compat import module_ids_in_stack
 from macopt.passes.report import SiteReport
 
@@ -37,7 +39,7 @@ class Scope:
     """A tagged module: its qualified name in the model and its method config."""
 
     qualname: str
-    config: object
+    config: MethodConfig
 
 
 @dataclass
@@ -52,14 +54,15 @@ class _Known:
 _KNOWN: dict[int, _Known] = {}  # by id(module), only while the module lives
 _REPORTS: dict[int, dict[tuple[str, str, str], SiteReport]] = {}
 _NEXT_SITE_ID = itertools.count()
-_FORGET_HOOKS: list[Callable[[int], None]] = []  # called with a dead module's site id
 # Every live module at the last scan of the heap, by id (entries vanish as modules die).
 _LIVE_MODULES: weakref.WeakValueDictionary[int, torch.nn.Module] = weakref.WeakValueDictionary()
 
 
-def tag(module: torch.nn.Module, qualname: str, config: object) -> None:
+def tag(module: torch.nn.Module, qualname: str, config: MethodConfig) -> None:
     """Put ``module`` in scope of the passes with ``config``."""
-    _known(module).scope = Scope(qualname, config)
+    known = _known(module)
+    known.scope = Scope(qualname, config)
+    state.label(known.site_id, qualname)
     _REPORTS.pop(id(module), None)
 
 
@@ -97,12 +100,6 @@ def site_id_of(module: torch.nn.Module) -> int | None:
     return known.site_id if tagged else None
 
 
-def on_forget(hook: Callable[[int], None]) -> None:
-    """Call ``hook(site_id)`` when a module with a site id is garbage collected (frees its
-    state)."""
-    _FORGET_HOOKS.append(hook)
-
-
 def _known(module: torch.nn.Module) -> _Known:
     """What scope knows about ``module``; a module met for the first time gets a fresh site id."""
     key = id(module)
@@ -119,8 +116,7 @@ def _forget(key: int, ref: weakref.ref) -> None:
         return
     del _KNOWN[key]
     _REPORTS.pop(key, None)
-    for hook in _FORGET_HOOKS:
-        hook(known.site_id)
+    state.release(known.site_id)  # a garbage-collected module frees its site's state
 
 
 def scope_of(node: Node) -> tuple[torch.nn.Module, Scope] | None:

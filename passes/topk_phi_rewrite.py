@@ -9,45 +9,46 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch.fx import Graph, Node
 
+from macopt.config import TopKPhiConfig
 from macopt.passes import scope
-from macopt.passes.decode_rewrite import DecodeInputs, call, register_decode_rewrite, size_arg
+from macopt.passes.graph_insert import call, size_arg
 from macopt.passes.graph_utils import aten, fake
 from macopt.passes.key_range import key_range
-from macopt.passes.prefill_rewrite import PrefillInputs, register_prefill_rewrite
+from macopt.passes.method_rewrites import DecodeInputs, MethodRewrites, PrefillInputs
 from macopt.passes.sites import AttentionSite
+from macopt.topk_phi_site import (
+    TopKPhiDecodeParams,
+    TopKPhiPrefillParams,
+    topk_phi_site_decode,
+    topk_phi_site_prefill,
+)
 
 
-@register_decode_rewrite("topk_phi")
 def rewrite_topk_phi(graph: Graph, site: AttentionSite, inputs: DecodeInputs,
-                     config: object) -> Node:
+                     config: TopKPhiConfig) -> Node:
     """Approximate (Top-K + phi): sinks, tail, generated and the budget's retrieved keys are
     attended exactly; the rest of the prompt comes from the prefill's feature summary."""
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
     first, last = key_range(graph, site, inputs.key_mask, batch, n_keys)
     ends = call(graph, aten.add.Tensor, (last, 1), site)
     layer = layer_index(site)
-    budget, fraction = config.budget_args()  # a fraction: resolved by the op (any cache length)
+    params = TopKPhiDecodeParams.from_config(config, layer, fake(site.q).shape[1])
     args = (inputs.q, inputs.k, inputs.v, first, ends, inputs.scale, inputs.site_id, layer,
-            budget, config.page_size, config.selector_spec(), config.d_phi or 0,
-            list(config.completion_for(layer, fake(site.q).shape[1])),
-            config.feature_maps or "", config.seed, config.summary_in_budget, fraction)
-    return call(graph, torch.ops.macopt.topk_phi_site_decode.default, args, site)
+            *params.op_args())
+    return call(graph, topk_phi_site_decode.overload, args, site)
 
 
-@register_prefill_rewrite("topk_phi")
 def rewrite_topk_phi_prefill(graph: Graph, site: AttentionSite, inputs: PrefillInputs,
-                             config: object) -> Node:
+                             config: TopKPhiConfig) -> Node:
     """Exact (attention unchanged); also rebuilds the site's feature summary of each row's
     prompt middle (and the selector's page bounds), resetting it for the new sequences."""
     layer = layer_index(site)
+    params = TopKPhiPrefillParams.from_config(config, layer, fake(site.q).shape[1])
     args = (inputs.out, inputs.k, inputs.v, inputs.key_starts, inputs.ends, inputs.site_id,
-            layer, config.sinks, config.tail, config.page_size, config.selector == "page",
-            config.d_phi or 0, list(config.completion_for(layer, fake(site.q).shape[1])),
-            config.feature_maps or "", config.seed, config.selector == "sketch")
-    return call(graph, torch.ops.macopt.topk_phi_site_prefill.default, args, site)
+            layer, *params.op_args())
+    return call(graph, topk_phi_site_prefill.overload, args, site)
 
 
 def layer_index(site: AttentionSite) -> int:
@@ -64,3 +65,5 @@ def layer_index(site: AttentionSite) -> int:
             return int(numbers[-1])
     return 0
 
+
+REWRITES = MethodRewrites(decode=rewrite_topk_phi, prefill=rewrite_topk_phi_prefill)

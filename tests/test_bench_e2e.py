@@ -13,6 +13,7 @@ import torch
 
 from macopt import cli
 from macopt.bench import e2e
+from macopt.method_spec import FORCED_HIT_TAU, UNBOUNDED_CHAIN
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, RING, OFFSET = 2, 4, 2, 64, 16, 8
 CONTEXTS, BATCHES, WARMUP, STEPS = (64, 128), (2,), 2, 3
@@ -180,12 +181,12 @@ def test_first_mismatch_is_the_earliest_step_over_rows():
 
 def test_method_names_map_to_configs():
     forced = e2e.parse_method("mac:all", ring_size=16, offset=8).config
-    assert forced.tau == e2e.FORCED_HIT_TAU and forced.t_min == 0 and forced.ring_size == 16
-    assert forced.max_chain_depth == e2e.UNBOUNDED_CHAIN
+    assert forced.tau == FORCED_HIT_TAU and forced.t_min == 0 and forced.ring_size == 16
+    assert forced.max_chain_depth == UNBOUNDED_CHAIN
     assert e2e.parse_method("mac:all").config_for(2).batch_capacity == 2
     assert e2e.parse_method("unmodified").config is None
     with pytest.raises(ValueError, match="unknown method"):
-        e2e.parse_method("mac")
+        e2e.parse_method("mca")
 
 
 def test_latency_plot_from_the_committed_h100_report(tmp_path):
@@ -245,7 +246,7 @@ def test_tiny_model_shape_and_weights_come_from_its_directory(tiny_lm_report):
     from macopt.evaluation.text import default_model
 
     config = e2e_model.model_config(default_model())
-    assert tiny_lm_report["config"]["shape"] == dataclasses.asdict(e2e_model.shape_of(config))
+    assert tiny_lm_report["config"]["shape"] == dataclasses.asdict(e2e.shape_of(config))
     assert tiny_lm_report["config"]["shape"]["layers"] == 4
     # Tied embeddings: the output projection reads the whole table every step (fp32 on CPU).
     model = e2e_model.load_model(default_model(), "cpu", torch.float32)

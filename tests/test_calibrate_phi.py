@@ -8,7 +8,6 @@ from model_zoo import ZOO
 
 from macopt import cli
 from macopt.calibrate_phi import (
-    PHI_FILENAME,
     CalibrationConfig,
     calibrate_feature_maps,
     capture_attention,
@@ -18,6 +17,7 @@ from macopt.calibrate_phi import (
     site_name,
 )
 from macopt.kernels.feature_maps import load_feature_maps, save_feature_maps
+from macopt.phi_files import PHI_FILENAME
 
 SMALL = CalibrationConfig(d_phi=32, steps=30, lr=1e-2, queries_per_step=8, checkpoint_every=10)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import macopt  # noqa: F401  (registers torch.ops.macopt)
-from macopt.kernels import decode, merge, reference
+from macopt.kernels import decode, launch, merge, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -187,17 +187,17 @@ def test_the_macopt_op_runs_this_kernel_when_asked(monkeypatch):
 
 
 def test_launch_config_spreads_batch_one_over_the_chip(monkeypatch):
-    monkeypatch.setattr(decode, "_multiprocessor_count", lambda device: 132)
+    monkeypatch.setattr(launch, "multiprocessor_count", lambda device: 132)
     cuda = torch.device("cuda", 0)
-    long_context = decode._launch_config(1, 8, 131072, 128, 4, cuda)
-    short_cache = decode._launch_config(1, 8, 512, 128, 4, cuda)
-    big_batch = decode._launch_config(64, 8, 131072, 128, 4, cuda)
+    long_context = launch.decode_launch_config(1, 8, 131072, 128, 4, cuda)
+    short_cache = launch.decode_launch_config(1, 8, 512, 128, 4, cuda)
+    big_batch = launch.decode_launch_config(64, 8, 131072, 128, 4, cuda)
     assert long_context.num_splits * 8 >= 132  # about one program per SM
     assert short_cache.num_splits == 512 // (2 * short_cache.block_n)  # >= 2 blocks a split
     assert big_batch.num_splits == 1  # 512 groups already cover 132 SMs
-    assert decode._launch_config(17, 8, 131072, 128, 4, cuda).num_splits == 1  # 136 >= 132
-    assert decode._launch_config(8, 8, 131072, 128, 4, cuda).num_splits > 1
-    assert decode._launch_config(1, 8, 131072, 256, 4, cuda).block_n < long_context.block_n
+    assert launch.decode_launch_config(17, 8, 131072, 128, 4, cuda).num_splits == 1  # 136 >= 132
+    assert launch.decode_launch_config(8, 8, 131072, 128, 4, cuda).num_splits > 1
+    assert launch.decode_launch_config(1, 8, 131072, 256, 4, cuda).block_n < long_context.block_n
 
 
 def test_launch_config_overrides_are_checked():

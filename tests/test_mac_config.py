@@ -1,4 +1,4 @@
-"""MACConfig: defaults from ALGORITHMS.md, validation errors that name the field."""
+"""MACConfig: defaults from docs/ALGORITHMS.md, validation errors that name the field."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MAC-Attention reference: the invariants of ALGORITHMS.md section 1, checked in fp64."""
+"""MAC-Attention reference: the invariants of docs/ALGORITHMS.md section 1, checked in fp64."""
 
 from __future__ import annotations
 

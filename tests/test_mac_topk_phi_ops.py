@@ -96,11 +96,11 @@ def _clone(site: MACTopKPhiSite) -> MACTopKPhiSite:
 
 
 def _step(case: Case, site: MACTopKPhiSite, step: int, tau: float = TAU, budget: int = 16,
-          selector: str = "page", counters: torch.Tensor | None = None, skip: bool = True):
+          selector: str = "page", counters: torch.Tensor | None = None):
     q, q_pre, t = case.at(step)
     return decode_step(q, q_pre, case.k, case.v, site, t, case.starts, SCALE, offset=S, tau=tau,
                        t_min=0, max_depth=4, budget=budget, page_size=PAGE, selector=selector,
-                       counters=counters, skip_hit_groups=skip)
+                       counters=counters)
 
 
 def _prefix_end(t: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
@@ -195,10 +195,9 @@ def test_keys_read_count_a_misses_topk_keys_and_tail():
 # The page budget is GROUP pages: each head's best page has group score exactly 0, and a tie
 # at the last page kept would be broken differently (the Triton selection keeps the lowest
 # page, torch.topk any), so at least as many pages as heads in a group are kept.
-@pytest.mark.parametrize("skip", [True, False], ids=["skip_hit_groups", "every_group"])
 @pytest.mark.parametrize("selector, budget", [("page", GROUP * PAGE), ("exact", 6)])
 def test_the_triton_path_equals_the_reference_with_hits_and_misses_mixed_in_groups(
-        monkeypatch, selector, budget, skip):
+        monkeypatch, selector, budget):
     case, site_id = make_case(seed=5, hit_share=0.75), next(_SITE_IDS)
     _prefill(case, site_id, selector=selector)
     on_ref = _clone(_site(site_id))
@@ -212,8 +211,7 @@ def test_the_triton_path_equals_the_reference_with_hits_and_misses_mixed_in_grou
         monkeypatch.setenv("MACOPT_CPU_KERNELS", "reference")
         o_ref, hit_ref, keys_ref = _step(case, on_ref, step, budget=budget, selector=selector)
         monkeypatch.setenv("MACOPT_CPU_KERNELS", "triton")
-        o, hit, keys = _step(kernel_case, on_kernel, step, budget=budget, selector=selector,
-                             skip=skip)
+        o, hit, keys = _step(kernel_case, on_kernel, step, budget=budget, selector=selector)
         assert torch.equal(hit.cpu(), hit_ref) and torch.equal(keys.cpu(), keys_ref)
         torch.testing.assert_close(o.cpu(), o_ref, atol=1e-4, rtol=1e-4)
         groups = hit_ref.view(B, HKV, GROUP)

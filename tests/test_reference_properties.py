@@ -1,4 +1,5 @@
-"""The identities of partial attention states (ALGORITHMS.md, section 0), on the fp64 reference.
+"""The identities of partial attention states (docs/ALGORITHMS.md, section 0), on the fp64
+reference.
 
 Every test states one identity; the reference accepts any head dim, so these use tiny ones.
 """

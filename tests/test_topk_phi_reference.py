@@ -1,4 +1,4 @@
-"""Identities of the Top-K + phi reference (ALGORITHMS.md, section 2)."""
+"""Identities of the Top-K + phi reference (docs/ALGORITHMS.md, section 2)."""
 
 import pytest
 import torch

@@ -33,7 +33,7 @@ times the noise. The second condition is there because a near-tie alone excuses 
 raised macopt's error against fp32 to 1.47 times the noise, where the correct op measured 0.97.
 ``tokens_equal`` is reported as is.
 
-What users must do for clean CUDA graphs with a static cache (the MEASURED.md pitfall):
+What users must do for clean CUDA graphs with a static cache (the docs/MEASURED.md pitfall):
 compile the decode step only, and give the cache static addresses before compiling.
 transformers allocates the cache lazily at the first update and marks it static only when not
 tracing, so ``model.forward = torch.compile(model.forward, ...)`` compiles the prefill too, the
@@ -72,7 +72,7 @@ ACCURACY_SLACK = 1.25  # macopt's error vs the truth may exceed the unmodified o
 @dataclass(frozen=True)
 class HealthConfig:
     """The model and the run. ``path``: "generate" (transformers compiles the decode step) or
-    "forward" (``model.forward`` compiled by hand, as in DESIGN.md's example)."""
+    "forward" (``model.forward`` compiled by hand, as in docs/DESIGN.md's example)."""
 
     layers: int = 4
     hidden: int = 1024

@@ -1,138 +1,20 @@
 """``macopt bench e2e``: greedy decoding of a whole Llama-3.1-8B-shaped transformers model at
 long contexts, unmodified and with each macopt method.
 
-The model. A ``LlamaForCausalLM`` with random weights (seeded), built directly on the device in
-the run's dtype (bf16 on CUDA, fp32 on CPU): Llama-3.1-8B shapes by default (32 layers, hidden
-4096, 32 query heads, 8 KV heads, head dim 128, MLP 14336, vocabulary 128256, RoPE theta 5e5;
-plain RoPE, no llama3 frequency scaling, which changes no cost). Flags shrink it. ``--model
-DIR`` decodes a trained local model instead (``examples/tiny-lm``): its weights and shape, real
-held-out text as the prompt, one real prefill of the whole prompt, contexts within its
-positions and ``mac:calibrated`` among its methods (:mod:`macopt.bench.e2e_model`).
+A ``LlamaForCausalLM`` with random weights (Llama-3.1-8B shapes by default; flags shrink it),
+or a trained local model with ``--model DIR`` (:mod:`macopt.bench.e2e_model`), decodes at
+each context C of ``--contexts`` and batch of ``--batches``: the sequence is placed at C by
+filling the cache's first ``C - P`` keys and running the last ``P`` tokens as a real prefill
+chunk, then ``--warmup-steps`` untimed and ``--steps`` timed greedy steps of a step compiled
+once per (method, batch) (CUDA graphs on CUDA). Each record holds the latencies, a bytes
+roofline, the measured MAC hit rates and keys read, macopt's state bytes and the compile
+health; ``--prefill-contexts`` adds batch-1 prefill points (eager route and, with
+``--prefill-compiled``, the user's own compile). Methods are named as in
+:func:`parse_method` (``unmodified``, ``exact``, ``mac:all``, ``mac:TAU``,
+``topk_phi:BUDGET``, ``mac:calibrated``, ``mac:FILE.json``).
 
-Methods (``--methods``) run one after the other on the one model, which ``macopt.optimize``
-re-tags in place: ``unmodified`` first at every batch (before any method is applied), then
-batch by batch every other method, so a budget cut drops the last batch's last methods:
-``unmodified`` (transformers' SDPA path), ``exact``, ``mac:all`` (forced hits: tau -1000, so
-the match radius ``2 D (1 - tau)^2`` exceeds any query distance, ``t_min`` 0 and an unbounded
-chain depth; with the default depth 16 every 17th step of a chain would miss), ``mac:TAU``
-(``mac:1`` never matches: exactly full attention), ``topk_phi:BUDGET``, ``mac:calibrated``
-(with ``--model``) or ``mac:FILE.json``: a calibration file's config and per-layer thresholds
-as written. Hit rates are never assumed: each MAC record holds the one measured over its timed
-steps (deltas of ``macopt.stats``), overall and per layer (``layer_hit_rates``). Every MAC
-variant but the files uses ``t_min`` 0 and ``--mac-ring-size/--mac-offset``.
-
-The decode step. Per (method, batch), after ``dynamo.reset`` (cold, static compiles): a
-pre-initialised ``StaticCache`` with static addresses (:func:`macopt._hf_compat.static_cache`,
-the pitfall in :mod:`macopt.bench.compile_health`), and ``step(ids, cache) -> next ids``
-(model forward plus greedy argmax) compiled once with ``torch.compile(mode="reduce-overhead",
-fullgraph=True)`` on CUDA (CUDA graphs), plain Inductor on CPU, or ``--backend eager``
-(macopt's passes without Inductor: a fast compile, for CPU tests). Inductor's FX graph cache
-is off during the run, so every compile is cold and runs macopt's passes
-(``decode_sites_rewritten`` comes from their reports).
-
-Placing a sequence at context C without a C-token prefill (no recompile per context; with
-``--model``, a real C-token prefill instead). One
-cache per batch is allocated for the largest context plus the decode steps (rounded up to 256
-keys) and shared by the methods. For each point: keys and values of positions ``[0, C - P)``
-are filled with seeded normal values (the same for every method), each layer's write counter
-is set to ``C - P``, and the last ``P`` tokens (``--chunk``) run as a real prefill chunk through
-the model's own prefill path (for MAC and Top-K + phi the routed ``macopt_eager`` graph, so
-their prefill ops run). Then ``--warmup-steps`` W untimed and ``--steps`` N timed greedy steps;
-the timed steps attend ``C + W + 1`` to ``C + W + N`` keys. What the chunk does to macopt's
-state (read in the source, not changed):
-
-- MAC (``macopt.mac_ops.mac_prefill``, as of commit f5922df): a chunk continuing a sequence
-  fills the ring slots of its own positions with exact entries (states over the cache
-  prefix) and leaves older slots empty. The default chunk, 512 = the ring size, therefore
-  leaves a full ring of prompt entries, as a real prompt would; decode steps then add one
-  entry each. (Before that commit such a chunk left the ring empty: every step missed until
-  decode entries refilled it.) Keys read per step are measured and reported.
-- Top-K + phi (``topk_phi_site_prefill``): the summary and page bounds are built over each
-  row's whole key range ``[0, C)`` read from the cache (the last query's mask row), so the
-  chunk builds the state a full prefill over the same cache would.
-
-Cache allocation vs context. macopt's MAC and Top-K + phi ops take each row's key range from
-the mask, so their work follows the real context. The ``exact`` rewrite passes the whole cache
-with the key mask (``ends`` = cache length), and its kernel steps over every key block of the
-allocation, loading only unmasked K/V. ``unmodified`` SDPA reads the whole allocated cache.
-So for these two a point's time is the time *with a cache of the allocation*
-(``cache_len`` in each record). ``--per-context-cache METHOD,...`` sizes their cache per
-context instead (then the compiled step sees a new cache shape per context: one more compile
-with a dynamic length, and a CUDA graph recorded per shape; the recompiles are reported).
-Top-K + phi's fractional budget is a fraction of the allocation (a static shape), so with a
-shared cache K is the same number of keys at every context (``topk_budget_tokens``).
-
-Memory. The MAC and Top-K + phi prefills run through ``macopt_eager``. Before commit 74ae65f
-its functionalized graph held an out-of-place copy of every cache tensor the prefill wrote
-(``index_put`` of the whole static cache per layer, copied back into the cache after the
-graph): measured on an H100 at batch 1 with a 128K cache, prefill peak 49.6 GiB against 33.2
-GiB for ``exact``, so batch 2 x 128K (a 32 GiB cache) ran out of memory (records ``oom``).
-Since commit 74ae65f the route keeps the input mutations in the graph and reinplaces them
-(``index_put_`` into the cache, as Inductor does; decode steps through the route alike), so
-the routed prefill holds no second cache: its peak should be ``exact``'s plus the method's
-state; not yet re-measured on the H100. ``--max-batch-tokens N`` decodes only points with
-``batch x C <= N`` and sizes each batch's shared cache for its largest such context.
-
-Timing. CUDA: one CUDA event recorded before every timed step and one after the last, no
-synchronisation in between (CUDA-graph replays queue back to back as in a real decode loop;
-host gaps count); ``median_ms`` is the median step interval, ``mean_ms`` the block (total / N).
-The block starts after a synchronisation for every method (MAC's statistics are read there), so
-its first step also pays the host's launch of the replay: a mean above the median.
-CPU: host clock per step. Peak memory: ``torch.cuda.max_memory_allocated`` over the point
-(chunk prefill and decode), reset at its start.
-
-Bytes roofline per record: (weights read per step + KV and state bytes read per step) /
-the measured copy bandwidth (:func:`macopt.bench.timing.copy_bandwidth_gbps`, bytes read +
-written): a lower bound in ms beside each measured latency. Weights: every parameter but the
-input embedding (of which a step reads one row per sequence). KV (``kv_basis`` says which):
-unmodified, the whole allocated cache; exact, the attended keys (mean over the timed steps);
-MAC, the keys its op reports read (``macopt.stats``, per query head, divided by the GQA group:
-a lower bound, the heads of a group reading overlapping ranges) plus the ring's pre-RoPE
-queries scanned by the match; Top-K + phi, an estimate from its config (sinks, tail,
-generated keys and the budget in whole pages, the middle's page bounds and the summary).
-
-Memory: ``state_bytes`` is what macopt's per-site state holds (read from the site registry,
-buffers and counters), given as a share of the KV bytes of the context (``batch * C`` tokens;
-the allocation is in ``kv_cache_bytes``).
-
-Compile health per (method, batch) group, cumulative in each record: graphs dynamo compiled up
-to the end of the first point's warm-up, graphs compiled after it (recompiles), graph breaks,
-CUDA-graph recordings during and after the warm-up, CUDA-graph skips. Graphs compiled for the
-prefills that place the sequences are counted apart (``prefill_graphs_compiled``): with
-``--model`` each context's prompt has its own length.
-
-Prefill (``--prefill-contexts``, batch 1): a real prefill of C tokens from position 0 into a
-cache of ``C + W + N`` (rounded up to 256) keys, ``--prefill-repeats`` timed runs after one
-untimed first call (its time, which includes a fresh static trace, is ``first_call_s``);
-median reported.
-Each method runs the path a user gets: ``unmodified`` and ``exact`` the plain eager forward
-(optimize routes no stateless method), MAC and Top-K + phi the routed ``macopt_eager`` graph.
-That graph differs from eager in more than the state op (decomposed ops; under tracing
-transformers materialises a mask over the whole cache; the route's prefill attention checks it
-at run time and takes SDPA's causal path where eager would, ``passes/causal_prefill.py``), so
-with ``--prefill-control`` the unmodified model also runs through the same backend with no site
-tagged (``unmodified-traced``): the state ops' own cost is the difference to that control
-(``slowdown_vs_control_pct``; the bar is 5%). These records have ``route`` ``"eager"``.
-
-The compiled route (``--prefill-compiled METHOD,...``, of ``--prefill-methods``): the same
-prefill points through the user's own compile, ``torch.compile(model.forward,
-fullgraph=True)`` with Inductor (default mode: CUDA graphs would save launches worth ~1% of a
-prefill of hundreds of ms, and hold a second pool of activations; with ``--backend eager``
-macopt's passes without Inductor instead, for CPU tests), compiled cold per point,
-as a user who compiles the model gets it for prefill too: for ``unmodified`` the plain model,
-for MAC and Top-K + phi the model ``macopt.optimize`` tagged, whose prefill graph gains the
-state op from macopt's Inductor pass (under tracing, transformers builds the mask over the
-whole cache for both, so the attention is the same). Records have ``route`` ``"compiled"``,
-``slowdown_vs_compiled_unmodified_pct`` against the compiled ``unmodified`` point (the
-issue's bar: at most 5%) and ``slowdown_vs_unmodified_pct`` against the eager one;
-``state_prefills`` counts the MAC state op's calls over the point (first call included:
-layers x (repeats + 1) when it ran at every layer). ``--contexts none`` skips decoding (a
-prefill-only run).
-
-``--budget-s``: before each point, if the time used plus the longest comparable point so far
-(a group's first point, which compiles, or a later one) would pass the budget, the point is
-recorded as skipped. Progress lines are flushed and ``--json`` is rewritten after every
-record, so a run cut short keeps what it measured.
+How each part is measured, and what changed when: BENCHMARKS.md, section 5 and the appendix
+"``macopt bench e2e``: what it measures".
 
     macopt bench e2e --json e2e.json
 """
@@ -155,9 +37,12 @@ from typing import Any
 
 import torch
 
+from macopt import method_spec
 from macopt.bench import timing
 from macopt.bench.decode import DTYPES, first_line, parse_sizes
-from macopt.config import ExactConfig, MACConfig, MethodConfig, TopKPhiConfig
+from macopt.bench.e2e_model import CACHE_ROUNDING
+from macopt.config import MACConfig, TopKPhiConfig
+from macopt.method_spec import Method
 
 Tensor = torch.Tensor
 
@@ -166,9 +51,6 @@ DEFAULT_BATCHES = (1, 2)
 DEFAULT_METHODS = ("unmodified", "exact", "mac:all", "mac:1", "topk_phi:0.02")
 DEFAULT_PREFILL_CONTEXTS = (8192, 32768)
 DEFAULT_PREFILL_METHODS = ("unmodified", "exact", "mac:all")
-FORCED_HIT_TAU = -1000.0  # radius 2 D (1 - tau)^2 ~ 2.6e8 at D = 128: every entry is near
-UNBOUNDED_CHAIN = 2**30
-CACHE_ROUNDING = 256
 TRACED_CONTROL = "unmodified-traced"
 # Per route, the prefill points a record is compared with: (route, method) -> record key.
 PREFILL_REFERENCES = {
@@ -207,59 +89,28 @@ class ModelShape:
         return self.layers * 2 * self.kv_heads * self.head_dim * itemsize
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """A method as named on the command line; ``config`` None is the unmodified model;
-    ``overrides`` per attention module (``macopt.optimize``'s: a calibrated MAC threshold per
-    layer)."""
-
-    label: str
-    config: MethodConfig | None
-    overrides: dict[str, MethodConfig | None] = dataclasses.field(default_factory=dict)
-
-    def config_for(self, batch: int) -> MethodConfig | None:
-        """The config for a run at ``batch`` rows (MAC rings are allocated for exactly that)."""
-        return _for_batch(self.config, batch)
-
-    def overrides_for(self, batch: int) -> dict[str, MethodConfig | None]:
-        return {name: _for_batch(c, batch) for name, c in self.overrides.items()}
-
-
-def _for_batch(config: MethodConfig | None, batch: int) -> MethodConfig | None:
-    if isinstance(config, MACConfig):
-        return dataclasses.replace(config, batch_capacity=batch)
-    return config
+def shape_of(config: Any) -> ModelShape:
+    """The model's sizes (what the bytes roofline counts)."""
+    heads = config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    return ModelShape(
+        layers=config.num_hidden_layers, hidden=config.hidden_size, heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        intermediate=config.intermediate_size, vocab=config.vocab_size,
+        rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 0.0))))
 
 
 def parse_method(spec: str, ring_size: int = 512, offset: int = 256,
                  model_dir: str | Path | None = None) -> Method:
-    """``unmodified``, ``exact``, ``mac:all`` (forced hits), ``mac:TAU``, ``topk_phi:BUDGET``;
-    ``mac:calibrated`` (``model_dir``'s ``mac_calibrated.json``) or ``mac:FILE.json``: a config
-    file's MAC config and per-layer overrides, as they are.
+    """A method spec (:mod:`macopt.method_spec`) whose MAC configs take the benchmark's ring
+    size and offset and ``t_min`` 0 (``mac:calibrated`` and files: their config as written).
 
-    >>> parse_method("mac:1").config.tau, parse_method("topk_phi:0.02").config.budget
-    (1.0, 0.02)
+    >>> parse_method("mac:1").config.tau, parse_method("mac:1").config.t_min
+    (1.0, 0)
     """
-    name, _, arg = spec.partition(":")
-    mac = {"ring_size": ring_size, "offset": offset, "t_min": 0}
-    if spec == "unmodified":
-        return Method(spec, None)
-    if spec == "exact":
-        return Method(spec, ExactConfig())
-    if name == "mac" and (arg == "calibrated" or arg.endswith(".json")):
-        from macopt.bench.e2e_model import method_file
-        from macopt.calibrate_mac import load_result
-
-        config, overrides = load_result(method_file(arg, model_dir))
-        return Method(spec, config, overrides)
-    if name == "mac" and arg == "all":
-        return Method(spec, MACConfig(tau=FORCED_HIT_TAU, max_chain_depth=UNBOUNDED_CHAIN, **mac))
-    if name == "mac" and arg:
-        return Method(spec, MACConfig(tau=float(arg), **mac))
-    if name == "topk_phi" and arg:
-        return Method(spec, TopKPhiConfig(budget=int(arg) if arg.isdigit() else float(arg)))
-    raise ValueError(f"unknown method {spec!r}: expected unmodified, exact, mac:all, mac:TAU, "
-                     "mac:calibrated, mac:FILE.json or topk_phi:BUDGET")
+    return method_spec.parse_method(spec, model_dir,
+                                    mac={"ring_size": ring_size, "offset": offset, "t_min": 0})
 
 
 @dataclasses.dataclass
@@ -1348,7 +1199,7 @@ def _model_defaults(args: argparse.Namespace, given: dict) -> tuple[dict, ModelS
     defaults = {"methods": e2e_model.default_methods(args.model), "contexts": contexts,
                 "prefill_contexts": (max(contexts),) if contexts else (),
                 "prefill_methods": e2e_model.DEFAULT_PREFILL_METHODS}
-    return defaults, e2e_model.shape_of(text)
+    return defaults, shape_of(text)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 
-from macopt.bench.e2e import CACHE_ROUNDING, ModelShape
-
 DEFAULT_METHODS = ("unmodified", "exact", "mac:calibrated", "mac:0.45", "topk_phi:0.02")
 DEFAULT_PREFILL_METHODS = ("unmodified", "exact", "mac:calibrated", "mac:0.45")
+CACHE_ROUNDING = 256  # static caches are allocated in multiples of this many tokens
 CHARS_PER_TOKEN = 6  # more than any tokenizer's mean: a text prefix this long is enough
 
 
@@ -37,18 +36,6 @@ def model_config(path: str | Path) -> Any:
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"--model {path}: not a model directory (no config.json)")
     return load_config(path).get_text_config()
-
-
-def shape_of(config: Any) -> ModelShape:
-    """The model's sizes (what the bytes roofline counts)."""
-    heads = config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    return ModelShape(
-        layers=config.num_hidden_layers, hidden=config.hidden_size, heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        intermediate=config.intermediate_size, vocab=config.vocab_size,
-        rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 0.0))))
 
 
 def default_contexts(max_positions: int, decode_steps: int) -> tuple[int, ...]:
@@ -119,19 +106,3 @@ def default_methods(model_dir: str | Path) -> tuple[str, ...]:
     if (Path(model_dir) / CALIBRATED_FILENAME).is_file():
         return DEFAULT_METHODS
     return tuple(m for m in DEFAULT_METHODS if m != "mac:calibrated")
-
-
-def method_file(arg: str, model_dir: str | Path | None) -> Path:
-    """The config file ``mac:calibrated`` (``DIR/mac_calibrated.json``) or ``mac:FILE.json``
-    names."""
-    from macopt.calibrate_mac import CALIBRATED_FILENAME
-
-    if arg != "calibrated":
-        return Path(arg)
-    if model_dir is None:
-        raise ValueError("mac:calibrated needs --model DIR (it reads DIR/mac_calibrated.json)")
-    path = Path(model_dir) / CALIBRATED_FILENAME
-    if not path.is_file():
-        raise ValueError(f"mac:calibrated: no {path} (write it with `macopt calibrate --method "
-                         f"mac {model_dir}`)")
-    return path

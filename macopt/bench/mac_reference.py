@@ -1116,6 +1116,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--no-fast-math", dest="fast_math", action="store_false")
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
     parser.add_argument("--build-timeout-s", type=float, default=420.0)
+    parser.add_argument("--build-log", type=Path, default=None,
+                        help="where the reference build's log goes (default: "
+                             "BUILD_DIR/build.log)")
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="start no new point after this many seconds (default 300; "
                              f"macopt's rows get {PHASE1_SHARE * 100:.0f}%% of it when the "
@@ -1145,8 +1148,6 @@ def _main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     json_path = args.json
-    if json_path is None and os.environ.get("OUT"):
-        json_path = Path(os.environ["OUT"]) / "mac_reference.json"
     config = RefBenchConfig(
         source_dir=args.source, layouts=args.layouts, batches=args.batches,
         contexts=args.contexts, hit_rates=args.hit_rates, head_dim=args.head_dim,
@@ -1156,8 +1157,7 @@ def _main(args: argparse.Namespace) -> int:
         emulate_reference=args.emulate_reference, time_failed=args.time_failed,
         device=args.device,
         warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, seed=args.seed)
-    if os.environ.get("OUT"):  # the build log comes back with the run's files
-        config.build_log = Path(os.environ["OUT"]) / "mac_reference_build.log"
+    config.build_log = args.build_log
     console = Console(width=160)
     report = run(config, json_path, echo=console.print)
     console.print(table(report))

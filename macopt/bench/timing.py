@@ -12,7 +12,6 @@ import datetime
 import importlib.metadata
 import itertools
 import math
-import os
 import platform
 import shlex
 import statistics
@@ -129,8 +128,10 @@ def _copy_ms(n_bytes: int, device: torch.device | str) -> float:
     return median_ms(lambda: dst.copy_(src), device)
 
 
-def environment(device: torch.device | str, argv: Sequence[str] | None = None) -> dict:
-    """What a result depends on: device, library versions, date, command line, git commit."""
+def environment(device: torch.device | str, argv: Sequence[str] | None = None,
+                commit: str | None = None) -> dict:
+    """What a result depends on: device, library versions, date, command line, git commit
+    (``commit``, else HEAD of the checkout the code runs from)."""
     # sys.orig_argv keeps "python -m macopt.cli ..." as typed; an explicit argv came from main().
     command = shlex.join(sys.orig_argv) if argv is None else shlex.join(["macopt", *argv])
     env = {
@@ -143,7 +144,7 @@ def environment(device: torch.device | str, argv: Sequence[str] | None = None) -
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "git_commit": _git_commit(),
+        "git_commit": commit or _git_commit(),
     }
     if is_cuda(device):
         props = torch.cuda.get_device_properties(device)
@@ -166,12 +167,8 @@ def _version(package: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """``MACOPT_COMMIT`` if set, else HEAD of the working tree if it is a git checkout.
-
-    The variable is for copies whose git metadata is not the code's: the lent GPU machine's
-    copy carried a stale ``.git`` (its runs reported an older commit than the one that ran)."""
-    if os.environ.get("MACOPT_COMMIT"):
-        return os.environ["MACOPT_COMMIT"]
+    """HEAD of the working tree if it is a git checkout (a copy whose ``.git`` is not the
+    code's reports that: pass ``commit`` to :func:`environment` there)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -124,7 +124,7 @@ def output_path(args: argparse.Namespace) -> Path:
     """Where the result goes; an existing file is an error without ``--force`` (the bundled
     model's calibrated file backs the README's numbers)."""
     from macopt.calibrate_mac import CALIBRATED_FILENAME
-    from macopt.calibrate_phi import PHI_FILENAME
+    from macopt.phi_files import PHI_FILENAME
 
     default = CALIBRATED_FILENAME if args.method == "mac" else PHI_FILENAME
     out = Path(args.out or Path(args.model) / default)

@@ -143,7 +143,7 @@ def short_context_warnings(methods: list, context: int, ppl_decode: int,
 
 def resolve_phi(phi: str | None, model: str) -> Path | None:
     """The feature-map file for Top-K + phi methods (see ``--phi``)."""
-    from macopt.calibrate_phi import PHI_FILENAME
+    from macopt.phi_files import PHI_FILENAME
 
     if phi == "none":
         return None

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from macopt.config import method_names
+from macopt.config import MethodConfig, method_names
 from macopt.model_source import build_random_model
 from macopt.report import WIDE_COLUMNS
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 @torch.no_grad()
-def trace_decode_step(model: torch.nn.Module, config: object) -> None:
+def trace_decode_step(model: torch.nn.Module, config: MethodConfig) -> None:
     """Prefill eagerly, then compile one decode step with the passes (no Inductor codegen).
 
     A model whose ``generate()`` compiles nothing (no static cache: MPT keeps its own tuple

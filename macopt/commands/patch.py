@@ -92,7 +92,7 @@ def patch_model(model: str | Path, config_file: str | Path, out: str | Path, *,
 def check_feature_maps(config: MethodConfig) -> None:
     """Every phi maps file the config names exists and loads (else generate's first step
     would fail, a corrupt file without its name)."""
-    from macopt.calibrate_phi import read_feature_maps
+    from macopt.phi_files import read_feature_maps
 
     def walk(fields: dict) -> None:
         for name, value in fields.items():

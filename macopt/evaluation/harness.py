@@ -41,51 +41,31 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from macopt.config import ExactConfig, MACConfig, MACTopKPhiConfig, MethodConfig, TopKPhiConfig
+from macopt.config import MACConfig, MACTopKPhiConfig, MethodConfig, TopKPhiConfig
 from macopt.evaluation.tasks import Task, make_tasks
+from macopt.method_spec import UNMODIFIED, Method, parse_method
 
 Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A named method config (None: the unmodified model) and per-module overrides
-    (``macopt.optimize``'s, e.g. a calibrated per-layer MAC threshold)."""
-
-    name: str
-    config: MethodConfig | None
-    overrides: dict[str, MethodConfig | None] | None = field(default=None, compare=False)
 
 
 def parse_methods(spec: str, model_dir: str | Path | None = None,
                   phi: str | Path | None = None) -> list[Method]:
     """``"exact,mac:0.45,mac:calibrated,topk:0.02,topk_phi:0.02"`` -> methods, the
-    unmodified model first.
-
-    ``mac:TAU`` sets ``MACConfig.tau``; ``mac:FILE.json`` reads a config file (``macopt
-    calibrate --method mac`` writes one; per-layer overrides included) and ``mac:calibrated``
-    is ``MODEL/mac_calibrated.json``; ``topk_phi:BUDGET`` sets ``TopKPhiConfig.budget`` (an
-    int: tokens; a float in (0, 1]: a fraction) and ``topk:BUDGET`` is the same without the
-    completion (Top-K only); ``mac_topk_phi:BUDGET`` is MAC whose misses use Top-K + phi with
-    that budget and ``mac_topk_phi:BUDGET:MAC`` takes its MAC part from ``MAC``, anything
-    ``mac:`` accepts (``mac_topk_phi:0.02:calibrated``: the calibrated file's MAC config and
-    per-layer overrides, each with the same Top-K + phi part); ``none`` is the unmodified
-    model. ``phi``: a feature-map file (``macopt calibrate --method topk_phi``) every Top-K +
-    phi completion uses (None: the config's seeded random features).
+    unmodified model first (specs: :mod:`macopt.method_spec`). ``phi``: a feature-map file
+    (``macopt calibrate --method topk_phi``) every Top-K + phi completion uses (None: the
+    config's seeded random features).
     """
     methods = [Method("unmodified", None)]
     for item in (s.strip() for s in spec.split(",")):
-        if not item or item in ("none", "unmodified"):
+        if not item or item in UNMODIFIED:
             continue
-        name, _, arg = item.partition(":")
         try:
-            methods.append(_with_maps(_parse_method(item, name, arg, model_dir), phi))
+            methods.append(_with_maps(parse_method(item, model_dir), phi))
         except (ValueError, TypeError, KeyError, OSError) as err:
             raise ValueError(f"--methods: cannot read {item!r}: {err}") from None
     return methods
@@ -106,59 +86,6 @@ def _with_maps(method: Method, phi: str | Path | None) -> Method:
     overrides = None if method.overrides is None else {
         name: swap(c) for name, c in method.overrides.items()}
     return Method(method.name, swap(method.config), overrides)
-
-
-def _parse_method(item: str, name: str, arg: str, model_dir: str | Path | None) -> Method:
-    if name == "mac_topk_phi" and arg and _is_number(arg.partition(":")[0]):
-        return _parse_composed(item, arg, model_dir)
-    if arg == "calibrated" or arg.endswith(".json"):
-        from macopt.calibrate_mac import CALIBRATED_FILENAME
-        from macopt.pretrained import parse_config_file
-
-        if arg == "calibrated" and model_dir is None:
-            raise ValueError("'calibrated' needs a model directory")
-        path = Path(model_dir) / CALIBRATED_FILENAME if arg == "calibrated" else Path(arg)
-        if not path.is_file():
-            raise ValueError(f"no config file {path} (write one with `macopt calibrate "
-                             f"--method {name}`)")
-        config, overrides = parse_config_file(path)
-        if config.method != name:
-            raise ValueError(f"{path} holds a {config.method!r} config")
-        return Method(item, config, overrides or None)
-    if name == "exact" and not arg:
-        return Method(item, ExactConfig())
-    if name == "mac":
-        return Method(item, MACConfig(tau=float(arg)) if arg else MACConfig())
-    if name in ("topk", "topk_phi"):
-        completion = name == "topk_phi"
-        if not arg:
-            return Method(item, TopKPhiConfig(completion=completion))
-        budget = int(arg) if arg.isdigit() else float(arg)
-        return Method(item, TopKPhiConfig(budget=budget, completion=completion))
-    if arg:
-        raise ValueError(f"method {name!r} takes no argument")
-    return Method(item, MethodConfig.from_dict({"method": name}))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _parse_composed(item: str, arg: str, model_dir: str | Path | None) -> Method:
-    """``mac_topk_phi:BUDGET[:MAC]``: the Top-K + phi budget, then a ``mac:`` argument."""
-    budget_text, _, mac_arg = arg.partition(":")
-    budget = int(budget_text) if budget_text.isdigit() else float(budget_text)
-    topk = TopKPhiConfig(budget=budget)
-    mac = _parse_method(f"mac:{mac_arg}", "mac", mac_arg, model_dir)
-    overrides = None
-    if mac.overrides:
-        overrides = {name: None if c is None else MACTopKPhiConfig(c, topk)
-                     for name, c in mac.overrides.items()}
-    return Method(item, MACTopKPhiConfig(mac.config, topk), overrides)
 
 
 def byte_encoder(vocab_size: int) -> Callable[[str], list[int]]:

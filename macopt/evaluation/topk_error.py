@@ -113,7 +113,7 @@ def _site_maps(config: TopKPhiConfig, layer: int):
     features seeded by ``config.seed``, which ``TopKPhiState.allocate`` builds)."""
     if not config.feature_maps:
         return None
-    from macopt.calibrate_phi import site_name
     from macopt.kernels.feature_maps import load_feature_maps
+    from macopt.phi_files import site_name
 
     return load_feature_maps(config.feature_maps)[site_name(layer)]

@@ -1,10 +1,10 @@
 """Sweep the exact decode kernel's launch parameters on a GPU (tuning aid, not a user command).
 
-    python -m macopt.bench.decode_sweep --json sweep.json
+    python -m examples.research.decode_sweep --json sweep.json
 
 Times every (block_n, num_warps, num_stages, split factor, fused merge) at a few Llama-3.1-8B
 layer shapes under CUDA-graph replay and prints, per shape, the default config's time beside
-the best one, so :func:`macopt.kernels.decode._launch_config` can be set from measurements.
+the best one, so :func:`macopt.kernels.launch.decode_launch_config` can be set from measurements.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import torch
 
 from macopt.bench.timing import environment, graph_median_ms
-from macopt.kernels import decode
+from macopt.kernels import decode, launch
 
 SHAPES = ((1, 4096), (1, 32768), (1, 131072), (8, 32768), (32, 131072))
 BLOCK_N = (32, 64)
@@ -37,7 +37,7 @@ def _inputs(batch, n_keys, q_heads=32, kv_heads=8, head_dim=128):
 
 def sweep_shape(batch: int, n_keys: int) -> list[dict]:
     q, k, v, starts, ends = _inputs(batch, n_keys)
-    default = decode._launch_config(batch, 8, n_keys, 128, 4, q.device)
+    default = launch.decode_launch_config(batch, 8, n_keys, 128, 4, q.device)
     rows = []
     grid = itertools.product(BLOCK_N, WARPS, STAGES, SPLIT_FACTORS, FUSE_MERGE)
     for block_n, warps, stages, factor, fuse in grid:

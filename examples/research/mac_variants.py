@@ -1,7 +1,7 @@
 """MAC decode-step launch variants on the GPU (CUDA only): a profiling aid behind BENCHMARKS.md
 section 2h, not a ``macopt bench`` sub-command.
 
-    python -m macopt.bench.mac_variants [--json FILE]
+    python -m examples.research.mac_variants [--json FILE]
 
 For each case (batch, context) it captures the steps of several independent layers in one CUDA
 graph, as ``profile_steps mac-stack`` does, and prints the per-layer replay median of the exact
@@ -18,8 +18,9 @@ import os
 
 import torch
 
+from examples.research import profile_steps
 from macopt.bench import mac as bench_mac
-from macopt.bench import profile_steps, timing
+from macopt.bench import timing
 from macopt.kernels import mac
 
 VARIANTS = {

@@ -7,9 +7,8 @@ whole cache) and hit rates are forced per (row, query head) by
 the whole cache as the prompt; the composed step's summary leaves out the last ``max(tail, S)``
 keys (its ``mid_end`` is then ``E(t)``), as ``mac_topk_phi_prefill`` builds it. The composed
 step runs with the site counters (what a model runs), skipping the Top-K + phi work of groups
-whose heads all hit; "every group" computes it for every group (the first version), and at one
-rate "uncounted" runs without counters (what the counting costs). Feature maps are positive
-random features: speed does not depend on them.
+whose heads all hit, and at one rate "uncounted" runs without counters (what the counting
+costs). Feature maps are positive random features: speed does not depend on them.
 
 >>> variants = mac_topk_variants(layer, maps, budget=0.02)  # doctest: +SKIP
 >>> [name for name, _ in variants][:3]  # doctest: +SKIP
@@ -38,8 +37,7 @@ def mac_topk_variants(
     page_size: int = 32,
 ) -> list[tuple[str, Step]]:
     """``(variant, step)`` pairs: exact, Top-K + phi alone, then per hit rate MAC alone and the
-    composed step (with counters, skipping all-hit groups or not; the first rate below 1 also
-    without counters)."""
+    composed step (with counters; the first rate below 1 also without counters)."""
     from macopt.kernels import mac
     from macopt.mac_topk_phi_ops import MACTopKPhiSite, decode_step
     from macopt.topk_phi_ops import decode as topk_decode
@@ -72,14 +70,13 @@ def mac_topk_variants(
         counters = torch.zeros(COUNTER_ROWS, layer.q.shape[1], dtype=torch.int64,
                                device=layer.q.device)
 
-        def composed_step(site=site, counters=counters, skip=True) -> object:
+        def composed_step(site=site, counters=counters) -> object:
             return decode_step(layer.q, layer.q_pre, layer.k, layer.v, site, layer.positions,
                                layer.starts, layer.scale, budget=topk.budget_tokens(n_keys),
                                page_size=page_size, selector=topk.selector, counters=counters,
-                               skip_hit_groups=skip, **step_args)
+                               **step_args)
 
-        variants += [(f"mac h{rate}", mac_step), (f"mac+topk h{rate}", composed_step),
-                     (f"mac+topk h{rate} every group", partial(composed_step, skip=False))]
+        variants += [(f"mac h{rate}", mac_step), (f"mac+topk h{rate}", composed_step)]
         if rate == uncounted:
             variants.append((f"mac+topk h{rate} uncounted",
                              partial(composed_step, counters=None)))

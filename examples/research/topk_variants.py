@@ -2,9 +2,9 @@
 part reuses the kernel tests' problems from ``tests/``). A profiling aid behind BENCHMARKS.md
 section 3d, not a ``macopt bench`` sub-command.
 
-    python -m macopt.bench.topk_variants          # precision variants: error and step time
-    python -m macopt.bench.topk_variants warps    # launch variants of the default precision
-    python -m macopt.bench.topk_variants splits   # splits x warps, 16 features, 64-key pages
+    python -m examples.research.topk_variants          # precision variants: error and step time
+    python -m examples.research.topk_variants warps    # launch variants of the default precision
+    python -m examples.research.topk_variants splits   # splits x warps, 16 features, 64-key pages
 
 Error: worst |kernel - fp64 reference| over the states of the bf16 kernel-test problems.
 Time: CUDA-graph replay median of the whole decode step (selection included) at batch 16,
@@ -14,14 +14,14 @@ Time: CUDA-graph replay median of the whole decode step (selection included) at 
 from __future__ import annotations
 
 import functools
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from macopt.bench import decode, profile_steps, timing
+from examples.research import profile_steps
+from examples.research.results import write_rows
+from macopt.bench import decode, timing
 from macopt.bench import topk as bench_topk
 from macopt.kernels import topk_phi
 from macopt.kernels import topk_phi_reference as ref
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     {"precision": precision_variants, "warps": launch_variants,
      "splits": split_variants}[what](rows)
-    out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, f"topk_variants_{what}.json"), "w") as f:
-        json.dump({"environment": timing.environment("cuda"), "rows": rows}, f, indent=1)
+    write_rows(f"topk_variants_{what}", rows)
     return 0
 
 

@@ -4,12 +4,12 @@ Not a ``macopt bench`` sub-command: a profiling aid behind the numbers in BENCHM
 each case it prints the CUDA-graph replay median (``do_bench``, as ``macopt bench``) and the mean
 device time of every kernel in the replayed graph (``torch.profiler``, 30-50 replays).
 
-    python -m macopt.bench.profile_steps mac   # exact vs MAC at forced hit rates 1 / 0.95 / 0
-    python -m macopt.bench.profile_steps topk  # Top-K + phi, page selector, 1% and 2%
-    python -m macopt.bench.profile_steps topk-small  # the same at batch 16 with 2 / 16 features
-    python -m macopt.bench.profile_steps topk-sketch  # sketch vs page selector, b16 128K 2%
-    python -m macopt.bench.profile_steps mac-stack  # per layer, many layers in one graph
-    python -m macopt.bench.profile_steps mac-topk  # MAC + Top-K + phi vs each alone and exact
+    python -m examples.research.profile_steps mac   # exact vs MAC at forced hit rates 1 / 0.95 / 0
+    python -m examples.research.profile_steps topk  # Top-K + phi, page selector, 1% and 2%
+    python -m examples.research.profile_steps topk-small  # the same at batch 16, 2 / 16 features
+    python -m examples.research.profile_steps topk-sketch  # sketch vs page selector, b16 128K 2%
+    python -m examples.research.profile_steps mac-stack  # per layer, many layers in one graph
+    python -m examples.research.profile_steps mac-topk  # MAC + Top-K + phi vs each alone and exact
 
 ``mac-stack`` captures the steps of several independent layers (each its own K/V cache and
 ring, so nothing is served from L2 by a previous layer) in one CUDA graph and divides the replay
@@ -20,13 +20,12 @@ decode graph of a whole model (a single-layer replay pays ~8-12 us of graph laun
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 from collections.abc import Callable
 
 import torch
 
+from examples.research.results import write_rows
 from macopt.bench import decode, timing
 
 LAYER = dict(q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)  # Llama-3.1-8B
@@ -136,9 +135,9 @@ def _record_stack(rows: list[dict], case: str, variant: str, n: int,
 
 def profile_mac_topk(rows: list[dict]) -> None:
     """MAC + Top-K + phi (page selector, 2%) at forced hit rates 1 / 0.95 / 0 against exact, MAC
-    alone and Top-K + phi alone, same K/V (:mod:`macopt.bench.mac_topk`)."""
+    alone and Top-K + phi alone, same K/V (:mod:`examples.research.mac_topk`)."""
+    from examples.research.mac_topk import mac_topk_variants
     from macopt.bench import mac as bench_mac
-    from macopt.bench.mac_topk import mac_topk_variants
     from macopt.kernels.feature_maps import positive_random_features
 
     config = bench_mac.MACBenchConfig(device="cuda")
@@ -217,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
              "topk-small": profile_topk_small, "mac-topk": profile_mac_topk,
              "topk-sketch": profile_topk_sketch}
     cases[what](rows)
-    out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, f"profile_{what}.json"), "w") as f:
-        json.dump({"environment": timing.environment("cuda"), "rows": rows}, f, indent=1)
+    write_rows(f"profile_{what}", rows)
     return 0
 
 

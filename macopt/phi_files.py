@@ -1,0 +1,54 @@
+"""Reading phi files (``macopt calibrate --method topk_phi``): what the Top-K + phi ops need
+at run time, without the calibration code (:mod:`macopt.calibrate_phi` writes the files).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from macopt.kernels.feature_maps import FeatureMaps
+
+PHI_FILENAME = "macopt_phi.safetensors"  # the default file, next to the model
+
+
+def site_name(layer: int) -> str:
+    """The key of layer ``layer``'s maps in a phi file: ``layer.3``."""
+    return f"layer.{layer}"
+
+
+def read_feature_maps(path: str | Path) -> dict[str, FeatureMaps]:
+    """:func:`~macopt.kernels.feature_maps.load_feature_maps` with errors that name the file
+    (a missing or corrupt phi file otherwise fails deep inside safetensors)."""
+    from macopt.kernels.feature_maps import load_feature_maps
+
+    if not Path(path).is_file():
+        raise ValueError(f"feature_maps: {path} does not exist (write it with `macopt "
+                         "calibrate MODEL --method topk_phi`)")
+    try:
+        return load_feature_maps(path)
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"feature_maps: {path} is not a readable phi maps file "
+                         f"({type(err).__name__}: {err})") from None
+
+
+def maps_for_kv_heads(maps: FeatureMaps, n_kv_heads: int) -> FeatureMaps:
+    """``maps`` for a site whose keys have ``n_kv_heads`` heads.
+
+    Calibration captures keys before grouped-query attention repeats them (one phi_k per KV
+    head), but a site may see them repeated (``repeat_kv``: one per query head). Repeating
+    phi_k's heads the same way gives each repeated key its own KV head's map.
+    """
+    have = maps.phi_k.n_heads
+    if have == n_kv_heads:
+        return maps
+    if n_kv_heads % have:
+        raise ValueError(f"feature_maps: phi_k has {have} KV heads, the attention site has "
+                         f"{n_kv_heads} (not a multiple): maps calibrated on another model?")
+    phi_k = maps.phi_k
+    repeated = FeatureMaps(maps.phi_q.n_heads, n_kv_heads, phi_k.head_dim, phi_k.d_phi,
+                           phi_k.w_s.shape[1], phi_k.w_1.shape[1])
+    repeated.phi_q.load_state_dict(maps.phi_q.state_dict())
+    group = n_kv_heads // have
+    repeated.phi_k.load_state_dict({name: p.repeat_interleave(group, 0)
+                                    for name, p in phi_k.state_dict().items()})
+    return repeated.to(phi_k.w_s.device)
