@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from macopt.kernels.launch import interpreting
 from macopt.kernels.sketch_select import _order32, rerank_select
 
 Tensor = torch.Tensor
@@ -148,17 +149,16 @@ def exact_topk(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: T
     scores = _new_empty((batch, n_kv_heads, group, n_keys), dtype=torch.float32, device=device)
     part_max = _new_empty((batch, n_kv_heads, group, n_chunks), dtype=torch.float32,
                           device=device)
-    part_sum = torch.empty_like(part_max)
+    part_sum = _new_empty(part_max.shape, dtype=torch.float32, device=device)
     keys = _new_empty((batch, n_kv_heads, n_keys), dtype=torch.int32, device=device)
     if keys.numel() == 0:
         return _new_empty((batch, n_kv_heads, top_k), dtype=torch.int32, device=device)
-    interpreting = device.type == "cpu"
     block_g = max(16, triton.next_power_of_2(group))
     grid = (batch * n_kv_heads, n_chunks)
     _scores_kernel[grid](
         q.contiguous(), k, mid_start, mid_end, scores, part_max, part_sum, scale, n_kv_heads,
         n_keys, group, head_dim, n_chunks, *k.stride(),
-        UPCAST=interpreting, DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        UPCAST=interpreting(), DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         CHUNK=_CHUNK, BLOCK_G=block_g, BLOCK_N=_BLOCK_N,
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
     _rank_kernel[grid](
