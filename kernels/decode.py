@@ -190,25 +190,13 @@ def _range_strides(bounds: Tensor) -> tuple[int, int]:
     return (bounds.stride(0), bounds.stride(1) if bounds.dim() == 2 else 0)
 
 
-_COUNTERS: dict[tuple[torch.device, int], Tensor] = {}
-_UNZEROED: set[tuple[torch.device, int]] = set()
-
-
 def _group_counters(device: torch.device, n_groups: int) -> Tensor:
-    """The int32 arrival counters of ``n_groups`` split groups: allocated and zeroed once per
-    (device, count), left at zero by every launch, so CUDA graphs see one static address."""
-    key = (device, n_groups)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if key not in _COUNTERS:
-        # Under capture the zeroing becomes a graph node that runs only at replay: zero again
-        # at the first call outside capture.
-        _COUNTERS[key] = torch.zeros(n_groups, dtype=torch.int32, device=device)
-        if capturing:
-            _UNZEROED.add(key)
-    elif key in _UNZEROED and not capturing:
-        _COUNTERS[key].zero_()
-        _UNZEROED.discard(key)
-    return _COUNTERS[key]
+    """Zeroed int32 arrival counters of ``n_groups`` split groups, fresh for each launch (a
+    memset, a graph node under CUDA graphs). Not a cached buffer: one first allocated while
+    torch.compile's CUDA-graph trees warm up lives in their memory pool, and they refuse a
+    live allocation they do not own ("tensor(s) in the cudagraph pool not tracked as
+    outputs"), which is how MAC's generate() failed on the GPU."""
+    return torch.zeros(n_groups, dtype=torch.int32, device=device)
 
 
 def _launch_split_kernel(
