@@ -1,7 +1,7 @@
 """MAC-Attention ops (``torch.ops.macopt.mac_match`` + ``mac_decode_matched``, ``mac_decode``,
 ``mac_prefill``): what the ``mac`` rewrites insert. CPU runs the reference
 (:mod:`macopt.kernels.mac_reference`), CUDA the Triton step (:mod:`macopt.kernels.mac`);
-``MACOPT_CPU_KERNELS=triton`` as in :mod:`macopt.ops`.
+``MACOPT_CPU_KERNELS=triton`` as in :mod:`macopt.exact_ops`.
 
 Every op keeps hidden state: the ring of the attention site named by ``site_id`` (a graph
 constant, see :mod:`macopt.state`). They are declared functional (``mutates_args=()``) because
@@ -31,9 +31,9 @@ import torch
 
 from macopt import mac_guard, mac_state, side_stream
 from macopt.config import MACConfig
+from macopt.exact_ops import _use_triton
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.mac_reference import MACRing, MatchCandidates
-from macopt.ops import _use_triton
 from macopt.site_params import SiteParams, site_op
 from macopt.validation import check_decode_inputs
 

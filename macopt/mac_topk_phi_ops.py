@@ -40,11 +40,11 @@ import torch
 
 from macopt import mac_guard, state, topk_phi_site
 from macopt.config import MACTopKPhiConfig, check_budget_args, resolve_budget
+from macopt.exact_ops import _use_triton
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.mac_counters import COUNTER_ROWS
 from macopt.kernels.mac_reference import MACRing
 from macopt.mac_ops import check_prefill_inputs, write_prefill_entries
-from macopt.ops import _use_triton
 from macopt.site_params import SiteParams, site_op
 from macopt.topk_phi_ops import TopKPhiState, decode_impl, topk_phi_prefill
 from macopt.topk_phi_site import TopKPhiPrefillParams

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import torch
 
 from macopt.config import SELECTORS, TopKPhiConfig
+from macopt.exact_ops import _use_triton
 from macopt.kernels import topk_phi_reference as ref
 from macopt.kernels.feature_maps import FeatureMaps, FoldedFeatureMap, log_features
 from macopt.kernels.topk_phi_reference import GroupCounts
-from macopt.ops import _use_triton
 from macopt.validation import check_decode_inputs
 
 Tensor = torch.Tensor
