@@ -11,8 +11,8 @@ the prompt's middle from a fixed-size feature summary built at prefill.
 - ``macopt::topk_phi_decode`` selects (page bounds or exact scores; ``torch.topk`` on the
   device, no host sync), then runs the decode kernel: exact state over sinks + tail +
   generated + retrieved keys merged with the completion state.
-- ``macopt::topk_phi_decode_state``: the same step's fp32 state ``(o, lse)``, for merging with
-  other states (MAC + Top-K + phi takes it as a miss's prefix state).
+- :func:`decode_impl` with ``state=True``: the same step's fp32 state ``(o, lse)``, for
+  merging with other states (MAC + Top-K + phi takes it as a miss's prefix state).
 
 CPU runs the reference (:mod:`macopt.kernels.topk_phi_reference`), CUDA the Triton kernels
 (:mod:`macopt.kernels.topk_phi`); ``MACOPT_CPU_KERNELS=triton`` runs Triton on CPU through the
@@ -273,36 +273,6 @@ def _(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi
     _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
                   completion, budget, page_size, selector, summary_tokens)
     return torch.empty_like(q)
-
-
-@torch.library.custom_op("macopt::topk_phi_decode_state", mutates_args=())
-def topk_phi_decode_state(
-    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor,
-    m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: Tensor,
-    kmin: Tensor | None, kmax: Tensor | None,
-    phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
-    completion: Tensor, scale: float, budget: int, page_size: int, selector: str,
-    summary_tokens: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """The state ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])`` of :func:`topk_phi_decode` (same
-    arguments; approximate): the merge of the exact keys' state with the completion state,
-    before the cast to ``q``'s dtype. A state can be merged with others (docs/ALGORITHMS.md,
-    section 0), e.g. as the prefix state of a MAC miss over keys ``[starts, E(t))``."""
-    _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector, summary_tokens)
-    o, lse, _ = decode_impl(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax,
-                            phi_q, phi_q_mlp, phi_k, phi_k_mlp, completion, scale, budget,
-                            page_size, selector, state=True, summary_tokens=summary_tokens)
-    return o, lse
-
-
-@topk_phi_decode_state.register_fake
-def _(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_q_mlp, phi_k,
-      phi_k_mlp, completion, scale, budget, page_size, selector, summary_tokens=0):
-    _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector, summary_tokens)
-    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:2],
-                                                                  dtype=torch.float32)
 
 
 def decode_impl(
@@ -788,4 +758,4 @@ def retrieved_tokens(budget: int, summary_tokens: int, page_size: int | None) ->
 __all__ = ["TopKPhiState", "budget_summary_tokens", "decode", "decode_impl",
            "exact_selection", "group_counts", "prefill", "retrieved_tokens", "select",
            "summary_budget_tokens", "summary_counts", "summary_token_equivalent",
-           "topk_phi_decode", "topk_phi_decode_state", "topk_phi_prefill"]
+           "topk_phi_decode", "topk_phi_prefill"]
