@@ -6,7 +6,7 @@ A decode step (:func:`decode_step`) is two steps of the existing methods:
 1. Top-K + phi over each row's keys ``[s0, E(t))``, ``E(t) = max(t + 1 - S, s0)``: the state
    ``(o, lse)`` of the sinks, the retrieved middle keys and the keys in ``[mid_end, E(t))``,
    exact, merged with the completion of the rest of the prompt's middle
-   (:func:`macopt.topk_phi_ops.decode_impl` with ``state=True``);
+   (:func:`macopt.topk_phi_state.decode_impl` with ``state=True``);
 2. the MAC step with that state as ``miss_prefix``: a head that misses takes it as its prefix
    state (and writes it to its ring slot, depth 0) instead of attending ``[s0, E(t))``; a head
    that hits reuses its ring entry and attends the band since it, as in ``mac``. Both add the
@@ -46,8 +46,8 @@ from macopt.kernels.mac_counters import COUNTER_ROWS
 from macopt.kernels.mac_reference import MACRing
 from macopt.mac_ops import check_prefill_inputs, write_prefill_entries
 from macopt.site_params import SiteParams, site_op
-from macopt.topk_phi_ops import TopKPhiState, decode_impl, topk_phi_prefill
 from macopt.topk_phi_site import TopKPhiPrefillParams
+from macopt.topk_phi_state import TopKPhiState, decode_impl, topk_phi_prefill
 from macopt.validation import check_decode_inputs
 
 Tensor = torch.Tensor

@@ -1,9 +1,9 @@
 """Top-K + phi ops keyed by attention site (what the ``topk_phi`` rewrites insert).
 
 ``macopt::topk_phi_site_prefill`` and ``macopt::topk_phi_site_decode`` find the site's
-:class:`~macopt.topk_phi_ops.TopKPhiState` in the per-site registry (:mod:`macopt.state`,
+:class:`~macopt.topk_phi_state.TopKPhiState` in the per-site registry (:mod:`macopt.state`,
 keyed by the site id baked into the graph), allocating it on first use, and call the
-explicit-state implementations of :mod:`macopt.topk_phi_ops`. As for MAC, they are declared
+explicit-state implementations of :mod:`macopt.topk_phi_state`. As for MAC, they are declared
 functional and return a fresh tensor the graph uses (the prefill op: a copy of the attention
 output), so no compiler drops them.
 
@@ -27,9 +27,10 @@ from macopt.config import TopKPhiConfig, check_budget_args, resolve_budget
 from macopt.kernels.feature_maps import FeatureMaps
 from macopt.phi_files import maps_for_kv_heads, read_feature_maps, site_name
 from macopt.site_params import SiteParams, site_op
-from macopt.topk_phi_ops import TopKPhiState, summary_budget_tokens
-from macopt.topk_phi_ops import topk_phi_decode as decode_impl
-from macopt.topk_phi_ops import topk_phi_prefill as prefill_impl
+from macopt.topk_phi_select import summary_budget_tokens
+from macopt.topk_phi_state import TopKPhiState
+from macopt.topk_phi_state import topk_phi_decode as decode_impl
+from macopt.topk_phi_state import topk_phi_prefill as prefill_impl
 
 Tensor = torch.Tensor
 

@@ -8,18 +8,14 @@ import macopt  # noqa: F401  (registers torch.ops.macopt.*)
 from macopt.config import TopKPhiConfig
 from macopt.kernels import reference
 from macopt.kernels import topk_phi_reference as ref
-from macopt.topk_phi_ops import (
-    TopKPhiState,
-    budget_summary_tokens,
-    decode,
-    decode_impl,
+from macopt.topk_phi_select import (
     exact_selection,
     group_counts,
-    prefill,
     select,
     summary_budget_tokens,
     summary_counts,
 )
+from macopt.topk_phi_state import TopKPhiState, budget_summary_tokens, decode, decode_impl, prefill
 
 ops = torch.ops.macopt
 HEAD_DIM = 64  # the kernels' smallest supported head dim
