@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from macopt import mac_guard, state, topk_phi_site
+from macopt import mac_guard, state, topk_phi_ops
 from macopt.config import MACTopKPhiConfig, check_budget_args, resolve_budget
 from macopt.exact_ops import _use_triton
 from macopt.kernels import mac_counters, mac_reference
@@ -46,7 +46,7 @@ from macopt.kernels.mac_counters import COUNTER_ROWS
 from macopt.kernels.mac_reference import MACRing
 from macopt.mac_ops import check_prefill_inputs, write_prefill_entries
 from macopt.site_params import SiteParams, site_op
-from macopt.topk_phi_site import TopKPhiPrefillParams
+from macopt.topk_phi_ops import TopKPhiPrefillParams
 from macopt.topk_phi_state import TopKPhiState, decode_impl, topk_phi_prefill
 from macopt.validation import check_decode_inputs
 
@@ -246,12 +246,12 @@ def site_state(site_id: int, layer: int, q_pre: Tensor, k: Tensor, ring_size: in
     topk_args = (layer, q_heads, k, use_pages, page_size, d_phi, completion, feature_maps, seed,
                  sketch)
     spec = (q_heads, head_dim, ring_size, q_pre.dtype, q_pre.device, capacity,
-            topk_phi_site.state_spec(capacity, *topk_args))
+            topk_phi_ops.state_spec(capacity, *topk_args))
 
     def allocate() -> tuple[MACTopKPhiSite, Tensor]:
         rows = capacity or batch
         ring = MACRing.empty(rows, q_heads, ring_size, head_dim, q_pre.dtype, q_pre.device)
-        topk = topk_phi_site.allocate_state(rows, *topk_args, site_id=site_id)
+        topk = topk_phi_ops.allocate_state(rows, *topk_args, site_id=site_id)
         counters = torch.zeros(COUNTER_ROWS, q_heads, dtype=torch.int64, device=q_pre.device)
         return MACTopKPhiSite(ring, topk), counters
 

@@ -1,6 +1,6 @@
 """Top-K + phi on explicit state: the state buffers (:class:`TopKPhiState`) and the custom ops
 that write and read them (``torch.ops.macopt.topk_phi_prefill`` / ``topk_phi_decode``), each
-taking every buffer as an argument. The site ops (:mod:`macopt.topk_phi_site`) find a site's
+taking every buffer as an argument. The site ops (:mod:`macopt.topk_phi_ops`) find a site's
 state and call these; the selectors are :mod:`macopt.topk_phi_select`.
 
 Approximate by design (docs/ALGORITHMS.md, section 2): a decode step attends exactly to the sinks,

@@ -1,9 +1,10 @@
-"""Top-K + phi ops keyed by attention site (what the ``topk_phi`` rewrites insert).
+"""Top-K + phi ops (``torch.ops.macopt.topk_phi_site_prefill`` / ``topk_phi_site_decode``):
+what the ``topk_phi`` rewrites insert, with the site's params (:class:`TopKPhiDecodeParams`,
+:class:`TopKPhiPrefillParams`) and its per-site state.
 
-``macopt::topk_phi_site_prefill`` and ``macopt::topk_phi_site_decode`` find the site's
-:class:`~macopt.topk_phi_state.TopKPhiState` in the per-site registry (:mod:`macopt.state`,
-keyed by the site id baked into the graph), allocating it on first use, and call the
-explicit-state implementations of :mod:`macopt.topk_phi_state`. As for MAC, they are declared
+The ops find the site's :class:`~macopt.topk_phi_state.TopKPhiState` in the per-site registry
+(:mod:`macopt.state`, keyed by the site id baked into the graph), allocating it on first use,
+and call the explicit-state ops of :mod:`macopt.topk_phi_state`. As for MAC, they are declared
 functional and return a fresh tensor the graph uses (the prefill op: a copy of the attention
 output), so no compiler drops them.
 
@@ -28,9 +29,7 @@ from macopt.kernels.feature_maps import FeatureMaps
 from macopt.phi_files import maps_for_kv_heads, read_feature_maps, site_name
 from macopt.site_params import SiteParams, site_op
 from macopt.topk_phi_select import summary_budget_tokens
-from macopt.topk_phi_state import TopKPhiState
-from macopt.topk_phi_state import topk_phi_decode as decode_impl
-from macopt.topk_phi_state import topk_phi_prefill as prefill_impl
+from macopt.topk_phi_state import TopKPhiState, topk_phi_decode, topk_phi_prefill
 
 Tensor = torch.Tensor
 
@@ -162,9 +161,9 @@ def topk_phi_site_prefill(
     found = site_state(site_id, layer, attn_out.shape[1], k, *params.state_args())
     buffers: TopKPhiState = found.buffers
     found.counters[STEP_COUNTERS.index("prefills")] += 1
-    prefill_impl(k, v, key_starts, ends, buffers.phi_k, buffers.phi_k_mlp, params.sinks,
-                 params.tail, params.page_size, buffers.m, buffers.u, buffers.t,
-                 buffers.mid_start, buffers.mid_end, buffers.kmin, buffers.kmax)
+    topk_phi_prefill(k, v, key_starts, ends, buffers.phi_k, buffers.phi_k_mlp, params.sinks,
+                     params.tail, params.page_size, buffers.m, buffers.u, buffers.t,
+                     buffers.mid_start, buffers.mid_end, buffers.kmin, buffers.kmax)
     return attn_out.clone()
 
 
@@ -194,11 +193,12 @@ def topk_phi_site_decode(
                            "model first")
     buffers: TopKPhiState = found.buffers
     found.counters[STEP_COUNTERS.index("steps")] += 1
-    return decode_impl(q, k, v, key_starts, ends, buffers.m, buffers.u, buffers.t,
-                       buffers.mid_start, buffers.mid_end, buffers.kmin, buffers.kmax,
-                       buffers.phi_q, buffers.phi_q_mlp, buffers.phi_k, buffers.phi_k_mlp,
-                       buffers.completion, scale, budget, params.page_size, params.selector,
-                       _summary_tokens(params.summary_in_budget, buffers, k.dtype))
+    return topk_phi_decode(q, k, v, key_starts, ends, buffers.m, buffers.u, buffers.t,
+                           buffers.mid_start, buffers.mid_end, buffers.kmin, buffers.kmax,
+                           buffers.phi_q, buffers.phi_q_mlp, buffers.phi_k, buffers.phi_k_mlp,
+                           buffers.completion, scale, budget, params.page_size,
+                           params.selector,
+                           _summary_tokens(params.summary_in_budget, buffers, k.dtype))
 
 
 def _summary_tokens(summary_in_budget: bool, buffers: TopKPhiState, kv_dtype: torch.dtype
