@@ -26,7 +26,7 @@ Llama, 8 query / 2 KV heads, head dim 128, 8K context):
 5. **Matched budgets.** A budget fraction ``f`` is ``B = ceil(f * context)`` token-equivalents
    read per KV head and step beyond the anchors (the fraction is of the cache capacity, as
    ``TopKPhiConfig.budget_tokens``). Top-K retrieves ``B`` keys; Top-K + phi also reads its
-   summary (:func:`macopt.topk_phi_ops.summary_token_equivalent`: 16.25 tokens for
+   summary (:func:`macopt.topk_phi_select.summary_token_equivalent`: 16.25 tokens for
    ``d_phi = 16`` (the default here), 130 for ``d_phi = D = 128``, bf16 cache), so it retrieves
    ``B - ceil(summary)`` (no entry when negative): exactly what the op retrieves with
    ``TopKPhiConfig(budget=B, summary_in_budget=True)``. The page selector rounds both up to
@@ -45,7 +45,7 @@ Llama, 8 query / 2 KV heads, head dim 128, 8K context):
    ``switch.config`` in the JSON is the ``TopKPhiConfig`` that deploys it
    (``summary_in_budget=True`` and ``completion_overrides``).
 
-The evaluation core computes exactly what ``macopt.topk_phi_ops.decode`` computes on CPU (the
+The evaluation core computes exactly what ``macopt.topk_phi_state.decode`` computes on CPU (the
 reference), but subtracts the retrieved keys' share from the summary by gathering the ``K``
 selected keys instead of masking all ``N`` (the test checks both agree).
 
@@ -94,7 +94,7 @@ from macopt.kernels.feature_maps import (
     log_features,
     save_feature_maps,
 )
-from macopt.topk_phi_ops import retrieved_tokens, select, summary_token_equivalent
+from macopt.topk_phi_select import retrieved_tokens, select, summary_token_equivalent
 
 Tensor = torch.Tensor
 EOS = "<|endoftext|>"
@@ -179,7 +179,7 @@ def matched_budget(fraction: float, context: int, summary_tokens: float, page_si
     """Both methods get ``B = ceil(fraction * context)`` token-equivalents; Top-K + phi gives
     ``ceil(summary_tokens)`` of them to its summary. The counts are the deployed op's with
     ``TopKPhiConfig(budget=B, summary_in_budget=True)``
-    (:func:`macopt.topk_phi_ops.retrieved_tokens`): the page selector (``page_size``) rounds
+    (:func:`macopt.topk_phi_select.retrieved_tokens`): the page selector (``page_size``) rounds
     each up to whole pages, as the config does.
 
     >>> matched_budget(0.05, 8192, 130.0, None)
@@ -336,7 +336,7 @@ def layer_outputs(w: Window, maps: dict[str, FeatureMaps], budgets: dict[str, li
 
 def _select(w: Window, k: Tensor, mid_start: Tensor, mid_end: Tensor, bounds: ref.PageBounds,
             n_retrieved: int, page_size: int, selector: str) -> Tensor:
-    """The op's own selection (``macopt.topk_phi_ops.select``, CPU path) of ``n_retrieved``."""
+    """The op's own selection (``macopt.topk_phi_select.select``, CPU path) of ``n_retrieved``."""
     if n_retrieved == 0:
         return torch.zeros(w.q.shape[0], k.shape[1], 0, dtype=torch.int32)
     return select(w.q, k, w.scale, mid_start, mid_end, bounds.kmin, bounds.kmax, n_retrieved,

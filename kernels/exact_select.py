@@ -1,6 +1,6 @@
 """The "exact" selector's decode kernels: Top-K by exact scores, every key read once.
 
-:func:`macopt.topk_phi_ops.exact_selection` (torch) ranks each middle key by its best
+:func:`macopt.topk_phi_select.exact_selection` (torch) ranks each middle key by its best
 log-probability over the KV group's query heads, ``max_h (s q_h.k - lse_h)`` with ``lse_h``
 over the middle keys, and keeps the ``K`` best. In torch that is a matmul, an fp32 copy of the
 scores, a masked fill, a logsumexp, a max and ``torch.topk`` over the whole context: several
@@ -134,7 +134,7 @@ def exact_topk(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: T
                top_k: int, counts: Tensor | None = None) -> Tensor:
     """``[B, Hkv, top_k]`` int32 token indices, ascending: per KV group the ``top_k`` middle
     keys (``[mid_start[b], mid_end[b])``) of best ``max_h (s q_h.k - lse_h)`` (the ranking of
-    :func:`macopt.topk_phi_ops.exact_selection`), ties to the lower index. ``q[B, Hq, D]``,
+    :func:`macopt.topk_phi_select.exact_selection`), ties to the lower index. ``q[B, Hq, D]``,
     ``k[B, Hkv, N, D]`` (any strides on ``k``). ``counts[B, Hkv]`` int32 (optional): a group
     keeps only its best ``counts`` tokens, the rest of its row -1. Three launches, no host
     sync. A row whose middle is shorter than ``top_k`` also returns tokens outside it (the

@@ -22,7 +22,7 @@ A decode step runs five launches, no host sync, static shapes (CUDA-graph safe):
    over the group's heads (softmax over the candidates), the budget's best exactly, per-group
    counts honoured.
 
-:func:`macopt.topk_phi_ops.sketch_selection` chains them (and holds the torch reference).
+:func:`macopt.topk_phi_select.sketch_selection` chains them (and holds the torch reference).
 
 >>> scores, block_max = sketch_scores(codes, dims, q_scaled, mid_start, mid_end, n_keys,
 ...                                   block_max=True)

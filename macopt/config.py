@@ -121,7 +121,7 @@ class TopKPhiConfig(MethodConfig):
 
     ``summary_in_budget``: when True, ``budget`` also pays for the summary's bytes. A KV group
     that reads the summary (any of its query heads has completion on) retrieves
-    ``budget - ceil(summary)`` keys (:func:`macopt.topk_phi_ops.summary_budget_tokens`, in
+    ``budget - ceil(summary)`` keys (:func:`macopt.topk_phi_select.summary_budget_tokens`, in
     cached tokens of the KV dtype; at least 0: a summary that fills the budget leaves no
     retrieval), and a group whose heads are all off reads no summary and retrieves the full
     ``budget``: exactly Top-K. The page selector rounds each group's count up to whole pages.

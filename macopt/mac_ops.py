@@ -1,7 +1,7 @@
-"""MAC-Attention ops (``torch.ops.macopt.mac_match`` + ``mac_decode_matched``, ``mac_decode``,
+"""MAC-Attention ops (``torch.ops.macopt.mac_match`` + ``mac_decode_matched``,
 ``mac_prefill``): what the ``mac`` rewrites insert. CPU runs the reference
 (:mod:`macopt.kernels.mac_reference`), CUDA the Triton step (:mod:`macopt.kernels.mac`);
-``MACOPT_CPU_KERNELS=triton`` as in :mod:`macopt.ops`.
+``MACOPT_CPU_KERNELS=triton`` as in :mod:`macopt.exact_ops`.
 
 Every op keeps hidden state: the ring of the attention site named by ``site_id`` (a graph
 constant, see :mod:`macopt.state`). They are declared functional (``mutates_args=()``) because
@@ -9,17 +9,18 @@ the ring is not a graph value; what keeps compilers from dropping or merging the
 returns a fresh tensor the graph uses, and that no two calls share arguments (site ids
 differ). ``batch_capacity`` 0 means: the batch of the first call.
 
-The decode step comes whole (``mac_decode``) or in two ops: ``mac_match`` (the match, which
-needs only the pre-RoPE query: the pass puts it right after the query projection, and on CUDA
-it runs on a side stream, :mod:`macopt.side_stream`) and ``mac_decode_matched`` (the rest of
-the step, from the match's candidates). Both forms compute the same step.
+The decode step comes in two ops: ``mac_match`` (the match, which needs only the pre-RoPE
+query: the pass puts it right after the query projection, and on CUDA it runs on a side
+stream, :mod:`macopt.side_stream`) and ``mac_decode_matched`` (the rest of the step, from the
+match's candidates).
 
 A site's constants travel as one :class:`MACParams` (built from a :class:`MACConfig` by
 :meth:`MACParams.from_config`); the ops' schemas list its fields flat
 (:mod:`macopt.site_params`).
 
->>> o = torch.ops.macopt.mac_decode(q, q_pre, k, v, t, s0, 0.125, 0, 512, 256, 0, 0.45,
-...                                 2048, 16, 0)  # doctest: +SKIP
+>>> found = torch.ops.macopt.mac_match(q_pre, t, s0, 0, 512, 0, 16, 0)  # doctest: +SKIP
+>>> o = torch.ops.macopt.mac_decode_matched(q, q_pre, k, v, t, s0, *found, 0.125, 0, 512, 256,
+...                                         0, 0.45, 2048, 16, 0)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ import torch
 
 from macopt import mac_guard, mac_state, side_stream
 from macopt.config import MACConfig
+from macopt.exact_ops import _use_triton
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.mac_reference import MACRing, MatchCandidates
-from macopt.ops import _use_triton
 from macopt.site_params import SiteParams, site_op
 from macopt.validation import check_decode_inputs
 
@@ -99,46 +100,6 @@ def _check_decode(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Ten
                          f"{tuple(q_pre.shape)}")
 
 
-@site_op("macopt::mac_decode", MACParams)
-def mac_decode(
-    q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_starts: Tensor,
-    scale: float, site_id: int, params: MACParams,
-) -> Tensor:
-    """One MAC decode step ``o[B,Hq,D]`` of row ``b`` at cache position ``positions[b]`` over
-    keys ``[key_starts[b], positions[b]]``; updates the site's ring and counters in place."""
-    _check_decode(q, q_pre, k, v, positions, key_starts)
-    return _decode_step(q, q_pre, k, v, positions, key_starts, scale, site_id, params,
-                        candidates=None)
-
-
-def _decode_step(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor,
-                 key_starts: Tensor, scale: float, site_id: int, params: MACParams,
-                 candidates: MatchCandidates | None) -> Tensor:
-    """The step on the site's ring (its own match unless ``candidates`` are given), adding
-    it to the site's counters."""
-    ring, counters = mac_state.ring_for(site_id, q_pre, params.ring_size, params.batch_capacity)
-    if _use_triton(q.device):
-        from macopt.kernels import mac
-
-        # The finalize launch adds the step to the counters: no separate counting launch.
-        o, _, _ = mac.mac_decode_step(q, q_pre, k, v, ring, positions, key_starts, scale,
-                                      counters=counters, candidates=candidates,
-                                      **params.step_kwargs())
-    else:
-        o, hit, keys_read = mac_reference.mac_decode_step(
-            q, q_pre, k, v, ring, positions, key_starts, scale, candidates=candidates,
-            **params.step_kwargs())
-        mac_counters.count_decode_reference_(counters, hit, keys_read, positions, key_starts)
-    mac_guard.on_decode(site_id, counters)
-    return o
-
-
-@mac_decode.register_fake
-def _(q, q_pre, k, v, positions, key_starts, scale, site_id, params):
-    _check_decode(q, q_pre, k, v, positions, key_starts)
-    return torch.empty_like(q)
-
-
 @site_op("macopt::mac_match", MACMatchParams)
 def mac_match(
     q_pre: Tensor, positions: Tensor, key_starts: Tensor, site_id: int, params: MACMatchParams,
@@ -188,12 +149,27 @@ def mac_decode_matched(
     cand_d: Tensor, cand_pos: Tensor, cand_ok: Tensor, scale: float, site_id: int,
     params: MACParams,
 ) -> Tensor:
-    """:func:`mac_decode` given this step's :func:`mac_match` (its three tensors, in order):
-    the same step, without its own match."""
+    """One MAC decode step ``o[B,Hq,D]`` of row ``b`` at cache position ``positions[b]`` over
+    keys ``[key_starts[b], positions[b]]``, given this step's :func:`mac_match` (its three
+    tensors, in order); updates the site's ring and counters in place."""
     _check_decode(q, q_pre, k, v, positions, key_starts)
     side_stream.join(q.device)  # the match ran on the side stream (CUDA)
-    return _decode_step(q, q_pre, k, v, positions, key_starts, scale, site_id, params,
-                        MatchCandidates(cand_d, cand_pos, cand_ok))
+    candidates = MatchCandidates(cand_d, cand_pos, cand_ok)
+    ring, counters = mac_state.ring_for(site_id, q_pre, params.ring_size, params.batch_capacity)
+    if _use_triton(q.device):
+        from macopt.kernels import mac
+
+        # The finalize launch adds the step to the counters: no separate counting launch.
+        o, _, _ = mac.mac_decode_step(q, q_pre, k, v, ring, positions, key_starts, scale,
+                                      counters=counters, candidates=candidates,
+                                      **params.step_kwargs())
+    else:
+        o, hit, keys_read = mac_reference.mac_decode_step(
+            q, q_pre, k, v, ring, positions, key_starts, scale, candidates=candidates,
+            **params.step_kwargs())
+        mac_counters.count_decode_reference_(counters, hit, keys_read, positions, key_starts)
+    mac_guard.on_decode(site_id, counters)
+    return o
 
 
 @mac_decode_matched.register_fake

@@ -6,7 +6,7 @@ A decode step (:func:`decode_step`) is two steps of the existing methods:
 1. Top-K + phi over each row's keys ``[s0, E(t))``, ``E(t) = max(t + 1 - S, s0)``: the state
    ``(o, lse)`` of the sinks, the retrieved middle keys and the keys in ``[mid_end, E(t))``,
    exact, merged with the completion of the rest of the prompt's middle
-   (``macopt::topk_phi_decode_state``'s implementation);
+   (:func:`macopt.topk_phi_state.decode_impl` with ``state=True``);
 2. the MAC step with that state as ``miss_prefix``: a head that misses takes it as its prefix
    state (and writes it to its ring slot, depth 0) instead of attending ``[s0, E(t))``; a head
    that hits reuses its ring entry and attends the band since it, as in ``mac``. Both add the
@@ -38,16 +38,16 @@ from dataclasses import dataclass
 
 import torch
 
-from macopt import mac_guard, state, topk_phi_site
+from macopt import mac_guard, state, topk_phi_ops
 from macopt.config import MACTopKPhiConfig, check_budget_args, resolve_budget
+from macopt.exact_ops import _use_triton
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.mac_counters import COUNTER_ROWS
 from macopt.kernels.mac_reference import MACRing
 from macopt.mac_ops import check_prefill_inputs, write_prefill_entries
-from macopt.ops import _use_triton
 from macopt.site_params import SiteParams, site_op
-from macopt.topk_phi_ops import TopKPhiState, decode_impl, topk_phi_prefill
-from macopt.topk_phi_site import TopKPhiPrefillParams
+from macopt.topk_phi_ops import TopKPhiPrefillParams
+from macopt.topk_phi_state import TopKPhiState, decode_impl, topk_phi_prefill
 from macopt.validation import check_decode_inputs
 
 Tensor = torch.Tensor
@@ -246,12 +246,12 @@ def site_state(site_id: int, layer: int, q_pre: Tensor, k: Tensor, ring_size: in
     topk_args = (layer, q_heads, k, use_pages, page_size, d_phi, completion, feature_maps, seed,
                  sketch)
     spec = (q_heads, head_dim, ring_size, q_pre.dtype, q_pre.device, capacity,
-            topk_phi_site.state_spec(capacity, *topk_args))
+            topk_phi_ops.state_spec(capacity, *topk_args))
 
     def allocate() -> tuple[MACTopKPhiSite, Tensor]:
         rows = capacity or batch
         ring = MACRing.empty(rows, q_heads, ring_size, head_dim, q_pre.dtype, q_pre.device)
-        topk = topk_phi_site.allocate_state(rows, *topk_args, site_id=site_id)
+        topk = topk_phi_ops.allocate_state(rows, *topk_args, site_id=site_id)
         counters = torch.zeros(COUNTER_ROWS, q_heads, dtype=torch.int64, device=q_pre.device)
         return MACTopKPhiSite(ring, topk), counters
 

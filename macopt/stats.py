@@ -18,7 +18,7 @@ from macopt.config import MethodConfig
 from macopt.kernels.mac_counters import COUNTERS
 from macopt.passes import scope
 from macopt.report import render
-from macopt.topk_phi_site import STEP_COUNTERS
+from macopt.topk_phi_ops import STEP_COUNTERS
 
 
 @dataclass(frozen=True)

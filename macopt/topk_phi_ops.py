@@ -1,791 +1,215 @@
-"""Top-K + phi custom ops (``torch.ops.macopt.topk_phi_*``) and the per-site state they share.
+"""Top-K + phi ops (``torch.ops.macopt.topk_phi_site_prefill`` / ``topk_phi_site_decode``):
+what the ``topk_phi`` rewrites insert, with the site's params (:class:`TopKPhiDecodeParams`,
+:class:`TopKPhiPrefillParams`) and its per-site state.
 
-Approximate by design (docs/ALGORITHMS.md, section 2): a decode step attends exactly to the sinks,
-the tail, every generated key and ``budget`` retrieved middle keys, and completes the rest of
-the prompt's middle from a fixed-size feature summary built at prefill.
+The ops find the site's :class:`~macopt.topk_phi_state.TopKPhiState` in the per-site registry
+(:mod:`macopt.state`, keyed by the site id baked into the graph), allocating it on first use,
+and call the explicit-state ops of :mod:`macopt.topk_phi_state`. As for MAC, they are declared
+functional and return a fresh tensor the graph uses (the prefill op: a copy of the attention
+output), so no compiler drops them.
 
-- ``macopt::topk_phi_prefill`` writes a site's state: the max-shifted summary ``(m, u~, T~)``
-  of the middle keys per (row, KV head), the middle range per row, and (page selector) the
-  per-page key bounds. It mutates preallocated buffers, so the state keeps static addresses
-  for CUDA graphs.
-- ``macopt::topk_phi_decode`` selects (page bounds or exact scores; ``torch.topk`` on the
-  device, no host sync), then runs the decode kernel: exact state over sinks + tail +
-  generated + retrieved keys merged with the completion state.
-- ``macopt::topk_phi_decode_state``: the same step's fp32 state ``(o, lse)``, for merging with
-  other states (MAC + Top-K + phi takes it as a miss's prefix state).
+The site's maps: ``feature_maps`` (a ``macopt calibrate`` file, site ``layer.<layer>``) or,
+when empty, positive random features seeded by ``seed``.
 
-CPU runs the reference (:mod:`macopt.kernels.topk_phi_reference`), CUDA the Triton kernels
-(:mod:`macopt.kernels.topk_phi`); ``MACOPT_CPU_KERNELS=triton`` runs Triton on CPU through the
-interpreter, as for the other ops. Feature maps enter in folded form as six tensors
-(``lin_w, lin_b, in_w, in_b, out_w, sq_norm``, :class:`~macopt.kernels.feature_maps.
-FoldedFeatureMap`) plus a ``has_mlp`` flag.
-
->>> state = TopKPhiState.allocate(batch=1, n_q_heads=8, n_kv_heads=2, n_keys=1024,
-...                               head_dim=64, dtype=torch.float32, device="cpu", d_phi=64)
->>> prefill(state, k, v, starts, prefill_ends, TopKPhiConfig())     # doctest: +SKIP
->>> out = decode(state, q, k, v, starts, ends, scale, TopKPhiConfig())  # doctest: +SKIP
+Each site counts its prefills and decode steps on the device (:data:`STEP_COUNTERS`, no host
+sync), so ``macopt.stats`` shows that decode steps ran through the method: equal tokens alone
+cannot tell a rewritten model from one that ran nothing. Keys read are not counted yet.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
-from macopt.config import SELECTORS, TopKPhiConfig
-from macopt.kernels import topk_phi_reference as ref
-from macopt.kernels.feature_maps import FeatureMaps, FoldedFeatureMap, log_features
-from macopt.kernels.topk_phi_reference import GroupCounts
-from macopt.ops import _use_triton
-from macopt.validation import check_decode_inputs
+from macopt import distributed, state
+from macopt.config import TopKPhiConfig, check_budget_args, resolve_budget
+from macopt.kernels.feature_maps import FeatureMaps
+from macopt.phi_files import maps_for_kv_heads, read_feature_maps, site_name
+from macopt.site_params import SiteParams, site_op
+from macopt.topk_phi_select import summary_budget_tokens
+from macopt.topk_phi_state import TopKPhiState, topk_phi_decode, topk_phi_prefill
 
 Tensor = torch.Tensor
-_FOLDED_FIELDS = ("lin_w", "lin_b", "in_w", "in_b", "out_w", "sq_norm")
 
-
-def _folded(tensors: list[Tensor], has_mlp: bool) -> FoldedFeatureMap:
-    return FoldedFeatureMap(*tensors, has_mlp=has_mlp)
-
-
-def _n_pages(n_keys: int, page_size: int) -> int:
-    return -(-n_keys // page_size)
-
-
-# --- validation ------------------------------------------------------------------------------
-
-
-def _check_phi(name: str, tensors: list[Tensor], n_heads: int, head_dim: int, d_phi: int | None,
-               device: torch.device) -> int:
-    """Check one folded map (``name``: phi_q or phi_k); return its d_phi."""
-    if len(tensors) != len(_FOLDED_FIELDS):
-        raise ValueError(f"{name}: expected the {len(_FOLDED_FIELDS)} folded tensors "
-                         f"{_FOLDED_FIELDS} (FeatureMap.folded()), got {len(tensors)}")
-    lin_w = tensors[0]
-    if lin_w.dim() != 3 or lin_w.shape[0] != n_heads or lin_w.shape[2] != head_dim:
-        raise ValueError(f"{name}: expected lin_w [{n_heads}, d_phi, {head_dim}], "
-                         f"got {tuple(lin_w.shape)}")
-    if d_phi is not None and lin_w.shape[1] != d_phi:
-        raise ValueError(f"{name}: expected d_phi {d_phi} (the summary's), got {lin_w.shape[1]}")
-    for field, t in zip(_FOLDED_FIELDS, tensors, strict=True):
-        if t.device != device or t.dtype != torch.float32:
-            raise ValueError(f"{name}.{field}: expected float32 on {device}, got {t.dtype} on "
-                             f"{t.device}")
-    return lin_w.shape[1]
-
-
-def _check_range(name: str, t: Tensor, batch: int, device: torch.device) -> None:
-    if t.shape != (batch,) or t.dtype not in (torch.int32, torch.int64) or t.device != device:
-        raise ValueError(f"{name}: expected an int32/int64 [{batch}] tensor on {device}, got "
-                         f"{t.dtype} {tuple(t.shape)} on {t.device}")
-
-
-def _check_summary(m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: Tensor,
-                   k: Tensor) -> int:
-    """Check the summary buffers against ``k[B, Hkv, N, D]``; return d_phi."""
-    batch, n_kv_heads, _, head_dim = k.shape
-    d_phi = m.shape[-1] if m.dim() == 3 else -1
-    expected = {"m": (m, (batch, n_kv_heads, d_phi)), "u": (u, (batch, n_kv_heads, d_phi)),
-                "t": (t, (batch, n_kv_heads, d_phi, head_dim))}
-    for name, (x, shape) in expected.items():
-        if x.shape != shape or x.dtype != torch.float32 or x.device != k.device:
-            raise ValueError(f"{name}: expected a float32 {list(shape)} summary tensor on "
-                             f"{k.device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
-    _check_range("mid_start", mid_start, batch, k.device)
-    _check_range("mid_end", mid_end, batch, k.device)
-    return d_phi
-
-
-def _check_bounds(kmin: Tensor | None, kmax: Tensor | None, k: Tensor, page_size: int,
-                  needed: bool | str) -> None:
-    """Check the selector's prefill-written index: page bounds ``(kmin, kmax)`` in ``k.dtype``,
-    or the sketch ``(codes uint8, scales fp32)`` when ``kmin`` is uint8. ``needed``: the
-    decode's selector name ("page" / "sketch" need their index), or a bool (page bounds)."""
-    if page_size < 1 or page_size & (page_size - 1):
-        raise ValueError(f"page_size: expected a power of two, got {page_size}")
-    if needed is True:
-        needed = "page"
-    if kmin is None or kmax is None:
-        if needed in ("page", "sketch"):
-            what = "page bounds" if needed == "page" else "key sketch (codes, scales)"
-            raise ValueError(f"kmin: the {needed} selector needs the {what} that "
-                             "topk_phi_prefill writes; got None")
-        return
-    batch, n_kv_heads, n_keys, head_dim = k.shape
-    if kmin.dtype == torch.uint8:
-        if needed == "page":
-            raise ValueError("kmin: the page selector needs page bounds, got a key sketch "
-                             "(uint8 codes); allocate the state for the page selector")
-        codes_shape, scales_shape = sketch_shapes(batch, n_kv_heads, n_keys, head_dim)
-        if (kmin.dim() != 4 or kmin.shape[:3] != codes_shape[:3]
-                or kmin.shape[3] > codes_shape[3] or not kmin.is_contiguous()):
-            raise ValueError(f"kmin: expected contiguous uint8 sketch codes [{batch}, "
-                             f"{n_kv_heads}, {head_dim}, <= {codes_shape[3]}], got "
-                             f"{tuple(kmin.shape)}")
-        if kmax.shape != scales_shape or kmax.dtype != torch.float32 or kmax.device != k.device:
-            raise ValueError(f"kmax: expected float32 sketch scales {list(scales_shape)} on "
-                             f"{k.device}, got {kmax.dtype} {tuple(kmax.shape)} on {kmax.device}")
-        return
-    if needed == "sketch":
-        raise ValueError("kmin: the sketch selector needs the key sketch (uint8 codes), got "
-                         f"{kmin.dtype} page bounds; allocate the state with sketch=True")
-    # A growing cache may hold more pages at decode than the prompt's bounds cover.
-    most = _n_pages(n_keys, page_size)
-    for name, x in (("kmin", kmin), ("kmax", kmax)):
-        if (x.dim() != 4 or x.shape[:2] != (batch, n_kv_heads) or x.shape[3] != head_dim
-                or x.shape[2] > most or x.dtype != k.dtype or not x.is_contiguous()):
-            raise ValueError(f"{name}: expected contiguous {k.dtype} [{batch}, {n_kv_heads}, "
-                             f"<= {most}, {head_dim}] page bounds (page_size {page_size}), got "
-                             f"{x.dtype} {tuple(x.shape)}")
-
-
-# --- prefill ---------------------------------------------------------------------------------
-
-
-@torch.library.custom_op(
-    "macopt::topk_phi_prefill",
-    mutates_args=("m", "u", "t", "mid_start", "mid_end", "kmin", "kmax"),
-)
-def topk_phi_prefill(
-    k: Tensor, v: Tensor, starts: Tensor, prefill_ends: Tensor,
-    phi_k: list[Tensor], phi_k_mlp: bool, n_sink: int, n_tail: int, page_size: int,
-    m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: Tensor,
-    kmin: Tensor | None, kmax: Tensor | None,
-) -> None:
-    """Write a site's Top-K + phi state from its prefill cache ``k, v[B, Hkv, N, D]``.
-
-    Row ``b``'s prompt is keys ``[starts[b], prefill_ends[b])``; its middle region
-    ``[starts + n_sink, prefill_ends - n_tail)`` is summarised into ``m, u[B, Hkv, F]``,
-    ``t[B, Hkv, F, D]`` (fp32) and its bounds into ``mid_start, mid_end[B]``; page bounds
-    ``kmin, kmax[B, Hkv, ceil(N / page_size), D]`` (``k.dtype``) when given, or, when ``kmin``
-    is uint8, the sketch selector's key sketch (``kmin``: codes ``[B, Hkv, D, ceil(N / 2)]``,
-    ``kmax``: scales ``[B, Hkv, D]`` fp32; :func:`build_sketch`).
-    """
-    _check_prefill(k, v, starts, prefill_ends, phi_k, m, u, t, mid_start, mid_end, kmin, kmax,
-                   page_size)
-    lo, hi = ref.mid_range(starts.to(mid_start.dtype), prefill_ends.to(mid_end.dtype),
-                           n_sink, n_tail)
-    mid_start.copy_(lo)
-    mid_end.copy_(hi)
-    folded = _folded(phi_k, phi_k_mlp)
-    if kmin is not None and kmin.dtype == torch.uint8:  # the sketch selector's index
-        build_sketch(k, mid_start, mid_end, kmin, kmax)
-        kmin = kmax = None
-    if _use_triton(k.device):
-        from macopt.kernels import topk_phi
-
-        summary = topk_phi.build_summary(k, v, folded, mid_start, mid_end)
-        if kmin is not None:
-            topk_phi.build_page_bounds(k, mid_start, mid_end, page_size, out=ref.PageBounds(
-                kmin, kmax))
-    else:
-        summary = ref.build_summary(v, log_features(k, folded), mid_start, mid_end)
-        if kmin is not None:
-            bounds = ref.build_page_bounds(k, mid_start, mid_end, page_size)
-            kmin.copy_(bounds.kmin)
-            kmax.copy_(bounds.kmax)
-    m.copy_(summary.m)
-    u.copy_(summary.u)
-    t.copy_(summary.t)
-
-
-def _check_prefill(k, v, starts, prefill_ends, phi_k, m, u, t, mid_start, mid_end, kmin, kmax,
-                   page_size) -> None:
-    if k.dim() != 4:
-        raise ValueError(f"k: expected shape [batch, kv_heads, n_keys, head_dim], "
-                         f"got {tuple(k.shape)}")
-    # The decode checks with one query per KV head cover k, v, starts and prefill_ends.
-    check_decode_inputs(k[:, :, 0], k, v, starts, prefill_ends, None)
-    n_kv_heads, head_dim = k.shape[1], k.shape[3]
-    d_phi = _check_summary(m, u, t, mid_start, mid_end, k)
-    _check_phi("phi_k", phi_k, n_kv_heads, head_dim, d_phi, k.device)
-    _check_bounds(kmin, kmax, k, page_size, needed=False)
-    if kmin is not None and kmin.dtype == torch.uint8 and kmin.shape[3] != -(-k.shape[2] // 2):
-        raise ValueError(f"kmin: the prefill writes the sketch of all {k.shape[2]} cache keys: "
-                         f"expected codes [..., {-(-k.shape[2] // 2)}], got {tuple(kmin.shape)}")
-
-
-@topk_phi_prefill.register_fake
-def _(k, v, starts, prefill_ends, phi_k, phi_k_mlp, n_sink, n_tail, page_size, m, u, t,
-      mid_start, mid_end, kmin, kmax):
-    _check_prefill(k, v, starts, prefill_ends, phi_k, m, u, t, mid_start, mid_end, kmin, kmax,
-                   page_size)
-
-
-# --- decode ----------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("macopt::topk_phi_decode", mutates_args=())
-def topk_phi_decode(
-    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor,
-    m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: Tensor,
-    kmin: Tensor | None, kmax: Tensor | None,
-    phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
-    completion: Tensor, scale: float, budget: int, page_size: int, selector: str,
-    summary_tokens: int = 0,
-) -> Tensor:
-    """Top-K + phi decode attention ``o[B, Hq, D]`` in ``q``'s dtype (approximate).
-
-    Row ``b`` attends its current keys ``[starts[b], ends[b])``: the middle region that
-    ``topk_phi_prefill`` recorded is read only at the ``budget`` selected tokens (``selector``
-    "page": ``ceil(budget / page_size)`` pages by key bounds; "exact": the top ``budget`` keys
-    by score), the rest of it comes from the summary when ``completion[h]`` is on for query
-    head ``h`` (off: Top-K-only renormalised attention).
-
-    ``summary_tokens`` > 0 (``TopKPhiConfig.summary_in_budget``): the budget pays for the
-    summary. A KV group with completion on for any of its heads retrieves
-    ``max(0, budget - summary_tokens)`` tokens, a group with every head off the full
-    ``budget`` (pages: each rounded up to whole pages). The selection keeps its width (static
-    shapes); the slots a group gives up hold -1. 0: every group retrieves ``budget``.
-    """
-    _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector, summary_tokens)
-    o, _, _ = decode_impl(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q,
-                          phi_q_mlp, phi_k, phi_k_mlp, completion, scale, budget, page_size,
-                          selector, state=False, summary_tokens=summary_tokens)
-    return o
-
-
-def _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector, summary_tokens=0) -> None:
-    check_decode_inputs(q, k, v, starts, ends, None)
-    d_phi = _check_summary(m, u, t, mid_start, mid_end, k)
-    n_q_heads, head_dim = q.shape[1], q.shape[2]
-    _check_phi("phi_q", phi_q, n_q_heads, head_dim, d_phi, q.device)
-    _check_phi("phi_k", phi_k, k.shape[1], head_dim, d_phi, q.device)
-    parse_selector(selector)
-    if budget < 1:
-        raise ValueError(f"budget: expected a number of tokens >= 1, got {budget}")
-    if summary_tokens < 0:
-        raise ValueError(f"summary_tokens: expected the tokens a summary-reading group gives "
-                         f"up (>= 0; 0: the summary is not in the budget), got {summary_tokens}")
-    _check_bounds(kmin, kmax, k, page_size, needed=parse_selector(selector)[0])
-    if completion.shape != (n_q_heads,) or completion.dtype not in (torch.bool, torch.int32):
-        raise ValueError(f"completion: expected a bool or int32 [{n_q_heads}] tensor (one "
-                         f"switch per query head), got {completion.dtype} "
-                         f"{tuple(completion.shape)}")
-
-
-@topk_phi_decode.register_fake
-def _(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_q_mlp, phi_k,
-      phi_k_mlp, completion, scale, budget, page_size, selector, summary_tokens=0):
-    _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector, summary_tokens)
-    return torch.empty_like(q)
-
-
-@torch.library.custom_op("macopt::topk_phi_decode_state", mutates_args=())
-def topk_phi_decode_state(
-    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor,
-    m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: Tensor,
-    kmin: Tensor | None, kmax: Tensor | None,
-    phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
-    completion: Tensor, scale: float, budget: int, page_size: int, selector: str,
-    summary_tokens: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """The state ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])`` of :func:`topk_phi_decode` (same
-    arguments; approximate): the merge of the exact keys' state with the completion state,
-    before the cast to ``q``'s dtype. A state can be merged with others (docs/ALGORITHMS.md,
-    section 0), e.g. as the prefix state of a MAC miss over keys ``[starts, E(t))``."""
-    _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector, summary_tokens)
-    o, lse, _ = decode_impl(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax,
-                            phi_q, phi_q_mlp, phi_k, phi_k_mlp, completion, scale, budget,
-                            page_size, selector, state=True, summary_tokens=summary_tokens)
-    return o, lse
-
-
-@topk_phi_decode_state.register_fake
-def _(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_q_mlp, phi_k,
-      phi_k_mlp, completion, scale, budget, page_size, selector, summary_tokens=0):
-    _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
-                  completion, budget, page_size, selector, summary_tokens)
-    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:2],
-                                                                  dtype=torch.float32)
-
-
-def decode_impl(
-    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor,
-    m: Tensor, u: Tensor, t: Tensor, mid_start: Tensor, mid_end: Tensor,
-    kmin: Tensor | None, kmax: Tensor | None,
-    phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
-    completion: Tensor, scale: float, budget: int, page_size: int, selector: str, *,
-    state: bool, skip: Tensor | None = None, summary_tokens: int = 0,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Selection then the decode kernels (inputs already checked): ``(o, lse, selected)``.
-
-    ``state`` True: ``o`` fp32 and ``lse`` fp32; False: ``o`` in ``q``'s dtype straight from
-    the kernel (the output-only path keeps its single cast) and ``lse`` None. ``selected``
-    ``[B, Hkv, K']``: the token indices retrieved (entries outside the middle are ignored).
-    ``skip[B, Hkv]`` (uint8, optional): groups whose state the caller will not read. The Triton
-    path reads nothing for them (no page bounds, keys or summary; the exact selector still
-    scores every key) and gives them the empty state; the reference computes them anyway.
-    ``summary_tokens``: see :func:`topk_phi_decode`."""
-    summary = ref.PhiSummary(m, u, t, mid_start, mid_end)
-    folded_q, folded_k = _folded(phi_q, phi_q_mlp), _folded(phi_k, phi_k_mlp)
-    triton_path = _use_triton(q.device)
-    if triton_path:
-        from macopt.kernels.topk_phi import query_log_features
-
-        log_phi_q = query_log_features(q, folded_q)
-    else:
-        log_phi_q = log_features(q, folded_q)
-    counts = None
-    if summary_tokens:
-        counts = summary_counts(completion, budget, summary_tokens,
-                                page_size if selector == "page" else None)
-    selected = select(q, k, scale, mid_start, mid_end, kmin, kmax, budget, page_size, selector,
-                      triton_path, skip, counts)
-    if triton_path:
-        from macopt.kernels import topk_phi
-
-        args = (q, k, v, scale, starts, ends, summary, selected, log_phi_q, folded_k,
-                completion)
-        if state:
-            return (*topk_phi.topk_phi_decode_state(*args, skip=skip), selected)
-        return topk_phi.topk_phi_decode(*args), None, selected
-    o, lse = ref.topk_phi_decode_state(q, k, v, scale, starts, ends, summary, selected,
-                                       log_phi_q, log_features(k, folded_k), completion)
-    return (o, lse, selected) if state else (o.to(q.dtype), None, selected)
-
-
-# --- selection -------------------------------------------------------------------------------
-
-
-def summary_counts(completion: Tensor, budget: int, summary_tokens: int,
-                   page_size: int | None) -> GroupCounts:
-    """What each KV group retrieves when the budget pays for the summary, tokens (``page_size``
-    None) or pages: a group reads the summary iff any of its query heads has completion on; it
-    then retrieves :func:`retrieved_tokens` of ``budget - summary_tokens``, otherwise of the
-    full ``budget``. Symbolic (the flags and two counts): the page selector's kernel reads it
-    as is, so a step adds no launch for it."""
-    per = (lambda n: n) if page_size is None else (lambda n: _n_pages(n, page_size))
-    return GroupCounts(completion, per(retrieved_tokens(budget, summary_tokens, None)),
-                       per(budget))
-
-
-def group_counts(completion: Tensor, n_kv_heads: int, budget: int, summary_tokens: int,
-                 page_size: int | None) -> Tensor:
-    """:func:`summary_counts` as ``[Hkv]`` int32.
-
-    >>> group_counts(torch.tensor([True, False, False, False]), 2, 40, 17, None).tolist()
-    [23, 40]
-    >>> group_counts(torch.tensor([True, False, False, False]), 2, 40, 17, 16).tolist()
-    [2, 3]
-    """
-    return summary_counts(completion, budget, summary_tokens, page_size).tensor(n_kv_heads)
-
-
-def select(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
-           kmin: Tensor | None, kmax: Tensor | None, budget: int, page_size: int,
-           selector: str, triton_path: bool, skip: Tensor | None = None,
-           counts: GroupCounts | None = None) -> Tensor:
-    """Token indices ``[B, Hkv, K']`` to retrieve (per KV head; entries outside the middle
-    region are ignored by the decode kernels). All on the device: no host sync. ``skip``: see
-    :func:`decode_impl` (the Triton page selector ranks nothing for those groups).
-    ``counts`` (optional, :func:`summary_counts`): each group keeps only its best tokens
-    (pages for the page selector) up to its count; the rest of its row is -1, so ``K'`` is
-    the same as without counts."""
-    n_kv_heads, n_keys = k.shape[1], k.shape[2]
-    name, channels, rerank = parse_selector(selector)
-    if name == "channel":
-        counts = None if counts is None else counts.tensor(n_kv_heads).expand(q.shape[0], -1)
-        return channel_selection(q, k, scale, mid_start, mid_end, min(budget, n_keys),
-                                 channels, rerank, counts)
-    if name == "sketch":
-        counts = None if counts is None else counts.tensor(n_kv_heads).expand(q.shape[0], -1)
-        return sketch_selection(q, k, kmin, kmax, scale, mid_start, mid_end,
-                                min(budget, n_keys), channels, rerank, counts, triton_path)
-    if selector == "page" and triton_path:
-        from macopt.kernels import topk_phi
-
-        return topk_phi.select_pages(q, ref.PageBounds(kmin, kmax), mid_start, mid_end,
-                                     page_size, scale, _n_pages(budget, page_size), skip=skip,
-                                     counts=counts)
-    if counts is not None:  # the torch paths take them spelled out, per row
-        counts = counts.tensor(n_kv_heads).expand(q.shape[0], -1)
-    if selector == "page":
-        n_selected = _n_pages(budget, page_size)
-        bounds = ref.PageBounds(kmin, kmax)
-        scores = ref.page_scores(q, bounds, mid_start, mid_end, page_size, scale)
-        return ref.pages_to_tokens(ref.select_pages(scores, n_kv_heads, n_selected, counts),
-                                   page_size)
-    if triton_path:  # three launches, every key read once (kernels/exact_select.py)
-        from macopt.kernels.exact_select import exact_topk
-
-        return exact_topk(q, k, scale, mid_start, mid_end, min(budget, n_keys), counts)
-    return ref.exact_topk(q, k, scale, mid_start, mid_end, budget, per_kv_head=True,
-                          counts=counts)
-
-
-def parse_selector(selector: str) -> tuple[str, int, int]:
-    """``(name, channels, rerank)`` of a selector spec (:meth:`TopKPhiConfig.selector_spec`):
-    "page", "exact", "channel" / "sketch" or "channel:C:R" / "sketch:C:R" (C 0: head dim / 4;
-    R: re-rank factor).
-
-    >>> parse_selector("channel:16:2"), parse_selector("sketch"), parse_selector("page")
-    (('channel', 16, 2), ('sketch', 0, 2), ('page', 0, 0))
-    """
-    name, _, rest = selector.partition(":")
-    if name not in SELECTORS or (rest and name not in _RANKED):
-        raise ValueError(f"selector: expected one of {SELECTORS} (or 'channel:C:R', "
-                         f"'sketch:C:R'), got {selector!r}")
-    if name not in _RANKED:
-        return name, 0, 0
-    parts = rest.split(":") if rest else ["0", "2"]
-    if len(parts) != 2 or not all(x.isdigit() for x in parts) or int(parts[1]) < 1:
-        raise ValueError(f"selector: expected '{name}:C:R' with C >= 0 and R >= 1, "
-                         f"got {selector!r}")
-    return name, int(parts[0]), int(parts[1])
-
-
-_RANKED = ("channel", "sketch")  # selectors that rank channels, then re-rank candidates
-
-
-def _group_rank(scores: Tensor) -> Tensor:
-    """``[B, Hkv, g, n]`` scores (-inf: not a candidate) -> ``[B, Hkv, n]``: each key's best
-    log-probability over the group's heads (as :func:`exact_selection` ranks)."""
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return (scores - lse).amax(dim=2)
-
-
-def channel_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
-                      top_k: int, channels: int = 0, rerank: int = 2,
-                      counts: Tensor | None = None) -> Tensor:
-    """The "channel" selector: ``[B, Hkv, K]`` int32 token indices, ascending (-1: none).
-
-    Per KV group: the ``channels`` dims where the group's queries are largest carry most of
-    ``q.k``, so scores over those dims alone rank the middle keys (reading ``channels / D`` of
-    each key); the best ``rerank * top_k`` candidates are then scored exactly and the best
-    ``top_k`` kept, ranked as :func:`exact_selection` ranks (a key's best probability over the
-    group's heads, here normalised over the candidates). A budget that covers the middle keeps
-    every middle key, as the exact selector does. ``counts[B, Hkv]``: see :func:`select`."""
-    batch, n_q_heads, head_dim = q.shape
-    n_kv_heads, n_keys = k.shape[1], k.shape[2]
-    group = n_q_heads // n_kv_heads
-    n_channels = min(channels or max(1, head_dim // 4), head_dim)
-    grouped = q.view(batch, n_kv_heads, group, head_dim)
-    dims = grouped.float().abs().sum(dim=2).topk(n_channels, dim=-1).indices  # [B, Hkv, C]
-    q_part = torch.gather(grouped, 3, dims[:, :, None, :].expand(-1, -1, group, -1))
-    k_part = torch.gather(k, 3, dims[:, :, None, :].expand(-1, -1, n_keys, -1))
-    inside = ref.positions_in(mid_start, mid_end, n_keys)[:, None, None, :]
-    approx = torch.matmul(q_part, k_part.transpose(-1, -2)).float() * scale
-    approx = approx.masked_fill(~inside, float("-inf"))
-    n_candidates = min(rerank * top_k, n_keys)
-    candidates = torch.topk(_group_rank(approx), n_candidates, dim=-1).indices  # [B, Hkv, R]
-    return _rerank(grouped, k, scale, mid_start, mid_end, candidates, top_k, counts)
-
-
-def _rerank(grouped: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
-            candidates: Tensor, top_k: int, counts: Tensor | None) -> Tensor:
-    """The best ``top_k`` of ``candidates[B, Hkv, R]`` by their exact scores (a key's best
-    probability over the group's heads, normalised over the candidates), as ascending int32
-    token indices (-1: none); candidates outside the middle never win over ones inside."""
-    head_dim = k.shape[3]
-    candidates = candidates.long()
-    k_cand = torch.gather(k, 2, candidates[..., None].expand(-1, -1, -1, head_dim))
-    exact = torch.matmul(grouped, k_cand.transpose(-1, -2)).float() * scale  # [B, Hkv, g, R]
-    in_mid = ((candidates >= mid_start[:, None, None]) & (candidates < mid_end[:, None, None]))
-    exact = exact.masked_fill(~in_mid[:, :, None, :], float("-inf"))
-    best = ref.top_indices(_group_rank(exact), min(top_k, candidates.shape[-1]), counts).long()
-    tokens = torch.gather(candidates, 2, best.clamp(min=0))
-    tokens = torch.where(best >= 0, tokens, -1)
-    return tokens.sort(dim=-1).values.to(torch.int32)
-
-
-# --- the sketch selector ---------------------------------------------------------------------
-
-SKETCH_LEVELS = 7  # 4-bit symmetric codes: levels -7..7 stored as 1..15 (8 is zero)
-_SKETCH_CHUNK = 16384  # tokens quantised per step at prefill (bounds the temporaries)
-
-
-def sketch_shapes(batch: int, n_kv_heads: int, n_keys: int, head_dim: int
-                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(codes, scales)`` shapes of the sketch of a ``[batch, n_kv_heads, n_keys, head_dim]``
-    cache: ``[B, Hkv, D, ceil(N / 2)]`` uint8 and ``[B, Hkv, D]`` fp32."""
-    return (batch, n_kv_heads, head_dim, -(-n_keys // 2)), (batch, n_kv_heads, head_dim)
-
-
-def build_sketch(k: Tensor, mid_start: Tensor, mid_end: Tensor, codes: Tensor,
-                 scales: Tensor) -> None:
-    """Write the 4-bit channel-major sketch of ``k[B, Hkv, N, D]`` into ``codes[B, Hkv, D,
-    ceil(N / 2)]`` (uint8, token ``2j`` in the low nibble of byte ``j``) and ``scales[B, Hkv,
-    D]`` (fp32: the channel's largest magnitude over the middle ``[mid_start, mid_end)`` / 7).
-    Codes are ``round(k / scale)`` clamped to [-7, 7], plus 8. Torch ops in token chunks (no
-    host sync; prefill work, read back by :func:`sketch_selection` at every decode step)."""
-    batch, n_kv_heads, n_keys, head_dim = k.shape
-    inside = ref.positions_in(mid_start, mid_end, n_keys)  # [B, N]
-    amax = torch.zeros(batch, n_kv_heads, head_dim, dtype=torch.float32, device=k.device)
-    for lo in range(0, n_keys, _SKETCH_CHUNK):
-        hi = min(lo + _SKETCH_CHUNK, n_keys)
-        part = k[:, :, lo:hi].float().abs() * inside[:, None, lo:hi, None]
-        amax = torch.maximum(amax, part.amax(dim=2))
-    scale = (amax / SKETCH_LEVELS).clamp_min(torch.finfo(torch.float32).tiny)
-    scales.copy_(scale)
-    inverse = (1.0 / scale)[:, :, None, :]
-    for lo in range(0, n_keys, _SKETCH_CHUNK):  # _SKETCH_CHUNK is even: pairs stay whole
-        hi = min(lo + _SKETCH_CHUNK, n_keys)
-        level = torch.round(k[:, :, lo:hi].float() * inverse).clamp_(-SKETCH_LEVELS,
-                                                                    SKETCH_LEVELS)
-        level = (level + 8).to(torch.uint8)
-        if (hi - lo) % 2:
-            level = torch.cat([level, level.new_full(level[:, :, :1].shape, 8)], dim=2)
-        packed = level[:, :, 0::2] | (level[:, :, 1::2] << 4)  # [B, Hkv, P, D]
-        codes[:, :, :, lo // 2: lo // 2 + packed.shape[2]].copy_(packed.transpose(-1, -2))
-
-
-def sketch_keys(codes: Tensor, scales: Tensor, n_keys: int) -> Tensor:
-    """The sketch dequantised, ``[B, Hkv, n_keys, D]`` fp32 (for references and tests)."""
-    low = (codes & 15).to(torch.int16) - 8
-    high = (codes >> 4).to(torch.int16) - 8
-    level = torch.stack([low, high], dim=-1).flatten(-2)[..., :n_keys]  # [B, Hkv, D, N]
-    return (level.float() * scales[..., None]).transpose(-1, -2)
-
-
-def _sketch_query(q: Tensor, scales: Tensor, scale: float, n_kv_heads: int, channels: int
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grouped q [B, Hkv, g, D], dims [B, Hkv, C] int32, q_scaled [B, Hkv, g, C] fp32)``:
-    the group's ``C`` channels of largest summed |q| and each head's q there times the
-    channel's dequantisation scale and the softmax scale."""
-    batch, n_q_heads, head_dim = q.shape
-    group = n_q_heads // n_kv_heads
-    n_channels = min(channels or max(1, head_dim // 4), head_dim)
-    grouped = q.view(batch, n_kv_heads, group, head_dim)
-    dims = grouped.float().abs().sum(dim=2).topk(n_channels, dim=-1).indices  # [B, Hkv, C]
-    q_part = torch.gather(grouped.float(), 3, dims[:, :, None, :].expand(-1, -1, group, -1))
-    q_scaled = q_part * torch.gather(scales, 2, dims)[:, :, None, :] * scale
-    return grouped, dims.to(torch.int32), q_scaled
-
-
-def sketch_scores_reference(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tensor,
-                            mid_end: Tensor, n_keys: int) -> Tensor:
-    """:func:`macopt.kernels.sketch_select.sketch_scores` in torch (fp32 sums, fp16 out)."""
-    batch, n_kv_heads, head_dim, n_packed = codes.shape
-    rows = torch.gather(codes, 2, dims.long()[..., None].expand(-1, -1, -1, n_packed))
-    low = (rows & 15).float() - 8
-    high = (rows >> 4).float() - 8
-    level = torch.stack([low, high], dim=-1).flatten(-2)[..., :n_keys]  # [B, Hkv, C, N]
-    scores = torch.matmul(q_scaled.float(), level).amax(dim=2)  # [B, Hkv, N]
-    inside = ref.positions_in(mid_start, mid_end, n_keys)[:, None, :]
-    return scores.masked_fill(~inside, float("-inf")).to(torch.float16)
-
-
-def sketch_selection(q: Tensor, k: Tensor, codes: Tensor, scales: Tensor, scale: float,
-                     mid_start: Tensor, mid_end: Tensor, top_k: int, channels: int = 0,
-                     rerank: int = 2, counts: Tensor | None = None,
-                     triton_path: bool = False) -> Tensor:
-    """The "sketch" selector: ``[B, Hkv, K]`` int32 token indices, ascending (-1: none).
-    Approximate by design.
-
-    Per KV group, the ``channels`` dims where the group's queries are largest (0: D / 4) score
-    every middle token from the 4-bit channel-major sketch that prefill wrote
-    (:func:`build_sketch`; reads ``channels / (4 D)`` of the bf16 key bytes), the token's group
-    score being its best head's; the best ``rerank * top_k`` tokens (fp16 scores, ties to the
-    lowest indices) are then scored exactly from the cache and the best ``top_k`` kept, as
-    :func:`channel_selection` keeps them. A budget covering the middle keeps every middle key.
-    ``triton_path``: the Triton kernels of :mod:`macopt.kernels.sketch_select` (five launches;
-    the tokens come in candidate order, not sorted), else torch (the reference: same set up to
-    fp32 summation order, ascending). ``counts``: see :func:`select`.
-    """
-    n_kv_heads, n_keys = k.shape[1], k.shape[2]
-    n_keys = min(n_keys, 2 * codes.shape[-1])  # a growing cache: the sketch covers the prompt
-    head_dim = q.shape[-1]
-    n_channels = min(channels or max(1, head_dim // 4), head_dim)
-    n_candidates = min(rerank * top_k, n_keys)
-    if triton_path:  # five launches; the tokens come in candidate order (not sorted)
-        from macopt.kernels import sketch_select as kernels
-
-        dims, q_scaled = kernels.sketch_query(q, scales, scale, n_channels)
-        approx, maxima = kernels.sketch_scores(codes, dims, q_scaled, mid_start, mid_end,
-                                               n_keys, block_max=True)
-        candidates = kernels.select_candidates(approx, maxima, n_candidates)
-        exact = kernels.candidate_scores(q, k, candidates, mid_start, mid_end, scale)
-        return kernels.rerank_select(exact, candidates, min(top_k, n_candidates), counts)
-    from macopt.kernels.sketch_select import select_candidates_reference
-
-    grouped, dims, q_scaled = _sketch_query(q, scales, scale, n_kv_heads, channels)
-    approx = sketch_scores_reference(codes, dims, q_scaled, mid_start, mid_end, n_keys)
-    candidates = select_candidates_reference(approx, n_candidates)
-    return _rerank(grouped, k, scale, mid_start, mid_end, candidates, min(top_k, n_keys),
-                   counts)
-
-
-def exact_selection(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: Tensor,
-                    top_k: int, counts: Tensor | None = None) -> Tensor:
-    """:func:`~macopt.kernels.topk_phi_reference.exact_topk` (per KV head) without an fp32
-    copy of the keys: scores come from one matmul in ``k.dtype`` (fp32 accumulation), so
-    near-ties may rank differently than in fp32. Reads every key: the paper's oracle.
-    ``counts[B, Hkv]`` int32 (optional): tokens each group keeps (see :func:`select`)."""
-    batch, n_q_heads, head_dim = q.shape
-    n_kv_heads, n_keys = k.shape[1], k.shape[2]
-    grouped = q.view(batch, n_kv_heads, n_q_heads // n_kv_heads, head_dim)
-    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scale  # [B, Hkv, g, N]
-    inside = ref.positions_in(mid_start, mid_end, n_keys)[:, None, None, :]
-    scores = scores.masked_fill(~inside, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    ranked = (scores - lse).amax(dim=2)  # a key's best probability over the group's heads
-    return ref.top_indices(ranked, top_k, counts)
-
-
-# --- per-site state --------------------------------------------------------------------------
-
-
-@dataclass
-class TopKPhiState:
-    """One attention site's Top-K + phi state, preallocated at fixed addresses.
-
-    ``kmin, kmax``: the selector's index, page bounds (page selector) or the key sketch's codes
-    and scales (sketch selector: uint8 ``kmin``), None for the others.
-
-    Buffers written by ``topk_phi_prefill`` (summary, middle range, page bounds) and read by
-    ``topk_phi_decode``, plus the site's folded feature maps and per-head completion switches.
-    """
-
-    m: Tensor
-    u: Tensor
-    t: Tensor
-    mid_start: Tensor
-    mid_end: Tensor
-    kmin: Tensor | None
-    kmax: Tensor | None
-    phi_q: list[Tensor]
-    phi_q_mlp: bool
-    phi_k: list[Tensor]
-    phi_k_mlp: bool
-    completion: Tensor
-
-    def first_rows(self, batch: int) -> TopKPhiState:
-        """The state of the first ``batch`` rows: views at the same addresses, so a state
-        allocated for a batch capacity serves smaller batches without moving."""
-        if batch > self.m.shape[0]:
-            raise ValueError(f"batch {batch} exceeds the {self.m.shape[0]} rows the Top-K + phi "
-                             "state was allocated for")
-        rows = {name: getattr(self, name)[:batch] for name in
-                ("m", "u", "t", "mid_start", "mid_end")}
-        bounds = {name: None if x is None else x[:batch]
-                  for name, x in (("kmin", self.kmin), ("kmax", self.kmax))}
-        return dataclasses.replace(self, **rows, **bounds)
-
-    def tensors(self) -> tuple[Tensor, ...]:
-        """Every buffer the state holds (for memory accounting)."""
-        optional = [t for t in (self.kmin, self.kmax) if t is not None]
-        return (self.m, self.u, self.t, self.mid_start, self.mid_end, *optional, *self.phi_q,
-                *self.phi_k, self.completion)
+STEP_COUNTERS = ("steps", "prefills")  # a Top-K + phi site's counters, in this order
+
+
+@dataclass(frozen=True)
+class TopKPhiDecodeParams(SiteParams):
+    """A Top-K + phi site's decode constants (``budget``, ``budget_fraction``: as
+    :meth:`TopKPhiConfig.budget_args`; ``selector``: :meth:`TopKPhiConfig.selector_spec`;
+    ``d_phi`` 0: the head dim; ``feature_maps`` "": random features of ``seed``)."""
+
+    budget: int
+    page_size: int
+    selector: str
+    d_phi: int
+    completion: list[bool]
+    feature_maps: str
+    seed: int
+    summary_in_budget: bool = False
+    budget_fraction: float = 0.0
 
     @classmethod
-    def allocate(
-        cls, batch: int, n_q_heads: int, n_kv_heads: int, n_keys: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device | str, d_phi: int | None = None,
-        page_size: int | None = 32, maps: FeatureMaps | None = None,
-        completion: tuple[bool, ...] | None = None, seed: int = 0, sketch: bool = False,
-    ) -> TopKPhiState:
-        """Buffers for ``batch`` rows of a cache of ``n_keys`` keys (``page_size`` None: no
-        page bounds, for the exact and channel selectors). ``sketch``: the sketch selector's
-        key sketch instead of page bounds (``kmin``: uint8 codes ``[B, Hkv, D, ceil(N / 2)]``,
-        ``kmax``: fp32 scales ``[B, Hkv, D]``; :func:`build_sketch`). ``maps`` defaults to
-        positive random features for ``exp(q.k / sqrt(D))`` seeded by ``seed`` (what works
-        without calibration)."""
-        from macopt.kernels.feature_maps import positive_random_features
-
-        if maps is None:
-            generator = torch.Generator().manual_seed(seed)
-            maps = positive_random_features(n_q_heads, n_kv_heads, head_dim,
-                                            d_phi or head_dim, generator=generator)
-        maps = maps.to(device)
-        d_phi = maps.phi_k.d_phi
-        fp32 = {"dtype": torch.float32, "device": device}
-        bounds = None
-        if sketch:
-            codes_shape, scales_shape = sketch_shapes(batch, n_kv_heads, n_keys, head_dim)
-            bounds = [torch.full(codes_shape, 8, dtype=torch.uint8, device=device),
-                      torch.ones(scales_shape, **fp32)]
-        elif page_size is not None:
-            shape = (batch, n_kv_heads, _n_pages(n_keys, page_size), head_dim)
-            bounds = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
-        folded_q, folded_k = maps.phi_q.folded(), maps.phi_k.folded()
-        switches = completion if completion is not None else (True,) * n_q_heads
-        return cls(
-            m=torch.full((batch, n_kv_heads, d_phi), float("-inf"), **fp32),
-            u=torch.zeros(batch, n_kv_heads, d_phi, **fp32),
-            t=torch.zeros(batch, n_kv_heads, d_phi, head_dim, **fp32),
-            mid_start=torch.zeros(batch, dtype=torch.int32, device=device),
-            mid_end=torch.zeros(batch, dtype=torch.int32, device=device),
-            kmin=bounds[0] if bounds else None,
-            kmax=bounds[1] if bounds else None,
-            phi_q=[getattr(folded_q, f).float().contiguous() for f in _FOLDED_FIELDS],
-            phi_q_mlp=folded_q.has_mlp,
-            phi_k=[getattr(folded_k, f).float().contiguous() for f in _FOLDED_FIELDS],
-            phi_k_mlp=folded_k.has_mlp,
-            completion=torch.tensor(switches, dtype=torch.bool, device=device),
-        )
+    def from_config(cls, config: TopKPhiConfig, layer: int, q_heads: int
+                    ) -> TopKPhiDecodeParams:
+        budget, fraction = config.budget_args()  # a fraction: resolved when the step runs
+        return cls(budget, config.page_size, config.selector_spec(), config.d_phi or 0,
+                   list(config.completion_for(layer, q_heads)), config.feature_maps or "",
+                   config.seed, config.summary_in_budget, fraction)
 
 
-def prefill(state: TopKPhiState, k: Tensor, v: Tensor, starts: Tensor, prefill_ends: Tensor,
-            config: TopKPhiConfig) -> None:
-    """Rebuild ``state`` from a prefill cache (every prefill: nothing leaks across prompts)."""
-    torch.ops.macopt.topk_phi_prefill(
-        k, v, starts, prefill_ends, state.phi_k, state.phi_k_mlp, config.sinks, config.tail,
-        config.page_size, state.m, state.u, state.t, state.mid_start, state.mid_end,
-        state.kmin, state.kmax)
+@dataclass(frozen=True)
+class TopKPhiPrefillParams(SiteParams):
+    """A Top-K + phi site's prefill constants: the summary covers each row's prompt middle
+    ``[s0 + sinks, end - tail)``; ``use_pages`` / ``sketch``: the selector's page bounds or
+    key sketch are built too."""
+
+    sinks: int
+    tail: int
+    page_size: int
+    use_pages: bool
+    d_phi: int
+    completion: list[bool]
+    feature_maps: str
+    seed: int
+    sketch: bool = False
+
+    @classmethod
+    def from_config(cls, config: TopKPhiConfig, layer: int, q_heads: int,
+                    tail: int | None = None) -> TopKPhiPrefillParams:
+        """``tail``: the summary's tail when a composed method needs a longer one."""
+        return cls(config.sinks, config.tail if tail is None else tail, config.page_size,
+                   config.selector == "page", config.d_phi or 0,
+                   list(config.completion_for(layer, q_heads)), config.feature_maps or "",
+                   config.seed, config.selector == "sketch")
+
+    def state_args(self) -> tuple:
+        """The state's allocation arguments after ``(layer, q_heads, k)``
+        (:func:`site_state`, :func:`allocate_state`)."""
+        return (self.use_pages, self.page_size, self.d_phi, self.completion, self.feature_maps,
+                self.seed, self.sketch)
 
 
-def decode(state: TopKPhiState, q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor,
-           scale: float, config: TopKPhiConfig) -> Tensor:
-    """One Top-K + phi decode step of ``q[B, Hq, D]`` against the cache ``k, v``."""
-    budget = config.budget_tokens(k.shape[2])
-    return torch.ops.macopt.topk_phi_decode(
-        q, k, v, starts, ends, state.m, state.u, state.t, state.mid_start, state.mid_end,
-        state.kmin, state.kmax, state.phi_q, state.phi_q_mlp, state.phi_k, state.phi_k_mlp,
-        state.completion, scale, budget, config.page_size, config.selector_spec(),
-        budget_summary_tokens(config, state.t, k.dtype))
+@cache
+def _file_maps(path: str) -> dict[str, FeatureMaps]:
+    return read_feature_maps(path)  # errors name the file
 
 
-def budget_summary_tokens(config: TopKPhiConfig, t: Tensor, kv_dtype: torch.dtype) -> int:
-    """The ops' ``summary_tokens`` for ``config``: :func:`summary_budget_tokens` of the summary
-    ``t[B, Hkv, F, D]`` in the cache's ``kv_dtype`` when ``summary_in_budget``, else 0 (shapes
-    only: no host sync)."""
-    if not config.summary_in_budget:
+def site_state(site_id: int, layer: int, q_heads: int, k: Tensor, use_pages: bool,
+               page_size: int, d_phi: int, completion: list[bool], feature_maps: str,
+               seed: int, sketch: bool = False) -> state.SiteState:
+    """The state of ``site_id`` for a prefill cache ``k[B, Hkv, N, D]`` (allocated on first
+    use; decode steps find it, whatever their cache length, without reallocating): its
+    :class:`TopKPhiState` buffers and its :data:`STEP_COUNTERS`."""
+    spec = state_spec(k.shape[0], layer, q_heads, k, use_pages, page_size, d_phi, completion,
+                      feature_maps, seed, sketch)
+
+    def allocate() -> tuple[TopKPhiState, Tensor]:
+        buffers = allocate_state(k.shape[0], layer, q_heads, k, use_pages, page_size, d_phi,
+                                 completion, feature_maps, seed, sketch, site_id)
+        counters = torch.zeros(len(STEP_COUNTERS), dtype=torch.int64, device=k.device)
+        return buffers, counters
+
+    return state.site_state(site_id, "topk_phi", spec, allocate)
+
+
+def state_spec(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bool, page_size: int,
+               d_phi: int, completion: list[bool], feature_maps: str, seed: int,
+               sketch: bool = False) -> tuple:
+    """What a site's Top-K + phi state is allocated for (a different spec reallocates)."""
+    _, n_kv_heads, n_keys, head_dim = k.shape
+    return (rows, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device, use_pages,
+            page_size, d_phi, tuple(completion), feature_maps, seed, sketch)
+
+
+def allocate_state(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bool,
+                   page_size: int, d_phi: int, completion: list[bool], feature_maps: str,
+                   seed: int, sketch: bool = False, site_id: int | None = None
+                   ) -> TopKPhiState:
+    """A Top-K + phi state for ``rows`` rows of a cache like ``k[B, Hkv, N, D]``, with the
+    maps of ``layer`` from ``feature_maps`` (empty: positive random features of ``seed``);
+    ``use_pages``: page bounds, ``sketch``: the sketch selector's key sketch. A site that
+    tensor parallelism shards (``site_id``) takes its rank's heads of the whole site's maps."""
+    _, n_kv_heads, n_keys, head_dim = k.shape
+    maps = None
+    if feature_maps:
+        found = _file_maps(feature_maps)
+        if site_name(layer) not in found:
+            raise ValueError(f"{feature_maps} holds no maps for {site_name(layer)} "
+                             f"(it has {sorted(found)[:4]}...)")
+        maps = found[site_name(layer)]
+    shard = distributed.site_heads(site_id) if site_id is not None else None
+    if shard is not None:
+        maps = distributed.rank_feature_maps(shard, n_kv_heads, head_dim, d_phi, maps, seed)
+    elif maps is not None:
+        maps = maps_for_kv_heads(maps, n_kv_heads)
+    return TopKPhiState.allocate(
+        rows, q_heads, n_kv_heads, n_keys, head_dim, k.dtype, k.device,
+        d_phi=d_phi or None, page_size=page_size if use_pages else None, maps=maps,
+        completion=tuple(completion), seed=seed, sketch=sketch)
+@site_op("macopt::topk_phi_site_prefill", TopKPhiPrefillParams)
+def topk_phi_site_prefill(
+    attn_out: Tensor, k: Tensor, v: Tensor, key_starts: Tensor, ends: Tensor, site_id: int,
+    layer: int, params: TopKPhiPrefillParams,
+) -> Tensor:
+    """A copy of ``attn_out[B, Hq, L, D]``; rebuilds the site's summary (and page bounds or
+    key sketch) from row ``b``'s prompt keys ``[key_starts[b], ends[b])`` of ``k, v``: the
+    reset that starts new sequences."""
+    found = site_state(site_id, layer, attn_out.shape[1], k, *params.state_args())
+    buffers: TopKPhiState = found.buffers
+    found.counters[STEP_COUNTERS.index("prefills")] += 1
+    topk_phi_prefill(k, v, key_starts, ends, buffers.phi_k, buffers.phi_k_mlp, params.sinks,
+                     params.tail, params.page_size, buffers.m, buffers.u, buffers.t,
+                     buffers.mid_start, buffers.mid_end, buffers.kmin, buffers.kmax)
+    return attn_out.clone()
+
+
+@topk_phi_site_prefill.register_fake
+def _(attn_out, k, v, key_starts, ends, site_id, layer, params):
+    return torch.empty_like(attn_out)
+
+
+@site_op("macopt::topk_phi_site_decode", TopKPhiDecodeParams)
+def topk_phi_site_decode(
+    q: Tensor, k: Tensor, v: Tensor, key_starts: Tensor, ends: Tensor, scale: float,
+    site_id: int, layer: int, params: TopKPhiDecodeParams,
+) -> Tensor:
+    """Top-K + phi decode ``o[B, Hq, D]`` of row ``b`` over keys ``[key_starts[b], ends[b])``
+    with the summary the site's last prefill built (approximate). ``summary_in_budget``: the
+    budget pays for the summary (``TopKPhiConfig.summary_in_budget``; its token count from the
+    state's shapes and the cache dtype). ``budget_fraction`` > 0: K is that fraction of this
+    step's cache length ``k.shape[2]`` (:func:`macopt.config.resolve_budget`; ``budget`` is
+    then unused), resolved here from the shape, so the graph holds no K and a symbolic cache
+    length needs no static one."""
+    check_budget_args(params.budget, params.budget_fraction)
+    budget = resolve_budget(params.budget, params.budget_fraction, k.shape[2])
+    found = state.get(site_id)
+    if found is None or found.method != "topk_phi":
+        raise RuntimeError(f"macopt Top-K + phi: attention site {site_id} decodes before any "
+                           "prefill built its summary; run the prompt through the optimized "
+                           "model first")
+    buffers: TopKPhiState = found.buffers
+    found.counters[STEP_COUNTERS.index("steps")] += 1
+    return topk_phi_decode(q, k, v, key_starts, ends, buffers.m, buffers.u, buffers.t,
+                           buffers.mid_start, buffers.mid_end, buffers.kmin, buffers.kmax,
+                           buffers.phi_q, buffers.phi_q_mlp, buffers.phi_k, buffers.phi_k_mlp,
+                           buffers.completion, scale, budget, params.page_size,
+                           params.selector,
+                           _summary_tokens(params.summary_in_budget, buffers, k.dtype))
+
+
+def _summary_tokens(summary_in_budget: bool, buffers: TopKPhiState, kv_dtype: torch.dtype
+                    ) -> int:
+    if not summary_in_budget:
         return 0
-    return summary_budget_tokens(t.shape[-1], t.shape[-2], kv_dtype.itemsize)
+    return summary_budget_tokens(buffers.t.shape[-1], buffers.t.shape[-2], kv_dtype.itemsize)
 
 
-def summary_token_equivalent(head_dim: int, d_phi: int, itemsize: int) -> float:
-    """Bytes of one KV head's summary read per decode step, in cached tokens (K + V rows).
+@topk_phi_site_decode.register_fake
+def _(q, k, v, key_starts, ends, scale, site_id, layer, params):
+    check_budget_args(params.budget, params.budget_fraction)
+    return torch.empty_like(q)
 
-    >>> round(summary_token_equivalent(128, 128, 2), 1)
-    130.0
-    """
-    return 4 * d_phi * (head_dim + 2) / (2 * head_dim * itemsize)
-
-
-def summary_budget_tokens(head_dim: int, d_phi: int, itemsize: int) -> int:
-    """Whole tokens of the budget a summary-reading KV group gives up when
-    ``TopKPhiConfig.summary_in_budget`` is set: the summary's token equivalent, rounded up (so
-    a group never reads more bytes than the budget allows at token granularity).
-
-    >>> summary_budget_tokens(128, 2, 2), summary_budget_tokens(128, 16, 2)
-    (3, 17)
-    """
-    return math.ceil(summary_token_equivalent(head_dim, d_phi, itemsize))
-
-
-def retrieved_tokens(budget: int, summary_tokens: int, page_size: int | None) -> int:
-    """Middle keys one KV group retrieves from a budget of ``budget`` token equivalents when it
-    gives ``summary_tokens`` of them to its summary (0: no summary read). Floored at 0: a group
-    whose summary alone fills the budget retrieves nothing (the op's ``budget`` stays >= 1).
-    The page selector (``page_size``) rounds up to whole pages, as ``TopKPhiConfig`` does.
-
-    >>> retrieved_tokens(410, 17, None), retrieved_tokens(410, 17, 32), retrieved_tokens(8, 17, 32)
-    (393, 416, 0)
-    """
-    n = max(0, budget - summary_tokens)
-    return n if page_size is None else _n_pages(n, page_size) * page_size
-
-
-__all__ = ["TopKPhiState", "budget_summary_tokens", "decode", "decode_impl",
-           "exact_selection", "group_counts", "prefill", "retrieved_tokens", "select",
-           "summary_budget_tokens", "summary_counts", "summary_token_equivalent",
-           "topk_phi_decode", "topk_phi_decode_state", "topk_phi_prefill"]

@@ -13,7 +13,7 @@ import math
 import torch
 from torch.fx import Graph, Node
 
-from macopt import ops
+from macopt import exact_ops
 from macopt.config import MethodConfig
 from macopt.passes.graph_insert import call, size_arg
 from macopt.passes.graph_utils import aten, fake, is_call, statically_equals
@@ -106,4 +106,4 @@ def _decode_inputs(
 
 
 def is_rewritten(node: Node) -> bool:
-    return is_call(node, ops.DECODE_ATTENTION)
+    return is_call(node, exact_ops.DECODE_ATTENTION)

@@ -1,12 +1,13 @@
 """The ``exact`` rewrite: decode attention through macopt's split-KV kernel
-(``macopt::decode_attention``, :mod:`macopt.ops`). Stateless: prefill graphs are left alone.
+(``macopt::decode_attention``, :mod:`macopt.exact_ops`). Stateless: prefill graphs are left
+alone.
 """
 
 from __future__ import annotations
 
 from torch.fx import Graph, Node
 
-from macopt import ops
+from macopt import exact_ops
 from macopt.config import ExactConfig
 from macopt.passes.graph_insert import call, size_arg
 from macopt.passes.graph_utils import aten
@@ -31,7 +32,7 @@ def rewrite_exact(graph: Graph, site: AttentionSite, inputs: DecodeInputs,
         starts, last = key_range(graph, site, inputs.key_mask, batch, n_keys)
         ends = call(graph, aten.add.Tensor, (last, 1), site)
     args = (inputs.q, inputs.k, inputs.v, starts, ends, inputs.key_mask)
-    return call(graph, ops.DECODE_ATTENTION, (*args, inputs.scale), site)
+    return call(graph, exact_ops.DECODE_ATTENTION, (*args, inputs.scale), site)
 
 
 REWRITES = MethodRewrites(decode=rewrite_exact, honours_mask_holes=True)

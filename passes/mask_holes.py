@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch.fx import Graph, Node
 
-from macopt import ops
+from macopt import exact_ops
 from macopt.passes.graph_insert import call, size_arg
 from macopt.passes.graph_utils import fake, prims
 from macopt.passes.key_range import row_ranges
@@ -42,6 +42,6 @@ def exact_where_holes(graph: Graph, site: AttentionSite, inputs: DecodeInputs, o
         out = call(graph, prims.convert_element_type.default, (out, fake(inputs.q).dtype), site)
     # Rows without holes get the empty range [first, first): the exact op reads nothing there
     # and passes their row of `out` through.
-    return call(graph, ops.DECODE_ATTENTION_OR,
+    return call(graph, exact_ops.DECODE_ATTENTION_OR,
                 (inputs.q, inputs.k, inputs.v, ranges.first, ranges.hole_ends, inputs.key_mask,
                  inputs.scale, out), site)

@@ -18,7 +18,7 @@ from macopt.passes.graph_utils import aten, fake
 from macopt.passes.key_range import key_range
 from macopt.passes.method_rewrites import DecodeInputs, MethodRewrites, PrefillInputs
 from macopt.passes.sites import AttentionSite
-from macopt.topk_phi_site import (
+from macopt.topk_phi_ops import (
     TopKPhiDecodeParams,
     TopKPhiPrefillParams,
     topk_phi_site_decode,

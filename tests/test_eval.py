@@ -268,7 +268,7 @@ def test_gz_text_and_directories_are_read(tmp_path: Path):
 
 def test_keys_read_charge_the_summary_only_to_groups_that_read_it():
     from macopt.evaluation.harness import summary_groups, topk_keys_read
-    from macopt.topk_phi_ops import summary_token_equivalent
+    from macopt.topk_phi_select import summary_token_equivalent
 
     # 1000-key prompt, decode at position 1000: sinks 4 + tail 16 + 1 generated key exact;
     # exact selector: every middle key's K row (980 / 2); d_phi 2, bf16: summary 2.03 (3 whole).

@@ -6,7 +6,7 @@ import torch
 from topk_phi_cases import make_problem
 
 from macopt.kernels import exact_select
-from macopt.topk_phi_ops import exact_selection, select
+from macopt.topk_phi_select import exact_selection, select
 
 
 def _sorted(x):

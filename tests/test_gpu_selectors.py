@@ -7,7 +7,7 @@ import torch
 
 import macopt  # noqa: F401  (registers torch.ops.macopt)
 from macopt.kernels.exact_select import exact_topk
-from macopt.topk_phi_ops import build_sketch, exact_selection, sketch_selection, sketch_shapes
+from macopt.topk_phi_select import build_sketch, exact_selection, sketch_selection, sketch_shapes
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,5 +1,5 @@
-"""torch.ops.macopt.mac_decode / mac_match + mac_decode_matched / mac_prefill: registration,
-the per-site ring they keep, the device counters, and the capacity rule.
+"""torch.ops.macopt.mac_match + mac_decode_matched / mac_prefill: registration, the per-site
+ring they keep, the device counters, and the capacity rule.
 
 opcheck calls an op several times on the same inputs and compares the results. The ops keep
 hidden state (the site's ring), so it can only check a decode step whose output does not depend
@@ -18,6 +18,7 @@ import macopt  # noqa: F401  (registers torch.ops.macopt.*)
 from macopt import mac_state, state
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.reference import attention
+from macopt.mac_ops import MACParams
 
 ops = torch.ops.macopt
 _SITE_IDS = itertools.count(10_000)  # far from the ids models get
@@ -46,26 +47,13 @@ def _prefill(p: dict, site: int, n: int = 12, capacity: int = 0) -> torch.Tensor
 
 
 def _decode(p: dict, site: int, t: int, tau: float, capacity: int = 0) -> torch.Tensor:
-    positions = torch.full((B,), t, dtype=torch.int32)
-    return ops.mac_decode(p["q"][:, :, t], p["q_pre"][:, :, t], p["k"], p["v"], positions,
-                          p["starts"], SCALE, site, M, S, 0, tau, 0, 16, capacity)
-
-
-def test_decode_passes_opcheck_when_nothing_matches():
-    p, site = _problem(), next(_SITE_IDS)
-    _prefill(p, site)
-    positions = torch.full((B,), 12, dtype=torch.int32)
-    args = (p["q"][:, :, 12], p["q_pre"][:, :, 12], p["k"], p["v"], positions, p["starts"],
-            SCALE, site, M, S, 0, 1.0, 0, 16, 0)
-    torch.library.opcheck(ops.mac_decode, args)
-
-
-def _decode_in_two_ops(p: dict, site: int, t: int, tau: float) -> torch.Tensor:
+    """One decode step as the ``mac`` rewrite inserts it: ``mac_match``, then
+    ``mac_decode_matched`` on its candidates."""
     positions = torch.full((B,), t, dtype=torch.int32)
     q, q_pre = p["q"][:, :, t], p["q_pre"][:, :, t]
-    found = ops.mac_match(q_pre, positions, p["starts"], site, M, 0, 16, 0)
+    found = ops.mac_match(q_pre, positions, p["starts"], site, M, 0, 16, capacity)
     return ops.mac_decode_matched(q, q_pre, p["k"], p["v"], positions, p["starts"], *found,
-                                  SCALE, site, M, S, 0, tau, 0, 16, 0)
+                                  SCALE, site, M, S, 0, tau, 0, 16, capacity)
 
 
 def test_match_and_decode_matched_pass_opcheck_when_nothing_matches():
@@ -83,21 +71,34 @@ def test_match_and_decode_matched_pass_opcheck_when_nothing_matches():
 
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 @pytest.mark.parametrize("tau, hits", [(0.0, True), (1.0, False)])
-def test_the_step_in_two_ops_equals_the_step_in_one(tau, hits, kernels, monkeypatch):
-    # Same prompt on two sites; each decodes through one form. tau 0: every head finds a
-    # near entry (hits, chained); tau 1: nothing matches. On CPU "triton" is the interpreter
-    # (no side stream there: macopt.side_stream is CUDA only; tests/test_gpu_mac.py).
+def test_the_step_in_two_ops_equals_the_kernel_step_with_its_own_match(tau, hits, kernels,
+                                                                      monkeypatch):
+    # The two ops against the kernel's whole step (its own match) on a copy of the site's ring
+    # and counters. tau 0: every head finds a near entry (hits, chained); tau 1: nothing
+    # matches. On CPU "triton" is the interpreter (no side stream there: macopt.side_stream is
+    # CUDA only; tests/test_gpu_mac.py).
     monkeypatch.setenv("MACOPT_CPU_KERNELS", kernels)
-    p, one, two = _problem(seed=5), next(_SITE_IDS), next(_SITE_IDS)
-    _prefill(p, one)
-    _prefill(p, two)
+    p, site = _problem(seed=5), next(_SITE_IDS)
+    _prefill(p, site)
+    ring, counters = state.get(site).buffers.clone(), state.get(site).counters.clone()
+    step_kwargs = MACParams(M, S, 0, tau, 0, 16, 0).step_kwargs()
     for t in range(12, 20):
-        torch.testing.assert_close(_decode_in_two_ops(p, two, t, tau), _decode(p, one, t, tau),
-                                   atol=0, rtol=0)
-        for mine, theirs in zip(state.get(two).buffers.tensors(),
-                                state.get(one).buffers.tensors(), strict=True):
+        positions = torch.full((B,), t, dtype=torch.int32)
+        args = (p["q"][:, :, t], p["q_pre"][:, :, t], p["k"], p["v"], ring, positions,
+                p["starts"], SCALE)
+        if kernels == "triton":
+            from macopt.kernels import mac
+
+            want, _, _ = mac.mac_decode_step(*args, counters=counters, **step_kwargs)
+        else:
+            want, hit, keys_read = mac_reference.mac_decode_step(*args, **step_kwargs)
+            mac_counters.count_decode_reference_(counters, hit, keys_read, positions,
+                                                 p["starts"])
+        torch.testing.assert_close(_decode(p, site, t, tau), want, atol=0, rtol=0)
+        for mine, theirs in zip(state.get(site).buffers.tensors(), ring.tensors(), strict=True):
             assert torch.equal(mine, theirs)
-    counted = state.get(two).counters[mac_counters.COUNTERS.index("hits")].sum()
+    assert torch.equal(state.get(site).counters, counters)
+    counted = state.get(site).counters[mac_counters.COUNTERS.index("hits")].sum()
     assert (counted > 0) == hits
 
 
@@ -227,9 +228,11 @@ def test_a_batch_beyond_the_allocated_rows_is_a_clear_error():
 def test_decode_rejects_a_pre_rope_query_of_another_shape():
     p, site = _problem(), next(_SITE_IDS)
     positions = torch.full((B,), 12, dtype=torch.int32)
+    found = ops.mac_match(p["q_pre"][:, :, 12], positions, p["starts"], site, M, 0, 16, 0)
     with pytest.raises(ValueError, match="q_pre"):
-        ops.mac_decode(p["q"][:, :, 12], p["q_pre"][:, :2, 12], p["k"], p["v"], positions,
-                       p["starts"], SCALE, site, M, S, 0, 1.0, 0, 16, 0)
+        ops.mac_decode_matched(p["q"][:, :, 12], p["q_pre"][:, :2, 12], p["k"], p["v"],
+                               positions, p["starts"], *found, SCALE, site, M, S, 0, 1.0, 0,
+                               16, 0)
 
 
 def test_decode_compiles_with_inductor_and_keeps_state():
@@ -238,8 +241,9 @@ def test_decode_compiles_with_inductor_and_keeps_state():
 
     @torch.compile(fullgraph=True)
     def step(q, q_pre, k, v, positions, starts):
-        return ops.mac_decode(q, q_pre, k, v, positions, starts, SCALE, site, M, S, 0, 1.0, 0,
-                              16, 0) * 1.0
+        found = ops.mac_match(q_pre, positions, starts, site, M, 0, 16, 0)
+        return ops.mac_decode_matched(q, q_pre, k, v, positions, starts, *found, SCALE, site,
+                                      M, S, 0, 1.0, 0, 16, 0) * 1.0
 
     positions = torch.full((B,), 12, dtype=torch.int32)
     got = step(p["q"][:, :, 12], p["q_pre"][:, :, 12], p["k"], p["v"], positions, p["starts"])

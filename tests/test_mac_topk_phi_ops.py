@@ -22,7 +22,7 @@ from macopt.kernels import topk_phi_reference as ref
 from macopt.kernels.feature_maps import log_features
 from macopt.kernels.mac_reference import MACRing
 from macopt.mac_topk_phi_ops import MACTopKPhiSite, decode_step
-from macopt.topk_phi_ops import TopKPhiState
+from macopt.topk_phi_state import TopKPhiState
 
 ops = torch.ops.macopt
 _SITE_IDS = itertools.count(20_000)  # far from the ids models get

@@ -20,7 +20,7 @@ from macopt.phi_init import (
     probe_feature_maps,
     query_probes,
 )
-from macopt.topk_phi_ops import TopKPhiState, decode, prefill
+from macopt.topk_phi_state import TopKPhiState, decode, prefill
 
 SINKS, TAIL = 4, 8
 

@@ -9,7 +9,7 @@ import torch
 
 from macopt.config import TopKPhiConfig
 from macopt.kernels import topk_phi_reference as ref
-from macopt.topk_phi_ops import channel_selection, exact_selection, parse_selector
+from macopt.topk_phi_select import channel_selection, exact_selection, parse_selector
 
 
 def _case(seed=0, batch=2, n_kv=2, group=3, n_keys=300, dim=32):

@@ -11,19 +11,17 @@ import macopt  # noqa: F401  (registers torch.ops.macopt.*)
 from macopt.config import TopKPhiConfig
 from macopt.kernels import sketch_select
 from macopt.kernels import topk_phi_reference as ref
-from macopt.topk_phi_ops import (
-    TopKPhiState,
+from macopt.topk_phi_select import (
     _sketch_query,
     build_sketch,
-    decode,
     exact_selection,
-    prefill,
     select,
     sketch_keys,
     sketch_scores_reference,
     sketch_selection,
     sketch_shapes,
 )
+from macopt.topk_phi_state import TopKPhiState, decode, prefill
 
 ops = torch.ops.macopt
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from macopt import state, topk_phi_site
+from macopt import state, topk_phi_ops
 
 SITE = 987_654  # a site id no model in this process uses
 
@@ -45,7 +45,7 @@ def test_topk_phi_state_of_a_captured_site_refuses_another_prompt_length(monkeyp
     # prompt length needs a new state, which a recorded decode graph would never see.
     def buffers(n_keys: int):
         k = torch.zeros(1, 2, n_keys, 16)
-        return topk_phi_site.site_state(SITE, 0, 4, k, True, 8, 4, [True] * 4, "", 0).buffers
+        return topk_phi_ops.site_state(SITE, 0, 4, k, True, 8, 4, [True] * 4, "", 0).buffers
 
     first = buffers(64)
     monkeypatch.setattr(state, "capturing", lambda: True)

@@ -17,7 +17,8 @@ from model_zoo import ZOO
 from macopt.calibrate_phi import CalibrationConfig
 from macopt.config import TopKPhiConfig
 from macopt.kernels.feature_maps import positive_random_features
-from macopt.topk_phi_ops import TopKPhiState, decode, prefill, summary_token_equivalent
+from macopt.topk_phi_select import summary_token_equivalent
+from macopt.topk_phi_state import TopKPhiState, decode, prefill
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "topk_phi_fidelity.py"
 

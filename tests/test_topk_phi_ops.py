@@ -8,17 +8,14 @@ import macopt  # noqa: F401  (registers torch.ops.macopt.*)
 from macopt.config import TopKPhiConfig
 from macopt.kernels import reference
 from macopt.kernels import topk_phi_reference as ref
-from macopt.topk_phi_ops import (
-    TopKPhiState,
-    budget_summary_tokens,
-    decode,
+from macopt.topk_phi_select import (
     exact_selection,
     group_counts,
-    prefill,
     select,
     summary_budget_tokens,
     summary_counts,
 )
+from macopt.topk_phi_state import TopKPhiState, budget_summary_tokens, decode, decode_impl, prefill
 
 ops = torch.ops.macopt
 HEAD_DIM = 64  # the kernels' smallest supported head dim
@@ -291,9 +288,14 @@ def test_summary_in_budget_false_is_bit_identical_to_the_op_without_the_argument
 
 
 @pytest.mark.parametrize("selector", ["page", "exact"])
-def test_decode_with_summary_tokens_passes_opcheck(selector):
+def test_decode_with_summary_tokens_passes_opcheck_and_its_state_form_is_fp32(selector):
     p, config = _problem(), _config(selector=selector)
     state = _prefilled(p, config, completion=MIXED)
-    torch.library.opcheck(ops.topk_phi_decode, (*_decode_args(state, p, config, budget=32), 9))
-    torch.library.opcheck(ops.topk_phi_decode_state,
-                          (*_decode_args(state, p, config, budget=32), 9))
+    args = _decode_args(state, p, config, budget=32)
+    torch.library.opcheck(ops.topk_phi_decode, (*args, 9))
+    # The state form MAC + Top-K + phi reads (a miss's prefix state): fp32 (o, lse), the op's
+    # output before its cast to q's dtype.
+    o, lse, _ = decode_impl(*args, state=True, summary_tokens=9)
+    assert o.dtype == lse.dtype == torch.float32
+    assert o.shape == p.q.shape and lse.shape == p.q.shape[:2]
+    torch.testing.assert_close(o.to(p.q.dtype), ops.topk_phi_decode(*args, 9))

@@ -10,7 +10,7 @@ import torch
 
 import macopt
 from macopt.cli import main
-from macopt.topk_phi_site import allocate_state
+from macopt.topk_phi_ops import allocate_state
 from tests.model_zoo import ZOO
 
 

@@ -40,7 +40,7 @@ def mac_topk_variants(
     composed step (with counters; the first rate below 1 also without counters)."""
     from macopt.kernels import mac
     from macopt.mac_topk_phi_ops import MACTopKPhiSite, decode_step
-    from macopt.topk_phi_ops import decode as topk_decode
+    from macopt.topk_phi_state import decode as topk_decode
 
     config = MACTopKPhiConfig(
         MACConfig(ring_size=ring_size, offset=offset, tau=0.45, t_min=0),
@@ -85,8 +85,8 @@ def mac_topk_variants(
 
 def _prefilled(layer: bench_mac.Layer, maps: FeatureMaps, topk: TopKPhiConfig, tail: int):
     """A Top-K + phi state whose prompt is the whole cache, summarised but for ``tail`` keys."""
-    from macopt.topk_phi_ops import TopKPhiState
-    from macopt.topk_phi_ops import prefill as topk_prefill
+    from macopt.topk_phi_state import TopKPhiState
+    from macopt.topk_phi_state import prefill as topk_prefill
 
     batch, q_heads, head_dim = layer.q.shape
     kv_heads, n_keys = layer.k.shape[1], layer.k.shape[2]

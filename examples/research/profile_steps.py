@@ -195,9 +195,9 @@ def profile_topk_small(rows: list[dict]) -> None:
 
 
 def _topk_case(rows: list[dict], x, batch: int, method, maps, device: torch.device) -> None:
-    from macopt.topk_phi_ops import TopKPhiState
-    from macopt.topk_phi_ops import decode as topk_decode
-    from macopt.topk_phi_ops import prefill as topk_prefill
+    from macopt.topk_phi_state import TopKPhiState
+    from macopt.topk_phi_state import decode as topk_decode
+    from macopt.topk_phi_state import prefill as topk_prefill
 
     state = TopKPhiState.allocate(batch, 32, 8, 131072, 128, torch.bfloat16, device,
                                   page_size=method.page_size, maps=maps,

@@ -52,9 +52,9 @@ def worst_errors() -> dict[str, float]:
 def _bar_step(d_phi: int = 128, page_size: int = 32):
     """The decode step at the bar point, and a function that rebuilds its prefill state."""
     from macopt.kernels.feature_maps import positive_random_features
-    from macopt.topk_phi_ops import TopKPhiState
-    from macopt.topk_phi_ops import decode as topk_decode
-    from macopt.topk_phi_ops import prefill as topk_prefill
+    from macopt.topk_phi_state import TopKPhiState
+    from macopt.topk_phi_state import decode as topk_decode
+    from macopt.topk_phi_state import prefill as topk_prefill
 
     device = torch.device("cuda")
     config = bench_topk.TopKBenchConfig(device="cuda", d_phi=d_phi, page_size=page_size)

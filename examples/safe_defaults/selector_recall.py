@@ -5,7 +5,7 @@ import sys
 import torch
 
 from macopt.kernels import topk_phi_reference as ref
-from macopt.topk_phi_ops import channel_selection, exact_selection
+from macopt.topk_phi_select import channel_selection, exact_selection
 
 torch.set_num_threads(1)
 cap = torch.load(sys.argv[1])

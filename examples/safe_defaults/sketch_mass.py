@@ -6,8 +6,8 @@ Usage: python examples/safe_defaults/sketch_mass.py OUT.json CAPTURE.pt [CAPTURE
 Mass recall = attention mass (full softmax over all keys) on the middle keys a selector keeps,
 divided by the mass on the middle keys exact Top-K keeps at the same budget (K = ceil(budget *
 N) tokens; the page selector gets ceil(K / 32) whole pages). Per (layer, query head, query).
-The selectors run as the decode ops run them (macopt.topk_phi_ops; on CPU the torch references
-of the sketch kernels, equal to the Triton kernels in tests/test_sketch_select.py).
+The selectors run as the decode ops run them (macopt.topk_phi_select; on CPU the torch
+references of the sketch kernels, equal to the Triton kernels in tests/test_sketch_select.py).
 """
 import json
 import math
@@ -17,7 +17,7 @@ import time
 import torch
 
 from macopt.kernels import topk_phi_reference as ref
-from macopt.topk_phi_ops import (
+from macopt.topk_phi_select import (
     build_sketch,
     channel_selection,
     exact_selection,

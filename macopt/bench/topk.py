@@ -35,7 +35,8 @@ from macopt.bench.decode import (
 )
 from macopt.config import SELECTORS, TopKPhiConfig
 from macopt.kernels.feature_maps import FeatureMaps, positive_random_features
-from macopt.topk_phi_ops import TopKPhiState, decode, prefill, summary_token_equivalent
+from macopt.topk_phi_select import summary_token_equivalent
+from macopt.topk_phi_state import TopKPhiState, decode, prefill
 
 Tensor = torch.Tensor
 
@@ -75,7 +76,7 @@ class TopKBenchConfig:
     def method(self, budget: float | int, selector: str) -> TopKPhiConfig:
         """The config of one column; ``selector`` may be a spec, "sketch:C:R" / "channel:C:R"
         (channels, re-rank factor; C 0: head dim / 4)."""
-        from macopt.topk_phi_ops import parse_selector
+        from macopt.topk_phi_select import parse_selector
 
         name, channels, rerank = parse_selector(selector)
         ranked = {"channels": channels or None, "rerank": rerank} if rerank else {}
@@ -366,7 +367,7 @@ def parse_selectors(text: str) -> tuple[str, ...]:
     >>> parse_selectors("sketch,sketch:32:3,page,exact")
     ('sketch', 'sketch:32:3', 'page', 'exact')
     """
-    from macopt.topk_phi_ops import parse_selector
+    from macopt.topk_phi_select import parse_selector
 
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     try:

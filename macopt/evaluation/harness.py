@@ -282,12 +282,12 @@ def topk_keys_read(config: TopKPhiConfig, prefill: int, position: int, n_keys: i
     (sinks, tail, the retrieved keys, the generated keys), the page bounds (two K-only rows per
     page of the middle: one key row per page) or, for the exact selector, every middle key's K
     row (half a key row each), and the summary
-    (:func:`macopt.topk_phi_ops.summary_token_equivalent`) when the KV group reads it
+    (:func:`macopt.topk_phi_select.summary_token_equivalent`) when the KV group reads it
     (``reads_summary``: any of its heads has completion on; None: ``config.completion``).
     Retrieved: the budget (rounded up to whole pages for the page selector), less the
     summary's whole tokens for a summary-reading group under ``summary_in_budget``
-    (:func:`macopt.topk_phi_ops.retrieved_tokens`). At most ``position + 1`` exact keys."""
-    from macopt.topk_phi_ops import retrieved_tokens, summary_budget_tokens
+    (:func:`macopt.topk_phi_select.retrieved_tokens`). At most ``position + 1`` exact keys."""
+    from macopt.topk_phi_select import retrieved_tokens, summary_budget_tokens
 
     reads_summary = config.completion if reads_summary is None else reads_summary
     middle = max(prefill - config.sinks - config.tail, 0)
@@ -309,9 +309,9 @@ def topk_lookup_rows(config: TopKPhiConfig, middle: int, head_dim: int, itemsize
     one key row) or, for the exact selector, every middle key's K row (half a key row each),
     for the sketch selector its 4-bit codes of ``C`` channels per middle key plus the K rows of
     its ``rerank * retrieved`` candidates, and the summary
-    (:func:`macopt.topk_phi_ops.summary_token_equivalent`) when the group reads it
+    (:func:`macopt.topk_phi_select.summary_token_equivalent`) when the group reads it
     (``reads_summary``; None: ``config.completion``)."""
-    from macopt.topk_phi_ops import summary_token_equivalent
+    from macopt.topk_phi_select import summary_token_equivalent
 
     reads_summary = config.completion if reads_summary is None else reads_summary
     if config.selector == "page":

@@ -4,8 +4,8 @@ Outside the compiled path: one exact forward over a text chunk records every lay
 queries, keys and values (:class:`~macopt.evaluation.capture.AttentionTap`); the chunk's first
 ``prefill`` tokens are the prompt and each later position ``p`` a decode query over keys
 ``[0, p]``, as in the harness's perplexity runs. Per layer the site state is built once from
-the prompt (:func:`macopt.topk_phi_ops.prefill`, the op the compiled prefill runs) and every
-decode query goes through :func:`macopt.topk_phi_ops.decode` (on CPU: the reference of
+the prompt (:func:`macopt.topk_phi_state.prefill`, the op the compiled prefill runs) and every
+decode query goes through :func:`macopt.topk_phi_state.decode` (on CPU: the reference of
 :mod:`macopt.kernels.topk_phi_reference`). The error of head ``h`` is the relative L1 of its
 outputs against exact attention, ``sum |o - o_exact| / sum |o_exact|`` over queries and dims.
 
@@ -47,8 +47,8 @@ def output_errors(calls: Sequence[AttentionCall], config: TopKPhiConfig, prefill
                   n_keys: int, queries: int = 16) -> dict:
     """Relative L1 error per layer and query head of ``config``'s decode output against exact
     attention, over ``queries`` decode positions spread over ``[prefill, chunk length)``."""
-    from macopt.topk_phi_ops import TopKPhiState, decode
-    from macopt.topk_phi_ops import prefill as build
+    from macopt.topk_phi_state import TopKPhiState, decode
+    from macopt.topk_phi_state import prefill as build
 
     layers = []
     for call in calls:

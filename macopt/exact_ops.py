@@ -1,4 +1,7 @@
-"""macopt's custom ops (``torch.ops.macopt.*``): what graph rewrites call.
+"""Exact attention's custom ops (``torch.ops.macopt.*``): ``decode_attention`` (what the
+``exact`` rewrite inserts), ``decode_attention_or`` (the mask-hole fallback,
+:mod:`macopt.passes.mask_holes`), and ``decode_attention_state`` / ``merge_states`` (states to
+merge; public, README).
 
 Each op has a fake (meta) implementation for torch.compile, a CPU implementation (the
 reference math of :mod:`macopt.kernels.reference`), and a CUDA implementation (Triton).
