@@ -1,0 +1,72 @@
+"""Compile the selectors' Triton kernels for an H100 (sm_90a) without a GPU and report, per
+kernel, its global load instructions (vector ``v4`` or single bytes ``b8``), registers and
+spills: what a kernel's loads became, checked before device time is spent timing it.
+
+    python -m examples.research.offline_ptx [REPO_ROOT]
+
+REPO_ROOT (default: this checkout) may be another checkout, to compare a kernel before and
+after a change. Integer arguments and pointers are marked 16-divisible, as Triton specialises
+them at launch for the shapes that matter (128K keys, contiguous caches); strides are not.
+Needs Triton's bundled ``ptxas-blackwell`` (its plain ``ptxas`` may not read the PTX version).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas-blackwell"
+
+
+def _module(root: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, root / "kernels" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_report(fn, signature: dict, constexprs: dict, num_warps: int) -> str:
+    """One line: the kernel's global loads by instruction, registers, spill bytes."""
+    aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+               if kind != "constexpr" and not name.startswith(("stride", "group", "scale"))}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, aligned), target=TARGET,
+                            options={"num_warps": num_warps})
+    ptx = kernel.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    log = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    os.unlink(f.name)
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    loads = dict(Counter(re.findall(r"ld\.global[\w.]*", ptx)))
+    return f"loads {loads} registers {regs or log.strip()[:200]} spill bytes {spills}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    root = Path((argv or sys.argv[1:] or [Path(__file__).resolve().parents[2]])[0])
+    sketch = _module(root, "sketch_select")
+    signature = {"codes_ptr": "*u8", "dims_ptr": "*i32", "q_ptr": "*fp32",
+                 "mid_start_ptr": "*i32", "mid_end_ptr": "*i32", "out_ptr": "*fp16",
+                 "block_max_ptr": "*fp32", "n_kv_heads": "i32", "n_keys": "i32",
+                 "head_dim": "i32", "n_packed": "i32", "group": "i32", "n_channels": "i32",
+                 "n_blocks": "i32", "BLOCK_C": "constexpr", "BLOCK_N": "constexpr"}
+    print(root, "_sketch_scores_kernel (C 32, 256 tokens, 4 warps):",
+          compile_report(sketch._sketch_scores_kernel, signature,
+                         {"BLOCK_C": 32, "BLOCK_N": 256}, 4))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
