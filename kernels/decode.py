@@ -12,10 +12,10 @@ syncs with the host and can be captured in a CUDA graph.
 
 ``fuse_merge`` folds the merge into the split kernel instead: the last program of each
 (row, KV head) to finish, found with an int32 arrival counter that it resets to zero, merges the
-group's states. Counters are allocated once per (device, number of groups) and reused, so
-captured graphs keep static addresses. Two launches on one stream run one after the other and
-may share counters; launches sharing them must not run concurrently on different streams.
-Measured slower for exact decode on the H100 (see :class:`DecodeConfig`); MAC's step uses it.
+group's states. The counters are zeroed fresh for each launch (a workspace like the split
+states, so a CUDA graph records their memset; see :func:`_group_counters`), so no two launches
+share them. Measured slower for exact decode on the H100 (see :class:`DecodeConfig`); the
+mask-holes fallback (``otherwise=``) uses it.
 
 >>> o, lse = decode_attention_state(q, k, v, starts, ends, None, scale=q.shape[-1] ** -0.5)
 """
