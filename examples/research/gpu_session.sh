@@ -1,0 +1,67 @@
+#!/bin/bash
+# The GPU checks and measurements still owed, in stages, for one lent GPU call each (~10 min):
+#
+#   bash examples/research/gpu_session.sh STAGE [STAGE ...]     (from the repository root)
+#
+# Stages:
+#   checks     GPU tests (run from /tmp: the repository root on sys.path is not the user's
+#              path), the README quick start per method, the selectors' profile      (~4 min)
+#   topk       macopt bench topk at the safe-defaults bar point: 128K, batch 16, 2%   (~2 min)
+#   gen32-b1   32 layers through generate(), batch 1, 8K and 128K, exact / MAC rows   (~6 min)
+#   gen32-b2   the same at batch 2                                                    (~8 min)
+#   same-speed one-layer benches of the code before the restructuring (OLD=path of a
+#              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
+#
+# Writes logs and JSON under $OUT (the device tool brings them back). Install first with
+# `python3 -m pip`: the machine's bare `pip` belongs to another Python.
+set -u
+export PYTHONUNBUFFERED=1
+R=$PWD
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+t0=$(date +%s)
+{ nvidia-smi --query-gpu=name --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+  git rev-parse HEAD; } | tee "$OUT/environment.txt"
+python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | grep -v WARNING | tail -2
+cli() { (cd /tmp && python3 -m macopt.cli "$@" 2>&1 | grep -v -i warn); }
+stamp() { echo "== $1 done at $(( $(date +%s) - t0 )) s"; }
+
+for stage in "$@"; do
+  case $stage in
+    checks)
+      (cd /tmp && timeout 150 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
+        "$R"/tests/test_gpu_*.py "$R/tests/test_kernel_decode.py" -k "gpu or otherwise or fused" \
+        2>&1 | tail -15) | tee "$OUT/gpu_tests.log"
+      for m in exact mac topk_phi; do
+        (cd /tmp && timeout 90 python3 "$R/examples/quickstart.py" --method $m --prompt-tokens 2048 \
+          2>&1 | grep -v -i warn | tail -4)
+      done | tee "$OUT/quickstart.log"
+      timeout 120 python3 -m examples.research.profile_steps topk-sketch 2>&1 | grep -v -i warn \
+        | tail -6 | tee "$OUT/profile_topk.log" ;;
+    topk)
+      cli bench topk --contexts 131072 --batches 16 --budgets 2% --selectors exact,sketch,page \
+        --json "$OUT/topk_128k_b16.json" | tail -12 | tee "$OUT/topk.log" ;;
+    gen32-b1|gen32-b2)
+      cli bench generate --layers 32 --contexts 8192,131072 --batches "${stage#gen32-b}" \
+        --methods unmodified,exact,mac:1,mac:all --new-tokens 32 --json "$OUT/$stage.json" \
+        | grep -v '^ *File\|^    ' | tail -20 | tee "$OUT/$stage.log" ;;
+    same-speed)
+      python3 -m pip install --no-deps --no-build-isolation -q --target /tmp/old "${OLD:?}" \
+        2>&1 | grep -v WARNING | tail -2
+      for side in old new; do
+        path=$([ $side = old ] && echo /tmp/old || echo "")
+        (cd /tmp && export PYTHONPATH=$path
+         python3 -c "import macopt; print('$side:', macopt.__file__)"
+         timeout 60 python3 -m macopt.cli bench decode --contexts 32K,128K --batches 1,16 \
+           --skip flash,cudnn,efficient,math,repeat_kv,flex --cuda-graphs \
+           --json "$OUT/same_decode_$side.json" 2>&1 | tail -6
+         timeout 90 python3 -m macopt.cli bench mac --contexts 32K,128K --batches 1,16 \
+           --hit-rates 1,0 --skip flash,cudnn,flex --json "$OUT/same_mac_$side.json" 2>&1 | tail -8
+         timeout 60 python3 -m macopt.cli bench topk --contexts 131072 --batches 16 --budgets 2% \
+           --selectors page --json "$OUT/same_topk_$side.json" 2>&1 | tail -4)
+      done 2>&1 | grep -v -i warn | tee "$OUT/same_speed.log" ;;
+    *) echo "unknown stage: $stage"; exit 2 ;;
+  esac
+  stamp "$stage"
+done
