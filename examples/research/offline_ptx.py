@@ -5,8 +5,9 @@ spills: what a kernel's loads became, checked before device time is spent timing
     python -m examples.research.offline_ptx [REPO_ROOT]
 
 REPO_ROOT (default: this checkout) may be another checkout, to compare a kernel before and
-after a change. Integer arguments and pointers are marked 16-divisible, as Triton specialises
-them at launch for the shapes that matter (128K keys, contiguous caches); strides are not.
+after a change. Pointers and integer arguments (strides too) are marked 16-divisible, as
+Triton specialises them at launch for the shapes that matter (128K keys, D 128, contiguous
+caches); a unit stride is given as a constexpr 1.
 Needs Triton's bundled ``ptxas-blackwell`` (its plain ``ptxas`` may not read the PTX version).
 """
 
@@ -39,7 +40,7 @@ def _module(root: Path, name: str):
 def compile_report(fn, signature: dict, constexprs: dict, num_warps: int) -> str:
     """One line: the kernel's global loads by instruction, registers, spill bytes."""
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
-               if kind != "constexpr" and not name.startswith(("stride", "group", "scale"))}
+               if kind != "constexpr" and kind != "fp32" and name not in ("group", "width")}
     kernel = triton.compile(ASTSource(fn, signature, constexprs, aligned), target=TARGET,
                             options={"num_warps": num_warps})
     ptx = kernel.asm["ptx"]
@@ -65,7 +66,29 @@ def main(argv: list[str] | None = None) -> int:
     print(root, "_sketch_scores_kernel (C 32, 256 tokens, 4 warps):",
           compile_report(sketch._sketch_scores_kernel, signature,
                          {"BLOCK_C": 32, "BLOCK_N": 256}, 4))
+    topk = _module(root, "topk_phi")
+    for warps, block_n in ((4, 64), (8, 64), (4, 32)):
+        print(root, f"topk_phi _decode_split_kernel (bf16, d_phi 128, {block_n} keys, {warps} "
+              "warps):", compile_report(topk._decode_split_kernel, *_topk_attention(topk, block_n),
+                                        warps))
     return 0
+
+
+def _topk_attention(topk, block_n: int) -> tuple[dict, dict]:
+    """Signature and constants of the Top-K + phi attention launch at Llama-3.1-8B heads in bf16
+    with the default random features (d_phi 128, no MLP), as ``topk_phi._decode`` launches it."""
+    pointers = ("q k v starts ends mid_start mid_end sel log_phi_q m lin_w lin_b in_w in_b "
+                "out_w sq_norm o lse sub_u sub_n").split()
+    kinds = ["*bf16"] * 3 + ["*i32"] * 5 + ["*fp32"] * 12
+    given = {f"{name}_ptr": kind for name, kind in zip(pointers, kinds, strict=True)}
+    given["qk_scale_log2"] = "fp32"
+    constants = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_sk=1, HAS_MLP=False,
+                     UPCAST=False, DOT_PRECISION="tf32", HALF=topk.HALF_FEATURES, BLOCK_G=16,
+                     BLOCK_N=block_n, BLOCK_D=128, BLOCK_F=128, BLOCK_E=16,
+                     SHARE_PRECISION=topk.SHARE_PRECISION, skip_ptr=None, HAS_SKIP=False)
+    signature = {name: "constexpr" if name in constants else given.get(name, "i32")
+                 for name in topk._decode_split_kernel.arg_names}
+    return signature, constants
 
 
 if __name__ == "__main__":
