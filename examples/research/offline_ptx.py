@@ -5,9 +5,11 @@ spills: what a kernel's loads became, checked before device time is spent timing
     python -m examples.research.offline_ptx [REPO_ROOT]
 
 REPO_ROOT (default: this checkout) may be another checkout, to compare a kernel before and
-after a change. Pointers and integer arguments (strides too) are marked 16-divisible, as
-Triton specialises them at launch for the shapes that matter (128K keys, D 128, contiguous
-caches); a unit stride is given as a constexpr 1.
+after a change: the kernel's own file is read from there, but what that file imports from
+``macopt.kernels`` (the Top-K attention's shared tile helpers) is the installed package's.
+Pointers and integer arguments (strides too) are marked 16-divisible, as Triton specialises
+them at launch for the shapes that matter (128K keys, D 128, contiguous caches); a unit stride
+is given as a constexpr 1.
 Needs Triton's bundled ``ptxas-blackwell`` (its plain ``ptxas`` may not read the PTX version).
 """
 
