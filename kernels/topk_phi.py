@@ -724,6 +724,7 @@ def topk_phi_decode_state(
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None = None, eps: float = 1e-6, num_splits: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, skip: Tensor | None = None,
+    num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-K + phi decode state ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])``.
 
@@ -739,7 +740,8 @@ def topk_phi_decode_state(
     ...                                log_phi_q, maps.phi_k.folded())
     """
     return _decode(q, k, v, scale, starts, ends, summary, selected, log_phi_q, phi_k,
-                   completion, eps, num_splits, block_n, num_warps, torch.float32, skip)
+                   completion, eps, num_splits, block_n, num_warps, torch.float32, skip,
+                   num_stages)
 
 
 def topk_phi_decode(
@@ -758,6 +760,7 @@ def _decode(
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None, eps: float, num_splits: int | None, block_n: int | None,
     num_warps: int | None, out_dtype: torch.dtype, skip: Tensor | None = None,
+    num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
@@ -795,6 +798,7 @@ def _decode(
         HALF=_half_features(q.dtype), SHARE_PRECISION=_share_precision(q.dtype),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_F=block_f,
         BLOCK_E=_pow2(width), num_warps=num_warps or 4, **skip_args,
+        **({"num_stages": num_stages} if num_stages else {}),
     )
     out = _new_empty((batch, n_q_heads, head_dim), dtype=out_dtype, device=q.device)
     lse = _new_empty((batch, n_q_heads), dtype=torch.float32, device=q.device)

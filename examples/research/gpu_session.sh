@@ -6,7 +6,8 @@
 # Stages:
 #   checks     GPU tests (run from /tmp: the repository root on sys.path is not the user's
 #              path), the README quick start per method, the selectors' profile      (~4 min)
-#   topk       macopt bench topk at the safe-defaults bar point: 128K, batch 16, 2%   (~2 min)
+#   topk       macopt bench topk at the safe-defaults bar point: 128K, batch 16, 2%, and the
+#              Top-K attention launch's tiles / warps / stages (profile_steps topk-attn) (~4 min)
 #   gen32-b1   32 layers through generate(), batch 1, 8K and 128K, exact / MAC rows   (~6 min)
 #   gen32-b2   the same at batch 2                                                    (~8 min)
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
@@ -32,16 +33,18 @@ for stage in "$@"; do
     checks)
       (cd /tmp && timeout 150 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R"/tests/test_gpu_*.py "$R/tests/test_kernel_decode.py" -k "gpu or otherwise or fused" \
-        2>&1 | tail -15) | tee "$OUT/gpu_tests.log"
+        2>&1 | tail -15) | tee "$OUT/checks.log"
       for m in exact mac topk_phi; do
         (cd /tmp && timeout 90 python3 "$R/examples/quickstart.py" --method $m --prompt-tokens 2048 \
           2>&1 | grep -v -i warn | tail -4)
-      done | tee "$OUT/quickstart.log"
+      done | tee -a "$OUT/checks.log"
       timeout 120 python3 -m examples.research.profile_steps topk-sketch 2>&1 | grep -v -i warn \
-        | tail -6 | tee "$OUT/profile_topk.log" ;;
+        | tail -6 | tee -a "$OUT/profile.log" ;;
     topk)
       cli bench topk --contexts 131072 --batches 16 --budgets 2% --selectors exact,sketch,page \
-        --json "$OUT/topk_128k_b16.json" | tail -12 | tee "$OUT/topk.log" ;;
+        --json "$OUT/topk_128k_b16.json" | tail -12 | tee "$OUT/topk.log"
+      timeout 150 python3 -m examples.research.profile_steps topk-attn 2>&1 | grep -v -i warn \
+        | cut -c1-150 | tail -20 | tee -a "$OUT/profile.log" ;;
     gen32-b1|gen32-b2)
       cli bench generate --layers 32 --contexts 8192,131072 --batches "${stage#gen32-b}" \
         --methods unmodified,exact,mac:1,mac:all --new-tokens 32 --json "$OUT/$stage.json" \
