@@ -41,7 +41,7 @@ for stage in "$@"; do
       timeout 120 python3 -m examples.research.profile_steps topk-sketch 2>&1 | grep -v -i warn \
         | tail -6 | tee -a "$OUT/profile.log" ;;
     topk)
-      cli bench topk --contexts 131072 --batches 16 --budgets 2% --selectors exact,sketch,page \
+      cli bench topk --contexts 131072 --batches 1,16 --budgets 2% --selectors exact,sketch,page \
         --json "$OUT/topk_128k_b16.json" | tail -12 | tee "$OUT/topk.log"
       timeout 150 python3 -m examples.research.profile_steps topk-attn 2>&1 | grep -v -i warn \
         | cut -c1-150 | tail -20 | tee -a "$OUT/profile.log" ;;
