@@ -195,47 +195,49 @@ def profile_topk_attn(rows: list[dict], context: int = 131072, device: str = "cu
     at 128K, batch 16 and 1, for each (keys per tile, warps, pipeline stages): the launch takes
     ~5x its K/V bytes' time at its defaults (64, 4, Triton's), with 255 registers and spills
     in an offline compile (BENCHMARKS.md 11)."""
+    from macopt.kernels.feature_maps import positive_random_features
+
+    maps = positive_random_features(32, 8, 128, 128, generator=torch.Generator().manual_seed(0))
+    for batch in (16, 1):
+        _topk_attn_case(rows, batch, context, torch.device(device), maps)
+        torch.cuda.empty_cache()
+
+
+def _topk_attn_case(rows: list[dict], batch: int, context: int, device: torch.device,
+                    maps) -> None:
     from macopt.bench import topk as bench_topk
     from macopt.kernels import topk_phi
-    from macopt.kernels.feature_maps import FoldedFeatureMap, positive_random_features
+    from macopt.kernels.feature_maps import FoldedFeatureMap
     from macopt.kernels.topk_phi_reference import PhiSummary
     from macopt.topk_phi_state import TopKPhiState, budget_summary_tokens, decode_impl
     from macopt.topk_phi_state import prefill as topk_prefill
 
-    device = torch.device(device)
     gen = torch.Generator(device).manual_seed(0)
-    config = bench_topk.TopKBenchConfig(device=device.type)
-    maps = positive_random_features(32, 8, 128, 128, generator=torch.Generator().manual_seed(0))
-    for batch in (16, 1):
-        x = decode.make_inputs(decode.LayerShape(batch, context, **LAYER), device, gen)
-        method = config.method(0.02, "page")
-        st = TopKPhiState.allocate(batch, 32, 8, context, 128, x.k.dtype, device,
-                                   page_size=method.page_size, maps=maps)
-        topk_prefill(st, x.k, x.v, x.starts, x.ends, method)
-        selected = decode_impl(
-            x.q, x.k, x.v, x.starts, x.ends, st.m, st.u, st.t, st.mid_start, st.mid_end,
-            st.kmin, st.kmax, st.phi_q, st.phi_q_mlp, st.phi_k, st.phi_k_mlp, st.completion,
-            x.scale, method.budget_tokens(context), method.page_size, method.selector_spec(),
-            state=True,
-            summary_tokens=budget_summary_tokens(method, st.t, x.k.dtype))[2]
-        summary = PhiSummary(st.m, st.u, st.t, st.mid_start, st.mid_end)
-        folded_q = FoldedFeatureMap(*st.phi_q, has_mlp=st.phi_q_mlp)
-        folded_k = FoldedFeatureMap(*st.phi_k, has_mlp=st.phi_k_mlp)
-        log_phi_q = topk_phi.query_log_features(x.q, folded_q)
-        case = f"b{batch} {context // 1024}K"
-        _record(rows, case, "exact decode (baseline)",
-                lambda: torch.ops.macopt.decode_attention(x.q, x.k, x.v, x.starts, x.ends, None,
-                                                          x.scale))
-        for block_n, warps, stages in [(64, 4, None), (64, 4, 2), (64, 8, None), (32, 4, None),
-                                       (32, 4, 2), (32, 8, None), (16, 4, None), (32, 2, None)]:
-            def attend(block_n=block_n, warps=warps, stages=stages):
-                return topk_phi.topk_phi_decode_state(
-                    x.q, x.k, x.v, x.scale, x.starts, x.ends, summary, selected, log_phi_q,
-                    folded_k, st.completion, block_n=block_n, num_warps=warps,
-                    num_stages=stages)
-            _record(rows, case, f"attn n{block_n} w{warps} s{stages}", attend)
-        del x, st
-        torch.cuda.empty_cache()
+    x = decode.make_inputs(decode.LayerShape(batch, context, **LAYER), device, gen)
+    method = bench_topk.TopKBenchConfig(device=device.type).method(0.02, "page")
+    st = TopKPhiState.allocate(batch, 32, 8, context, 128, x.k.dtype, device,
+                               page_size=method.page_size, maps=maps)
+    topk_prefill(st, x.k, x.v, x.starts, x.ends, method)
+    selected = decode_impl(
+        x.q, x.k, x.v, x.starts, x.ends, st.m, st.u, st.t, st.mid_start, st.mid_end,
+        st.kmin, st.kmax, st.phi_q, st.phi_q_mlp, st.phi_k, st.phi_k_mlp, st.completion,
+        x.scale, method.budget_tokens(context), method.page_size, method.selector_spec(),
+        state=True, summary_tokens=budget_summary_tokens(method, st.t, x.k.dtype))[2]
+    summary = PhiSummary(st.m, st.u, st.t, st.mid_start, st.mid_end)
+    folded_k = FoldedFeatureMap(*st.phi_k, has_mlp=st.phi_k_mlp)
+    log_phi_q = topk_phi.query_log_features(x.q, FoldedFeatureMap(*st.phi_q,
+                                                                  has_mlp=st.phi_q_mlp))
+    case = f"b{batch} {context // 1024}K"
+    _record(rows, case, "exact decode (baseline)",
+            lambda: torch.ops.macopt.decode_attention(x.q, x.k, x.v, x.starts, x.ends, None,
+                                                      x.scale))
+    for block_n, warps, stages in [(64, 4, None), (64, 4, 2), (64, 8, None), (32, 4, None),
+                                   (32, 4, 2), (32, 8, None), (16, 4, None), (32, 2, None)]:
+        def attend(block_n=block_n, warps=warps, stages=stages):
+            return topk_phi.topk_phi_decode_state(
+                x.q, x.k, x.v, x.scale, x.starts, x.ends, summary, selected, log_phi_q,
+                folded_k, st.completion, block_n=block_n, num_warps=warps, num_stages=stages)
+        _record(rows, case, f"attn n{block_n} w{warps} s{stages}", attend)
 
 
 def profile_topk_small(rows: list[dict]) -> None:
