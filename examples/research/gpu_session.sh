@@ -44,7 +44,7 @@ for stage in "$@"; do
       cli bench topk --contexts 131072 --batches 1,16 --budgets 2% --selectors exact,sketch,page \
         --json "$OUT/topk_128k_b16.json" | tail -12 | tee "$OUT/topk.log"
       timeout 150 python3 -m examples.research.profile_steps topk-attn 2>&1 | grep -v -i warn \
-        | cut -c1-150 | tail -20 | tee -a "$OUT/profile.log" ;;
+        | cut -c1-150 | tail -24 | tee -a "$OUT/profile.log" ;;
     gen32-b1|gen32-b2)
       cli bench generate --layers 32 --contexts 8192,131072 --batches "${stage#gen32-b}" \
         --methods unmodified,exact,mac:1,mac:all --new-tokens 32 --json "$OUT/$stage.json" \
