@@ -10,6 +10,9 @@
 #              Top-K attention launch's tiles / warps / stages (profile_steps topk-attn) (~4 min)
 #   gen32-b1   32 layers through generate(), batch 1, 8K and 128K, exact / MAC rows   (~6 min)
 #   gen32-b2   the same at batch 2                                                    (~8 min)
+#   essentials one call when only one is possible: the new CUDA-graph test, the quick start per
+#              method, then 8 layers through generate() at batch 1 and 2 (MAC all-hit before
+#              hit-rate-0, so a cut run keeps the bar rows); run as `essentials topk`  (~7 min)
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
@@ -40,6 +43,18 @@ for stage in "$@"; do
       done | tee -a "$OUT/checks.log"
       timeout 120 python3 -m examples.research.profile_steps topk-sketch 2>&1 | grep -v -i warn \
         | tail -6 | tee -a "$OUT/profile.log" ;;
+    essentials)
+      (cd /tmp && timeout 90 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
+        "$R/tests/test_gpu_decode.py" -k cuda_graph_trees 2>&1 | tail -3) | tee "$OUT/checks.log"
+      for m in exact mac topk_phi; do
+        (cd /tmp && timeout 90 python3 "$R/examples/quickstart.py" --method $m --prompt-tokens 2048 \
+          2>&1 | grep -v -i warn | tail -4)
+      done | tee -a "$OUT/checks.log"
+      stamp quickstart
+      cli bench generate --layers 8 --contexts 8192,131072 --batches 1,2 \
+        --methods unmodified,exact,mac:all,mac:1 --new-tokens 32 --json "$OUT/gen8.json" \
+        | grep -v '^ *File\|^    ' | tail -20 | tee "$OUT/gen8.log"
+      ;;
     topk)
       cli bench topk --contexts 131072 --batches 1,16 --budgets 2% --selectors exact,sketch,page \
         --json "$OUT/topk_128k_b16.json" | tail -12 | tee "$OUT/topk.log"
