@@ -426,6 +426,12 @@ def _rank_candidates(scores_ptr, keys_ptr, pid, n_cand, group, BLOCK_G: tl.const
 
 
 @triton.jit
+def _at_least(key, ok, thresholds):
+    """``[BLOCK_R, WAYS]`` 0/1: whether each valid key is at least each threshold."""
+    return ((key[:, None] >= thresholds[None, :]) & ok[:, None]).to(tl.int32)
+
+
+@triton.jit
 def _rerank_select_kernel(
     scores_ptr, cand_ptr, keys_ptr, out_ptr, counts_ptr, n_cand, group, n_keep,
     HAS_COUNTS: tl.constexpr, RANKED: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -453,12 +459,23 @@ def _rerank_select_kernel(
         # Counted in a [BLOCK_R, WAYS] tile and reduced once per pass: a reduction per block
         # (across the program's threads, through shared memory) cost ~1 us each, 1024 of them
         # at 128K keys (1.4 ms at batch 16 on an H100).
+        # Four blocks loaded before any is counted: one program walks the whole row, and with
+        # one block in flight each step waited a full memory latency (H100, 128K, 256-key
+        # blocks: ~2.3 ms at batch 16, ~1.4 ms at batch 1; BENCHMARKS.md 12).
         tile = tl.zeros([BLOCK_R, WAYS], tl.int32)
-        for start in range(0, n_cand, BLOCK_R):
-            idx = start + offsets
-            ok = idx < n_cand
-            key = tl.load(keys_ptr + idx, mask=ok, other=0)
-            tile += ((key[:, None] >= thresholds[None, :]) & ok[:, None]).to(tl.int32)
+        for start in range(0, n_cand, 4 * BLOCK_R):
+            idx0 = start + offsets
+            idx1 = idx0 + BLOCK_R
+            idx2 = idx1 + BLOCK_R
+            idx3 = idx2 + BLOCK_R
+            key0 = tl.load(keys_ptr + idx0, mask=idx0 < n_cand, other=0)
+            key1 = tl.load(keys_ptr + idx1, mask=idx1 < n_cand, other=0)
+            key2 = tl.load(keys_ptr + idx2, mask=idx2 < n_cand, other=0)
+            key3 = tl.load(keys_ptr + idx3, mask=idx3 < n_cand, other=0)
+            tile += _at_least(key0, idx0 < n_cand, thresholds)
+            tile += _at_least(key1, idx1 < n_cand, thresholds)
+            tile += _at_least(key2, idx2 < n_cand, thresholds)
+            tile += _at_least(key3, idx3 < n_cand, thresholds)
         counts = tl.sum(tile, axis=0)
         best = tl.maximum(tl.sum((counts >= n_keep).to(tl.int32), axis=0) - 1, 0)
         above = tl.sum(tl.where(ways == best + 1, counts, 0), axis=0)
@@ -525,7 +542,7 @@ def rerank_select(scores: Tensor | None, candidates: Tensor | None, n_keep: int,
         scores, candidates, keys, out,
         None if counts is None else counts.to(torch.int32).contiguous(), n_cand, group,
         n_keep, HAS_COUNTS=counts is not None, RANKED=ranks is not None,
-        BLOCK_R=min(256, triton.next_power_of_2(n_cand)),
+        BLOCK_R=min(1024, triton.next_power_of_2(n_cand)),
         BLOCK_S=min(4096, triton.next_power_of_2(n_cand)), WAYS=16,
         BLOCK_G=triton.next_power_of_2(group),
         BLOCK_T=min(max(16, 2048 // triton.next_power_of_2(group)),

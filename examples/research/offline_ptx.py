@@ -68,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     print(root, "_sketch_scores_kernel (C 32, 256 tokens, 4 warps):",
           compile_report(sketch._sketch_scores_kernel, signature,
                          {"BLOCK_C": 32, "BLOCK_N": 256}, 4))
+    rerank = {"scores_ptr": "*i32", "cand_ptr": "*i32", "keys_ptr": "*i32", "out_ptr": "*i32",
+              "counts_ptr": "*i32", "n_cand": "i32", "group": "i32", "n_keep": "i32"}
+    for block_r in (256, 1024):
+        constants = dict(HAS_COUNTS=False, RANKED=True, BLOCK_R=block_r, BLOCK_S=4096, WAYS=16,
+                         BLOCK_G=1, BLOCK_T=2048)
+        signature = {name: rerank.get(name, "constexpr")
+                     for name in sketch._rerank_select_kernel.arg_names}
+        print(root, f"_rerank_select_kernel (ranked, {block_r}-key blocks, 8 warps):",
+              compile_report(sketch._rerank_select_kernel, signature, constants, 8))
     topk = _module(root, "topk_phi")
     chunked = "FEATURE_CHUNK" in topk._decode_split_kernel.arg_names
     for warps, block_n, chunk in ((4, 64, 0), (8, 64, 0), (4, 32, 0), (4, 64, 32), (4, 64, 16),
