@@ -107,10 +107,11 @@ class TopKPhiConfig(MethodConfig):
     ``channels / (4 D)`` of the key bytes, contiguously, plus the candidates' keys). On SmolLM2
     the page bounds keep 18% of the attention mass exact Top-K keeps at 2% of a 4K prompt,
     "channel" 99.7%, "sketch" 98.8% (median over heads; docs/SAFE_DEFAULTS.md), so "page"
-    loses needles full attention finds. "exact" is the default because, on the H100 at 128K,
-    batch 16, 2%, it is the fastest selector that keeps them (1.4x exact decode's time, the
-    sketch 1.6x, the channel selector 2.0x; BENCHMARKS.md 10) and it needs no extra state;
-    "page" takes a sixth of exact decode's time. Approximate by design.
+    loses needles full attention finds. "exact" is the default: it keeps them by construction and
+    needs no extra state. On the H100 at 128K, 2% it is not yet faster than exact decode (batch
+    16: 1.5x its time, the sketch 1.2x; batch 1: 7.8x and 1.6x, before a fix to the exact
+    threshold that is not yet timed; "page": a sixth at batch 16, half at batch 1;
+    BENCHMARKS.md 12c). Approximate by design.
     ``d_phi`` features per map (None: the head dim, as in the paper).
     ``feature_maps``: a safetensors file of calibrated maps (``macopt calibrate``); None uses
     the parameter-free positive-random-feature initialisation (seeded by ``seed``).
