@@ -528,15 +528,18 @@ def _complete_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr,
     skip_ptr=None, HAS_SKIP: tl.constexpr = False,
 ):
-    # A program owns one (row, KV head): it merges the splits' exact states, then builds the
-    # completion state in BLOCK_F feature chunks ([g, F] x [F, D] against T~) and merges both.
+    # A program owns one (row, KV head, block of BLOCK_D output dims): it merges the splits'
+    # exact states, then builds the completion state in BLOCK_F feature chunks ([g, F] x
+    # [F, BLOCK_D] against T~) and merges both. The per-row scalars (lse, mass) are the same
+    # in every dim block; the first one stores the lse.
     kv_pid = tl.program_id(0)
+    dim_block = tl.program_id(1)
     batch = (kv_pid // n_kv_heads).to(tl.int64)
     kv_head = (kv_pid % n_kv_heads).to(tl.int64)
     rows = tl.arange(0, BLOCK_G)
     row_ok = rows < group
     q_rows = batch * n_kv_heads * group + kv_head * group + rows  # flat (row, query head)
-    dims = tl.arange(0, BLOCK_D)
+    dims = dim_block * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
     row_tile_ok = row_ok[:, None] & dim_ok[None, :]
 
@@ -611,7 +614,8 @@ def _complete_kernel(
     heads = kv_head * group + rows
     tl.store(out_ptr + batch * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od,
              o.to(out_ptr.dtype.element_ty), mask=row_tile_ok)
-    tl.store(out_lse_ptr + q_rows, lse, mask=row_ok)
+    if dim_block == 0:
+        tl.store(out_lse_ptr + q_rows, lse, mask=row_ok)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -637,6 +641,15 @@ def _num_splits(programs: int, n_items: int, block_n: int, device: torch.device)
     """Splits per (row, KV head) from static sizes: ~4 programs per SM, >= 2 blocks a split."""
     splits = triton.cdiv(4 * multiprocessor_count(device), max(programs, 1))
     return max(1, min(splits, triton.cdiv(n_items, 2 * block_n), _MAX_SPLITS))
+
+
+def _complete_dim_block(programs: int, block_d: int, device: torch.device) -> int:
+    """Output dims per completion program: all of them once (row, KV head) programs fill the
+    SMs; else quarters (at least 16, for tl.dot). At batch 1 its 8 programs took 19 us beside
+    the attention launch's 29 on the H100 (BENCHMARKS.md 12d)."""
+    if programs >= multiprocessor_count(device):
+        return block_d
+    return max(16, block_d // 4)
 
 
 def _block_n(head_dim: int, element_size: int) -> int:
@@ -870,10 +883,11 @@ def _decode(
     )
     out = _new_empty((batch, n_q_heads, head_dim), dtype=out_dtype, device=q.device)
     lse = _new_empty((batch, n_q_heads), dtype=torch.float32, device=q.device)
-    _complete_kernel[(batch * n_kv_heads,)](
+    dim_block = _complete_dim_block(batch * n_kv_heads, block_d, q.device)
+    _complete_kernel[(batch * n_kv_heads, triton.cdiv(head_dim, dim_block))](
         o_parts, lse_parts, sub_u, sub_n, log_phi_q, m, u, t, completion.view(torch.uint8),
         out, lse, n_kv_heads, group, head_dim, d_phi, num_splits, eps, *out.stride(),
-        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_F=min(block_f, 32),
+        BLOCK_G=block_g, BLOCK_D=dim_block, BLOCK_F=min(block_f, 32),
         BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, **skip_args,
     )
     return out, lse

@@ -242,6 +242,18 @@ def test_decode_kernel_matches_the_reference_on_random_problems(
     _assert_states_close(kernel, oracle, tol=1e-4)
 
 
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_completion_split_over_dim_blocks_gives_the_same_state(monkeypatch, head_dim):
+    # On a GPU with fewer (row, KV head) programs than SMs the completion launch splits the
+    # output dims into blocks; the CPU has one "SM", so force 16-dim blocks (80: a partial one).
+    monkeypatch.setattr(topk_phi, "_complete_dim_block", lambda programs, block_d, device: 16)
+    p = make_problem(n_q_heads=6, n_kv_heads=2, head_dim=head_dim, d_phi=24, n_keys=90,
+                     lengths=[80, 41], n_generated=3, seed=11)
+    selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=12)
+    split, oracle = _both_decodes(p, selected, num_splits=2, block_n=16)
+    _assert_states_close(split, oracle, tol=1e-4)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_features_in_chunks_give_the_same_state(dtype, tol):
     # feature_chunk: the linear map's features 16 at a time, weights re-read per tile (fewer
