@@ -19,6 +19,10 @@ The unmodified model runs first, then each method; every (method, batch) gets a 
 the same weights (``optimize`` works in place, and MAC's state is sized for one batch capacity).
 Compile health per timed call: graphs dynamo compiled during it (0 after the untimed call),
 CUDA-graph skips, decode sites macopt rewrote (``macopt.explain``).
+Tokens against the unmodified model's: equal or not, and where they first differ, the
+unmodified model's logit margin there beside the largest logit difference of the two runs (from
+the untimed calls, which keep their logits): a near-tie flipped by bf16 rounding has a margin
+within that difference (:func:`first_divergence`).
 
     macopt bench generate --contexts 8192,131072 --batches 1,2 --json generate.json
 """
@@ -59,8 +63,11 @@ class StepClock:
         return scores
 
 
-def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> dict:
-    """One ``generate`` call as a user makes it; per-step intervals from :class:`StepClock`."""
+def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
+                   keep_scores: bool = False) -> dict:
+    """One ``generate`` call as a user makes it; per-step intervals from :class:`StepClock`.
+    ``keep_scores``: also return each step's logits ``[steps, B, V]`` on the CPU (the untimed
+    call only: the timed one runs exactly what a user runs)."""
     from transformers import LogitsProcessorList
 
     clock = StepClock()
@@ -70,12 +77,34 @@ def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          cache_implementation="static",
-                         logits_processor=LogitsProcessorList([clock]))
+                         logits_processor=LogitsProcessorList([clock]),
+                         output_logits=keep_scores, return_dict_in_generate=keep_scores)
     torch.cuda.synchronize()
     steps = [a.elapsed_time(b) for a, b in zip(clock.events, clock.events[1:], strict=False)]
-    return {"prefill_ms": start.elapsed_time(clock.events[0]), "median_ms":
-            statistics.median(steps), "mean_ms": statistics.fmean(steps), "steps": len(steps),
-            "tokens": out[:, ids.shape[1]:].cpu()}
+    sequences = out.sequences if keep_scores else out
+    result = {"prefill_ms": start.elapsed_time(clock.events[0]), "median_ms":
+              statistics.median(steps), "mean_ms": statistics.fmean(steps), "steps": len(steps),
+              "tokens": sequences[:, ids.shape[1]:].cpu()}
+    if keep_scores:
+        result["logits"] = torch.stack(out.logits).float().cpu()
+    return result
+
+
+def first_divergence(ref_tokens: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tensor,
+                     logits: torch.Tensor) -> dict | None:
+    """Where greedy tokens ``[B, T]`` first differ from the reference's (None: they never do),
+    with what explains it: at that step the two runs saw the same tokens, so ``margin`` (the
+    reference's top-1 minus top-2 logit for that row) against ``logit_diff`` (the largest
+    difference of the two runs' logits there) tells a near-tie flipped by rounding (margin
+    within the difference) from a real change (a margin far above it)."""
+    differs = ref_tokens != tokens
+    if not differs.any():
+        return None
+    step = int(differs.any(dim=0).nonzero()[0])
+    row = int(differs[:, step].nonzero()[0])
+    top2 = ref_logits[step, row].topk(2).values
+    return {"step": step, "row": row, "margin": float(top2[0] - top2[1]),
+            "logit_diff": float((ref_logits[step, row] - logits[step, row]).abs().max())}
 
 
 def mac_hits(model: torch.nn.Module) -> tuple[int, int]:
@@ -99,7 +128,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     methods = [parse_method(m) for m in args.methods]
     order = [m for m in methods if m.config is None] + [m for m in methods if m.config]
     records: list[dict] = []
-    unmodified_tokens: dict[tuple[int, int], torch.Tensor] = {}
+    # (tokens, logits) of the unmodified model's untimed call per (batch, context)
+    unmodified_tokens: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     with count_cudagraph_recordings() as recordings:
         for method in order:
             for batch in args.batches:
@@ -125,12 +155,13 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
              args: argparse.Namespace, shape: ModelShape, recordings: list,
-             unmodified_tokens: dict[tuple[int, int], torch.Tensor]) -> dict:
+             unmodified_tokens: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
+             ) -> dict:
     """One point: an untimed ``generate`` (compiles, records CUDA graphs), then a timed one."""
     ids = torch.randint(2, shape.vocab, (batch, context), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(context))
     first = time.perf_counter()
-    timed_generate(model, ids, args.new_tokens)
+    untimed = timed_generate(model, ids, args.new_tokens, keep_scores=True)
     first_s = time.perf_counter() - first
     before, recorded = _compile_counts(), len(recordings)
     stateful = method.config is not None
@@ -139,10 +170,12 @@ def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
     after = _compile_counts()
     tokens = result.pop("tokens")
     if not stateful:
-        unmodified_tokens[batch, context] = tokens
+        unmodified_tokens[batch, context] = untimed["tokens"], untimed["logits"]
     hits = [a - b for a, b in zip(mac_hits(model) if stateful else (0, 0), hits_before,
                                   strict=True)]
     base = unmodified_tokens.get((batch, context))
+    divergence = None if base is None or not stateful else first_divergence(
+        base[0], base[1], untimed["tokens"], untimed["logits"])
     kernels = decode_kernels(model, ids, args.new_tokens) if args.profile_kernels else None
     return {
         "method": method.label, "batch": batch, "context": context, **result,
@@ -152,7 +185,8 @@ def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
         "cudagraph_recordings_in_timed_call": len(recordings) - recorded,
         "cudagraph_skips_total": after["cudagraph_skips"],
         "decode_sites_rewritten": decode_sites_rewritten(model) if stateful else 0,
-        "tokens_equal_unmodified": None if base is None else bool(torch.equal(base, tokens)),
+        "tokens_equal_unmodified": None if base is None else bool(torch.equal(base[0], tokens)),
+        "first_divergence": divergence,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "kernels_per_step": kernels,
     }
@@ -196,7 +230,15 @@ def _line(r: dict) -> str:
             f"(mean {r['mean_ms']:.3f}) prefill {r['prefill_ms'] / 1000:.2f} s hit {hit} "
             f"sites {r['decode_sites_rewritten']} recompiles {r['recompiles_in_timed_call']} "
             f"cg-rec {r['cudagraph_recordings_in_timed_call']} cg-skips "
-            f"{r['cudagraph_skips_total']} equal {r['tokens_equal_unmodified']}")
+            f"{r['cudagraph_skips_total']} equal {r['tokens_equal_unmodified']}"
+            + _divergence_text(r.get("first_divergence")))
+
+
+def _divergence_text(d: dict | None) -> str:
+    if not d:
+        return ""
+    return (f" (first differs at step {d['step']}, row {d['row']}: margin {d['margin']:.4f}, "
+            f"logit diff {d['logit_diff']:.4f})")
 
 
 def _environment(args: argparse.Namespace) -> dict[str, Any]:

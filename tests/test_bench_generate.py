@@ -1,0 +1,35 @@
+"""`macopt bench generate`'s CPU-checkable parts (the bench itself needs a CUDA GPU)."""
+
+import torch
+
+from macopt.bench.generate import first_divergence, summary
+
+
+def _logits(steps: int, batch: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randn(steps, batch, vocab, generator=torch.Generator().manual_seed(seed))
+
+
+def test_equal_tokens_have_no_divergence():
+    tokens = torch.tensor([[3, 1, 4], [1, 5, 9]])
+    logits = _logits(3, 2, 10, 0)
+    assert first_divergence(tokens, logits, tokens.clone(), logits + 0.01) is None
+
+
+def test_divergence_names_the_first_step_and_row_with_its_margin_and_logit_difference():
+    ref_tokens = torch.tensor([[3, 1, 4, 1], [1, 5, 9, 2]])
+    tokens = torch.tensor([[3, 1, 4, 7], [1, 5, 8, 2]])  # row 1 differs first, at step 2
+    ref_logits = torch.zeros(4, 2, 10)
+    ref_logits[2, 1, 9], ref_logits[2, 1, 8] = 5.0, 4.75  # a margin of 0.25
+    logits = ref_logits.clone()
+    logits[2, 1, 8] = 5.5  # moved by 0.75
+    d = first_divergence(ref_tokens, ref_logits, tokens, logits)
+    assert d == {"step": 2, "row": 1, "margin": 0.25, "logit_diff": 0.75}
+
+
+def test_summary_gives_each_method_its_ratio_to_exact_and_unmodified():
+    records = [dict(batch=1, context=8192, method=m, median_ms=ms, hit_rate=h)
+               for m, ms, h in [("unmodified", 4.0, None), ("exact", 2.0, None),
+                                ("mac:all", 1.0, 1.0)]]
+    rows = summary(records)
+    assert "| 1 | 8192 | mac:all | 1.000 | 2.00x | 4.00x | 1.00 |" in rows
+    assert "| 1 | 8192 | exact | 2.000 | 1.00x | 2.00x | - |" in rows
