@@ -5,9 +5,11 @@
 #
 # Stages:
 #   checks     GPU tests (run from /tmp: the repository root on sys.path is not the user's
-#              path), the README quick start per method, the selectors' profile      (~4 min)
-#   topk       macopt bench topk at the safe-defaults bar point: 128K, batch 16, 2%, and the
-#              Top-K attention launch's tiles / warps / stages (profile_steps topk-attn) (~4 min)
+#              path), the README quick start per method                              (~3 min)
+#   topk       macopt bench topk at the safe-defaults bar point (128K, batch 1 and 16, 2%)
+#              and the selectors' per-kernel profile (profile_steps topk-sketch)     (~3 min)
+#   topk-attn  the Top-K attention launch alone over tiles / warps / stages / feature chunks
+#              (profile_steps topk-attn; ran in BENCHMARKS.md 12d)                   (~1 min)
 #   gen32-b1   32 layers through generate(), batch 1, 8K and 128K, exact / MAC rows   (~6 min)
 #   gen32-b2   the same at batch 2                                                    (~8 min)
 #   essentials one call when only one is possible: the new CUDA-graph test, the quick start per
@@ -15,6 +17,9 @@
 #              hit-rate-0, so a cut run keeps the bar rows); run as `essentials topk`  (~7 min)
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
+#
+# Owed as of 2026-12-06 (BENCHMARKS.md 12): `checks topk` (the exact selector's threshold and
+# the completion launch's dim split are untimed), then `gen32-b1`, then `gen32-b2`.
 #
 # Writes logs and JSON under $OUT (the device tool brings them back). Install first with
 # `python3 -m pip`: the machine's bare `pip` belongs to another Python.
@@ -40,9 +45,7 @@ for stage in "$@"; do
       for m in exact mac topk_phi; do
         (cd /tmp && timeout 90 python3 "$R/examples/quickstart.py" --method $m --prompt-tokens 2048 \
           2>&1 | grep -v -i warn | tail -4)
-      done | tee -a "$OUT/checks.log"
-      timeout 120 python3 -m examples.research.profile_steps topk-sketch 2>&1 | grep -v -i warn \
-        | tail -6 | tee -a "$OUT/profile.log" ;;
+      done | tee -a "$OUT/checks.log" ;;
     essentials)
       (cd /tmp && timeout 90 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R/tests/test_gpu_decode.py" -k cuda_graph_trees 2>&1 | tail -3) | tee "$OUT/checks.log"
@@ -58,6 +61,9 @@ for stage in "$@"; do
     topk)
       cli bench topk --contexts 131072 --batches 1,16 --budgets 2% --selectors exact,sketch,page \
         --json "$OUT/topk_128k_b16.json" | tail -12 | tee "$OUT/topk.log"
+      timeout 150 python3 -m examples.research.profile_steps topk-sketch 2>&1 | grep -v -i warn \
+        | cut -c1-200 | tail -12 | tee -a "$OUT/profile.log" ;;
+    topk-attn)
       timeout 150 python3 -m examples.research.profile_steps topk-attn 2>&1 | grep -v -i warn \
         | cut -c1-150 | tail -24 | tee -a "$OUT/profile.log" ;;
     gen32-b1|gen32-b2)

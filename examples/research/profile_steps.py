@@ -7,7 +7,7 @@ device time of every kernel in the replayed graph (``torch.profiler``, 30-50 rep
     python -m examples.research.profile_steps mac   # exact vs MAC at forced hit rates 1 / 0.95 / 0
     python -m examples.research.profile_steps topk  # Top-K + phi, page selector, 1% and 2%
     python -m examples.research.profile_steps topk-small  # the same at batch 16, 2 / 16 features
-    python -m examples.research.profile_steps topk-sketch  # sketch vs page selector, b16 128K 2%
+    python -m examples.research.profile_steps topk-sketch  # selectors per kernel, 128K 2%, b16, b1
     python -m examples.research.profile_steps topk-attn  # the Top-K attention launch's tiles/warps
     python -m examples.research.profile_steps mac-stack  # per layer, many layers in one graph
     python -m examples.research.profile_steps mac-topk  # MAC + Top-K + phi vs each alone and exact
@@ -173,21 +173,27 @@ def profile_topk(rows: list[dict], variants: tuple[tuple[int, int], ...] = ((128
 
 
 def profile_topk_sketch(rows: list[dict]) -> None:
-    """Batch 16, 128K, 2%, default maps (d_phi 128): the sketch selector (rerank 2 and 3)
-    against the page and exact selectors, kernel by kernel."""
+    """128K, 2%, default maps (d_phi 128), batch 16 then 1: the sketch selector (rerank 2 and
+    3) against the page and exact selectors, kernel by kernel."""
     from macopt.bench import topk as bench_topk
     from macopt.kernels.feature_maps import positive_random_features
 
     device = torch.device("cuda")
-    gen = torch.Generator(device).manual_seed(0)
-    x = decode.make_inputs(decode.LayerShape(16, 131072, **LAYER), device, gen)
     config = bench_topk.TopKBenchConfig(device="cuda")
     maps = positive_random_features(32, 8, 128, 128, generator=torch.Generator().manual_seed(0))
-    _record(rows, "b16 128K", "exact decode (baseline)",
+    for batch in (16, 1):
+        _selectors_case(rows, batch, config, maps, device)
+        torch.cuda.empty_cache()
+
+
+def _selectors_case(rows: list[dict], batch: int, config, maps, device: torch.device) -> None:
+    gen = torch.Generator(device).manual_seed(0)
+    x = decode.make_inputs(decode.LayerShape(batch, 131072, **LAYER), device, gen)
+    _record(rows, f"b{batch} 128K", "exact decode (baseline)",
             lambda: torch.ops.macopt.decode_attention(x.q, x.k, x.v, x.starts, x.ends, None,
                                                       x.scale))
     for selector in ("sketch", "sketch:0:3", "page", "exact"):
-        _topk_case(rows, x, 16, config.method(0.02, selector), maps, device)
+        _topk_case(rows, x, batch, config.method(0.02, selector), maps, device)
 
 
 def profile_topk_attn(rows: list[dict], context: int = 131072, device: str = "cuda") -> None:
