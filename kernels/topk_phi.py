@@ -345,45 +345,6 @@ def query_log_features(q: Tensor, phi_q: FoldedFeatureMap) -> Tensor:
 
 
 @triton.jit
-def _chunked_feature_shares(
-    k, retrieved_keys, kv_head, kv_pid, q_rows, row_ok, top_shift, sub_u_chunks, chunk_ids,
-    dims, dim_ok, lin_w_ptr, lin_b_ptr, log_phi_q_ptr, m_ptr, sq_norm, head_dim, d_phi,
-    DOT_PRECISION: tl.constexpr, HALF: tl.constexpr, SHARE_PRECISION: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
-    FEATURE_CHUNK: tl.constexpr,
-):
-    """The linear map's ``kernel_w[g, n] = sum_f P[g, f] phi_k[n, f] e^{-m[f]}`` of a tile's
-    retrieved keys and the per-feature sums ``sub_u`` (as ``[F / C, C]`` chunks), computed
-    ``C = FEATURE_CHUNK`` features at a time: what the hoisted path computes at once."""
-    kf = k.to(tl.float32)
-    k_dot = kf.to(tl.float16) if HALF else kf
-    k_sq = sq_norm * tl.sum(kf * kf, axis=1)
-    kernel_w = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-    for c in range(BLOCK_F // FEATURE_CHUNK):  # a loop, not unrolled: one chunk live
-        feats = c * FEATURE_CHUNK + tl.arange(0, FEATURE_CHUNK)
-        feat_ok = feats < d_phi
-        lin_w = tl.load(lin_w_ptr + (kv_head * d_phi + feats[None, :]) * head_dim + dims[:, None],
-                        mask=dim_ok[:, None] & feat_ok[None, :], other=0.0)
-        if HALF:
-            lin_w = lin_w.to(tl.float16)
-        lin_b = tl.load(lin_b_ptr + kv_head * d_phi + feats, mask=feat_ok, other=0.0)
-        log_phi_k = tl.dot(k_dot, lin_w, input_precision=DOT_PRECISION) + lin_b[None, :]
-        log_phi_k -= k_sq[:, None]
-        m = tl.load(m_ptr + kv_pid.to(tl.int64) * d_phi + feats, mask=feat_ok,
-                    other=float("-inf"))
-        m_shift = tl.where(m == float("-inf"), 0.0, m)
-        weights = tl.where(retrieved_keys[:, None] & feat_ok[None, :],
-                           tl.exp(log_phi_k - m_shift[None, :]), 0.0)
-        sub_u_chunks = tl.where(chunk_ids[:, None] == c,
-                                sub_u_chunks + tl.sum(weights, axis=0)[None, :], sub_u_chunks)
-        log_phi_q = tl.load(log_phi_q_ptr + q_rows[:, None] * d_phi + feats[None, :],
-                            mask=row_ok[:, None] & feat_ok[None, :], other=float("-inf"))
-        completion_w = tl.exp(log_phi_q + m[None, :] - top_shift[:, None])
-        kernel_w += tl.dot(completion_w, tl.trans(weights), input_precision=SHARE_PRECISION)
-    return kernel_w, sub_u_chunks
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, starts_ptr, ends_ptr, mid_start_ptr, mid_end_ptr, sel_ptr,
     log_phi_q_ptr, m_ptr,
@@ -397,7 +358,7 @@ def _decode_split_kernel(
     HAS_MLP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr, SHARE_PRECISION: tl.constexpr = "ieee",
-    skip_ptr=None, HAS_SKIP: tl.constexpr = False, FEATURE_CHUNK: tl.constexpr = 0,
+    skip_ptr=None, HAS_SKIP: tl.constexpr = False,
 ):
     # A program owns one (row, KV head, split) of the exact key list [sinks | tail + generated |
     # retrieved]; each [BLOCK_N, D] K/V tile serves the whole query group, and tiles holding
@@ -440,22 +401,16 @@ def _decode_split_kernel(
     m_shift = tl.where(m == float("-inf"), 0.0, m)
     shifted = log_phi_q + m[None, :]
     top = tl.max(shifted, axis=1)
-    top_shift = tl.where(top == float("-inf"), 0.0, top)
-    if FEATURE_CHUNK == 0:
-        completion_w = tl.exp(shifted - top_shift[:, None])
-        # The feature map's weights are loop-invariant: read once, not once per retrieved tile
-        # (64 KB at D = F = 128; on the H100 a retrieved key cost ~15x a streamed one with the
-        # per-tile re-read).
-        lin_w, lin_b, in_w, in_b, out_w, sq_norm = _feature_weights_tile(
-            kv_head, lin_w_ptr, lin_b_ptr, in_w_ptr, in_b_ptr, out_w_ptr, sq_norm_ptr,
-            head_dim, d_phi, width, 0, HAS_MLP, BLOCK_D, BLOCK_F, BLOCK_E)
-        if HALF:  # half-precision keys: the feature products on fp16 tensor cores (see above)
-            lin_w, in_w, out_w = lin_w.to(tl.float16), in_w.to(tl.float16), out_w.to(tl.float16)
-    else:  # FEATURE_CHUNK features at a time, their weights re-read per retrieved tile (from
-        # L2): the whole [D, F] tile held across the loop costs 255 registers and spills
-        sq_norm = tl.load(sq_norm_ptr + kv_head)
-        chunk_ids = tl.arange(0, BLOCK_F // FEATURE_CHUNK)
-        sub_u_chunks = tl.zeros([BLOCK_F // FEATURE_CHUNK, FEATURE_CHUNK], tl.float32)
+    completion_w = tl.exp(shifted - tl.where(top == float("-inf"), 0.0, top)[:, None])
+
+    # The feature map's weights are loop-invariant: read once, not once per retrieved tile
+    # (64 KB at D = F = 128; on the H100 a retrieved key cost ~15x a streamed one with the
+    # per-tile re-read).
+    lin_w, lin_b, in_w, in_b, out_w, sq_norm = _feature_weights_tile(
+        kv_head, lin_w_ptr, lin_b_ptr, in_w_ptr, in_b_ptr, out_w_ptr, sq_norm_ptr, head_dim,
+        d_phi, width, 0, HAS_MLP, BLOCK_D, BLOCK_F, BLOCK_E)
+    if HALF:  # half-precision keys: the feature products on fp16 tensor cores (see above)
+        lin_w, in_w, out_w = lin_w.to(tl.float16), in_w.to(tl.float16), out_w.to(tl.float16)
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
     sel_base = sel_ptr + batch * stride_sb + kv_head * stride_sh
@@ -482,23 +437,14 @@ def _decode_split_kernel(
             DOT_PRECISION)
 
         if block_start + BLOCK_N > n_exact:  # the tile holds retrieved keys
-            if FEATURE_CHUNK == 0:
-                log_phi_k = _log_features_of(k.to(tl.float32), lin_w, lin_b, in_w, in_b,
-                                             out_w, sq_norm, HAS_MLP, DOT_PRECISION, HALF)
-                retrieved = (key_ok & is_sel)[:, None] & feat_ok[None, :]
-                weights = tl.where(retrieved, tl.exp(log_phi_k - m_shift[None, :]), 0.0)
-                sub_u += tl.sum(weights, axis=0)
-                # Subtracted from the summary's numerator, where what is left can be a small
-                # difference of large terms: the summary's T~ uses the same precision.
-                kernel_w = tl.dot(completion_w, tl.trans(weights),
-                                  input_precision=SHARE_PRECISION)
-            else:
-                kernel_w, sub_u_chunks = _chunked_feature_shares(
-                    k, key_ok & is_sel, kv_head, kv_pid, batch * n_kv_heads * group + q_heads,
-                    row_ok, top_shift, sub_u_chunks, chunk_ids, dims, dim_ok, lin_w_ptr,
-                    lin_b_ptr, log_phi_q_ptr, m_ptr, sq_norm, head_dim, d_phi,
-                    DOT_PRECISION, HALF, SHARE_PRECISION, BLOCK_G, BLOCK_N, BLOCK_F,
-                    FEATURE_CHUNK)
+            log_phi_k = _log_features_of(k.to(tl.float32), lin_w, lin_b, in_w, in_b, out_w,
+                                         sq_norm, HAS_MLP, DOT_PRECISION, HALF)
+            retrieved = (key_ok & is_sel)[:, None] & feat_ok[None, :]
+            weights = tl.where(retrieved, tl.exp(log_phi_k - m_shift[None, :]), 0.0)
+            sub_u += tl.sum(weights, axis=0)
+            # Subtracted from the summary's numerator, where what is left can be a small
+            # difference of large terms: the summary's T~ uses the same precision.
+            kernel_w = tl.dot(completion_w, tl.trans(weights), input_precision=SHARE_PRECISION)
             sub_n += tl.dot(kernel_w, v.to(tl.float32), input_precision=SHARE_PRECISION)
 
     has_keys = running_sum > 0
@@ -511,12 +457,8 @@ def _decode_split_kernel(
     tl.store(o_ptr + row_tile, o, mask=row_tile_ok)
     tl.store(lse_ptr + part_rows, lse, mask=row_ok)
     tl.store(sub_n_ptr + row_tile, sub_n, mask=row_tile_ok)
-    sub_u_row = sub_u_ptr + (kv_pid * num_splits + split).to(tl.int64) * d_phi
-    if FEATURE_CHUNK == 0:
-        tl.store(sub_u_row + feats, sub_u, mask=feat_ok)
-    else:
-        chunk_feats = chunk_ids[:, None] * FEATURE_CHUNK + tl.arange(0, FEATURE_CHUNK)[None, :]
-        tl.store(sub_u_row + chunk_feats, sub_u_chunks, mask=chunk_feats < d_phi)
+    tl.store(sub_u_ptr + (kv_pid * num_splits + split).to(tl.int64) * d_phi + feats, sub_u,
+             mask=feat_ok)
 
 
 @triton.jit
@@ -799,7 +741,7 @@ def topk_phi_decode_state(
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None = None, eps: float = 1e-6, num_splits: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, skip: Tensor | None = None,
-    num_stages: int | None = None, feature_chunk: int = 0,
+    num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-K + phi decode state ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])``.
 
@@ -816,7 +758,7 @@ def topk_phi_decode_state(
     """
     return _decode(q, k, v, scale, starts, ends, summary, selected, log_phi_q, phi_k,
                    completion, eps, num_splits, block_n, num_warps, torch.float32, skip,
-                   num_stages, feature_chunk)
+                   num_stages)
 
 
 def topk_phi_decode(
@@ -835,7 +777,7 @@ def _decode(
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None, eps: float, num_splits: int | None, block_n: int | None,
     num_warps: int | None, out_dtype: torch.dtype, skip: Tensor | None = None,
-    num_stages: int | None = None, feature_chunk: int = 0,
+    num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
@@ -864,12 +806,6 @@ def _decode(
     weights = _feature_weights(phi_k, q.device)
     skip_args = _skip_args(skip, batch, n_kv_heads)
     block_g, block_d, block_f = _pow2(group), _pow2(head_dim), _pow2(d_phi)
-    # feature_chunk (a power of two >= 16): the linear map's features that many at a time
-    # (the MLP map always holds its weights whole)
-    if phi_k.has_mlp or feature_chunk >= block_f:
-        feature_chunk = 0
-    elif feature_chunk and (feature_chunk < 16 or feature_chunk & (feature_chunk - 1)):
-        raise ValueError(f"feature_chunk: expected 0 or a power of two >= 16, got {feature_chunk}")
     _decode_split_kernel[(batch * n_kv_heads, num_splits)](
         q, k, v, starts, ends, summary.mid_start, summary.mid_end, selected, log_phi_q, m,
         *weights, o_parts, lse_parts, sub_u, sub_n,
@@ -879,7 +815,7 @@ def _decode(
         HALF=_half_features(q.dtype), SHARE_PRECISION=_share_precision(q.dtype),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_F=block_f,
         BLOCK_E=_pow2(width), num_warps=num_warps or 4, **skip_args,
-        FEATURE_CHUNK=feature_chunk, num_stages=num_stages or _DECODE_STAGES,
+        num_stages=num_stages or _DECODE_STAGES,
     )
     out = _new_empty((batch, n_q_heads, head_dim), dtype=out_dtype, device=q.device)
     lse = _new_empty((batch, n_q_heads), dtype=torch.float32, device=q.device)

@@ -42,13 +42,11 @@ def _kernel_summary(p: Problem, num_splits: int | None = None) -> ref.PhiSummary
                                   num_splits=num_splits)
 
 
-def _both_decodes(p: Problem, selected, completion=None, num_splits=None, block_n=None,
-                  feature_chunk=0):
+def _both_decodes(p: Problem, selected, completion=None, num_splits=None, block_n=None):
     log_phi_q, log_phi_k = p.log_phi()
     kernel = topk_phi.topk_phi_decode_state(
         p.q, p.k, p.v, p.scale, p.starts, p.ends, _kernel_summary(p), selected, log_phi_q,
-        p.maps.phi_k.folded(), completion, num_splits=num_splits, block_n=block_n,
-        feature_chunk=feature_chunk)
+        p.maps.phi_k.folded(), completion, num_splits=num_splits, block_n=block_n)
     oracle = ref.topk_phi_decode_state(
         p.q, p.k, p.v, p.scale, p.starts, p.ends, p.summary(), selected, log_phi_q, log_phi_k,
         completion, compute_dtype=F64)
@@ -252,21 +250,6 @@ def test_completion_split_over_dim_blocks_gives_the_same_state(monkeypatch, head
     selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=12)
     split, oracle = _both_decodes(p, selected, num_splits=2, block_n=16)
     _assert_states_close(split, oracle, tol=1e-4)
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_features_in_chunks_give_the_same_state(dtype, tol):
-    # feature_chunk: the linear map's features 16 at a time, weights re-read per tile (fewer
-    # registers); d_phi 40 pads to 64, so the last chunk is partly masked.
-    p = make_problem(n_q_heads=12, n_kv_heads=2, head_dim=64, d_phi=40, n_keys=112,
-                     dtype=dtype, lengths=[100, 57], n_generated=5, seed=9)
-    selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=24)
-    chunked, oracle = _both_decodes(p, selected, num_splits=3, block_n=16, feature_chunk=16)
-    _assert_states_close(chunked, oracle, tol=tol)
-    whole, _ = _both_decodes(p, selected, num_splits=3, block_n=16)
-    _assert_states_close(chunked, whole, tol=tol)
-    with pytest.raises(ValueError, match="feature_chunk"):
-        _both_decodes(p, selected, feature_chunk=24)
 
 
 def test_fp16_feature_products_stay_near_the_reference(monkeypatch):

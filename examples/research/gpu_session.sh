@@ -65,7 +65,7 @@ for stage in "$@"; do
         | cut -c1-200 | tail -12 | tee -a "$OUT/profile.log" ;;
     topk-attn)
       timeout 150 python3 -m examples.research.profile_steps topk-attn 2>&1 | grep -v -i warn \
-        | cut -c1-150 | tail -24 | tee -a "$OUT/profile.log" ;;
+        | cut -c1-150 | tail -16 | tee -a "$OUT/profile.log" ;;
     gen32-b1|gen32-b2)
       cli bench generate --layers 32 --contexts 8192,131072 --batches "${stage#gen32-b}" \
         --methods unmodified,exact,mac:1,mac:all --new-tokens 32 --json "$OUT/$stage.json" \

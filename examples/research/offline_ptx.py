@@ -78,19 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         print(root, f"_rerank_select_kernel (ranked, {block_r}-key blocks, 8 warps):",
               compile_report(sketch._rerank_select_kernel, signature, constants, 8))
     topk = _module(root, "topk_phi")
-    chunked = "FEATURE_CHUNK" in topk._decode_split_kernel.arg_names
-    for warps, block_n, chunk in ((4, 64, 0), (8, 64, 0), (4, 32, 0), (4, 64, 32), (4, 64, 16),
-                                  (4, 32, 32), (8, 64, 32)):
-        if chunk and not chunked:
-            continue
+    for warps, block_n in ((4, 64), (8, 64), (4, 32)):
         print(root, f"topk_phi _decode_split_kernel (bf16, d_phi 128, {block_n} keys, {warps} "
-              f"warps, feature chunk {chunk or 'none'}):",
-              compile_report(topk._decode_split_kernel, *_topk_attention(topk, block_n, chunk),
-                             warps))
+              "warps):", compile_report(topk._decode_split_kernel, *_topk_attention(topk, block_n),
+                                        warps))
     return 0
 
 
-def _topk_attention(topk, block_n: int, feature_chunk: int = 0) -> tuple[dict, dict]:
+def _topk_attention(topk, block_n: int) -> tuple[dict, dict]:
     """Signature and constants of the Top-K + phi attention launch at Llama-3.1-8B heads in bf16
     with the default random features (d_phi 128, no MLP), as ``topk_phi._decode`` launches it."""
     pointers = ("q k v starts ends mid_start mid_end sel log_phi_q m lin_w lin_b in_w in_b "
@@ -102,8 +97,6 @@ def _topk_attention(topk, block_n: int, feature_chunk: int = 0) -> tuple[dict, d
                      UPCAST=False, DOT_PRECISION="tf32", HALF=topk.HALF_FEATURES, BLOCK_G=16,
                      BLOCK_N=block_n, BLOCK_D=128, BLOCK_F=128, BLOCK_E=16,
                      SHARE_PRECISION=topk.SHARE_PRECISION, skip_ptr=None, HAS_SKIP=False)
-    if "FEATURE_CHUNK" in topk._decode_split_kernel.arg_names:
-        constants["FEATURE_CHUNK"] = feature_chunk
     signature = {name: "constexpr" if name in constants else given.get(name, "i32")
                  for name in topk._decode_split_kernel.arg_names}
     return signature, constants

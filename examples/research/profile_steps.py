@@ -198,10 +198,9 @@ def _selectors_case(rows: list[dict], batch: int, config, maps, device: torch.de
 
 def profile_topk_attn(rows: list[dict], context: int = 131072, device: str = "cuda") -> None:
     """The Top-K attention launch alone (the selection fixed, page selector, 2%, default maps)
-    at 128K, batch 16 and 1, for each (keys per tile, warps, pipeline stages, feature chunk,
-    ``topk_phi_decode_state(feature_chunk=)``): the launch takes
-    ~5x its K/V bytes' time at its defaults (64, 4, Triton's), with 255 registers and spills
-    in an offline compile (BENCHMARKS.md 11)."""
+    at 128K, batch 16 and 1, for each (keys per tile, warps, pipeline stages): the launch takes
+    ~5x its K/V bytes' time (BENCHMARKS.md 12d: 292 us at 64 keys, 4 warps, 2 stages; variants
+    with fewer registers, and the map's features in chunks, were slower)."""
     from macopt.kernels.feature_maps import positive_random_features
 
     maps = positive_random_features(32, 8, 128, 128, generator=torch.Generator().manual_seed(0))
@@ -238,17 +237,14 @@ def _topk_attn_case(rows: list[dict], batch: int, context: int, device: torch.de
     _record(rows, case, "exact decode (baseline)",
             lambda: torch.ops.macopt.decode_attention(x.q, x.k, x.v, x.starts, x.ends, None,
                                                       x.scale))
-    # (keys per tile, warps, pipeline stages, features per chunk; 0: the weights held whole)
-    for block_n, warps, stages, chunk in [
-            (64, 4, None, 0), (64, 4, 2, 0), (64, 8, None, 0), (32, 4, None, 0),
-            (32, 8, None, 0), (16, 4, None, 0), (64, 8, None, 32), (64, 4, None, 16),
-            (32, 4, None, 32), (64, 8, 2, 32)]:
-        def attend(block_n=block_n, warps=warps, stages=stages, chunk=chunk):
+    # (keys per tile, warps, pipeline stages; None: the launch's default, 2 since BENCHMARKS 12d)
+    for block_n, warps, stages in [(64, 4, None), (64, 4, 3), (64, 4, 1), (64, 8, None),
+                                   (32, 4, None), (16, 4, None)]:
+        def attend(block_n=block_n, warps=warps, stages=stages):
             return topk_phi.topk_phi_decode_state(
                 x.q, x.k, x.v, x.scale, x.starts, x.ends, summary, selected, log_phi_q,
-                folded_k, st.completion, block_n=block_n, num_warps=warps, num_stages=stages,
-                feature_chunk=chunk)
-        _record(rows, case, f"attn n{block_n} w{warps} s{stages} f{chunk}", attend)
+                folded_k, st.completion, block_n=block_n, num_warps=warps, num_stages=stages)
+        _record(rows, case, f"attn n{block_n} w{warps} s{stages}", attend)
 
 
 def profile_topk_small(rows: list[dict]) -> None:
