@@ -35,6 +35,12 @@ t0=$(date +%s)
 python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | grep -v WARNING | tail -2
 cli() { (cd /tmp && python3 -m macopt.cli "$@" 2>&1 | grep -v -i warn); }
 stamp() { echo "== $1 done at $(( $(date +%s) - t0 )) s"; }
+quickstart() {  # the README's Quick start, per method, on a 2K prompt
+  for m in exact mac topk_phi; do
+    (cd /tmp && timeout 90 python3 "$R/examples/quickstart.py" --method $m --prompt-tokens 2048 \
+      2>&1 | grep -v -i warn | tail -4)
+  done
+}
 
 for stage in "$@"; do
   case $stage in
@@ -42,17 +48,11 @@ for stage in "$@"; do
       (cd /tmp && timeout 150 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R"/tests/test_gpu_*.py "$R/tests/test_kernel_decode.py" -k "gpu or otherwise or fused" \
         2>&1 | tail -15) | tee "$OUT/checks.log"
-      for m in exact mac topk_phi; do
-        (cd /tmp && timeout 90 python3 "$R/examples/quickstart.py" --method $m --prompt-tokens 2048 \
-          2>&1 | grep -v -i warn | tail -4)
-      done | tee -a "$OUT/checks.log" ;;
+      quickstart | tee -a "$OUT/checks.log" ;;
     essentials)
       (cd /tmp && timeout 90 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R/tests/test_gpu_decode.py" -k cuda_graph_trees 2>&1 | tail -3) | tee "$OUT/checks.log"
-      for m in exact mac topk_phi; do
-        (cd /tmp && timeout 90 python3 "$R/examples/quickstart.py" --method $m --prompt-tokens 2048 \
-          2>&1 | grep -v -i warn | tail -4)
-      done | tee -a "$OUT/checks.log"
+      quickstart | tee -a "$OUT/checks.log"
       stamp quickstart
       cli bench generate --layers 8 --contexts 8192,131072 --batches 1,2 \
         --methods unmodified,exact,mac:all,mac:1 --new-tokens 32 --json "$OUT/gen8.json" \

@@ -60,6 +60,13 @@ def _record(rows: list[dict], case: str, variant: str, fn: Callable[[], object])
     print(f"{case:10s} {variant:26s} {ms * 1000:8.1f} us  {kernels}", flush=True)
 
 
+def _record_exact_decode(rows: list[dict], case: str, x) -> None:
+    """macopt's exact decode of the same inputs: the baseline beside each case."""
+    _record(rows, case, "exact decode (baseline)",
+            lambda: torch.ops.macopt.decode_attention(x.q, x.k, x.v, x.starts, x.ends, None,
+                                                      x.scale))
+
+
 def profile_mac(rows: list[dict]) -> None:
     from macopt.bench import mac as bench_mac
 
@@ -189,9 +196,7 @@ def profile_topk_sketch(rows: list[dict]) -> None:
 def _selectors_case(rows: list[dict], batch: int, config, maps, device: torch.device) -> None:
     gen = torch.Generator(device).manual_seed(0)
     x = decode.make_inputs(decode.LayerShape(batch, 131072, **LAYER), device, gen)
-    _record(rows, f"b{batch} 128K", "exact decode (baseline)",
-            lambda: torch.ops.macopt.decode_attention(x.q, x.k, x.v, x.starts, x.ends, None,
-                                                      x.scale))
+    _record_exact_decode(rows, f"b{batch} 128K", x)
     for selector in ("sketch", "sketch:0:3", "page", "exact"):
         _topk_case(rows, x, batch, config.method(0.02, selector), maps, device)
 
@@ -234,9 +239,7 @@ def _topk_attn_case(rows: list[dict], batch: int, context: int, device: torch.de
     log_phi_q = topk_phi.query_log_features(x.q, FoldedFeatureMap(*st.phi_q,
                                                                   has_mlp=st.phi_q_mlp))
     case = f"b{batch} {context // 1024}K"
-    _record(rows, case, "exact decode (baseline)",
-            lambda: torch.ops.macopt.decode_attention(x.q, x.k, x.v, x.starts, x.ends, None,
-                                                      x.scale))
+    _record_exact_decode(rows, case, x)
     # (keys per tile, warps, pipeline stages; None: the launch's default, 2 since BENCHMARKS 12d)
     for block_n, warps, stages in [(64, 4, None), (64, 4, 3), (64, 4, 1), (64, 8, None),
                                    (32, 4, None), (16, 4, None)]:

@@ -64,9 +64,9 @@ class StepClock:
 
 
 def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
-                   keep_scores: bool = False) -> dict:
+                   keep_logits: bool = False) -> dict:
     """One ``generate`` call as a user makes it; per-step intervals from :class:`StepClock`.
-    ``keep_scores``: also return each step's logits ``[steps, B, V]`` on the CPU (the untimed
+    ``keep_logits``: also return each step's logits ``[steps, B, V]`` on the CPU (the untimed
     call only: the timed one runs exactly what a user runs)."""
     from transformers import LogitsProcessorList
 
@@ -78,14 +78,14 @@ def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          cache_implementation="static",
                          logits_processor=LogitsProcessorList([clock]),
-                         output_logits=keep_scores, return_dict_in_generate=keep_scores)
+                         output_logits=keep_logits, return_dict_in_generate=keep_logits)
     torch.cuda.synchronize()
     steps = [a.elapsed_time(b) for a, b in zip(clock.events, clock.events[1:], strict=False)]
-    sequences = out.sequences if keep_scores else out
+    sequences = out.sequences if keep_logits else out
     result = {"prefill_ms": start.elapsed_time(clock.events[0]), "median_ms":
               statistics.median(steps), "mean_ms": statistics.fmean(steps), "steps": len(steps),
               "tokens": sequences[:, ids.shape[1]:].cpu()}
-    if keep_scores:
+    if keep_logits:
         result["logits"] = torch.stack(out.logits).float().cpu()
     return result
 
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     order = [m for m in methods if m.config is None] + [m for m in methods if m.config]
     records: list[dict] = []
     # (tokens, logits) of the unmodified model's untimed call per (batch, context)
-    unmodified_tokens: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    unmodified_runs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     with count_cudagraph_recordings() as recordings:
         for method in order:
             for batch in args.batches:
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                     overrides=method.overrides_for(batch))
                 for context in args.contexts:
                     record = _measure(model, method, batch, context, args, shape, recordings,
-                                      unmodified_tokens)
+                                      unmodified_runs)
                     records.append(record)
                     print(_line(record), flush=True)
                     if args.json:
@@ -155,13 +155,13 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
              args: argparse.Namespace, shape: ModelShape, recordings: list,
-             unmodified_tokens: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
+             unmodified_runs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
              ) -> dict:
     """One point: an untimed ``generate`` (compiles, records CUDA graphs), then a timed one."""
     ids = torch.randint(2, shape.vocab, (batch, context), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(context))
     first = time.perf_counter()
-    untimed = timed_generate(model, ids, args.new_tokens, keep_scores=True)
+    untimed = timed_generate(model, ids, args.new_tokens, keep_logits=True)
     first_s = time.perf_counter() - first
     before, recorded = _compile_counts(), len(recordings)
     stateful = method.config is not None
@@ -170,10 +170,10 @@ def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
     after = _compile_counts()
     tokens = result.pop("tokens")
     if not stateful:
-        unmodified_tokens[batch, context] = untimed["tokens"], untimed["logits"]
+        unmodified_runs[batch, context] = untimed["tokens"], untimed["logits"]
     hits = [a - b for a, b in zip(mac_hits(model) if stateful else (0, 0), hits_before,
                                   strict=True)]
-    base = unmodified_tokens.get((batch, context))
+    base = unmodified_runs.get((batch, context))
     divergence = None if base is None or not stateful else first_divergence(
         base[0], base[1], untimed["tokens"], untimed["logits"])
     kernels = decode_kernels(model, ids, args.new_tokens) if args.profile_kernels else None
