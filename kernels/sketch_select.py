@@ -40,7 +40,7 @@ Tensor = torch.Tensor
 # Every output and workspace buffer comes from here (tests may swap in a poisoning allocator).
 _new_empty = torch.empty
 
-_BLOCK_N = 256  # tokens per scoring program at C <= 32 channels
+_BLOCK_N = 512  # tokens per scoring program at C <= 32 channels
 _CHUNK = 4096  # tokens per program of the candidate passes
 _BLOCK_S = 1024
 N_BINS = 256
@@ -51,14 +51,18 @@ BIN_WIDTH = 0.125  # nats of approximate score per bin: 256 bins span 32 nats be
 def _sketch_scores_kernel(
     codes_ptr, dims_ptr, q_ptr, mid_start_ptr, mid_end_ptr, out_ptr, block_max_ptr,
     n_kv_heads, n_keys, head_dim, n_packed, group, n_channels, n_blocks,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program per (row x KV head, block of BLOCK_N tokens): the C chosen byte rows of
-    # BLOCK_N / 2 bytes each are loaded at once as one [C, BLOCK_N / 2] tile whose byte index
-    # is contiguous along the row (so the loads are wide and coalesced; indexing tokens // 2
-    # hid that, and the byte-by-byte gathers took ~35x the bytes' time on an H100). A byte
-    # holds an even token (low nibble) and the next odd one (high nibble), scored apart.
-    # Also writes the block's best score, from which the candidate pass takes the row's best.
+    # One program per (row x KV head, block of BLOCK_N tokens). The C chosen byte rows of
+    # BLOCK_N / 2 bytes each are loaded at once as one [C, BLOCK_N / 2] tile, contiguous along
+    # the row (wide coalesced loads). A byte holds an even token (low nibble) and the next odd
+    # one (high nibble); joined, they are the block's [C, BLOCK_N] levels in token order.
+    # Every head's score is one tensor-core product [heads, C] x [C, tokens]: summing the
+    # channels with CUDA-core reductions split them over threads and warps (shared memory and
+    # barriers per head), and that took ~25x the bytes' time on an H100 (BENCHMARKS.md 13).
+    # The levels (-8..7) are exact in fp16; the queries go in as an fp16 pair (value + rounding
+    # residue), so the sums keep fp32 precision. Also writes the block's best score, from
+    # which the candidate pass takes the row's best.
     HALF: tl.constexpr = BLOCK_N // 2
     pid = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -69,25 +73,24 @@ def _sketch_scores_kernel(
     dims = tl.load(dims_ptr + pid * n_channels + chans, mask=chan_ok, other=0).to(tl.int64)
     byte = tl.load(codes_ptr + (pid * head_dim + dims[:, None]) * n_packed + pairs[None, :],
                    mask=chan_ok[:, None] & (pairs < n_packed)[None, :], other=0x88).to(tl.int32)
-    low = ((byte & 15) - 8).to(tl.float32)
-    high = (((byte >> 4) & 15) - 8).to(tl.float32)
-    best_even = tl.full([HALF], float("-inf"), tl.float32)
-    best_odd = tl.full([HALF], float("-inf"), tl.float32)
-    for h in range(group):
-        qc = tl.load(q_ptr + (pid * group + h) * n_channels + chans, mask=chan_ok, other=0.0)
-        best_even = tl.maximum(best_even, tl.sum(qc[:, None] * low, axis=0))
-        best_odd = tl.maximum(best_odd, tl.sum(qc[:, None] * high, axis=0))
+    low = ((byte & 15) - 8).to(tl.float16)
+    high = (((byte >> 4) & 15) - 8).to(tl.float16)
+    levels = tl.reshape(tl.join(low, high), [BLOCK_C, BLOCK_N])
+    heads = tl.arange(0, BLOCK_G)
+    head_ok = heads < group
+    q = tl.load(q_ptr + (pid * group + heads[:, None]) * n_channels + chans[None, :],
+                mask=head_ok[:, None] & chan_ok[None, :], other=0.0)
+    q_hi = q.to(tl.float16)
+    q_lo = (q - q_hi.to(tl.float32)).to(tl.float16)
+    scores = tl.dot(q_lo, levels, tl.dot(q_hi, levels, out_dtype=tl.float32),
+                    out_dtype=tl.float32)
+    best = tl.max(tl.where(head_ok[:, None], scores, float("-inf")), axis=0)
     lo = tl.load(mid_start_ptr + batch)
     hi = tl.load(mid_end_ptr + batch)
-    even = 2 * pairs
-    odd = even + 1
-    best_even = tl.where((even >= lo) & (even < hi), best_even, float("-inf")).to(tl.float16)
-    best_odd = tl.where((odd >= lo) & (odd < hi), best_odd, float("-inf")).to(tl.float16)
-    tl.store(out_ptr + pid * n_keys + even, best_even, mask=even < n_keys)
-    tl.store(out_ptr + pid * n_keys + odd, best_odd, mask=odd < n_keys)
-    block_best = tl.maximum(tl.max(best_even.to(tl.float32), axis=0),
-                            tl.max(best_odd.to(tl.float32), axis=0))
-    tl.store(block_max_ptr + pid * n_blocks + block, block_best)
+    tokens = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    best = tl.where((tokens >= lo) & (tokens < hi), best, float("-inf")).to(tl.float16)
+    tl.store(out_ptr + pid * n_keys + tokens, best, mask=tokens < n_keys)
+    tl.store(block_max_ptr + pid * n_blocks + block, tl.max(best.to(tl.float32), axis=0))
 
 
 def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tensor,
@@ -110,8 +113,10 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
                                                                               n_kv_heads):
         raise ValueError(f"dims {tuple(dims.shape)} / q_scaled {tuple(q_scaled.shape)}: "
                          f"expected [{batch}, {n_kv_heads}, C] and [{batch}, {n_kv_heads}, g, C]")
-    block_c = triton.next_power_of_2(n_channels)
-    # a [C, BLOCK_N] tile of codes in registers: fewer tokens when many channels are read
+    # tensor-core products need 16 or more rows (heads) and channels; the padding is masked
+    block_g = max(16, triton.next_power_of_2(group))
+    block_c = max(16, triton.next_power_of_2(n_channels))
+    # a [C, BLOCK_N] tile of levels in registers: fewer tokens when many channels are read
     block_n = max(16, min(_BLOCK_N * 32 // max(block_c, 32),
                           triton.next_power_of_2(max(n_keys, 16))))
     n_blocks = triton.cdiv(max(n_keys, 1), block_n)
@@ -121,7 +126,8 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
         _sketch_scores_kernel[(batch * n_kv_heads, n_blocks)](
             codes.contiguous(), dims.to(torch.int32).contiguous(), q_scaled.float().contiguous(),
             mid_start, mid_end, out, maxima, n_kv_heads, n_keys, head_dim, n_packed, group,
-            n_channels, n_blocks, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4)
+            n_channels, n_blocks, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_N=block_n,
+            num_warps=4)
     return (out, maxima) if block_max else out
 
 

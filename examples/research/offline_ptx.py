@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                  "mid_start_ptr": "*i32", "mid_end_ptr": "*i32", "out_ptr": "*fp16",
                  "block_max_ptr": "*fp32", "n_kv_heads": "i32", "n_keys": "i32",
                  "head_dim": "i32", "n_packed": "i32", "group": "i32", "n_channels": "i32",
-                 "n_blocks": "i32", "BLOCK_C": "constexpr", "BLOCK_N": "constexpr"}
-    print(root, "_sketch_scores_kernel (C 32, 256 tokens, 4 warps):",
-          compile_report(sketch._sketch_scores_kernel, signature,
-                         {"BLOCK_C": 32, "BLOCK_N": 256}, 4))
+                 "n_blocks": "i32", "BLOCK_G": "constexpr", "BLOCK_C": "constexpr",
+                 "BLOCK_N": "constexpr"}
+    for block_n in (256, 512):
+        print(root, f"_sketch_scores_kernel (C 32, {block_n} tokens, 4 warps):",
+              compile_report(sketch._sketch_scores_kernel, signature,
+                             {"BLOCK_G": 16, "BLOCK_C": 32, "BLOCK_N": block_n}, 4))
     rerank = {"scores_ptr": "*i32", "cand_ptr": "*i32", "keys_ptr": "*i32", "out_ptr": "*i32",
               "counts_ptr": "*i32", "n_cand": "i32", "group": "i32", "n_keep": "i32"}
     for block_r in (256, 1024):
