@@ -5,15 +5,15 @@ log-probability over the KV group's query heads, ``max_h (s q_h.k - lse_h)`` wit
 over the middle keys, and keeps the ``K`` best. In torch that is a matmul, an fp32 copy of the
 scores, a masked fill, a logsumexp, a max and ``torch.topk`` over the whole context: several
 passes over ``B x Hq x N`` scores after the key read (0.71x exact decode's speed at 128K,
-batch 16, on the H100; BENCHMARKS.md 10). Here it is three launches, no host sync:
+batch 16, on the H100; BENCHMARKS.md 10). Here it is eleven launches, no host sync:
 
 1. ``_scores_kernel`` (grid rows x chunks of ``CHUNK`` tokens): reads each key row once, for
    the whole group, writes its fp32 scores per head and the chunk's (max, sum of exp) per head.
 2. ``_rank_kernel`` (same grid): every head's ``lse`` from the chunks' partials, then each
    token's rank ``max_h (s_h - lse_h)`` as an int32 key ordered like the fp32 value.
-3. the exact threshold of :func:`macopt.kernels.sketch_select.rerank_select` over all tokens
-   of the row (16-way bisection on the key bits, one program per row x KV head): the ``K``
-   best in index order, ties to the lower index, per-group counts honoured.
+3. :func:`macopt.kernels.radix_select.radix_topk`: the exact threshold by radix select, one
+   byte of the key per pass over all SMs (nine launches): the ``K`` best in index order, ties
+   to the lower index, per-group counts honoured.
 
 The key read is half of exact decode's bytes (no values), so the selector can approach 2x
 over exact decode, not more; the page and sketch selectors read a sixteenth of the keys.
@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from macopt.kernels.launch import interpreting
-from macopt.kernels.sketch_select import _order32, rerank_select
+from macopt.kernels.radix_select import radix_topk
+from macopt.kernels.sketch_select import _order32
 
 Tensor = torch.Tensor
 
@@ -136,7 +137,7 @@ def exact_topk(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: T
     keys (``[mid_start[b], mid_end[b])``) of best ``max_h (s q_h.k - lse_h)`` (the ranking of
     :func:`macopt.topk_phi_select.exact_selection`), ties to the lower index. ``q[B, Hq, D]``,
     ``k[B, Hkv, N, D]`` (any strides on ``k``). ``counts[B, Hkv]`` int32 (optional): a group
-    keeps only its best ``counts`` tokens, the rest of its row -1. Three launches, no host
+    keeps only its best ``counts`` tokens, the rest of its row -1. Eleven launches, no host
     sync. A row whose middle is shorter than ``top_k`` also returns tokens outside it (the
     decode kernels ignore those)."""
     batch, n_q_heads, head_dim = q.shape
@@ -166,7 +167,7 @@ def exact_topk(q: Tensor, k: Tensor, scale: float, mid_start: Tensor, mid_end: T
         BLOCK_G=triton.next_power_of_2(group),
         BLOCK_C=min(256, triton.next_power_of_2(n_chunks)),
         BLOCK_S=min(256, max(16, 2048 // triton.next_power_of_2(group))), num_warps=4)
-    return rerank_select(None, None, top_k, counts, ranks=keys)
+    return radix_topk(keys, top_k, counts)
 
 
 __all__ = ["exact_topk"]

@@ -440,21 +440,19 @@ def _at_least(key, ok, thresholds):
 @triton.jit
 def _rerank_select_kernel(
     scores_ptr, cand_ptr, keys_ptr, out_ptr, counts_ptr, n_cand, group, n_keep,
-    HAS_COUNTS: tl.constexpr, RANKED: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_COUNTS: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr, WAYS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # One program per (row, KV head): each candidate's best log-probability over the group's
     # heads (softmax over the candidates), then its n_keep best, exactly (8 counting passes of
-    # 16 thresholds over the 32-bit keys; ties to the lower candidate slot). RANKED: the keys
-    # are given (every token of the row a candidate, in index order: the exact selector).
+    # 16 thresholds over the 32-bit keys; ties to the lower candidate slot).
     pid = tl.program_id(0).to(tl.int64)
     offsets = tl.arange(0, BLOCK_R)
     keys_ptr += pid * n_cand
     width = n_keep
     if HAS_COUNTS:
         n_keep = tl.minimum(tl.maximum(tl.load(counts_ptr + pid), 0), n_keep)
-    if not RANKED:
-        _rank_candidates(scores_ptr, keys_ptr, pid, n_cand, group, BLOCK_G, BLOCK_T)
+    _rank_candidates(scores_ptr, keys_ptr, pid, n_cand, group, BLOCK_G, BLOCK_T)
 
     ways = tl.arange(0, WAYS).to(tl.int64)
     lo = tl.full([], -2147483648, tl.int64)
@@ -466,8 +464,8 @@ def _rerank_select_kernel(
         # (across the program's threads, through shared memory) cost ~1 us each, 1024 of them
         # at 128K keys (1.4 ms at batch 16 on an H100).
         # Four blocks loaded before any is counted: one program walks the whole row, and with
-        # one block in flight each step waited a full memory latency (H100, 128K, 256-key
-        # blocks: ~2.3 ms at batch 16, ~1.4 ms at batch 1; BENCHMARKS.md 12).
+        # one block in flight each step waited a full memory latency (H100, 128K ranked rows,
+        # 256-key blocks: ~2.3 ms at batch 16; BENCHMARKS.md 12).
         tile = tl.zeros([BLOCK_R, WAYS], tl.int32)
         for start in range(0, n_cand, 4 * BLOCK_R):
             idx0 = start + offsets
@@ -504,10 +502,7 @@ def _rerank_select_kernel(
         chosen = (((key > threshold) & ok) | ((tie != 0) & (tie_rank < ties_wanted)))
         chosen = chosen.to(tl.int32)
         slot = n_taken + tl.cumsum(chosen, axis=0) - 1
-        if RANKED:
-            token = idx.to(tl.int32)
-        else:
-            token = tl.load(cand_ptr + idx, mask=chosen != 0, other=0)
+        token = tl.load(cand_ptr + idx, mask=chosen != 0, other=0)
         tl.store(out_ptr + slot, token, mask=chosen != 0)
         n_taken += tl.sum(chosen, axis=0)
         n_ties += tl.sum(tie, axis=0)
@@ -517,37 +512,26 @@ def _rerank_select_kernel(
                  mask=(idx < width) & (idx >= n_keep))
 
 
-def rerank_select(scores: Tensor | None, candidates: Tensor | None, n_keep: int,
-                  counts: Tensor | None = None, ranks: Tensor | None = None) -> Tensor:
+def rerank_select(scores: Tensor, candidates: Tensor, n_keep: int,
+                  counts: Tensor | None = None) -> Tensor:
     """The ``n_keep`` best of ``candidates[B, H, R]`` (token indices) by exact ``scores[B, H, g,
     R]`` fp32: a candidate's best log-probability over the ``g`` heads, each head's softmax
     taken over the candidates (``-inf``: never chosen before a finite one), exactly (ties: the
     earlier candidate slot). ``[B, H, n_keep]`` int32 in candidate order (not sorted).
     ``counts[B, H]`` int32 (optional): a row keeps only its best ``counts`` (at most
-    ``n_keep``), the rest of its slots -1. ``ranks[B, H, N]`` int32 instead of ``scores`` and
-    ``candidates``: every token ``0..N-1`` is a candidate, ranked by these keys (ordered like
-    fp32 values, :func:`macopt.kernels.exact_select.exact_topk`); the tokens come ascending.
-    One launch, no host sync."""
-    if ranks is not None:
-        batch, heads, n_cand = ranks.shape
-        group = 1
-    else:
-        batch, heads, group, n_cand = scores.shape
+    ``n_keep``), the rest of its slots -1. One launch, no host sync. (Every token of a long row
+    ranked: :func:`macopt.kernels.radix_select.radix_topk`.)"""
+    batch, heads, group, n_cand = scores.shape
     if not 1 <= n_keep <= n_cand:
         raise ValueError(f"n_keep: expected 1..{n_cand}, got {n_keep}")
-    out = _new_empty((batch, heads, n_keep), dtype=torch.int32, device=(
-        scores if ranks is None else ranks).device)
+    out = _new_empty((batch, heads, n_keep), dtype=torch.int32, device=scores.device)
     if out.numel() == 0:
         return out
-    if ranks is None:
-        keys = _new_empty((batch, heads, n_cand), dtype=torch.int32, device=scores.device)
-        scores, candidates = scores.contiguous(), candidates.to(torch.int32).contiguous()
-    else:  # the kernel reads neither scores nor candidates: the keys stand in for both
-        keys = scores = candidates = ranks.contiguous()
+    keys = _new_empty((batch, heads, n_cand), dtype=torch.int32, device=scores.device)
     _rerank_select_kernel[(batch * heads,)](
-        scores, candidates, keys, out,
+        scores.contiguous(), candidates.to(torch.int32).contiguous(), keys, out,
         None if counts is None else counts.to(torch.int32).contiguous(), n_cand, group,
-        n_keep, HAS_COUNTS=counts is not None, RANKED=ranks is not None,
+        n_keep, HAS_COUNTS=counts is not None,
         BLOCK_R=min(1024, triton.next_power_of_2(n_cand)),
         BLOCK_S=min(4096, triton.next_power_of_2(n_cand)), WAYS=16,
         BLOCK_G=triton.next_power_of_2(group),

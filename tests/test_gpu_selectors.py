@@ -65,3 +65,19 @@ def test_sketch_kernels_keep_what_their_torch_reference_keeps():
                                rtol=2e-2, atol=1e-3)
     exact = exact_selection(q, k, 128**-0.5, lo, hi, top_k)
     assert (_mass(q, k, lo, hi, got) >= 0.9 * _mass(q, k, lo, hi, exact)).all()
+
+
+@pytest.mark.parametrize("rows,n_keys,n_keep", [(8, 131072, 2622), (3, 50000, 1),
+                                                (2, 140000, 140000)])
+def test_radix_topk_on_the_gpu_is_a_sort(rows, n_keys, n_keep):
+    # The exact selector's threshold: exactly the n_keep largest keys, ties to the lower index.
+    from macopt.kernels.radix_select import radix_topk
+
+    gen = torch.Generator(device="cuda").manual_seed(n_keys)
+    ranks = torch.randint(-2**31, 2**31 - 1, (rows, n_keys), device="cuda", generator=gen,
+                          dtype=torch.int32)
+    ranks[-1] = ranks[-1] % 97  # many ties
+    got = radix_topk(ranks, n_keep)
+    index = torch.arange(n_keys, device="cuda")
+    order = torch.argsort(-ranks.long() * (2 * n_keys) + index, dim=-1)
+    assert torch.equal(got, order[:, :n_keep].sort(dim=-1).values.to(torch.int32))

@@ -370,17 +370,3 @@ def test_a_cache_grown_past_the_prompt_selects_from_the_prompts_sketch():
     want = sketch_selection(q, k, codes, scales, scale, lo, hi, 10, triton_path=False)
     assert torch.equal(got.sort(dim=-1).values, want)
     assert (got < 101).all()
-
-
-@pytest.mark.parametrize("n_keys,n_keep", [(9000, 999), (4096, 4096), (5000, 1)])
-def test_ranked_selection_over_several_load_rounds_is_exact(n_keys, n_keep):
-    # Ranked rows (the exact selector) longer than one round of the threshold's four blocks of
-    # 1024 keys, with a partial last round and many ties: the n_keep largest keys, ties to the
-    # lower token, returned ascending.
-    gen = torch.Generator().manual_seed(n_keys)
-    ranks = torch.randint(-300, 300, (2, 3, n_keys), generator=gen, dtype=torch.int32)
-    ranks[1, 0, 4000:] = torch.iinfo(torch.int32).max  # the best keys all in the later rounds
-    got = sketch_select.rerank_select(None, None, n_keep, ranks=ranks)
-    order = torch.argsort(-ranks.long() * n_keys * 2 + torch.arange(n_keys), dim=-1)
-    want = order[..., :n_keep].sort(dim=-1).values.to(torch.int32)
-    assert torch.equal(got, want)

@@ -15,6 +15,10 @@
 #   essentials one call when only one is possible: the new CUDA-graph test, the quick start per
 #              method, then 8 layers through generate() at batch 1 and 2 (MAC all-hit before
 #              hit-rate-0, so a cut run keeps the bar rows); run as `essentials topk`  (~7 min)
+#   selectors  the selectors' GPU tests (exact selector with its radix threshold, sketch), the
+#              README quick start for Top-K + phi                                     (~1 min)
+#   mac-launches  where MAC's per-layer time goes through generate(): kernels per decode step
+#              at 4 layers, 2K prompt, exact / MAC all-hit / MAC no-hit               (~2 min)
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
@@ -35,8 +39,8 @@ t0=$(date +%s)
 python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | grep -v WARNING | tail -2
 cli() { (cd /tmp && python3 -m macopt.cli "$@" 2>&1 | grep -v -i warn); }
 stamp() { echo "== $1 done at $(( $(date +%s) - t0 )) s"; }
-quickstart() {  # the README's Quick start, per method, on a 2K prompt
-  for m in exact mac topk_phi; do
+quickstart() {  # the README's Quick start, per method (default: all three), on a 2K prompt
+  for m in ${*:-exact mac topk_phi}; do
     (cd /tmp && timeout 90 python3 "$R/examples/quickstart.py" --method $m --prompt-tokens 2048 \
       2>&1 | grep -v -i warn | tail -4)
   done
@@ -63,6 +67,14 @@ for stage in "$@"; do
         --json "$OUT/topk_128k_b16.json" | tail -12 | tee "$OUT/topk.log"
       timeout 150 python3 -m examples.research.profile_steps topk-sketch 2>&1 | grep -v -i warn \
         | cut -c1-200 | tail -12 | tee -a "$OUT/profile.log" ;;
+    selectors)
+      (cd /tmp && timeout 200 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
+        "$R/tests/test_gpu_selectors.py" 2>&1 | tail -6) | tee "$OUT/selectors.log"
+      quickstart topk_phi | tee -a "$OUT/selectors.log" ;;
+    mac-launches)
+      cli bench generate --layers 4 --contexts 2048 --batches 1 --methods exact,mac:all,mac:1 \
+        --new-tokens 16 --profile-kernels --json "$OUT/mac_launches.json" \
+        | grep -v '^ *File\|^    ' | tail -8 | tee "$OUT/mac_launches.log" ;;
     topk-attn)
       timeout 150 python3 -m examples.research.profile_steps topk-attn 2>&1 | grep -v -i warn \
         | cut -c1-150 | tail -16 | tee -a "$OUT/profile.log" ;;

@@ -70,15 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         print(root, f"_sketch_scores_kernel (C 32, {block_n} tokens, 4 warps):",
               compile_report(sketch._sketch_scores_kernel, signature,
                              {"BLOCK_G": 16, "BLOCK_C": 32, "BLOCK_N": block_n}, 4))
-    rerank = {"scores_ptr": "*i32", "cand_ptr": "*i32", "keys_ptr": "*i32", "out_ptr": "*i32",
-              "counts_ptr": "*i32", "n_cand": "i32", "group": "i32", "n_keep": "i32"}
-    for block_r in (256, 1024):
-        constants = dict(HAS_COUNTS=False, RANKED=True, BLOCK_R=block_r, BLOCK_S=4096, WAYS=16,
-                         BLOCK_G=1, BLOCK_T=2048)
-        signature = {name: rerank.get(name, "constexpr")
-                     for name in sketch._rerank_select_kernel.arg_names}
-        print(root, f"_rerank_select_kernel (ranked, {block_r}-key blocks, 8 warps):",
-              compile_report(sketch._rerank_select_kernel, signature, constants, 8))
+    radix = _module(root, "radix_select")
+    signature = {"keys_ptr": "*i32", "state_ptr": "*i64", "hist_ptr": "*i32",
+                 "greater_ptr": "*i32", "n_keys": "i32", "n_chunks": "i32"}
+    signature.update({name: "constexpr" for name in ("SHIFT", "FIRST", "CHUNK", "BLOCK", "BINS")})
+    print(root, "radix_select _digit_histogram_kernel (4096-key chunks, 4 warps):",
+          compile_report(radix._digit_histogram_kernel, signature,
+                         dict(SHIFT=16, FIRST=False, CHUNK=4096, BLOCK=1024, BINS=256), 4))
     topk = _module(root, "topk_phi")
     for warps, block_n in ((4, 64), (8, 64), (4, 32)):
         print(root, f"topk_phi _decode_split_kernel (bf16, d_phi 128, {block_n} keys, {warps} "

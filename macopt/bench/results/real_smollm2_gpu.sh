@@ -9,7 +9,8 @@
 # attention, tasks at 2K/4K/8K); calibrate (MAC tau per layer and phi maps, on the calibration text);
 # mac8k (exact, calibrated MAC, MAC at taus 0.6/0.45/0.3, MAC + Top-K + phi; 8K context, tasks at
 # 4K and 8K); topk8k (Top-K and Top-K + phi at 1/2/5%, same text and tasks); all2k (every
-# method, 2K context, tasks at 2K).
+# method, 2K context, tasks at 2K); topk_variants (TopKPhiConfig() beside the settings of
+# examples/safe_defaults/configs/, on the defaults stage's tasks: what a default change does).
 # A stage whose output exists is skipped, so a run cut short resumes where it stopped.
 # Files go to $OUT (default macopt/bench/results) as real_smollm2_gpu_*. Python runs from /tmp, so
 # the repository root is never on sys.path (its kernels/ folder would shadow PyPI's `kernels`).
@@ -51,6 +52,20 @@ for stage in $STAGES; do
       base="$OUT/real_smollm2_gpu_defaults_$m"
       [ -f "$base.json" ] || $PY -m macopt.cli eval "$M" --device cuda --dtype bfloat16 \
         --text "$TEXT/evaluation.txt.gz" --phi none --methods $m \
+        --needles chat --context 8192 --ppl-chunks 1 --ppl-decode 64 --agreement-steps 32 \
+        --lengths 2048,4096,8100 --depths 0.1,0.5,0.9 --kinds passkey,multikey --samples 1 \
+        --json "$base.json" 2>&1 | grep --line-buffered -v "it/s\]" > "$base.log" &
+    done
+    wait
+    ;;
+  topk_variants)
+    # Two processes at once, each the unmodified model first, then its share of the variants.
+    C=$REPO/examples/safe_defaults/configs
+    for part in "topk_phi,topk_phi:$C/topk_phi_tail64.json,topk_phi:$C/topk_phi_budget5.json" \
+                "topk_phi:$C/topk_phi_sketch.json,topk_phi:$C/topk_phi_sketch_tail64.json,topk_phi:$C/topk_phi_tail128.json"; do
+      n=$(( ${n:-0} + 1 )); base="$OUT/real_smollm2_gpu_topk_variants_$n"
+      [ -f "$base.json" ] || $PY -m macopt.cli eval "$M" --device cuda --dtype bfloat16 \
+        --text "$TEXT/evaluation.txt.gz" --phi none --methods "$part" \
         --needles chat --context 8192 --ppl-chunks 1 --ppl-decode 64 --agreement-steps 32 \
         --lengths 2048,4096,8100 --depths 0.1,0.5,0.9 --kinds passkey,multikey --samples 1 \
         --json "$base.json" 2>&1 | grep --line-buffered -v "it/s\]" > "$base.log" &
