@@ -59,13 +59,13 @@ for stage in $STAGES; do
     wait
     ;;
   topk_variants)
-    # Two processes at once, each the unmodified model first, then its share of the variants.
-    C=$REPO/examples/safe_defaults/configs
-    for part in "topk_phi,topk_phi:$C/topk_phi_tail64.json,topk_phi:$C/topk_phi_budget5.json" \
-                "topk_phi:$C/topk_phi_sketch.json,topk_phi:$C/topk_phi_sketch_tail64.json,topk_phi:$C/topk_phi_tail128.json"; do
-      n=$(( ${n:-0} + 1 )); base="$OUT/real_smollm2_gpu_topk_variants_$n"
+    # One process per variant, at once (each runs the unmodified model first): TopKPhiConfig()
+    # itself is the defaults stage's topk_phi run.
+    for v in topk_phi_tail64 topk_phi_sketch topk_phi_sketch_tail64; do
+      base="$OUT/real_smollm2_gpu_variant_$v"
       [ -f "$base.json" ] || $PY -m macopt.cli eval "$M" --device cuda --dtype bfloat16 \
-        --text "$TEXT/evaluation.txt.gz" --phi none --methods "$part" \
+        --text "$TEXT/evaluation.txt.gz" --phi none \
+        --methods "topk_phi:$REPO/examples/safe_defaults/configs/$v.json" \
         --needles chat --context 8192 --ppl-chunks 1 --ppl-decode 64 --agreement-steps 32 \
         --lengths 2048,4096,8100 --depths 0.1,0.5,0.9 --kinds passkey,multikey --samples 1 \
         --json "$base.json" 2>&1 | grep --line-buffered -v "it/s\]" > "$base.log" &
