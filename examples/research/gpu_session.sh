@@ -22,8 +22,10 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-06 (BENCHMARKS.md 12): `checks topk` (the exact selector's threshold and
-# the completion launch's dim split are untimed), then `gen32-b1`, then `gen32-b2`.
+# Owed as of 2026-12-06, evening (BENCHMARKS.md 13): `gen32-b2` (on an H200: MAC's prefill
+# peaks ~13 GiB above exact at 128K), the sketch's per-kernel profile after its change (`topk`,
+# with a longer limit than 170 s), `mac-launches`; and, over two calls carrying the GGUF parts
+# (examples/research/gguf_parts.sh), `real_smollm2_gpu.sh ... defaults` for the sketch default.
 #
 # Writes logs and JSON under $OUT (the device tool brings them back). Install first with
 # `python3 -m pip`: the machine's bare `pip` belongs to another Python.
