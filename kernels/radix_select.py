@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from macopt.kernels.sketch_select import summed_histogram
+
 Tensor = torch.Tensor
 
 # Every output and workspace buffer comes from here (tests may swap in a poisoning allocator).
@@ -97,12 +99,7 @@ def _pick_digit_kernel(
         n_above = tl.load(state + 3)
     bins = tl.arange(0, BINS)
     chunks = tl.arange(0, BLOCK_CH)
-    total = tl.zeros([BINS], tl.int32)
-    for start in range(0, n_chunks, BLOCK_CH):
-        ch = start + chunks
-        tile = tl.load(hist_ptr + (row * n_chunks + ch[:, None]) * BINS + bins[None, :],
-                       mask=(ch < n_chunks)[:, None], other=0)
-        total += tl.sum(tile, axis=0)
+    total = summed_histogram(hist_ptr, row, n_chunks, BLOCK_CH, BINS)
     # at_least[d]: matching keys whose byte is d or more; the wanted-th largest is in the
     # highest byte d with at_least[d] >= wanted (the byte 255 when nothing is wanted)
     at_least = tl.sum(total, axis=0) - tl.cumsum(total, axis=0) + total

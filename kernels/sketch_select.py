@@ -178,6 +178,20 @@ def _bin_histogram_kernel(
 
 
 @triton.jit
+def summed_histogram(hist_ptr, row, n_chunks, BLOCK_CH: tl.constexpr, N_BINS: tl.constexpr):
+    """A row's bin counts summed over its chunks' histograms ``hist[row, chunk, N_BINS]``."""
+    bins = tl.arange(0, N_BINS)
+    chunks = tl.arange(0, BLOCK_CH)
+    total = tl.zeros([N_BINS], tl.int32)
+    for start in range(0, n_chunks, BLOCK_CH):
+        ch = start + chunks
+        tile = tl.load(hist_ptr + (row * n_chunks + ch[:, None]) * N_BINS + bins[None, :],
+                       mask=(ch < n_chunks)[:, None], other=0)
+        total += tl.sum(tile, axis=0)
+    return total
+
+
+@triton.jit
 def _bin_threshold_kernel(
     hist_ptr, offsets_ptr, n_chunks, n_keep,
     BLOCK_CH: tl.constexpr, N_BINS: tl.constexpr,
@@ -188,12 +202,7 @@ def _bin_threshold_kernel(
     pid = tl.program_id(0).to(tl.int64)
     bins = tl.arange(0, N_BINS)
     chunks = tl.arange(0, BLOCK_CH)
-    total = tl.zeros([N_BINS], tl.int32)
-    for start in range(0, n_chunks, BLOCK_CH):
-        ch = start + chunks
-        tile = tl.load(hist_ptr + (pid * n_chunks + ch[:, None]) * N_BINS + bins[None, :],
-                       mask=(ch < n_chunks)[:, None], other=0)
-        total += tl.sum(tile, axis=0)
+    total = summed_histogram(hist_ptr, pid, n_chunks, BLOCK_CH, N_BINS)
     cum = tl.cumsum(total, axis=0)
     t = tl.sum((cum < n_keep).to(tl.int32), axis=0)
     n_before = tl.sum(tl.where(bins < t, total, 0), axis=0)
