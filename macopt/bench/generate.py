@@ -160,6 +160,7 @@ def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
     """One point: an untimed ``generate`` (compiles, records CUDA graphs), then a timed one."""
     ids = torch.randint(2, shape.vocab, (batch, context), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(context))
+    torch.cuda.reset_peak_memory_stats()  # the peak of this point's calls alone
     first = time.perf_counter()
     untimed = timed_generate(model, ids, args.new_tokens, keep_logits=True)
     first_s = time.perf_counter() - first
