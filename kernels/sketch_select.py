@@ -472,9 +472,9 @@ def _rerank_select_kernel(
         # Counted in a [BLOCK_R, WAYS] tile and reduced once per pass: a reduction per block
         # (across the program's threads, through shared memory) cost ~1 us each, 1024 of them
         # at 128K keys (1.4 ms at batch 16 on an H100).
-        # Four blocks loaded before any is counted: one program walks the whole row, and with
-        # one block in flight each step waited a full memory latency (H100, 128K ranked rows,
-        # 256-key blocks: ~2.3 ms at batch 16; BENCHMARKS.md 12).
+        # Four blocks loaded before any is counted: one program walks all of the row's
+        # candidates, and with one block in flight each step waits a full memory latency (when
+        # this kernel also ranked whole 128K rows: ~2.3 ms at batch 16; BENCHMARKS.md 12).
         tile = tl.zeros([BLOCK_R, WAYS], tl.int32)
         for start in range(0, n_cand, 4 * BLOCK_R):
             idx0 = start + offsets

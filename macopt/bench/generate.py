@@ -22,7 +22,8 @@ CUDA-graph skips, decode sites macopt rewrote (``macopt.explain``).
 Tokens against the unmodified model's: equal or not, and where they first differ, the
 unmodified model's logit margin there beside the largest logit difference of the two runs (from
 the untimed calls, which keep their logits): a near-tie flipped by bf16 rounding has a margin
-within that difference (:func:`first_divergence`).
+within that difference (:func:`first_divergence`). The unmodified model's own row says whether
+its timed call repeats its untimed one.
 
     macopt bench generate --contexts 8192,131072 --batches 1,2 --json generate.json
 """
@@ -186,7 +187,10 @@ def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
         "cudagraph_recordings_in_timed_call": len(recordings) - recorded,
         "cudagraph_skips_total": after["cudagraph_skips"],
         "decode_sites_rewritten": decode_sites_rewritten(model) if stateful else 0,
-        "tokens_equal_unmodified": None if base is None else bool(torch.equal(base[0], tokens)),
+        # a method: its untimed call's tokens against the unmodified model's (the calls the
+        # divergence compares); the unmodified model: its timed call against its untimed one
+        "tokens_equal_unmodified": None if base is None else (
+            divergence is None if stateful else bool(torch.equal(base[0], tokens))),
         "first_divergence": divergence,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "kernels_per_step": kernels,
