@@ -143,11 +143,15 @@ def prefill_entries(
 
     >>> ring = prefill_entries(q, q, k, v, 0.125, starts, ends, ring_size=512, offset=256)
     """
-    batch, q_heads, n_tokens, head_dim = q_post.shape
+    # Only the chunk's last M queries can reach a slot: the rest are never computed (memory
+    # linear in the prompt, not quadratic).
+    batch, q_heads, n_chunk, head_dim = q_post.shape
+    n_tokens = min(n_chunk, ring_size)
+    q_post, q_pre = q_post[:, :, n_chunk - n_tokens:], q_pre[:, :, n_chunk - n_tokens:]
     device = q_post.device
     s0 = key_starts.to(device).long()
     end = ends.to(device).long()
-    positions = end[:, None] - n_tokens + torch.arange(n_tokens, device=device)  # [B, N]
+    positions = end[:, None] - n_tokens + torch.arange(n_tokens, device=device)  # [B, M']
     keep = positions >= torch.maximum(end - ring_size, s0)[:, None]
     e_p = prefix_end(positions, s0[:, None], offset)  # [B, N]
     keys = torch.arange(k.shape[2], device=device)

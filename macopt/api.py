@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from macopt import distributed
+from macopt import distributed, prompt_mask
 from macopt.config import MethodConfig
 from macopt.passes import scope
 from macopt.passes._compat import (
@@ -140,13 +140,16 @@ def _route_eager_forward(model: torch.nn.Module, stateful: bool) -> None:
         return
     plain = model.forward
     rewritten = torch.compile(plain, backend=backend(inductor=False))
+    if hasattr(model, "config"):  # transformers: no [B, 1, C, N] mask for a fresh prompt
+        prompt_mask.install()
 
     @functools.wraps(plain)
     def forward(*args, **kwargs):  # noqa: ANN202
         if torch.compiler.is_compiling():  # the user's own compile: let it see the plain code
             return plain(*args, **kwargs)
         _ready_static_cache(model, args, kwargs)
-        return rewritten(*args, **kwargs)
+        with prompt_mask.causal_prompt(prompt_mask.fresh_causal_prompt(args, kwargs)):
+            return rewritten(*args, **kwargs)
 
     model._macopt_plain_forward = plain
     model.forward = _with_own_code(forward, f"macopt_{id(model):x}")

@@ -11,6 +11,11 @@ makes for that mask (:mod:`macopt.causal_prefill_ops`). Both branches compute SD
 mask the graph built, so the rewrite is exact; what the method's state builder reads (the
 attention output, q, k, v, the mask) is the same tensor values as before.
 
+A prompt into an empty cache with no padding never gets here with a mask: the routed forward
+has transformers build none for it (:mod:`macopt.prompt_mask`; the mask itself was 16 GiB a row
+at a 128K prompt). This pass serves the prompts that check cannot decide and the masks it must
+keep (a chunk continuing a sequence, left padding).
+
 Every prefill site of the graph qualifies, tagged or not: it is a property of the route (run
 the traced forward as eager would), so the traced control without any tag (``macopt bench
 e2e``'s ``unmodified-traced``) runs the same attention as the routed methods. The decision per

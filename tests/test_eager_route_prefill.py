@@ -170,9 +170,10 @@ def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_routed_prompt_takes_the_causal_path_with_the_unmodified_logits(family, sdpa_calls):
-    """A prompt into an empty static cache: every layer through SDPA's is_causal, as eager;
-    then a chunk continuing it (keys already in the cache): its mask, as eager."""
+def test_routed_prompt_builds_no_mask_and_a_chunk_keeps_its_own(family, sdpa_calls, graphs_run):
+    """A prompt into an empty static cache: transformers builds no ``[B, 1, C, N]`` mask and
+    every layer takes SDPA's is_causal, as eager (``macopt.prompt_mask``); then a chunk
+    continuing it (keys already in the cache): its mask, checked at run time, as eager."""
     reference = _model(family)
     ids = _ids(1, FIRST + SECOND)
     chunks = [ids[:, :FIRST], ids[:, FIRST:]]
@@ -180,14 +181,42 @@ def test_routed_prompt_takes_the_causal_path_with_the_unmodified_logits(family, 
     model = macopt.optimize(copy.deepcopy(reference), MAC)
     sdpa_calls.clear()
     prompt = _chunks_through(model, chunks[:1])
-    layers = reference.config.num_hidden_layers
-    assert sdpa_calls == [True] * layers
+    assert sdpa_calls == []  # no mask to check: the graph's own SDPA, is_causal
+    assert not _square_masks(graphs_run[-1], FIRST)
     torch.testing.assert_close(prompt[0], want[0], atol=1e-4, rtol=1e-4)
     sdpa_calls.clear()
     got = _chunks_through(model, chunks)
-    assert sdpa_calls == [True] * layers + [False] * layers
+    assert sdpa_calls == [False] * reference.config.num_hidden_layers
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def _square_masks(gm: torch.fx.GraphModule, queries: int) -> list[torch.fx.Node]:
+    """Boolean nodes of ``gm`` holding a mask row per query over the cache ([.., C, N])."""
+    def is_mask(node: torch.fx.Node) -> bool:
+        val = node.meta.get("val")
+        return (isinstance(val, torch.Tensor) and val.dtype == torch.bool and val.dim() >= 2
+                and tuple(val.shape[-2:]) == (queries, CACHE_LEN))
+    return [n for n in gm.graph.nodes if is_mask(n)]
+
+
+def test_causal_mask_check_runs_where_the_prompt_check_cannot_decide(monkeypatch, sdpa_calls,
+                                                                    graphs_run):
+    """A prompt whose cache the routed forward cannot read as empty keeps transformers' mask
+    (the mask the test above finds absent); the run-time check then finds it causal and takes
+    SDPA's causal path."""
+    from macopt import prompt_mask
+
+    reference = _model("llama")
+    ids = _ids(1, FIRST)
+    want = _chunks_through(reference, [ids])
+    model = macopt.optimize(copy.deepcopy(reference), MAC)
+    monkeypatch.setattr(prompt_mask, "fresh_causal_prompt", lambda args, kwargs: False)
+    sdpa_calls.clear()
+    got = _chunks_through(model, [ids])
+    assert sdpa_calls == [True] * reference.config.num_hidden_layers
+    assert _square_masks(graphs_run[-1], FIRST)
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
 
 
 def test_routed_left_padded_batch_keeps_its_mask_and_the_unmodified_logits(sdpa_calls):
@@ -209,9 +238,15 @@ def test_routed_left_padded_batch_keeps_its_mask_and_the_unmodified_logits(sdpa_
 
 def test_explain_reports_the_prefill_attention_path():
     model = macopt.optimize(_model("llama"), MAC)
-    _chunks_through(model, [_ids(1, FIRST)])
-    prefill = [r for r in macopt.explain(model) if r.phase == "prefill"]
-    assert len(prefill) == 2 and all(r.prefill_attention == REWRITTEN for r in prefill)
+    _chunks_through(model, [_ids(1, FIRST)])  # a prompt: SDPA is_causal, no mask built
+    ids = _ids(1, SECOND, seed=1)
+    cache = static_cache(model, 1, CACHE_LEN, torch.float32, "cpu")
+    with torch.no_grad():  # a prompt, then a chunk continuing it: a mask, checked at run time
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    prefill = [r.prefill_attention for r in macopt.explain(model) if r.phase == "prefill"]
+    assert prefill.count("kept as traced: SDPA is_causal already") == 2
+    assert prefill.count(REWRITTEN) == 2
     assert "attention: SDPA is_causal" in str(macopt.explain(model).table().columns[-1]._cells)
 
 

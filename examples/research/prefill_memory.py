@@ -6,7 +6,11 @@ prefill route hold memory that grows with the prompt length squared?
 One process per point (``ru_maxrss`` is a process-wide peak). A one-layer Llama (head dim 64,
 random weights), static cache, two new tokens. Measured 2026-12-06 (BENCHMARKS.md 13a): MAC's
 traced prefill route grows ~N^2 (+0.45 GiB at 4K, +1.6 GiB at 8K over exact), unmodified and
-exact do not; on the H100 at 128K the MAC rows peak ~13 GiB above exact.
+exact do not; on the H100 at 128K the MAC rows peak ~13 GiB above exact. Two causes, both
+fixed (2026-12-06, later): transformers' mask over the whole cache under tracing
+(macopt/prompt_mask.py) and the CPU reference's ring builder computing every prompt query's
+state rather than the last ring-size ones. After: MAC +107 / +178 / +319 MiB at 4K / 8K / 16K
+(exact +58 MiB at 8K): linear.
 """
 
 import resource
