@@ -156,11 +156,12 @@ def _match_kernel(
 
 @triton.jit
 def _decide(
-    cand_d_ptr, cand_pos_ptr, cand_ok_ptr, flat_heads, head_ok, t, s0, n_candidates, ring_size,
-    offset, sinks, radius2, t_min, STREAM_MISSES: tl.constexpr, BLOCK_R: tl.constexpr,
+    cand_d_ptr, cand_pos_ptr, cand_ok_ptr, flat_heads, head_ok, t, s0, may_hit, n_candidates,
+    ring_size, offset, sinks, radius2, t_min, STREAM_MISSES: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Per head (``flat_heads = row * Hq + head``, any 1-D set): (hit, slot of j*, first
-    prefix key) from the match candidates; ``t, s0`` are the heads' rows' values."""
+    prefix key) from the match candidates; ``t, s0`` are the heads' rows' values, ``may_hit``
+    False for a row whose key mask has holes (it misses: exact attention over its mask)."""
     cands = tl.arange(0, BLOCK_R)
     cand_ok = head_ok[:, None] & (cands < n_candidates)[None, :]
     offsets = flat_heads[:, None].to(tl.int64) * n_candidates + cands[None, :]
@@ -173,7 +174,7 @@ def _decide(
     found = j_star != _INT32_MAX
     reusable = tl.max(tl.where(nearest & (pos == j_star[:, None]), usable, 0), axis=1) != 0
     j_star = tl.where(found, j_star, 0)
-    hit = found & reusable & (best < radius2) & (t - s0 >= t_min)
+    hit = found & reusable & (best < radius2) & (t - s0 >= t_min) & may_hit
     first_prefix = s0 + sinks
     e_t = tl.maximum(t + 1 - offset, s0)
     miss_start = first_prefix if STREAM_MISSES else e_t
@@ -184,10 +185,10 @@ def _decide(
 
 @triton.jit
 def _find_item(
-    cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, item, n_groups, n_kv_heads, group,
-    n_candidates, ring_size, offset, sinks, radius2, t_min, target_items,
-    STREAM_MISSES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
-    BLOCK_GP: tl.constexpr, BLOCK_R: tl.constexpr,
+    cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, holes_ptr, item, n_groups, n_kv_heads,
+    group, n_candidates, ring_size, offset, sinks, radius2, t_min, target_items,
+    STREAM_MISSES: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr, BLOCK_GP: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """The work plan of this step, computed alike by every program: (group, first item of the
     group, items of the group, keys per item) for work item ``item``; group -1 if none.
@@ -204,15 +205,17 @@ def _find_item(
     row = (groups // n_kv_heads).to(tl.int64)
     t = tl.load(t_ptr + row, mask=group_ok, other=0)
     s0 = tl.load(s0_ptr + row, mask=group_ok, other=0)
+    may_hit = _row_may_hit(holes_ptr, row, group_ok, HAS_MASK)
     e_t = tl.maximum(t + 1 - offset, s0)
     head_ok = group_ok[:, None] & (members < group)[None, :]
     flat = tl.reshape(groups[:, None] * group + members[None, :], (BLOCK_GROUPS * BLOCK_GP,))
     flat_ok = tl.reshape(head_ok, (BLOCK_GROUPS * BLOCK_GP,))
     flat_t = tl.reshape(t[:, None] + members[None, :] * 0, (BLOCK_GROUPS * BLOCK_GP,))
     flat_s0 = tl.reshape(s0[:, None] + members[None, :] * 0, (BLOCK_GROUPS * BLOCK_GP,))
+    flat_may = tl.reshape(may_hit[:, None] & (members >= 0)[None, :], (BLOCK_GROUPS * BLOCK_GP,))
     _, _, start = _decide(cand_d_ptr, cand_pos_ptr, cand_ok_ptr, flat, flat_ok, flat_t, flat_s0,
-                          n_candidates, ring_size, offset, sinks, radius2, t_min, STREAM_MISSES,
-                          BLOCK_R)
+                          flat_may, n_candidates, ring_size, offset, sinks, radius2, t_min,
+                          STREAM_MISSES, BLOCK_R)
     start = tl.reshape(start, (BLOCK_GROUPS, BLOCK_GP))
     union = tl.minimum(tl.min(tl.where(head_ok, start, e_t[:, None]), axis=1), e_t)
     length = tl.where(group_ok, t + 1 - union, 0)
@@ -228,13 +231,23 @@ def _find_item(
 
 
 @triton.jit
+def _row_may_hit(holes_ptr, row, row_ok, HAS_MASK: tl.constexpr):
+    """False where row ``row``'s key mask has holes (``holes_ptr``, uint8 per row)."""
+    if HAS_MASK:
+        return tl.load(holes_ptr + row, mask=row_ok, other=0) == 0
+    return row >= 0
+
+
+@triton.jit
 def _attend_blocks(
-    q, k_base, v_base, lo, hi, row_start, running_max, running_sum, acc, qk_scale_log2,
-    stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    q, k_base, v_base, mask_base, holes, lo, hi, row_start, running_max, running_sum, acc,
+    qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, dims, dim_ok,
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Online softmax (log2 units) of the query tile over keys ``[lo, hi)``, row r from
-    ``row_start[r]`` on: the loop body of the exact decode kernel."""
+    ``row_start[r]`` on: the loop body of the exact decode kernel. Where the batch row's key
+    mask has holes (``holes``), only the keys it keeps (read only then)."""
     for block_start in range(lo, hi, BLOCK_N):
         keys = block_start + tl.arange(0, BLOCK_N)
         key_ok = keys < hi
@@ -243,6 +256,11 @@ def _attend_blocks(
         k, v = load_kv_tile(k_base, v_base, keys64, tile_ok, dims, stride_kn, stride_kd,
                             stride_vn, stride_vd, UPCAST)
         attend = key_ok[None, :] & (keys[None, :] >= row_start[:, None])
+        if HAS_MASK:
+            # (holes broadcast by arithmetic: a scalar bool in a mask trips the interpreter)
+            read = key_ok & (keys * 0 + holes != 0)
+            keep = tl.load(mask_base + keys64 * stride_mask_n, mask=read, other=1)
+            attend = attend & (keep != 0)[None, :]
         running_max, running_sum, acc = online_softmax_update(
             q, k, v, attend, running_max, running_sum, acc, qk_scale_log2, DOT_PRECISION)
     return running_max, running_sum, acc
@@ -266,7 +284,7 @@ def _store_state(
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, t_ptr, s0_ptr, cand_d_ptr, cand_pos_ptr, cand_ok_ptr,
+    q_ptr, k_ptr, v_ptr, t_ptr, s0_ptr, cand_d_ptr, cand_pos_ptr, cand_ok_ptr, mask_ptr, holes_ptr,
     hit_ptr, slot_ptr, keys_ptr, group_first_ptr, group_items_ptr, part_o_ptr, part_lse_ptr,
     qk_scale_log2, radius2, n_groups, n_kv_heads, group, head_dim, target_items, n_candidates,
     ring_size, offset, sinks, t_min,
@@ -275,19 +293,20 @@ def _attention_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pw, stride_pi, stride_pg, stride_pd,
     stride_plw, stride_pli, stride_plg,
-    stride_db, stride_dh,
-    STREAM_MISSES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_GROUPS: tl.constexpr, BLOCK_GP: tl.constexpr,
+    stride_db, stride_dh, stride_mask_b, stride_mask_n,
+    STREAM_MISSES: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+    BLOCK_GP: tl.constexpr,
 ):
     # A program owns one work item of the plan (_find_item): a run of at most C keys of one
     # (row, KV head) group's range [U, t], read once in [BLOCK_N, D] blocks; the group's query
     # heads are the rows of one [BLOCK_G, D] tile, each masking its own prefix start.
     item = tl.program_id(0)
     kv_pid, first_item, n_items, keys_per_item = _find_item(
-        cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, item, n_groups, n_kv_heads, group,
-        n_candidates, ring_size, offset, sinks, radius2, t_min, target_items, STREAM_MISSES,
-        BLOCK_N, BLOCK_GROUPS, BLOCK_GP, BLOCK_R)
+        cand_d_ptr, cand_pos_ptr, cand_ok_ptr, t_ptr, s0_ptr, holes_ptr, item, n_groups,
+        n_kv_heads, group, n_candidates, ring_size, offset, sinks, radius2, t_min, target_items,
+        STREAM_MISSES, HAS_MASK, BLOCK_N, BLOCK_GROUPS, BLOCK_GP, BLOCK_R)
     has_item = kv_pid >= 0  # the plan has fewer items than the grid has programs
     rows = tl.arange(0, BLOCK_G)
     # (A scalar bool from a reduction broadcast into a mask trips Triton's interpreter.)
@@ -303,8 +322,9 @@ def _attention_kernel(
     s0 = tl.load(s0_ptr + batch)
     e_t = tl.maximum(t + 1 - offset, s0)
     q_heads = n_kv_heads * group
+    may_hit = _row_may_hit(holes_ptr, batch, batch >= 0, HAS_MASK)
     hit, slot, start = _decide(
-        cand_d_ptr, cand_pos_ptr, cand_ok_ptr, batch * q_heads + heads, row_ok, t, s0,
+        cand_d_ptr, cand_pos_ptr, cand_ok_ptr, batch * q_heads + heads, row_ok, t, s0, may_hit,
         n_candidates, ring_size, offset, sinks, radius2, t_min, STREAM_MISSES, BLOCK_R)
 
     # The group's first item publishes its heads' decisions and where its items lie.
@@ -329,24 +349,26 @@ def _attention_kernel(
         q = q.to(tl.float32)
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    mask_base = mask_ptr + batch * stride_mask_b
+    holes = (may_hit == 0).to(tl.int32)  # 1 where the row's mask has holes
     no_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
     no_sum = tl.zeros([BLOCK_G], tl.float32)
     no_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
     p_max, p_sum, p_acc = _attend_blocks(
-        q, k_base, v_base, lo, tl.minimum(hi, e_t), start, no_max, no_sum, no_acc,
-        qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
-        UPCAST, DOT_PRECISION, BLOCK_N)
+        q, k_base, v_base, mask_base, holes, lo, tl.minimum(hi, e_t), start, no_max, no_sum,
+        no_acc, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, dims,
+        dim_ok, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N)
     everyone = tl.zeros([BLOCK_G], tl.int32)
     t_max, t_sum, t_acc = _attend_blocks(
-        q, k_base, v_base, tl.maximum(lo, e_t), hi, everyone, no_max, no_sum, no_acc,
-        qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
-        UPCAST, DOT_PRECISION, BLOCK_N)
+        q, k_base, v_base, mask_base, holes, tl.maximum(lo, e_t), hi, everyone, no_max, no_sum,
+        no_acc, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, dims,
+        dim_ok, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N)
     sinks_end = tl.where(has_item & (part == 0), tl.minimum(s0 + sinks, e_t), s0)
     t_max, t_sum, t_acc = _attend_blocks(
-        q, k_base, v_base, s0, sinks_end, everyone, t_max, t_sum, t_acc,
-        qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, dims, dim_ok,
-        UPCAST, DOT_PRECISION, BLOCK_N)
+        q, k_base, v_base, mask_base, holes, s0, sinks_end, everyone, t_max, t_sum, t_acc,
+        qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, dims, dim_ok,
+        HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N)
 
     # Both states of the item, empty ones as (0, -inf): the finalize merges the group's items.
     item_o = part_o_ptr + item * stride_pi
@@ -513,7 +535,8 @@ def mac_decode_step(
     t_min: int, max_depth: int, counters: Tensor | None = None,
     miss_prefix: tuple[Tensor, Tensor] | None = None, num_splits: int | None = None,
     match_programs: int | None = None, block_n: int | None = None,
-    candidates: MatchCandidates | None = None,
+    candidates: MatchCandidates | None = None, key_mask: Tensor | None = None,
+    holes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MAC decode step on the GPU (or the Triton interpreter); updates ``ring`` in place.
 
@@ -527,8 +550,10 @@ def mac_decode_step(
     the work items per (row, KV head) of an all-miss step (default: the exact decode kernel's
     split count for this cache size, with its blocks and warps). ``candidates``: this step's
     :func:`match_candidates`, when the caller ran the match already (MAC + Top-K + phi decides
-    which groups need a Top-K + phi state from them). Three launches: match, attention,
-    finalize.
+    which groups need a Top-K + phi state from them). ``key_mask`` (bool ``[B, N]``) with
+    ``holes`` (bool ``[B]``: the rows whose mask drops keys inside ``[s0, t]``): such a row
+    misses and attends only the keys its mask keeps (exact attention over the mask); other
+    rows never read the mask. Three launches: match, attention, finalize.
     """
     _check_ring(q, q_pre, ring)
     batch, q_heads, head_dim = q.shape
@@ -562,15 +587,24 @@ def mac_decode_step(
     block_d = triton.next_power_of_2(head_dim)
     block_r = triton.next_power_of_2(n_match)
     radius2 = threshold(head_dim, tau)
+    has_mask = key_mask is not None
+    if has_mask != (holes is not None):
+        raise ValueError("key_mask and holes: give both or neither")
+    if has_mask and not stream_misses:
+        raise ValueError("key_mask: not with miss_prefix (a given prefix ignores the mask)")
+    # Without a mask the kernel never reads these pointers; positions stands in.
+    mask = key_mask.view(torch.uint8) if has_mask else positions
+    holes = holes.contiguous().view(torch.uint8) if has_mask else positions
+    mask_strides = (mask.stride(0), mask.stride(1)) if has_mask else (0, 0)
 
     _attention_kernel[(n_programs,)](
-        q, k, v, positions, key_starts, cand_d, cand_pos, cand_ok,
+        q, k, v, positions, key_starts, cand_d, cand_pos, cand_ok, mask, holes,
         hit, slot, keys_read, group_first, group_items, part_o, part_lse,
         scale * _LOG2_E, radius2, n_groups, kv_heads, group, head_dim, target_items, n_match,
         ring_size, offset, sinks, t_min,
         *q.stride(), *k.stride(), *v.stride(), *part_o.stride(), *part_lse.stride(),
-        *hit.stride(),
-        STREAM_MISSES=stream_misses, UPCAST=interpreting(),
+        *hit.stride(), *mask_strides,
+        STREAM_MISSES=stream_misses, HAS_MASK=has_mask, UPCAST=interpreting(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_R=block_r, BLOCK_GROUPS=triton.next_power_of_2(n_groups),
@@ -659,8 +693,8 @@ def _all_hit_kernel(
     t = tl.load(t_ptr + batch)
     s0 = tl.load(s0_ptr + batch)
     hit, _, _ = _decide(cand_d_ptr, cand_pos_ptr, cand_ok_ptr, kv_pid * group + members,
-                        member_ok, t, s0, n_candidates, ring_size, offset, 0, radius2, t_min,
-                        False, BLOCK_R)
+                        member_ok, t, s0, True, n_candidates, ring_size, offset, 0, radius2,
+                        t_min, False, BLOCK_R)
     misses = tl.sum((member_ok & ~hit).to(tl.int32), axis=0)
     tl.store(out_ptr + kv_pid, (misses == 0).to(tl.uint8))
 

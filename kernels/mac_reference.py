@@ -268,7 +268,8 @@ def mac_decode_step(
     key_starts: Tensor, scale: float, *, offset: int, sinks: int = 0, tau: float,
     t_min: int, max_depth: int, compute_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None, miss_prefix: tuple[Tensor, Tensor] | None = None,
-    candidates: MatchCandidates | None = None,
+    candidates: MatchCandidates | None = None, key_mask: Tensor | None = None,
+    holes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MAC decode step; updates ``ring`` in place (slot ``t mod M``).
 
@@ -282,7 +283,11 @@ def mac_decode_step(
     it as its prefix state instead of attending the prefix (and writes it to the ring); its
     ``keys_read`` counts only what this step read (tail and sinks). Hits are unchanged.
     ``candidates``: this step's match, when the caller ran it already (:func:`nearest_entries`
-    or the Triton match launch); the decision is then taken from them.
+    or the Triton match launch); the decision is then taken from them. ``key_mask`` (bool
+    ``[B, N]``) with ``holes`` (bool ``[B]``: rows whose mask drops keys inside ``[s0, t]``):
+    such a row misses and attends only the keys its mask keeps, so its output is exact
+    attention over its mask and its entry that state; ``keys_read`` still counts its ranges
+    (the kernel reads them whole).
 
     >>> o, hit, keys = mac_decode_step(q, q_pre, k, v, ring, t, s0, 0.125, offset=256,
     ...                                tau=0.45, t_min=2048, max_depth=4)
@@ -294,12 +299,23 @@ def mac_decode_step(
     found = decide(candidates, t, s0, ring_size=ring.size, head_dim=q_pre.shape[-1],
                    offset=offset, sinks=sinks, tau=tau, t_min=t_min,
                    stream_misses=miss_prefix is None)
+    if (key_mask is None) != (holes is None):
+        raise ValueError("key_mask and holes: give both or neither")
+    if key_mask is not None and miss_prefix is not None:
+        raise ValueError("key_mask: not with miss_prefix (a given prefix ignores the mask)")
+    keep = None
+    if key_mask is not None:  # rows with holes: a miss over the keys the mask keeps
+        holes = holes.to(q.device)[:, None]
+        found = Match(hit=found.hit & ~holes, slot=found.slot,
+                      start=torch.where(holes, (s0 + sinks)[:, None], found.start))
+        keep = (key_mask.to(q.device) | ~holes)[:, None, :]  # [B, 1, N]
     e_t = prefix_end(t, s0, offset)[:, None].expand_as(found.start)  # [B, Hq]
     keys = torch.arange(k.shape[2], device=q.device)
 
     # Amend: the band [E(j*), E(t)) on a hit, the whole prefix [s0 + F, E(t)) on a miss.
     prefix = _between(keys, found.start, e_t)
-    o_a, lse_a = range_state(q[:, :, None], k, v, scale, prefix[:, :, None], compute_dtype)
+    o_a, lse_a = range_state(q[:, :, None], k, v, scale, _kept(prefix, keep)[:, :, None],
+                             compute_dtype)
     entry_o = _gather_slot(ring.o, found.slot).to(compute_dtype)
     entry_lse = _gather_slot(ring.lse, found.slot).to(compute_dtype)
     if miss_prefix is None:  # a miss reuses nothing
@@ -313,13 +329,18 @@ def mac_decode_step(
     # Complete: the tail [E(t), t] and the sinks [s0, min(s0 + F, E(t))), exact.
     tail = _between(keys, e_t, (t + 1)[:, None].expand_as(e_t))
     tail |= _between(keys, s0[:, None].expand_as(e_t), torch.minimum(s0[:, None] + sinks, e_t))
-    o_t, lse_t = range_state(q[:, :, None], k, v, scale, tail[:, :, None], compute_dtype)
+    o_t, lse_t = range_state(q[:, :, None], k, v, scale, _kept(tail, keep)[:, :, None],
+                             compute_dtype)
     out, _ = merge_state(o_c, lse_c, o_t[:, :, 0], lse_t[:, :, 0])
 
     depth = torch.where(found.hit, _gather_slot(ring.depth, found.slot) + 1, 0)
     _write_slot(ring, t, q_pre, o_c, lse_c, depth)
     keys_read = (prefix | tail).sum(-1).to(torch.int32)
     return out.to(out_dtype or q.dtype), found.hit, keys_read
+
+
+def _kept(keys: Tensor, keep: Tensor | None) -> Tensor:
+    return keys if keep is None else keys & keep
 
 
 def _write_slot(ring: MACRing, t: Tensor, q_pre: Tensor, o: Tensor, lse: Tensor,

@@ -19,8 +19,8 @@ A site's constants travel as one :class:`MACParams` (built from a :class:`MACCon
 (:mod:`macopt.site_params`).
 
 >>> found = torch.ops.macopt.mac_match(q_pre, t, s0, 0, 512, 0, 16, 0)  # doctest: +SKIP
->>> o = torch.ops.macopt.mac_decode_matched(q, q_pre, k, v, t, s0, *found, 0.125, 0, 512, 256,
-...                                         0, 0.45, 2048, 16, 0)  # doctest: +SKIP
+>>> o = torch.ops.macopt.mac_decode_matched(q, q_pre, k, v, t, s0, *found, None, None, 0.125,
+...                                         0, 512, 256, 0, 0.45, 2048, 16, 0)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -93,8 +93,14 @@ class MACPrefillParams(SiteParams):
 
 
 def _check_decode(q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor,
-                  key_starts: Tensor) -> None:
-    check_decode_inputs(q, k, v, key_starts, positions, None)
+                  key_starts: Tensor, key_mask: Tensor | None = None,
+                  holes: Tensor | None = None) -> None:
+    check_decode_inputs(q, k, v, key_starts, positions, key_mask)
+    if (key_mask is None) != (holes is None):
+        raise ValueError("key_mask, holes: give both or neither")
+    if holes is not None and (holes.shape != (q.shape[0],) or holes.dtype != torch.bool):
+        raise ValueError(f"holes: expected bool ({q.shape[0]},), got {holes.dtype} "
+                         f"{tuple(holes.shape)}")
     if q_pre.shape != q.shape:
         raise ValueError(f"q_pre: expected the shape of q {tuple(q.shape)}, got "
                          f"{tuple(q_pre.shape)}")
@@ -146,13 +152,15 @@ def _check_match(q_pre: Tensor, positions: Tensor, key_starts: Tensor) -> None:
 @site_op("macopt::mac_decode_matched", MACParams)
 def mac_decode_matched(
     q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_starts: Tensor,
-    cand_d: Tensor, cand_pos: Tensor, cand_ok: Tensor, scale: float, site_id: int,
-    params: MACParams,
+    cand_d: Tensor, cand_pos: Tensor, cand_ok: Tensor, key_mask: Tensor | None,
+    holes: Tensor | None, scale: float, site_id: int, params: MACParams,
 ) -> Tensor:
     """One MAC decode step ``o[B,Hq,D]`` of row ``b`` at cache position ``positions[b]`` over
     keys ``[key_starts[b], positions[b]]``, given this step's :func:`mac_match` (its three
-    tensors, in order); updates the site's ring and counters in place."""
-    _check_decode(q, q_pre, k, v, positions, key_starts)
+    tensors, in order); updates the site's ring and counters in place. ``key_mask[B, N]`` with
+    ``holes[B]`` (or both None): a row whose mask drops keys inside its range misses and
+    attends the keys its mask keeps (exact), in the same launches."""
+    _check_decode(q, q_pre, k, v, positions, key_starts, key_mask, holes)
     side_stream.join(q.device)  # the match ran on the side stream (CUDA)
     candidates = MatchCandidates(cand_d, cand_pos, cand_ok)
     ring, counters = mac_state.ring_for(site_id, q_pre, params.ring_size, params.batch_capacity)
@@ -162,20 +170,20 @@ def mac_decode_matched(
         # The finalize launch adds the step to the counters: no separate counting launch.
         o, _, _ = mac.mac_decode_step(q, q_pre, k, v, ring, positions, key_starts, scale,
                                       counters=counters, candidates=candidates,
-                                      **params.step_kwargs())
+                                      key_mask=key_mask, holes=holes, **params.step_kwargs())
     else:
         o, hit, keys_read = mac_reference.mac_decode_step(
             q, q_pre, k, v, ring, positions, key_starts, scale, candidates=candidates,
-            **params.step_kwargs())
+            key_mask=key_mask, holes=holes, **params.step_kwargs())
         mac_counters.count_decode_reference_(counters, hit, keys_read, positions, key_starts)
     mac_guard.on_decode(site_id, counters)
     return o
 
 
 @mac_decode_matched.register_fake
-def _(q, q_pre, k, v, positions, key_starts, cand_d, cand_pos, cand_ok, scale, site_id,
-      params):
-    _check_decode(q, q_pre, k, v, positions, key_starts)
+def _(q, q_pre, k, v, positions, key_starts, cand_d, cand_pos, cand_ok, key_mask, holes, scale,
+      site_id, params):
+    _check_decode(q, q_pre, k, v, positions, key_starts, key_mask, holes)
     return torch.empty_like(q)
 
 

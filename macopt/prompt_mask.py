@@ -77,6 +77,8 @@ def fresh_causal_prompt(args: tuple, kwargs: dict) -> bool:
     mask = kwargs.get("attention_mask")
     if mask is None:
         return True
+    if not isinstance(mask, torch.Tensor):  # e.g. a dict of prepared masks: theirs to keep
+        return False
     return mask.dim() == 2 and mask.shape[1] == ids.shape[1] and bool(mask.all())
 
 

@@ -20,7 +20,7 @@ from macopt.config import MACConfig
 from macopt.mac_ops import MACParams, mac_decode_matched, mac_match, mac_prefill
 from macopt.passes.graph_insert import call, size_arg
 from macopt.passes.graph_utils import aten, fake, hoist, prims
-from macopt.passes.key_range import key_range
+from macopt.passes.key_range import key_range, row_ranges
 from macopt.passes.method_rewrites import DecodeInputs, MethodRewrites, PrefillInputs
 from macopt.passes.rope import RopeMatch, pre_rope_heads_dim
 from macopt.passes.sites import AttentionSite
@@ -29,13 +29,20 @@ from macopt.passes.sites import AttentionSite
 def rewrite_mac(graph: Graph, site: AttentionSite, inputs: DecodeInputs,
                 config: MACConfig) -> Node:
     """Approximate (MAC-Attention): a query close to a recent one reuses its attention over old
-    keys; a miss, and every step when tau = 1.0, is exactly full attention.
+    keys; a miss, and every step when tau = 1.0, is exactly full attention. Rows whose key mask
+    has holes (e.g. right padding) miss: exact attention over the mask.
 
     Row positions and key starts are read from the key mask in the graph; the ring of the site
     is found by its site id (a graph constant).
     """
     batch, n_keys = size_arg(graph, site.k, 0, site), size_arg(graph, site.k, 2, site)
-    key_starts, positions = key_range(graph, site, inputs.key_mask, batch, n_keys)
+    if inputs.key_mask is None:
+        key_starts, positions = key_range(graph, site, None, batch, n_keys)
+        mask_args = (None, None)
+    else:  # rows with holes in the mask: exact over the mask, in MAC's own launches
+        ranges = row_ranges(graph, site, inputs.key_mask, batch, n_keys)
+        key_starts, positions = ranges.first, ranges.last
+        mask_args = (inputs.key_mask, ranges.holes)
     q_pre = pre_rope_query(graph, site, inputs.rope, decode=True,
                            relative=config.radius == "relative")
     params = MACParams.from_config(config)
@@ -44,7 +51,7 @@ def rewrite_mac(graph: Graph, site: AttentionSite, inputs: DecodeInputs,
     hoist(match)
     candidates = [call(graph, operator.getitem, (match, index), site) for index in range(3)]
     args = (inputs.q, q_pre, inputs.k, inputs.v, positions, key_starts, *candidates,
-            inputs.scale, inputs.site_id, *params.op_args())
+            *mask_args, inputs.scale, inputs.site_id, *params.op_args())
     return call(graph, mac_decode_matched.overload, args, site)
 
 
@@ -60,7 +67,10 @@ def rewrite_mac_prefill(
     return call(graph, mac_prefill.overload, args, site)
 
 
-REWRITES = MethodRewrites(decode=rewrite_mac, prefill=rewrite_mac_prefill)
+# Rows with holes in the key mask take exact attention inside MAC's launches (no fallback op:
+# its counter memset and extra launch cost ~5 us a layer, BENCHMARKS.md 13a).
+REWRITES = MethodRewrites(decode=rewrite_mac, prefill=rewrite_mac_prefill,
+                          honours_mask_holes=True)
 
 
 def pre_rope_query(graph: Graph, site: AttentionSite, rope: RopeMatch, decode: bool,

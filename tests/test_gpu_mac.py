@@ -82,8 +82,8 @@ def test_the_two_op_step_captured_in_a_cuda_graph_equals_the_plain_step():
 
     def step():
         found = ops.mac_match(q_pre, t, s0, site, 512, 0, 4, 0)
-        return ops.mac_decode_matched(q, q_pre, k, v, t, s0, *found, scale, site, 512, 256, 0,
-                                      0.5, 0, 4, 0)
+        return ops.mac_decode_matched(q, q_pre, k, v, t, s0, *found, None, None, scale, site,
+                                      512, 256, 0, 0.5, 0, 4, 0)
 
     site_ring.copy_(ring)
     step()  # compiles the kernels before the capture

@@ -280,6 +280,40 @@ def test_a_miss_is_full_attention():
     assert torch.equal(keys.long(), (t + 1 - s0)[:, None].expand_as(keys))
 
 
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_a_row_with_mask_holes_misses_and_is_exact_over_its_mask(sinks):
+    """Rows whose key mask drops keys inside [s0, t] (right padding) miss and attend the keys
+    the mask keeps, in MAC's own launches; the other rows are the step without a mask."""
+    case = make_case(batch=3, seed=9, n_keys=90, hit_share=1.0)
+    q, q_pre, k, v, ring, t, s0 = case
+    t = torch.full_like(t, 80)
+    s0 = torch.tensor([0, 4, 0], device=DEVICE)
+    key_mask = torch.arange(90, device=DEVICE)[None, :].expand(3, 90) >= s0[:, None]
+    key_mask = key_mask & (torch.arange(90, device=DEVICE)[None, :] <= t[:, None])
+    key_mask[1, 30:40] = False  # row 1: a hole (pads between its prompt and its new tokens)
+    holes = torch.tensor([False, True, False], device=DEVICE)
+    params = dict(offset=8, sinks=sinks, tau=_tau(64), t_min=0, max_depth=3)
+    plain_ring, masked_ring, ref_ring = ring.clone(), ring.clone(), ring.clone()
+    plain, plain_hit, _ = mac.mac_decode_step(q, q_pre, k, v, plain_ring, t, s0, 0.125,
+                                              num_splits=3, block_n=16, **params)
+    o, hit, keys = mac.mac_decode_step(q, q_pre, k, v, masked_ring, t, s0, 0.125, num_splits=3,
+                                       block_n=16, key_mask=key_mask, holes=holes, **params)
+    o_ref, hit_ref, keys_ref = mac_decode_step(q, q_pre, k, v, ref_ring, t, s0, 0.125,
+                                               compute_dtype=F64, out_dtype=F64,
+                                               key_mask=key_mask, holes=holes, **params)
+    assert plain_hit[1].any() and not hit[1].any()
+    assert torch.equal(hit, hit_ref) and torch.equal(keys, keys_ref)
+    assert torch.equal(hit[[0, 2]], plain_hit[[0, 2]])
+    torch.testing.assert_close(o.double(), o_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(o[[0, 2]], plain[[0, 2]], atol=1e-5, rtol=1e-5)
+    exact = reference.attention(q, k, v, 0.125, s0, t + 1, key_mask, compute_dtype=F64)
+    torch.testing.assert_close(o[1].double(), exact[1].double(), atol=1e-5, rtol=1e-5)
+    assert_rings_equal(masked_ring, ref_ring, 1e-4, 1e-4)
+    with pytest.raises(ValueError, match="both or neither"):
+        mac.mac_decode_step(q, q_pre, k, v, ring.clone(), t, s0, 0.125, key_mask=key_mask,
+                            **params)
+
+
 def test_a_hit_on_an_identical_query_at_the_same_position_is_exact():
     q, q_pre, k, v, _, t, s0 = make_case(seed=6, n_keys=90)
     t = torch.full_like(t, 89)

@@ -53,7 +53,7 @@ def _decode(p: dict, site: int, t: int, tau: float, capacity: int = 0) -> torch.
     q, q_pre = p["q"][:, :, t], p["q_pre"][:, :, t]
     found = ops.mac_match(q_pre, positions, p["starts"], site, M, 0, 16, capacity)
     return ops.mac_decode_matched(q, q_pre, p["k"], p["v"], positions, p["starts"], *found,
-                                  SCALE, site, M, S, 0, tau, 0, 16, capacity)
+                                  None, None, SCALE, site, M, S, 0, tau, 0, 16, capacity)
 
 
 def test_match_and_decode_matched_pass_opcheck_when_nothing_matches():
@@ -66,7 +66,7 @@ def test_match_and_decode_matched_pass_opcheck_when_nothing_matches():
     found = ops.mac_match(*match_args)
     torch.library.opcheck(ops.mac_decode_matched,
                           (p["q"][:, :, 12], q_pre, p["k"], p["v"], positions, p["starts"],
-                           *found, SCALE, site, M, S, 0, 1.0, 0, 16, 0))
+                           *found, None, None, SCALE, site, M, S, 0, 1.0, 0, 16, 0))
 
 
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
@@ -231,8 +231,8 @@ def test_decode_rejects_a_pre_rope_query_of_another_shape():
     found = ops.mac_match(p["q_pre"][:, :, 12], positions, p["starts"], site, M, 0, 16, 0)
     with pytest.raises(ValueError, match="q_pre"):
         ops.mac_decode_matched(p["q"][:, :, 12], p["q_pre"][:, :2, 12], p["k"], p["v"],
-                               positions, p["starts"], *found, SCALE, site, M, S, 0, 1.0, 0,
-                               16, 0)
+                               positions, p["starts"], *found, None, None, SCALE, site, M, S,
+                               0, 1.0, 0, 16, 0)
 
 
 def test_decode_compiles_with_inductor_and_keeps_state():
@@ -242,8 +242,8 @@ def test_decode_compiles_with_inductor_and_keeps_state():
     @torch.compile(fullgraph=True)
     def step(q, q_pre, k, v, positions, starts):
         found = ops.mac_match(q_pre, positions, starts, site, M, 0, 16, 0)
-        return ops.mac_decode_matched(q, q_pre, k, v, positions, starts, *found, SCALE, site,
-                                      M, S, 0, 1.0, 0, 16, 0) * 1.0
+        return ops.mac_decode_matched(q, q_pre, k, v, positions, starts, *found, None, None,
+                                      SCALE, site, M, S, 0, 1.0, 0, 16, 0) * 1.0
 
     positions = torch.full((B,), 12, dtype=torch.int32)
     got = step(p["q"][:, :, 12], p["q_pre"][:, :, 12], p["k"], p["v"], positions, p["starts"])

@@ -33,20 +33,22 @@ def _inserted(graph, target):
     return [n for n in graph.nodes if n.target is target and n.meta.get(INSERTED)]
 
 
-@pytest.mark.parametrize("config,hole_checks", [
-    (macopt.ExactConfig(), 0),  # its op reads the mask itself: no hole check
-    (macopt.MACConfig(tau=1.0, t_min=0), 1),
-], ids=["exact", "mac"])
-def test_the_mask_is_reduced_once_per_decode_graph(config, hole_checks, rewritten_graphs):
+@pytest.mark.parametrize("config,op_name,hole_checks", [
+    (macopt.ExactConfig(), "decode_attention", 0),  # its op reads the mask itself
+    # MAC: its op takes each row's holes flag (rows with holes: exact over the mask)
+    (macopt.MACConfig(tau=1.0, t_min=0), "mac_decode_matched", 1),
+    # Top-K + phi: the exact op its rows with holes take (mask_holes.py)
+    (macopt.TopKPhiConfig(sinks=1, tail=2, budget=64, page_size=16), "decode_attention_or", 1),
+], ids=["exact", "mac", "topk_phi"])
+def test_the_mask_is_reduced_once_per_decode_graph(config, op_name, hole_checks,
+                                                   rewritten_graphs):
     model = ZOO["llama"].build()
     layers = model.config.num_hidden_layers
     assert layers >= 2
     macopt.optimize(model, config)
     with _fresh_compiles():
         generate(model, 3, compiled=True)  # left-padded rows: a real mask
-    # exact: its op; MAC: the exact op its rows with holes take (mask_holes.py)
-    op = (torch.ops.macopt.decode_attention.default if hole_checks == 0
-          else torch.ops.macopt.decode_attention_or.default)
+    op = getattr(torch.ops.macopt, op_name).default
     decode = [g for g in rewritten_graphs if _inserted(g, op)]
     assert decode, "no decode graph was rewritten"
     for graph in decode:
