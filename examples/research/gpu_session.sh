@@ -11,7 +11,9 @@
 #   topk-attn  the Top-K attention launch alone over tiles / warps / stages / feature chunks
 #              (profile_steps topk-attn; ran in BENCHMARKS.md 12d)                   (~1 min)
 #   gen32-b1   32 layers through generate(), batch 1, 8K and 128K, exact / MAC rows   (~6 min)
-#   gen32-b2   the same at batch 2                                                    (~8 min)
+#   gen32-b2   the same at batch 2 (CONTEXTS=131072 or 8192: one context a call)     (~8 min)
+#   sanity     MAC's kernel tests (mask holes) on the GPU and the MAC quick start; stops the
+#              session if they fail                                                   (~1 min)
 #   essentials one call when only one is possible: the new CUDA-graph test, the quick start per
 #              method, then 8 layers through generate() at batch 1 and 2 (MAC all-hit before
 #              hit-rate-0, so a cut run keeps the bar rows); run as `essentials topk`  (~7 min)
@@ -80,10 +82,18 @@ for stage in "$@"; do
     topk-attn)
       timeout 150 python3 -m examples.research.profile_steps topk-attn 2>&1 | grep -v -i warn \
         | cut -c1-150 | tail -16 | tee -a "$OUT/profile.log" ;;
-    gen32-b1|gen32-b2)
-      cli bench generate --layers 32 --contexts 8192,131072 --batches "${stage#gen32-b}" \
-        --methods unmodified,exact,mac:1,mac:all --new-tokens 32 --json "$OUT/$stage.json" \
-        | grep -v '^ *File\|^    ' | tail -20 | tee "$OUT/$stage.log" ;;
+    gen32-b1|gen32-b2)  # CONTEXTS=131072 for one context (a b2 run of both may pass 600 s)
+      cli bench generate --layers 32 --contexts "${CONTEXTS:-8192,131072}" \
+        --batches "${stage#gen32-b}" --methods unmodified,exact,mac:1,mac:all --new-tokens 32 \
+        --json "$OUT/$stage-${CONTEXTS:-both}.json" | grep -v '^ *File\|^    ' | tail -20 \
+        | tee "$OUT/$stage-${CONTEXTS:-both}.log" ;;
+    sanity)  # before a long call: MAC's kernels with mask holes on this GPU, the quick start
+      (cd /tmp && timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
+        "$R/tests/test_mac_kernels.py" -k "holes or random_rings" 2>&1 | tail -3) \
+        | tee "$OUT/sanity.log"
+      quickstart mac | tee -a "$OUT/sanity.log"
+      grep -q " passed" "$OUT/sanity.log" && ! grep -q "failed\|Error" "$OUT/sanity.log" \
+        || { echo "sanity failed: stopping"; exit 3; } ;;
     same-speed)
       python3 -m pip install --no-deps --no-build-isolation -q --target /tmp/old "${OLD:?}" \
         2>&1 | grep -v WARNING | tail -2
