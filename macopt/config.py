@@ -96,13 +96,17 @@ class TopKPhiConfig(MethodConfig):
     in (0, 1] is a fraction of the key capacity the site sees (the cache length of the decode
     step, a shape: choosing K never syncs the host; resolved when the step runs, so it also
     holds when dynamo makes the cache length symbolic, e.g. a second prompt of another
-    length under ``cache_implementation="static"``). ``selector`` "sketch" (default) ranks
+    length under ``cache_implementation="static"``). ``selector`` "exact" (default) ranks every
+    middle key by its exact score (the paper's oracle; reads every key, needs no extra state).
+    "sketch" ranks
     every middle key by an approximate score from a 4-bit channel-major copy of the prompt's
     keys written at prefill (the ``channels`` query channels of largest magnitude in the KV
     group, None: head dim / 4; it reads ``channels / (4 D)`` of the key bytes, contiguously),
     then re-ranks the best ``rerank * budget`` by their exact score and keeps ``budget``;
-    the copy costs an eighth of the KV cache's memory. "exact" ranks every middle key by its
-    exact score (the paper's oracle; reads every key, needs no extra state); "page" ranks
+    the copy costs an eighth of the KV cache's memory; it was the default until its Triton
+    path failed every retrieval task on SmolLM2 on an H100 in bf16 (BENCHMARKS.md 14c) while
+    its torch path and Triton's interpreter answer them on the CPU: not yet understood, so
+    not the default. "page" ranks
     pages of ``page_size`` keys by Quest-style bounds (reads no key it does not retrieve; the
     budget is rounded up to whole pages); "channel" does what "sketch" does from the row-major
     cache (SparQ-style). On SmolLM2 the page bounds keep 18% of the attention mass exact Top-K
@@ -145,7 +149,7 @@ class TopKPhiConfig(MethodConfig):
     tail: int = 16
     budget: int | float = 0.02
     page_size: int = 32
-    selector: str = "sketch"
+    selector: str = "exact"
     channels: int | None = None
     rerank: int = 2
     d_phi: int | None = None

@@ -24,10 +24,13 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-06, evening (BENCHMARKS.md 13): `gen32-b2` (on an H200: MAC's prefill
-# peaks ~13 GiB above exact at 128K), the sketch's per-kernel profile after its change (`topk`,
-# with a longer limit than 170 s), `mac-launches`; and, over two calls carrying the GGUF parts
-# (examples/research/gguf_parts.sh), `real_smollm2_gpu.sh ... defaults` for the sketch default.
+# Owed as of 2026-12-06, seventh session (BENCHMARKS.md 14): `selectors` first (the new GPU
+# tests at SmolLM2's shapes pin why the sketch selector's GPU path failed every task on it,
+# 14c); `gen32-b2` with CONTEXTS=131072 on an H200 (the unmodified model's own prefill at
+# batch 2, 128K does not fit 80 GB); `mac-launches`; `topk` (the sketch's per-kernel profile);
+# and, over two calls carrying the GGUF parts, `real_smollm2_gpu.sh ... defaults topk_variants`
+# once the sketch passes. A call that carries a GGUF part must leave
+# examples/tiny-lm/model.safetensors out (64 MiB a call).
 #
 # Writes logs and JSON under $OUT (the device tool brings them back). Install first with
 # `python3 -m pip`: the machine's bare `pip` belongs to another Python.

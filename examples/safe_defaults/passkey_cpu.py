@@ -39,7 +39,7 @@ CONFIGS = {"unmodified": None, "exact": macopt.ExactConfig(), "topk": macopt.Top
 DEPTHS = [float(x) for x in os.environ.get("DEPTHS", "0.2,0.5,0.8").split(",")]
 for name in methods:
     device = os.environ.get("DEVICE", "cpu")  # DEVICE=cuda runs in bf16
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device == "cuda" or os.environ.get("BF16") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(PATH, dtype=dtype).to(device).eval()
     if CONFIGS[name] is not None:
         model = macopt.optimize(model, CONFIGS[name]) or model
