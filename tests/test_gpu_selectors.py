@@ -136,3 +136,59 @@ def test_topk_phi_decode_on_the_gpu_equals_the_cpu_reference_at_smollm2_shapes(s
     got, want = (topk_phi_output(device, dtype, selector) for device in ("cuda", "cpu"))
     error = (got - want).abs().sum(-1) / want.abs().sum(-1)
     assert error.max() < 0.05, error  # the failure on the model was 0.4-1.2 a layer
+
+
+@pytest.mark.parametrize("n_kv,group,head_dim,n_keys", MODEL_SHAPES)
+def test_each_sketch_kernel_on_the_gpu_equals_its_torch_step_at_model_shapes(n_kv, group,
+                                                                            head_dim, n_keys):
+    """The five launches one at a time, each fed the torch path's previous result, so that a
+    failure names its launch."""
+    from macopt.kernels import sketch_select as kernels
+    from macopt.kernels.sketch_select import select_candidates_reference
+    from macopt.topk_phi_select import _rerank, _sketch_query, sketch_scores_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(1, n_kv * group, head_dim, device="cuda", dtype=torch.bfloat16,
+                    generator=gen)
+    k = torch.randn(1, n_kv, n_keys, head_dim, device="cuda", dtype=torch.bfloat16,
+                    generator=gen)
+    lo = torch.tensor([4], dtype=torch.int32, device="cuda")
+    hi = torch.tensor([n_keys - 16], dtype=torch.int32, device="cuda")
+    codes_shape, scales_shape = sketch_shapes(1, n_kv, n_keys, head_dim)
+    codes = torch.full(codes_shape, 8, dtype=torch.uint8, device="cuda")
+    scales = torch.ones(scales_shape, dtype=torch.float32, device="cuda")
+    build_sketch(k, lo, hi, codes, scales)
+    scale, channels, top_k = head_dim**-0.5, head_dim // 4, -(-2 * n_keys // 100)
+
+    grouped, dims, q_scaled = _sketch_query(q, scales, scale, n_kv, channels)
+    got_dims, got_q = kernels.sketch_query(q, scales, scale, channels)
+    assert torch.equal(got_dims, dims), "sketch_query: channels"
+    torch.testing.assert_close(got_q, q_scaled, msg="sketch_query: scaled queries")
+
+    want = sketch_scores_reference(codes, dims, q_scaled, lo, hi, n_keys)
+    got, maxima = kernels.sketch_scores(codes, dims, q_scaled, lo, hi, n_keys, block_max=True)
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite), "sketch_scores: the middle"
+    torch.testing.assert_close(got[finite].float(), want[finite].float(), atol=2e-3, rtol=1e-3,
+                               msg="sketch_scores")
+
+    candidates = select_candidates_reference(want, 2 * top_k)
+    block = -(-n_keys // maxima.shape[-1])
+    ref_max = torch.stack([want[..., a:a + block].float().amax(-1)
+                           for a in range(0, n_keys, block)], dim=-1)
+    assert torch.equal(kernels.select_candidates(want, ref_max, 2 * top_k), candidates), \
+        "select_candidates"
+
+    exact = kernels.candidate_scores(q, k, candidates, lo, hi, scale)
+    k_cand = torch.gather(k.float(), 2, candidates.long()[..., None].expand(-1, -1, -1,
+                                                                             head_dim))
+    plain = torch.einsum("bhgd,bhrd->bhgr", grouped.float(), k_cand) * scale
+    inside = (candidates >= lo[:, None, None]) & (candidates < hi[:, None, None])
+    plain = plain.masked_fill(~inside[:, :, None, :], float("-inf"))
+    torch.testing.assert_close(exact, plain, atol=1e-3, rtol=1e-3, msg="candidate_scores")
+
+    chosen = kernels.rerank_select(plain, candidates, top_k)
+    wanted = _rerank(grouped, k, scale, lo, hi, candidates, top_k, None)
+    for g, w in zip(chosen[0].tolist(), wanted[0].tolist(), strict=True):
+        assert len(set(g)) == top_k, "rerank_select: duplicates"
+        assert len(set(g) & set(w)) >= 0.95 * top_k, "rerank_select"
