@@ -19,7 +19,7 @@ from torch.fx import Graph, Node
 
 from macopt.config import MethodConfig
 from macopt.passes.graph_insert import call, size_arg
-from macopt.passes.graph_utils import aten, fake, static_int, statically_equals
+from macopt.passes.graph_utils import aten, fake, is_call, static_int, statically_equals
 from macopt.passes.key_range import key_range
 from macopt.passes.masks import checked_key_mask, key_mask_source
 from macopt.passes.method_rewrites import MethodRewrites, PrefillInputs
@@ -96,8 +96,8 @@ def _prefill_inputs(
     return PrefillInputs(
         out=site.output,
         q=site.q,
-        k=site.k,
-        v=site.v,
+        k=_whole_cache(site.k),
+        v=_whole_cache(site.v),
         key_starts=first,
         ends=call(graph, aten.add.Tensor, (last, 1), site),
         scale=site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim),
@@ -105,3 +105,16 @@ def _prefill_inputs(
         site_id=site_id,
         valid_rows=valid_rows,
     )
+
+
+def _whole_cache(kv: Node) -> Node:
+    """The cache behind ``kv[:, :, :C]``: transformers cuts a prompt's keys to its own length
+    when it passes SDPA no mask (a prompt into an empty static cache, :mod:`macopt.prompt_mask`).
+    The state builders take the whole cache, as with a mask: the key range still ends at the
+    prompt's end, and a Top-K + phi state stays sized by the cache, so another prompt length
+    does not reallocate it (which CUDA graphs recorded over it would not survive)."""
+    if (is_call(kv, aten.slice.Tensor) and len(kv.args) >= 4 and kv.args[1] in (2, -2)
+            and kv.args[2] == 0 and (len(kv.args) < 5 or kv.args[4] == 1)
+            and fake(kv.args[0]) is not None and fake(kv.args[0]).dim() == 4):
+        return kv.args[0]
+    return kv

@@ -280,3 +280,27 @@ def test_routed_graph_keeps_activations_and_norms_whole(family, whole, pieces, g
     ops = {n.target.__name__.split(".")[0] for n in graphs_run[0].graph.nodes
            if n.op == "call_function" and hasattr(n.target, "__name__")}
     assert whole <= ops and not pieces & ops
+
+
+@pytest.mark.parametrize("selector", ["sketch", "page"])
+def test_a_prompt_without_a_mask_keeps_the_topk_phi_state_sized_by_the_cache(selector):
+    """With no mask transformers cuts a prompt's keys to its length; the state builders still
+    take the whole static cache, so a shorter prompt into the same cache reuses the Top-K + phi
+    state (a reallocation would break CUDA graphs recorded over it, macopt.state)."""
+    from macopt import state
+
+    model = macopt.optimize(_model("llama"), macopt.TopKPhiConfig(
+        sinks=2, tail=4, budget=8, page_size=16, selector=selector))
+    sites = {m._macopt_site_id for m in model.modules() if hasattr(m, "_macopt_site_id")}
+    seen = []
+    for length in (FIRST, SECOND):  # generate() keeps its static cache for the shorter prompt
+        ids = _ids(1, length, seed=length)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                           do_sample=False, cache_implementation="static")
+        seen.append({sid: state._STATES[sid] for sid in sites if sid in state._STATES})
+    assert seen[0] and seen[0].keys() == seen[1].keys()
+    assert all(seen[1][sid].buffers is s.buffers for sid, s in seen[0].items())
+    cache_len = model._cache.layers[0].keys.shape[2] if hasattr(model, "_cache") else None
+    assert {s.spec[3] for s in seen[1].values()} == {cache_len or FIRST + 3 - 1}
+    assert FIRST < (cache_len or FIRST + 3 - 1)  # sized by the cache, not by a prompt
