@@ -153,7 +153,7 @@ def prefill_entries(
     end = ends.to(device).long()
     positions = end[:, None] - n_tokens + torch.arange(n_tokens, device=device)  # [B, M']
     keep = positions >= torch.maximum(end - ring_size, s0)[:, None]
-    e_p = prefix_end(positions, s0[:, None], offset)  # [B, N]
+    e_p = prefix_end(positions, s0[:, None], offset)  # [B, M']
     keys = torch.arange(k.shape[2], device=device)
     attend = _between(keys, (s0 + sinks)[:, None].expand(-1, n_tokens), e_p)  # [B, N, Nk]
     attend = attend[:, None].expand(batch, q_heads, n_tokens, k.shape[2])

@@ -100,6 +100,12 @@ def ready_static_cache(model: torch.nn.Module, cache: Any, batch: int, dtype: to
     return True
 
 
+def input_tokens(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ids (or embeddings) a transformers forward was given, ``[B, L, ...]``, or None."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return kwargs.get("inputs_embeds") if ids is None else ids
+
+
 def cache_argument(kwargs: dict) -> Any:
     """The cache a transformers forward was given (``cache`` from 5.2x, ``past_key_values``
     before)."""

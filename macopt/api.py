@@ -176,9 +176,7 @@ def _ready_static_cache(model: torch.nn.Module, args: tuple, kwargs: dict) -> No
     from macopt import _hf_compat
 
     cache = _hf_compat.cache_argument(kwargs)
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None:
-        ids = kwargs.get("inputs_embeds")
+    ids = _hf_compat.input_tokens(args, kwargs)
     weight = next(model.parameters(), None)
     if cache is None or ids is None or weight is None:
         return

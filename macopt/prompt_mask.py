@@ -60,13 +60,11 @@ def fresh_causal_prompt(args: tuple, kwargs: dict) -> bool:
     """Whether a transformers forward call is a prompt of several tokens into an empty cache
     with no padding (``attention_mask`` all ones or absent). Reads the cache's length and the
     mask on the host: called for prompts only, never per decode step."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None:
-        ids = kwargs.get("inputs_embeds")
+    from macopt._hf_compat import cache_argument, input_tokens
+
+    ids = input_tokens(args, kwargs)
     if ids is None or ids.dim() < 2 or ids.shape[1] <= 1:
         return False
-    from macopt._hf_compat import cache_argument
-
     cache = cache_argument(kwargs)
     if cache is not None:
         try:
