@@ -41,6 +41,7 @@ Tensor = torch.Tensor
 _new_empty = torch.empty
 
 _BLOCK_N = 512  # tokens per scoring program at C <= 32 channels
+MIN_BLOCK_C = 32  # channels per scoring product, padded (see sketch_scores)
 _CHUNK = 4096  # tokens per program of the candidate passes
 _BLOCK_S = 1024
 N_BINS = 256
@@ -113,9 +114,11 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
                                                                               n_kv_heads):
         raise ValueError(f"dims {tuple(dims.shape)} / q_scaled {tuple(q_scaled.shape)}: "
                          f"expected [{batch}, {n_kv_heads}, C] and [{batch}, {n_kv_heads}, g, C]")
-    # tensor-core products need 16 or more rows (heads) and channels; the padding is masked
+    # tensor-core products need 16 or more rows (heads) and channels; the padding is masked.
+    # At 16 channels (head dim 64) Triton 3.6 miscompiled the product on an H100 (scores off,
+    # every SmolLM2 task lost: BENCHMARKS.md 14c, 15): 32 or more, zero-padded, is exact.
     block_g = max(16, triton.next_power_of_2(group))
-    block_c = max(16, triton.next_power_of_2(n_channels))
+    block_c = max(MIN_BLOCK_C, triton.next_power_of_2(n_channels))
     # a [C, BLOCK_N] tile of levels in registers: fewer tokens when many channels are read
     block_n = max(16, min(_BLOCK_N * 32 // max(block_c, 32),
                           triton.next_power_of_2(max(n_keys, 16))))

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-
-from tests.nanogpt import NanoGPT, NanoGPTConfig
+from nanogpt import NanoGPT, NanoGPTConfig
 
 VOCAB = 256
 _COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=256)

@@ -13,13 +13,13 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+from model_zoo import VOCAB, ZOO
+from nanogpt import NanoGPT, greedy_generate
 
 import macopt
 from macopt import _hf_compat
 from macopt.passes._compat import dynamo_counters, inductor_config, run_and_get_code
 from macopt.passes.report import SiteReport
-from tests.model_zoo import VOCAB, ZOO
-from tests.nanogpt import NanoGPT, greedy_generate
 
 DECODE_STEPS = 33  # the first token comes from prefill; 32+ decode steps follow
 PROMPT = 8

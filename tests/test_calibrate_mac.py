@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from model_zoo import ZOO
 
 import macopt
 from macopt.calibrate_mac import (
@@ -29,7 +30,6 @@ from macopt.calibrate_mac import (
 from macopt.evaluation.capture import AttentionCall
 from macopt.evaluation.harness import Method, _Cache, _KeyMeter, _prepare, _Runner
 from macopt.kernels.mac_reference import MACRing, mac_decode_step, prefill_entries, threshold
-from tests.model_zoo import ZOO
 
 
 @pytest.mark.parametrize("sinks", [0, 3])

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_zoo import ZOO
 
 import macopt
 from macopt.cli import main
 from macopt.kernels.feature_maps import positive_random_features, save_feature_maps
 from macopt.passes import scope
 from macopt.pretrained import PATCH_FILE, read_patch
-from tests.model_zoo import ZOO
 
 ATTENTION = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
 

@@ -13,10 +13,10 @@ import copy
 
 import pytest
 import torch
+from model_zoo import VOCAB, ZOO
 
 import macopt
 from macopt._hf_compat import static_cache
-from tests.model_zoo import VOCAB, ZOO
 
 MAC = macopt.MACConfig(ring_size=16, offset=4, tau=0.45, t_min=0)
 CACHE_LEN = 96  # unlike any other length in the graph: a cache-sized tensor is a cache copy

@@ -20,13 +20,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from model_zoo import VOCAB, ZOO
 
 import macopt
 from macopt import causal_prefill_ops
 from macopt._hf_compat import static_cache
 from macopt.passes._compat import dynamo
 from macopt.passes.causal_prefill import REWRITTEN
-from tests.model_zoo import VOCAB, ZOO
 
 MAC = macopt.MACConfig(ring_size=16, offset=4, tau=0.45, t_min=0)
 CACHE_LEN, FIRST, SECOND = 96, 24, 16

@@ -9,6 +9,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from model_zoo import ZOO
 
 import macopt
 from macopt.cli import main
@@ -16,7 +17,6 @@ from macopt.commands.eval import default_text_files
 from macopt.evaluation.harness import evaluate, parse_methods
 from macopt.evaluation.report import bar, quality_chart, table
 from macopt.evaluation.tasks import make_tasks, multikey, passkey
-from tests.model_zoo import ZOO
 
 
 def _encode(text: str) -> list[int]:

@@ -19,12 +19,12 @@ import copy
 
 import pytest
 import torch
+from model_zoo import ZOO
+from passes_harness import _fresh_compiles
 
 import macopt
 from macopt import _hf_compat
 from macopt.passes._compat import dynamo, dynamo_counters
-from tests.model_zoo import ZOO
-from tests.passes_harness import _fresh_compiles
 
 NEW_TOKENS = 4
 LENGTHS = (40, 41)  # static caches of 44 and 45 keys

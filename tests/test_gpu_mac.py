@@ -4,13 +4,13 @@ import copy
 
 import pytest
 import torch
+from model_zoo import VOCAB, ZOO
 
 import macopt
 from macopt import mac_state
 from macopt._hf_compat import static_cache
 from macopt.kernels import mac
 from macopt.kernels.mac_reference import MACRing, mac_decode_step
-from tests.model_zoo import VOCAB, ZOO
 
 pytestmark = [
     pytest.mark.gpu,

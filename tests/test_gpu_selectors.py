@@ -162,8 +162,12 @@ def test_each_sketch_kernel_on_the_gpu_equals_its_torch_step_at_model_shapes(n_k
 
     grouped, dims, q_scaled = _sketch_query(q, scales, scale, n_kv, channels)
     got_dims, got_q = kernels.sketch_query(q, scales, scale, channels)
-    assert torch.equal(got_dims, dims), "sketch_query: channels"
-    torch.testing.assert_close(got_q, q_scaled, msg="sketch_query: scaled queries")
+    # the channels' summed |q| is summed in another order on the GPU: near-ties may swap
+    weight = grouped.float().abs().sum(2)
+    torch.testing.assert_close(weight.gather(-1, got_dims.long()), weight.gather(-1, dims.long()),
+                               msg="sketch_query: channels")
+    same = (got_dims == dims)[:, :, None, :]
+    torch.testing.assert_close(got_q * same, q_scaled * same, msg="sketch_query: scaled queries")
 
     want = sketch_scores_reference(codes, dims, q_scaled, lo, hi, n_keys)
     got, maxima = kernels.sketch_scores(codes, dims, q_scaled, lo, hi, n_keys, block_max=True)

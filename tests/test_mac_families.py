@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from model_zoo import ZOO
+from passes_harness import DECODE_STEPS, Generation, _fresh_compiles, generate
 
 import macopt
 from macopt.passes import scope
 from macopt.passes._compat import dynamo
 from macopt.passes.report import SiteReport
 from macopt.stats import Stats
-from tests.model_zoo import ZOO
-from tests.passes_harness import DECODE_STEPS, Generation, _fresh_compiles, generate
 
 NOTHING_MATCHES = macopt.MACConfig(ring_size=16, offset=4, tau=1.0, t_min=0, batch_capacity=3)
 FAMILIES = sorted(name for name in ZOO if name != "gpt2")

@@ -12,11 +12,11 @@ import functools
 
 import pytest
 import torch
+from model_zoo import ZOO
+from passes_harness import DECODE_STEPS, _fresh_compiles, generate, hf_generate, prompts
 
 import macopt
 from macopt.passes._compat import dynamo
-from tests.model_zoo import ZOO
-from tests.passes_harness import DECODE_STEPS, _fresh_compiles, generate, hf_generate, prompts
 
 # Absolute radius: the premise above is about these models' query scale.
 HITS = macopt.MACConfig(ring_size=16, offset=4, tau=0.45, t_min=0, batch_capacity=3,

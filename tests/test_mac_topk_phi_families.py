@@ -16,11 +16,11 @@ import functools
 
 import pytest
 import torch
+from model_zoo import ZOO
+from passes_harness import DECODE_STEPS, _fresh_compiles, generate, hf_generate, prompts
 
 import macopt
 from macopt.passes._compat import dynamo
-from tests.model_zoo import ZOO
-from tests.passes_harness import DECODE_STEPS, _fresh_compiles, generate, hf_generate, prompts
 
 FAMILIES = ("llama", "qwen3")  # qwen3: q-norm before RoPE, GQA group 4
 EXACT_PARTS = macopt.MACTopKPhiConfig(

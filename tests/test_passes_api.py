@@ -9,13 +9,13 @@ from typing import ClassVar
 
 import pytest
 import torch
+from model_zoo import ZOO
 from transformers import CompileConfig
 
 import macopt
 from macopt.passes import scope
 from macopt.passes._compat import CustomGraphPass, inductor_config
 from macopt.passes.manager import MacoptPasses
-from tests.model_zoo import ZOO
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ depend on when the garbage collector frees a model that earlier code dropped."""
 from __future__ import annotations
 
 import torch
+from model_zoo import ZOO
+from passes_harness import OP_CALL, hf_generate
 
 import macopt
 from macopt.passes._compat import (
@@ -16,8 +18,6 @@ from macopt.passes._compat import (
     run_and_get_code,
 )
 from macopt.passes.manager import MacoptPasses
-from tests.model_zoo import ZOO
-from tests.passes_harness import OP_CALL, hf_generate
 
 
 def _compiled_decode_code(model: torch.nn.Module) -> list[str]:

@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_zoo import ZOO
+from passes_harness import DECODE_STEPS, OP_CALL, Generation, generate, prompts
 from transformers import StaticCache
 
 import macopt
@@ -42,8 +44,6 @@ from macopt.passes.manager import run_passes
 from macopt.passes.masks import CHECK_MESSAGE
 from macopt.passes.report import SiteReport
 from macopt.stats import Stats
-from tests.model_zoo import ZOO
-from tests.passes_harness import DECODE_STEPS, OP_CALL, Generation, generate, prompts
 
 STEPS, CACHE_LEN, BATCH = 6, 16, 3  # batch 3: rows 1 and 2 are left-padded
 SDPA_FUSED = "_scaled_dot_product_flash_attention_for_cpu"
@@ -436,8 +436,8 @@ def bias_under_inductor() -> None:
 
 
 def test_bias_fed_at_run_time_fails_loudly_under_inductor():
-    script = "from tests.test_passes_eager_sites import bias_under_inductor as f; f()"
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1],
+    script = "from test_passes_eager_sites import bias_under_inductor as f; f()"
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent,
                           capture_output=True, text=True, timeout=600)
     assert "valid mask decoded" in done.stdout, done.stderr[-2000:]
     assert done.returncode != 0 and re.search(CHECK_FAILED, done.stderr), done.stderr[-2000:]

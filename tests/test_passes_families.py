@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.model_zoo import ZOO
-from tests.passes_harness import DECODE_STEPS, OP_CALL, run_family
+from model_zoo import ZOO
+from passes_harness import DECODE_STEPS, OP_CALL, run_family
 
 FAMILIES = sorted(ZOO)
 BATCHES = (1, 3)

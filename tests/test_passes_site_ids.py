@@ -13,12 +13,12 @@ import gc
 
 import pytest
 import torch
+from nanogpt import CausalSelfAttention, NanoGPT, NanoGPTConfig, greedy_generate
 
 import macopt
 from macopt import state
 from macopt.passes import scope
 from macopt.passes.manager import MacoptPasses
-from tests.nanogpt import CausalSelfAttention, NanoGPT, NanoGPTConfig, greedy_generate
 
 CFG = NanoGPTConfig(n_layer=1)
 MAC = macopt.MACConfig(ring_size=16, offset=4, batch_capacity=1)

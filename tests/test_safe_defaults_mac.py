@@ -9,13 +9,13 @@ import warnings
 
 import pytest
 import torch
+from model_zoo import ZOO
+from passes_harness import generate
 
 import macopt
 from macopt import mac_guard
 from macopt.kernels.mac_reference import threshold
 from macopt.passes._compat import dynamo
-from tests.model_zoo import ZOO
-from tests.passes_harness import generate
 
 # Random models' pre-RoPE queries are tiny (~0.05 per element): the absolute radius of
 # tau = 0.45 (sqrt(38.7) at D = 64) makes nearly every step hit (tests/test_mac_generate.py).

@@ -4,12 +4,12 @@ the reduction over the mask (first, last, holes) is shared by the sites, not rep
 
 import pytest
 import torch
+from model_zoo import ZOO
+from passes_harness import _fresh_compiles, generate
 
 import macopt
 from macopt.passes import manager
 from macopt.passes.graph_utils import INSERTED
-from tests.model_zoo import ZOO
-from tests.passes_harness import _fresh_compiles, generate
 
 aten = torch.ops.aten
 

@@ -16,11 +16,11 @@ import re
 
 import pytest
 import torch
+from model_zoo import VOCAB, ZOO
+from passes_harness import hf_generate
 
 import macopt
 from macopt.passes._compat import dynamo, dynamo_counters
-from tests.model_zoo import VOCAB, ZOO
-from tests.passes_harness import hf_generate
 
 WINDOW = 16  # the zoo's gemma3 sliding window
 # The forward's cache argument as dynamo names it: ``cache`` from transformers 5.2x on,

@@ -129,9 +129,8 @@ def test_a_plan_splitting_a_kv_heads_query_group_is_refused(ranks):
 
 
 def test_the_readme_example_runs_on_two_cpu_ranks(tmp_path):
+    from tp_worker import LLAMA
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.tp_worker import LLAMA
 
     torch.manual_seed(0)
     whole = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()

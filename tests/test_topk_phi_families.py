@@ -16,11 +16,11 @@ import io
 
 import pytest
 import torch
+from model_zoo import ZOO
+from passes_harness import DECODE_STEPS, _fresh_compiles, generate
 from rich.console import Console
 
 import macopt
-from tests.model_zoo import ZOO
-from tests.passes_harness import DECODE_STEPS, _fresh_compiles, generate
 
 FAMILIES = ("llama", "qwen3", "gpt_neox", "gptj")  # GPT-J: float mask inputs, checked
 BATCHES = (1, 3)

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from model_zoo import ZOO
+from toy_method import ops as toy_ops
+from toy_method import rewrite as toy_rewrite
+from toy_method.config import ToyConfig
 from transformers import CompileConfig
 
 import macopt
 from macopt import config as config_module
 from macopt.passes import methods
-from tests.model_zoo import ZOO
-from tests.toy_method import ops as toy_ops
-from tests.toy_method import rewrite as toy_rewrite
-from tests.toy_method.config import ToyConfig
 
 
 @pytest.fixture(autouse=True, scope="module")

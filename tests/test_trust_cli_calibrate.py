@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_zoo import ZOO
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import macopt
 from macopt import cli
 from macopt.pretrained import parse_config_file
-from tests.model_zoo import ZOO
 
 WORDS = [f"w{i}" for i in range(200)]
 

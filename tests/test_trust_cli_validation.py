@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from model_zoo import ZOO
 
 import macopt
 from macopt.cli import main
 from macopt.topk_phi_ops import allocate_state
-from tests.model_zoo import ZOO
 
 
 @pytest.fixture(scope="module")

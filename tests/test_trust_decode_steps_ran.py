@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_zoo import ZOO
+from nanogpt import NanoGPT, greedy_generate
 
 import macopt
 from macopt.passes._compat import dynamo
-from tests.model_zoo import ZOO
-from tests.nanogpt import NanoGPT, greedy_generate
 
 PROMPT, NEW_TOKENS = 8, 3  # the prefill gives the first token; decode steps give the rest
 METHODS = {

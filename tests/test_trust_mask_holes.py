@@ -18,12 +18,12 @@ import functools
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_zoo import VOCAB, ZOO
+from passes_harness import _fresh_compiles
 
 import macopt
 from macopt import _hf_compat
 from macopt.passes._compat import dynamo
-from tests.model_zoo import VOCAB, ZOO
-from tests.passes_harness import _fresh_compiles
 
 BATCH, PROMPT, STEPS = 2, 8, 5
 MAC = macopt.MACConfig(ring_size=16, offset=4, tau=1.0, t_min=0, batch_capacity=BATCH)

@@ -14,9 +14,9 @@ import copy
 import pytest
 import torch
 import transformers
+from model_zoo import ZOO
 
 import macopt
-from tests.model_zoo import ZOO
 
 IDS = dict(vocab_size=256, bos_token_id=1, eos_token_id=None, pad_token_id=0)
 NEW_TOKENS = 3

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from passes_harness import _fresh_compiles
 from transformers import DynamicCache
 
 import macopt
 from macopt.passes import scope
-from tests.passes_harness import _fresh_compiles
 
 IDS = dict(vocab_size=256, bos_token_id=1, eos_token_id=None, pad_token_id=0)
 _MLA = dict(IDS, num_hidden_layers=2, hidden_size=128, intermediate_size=256,

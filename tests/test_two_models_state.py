@@ -10,11 +10,11 @@ model's MAC rings.
 from __future__ import annotations
 
 import torch
+from model_zoo import ZOO
+from passes_harness import DECODE_STEPS, hf_generate, prompts
 
 import macopt
 from macopt.passes._compat import dynamo_counters, inductor_config
-from tests.model_zoo import ZOO
-from tests.passes_harness import DECODE_STEPS, hf_generate, prompts
 
 
 def test_each_model_decodes_with_its_own_state():

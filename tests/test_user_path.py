@@ -8,11 +8,11 @@ import copy
 
 import pytest
 import torch
+from model_zoo import ZOO
 from transformers import StaticCache
 
 import macopt
 from macopt import _hf_compat
-from tests.model_zoo import ZOO
 
 NEW_TOKENS = 4
 

@@ -19,6 +19,8 @@
 #              hit-rate-0, so a cut run keeps the bar rows); run as `essentials topk`  (~7 min)
 #   selectors  the selectors' GPU tests (exact selector with its radix threshold, sketch), the
 #              README quick start for Top-K + phi                                     (~1 min)
+#   sketch-diag  the sketch selector's scoring launch against its torch reference per shape,
+#              with the channel tile's floor at 16 and at 32 (BENCHMARKS.md 15)       (~1 min)
 #   mac-launches  where MAC's per-layer time goes through generate(): kernels per decode step
 #              at 4 layers, 2K prompt, exact / MAC all-hit / MAC no-hit               (~2 min)
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
@@ -76,8 +78,11 @@ for stage in "$@"; do
         | cut -c1-200 | tail -12 | tee -a "$OUT/profile.log" ;;
     selectors)
       (cd /tmp && timeout 200 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
-        "$R/tests/test_gpu_selectors.py" 2>&1 | tail -6) | tee "$OUT/selectors.log"
+        "$R/tests/test_gpu_selectors.py" --tb=short -rf 2>&1 | tail -90) | tee "$OUT/selectors.log"
       quickstart topk_phi | tee -a "$OUT/selectors.log" ;;
+    sketch-diag)  # the sketch's scoring launch against torch per shape, channel tile 16 / 32
+      (cd /tmp && timeout 120 python3 "$R/examples/research/sketch_gpu_diag.py" 2>&1 \
+        | grep -v -i warn | tail -8) | tee "$OUT/sketch_diag.log" ;;
     mac-launches)
       cli bench generate --layers 4 --contexts 2048 --batches 1 --methods exact,mac:all,mac:1 \
         --new-tokens 16 --profile-kernels --json "$OUT/mac_launches.json" \
