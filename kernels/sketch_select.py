@@ -40,8 +40,10 @@ Tensor = torch.Tensor
 # Every output and workspace buffer comes from here (tests may swap in a poisoning allocator).
 _new_empty = torch.empty
 
-_BLOCK_N = 512  # tokens per scoring program at C <= 32 channels
+SCORE_TOKENS = 512  # tokens per scoring program at C <= 32 channels
 MIN_BLOCK_C = 32  # channels per scoring product, padded (see sketch_scores)
+SPLIT_PAIRS = False  # score even / odd tokens as two products (timed in BENCHMARKS.md 15)
+SCORE_WARPS = 4
 _CHUNK = 4096  # tokens per program of the candidate passes
 _BLOCK_S = 1024
 N_BINS = 256
@@ -53,6 +55,7 @@ def _sketch_scores_kernel(
     codes_ptr, dims_ptr, q_ptr, mid_start_ptr, mid_end_ptr, out_ptr, block_max_ptr,
     n_kv_heads, n_keys, head_dim, n_packed, group, n_channels, n_blocks,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_PAIRS: tl.constexpr,
 ):
     # One program per (row x KV head, block of BLOCK_N tokens). The C chosen byte rows of
     # BLOCK_N / 2 bytes each are loaded at once as one [C, BLOCK_N / 2] tile, contiguous along
@@ -76,22 +79,41 @@ def _sketch_scores_kernel(
                    mask=chan_ok[:, None] & (pairs < n_packed)[None, :], other=0x88).to(tl.int32)
     low = ((byte & 15) - 8).to(tl.float16)
     high = (((byte >> 4) & 15) - 8).to(tl.float16)
-    levels = tl.reshape(tl.join(low, high), [BLOCK_C, BLOCK_N])
     heads = tl.arange(0, BLOCK_G)
     head_ok = heads < group
     q = tl.load(q_ptr + (pid * group + heads[:, None]) * n_channels + chans[None, :],
                 mask=head_ok[:, None] & chan_ok[None, :], other=0.0)
     q_hi = q.to(tl.float16)
     q_lo = (q - q_hi.to(tl.float32)).to(tl.float16)
-    scores = tl.dot(q_lo, levels, tl.dot(q_hi, levels, out_dtype=tl.float32),
-                    out_dtype=tl.float32)
-    best = tl.max(tl.where(head_ok[:, None], scores, float("-inf")), axis=0)
     lo = tl.load(mid_start_ptr + batch)
     hi = tl.load(mid_end_ptr + batch)
-    tokens = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    best = tl.where((tokens >= lo) & (tokens < hi), best, float("-inf")).to(tl.float16)
-    tl.store(out_ptr + pid * n_keys + tokens, best, mask=tokens < n_keys)
-    tl.store(block_max_ptr + pid * n_blocks + block, tl.max(best.to(tl.float32), axis=0))
+    if SPLIT_PAIRS:
+        # even and odd tokens as two products straight from the loaded tile, stored with a
+        # stride of two (no register shuffle to interleave them first)
+        even = 2 * pairs
+        s_even = tl.dot(q_lo, low, tl.dot(q_hi, low, out_dtype=tl.float32),
+                        out_dtype=tl.float32)
+        s_odd = tl.dot(q_lo, high, tl.dot(q_hi, high, out_dtype=tl.float32),
+                       out_dtype=tl.float32)
+        b_even = tl.max(tl.where(head_ok[:, None], s_even, float("-inf")), axis=0)
+        b_odd = tl.max(tl.where(head_ok[:, None], s_odd, float("-inf")), axis=0)
+        b_even = tl.where((even >= lo) & (even < hi), b_even, float("-inf")).to(tl.float16)
+        b_odd = tl.where((even + 1 >= lo) & (even + 1 < hi), b_odd,
+                         float("-inf")).to(tl.float16)
+        tl.store(out_ptr + pid * n_keys + even, b_even, mask=even < n_keys)
+        tl.store(out_ptr + pid * n_keys + even + 1, b_odd, mask=even + 1 < n_keys)
+        top = tl.maximum(tl.max(b_even.to(tl.float32), axis=0),
+                         tl.max(b_odd.to(tl.float32), axis=0))
+        tl.store(block_max_ptr + pid * n_blocks + block, top)
+    else:
+        levels = tl.reshape(tl.join(low, high), [BLOCK_C, BLOCK_N])
+        scores = tl.dot(q_lo, levels, tl.dot(q_hi, levels, out_dtype=tl.float32),
+                        out_dtype=tl.float32)
+        best = tl.max(tl.where(head_ok[:, None], scores, float("-inf")), axis=0)
+        tokens = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        best = tl.where((tokens >= lo) & (tokens < hi), best, float("-inf")).to(tl.float16)
+        tl.store(out_ptr + pid * n_keys + tokens, best, mask=tokens < n_keys)
+        tl.store(block_max_ptr + pid * n_blocks + block, tl.max(best.to(tl.float32), axis=0))
 
 
 def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tensor,
@@ -120,7 +142,7 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
     block_g = max(16, triton.next_power_of_2(group))
     block_c = max(MIN_BLOCK_C, triton.next_power_of_2(n_channels))
     # a [C, BLOCK_N] tile of levels in registers: fewer tokens when many channels are read
-    block_n = max(16, min(_BLOCK_N * 32 // max(block_c, 32),
+    block_n = max(32, min(SCORE_TOKENS * 32 // max(block_c, 32),
                           triton.next_power_of_2(max(n_keys, 16))))
     n_blocks = triton.cdiv(max(n_keys, 1), block_n)
     out = _new_empty((batch, n_kv_heads, n_keys), dtype=torch.float16, device=codes.device)
@@ -130,7 +152,7 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
             codes.contiguous(), dims.to(torch.int32).contiguous(), q_scaled.float().contiguous(),
             mid_start, mid_end, out, maxima, n_kv_heads, n_keys, head_dim, n_packed, group,
             n_channels, n_blocks, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_N=block_n,
-            num_warps=4)
+            SPLIT_PAIRS=SPLIT_PAIRS, num_warps=SCORE_WARPS)
     return (out, maxima) if block_max else out
 
 

@@ -96,24 +96,22 @@ class TopKPhiConfig(MethodConfig):
     in (0, 1] is a fraction of the key capacity the site sees (the cache length of the decode
     step, a shape: choosing K never syncs the host; resolved when the step runs, so it also
     holds when dynamo makes the cache length symbolic, e.g. a second prompt of another
-    length under ``cache_implementation="static"``). ``selector`` "exact" (default) ranks every
-    middle key by its exact score (the paper's oracle; reads every key, needs no extra state).
-    "sketch" ranks
+    length under ``cache_implementation="static"``). ``selector`` "sketch" (default) ranks
     every middle key by an approximate score from a 4-bit channel-major copy of the prompt's
     keys written at prefill (the ``channels`` query channels of largest magnitude in the KV
     group, None: head dim / 4; it reads ``channels / (4 D)`` of the key bytes, contiguously),
     then re-ranks the best ``rerank * budget`` by their exact score and keeps ``budget``;
-    the copy costs an eighth of the KV cache's memory; it was the default until its Triton
-    path failed every retrieval task on SmolLM2 on an H100 in bf16 (BENCHMARKS.md 14c) while
-    its torch path and Triton's interpreter answer them on the CPU: not yet understood, so
-    not the default. "page" ranks
+    the copy costs an eighth of the KV cache's memory. On SmolLM2 on an H100 in bf16 it
+    answers the retrieval tasks exactly as "exact" does (BENCHMARKS.md 15). "exact" ranks every
+    middle key by its exact score (the paper's oracle; reads every key, needs no extra
+    state). "page" ranks
     pages of ``page_size`` keys by Quest-style bounds (reads no key it does not retrieve; the
     budget is rounded up to whole pages); "channel" does what "sketch" does from the row-major
     cache (SparQ-style). On SmolLM2 the page bounds keep 18% of the attention mass exact Top-K
     keeps at 2% of a 4K prompt, "sketch" 98.8%, "channel" 99.7% (median over heads;
     docs/SAFE_DEFAULTS.md), so "page" loses needles full attention finds. On the H100 at 128K,
-    2% (BENCHMARKS.md 13): "sketch" 2.6x faster than exact decode at batch 16 and 1.06x at
-    batch 1, "exact" 1.17x and 0.83x, "page" 6.1x and 2.1x. Approximate by design.
+    2% (BENCHMARKS.md 15): "sketch" 2.6x faster than exact decode at batch 16 and 1.08x at
+    batch 1, "exact" 1.19x and 0.84x, "page" 6.2x and 2.1x. Approximate by design.
     ``d_phi`` features per map (None: the head dim, as in the paper).
     ``feature_maps``: a safetensors file of calibrated maps (``macopt calibrate``); None uses
     the parameter-free positive-random-feature initialisation (seeded by ``seed``).
@@ -149,7 +147,7 @@ class TopKPhiConfig(MethodConfig):
     tail: int = 16
     budget: int | float = 0.02
     page_size: int = 32
-    selector: str = "exact"
+    selector: str = "sketch"
     channels: int | None = None
     rerank: int = 2
     d_phi: int | None = None

@@ -135,7 +135,13 @@ def topk_phi_output(device: str, dtype: torch.dtype, selector: str) -> torch.Ten
 def test_topk_phi_decode_on_the_gpu_equals_the_cpu_reference_at_smollm2_shapes(selector, dtype):
     got, want = (topk_phi_output(device, dtype, selector) for device in ("cuda", "cpu"))
     error = (got - want).abs().sum(-1) / want.abs().sum(-1)
-    assert error.max() < 0.05, error  # the failure on the model was 0.4-1.2 a layer
+    if dtype == torch.bfloat16 and selector == "sketch":
+        # bf16 scores round differently on the GPU: at near-ties one head's keys may differ by
+        # a few (0.2 on one head of nine on an H100, BENCHMARKS.md 15). The fault this pins
+        # put every head at 0.05-4.3.
+        assert error.median() < 0.01 and error.max() < 0.3, error
+    else:
+        assert error.max() < 0.05, error  # the failure on the model was 0.4-1.2 a layer
 
 
 @pytest.mark.parametrize("n_kv,group,head_dim,n_keys", MODEL_SHAPES)

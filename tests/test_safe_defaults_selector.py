@@ -29,10 +29,10 @@ def _as_sets(tokens, mid_start, mid_end):
     return out
 
 
-def test_default_config_uses_the_exact_selector_and_the_others_stay_selectable():
+def test_default_config_uses_the_sketch_selector_and_the_others_stay_selectable():
     config = TopKPhiConfig()
-    assert config.selector == "exact" and config.selector_spec() == "exact"
-    assert TopKPhiConfig(selector="sketch").selector_spec() == "sketch:0:2"
+    assert config.selector == "sketch" and config.selector_spec() == "sketch:0:2"
+    assert TopKPhiConfig(selector="exact").selector_spec() == "exact"
     assert TopKPhiConfig(selector="channel").selector_spec() == "channel:0:2"
     assert TopKPhiConfig(selector="sketch", channels=8, rerank=3).selector_spec() == "sketch:8:3"
     with pytest.raises(ValueError):

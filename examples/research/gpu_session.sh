@@ -82,7 +82,7 @@ for stage in "$@"; do
       quickstart topk_phi | tee -a "$OUT/selectors.log" ;;
     sketch-diag)  # the sketch's scoring launch against torch per shape, channel tile 16 / 32
       (cd /tmp && timeout 120 python3 "$R/examples/research/sketch_gpu_diag.py" 2>&1 \
-        | grep -v -i warn | tail -8) | tee "$OUT/sketch_diag.log" ;;
+        | grep -v -i warn | tail -25) | tee "$OUT/sketch_diag.log" ;;
     mac-launches)
       cli bench generate --layers 4 --contexts 2048 --batches 1 --methods exact,mac:all,mac:1 \
         --new-tokens 16 --profile-kernels --json "$OUT/mac_launches.json" \

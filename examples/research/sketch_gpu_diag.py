@@ -1,10 +1,18 @@
-"""Where the sketch selector's scores go wrong on a GPU: `sketch_scores` against its torch
-reference per shape, with the channel tile's floor at 16 and at 32 (BENCHMARKS.md 15).
+"""The sketch selector's scoring launch on a GPU (BENCHMARKS.md 15): its error against the torch
+reference per shape with the channel tile's floor at 16 and at 32, then each variant of the
+launch (even / odd tokens joined or as two products; tokens per program; warps) checked and
+timed at Llama-3.1-8B shapes, batch 16, 128K keys.
 
     python3 examples/research/sketch_gpu_diag.py   (or: gpu_session.sh sketch-diag)
 """
 
+import itertools
+import json
+import os
+import sys
+
 import torch
+import triton
 
 import macopt  # noqa: F401
 from macopt.kernels import sketch_select as kernels
@@ -15,33 +23,66 @@ from macopt.topk_phi_select import (
     sketch_shapes,
 )
 
-SHAPES = [(3, 3, 64, 8224), (8, 4, 64, 8224), (3, 3, 128, 8224), (8, 4, 128, 32768),
-          (2, 8, 64, 4096)]  # (KV heads, group, head dim, keys)
+SHAPES = [(1, 3, 3, 64, 8224), (1, 8, 4, 64, 8224), (1, 3, 3, 128, 8224), (1, 8, 4, 128, 32768),
+          (1, 2, 8, 64, 4096)]  # (batch, KV heads, group, head dim, keys)
+TIMED = (16, 8, 4, 128, 131072)
 
 
-def score_error(n_kv, group, head_dim, n_keys, floor):
+def problem(batch, n_kv, group, head_dim, n_keys):
     gen = torch.Generator(device="cuda").manual_seed(7)
-    q = torch.randn(1, n_kv * group, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(1, n_kv, n_keys, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
-    lo = torch.tensor([4], dtype=torch.int32, device="cuda")
-    hi = torch.tensor([n_keys - 16], dtype=torch.int32, device="cuda")
-    codes_shape, scales_shape = sketch_shapes(1, n_kv, n_keys, head_dim)
+    q = torch.randn(batch, n_kv * group, head_dim, device="cuda", dtype=torch.bfloat16,
+                    generator=gen)
+    k = torch.randn(batch, n_kv, n_keys, head_dim, device="cuda", dtype=torch.bfloat16,
+                    generator=gen)
+    lo = torch.full((batch,), 4, dtype=torch.int32, device="cuda")
+    hi = torch.full((batch,), n_keys - 16, dtype=torch.int32, device="cuda")
+    codes_shape, scales_shape = sketch_shapes(batch, n_kv, n_keys, head_dim)
     codes = torch.zeros(codes_shape, dtype=torch.uint8, device="cuda")
     scales = torch.ones(scales_shape, dtype=torch.float32, device="cuda")
     build_sketch(k, lo, hi, codes, scales)
     _, dims, q_scaled = _sketch_query(q, scales, head_dim**-0.5, n_kv, head_dim // 4)
-    want = sketch_scores_reference(codes, dims, q_scaled, lo, hi, n_keys).float()
-    kernels.MIN_BLOCK_C = floor
-    got = kernels.sketch_scores(codes, dims, q_scaled, lo, hi, n_keys).float()
+    del k
+    return codes, dims, q_scaled, lo, hi, n_keys
+
+
+def run(args, **settings):
+    saved = {name: getattr(kernels, name) for name in settings}
+    for name, value in settings.items():
+        setattr(kernels, name, value)
+    try:
+        return kernels.sketch_scores(*args, block_max=True)
+    finally:
+        for name, value in saved.items():
+            setattr(kernels, name, value)
+
+
+def error(args, want, **settings):
+    got = run(args, **settings)[0].float()
     ok = torch.isfinite(want)
-    return (got[ok] - want[ok]).abs().max().item(), want[ok].abs().max().item()
+    return (got[ok] - want[ok]).abs().max().item()
 
 
 if __name__ == "__main__":
-    print(torch.cuda.get_device_name(), torch.__version__)
-    print("KVheads group headdim keys | max error floor16 | floor32 | max |score|")
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
+    print("batch KVheads group headdim keys | max error: floor16 | floor32 | split | max |score|")
     for shape in SHAPES:
-        e16, size = score_error(*shape, 16)
-        e32, _ = score_error(*shape, 32)
-        print(*shape, f"| {e16:.4g} | {e32:.4g} | {size:.3g}")
-    kernels.MIN_BLOCK_C = 32
+        args = problem(*shape)
+        want = sketch_scores_reference(*args).float()
+        size = want[torch.isfinite(want)].abs().max().item()
+        print(*shape, f"| {error(args, want, MIN_BLOCK_C=16):.4g} | {error(args, want):.4g} | "
+              f"{error(args, want, SPLIT_PAIRS=True):.4g} | {size:.3g}")
+    args = problem(*TIMED)
+    want = sketch_scores_reference(*args).float()
+    rows = []
+    for split, tokens, warps in itertools.product((False, True), (256, 512, 1024), (4, 8)):
+        settings = dict(SPLIT_PAIRS=split, SCORE_TOKENS=tokens, SCORE_WARPS=warps)
+        err = error(args, want, **settings)
+        ms = triton.testing.do_bench(lambda s=settings: run(args, **s), rep=200)
+        rows.append(dict(settings, max_error=err, us=1000 * ms))
+        print(f"split {split!s:5} tokens {tokens:4} warps {warps} | {1000 * ms:7.1f} us | "
+              f"max error {err:.3g}")
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "sketch_scores_variants.json"), "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), shape=TIMED, rows=rows), f, indent=1)
+    sys.exit(0)
