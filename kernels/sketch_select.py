@@ -42,7 +42,6 @@ _new_empty = torch.empty
 
 SCORE_TOKENS = 512  # tokens per scoring program at C <= 32 channels
 MIN_BLOCK_C = 32  # channels per scoring product, padded (see sketch_scores)
-SPLIT_PAIRS = False  # score even / odd tokens as two products (timed in BENCHMARKS.md 15)
 SCORE_WARPS = 4
 _CHUNK = 4096  # tokens per program of the candidate passes
 _BLOCK_S = 1024
@@ -55,13 +54,12 @@ def _sketch_scores_kernel(
     codes_ptr, dims_ptr, q_ptr, mid_start_ptr, mid_end_ptr, out_ptr, block_max_ptr,
     n_kv_heads, n_keys, head_dim, n_packed, group, n_channels, n_blocks,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_PAIRS: tl.constexpr,
 ):
     # One program per (row x KV head, block of BLOCK_N tokens). The C chosen byte rows of
     # BLOCK_N / 2 bytes each are loaded at once as one [C, BLOCK_N / 2] tile, contiguous along
     # the row (wide coalesced loads). A byte holds an even token (low nibble) and the next odd
-    # one (high nibble); joined, they are the block's [C, BLOCK_N] levels in token order.
-    # Every head's score is one tensor-core product [heads, C] x [C, tokens]: summing the
+    # one (high nibble): the low nibbles are the block's even tokens, the high ones its odd.
+    # Every head's score is a tensor-core product [heads, C] x [C, tokens]: summing the
     # channels with CUDA-core reductions split them over threads and warps (shared memory and
     # barriers per head), and that took ~25x the bytes' time on an H100 (BENCHMARKS.md 13).
     # The levels (-8..7) are exact in fp16; the queries go in as an fp16 pair (value + rounding
@@ -87,33 +85,20 @@ def _sketch_scores_kernel(
     q_lo = (q - q_hi.to(tl.float32)).to(tl.float16)
     lo = tl.load(mid_start_ptr + batch)
     hi = tl.load(mid_end_ptr + batch)
-    if SPLIT_PAIRS:
-        # even and odd tokens as two products straight from the loaded tile, stored with a
-        # stride of two (no register shuffle to interleave them first)
-        even = 2 * pairs
-        s_even = tl.dot(q_lo, low, tl.dot(q_hi, low, out_dtype=tl.float32),
-                        out_dtype=tl.float32)
-        s_odd = tl.dot(q_lo, high, tl.dot(q_hi, high, out_dtype=tl.float32),
-                       out_dtype=tl.float32)
-        b_even = tl.max(tl.where(head_ok[:, None], s_even, float("-inf")), axis=0)
-        b_odd = tl.max(tl.where(head_ok[:, None], s_odd, float("-inf")), axis=0)
-        b_even = tl.where((even >= lo) & (even < hi), b_even, float("-inf")).to(tl.float16)
-        b_odd = tl.where((even + 1 >= lo) & (even + 1 < hi), b_odd,
-                         float("-inf")).to(tl.float16)
-        tl.store(out_ptr + pid * n_keys + even, b_even, mask=even < n_keys)
-        tl.store(out_ptr + pid * n_keys + even + 1, b_odd, mask=even + 1 < n_keys)
-        top = tl.maximum(tl.max(b_even.to(tl.float32), axis=0),
-                         tl.max(b_odd.to(tl.float32), axis=0))
-        tl.store(block_max_ptr + pid * n_blocks + block, top)
-    else:
-        levels = tl.reshape(tl.join(low, high), [BLOCK_C, BLOCK_N])
-        scores = tl.dot(q_lo, levels, tl.dot(q_hi, levels, out_dtype=tl.float32),
-                        out_dtype=tl.float32)
-        best = tl.max(tl.where(head_ok[:, None], scores, float("-inf")), axis=0)
-        tokens = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        best = tl.where((tokens >= lo) & (tokens < hi), best, float("-inf")).to(tl.float16)
-        tl.store(out_ptr + pid * n_keys + tokens, best, mask=tokens < n_keys)
-        tl.store(block_max_ptr + pid * n_blocks + block, tl.max(best.to(tl.float32), axis=0))
+    # even and odd tokens as two products straight from the loaded tile, stored with a stride
+    # of two (joining them into token order first costs a register shuffle: 4% slower on an
+    # H100, BENCHMARKS.md 15)
+    even = 2 * pairs
+    s_even = tl.dot(q_lo, low, tl.dot(q_hi, low, out_dtype=tl.float32), out_dtype=tl.float32)
+    s_odd = tl.dot(q_lo, high, tl.dot(q_hi, high, out_dtype=tl.float32), out_dtype=tl.float32)
+    b_even = tl.max(tl.where(head_ok[:, None], s_even, float("-inf")), axis=0)
+    b_odd = tl.max(tl.where(head_ok[:, None], s_odd, float("-inf")), axis=0)
+    b_even = tl.where((even >= lo) & (even < hi), b_even, float("-inf")).to(tl.float16)
+    b_odd = tl.where((even + 1 >= lo) & (even + 1 < hi), b_odd, float("-inf")).to(tl.float16)
+    tl.store(out_ptr + pid * n_keys + even, b_even, mask=even < n_keys)
+    tl.store(out_ptr + pid * n_keys + even + 1, b_odd, mask=even + 1 < n_keys)
+    top = tl.maximum(tl.max(b_even.to(tl.float32), axis=0), tl.max(b_odd.to(tl.float32), axis=0))
+    tl.store(block_max_ptr + pid * n_blocks + block, top)
 
 
 def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tensor,
@@ -152,7 +137,7 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
             codes.contiguous(), dims.to(torch.int32).contiguous(), q_scaled.float().contiguous(),
             mid_start, mid_end, out, maxima, n_kv_heads, n_keys, head_dim, n_packed, group,
             n_channels, n_blocks, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_N=block_n,
-            SPLIT_PAIRS=SPLIT_PAIRS, num_warps=SCORE_WARPS)
+            num_warps=SCORE_WARPS)
     return (out, maxima) if block_max else out
 
 

@@ -8,8 +8,13 @@ are event waits between the two streams, so a CUDA-graph capture (``torch.compil
 ``mode="reduce-overhead"``) records both branches as one graph.
 
 Memory rules. Outputs are allocated on the current stream before the fork (the side stream
-never allocates); inputs read on the side stream are marked with ``record_stream`` so the
-allocator does not reuse them until the side stream is done.
+never allocates). Inputs read on the side stream are held until the join: once the current
+stream has waited for the side stream, anything it later queues into their memory runs after
+the side stream's reads, so freeing them then is safe. (``record_stream`` did the same by
+deferring their free to an event the allocator polls later; in a CUDA-graph pool such a block
+still counts as allocated, and torch.compile's CUDA-graph trees refuse a warm-up that leaves
+allocations they do not track: "Detected N tensor(s) in the cudagraph pool not tracked as
+outputs".)
 
 ``MACOPT_SIDE_STREAM=0`` runs the forked work on the current stream instead (same results;
 for A/B timing and debugging).
@@ -26,6 +31,7 @@ import torch
 Tensor = torch.Tensor
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
+_HELD: dict[int, list[Tensor]] = {}  # device index -> tensors the side stream may still read
 
 
 def enabled(device: torch.device) -> bool:
@@ -33,9 +39,13 @@ def enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("MACOPT_SIDE_STREAM", "1") != "0"
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The device's side stream, created on first use."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     if index not in _STREAMS:
         _STREAMS[index] = torch.cuda.Stream(device=index)
     return _STREAMS[index]
@@ -52,11 +62,12 @@ def forked(device: torch.device, *reads: Tensor) -> Iterator[None]:
     side.wait_stream(main)
     with torch.cuda.stream(side):
         yield
-    for tensor in reads:
-        tensor.record_stream(side)
+    _HELD.setdefault(_index(device), []).extend(reads)
 
 
 def join(device: torch.device) -> None:
-    """Make the current stream wait for everything forked so far."""
+    """Make the current stream wait for everything forked so far; the forked work's inputs
+    may be freed from here on."""
     if enabled(device):
         torch.cuda.current_stream(device).wait_stream(side_stream(device))
+        _HELD.pop(_index(device), None)

@@ -1,7 +1,8 @@
 """The sketch selector's scoring launch on a GPU (BENCHMARKS.md 15): its error against the torch
-reference per shape with the channel tile's floor at 16 and at 32, then each variant of the
-launch (even / odd tokens joined or as two products; tokens per program; warps) checked and
-timed at Llama-3.1-8B shapes, batch 16, 128K keys.
+reference per shape with the channel tile's floor at 16 and at 32, then the launch's tokens per
+program and warps checked and timed at Llama-3.1-8B shapes, batch 16, 128K keys. (Session 8
+also timed even / odd tokens joined into token order before one product against two products:
+415 against 397 us at 512 tokens, 4 warps; the join is gone.)
 
     python3 examples/research/sketch_gpu_diag.py   (or: gpu_session.sh sketch-diag)
 """
@@ -64,22 +65,22 @@ def error(args, want, **settings):
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
-    print("batch KVheads group headdim keys | max error: floor16 | floor32 | split | max |score|")
+    print("batch KVheads group headdim keys | max error: floor16 | floor32 | max |score|")
     for shape in SHAPES:
         args = problem(*shape)
         want = sketch_scores_reference(*args).float()
         size = want[torch.isfinite(want)].abs().max().item()
         print(*shape, f"| {error(args, want, MIN_BLOCK_C=16):.4g} | {error(args, want):.4g} | "
-              f"{error(args, want, SPLIT_PAIRS=True):.4g} | {size:.3g}")
+              f"{size:.3g}")
     args = problem(*TIMED)
     want = sketch_scores_reference(*args).float()
     rows = []
-    for split, tokens, warps in itertools.product((False, True), (256, 512, 1024), (4, 8)):
-        settings = dict(SPLIT_PAIRS=split, SCORE_TOKENS=tokens, SCORE_WARPS=warps)
+    for tokens, warps in itertools.product((256, 512, 1024), (4, 8)):
+        settings = dict(SCORE_TOKENS=tokens, SCORE_WARPS=warps)
         err = error(args, want, **settings)
         ms = triton.testing.do_bench(lambda s=settings: run(args, **s), rep=200)
         rows.append(dict(settings, max_error=err, us=1000 * ms))
-        print(f"split {split!s:5} tokens {tokens:4} warps {warps} | {1000 * ms:7.1f} us | "
+        print(f"tokens {tokens:4} warps {warps} | {1000 * ms:7.1f} us | "
               f"max error {err:.3g}")
     out = os.environ.get("OUT")
     if out:
