@@ -26,13 +26,12 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-06, seventh session (BENCHMARKS.md 14): `selectors` first (the new GPU
-# tests at SmolLM2's shapes pin why the sketch selector's GPU path failed every task on it,
-# 14c); `gen32-b2` with CONTEXTS=131072 on an H200 (the unmodified model's own prefill at
-# batch 2, 128K does not fit 80 GB); `mac-launches`; `topk` (the sketch's per-kernel profile);
-# and, over two calls carrying the GGUF parts, `real_smollm2_gpu.sh ... defaults topk_variants`
-# once the sketch passes. A call that carries a GGUF part must leave
-# examples/tiny-lm/model.safetensors out (64 MiB a call).
+# Owed as of 2026-12-06, eighth session (BENCHMARKS.md 15): `checks` first (test_gpu_mac's
+# compiled decode with CUDA graphs, after the side stream stopped using record_stream, 15d);
+# `gen32-b2` with CONTEXTS=131072 on an H200 (the unmodified model's own prefill at batch 2,
+# 128K does not fit 80 GB); `mac-launches`; and, over two calls carrying the GGUF parts,
+# `real_smollm2_gpu.sh ... mac8k topk8k` (issue 18's GPU matrix). A call that carries a GGUF
+# part must leave examples/tiny-lm/model.safetensors out (64 MiB a call).
 #
 # Writes logs and JSON under $OUT (the device tool brings them back). Install first with
 # `python3 -m pip`: the machine's bare `pip` belongs to another Python.
@@ -57,10 +56,12 @@ quickstart() {  # the README's Quick start, per method (default: all three), on 
 
 for stage in "$@"; do
   case $stage in
-    checks)
-      (cd /tmp && timeout 150 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
-        "$R"/tests/test_gpu_*.py "$R/tests/test_kernel_decode.py" -k "gpu or otherwise or fused" \
-        2>&1 | tail -15) | tee "$OUT/checks.log"
+    checks)  # the whole pytest log stays in checks_pytest.log (failures' tracebacks included)
+      (cd /tmp && timeout 150 python3 -m pytest -p no:cacheprovider -p no:logging -o addopts="" \
+        -q -rf --tb=short "$R"/tests/test_gpu_*.py "$R/tests/test_kernel_decode.py" \
+        -k "gpu or otherwise or fused" > "$OUT/checks_pytest.log" 2>&1)
+      grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/checks_pytest.log" | cut -c1-200 \
+        | tail -20 | tee "$OUT/checks.log"
       quickstart | tee -a "$OUT/checks.log" ;;
     essentials)
       (cd /tmp && timeout 90 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
@@ -122,3 +123,8 @@ for stage in "$@"; do
   esac
   stamp "$stage"
 done
+# The device tool brings back eight files a call: more go back as one archive.
+if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
+  tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/"
+  echo "== $OUT packed into results.tgz"
+fi

@@ -12,7 +12,8 @@
 # method, 2K context, tasks at 2K); topk_variants (TopKPhiConfig() beside the settings of
 # examples/safe_defaults/configs/, on the defaults stage's tasks: what a default change does).
 # A stage whose output exists is skipped, so a run cut short resumes where it stopped.
-# Files go to $OUT (default macopt/bench/results) as real_smollm2_gpu_*. Python runs from /tmp, so
+# Files go to $OUT (default macopt/bench/results) as real_smollm2_gpu_*; PACK=1 packs them into
+# one archive (the lent GPU brings back eight files a call). Python runs from /tmp, so
 # the repository root is never on sys.path (its kernels/ folder would shadow PyPI's `kernels`).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
@@ -109,3 +110,8 @@ for stage in $STAGES; do
   esac
 done
 ls -la "$OUT"/real_smollm2_gpu_*
+# PACK=1 (on the lent GPU, whose tool brings back eight files a call): one archive instead.
+if [ -n "${PACK:-}" ]; then
+  tar czf /tmp/real_smollm2_gpu.tgz -C "$OUT" . && rm -f "$OUT"/real_smollm2_gpu_* \
+    && mv /tmp/real_smollm2_gpu.tgz "$OUT/"
+fi
