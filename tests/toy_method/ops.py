@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from macopt.site_params import SiteParams, site_op
-from tests.toy_method.config import ToyConfig
-from tests.toy_method.kernels import window_attention
+
+from .config import ToyConfig
+from .kernels import window_attention
 
 CALLS: list = []  # the ToyParams each decode step received (the test reads them)
 

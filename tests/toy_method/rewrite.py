@@ -7,8 +7,9 @@ from torch.fx import Graph, Node
 from macopt.passes.graph_insert import call
 from macopt.passes.method_rewrites import DecodeInputs, MethodRewrites
 from macopt.passes.sites import AttentionSite
-from tests.toy_method.config import ToyConfig
-from tests.toy_method.ops import ToyParams, window_decode
+
+from .config import ToyConfig
+from .ops import ToyParams, window_decode
 
 
 def rewrite_toy(graph: Graph, site: AttentionSite, inputs: DecodeInputs,
