@@ -1,6 +1,7 @@
 """The sketch selector's scoring launch on a GPU (BENCHMARKS.md 15): its error against the torch
 reference per shape with the channel tile's floor at 16 and at 32, then the launch's tokens per
-program and warps checked and timed at Llama-3.1-8B shapes, batch 16, 128K keys. (Session 8
+program, warps, and blocks per program in a pipelined loop (blocks, stages) checked and timed
+at Llama-3.1-8B shapes, batch 16, 128K keys. (Session 8
 also timed even / odd tokens joined into token order before one product against two products:
 415 against 397 us at 512 tokens, 4 warps; the join is gone.)
 
@@ -75,12 +76,15 @@ if __name__ == "__main__":
     args = problem(*TIMED)
     want = sketch_scores_reference(*args).float()
     rows = []
-    for tokens, warps in itertools.product((256, 512, 1024), (4, 8)):
-        settings = dict(SCORE_TOKENS=tokens, SCORE_WARPS=warps)
+    loops = ((1, 1), (4, 2), (8, 3))
+    for tokens, warps, (blocks, stages) in itertools.product((256, 512), (4, 8), loops):
+        settings = dict(SCORE_TOKENS=tokens, SCORE_WARPS=warps, SCORE_BLOCKS=blocks,
+                        SCORE_STAGES=stages)
         err = error(args, want, **settings)
         ms = triton.testing.do_bench(lambda s=settings: run(args, **s), rep=200)
         rows.append(dict(settings, max_error=err, us=1000 * ms))
-        print(f"tokens {tokens:4} warps {warps} | {1000 * ms:7.1f} us | "
+        print(f"tokens {tokens:4} warps {warps} blocks {blocks} stages {stages} | "
+              f"{1000 * ms:7.1f} us | "
               f"max error {err:.3g}")
     out = os.environ.get("OUT")
     if out:
