@@ -176,8 +176,18 @@ def mac_decode_matched(
             q, q_pre, k, v, ring, positions, key_starts, scale, candidates=candidates,
             key_mask=key_mask, holes=holes, **params.step_kwargs())
         mac_counters.count_decode_reference_(counters, hit, keys_read, positions, key_starts)
-    mac_guard.on_decode(site_id, counters)
+    mac_guard.on_decode(site_id, counters, measure=lambda: _error_against_exact(
+        o, q, k, v, key_starts, positions, key_mask, scale))
     return o
+
+
+def _error_against_exact(o: Tensor, q: Tensor, k: Tensor, v: Tensor, key_starts: Tensor,
+                         positions: Tensor, key_mask: Tensor | None, scale: float) -> float:
+    """Relative L1 distance of a MAC step's output from exact attention over the same keys:
+    the guard's check (one exact decode and a host sync, once per site and sequence)."""
+    exact = torch.ops.macopt.decode_attention(q, k, v, key_starts, positions + 1, key_mask,
+                                              scale).float()
+    return ((o.float() - exact).abs().sum() / exact.abs().sum().clamp(min=1e-30)).item()
 
 
 @mac_decode_matched.register_fake

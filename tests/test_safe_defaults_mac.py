@@ -32,9 +32,24 @@ def _llama() -> torch.nn.Module:
     return model
 
 
-def _warnings_of(config: macopt.MACConfig, runs: int = 1) -> list[str]:
+# Forced hits on queries sharpened 10x: reused attention is far from exact (a relative L1 of
+# ~0.1 at the guard's step), where the zoo's plain random attention is nearly uniform and
+# reusing it costs ~0.01.
+FORCED = macopt.MACConfig(ring_size=16, offset=4, tau=-1000.0, t_min=0, batch_capacity=3,
+                          max_chain_depth=2**30)
+
+
+def _sharpened(model: torch.nn.Module, factor: float = 10.0) -> torch.nn.Module:
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+    return model
+
+
+def _warnings_of(config: macopt.MACConfig, runs: int = 1, sharpen: bool = False) -> list[str]:
     mac_guard.reset()
-    model = macopt.optimize(copy.deepcopy(_llama()), config)
+    model = _llama()
+    model = macopt.optimize(_sharpened(model) if sharpen else model, config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(runs):
@@ -44,10 +59,21 @@ def _warnings_of(config: macopt.MACConfig, runs: int = 1) -> list[str]:
 
 def test_guard_warns_once_per_site_naming_it_and_the_remedy():
     # Two generations: a site that warned in the first stays quiet in the second.
-    messages = _warnings_of(LOOSE, runs=2)
+    messages = _warnings_of(FORCED, runs=2, sharpen=True)
     assert 1 <= len(messages) <= 2  # the zoo's Llama has two attention layers
     assert all("self_attn" in m and "tau" in m and "calibrate" in m for m in messages)
+    assert all("away from exact attention" in m for m in messages)
     assert len(set(messages)) == len(messages)
+    assert all(error > mac_guard.ERROR_LIMIT for _, error in mac_guard.CHECKS.values())
+
+
+def test_guard_is_silent_when_the_reused_attention_stays_close_to_exact():
+    # The plain random model's nearly uniform attention: the loose absolute radius hits on
+    # over 90% of the steps, but the output the guard measures stays within its limit.
+    assert _warnings_of(LOOSE) == []
+    over = [(rate, error) for rate, error in mac_guard.CHECKS.values()]
+    assert over and all(rate > mac_guard.HIT_LIMIT and error <= mac_guard.ERROR_LIMIT
+                        for rate, error in over)
 
 
 def test_guard_is_silent_when_nothing_matches():
