@@ -29,9 +29,11 @@
 # Owed as of 2026-12-06, eighth session (BENCHMARKS.md 15): `checks` first (test_gpu_mac's
 # compiled decode with CUDA graphs, after the side stream stopped using record_stream, 15d);
 # `gen32-b2` with CONTEXTS=131072 on an H200 (the unmodified model's own prefill at batch 2,
-# 128K does not fit 80 GB); `mac-launches`; and, over two calls carrying the GGUF parts,
-# `real_smollm2_gpu.sh ... mac8k topk8k` (issue 18's GPU matrix). A call that carries a GGUF
-# part must leave examples/tiny-lm/model.safetensors out (64 MiB a call).
+# 128K does not fit 80 GB); `sketch-diag` (times the scoring loop's blocks / stages, 15a);
+# `mac-launches`; and, over two calls carrying the GGUF parts, `PACK=1 real_smollm2_gpu.sh ...
+# defaults mac8k topk8k` (the guard's error gate in bf16, SAFE_DEFAULTS 11; issue 18's GPU
+# matrix). A call that carries a GGUF part must leave examples/tiny-lm/model.safetensors out
+# (64 MiB a call).
 #
 # Writes logs and JSON under $OUT (the device tool brings them back). Install first with
 # `python3 -m pip`: the machine's bare `pip` belongs to another Python.
