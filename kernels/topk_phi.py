@@ -65,6 +65,13 @@ _MAX_SPLITS = 64
 # batch 16, 2% (28.6 vs 30.4 at batch 1) on the H100; every other tile, warp or feature-chunk
 # variant tried was slower (BENCHMARKS.md 12).
 _DECODE_STAGES = 2
+# The retrieved keys' feature share in a launch of its own (split over the retrieved keys
+# alone) instead of from the attention launch's tiles: the fused launch holds the feature
+# weights and products beside the softmax state (255 registers, spills, two programs an SM on
+# sm_90a) and ran at ~0.6 TB/s (BENCHMARKS.md 15b); apart, the attention is plain split-KV
+# decode and the share re-reads the retrieved K/V (a 50th of the cache at 2%).
+SEPARATE_SHARE = False
+SHARE_WARPS = 4
 
 
 @triton.jit
@@ -359,10 +366,15 @@ def _decode_split_kernel(
     HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr, SHARE_PRECISION: tl.constexpr = "ieee",
     skip_ptr=None, HAS_SKIP: tl.constexpr = False,
+    ATTEND: tl.constexpr = True, SHARE: tl.constexpr = True,
 ):
     # A program owns one (row, KV head, split) of the exact key list [sinks | tail + generated |
     # retrieved]; each [BLOCK_N, D] K/V tile serves the whole query group, and tiles holding
     # retrieved keys also feed the [F] and [g, D] subtraction accumulators.
+    # ATTEND / SHARE: the exact state, the retrieved keys' feature share, or both from the same
+    # tiles. A SHARE-only launch splits the retrieved keys alone; an ATTEND-only one carries
+    # no feature weights (their registers and the feature products limit the fused launch's
+    # occupancy: 255 registers with spills at 64 keys, 4 warps on sm_90a).
     kv_pid = tl.program_id(0)
     split = tl.program_id(1)
     batch = (kv_pid // n_kv_heads).to(tl.int64)
@@ -385,32 +397,36 @@ def _decode_split_kernel(
     total = n_exact + n_selected
     if HAS_SKIP:  # a skipped group attends nothing: its splits store empty states
         total = tl.where(tl.load(skip_ptr + kv_pid) != 0, 0, total)
-    chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
-    split_lo = split * chunk
+    first = 0 if ATTEND else n_exact  # a share-only launch starts at the retrieved keys
+    chunk = tl.cdiv(tl.cdiv(tl.maximum(total - first, 0), num_splits), BLOCK_N) * BLOCK_N
+    split_lo = first + split * chunk
     split_hi = tl.minimum(split_lo + chunk, total)
 
     q_tile = batch * stride_qb + q_heads[:, None] * stride_qh + dims[None, :] * stride_qd
     q = tl.load(q_ptr + q_tile, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    # Completion weights P[g, f] = phi_q[f] e^{m[f]} / e^{M_g}, M_g = max_f log of the same.
-    log_phi_q = tl.load(log_phi_q_ptr + (batch * n_kv_heads * group + q_heads[:, None]) * d_phi
-                        + feats[None, :], mask=row_ok[:, None] & feat_ok[None, :],
-                        other=float("-inf"))
-    m = tl.load(m_ptr + kv_pid.to(tl.int64) * d_phi + feats, mask=feat_ok, other=float("-inf"))
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
-    shifted = log_phi_q + m[None, :]
-    top = tl.max(shifted, axis=1)
-    completion_w = tl.exp(shifted - tl.where(top == float("-inf"), 0.0, top)[:, None])
+    if SHARE:
+        # Completion weights P[g, f] = phi_q[f] e^{m[f]} / e^{M_g}, M_g = max_f log of the same.
+        log_phi_q = tl.load(log_phi_q_ptr + (batch * n_kv_heads * group + q_heads[:, None])
+                            * d_phi + feats[None, :], mask=row_ok[:, None] & feat_ok[None, :],
+                            other=float("-inf"))
+        m = tl.load(m_ptr + kv_pid.to(tl.int64) * d_phi + feats, mask=feat_ok,
+                    other=float("-inf"))
+        m_shift = tl.where(m == float("-inf"), 0.0, m)
+        shifted = log_phi_q + m[None, :]
+        top = tl.max(shifted, axis=1)
+        completion_w = tl.exp(shifted - tl.where(top == float("-inf"), 0.0, top)[:, None])
 
-    # The feature map's weights are loop-invariant: read once, not once per retrieved tile
-    # (64 KB at D = F = 128; on the H100 a retrieved key cost ~15x a streamed one with the
-    # per-tile re-read).
-    lin_w, lin_b, in_w, in_b, out_w, sq_norm = _feature_weights_tile(
-        kv_head, lin_w_ptr, lin_b_ptr, in_w_ptr, in_b_ptr, out_w_ptr, sq_norm_ptr, head_dim,
-        d_phi, width, 0, HAS_MLP, BLOCK_D, BLOCK_F, BLOCK_E)
-    if HALF:  # half-precision keys: the feature products on fp16 tensor cores (see above)
-        lin_w, in_w, out_w = lin_w.to(tl.float16), in_w.to(tl.float16), out_w.to(tl.float16)
+        # The feature map's weights are loop-invariant: read once, not once per retrieved tile
+        # (64 KB at D = F = 128; on the H100 a retrieved key cost ~15x a streamed one with the
+        # per-tile re-read).
+        lin_w, lin_b, in_w, in_b, out_w, sq_norm = _feature_weights_tile(
+            kv_head, lin_w_ptr, lin_b_ptr, in_w_ptr, in_b_ptr, out_w_ptr, sq_norm_ptr, head_dim,
+            d_phi, width, 0, HAS_MLP, BLOCK_D, BLOCK_F, BLOCK_E)
+        if HALF:  # half-precision keys: the feature products on fp16 tensor cores (see above)
+            lin_w, in_w, out_w = (lin_w.to(tl.float16), in_w.to(tl.float16),
+                                  out_w.to(tl.float16))
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
     sel_base = sel_ptr + batch * stride_sb + kv_head * stride_sh
@@ -432,11 +448,12 @@ def _decode_split_kernel(
         tile_ok = key_ok[:, None] & dim_ok[None, :]
         k, v = load_kv_tile(k_base, v_base, keys64, tile_ok, dims, stride_kn, stride_kd,
                             stride_vn, stride_vd, UPCAST)
-        running_max, running_sum, acc = online_softmax_update(
-            q, k, v, key_ok[None, :], running_max, running_sum, acc, qk_scale_log2,
-            DOT_PRECISION)
+        if ATTEND:
+            running_max, running_sum, acc = online_softmax_update(
+                q, k, v, key_ok[None, :], running_max, running_sum, acc, qk_scale_log2,
+                DOT_PRECISION)
 
-        if block_start + BLOCK_N > n_exact:  # the tile holds retrieved keys
+        if SHARE and block_start + BLOCK_N > n_exact:  # the tile holds retrieved keys
             log_phi_k = _log_features_of(k.to(tl.float32), lin_w, lin_b, in_w, in_b, out_w,
                                          sq_norm, HAS_MLP, DOT_PRECISION, HALF)
             retrieved = (key_ok & is_sel)[:, None] & feat_ok[None, :]
@@ -447,31 +464,35 @@ def _decode_split_kernel(
             kernel_w = tl.dot(completion_w, tl.trans(weights), input_precision=SHARE_PRECISION)
             sub_n += tl.dot(kernel_w, v.to(tl.float32), input_precision=SHARE_PRECISION)
 
-    has_keys = running_sum > 0
-    o = acc / tl.where(has_keys, running_sum, 1.0)[:, None]
-    lse = tl.where(has_keys, (running_max + tl.log2(tl.where(has_keys, running_sum, 1.0))) * _LN_2,
-                   float("-inf"))
     part_rows = ((batch * n_kv_heads * group + q_heads) * num_splits + split).to(tl.int64)
     row_tile = part_rows[:, None] * head_dim + dims[None, :]
     row_tile_ok = row_ok[:, None] & dim_ok[None, :]
-    tl.store(o_ptr + row_tile, o, mask=row_tile_ok)
-    tl.store(lse_ptr + part_rows, lse, mask=row_ok)
-    tl.store(sub_n_ptr + row_tile, sub_n, mask=row_tile_ok)
-    tl.store(sub_u_ptr + (kv_pid * num_splits + split).to(tl.int64) * d_phi + feats, sub_u,
-             mask=feat_ok)
+    if ATTEND:
+        has_keys = running_sum > 0
+        o = acc / tl.where(has_keys, running_sum, 1.0)[:, None]
+        lse = tl.where(has_keys,
+                       (running_max + tl.log2(tl.where(has_keys, running_sum, 1.0))) * _LN_2,
+                       float("-inf"))
+        tl.store(o_ptr + row_tile, o, mask=row_tile_ok)
+        tl.store(lse_ptr + part_rows, lse, mask=row_ok)
+    if SHARE:
+        tl.store(sub_n_ptr + row_tile, sub_n, mask=row_tile_ok)
+        tl.store(sub_u_ptr + (kv_pid * num_splits + split).to(tl.int64) * d_phi + feats, sub_u,
+                 mask=feat_ok)
 
 
 @triton.jit
 def _complete_kernel(
     o_parts_ptr, lse_parts_ptr, sub_u_ptr, sub_n_ptr, log_phi_q_ptr, m_ptr, u_ptr, t_ptr,
     completion_ptr, out_ptr, out_lse_ptr,
-    n_kv_heads, group, head_dim, d_phi, num_splits, eps,
+    n_kv_heads, group, head_dim, d_phi, num_splits, share_splits, eps,
     stride_ob, stride_oh, stride_od,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr,
     skip_ptr=None, HAS_SKIP: tl.constexpr = False,
 ):
     # A program owns one (row, KV head, block of BLOCK_D output dims): it merges the splits'
-    # exact states, then builds the completion state in BLOCK_F feature chunks ([g, F] x
+    # exact states (num_splits) and sums their feature shares (share_splits: as many when one
+    # launch made both), then builds the completion state in BLOCK_F feature chunks ([g, F] x
     # [F, BLOCK_D] against T~) and merges both. The per-row scalars (lse, mass) are the same
     # in every dim block; the first one stores the lse.
     kv_pid = tl.program_id(0)
@@ -485,10 +506,11 @@ def _complete_kernel(
     dim_ok = dims < head_dim
     row_tile_ok = row_ok[:, None] & dim_ok[None, :]
 
-    n_splits, n_features = num_splits, d_phi
+    n_splits, n_shares, n_features = num_splits, share_splits, d_phi
     if HAS_SKIP:  # a skipped group reads no split and no summary: it stores the empty state
         skipped = tl.load(skip_ptr + kv_pid) != 0
         n_splits = tl.where(skipped, 0, num_splits)
+        n_shares = tl.where(skipped, 0, share_splits)
         n_features = tl.where(skipped, 0, d_phi)
     run_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_G], tl.float32)
@@ -505,8 +527,11 @@ def _complete_kernel(
         run_sum = run_sum * rescale + weight
         acc = acc * rescale[:, None] + weight[:, None] * tl.load(o_parts_ptr + tile,
                                                                mask=row_tile_ok, other=0.0)
-        sub_n += tl.load(sub_n_ptr + tile, mask=row_tile_ok, other=0.0)
         run_max = new_max
+    for split in range(n_shares):
+        part = (q_rows * share_splits + split).to(tl.int64)
+        sub_n += tl.load(sub_n_ptr + part[:, None] * head_dim + dims[None, :], mask=row_tile_ok,
+                         other=0.0)
     exact_ok = run_sum > 0
     lse_exact = tl.where(exact_ok, run_max + tl.log(tl.where(exact_ok, run_sum, 1.0)),
                          float("-inf"))
@@ -528,9 +553,9 @@ def _complete_kernel(
         feat_ok = feats < d_phi
         shifted = _completion_logits(log_phi_q_ptr, m_ptr, q_rows, row_ok, kv_pid, feats, d_phi)
         weights = tl.exp(shifted - top_shift[:, None])
-        sub_u = tl.load(sub_u_ptr + (kv_pid * num_splits + splits[:, None]).to(tl.int64) * d_phi
-                        + feats[None, :], mask=(splits < num_splits)[:, None] & feat_ok[None, :],
-                        other=0.0)
+        sub_u = tl.load(sub_u_ptr + (kv_pid * share_splits + splits[:, None]).to(tl.int64)
+                        * d_phi + feats[None, :],
+                        mask=(splits < share_splits)[:, None] & feat_ok[None, :], other=0.0)
         u = tl.load(u_ptr + kv_pid.to(tl.int64) * d_phi + feats, mask=feat_ok, other=0.0)
         u_rest = tl.maximum(u - tl.sum(sub_u, axis=0), eps)  # rounding can empty a feature
         mass += tl.sum(weights * u_rest[None, :], axis=1)
@@ -741,7 +766,7 @@ def topk_phi_decode_state(
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None = None, eps: float = 1e-6, num_splits: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, skip: Tensor | None = None,
-    num_stages: int | None = None,
+    num_stages: int | None = None, separate_share: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-K + phi decode state ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])``.
 
@@ -752,13 +777,15 @@ def topk_phi_decode_state(
     on) switches each head's completion; off gives Top-K-only renormalised attention.
     ``skip[B, Hkv]`` (uint8 or bool, optional): groups whose state is not needed (MAC + Top-K
     + phi: every head hits); they read nothing and get the empty state ``(0, -inf)``.
+    ``separate_share``: the retrieved keys' feature share in its own launch (default
+    :data:`SEPARATE_SHARE`); the result is the same up to summation order.
 
     >>> o, lse = topk_phi_decode_state(q, k, v, scale, starts, ends, summary, selected,
     ...                                log_phi_q, maps.phi_k.folded())
     """
     return _decode(q, k, v, scale, starts, ends, summary, selected, log_phi_q, phi_k,
                    completion, eps, num_splits, block_n, num_warps, torch.float32, skip,
-                   num_stages)
+                   num_stages, separate_share)
 
 
 def topk_phi_decode(
@@ -777,7 +804,7 @@ def _decode(
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None, eps: float, num_splits: int | None, block_n: int | None,
     num_warps: int | None, out_dtype: torch.dtype, skip: Tensor | None = None,
-    num_stages: int | None = None,
+    num_stages: int | None = None, separate_share: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
@@ -798,32 +825,42 @@ def _decode(
     log_phi_q = log_phi_q.to(torch.float32).contiguous()
     m, u, t = (x.to(torch.float32).contiguous() for x in summary[:3])
 
-    o_parts, sub_n = (_new_empty((batch, n_q_heads, num_splits, head_dim), dtype=torch.float32,
-                                 device=q.device) for _ in range(2))
+    separate = SEPARATE_SHARE if separate_share is None else separate_share
+    share_splits = num_splits
+    if separate:
+        share_splits = _num_splits(batch * n_kv_heads, n_selected, block_n, q.device)
+    o_parts = _new_empty((batch, n_q_heads, num_splits, head_dim), dtype=torch.float32,
+                         device=q.device)
     lse_parts = _new_empty((batch, n_q_heads, num_splits), dtype=torch.float32, device=q.device)
-    sub_u = _new_empty((batch, n_kv_heads, num_splits, d_phi), dtype=torch.float32,
+    sub_n = _new_empty((batch, n_q_heads, share_splits, head_dim), dtype=torch.float32,
+                       device=q.device)
+    sub_u = _new_empty((batch, n_kv_heads, share_splits, d_phi), dtype=torch.float32,
                        device=q.device)
     weights = _feature_weights(phi_k, q.device)
     skip_args = _skip_args(skip, batch, n_kv_heads)
     block_g, block_d, block_f = _pow2(group), _pow2(head_dim), _pow2(d_phi)
-    _decode_split_kernel[(batch * n_kv_heads, num_splits)](
-        q, k, v, starts, ends, summary.mid_start, summary.mid_end, selected, log_phi_q, m,
-        *weights, o_parts, lse_parts, sub_u, sub_n,
-        scale * _LOG2_E, n_kv_heads, n_keys, n_selected, group, head_dim, d_phi, width,
-        num_splits, *q.stride(), *k.stride(), *v.stride(), *selected.stride(),
-        HAS_MLP=phi_k.has_mlp, UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
-        HALF=_half_features(q.dtype), SHARE_PRECISION=_share_precision(q.dtype),
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_F=block_f,
-        BLOCK_E=_pow2(width), num_warps=num_warps or 4, **skip_args,
-        num_stages=num_stages or _DECODE_STAGES,
-    )
+    launches = [(num_splits, dict(ATTEND=True, SHARE=not separate), num_warps or 4)]
+    if separate:
+        launches.append((share_splits, dict(ATTEND=False, SHARE=True), SHARE_WARPS))
+    for splits, parts, warps in launches:
+        _decode_split_kernel[(batch * n_kv_heads, splits)](
+            q, k, v, starts, ends, summary.mid_start, summary.mid_end, selected, log_phi_q, m,
+            *weights, o_parts, lse_parts, sub_u, sub_n,
+            scale * _LOG2_E, n_kv_heads, n_keys, n_selected, group, head_dim, d_phi, width,
+            splits, *q.stride(), *k.stride(), *v.stride(), *selected.stride(),
+            HAS_MLP=phi_k.has_mlp, UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
+            HALF=_half_features(q.dtype), SHARE_PRECISION=_share_precision(q.dtype),
+            BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_F=block_f,
+            BLOCK_E=_pow2(width), num_warps=warps, **skip_args, **parts,
+            num_stages=num_stages or _DECODE_STAGES,
+        )
     out = _new_empty((batch, n_q_heads, head_dim), dtype=out_dtype, device=q.device)
     lse = _new_empty((batch, n_q_heads), dtype=torch.float32, device=q.device)
     dim_block = _complete_dim_block(batch * n_kv_heads, block_d, q.device)
     _complete_kernel[(batch * n_kv_heads, triton.cdiv(head_dim, dim_block))](
         o_parts, lse_parts, sub_u, sub_n, log_phi_q, m, u, t, completion.view(torch.uint8),
-        out, lse, n_kv_heads, group, head_dim, d_phi, num_splits, eps, *out.stride(),
-        BLOCK_G=block_g, BLOCK_D=dim_block, BLOCK_F=min(block_f, 32),
-        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, **skip_args,
+        out, lse, n_kv_heads, group, head_dim, d_phi, num_splits, share_splits, eps,
+        *out.stride(), BLOCK_G=block_g, BLOCK_D=dim_block, BLOCK_F=min(block_f, 32),
+        BLOCK_S=triton.next_power_of_2(share_splits), num_warps=4, **skip_args,
     )
     return out, lse

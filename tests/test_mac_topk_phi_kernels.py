@@ -70,7 +70,8 @@ def test_a_step_given_its_own_match_candidates_equals_the_plain_step():
         assert torch.equal(a, b)
 
 
-def test_a_skipped_group_gets_the_empty_state_and_the_others_are_unchanged():
+@pytest.mark.parametrize("separate_share", [False, True])
+def test_a_skipped_group_gets_the_empty_state_and_the_others_are_unchanged(separate_share):
     p = topk_phi_cases.make_problem(batch=2, n_q_heads=8, n_kv_heads=2, n_keys=160,
                                     head_dim=64, d_phi=16, device=DEVICE)
     log_phi_q, _ = p.log_phi()
@@ -84,9 +85,11 @@ def test_a_skipped_group_gets_the_empty_state_and_the_others_are_unchanged():
     assert torch.equal(selected_skip[~skip.bool()], selected[~skip.bool()])
     assert (selected_skip[skip.bool()] == -1).all()
     args = (p.q, p.k, p.v, p.scale, p.starts, p.ends, summary)
-    o, lse = topk_phi.topk_phi_decode_state(*args, selected, log_phi_q, p.maps.phi_k.folded())
+    o, lse = topk_phi.topk_phi_decode_state(*args, selected, log_phi_q, p.maps.phi_k.folded(),
+                                            separate_share=separate_share)
     o_skip, lse_skip = topk_phi.topk_phi_decode_state(*args, selected_skip, log_phi_q,
-                                                      p.maps.phi_k.folded(), skip=skip)
+                                                      p.maps.phi_k.folded(), skip=skip,
+                                                      separate_share=separate_share)
     assert torch.equal(o_skip[kept], o[kept]) and torch.equal(lse_skip[kept], lse[kept])
     assert (o_skip[~kept] == 0).all() and (lse_skip[~kept] == float("-inf")).all()
 

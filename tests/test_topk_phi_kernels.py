@@ -42,11 +42,13 @@ def _kernel_summary(p: Problem, num_splits: int | None = None) -> ref.PhiSummary
                                   num_splits=num_splits)
 
 
-def _both_decodes(p: Problem, selected, completion=None, num_splits=None, block_n=None):
+def _both_decodes(p: Problem, selected, completion=None, num_splits=None, block_n=None,
+                  separate_share=None):
     log_phi_q, log_phi_k = p.log_phi()
     kernel = topk_phi.topk_phi_decode_state(
         p.q, p.k, p.v, p.scale, p.starts, p.ends, _kernel_summary(p), selected, log_phi_q,
-        p.maps.phi_k.folded(), completion, num_splits=num_splits, block_n=block_n)
+        p.maps.phi_k.folded(), completion, num_splits=num_splits, block_n=block_n,
+        separate_share=separate_share)
     oracle = ref.topk_phi_decode_state(
         p.q, p.k, p.v, p.scale, p.starts, p.ends, p.summary(), selected, log_phi_q, log_phi_k,
         completion, compute_dtype=F64)
@@ -198,10 +200,11 @@ def test_selection_entries_outside_the_mid_region_are_ignored():
     _assert_states_close(kernel, oracle)
 
 
-def test_rows_without_mid_or_without_keys_stay_finite():
+@pytest.mark.parametrize("separate_share", [False, True])
+def test_rows_without_mid_or_without_keys_stay_finite(separate_share):
     p = make_problem(batch=3, head_dim=64, lengths=[6, 0, 40], n_generated=0)
     selected = torch.zeros(3, 2, 16, dtype=torch.int32, device=DEVICE)
-    kernel, oracle = _both_decodes(p, selected, num_splits=2)
+    kernel, oracle = _both_decodes(p, selected, num_splits=2, separate_share=separate_share)
     _assert_states_close(kernel, oracle)
     assert torch.all(kernel[0][1] == 0) and torch.all(kernel[1][1] == float("-inf"))
 
@@ -218,12 +221,13 @@ def test_rows_without_mid_or_without_keys_stay_finite():
     top_k=st.integers(1, 40),
     per_page=st.booleans(),
     num_splits=st.integers(1, 4),
+    separate_share=st.booleans(),
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
 def test_decode_kernel_matches_the_reference_on_random_problems(
     batch, group, n_kv_heads, n_keys, n_sink, n_tail, n_generated, top_k, per_page, num_splits,
-    seed, data,
+    separate_share, seed, data,
 ):
     prompt = st.integers(0, n_keys - n_generated)
     lengths = data.draw(st.lists(prompt, min_size=batch, max_size=batch), label="lengths")
@@ -236,8 +240,23 @@ def test_decode_kernel_matches_the_reference_on_random_problems(
                                          -(-top_k // 8))
     else:
         selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k)
-    kernel, oracle = _both_decodes(p, selected, num_splits=num_splits, block_n=16)
+    kernel, oracle = _both_decodes(p, selected, num_splits=num_splits, block_n=16,
+                                   separate_share=separate_share)
     _assert_states_close(kernel, oracle, tol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_share_in_its_own_launch_gives_the_fused_state(dtype):
+    # The retrieved keys' feature share from a launch of its own (split over the retrieved
+    # keys alone, its own split count) against the one launch that makes both; the MLP path.
+    p = make_problem(n_q_heads=8, n_kv_heads=2, head_dim=64, d_phi=24, n_keys=150, dtype=dtype,
+                     lengths=[140, 77], n_generated=4, seed=21)
+    _switch_mlp_on(p)
+    selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=40)
+    fused, oracle = _both_decodes(p, selected, num_splits=3, block_n=16, separate_share=False)
+    apart, _ = _both_decodes(p, selected, num_splits=3, block_n=16, separate_share=True)
+    _assert_states_close(apart, fused, tol=1e-5)
+    _assert_states_close(apart, oracle, tol=1e-4 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("head_dim", [64, 80])

@@ -21,6 +21,8 @@
 #              README quick start for Top-K + phi                                     (~1 min)
 #   sketch-diag  the sketch selector's scoring launch against its torch reference per shape,
 #              with the channel tile's floor at 16 and at 32 (BENCHMARKS.md 15)       (~1 min)
+#   ncu-topk   Nsight Compute over one Top-K + phi step per selector (128K, batch 16):
+#              throughput, occupancy, registers, stalls per launch (ncu_topk.txt)     (~3 min)
 #   mac-launches  where MAC's per-layer time goes through generate(): kernels per decode step
 #              at 4 layers, 2K prompt, exact / MAC all-hit / MAC no-hit               (~2 min)
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
@@ -86,6 +88,13 @@ for stage in "$@"; do
     sketch-diag)  # the sketch's scoring launch against torch per shape, channel tile 16 / 32
       (cd /tmp && timeout 120 python3 "$R/examples/research/sketch_gpu_diag.py" 2>&1 \
         | grep -v -i warn | tail -25) | tee "$OUT/sketch_diag.log" ;;
+    ncu-topk)  # Nsight Compute over one Top-K + phi step per selector, launch by launch
+      timeout 300 ncu --profile-from-start off --clock-control none --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis python3 -m examples.research.ncu_topk sketch page \
+        > "$OUT/ncu_topk.txt" 2>&1
+      grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occ|Theoretical Occ|Dynamic Shared|Block Limit" \
+        "$OUT/ncu_topk.txt" | cut -c1-120 | head -120 ;;
     mac-launches)
       cli bench generate --layers 4 --contexts 2048 --batches 1 --methods exact,mac:all,mac:1 \
         --new-tokens 16 --profile-kernels --json "$OUT/mac_launches.json" \

@@ -81,14 +81,18 @@ def main(argv: list[str] | None = None) -> int:
           compile_report(radix._digit_histogram_kernel, signature,
                          dict(SHIFT=16, FIRST=False, CHUNK=4096, BLOCK=1024, BINS=256), 4))
     topk = _module(root, "topk_phi")
-    for warps, block_n in ((4, 64), (8, 64), (4, 32)):
+    # the fused launch, then the attention and the feature share as launches of their own
+    for warps, block_n, attend, share in ((4, 64, True, True), (8, 64, True, True),
+                                          (4, 32, True, True), (4, 64, True, False),
+                                          (4, 64, False, True), (8, 64, False, True)):
         print(root, f"topk_phi _decode_split_kernel (bf16, d_phi 128, {block_n} keys, {warps} "
-              "warps):", compile_report(topk._decode_split_kernel, *_topk_attention(topk, block_n),
-                                        warps))
+              f"warps, attend {attend}, share {share}):",
+              compile_report(topk._decode_split_kernel,
+                             *_topk_attention(topk, block_n, ATTEND=attend, SHARE=share), warps))
     return 0
 
 
-def _topk_attention(topk, block_n: int) -> tuple[dict, dict]:
+def _topk_attention(topk, block_n: int, **launch) -> tuple[dict, dict]:
     """Signature and constants of the Top-K + phi attention launch at Llama-3.1-8B heads in bf16
     with the default random features (d_phi 128, no MLP), as ``topk_phi._decode`` launches it."""
     pointers = ("q k v starts ends mid_start mid_end sel log_phi_q m lin_w lin_b in_w in_b "
@@ -99,7 +103,8 @@ def _topk_attention(topk, block_n: int) -> tuple[dict, dict]:
     constants = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_sk=1, HAS_MLP=False,
                      UPCAST=False, DOT_PRECISION="tf32", HALF=topk.HALF_FEATURES, BLOCK_G=16,
                      BLOCK_N=block_n, BLOCK_D=128, BLOCK_F=128, BLOCK_E=16,
-                     SHARE_PRECISION=topk.SHARE_PRECISION, skip_ptr=None, HAS_SKIP=False)
+                     SHARE_PRECISION=topk.SHARE_PRECISION, skip_ptr=None, HAS_SKIP=False,
+                     **launch)
     signature = {name: "constexpr" if name in constants else given.get(name, "i32")
                  for name in topk._decode_split_kernel.arg_names}
     return signature, constants
