@@ -46,7 +46,8 @@ SCORE_WARPS = 4
 SCORE_BLOCKS = 1  # blocks of SCORE_TOKENS a scoring program takes, in a pipelined loop
 SCORE_STAGES = 1  # the loop's pipeline depth (1: none)
 _CHUNK = 4096  # tokens per program of the candidate passes
-_BLOCK_S = 1024
+_BLOCK_S = 1024  # tokens a candidate-pass program loads at once
+CANDIDATE_WARPS = 4
 N_BINS = 256
 BIN_WIDTH = 0.125  # nats of approximate score per bin: 256 bins span 32 nats below the best
 
@@ -309,12 +310,13 @@ def select_candidates(scores: Tensor, block_max: Tensor, n_keep: int) -> Tensor:
                   BLOCK_M=min(1024, triton.next_power_of_2(n_blocks)),
                   INV_WIDTH=1.0 / BIN_WIDTH, N_BINS=N_BINS)
     _bin_histogram_kernel[(rows, n_chunks)](scores, block_max, hist, n_keys, n_blocks,
-                                            n_chunks, **common, num_warps=4)
+                                            n_chunks, **common, num_warps=CANDIDATE_WARPS)
     _bin_threshold_kernel[(rows,)](hist, offsets, n_chunks, n_keep,
                                    BLOCK_CH=max(16, min(32, triton.next_power_of_2(n_chunks))),
                                    N_BINS=N_BINS, num_warps=4)
     _bin_compact_kernel[(rows, n_chunks)](scores, block_max, offsets, out, n_keys, n_blocks,
-                                          n_chunks, n_keep, **common, num_warps=4)
+                                          n_chunks, n_keep, **common,
+                                          num_warps=CANDIDATE_WARPS)
     return out
 
 

@@ -86,8 +86,32 @@ if __name__ == "__main__":
         print(f"tokens {tokens:4} warps {warps} blocks {blocks} stages {stages} | "
               f"{1000 * ms:7.1f} us | "
               f"max error {err:.3g}")
+    # The candidate passes (histogram, threshold, compaction) over the default launch's scores:
+    # tokens a program owns (chunk) and loads at once (block), warps. Every variant must keep
+    # the same candidates.
+    scores, block_max = run(args)
+    n_keep = 2 * int(0.02 * TIMED[-1])
+    keep = kernels.select_candidates(scores, block_max, n_keep).sort(dim=-1).values
+    candidate_rows = []
+    for chunk, block, warps in itertools.product((4096, 16384), (1024, 4096), (4, 8)):
+        settings = dict(_CHUNK=chunk, _BLOCK_S=block, CANDIDATE_WARPS=warps)
+        saved = {name: getattr(kernels, name) for name in settings}
+        for name, value in settings.items():
+            setattr(kernels, name, value)
+        try:
+            same = torch.equal(kernels.select_candidates(scores, block_max, n_keep)
+                               .sort(dim=-1).values, keep)
+            ms = triton.testing.do_bench(
+                lambda: kernels.select_candidates(scores, block_max, n_keep), rep=200)
+        finally:
+            for name, value in saved.items():
+                setattr(kernels, name, value)
+        candidate_rows.append(dict(settings, same=same, us=1000 * ms))
+        print(f"candidates: chunk {chunk:5} block {block:4} warps {warps} | {1000 * ms:7.1f} us"
+              f" | same candidates {same}")
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "sketch_scores_variants.json"), "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), shape=TIMED, rows=rows), f, indent=1)
+            json.dump(dict(gpu=torch.cuda.get_device_name(), shape=TIMED, rows=rows,
+                           candidate_rows=candidate_rows), f, indent=1)
     sys.exit(0)
