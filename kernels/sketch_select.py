@@ -45,6 +45,7 @@ MIN_BLOCK_C = 32  # channels per scoring product, padded (see sketch_scores)
 SCORE_WARPS = 4
 SCORE_BLOCKS = 1  # blocks of SCORE_TOKENS a scoring program takes, in a pipelined loop
 SCORE_STAGES = 1  # the loop's pipeline depth (1: none)
+SCORE_MAGIC = True  # levels to fp16 by bit operations, not integer-to-float conversions
 _CHUNK = 4096  # tokens per program of the candidate passes
 _BLOCK_S = 1024  # tokens a candidate-pass program loads at once
 CANDIDATE_WARPS = 4
@@ -57,7 +58,7 @@ def _sketch_scores_kernel(
     codes_ptr, dims_ptr, q_ptr, mid_start_ptr, mid_end_ptr, out_ptr, block_max_ptr,
     n_kv_heads, n_keys, head_dim, n_packed, group, n_channels, n_blocks,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCKS: tl.constexpr, STAGES: tl.constexpr,
+    BLOCKS: tl.constexpr, STAGES: tl.constexpr, MAGIC: tl.constexpr = True,
 ):
     # One program per (row x KV head, BLOCKS blocks of BLOCK_N tokens). The C chosen byte rows of
     # BLOCK_N / 2 bytes each are loaded at once as one [C, BLOCK_N / 2] tile, contiguous along
@@ -92,9 +93,18 @@ def _sketch_scores_kernel(
         block = chunk * BLOCKS + i
         pairs = block * HALF + tl.arange(0, HALF)
         byte = tl.load(rows + pairs[None, :], mask=chan_ok[:, None] & (pairs < n_packed)[None, :],
-                       other=0x88).to(tl.int32)
-        low = ((byte & 15) - 8).to(tl.float16)
-        high = (((byte >> 4) & 15) - 8).to(tl.float16)
+                       other=0x88)
+        if MAGIC:
+            # a nibble n as the fp16 bits 0x6400 | n is exactly 1024 + n: two bit operations
+            # and one fp16 subtraction, where an integer-to-float conversion (a quarter-rate
+            # instruction on the SM) per level would take longer than the bytes' load
+            wide = byte.to(tl.int16)
+            low = ((wide & 15) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+            high = ((wide >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+        else:
+            wide = byte.to(tl.int32)
+            low = ((wide & 15) - 8).to(tl.float16)
+            high = (((wide >> 4) & 15) - 8).to(tl.float16)
         # even and odd tokens as two products straight from the loaded tile, stored with a
         # stride of two (joining them into token order first costs a register shuffle: 4%
         # slower on an H100, BENCHMARKS.md 15)
@@ -152,7 +162,7 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
             codes.contiguous(), dims.to(torch.int32).contiguous(), q_scaled.float().contiguous(),
             mid_start, mid_end, out, maxima, n_kv_heads, n_keys, head_dim, n_packed, group,
             n_channels, n_blocks, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_N=block_n,
-            BLOCKS=blocks, STAGES=SCORE_STAGES, num_warps=SCORE_WARPS)
+            BLOCKS=blocks, STAGES=SCORE_STAGES, MAGIC=SCORE_MAGIC, num_warps=SCORE_WARPS)
     return (out, maxima) if block_max else out
 
 

@@ -87,7 +87,7 @@ for stage in "$@"; do
       quickstart topk_phi | tee -a "$OUT/selectors.log" ;;
     sketch-diag)  # the sketch's scoring launch against torch per shape, channel tile 16 / 32
       (cd /tmp && timeout 150 python3 "$R/examples/research/sketch_gpu_diag.py" 2>&1 \
-        | grep -v -i warn | tail -33) | tee "$OUT/sketch_diag.log" ;;
+        | grep -v -i warn | tail -52) | tee "$OUT/sketch_diag.log" ;;
     ncu-topk)  # Nsight Compute over one Top-K + phi step per selector, launch by launch
       timeout 300 ncu --profile-from-start off --clock-control none --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats \

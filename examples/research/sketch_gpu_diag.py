@@ -77,13 +77,14 @@ if __name__ == "__main__":
     want = sketch_scores_reference(*args).float()
     rows = []
     loops = ((1, 1), (4, 2), (8, 3))
-    for tokens, warps, (blocks, stages) in itertools.product((256, 512), (4, 8), loops):
-        settings = dict(SCORE_TOKENS=tokens, SCORE_WARPS=warps, SCORE_BLOCKS=blocks,
-                        SCORE_STAGES=stages)
+    for magic, tokens, warps, (blocks, stages) in itertools.product(
+            (False, True), (256, 512, 1024), (4, 8), loops):
+        settings = dict(SCORE_MAGIC=magic, SCORE_TOKENS=tokens, SCORE_WARPS=warps,
+                        SCORE_BLOCKS=blocks, SCORE_STAGES=stages)
         err = error(args, want, **settings)
         ms = triton.testing.do_bench(lambda s=settings: run(args, **s), rep=200)
         rows.append(dict(settings, max_error=err, us=1000 * ms))
-        print(f"tokens {tokens:4} warps {warps} blocks {blocks} stages {stages} | "
+        print(f"magic {magic:d} tokens {tokens:4} warps {warps} blocks {blocks} stages {stages} | "
               f"{1000 * ms:7.1f} us | "
               f"max error {err:.3g}")
     # The candidate passes (histogram, threshold, compaction) over the default launch's scores:
