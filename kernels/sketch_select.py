@@ -40,14 +40,14 @@ Tensor = torch.Tensor
 # Every output and workspace buffer comes from here (tests may swap in a poisoning allocator).
 _new_empty = torch.empty
 
-SCORE_TOKENS = 512  # tokens per scoring program at C <= 32 channels
-MIN_BLOCK_C = 32  # channels per scoring product, padded (see sketch_scores)
+# Tokens and warps per scoring program at C <= 32 channels: 512 and 4 the fastest of 256 /
+# 512 / 1024 x 4 / 8 on an H100 (BENCHMARKS.md 16; 1024 tokens within 1%).
+SCORE_TOKENS = 512
 SCORE_WARPS = 4
-SCORE_BLOCKS = 1  # blocks of SCORE_TOKENS a scoring program takes, in a pipelined loop
-SCORE_STAGES = 1  # the loop's pipeline depth (1: none)
-SCORE_MAGIC = True  # levels to fp16 by bit operations, not integer-to-float conversions
+MIN_BLOCK_C = 32  # channels per scoring product, padded (see sketch_scores)
 _CHUNK = 4096  # tokens per program of the candidate passes
-_BLOCK_S = 1024  # tokens a candidate-pass program loads at once
+_BLOCK_S = 4096  # tokens a candidate-pass program loads at once (151 us against 163 at 1024
+# for the three passes, 128K batch 16 on an H100; chunks of 16384 and 8 warps slower: BENCHMARKS 16)
 CANDIDATE_WARPS = 4
 N_BINS = 256
 BIN_WIDTH = 0.125  # nats of approximate score per bin: 256 bins span 32 nats below the best
@@ -58,9 +58,8 @@ def _sketch_scores_kernel(
     codes_ptr, dims_ptr, q_ptr, mid_start_ptr, mid_end_ptr, out_ptr, block_max_ptr,
     n_kv_heads, n_keys, head_dim, n_packed, group, n_channels, n_blocks,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCKS: tl.constexpr, STAGES: tl.constexpr, MAGIC: tl.constexpr = True,
 ):
-    # One program per (row x KV head, BLOCKS blocks of BLOCK_N tokens). The C chosen byte rows of
+    # One program per (row x KV head, block of BLOCK_N tokens). The C chosen byte rows of
     # BLOCK_N / 2 bytes each are loaded at once as one [C, BLOCK_N / 2] tile, contiguous along
     # the row (wide coalesced loads). A byte holds an even token (low nibble) and the next odd
     # one (high nibble): the low nibbles are the block's even tokens, the high ones its odd.
@@ -69,60 +68,46 @@ def _sketch_scores_kernel(
     # barriers per head), and that took ~25x the bytes' time on an H100 (BENCHMARKS.md 13).
     # The levels (-8..7) are exact in fp16; the queries go in as an fp16 pair (value + rounding
     # residue), so the sums keep fp32 precision. Also writes the block's best score, from
-    # which the candidate pass takes the row's best.
-    # A program scores BLOCKS consecutive blocks in a loop whose loads Triton can pipeline
-    # (STAGES > 1: the next block's bytes are in flight while this one is multiplied); the
-    # channels and queries are loaded once.
+    # which the candidate pass takes the row's best. (A loop over several blocks per program,
+    # pipelined by Triton, was slower at every depth tried: BENCHMARKS.md 16.)
     HALF: tl.constexpr = BLOCK_N // 2
     pid = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
+    block = tl.program_id(1)
     batch = pid // n_kv_heads
     chans = tl.arange(0, BLOCK_C)
     chan_ok = chans < n_channels
     dims = tl.load(dims_ptr + pid * n_channels + chans, mask=chan_ok, other=0).to(tl.int64)
-    rows = codes_ptr + (pid * head_dim + dims[:, None]) * n_packed
     heads = tl.arange(0, BLOCK_G)
     head_ok = heads < group
     q = tl.load(q_ptr + (pid * group + heads[:, None]) * n_channels + chans[None, :],
                 mask=head_ok[:, None] & chan_ok[None, :], other=0.0)
     q_hi = q.to(tl.float16)
     q_lo = (q - q_hi.to(tl.float32)).to(tl.float16)
+    pairs = block * HALF + tl.arange(0, HALF)
+    byte = tl.load(codes_ptr + (pid * head_dim + dims[:, None]) * n_packed + pairs[None, :],
+                   mask=chan_ok[:, None] & (pairs < n_packed)[None, :], other=0x88)
+    # A nibble n as the fp16 bits 0x6400 | n is exactly 1024 + n: two bit operations and one
+    # fp16 subtraction per level, where integer-to-float conversions (quarter-rate on the SM)
+    # bound the launch: 272 against 376 us at 128K, batch 16 on an H100 (BENCHMARKS.md 16).
+    wide = byte.to(tl.int16)
+    low = ((wide & 15) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    high = ((wide >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    # even and odd tokens as two products straight from the loaded tile, stored with a stride
+    # of two (joining them into token order first costs a register shuffle: 4% slower on an
+    # H100, BENCHMARKS.md 15)
+    even = 2 * pairs
+    s_even = tl.dot(q_lo, low, tl.dot(q_hi, low, out_dtype=tl.float32), out_dtype=tl.float32)
+    s_odd = tl.dot(q_lo, high, tl.dot(q_hi, high, out_dtype=tl.float32), out_dtype=tl.float32)
+    b_even = tl.max(tl.where(head_ok[:, None], s_even, float("-inf")), axis=0)
+    b_odd = tl.max(tl.where(head_ok[:, None], s_odd, float("-inf")), axis=0)
     lo = tl.load(mid_start_ptr + batch)
     hi = tl.load(mid_end_ptr + batch)
-    for i in tl.range(0, BLOCKS, num_stages=STAGES):
-        block = chunk * BLOCKS + i
-        pairs = block * HALF + tl.arange(0, HALF)
-        byte = tl.load(rows + pairs[None, :], mask=chan_ok[:, None] & (pairs < n_packed)[None, :],
-                       other=0x88)
-        if MAGIC:
-            # a nibble n as the fp16 bits 0x6400 | n is exactly 1024 + n: two bit operations
-            # and one fp16 subtraction, where an integer-to-float conversion (a quarter-rate
-            # instruction on the SM) per level would take longer than the bytes' load
-            wide = byte.to(tl.int16)
-            low = ((wide & 15) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
-            high = ((wide >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
-        else:
-            wide = byte.to(tl.int32)
-            low = ((wide & 15) - 8).to(tl.float16)
-            high = (((wide >> 4) & 15) - 8).to(tl.float16)
-        # even and odd tokens as two products straight from the loaded tile, stored with a
-        # stride of two (joining them into token order first costs a register shuffle: 4%
-        # slower on an H100, BENCHMARKS.md 15)
-        even = 2 * pairs
-        s_even = tl.dot(q_lo, low, tl.dot(q_hi, low, out_dtype=tl.float32),
-                        out_dtype=tl.float32)
-        s_odd = tl.dot(q_lo, high, tl.dot(q_hi, high, out_dtype=tl.float32),
-                       out_dtype=tl.float32)
-        b_even = tl.max(tl.where(head_ok[:, None], s_even, float("-inf")), axis=0)
-        b_odd = tl.max(tl.where(head_ok[:, None], s_odd, float("-inf")), axis=0)
-        b_even = tl.where((even >= lo) & (even < hi), b_even, float("-inf")).to(tl.float16)
-        b_odd = tl.where((even + 1 >= lo) & (even + 1 < hi), b_odd,
-                         float("-inf")).to(tl.float16)
-        tl.store(out_ptr + pid * n_keys + even, b_even, mask=even < n_keys)
-        tl.store(out_ptr + pid * n_keys + even + 1, b_odd, mask=even + 1 < n_keys)
-        top = tl.maximum(tl.max(b_even.to(tl.float32), axis=0),
-                         tl.max(b_odd.to(tl.float32), axis=0))
-        tl.store(block_max_ptr + pid * n_blocks + block, top, mask=block < n_blocks)
+    b_even = tl.where((even >= lo) & (even < hi), b_even, float("-inf")).to(tl.float16)
+    b_odd = tl.where((even + 1 >= lo) & (even + 1 < hi), b_odd, float("-inf")).to(tl.float16)
+    tl.store(out_ptr + pid * n_keys + even, b_even, mask=even < n_keys)
+    tl.store(out_ptr + pid * n_keys + even + 1, b_odd, mask=even + 1 < n_keys)
+    top = tl.maximum(tl.max(b_even.to(tl.float32), axis=0), tl.max(b_odd.to(tl.float32), axis=0))
+    tl.store(block_max_ptr + pid * n_blocks + block, top)
 
 
 def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tensor,
@@ -157,12 +142,11 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
     out = _new_empty((batch, n_kv_heads, n_keys), dtype=torch.float16, device=codes.device)
     maxima = _new_empty((batch, n_kv_heads, n_blocks), dtype=torch.float32, device=codes.device)
     if out.numel():
-        blocks = max(1, min(SCORE_BLOCKS, n_blocks))
-        _sketch_scores_kernel[(batch * n_kv_heads, triton.cdiv(n_blocks, blocks))](
+        _sketch_scores_kernel[(batch * n_kv_heads, n_blocks)](
             codes.contiguous(), dims.to(torch.int32).contiguous(), q_scaled.float().contiguous(),
             mid_start, mid_end, out, maxima, n_kv_heads, n_keys, head_dim, n_packed, group,
             n_channels, n_blocks, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_N=block_n,
-            BLOCKS=blocks, STAGES=SCORE_STAGES, MAGIC=SCORE_MAGIC, num_warps=SCORE_WARPS)
+            num_warps=SCORE_WARPS)
     return (out, maxima) if block_max else out
 
 

@@ -68,9 +68,9 @@ _DECODE_STAGES = 2
 # The retrieved keys' feature share in a launch of its own (split over the retrieved keys
 # alone) instead of from the attention launch's tiles: the fused launch holds the feature
 # weights and products beside the softmax state (255 registers, spills, two programs an SM on
-# sm_90a) and ran at ~0.6 TB/s (BENCHMARKS.md 15b); apart, the attention is plain split-KV
+# sm_90a) and ran at ~0.6 TB/s (BENCHMARKS.md 15b, 16); apart, the attention is plain split-KV
 # decode and the share re-reads the retrieved K/V (a 50th of the cache at 2%).
-SEPARATE_SHARE = False
+SEPARATE_SHARE = True  # 243 against 287 us at 128K, batch 16, page 2% on an H100 (BENCHMARKS 16)
 SHARE_WARPS = 4
 
 

@@ -21,6 +21,8 @@
 #              README quick start for Top-K + phi                                     (~1 min)
 #   sketch-diag  the sketch selector's scoring launch against its torch reference per shape,
 #              with the channel tile's floor at 16 and at 32 (BENCHMARKS.md 15)       (~1 min)
+#   pool-debug the compiled-MAC CUDA-graph test with Inductor's allocation history, side
+#              stream on and off (pool_debug.log)                                     (~2 min)
 #   ncu-topk   Nsight Compute over one Top-K + phi step per selector (128K, batch 16):
 #              throughput, occupancy, registers, stalls per launch (ncu_topk.txt)     (~3 min)
 #   mac-launches  where MAC's per-layer time goes through generate(): kernels per decode step
@@ -88,6 +90,11 @@ for stage in "$@"; do
     sketch-diag)  # the sketch's scoring launch against torch per shape, channel tile 16 / 32
       (cd /tmp && timeout 150 python3 "$R/examples/research/sketch_gpu_diag.py" 2>&1 \
         | grep -v -i warn | tail -52) | tee "$OUT/sketch_diag.log" ;;
+    pool-debug)  # the compiled-MAC CUDA-graph test with allocation history, side stream on / off
+      (cd /tmp && timeout 200 python3 "$R/examples/research/cudagraph_pool_debug.py" \
+        > "$OUT/pool_debug.log" 2>&1)
+      grep -E "^===|passed|failed|Detected|Data Pointer|macopt/|kernels/|passes/" "$OUT/pool_debug.log" \
+        | grep -v site-packages/torch | head -60 ;;
     ncu-topk)  # Nsight Compute over one Top-K + phi step per selector, launch by launch
       timeout 300 ncu --profile-from-start off --clock-control none --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats \

@@ -66,13 +66,11 @@ def main(argv: list[str] | None = None) -> int:
                  "block_max_ptr": "*fp32", "n_kv_heads": "i32", "n_keys": "i32",
                  "head_dim": "i32", "n_packed": "i32", "group": "i32", "n_channels": "i32",
                  "n_blocks": "i32", "BLOCK_G": "constexpr", "BLOCK_C": "constexpr",
-                 "BLOCK_N": "constexpr", "BLOCKS": "constexpr", "STAGES": "constexpr"}
-    for block_n, blocks, stages in ((256, 1, 1), (512, 1, 1), (512, 4, 2), (512, 8, 3)):
-        print(root, f"_sketch_scores_kernel (C 32, {block_n} tokens x {blocks} blocks, "
-              f"{stages} stages, 4 warps):",
+                 "BLOCK_N": "constexpr"}
+    for block_n in (256, 512, 1024):
+        print(root, f"_sketch_scores_kernel (C 32, {block_n} tokens, 4 warps):",
               compile_report(sketch._sketch_scores_kernel, signature,
-                             {"BLOCK_G": 16, "BLOCK_C": 32, "BLOCK_N": block_n,
-                              "BLOCKS": blocks, "STAGES": stages}, 4))
+                             {"BLOCK_G": 16, "BLOCK_C": 32, "BLOCK_N": block_n}, 4))
     radix = _module(root, "radix_select")
     signature = {"keys_ptr": "*i32", "state_ptr": "*i64", "hist_ptr": "*i32",
                  "greater_ptr": "*i32", "n_keys": "i32", "n_chunks": "i32"}

@@ -1,9 +1,10 @@
 """The sketch selector's scoring launch on a GPU (BENCHMARKS.md 15): its error against the torch
 reference per shape with the channel tile's floor at 16 and at 32, then the launch's tokens per
-program, warps, and blocks per program in a pipelined loop (blocks, stages) checked and timed
-at Llama-3.1-8B shapes, batch 16, 128K keys. (Session 8
-also timed even / odd tokens joined into token order before one product against two products:
-415 against 397 us at 512 tokens, 4 warps; the join is gone.)
+program and warps, and the candidate passes' chunk, load block and warps, checked and timed at
+Llama-3.1-8B shapes, batch 16, 128K keys. Earlier variants, timed here and since removed
+(BENCHMARKS.md 15, 16): even / odd tokens joined into token order before one product (415
+against 397 us); integer-to-float conversions of the levels instead of the 0x6400 bit trick
+(376 against 272 us); several blocks per program in a pipelined loop (slower at every depth).
 
     python3 examples/research/sketch_gpu_diag.py   (or: gpu_session.sh sketch-diag)
 """
@@ -76,17 +77,12 @@ if __name__ == "__main__":
     args = problem(*TIMED)
     want = sketch_scores_reference(*args).float()
     rows = []
-    loops = ((1, 1), (4, 2), (8, 3))
-    for magic, tokens, warps, (blocks, stages) in itertools.product(
-            (False, True), (256, 512, 1024), (4, 8), loops):
-        settings = dict(SCORE_MAGIC=magic, SCORE_TOKENS=tokens, SCORE_WARPS=warps,
-                        SCORE_BLOCKS=blocks, SCORE_STAGES=stages)
+    for tokens, warps in itertools.product((256, 512, 1024), (4, 8)):
+        settings = dict(SCORE_TOKENS=tokens, SCORE_WARPS=warps)
         err = error(args, want, **settings)
         ms = triton.testing.do_bench(lambda s=settings: run(args, **s), rep=200)
         rows.append(dict(settings, max_error=err, us=1000 * ms))
-        print(f"magic {magic:d} tokens {tokens:4} warps {warps} blocks {blocks} stages {stages} | "
-              f"{1000 * ms:7.1f} us | "
-              f"max error {err:.3g}")
+        print(f"tokens {tokens:4} warps {warps} | {1000 * ms:7.1f} us | max error {err:.3g}")
     # The candidate passes (histogram, threshold, compaction) over the default launch's scores:
     # tokens a program owns (chunk) and loads at once (block), warps. Every variant must keep
     # the same candidates.
