@@ -25,7 +25,7 @@ def show(tag: str) -> None:
 
 
 @torch.no_grad()
-def main() -> None:
+def trace(mode: str) -> None:
     reference = ZOO["llama"].build().cuda()
     reference.set_attn_implementation("sdpa")
     config = macopt.MACConfig(ring_size=16, offset=4, tau=1.0, t_min=0, max_chain_depth=2**30)
@@ -33,19 +33,28 @@ def main() -> None:
     prompt = torch.randint(2, VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
     cache = static_cache(model, 1, 64, torch.float32, "cuda")
     logits = model(input_ids=prompt.cuda(), past_key_values=cache, use_cache=True).logits
-    show("after prefill")
+    show(f"[{mode}] after prefill")
     ids = logits[:, -1:].argmax(-1)
 
     def step(ids, cache):
         return model(input_ids=ids, past_key_values=cache, use_cache=True).logits
 
-    compiled = torch.compile(step, fullgraph=True)
-    for i in range(2):
-        ids = compiled(ids, cache)[:, -1:].argmax(-1)
-        show(f"after compiled step {i}")
+    compiled = torch.compile(step, mode=mode, fullgraph=True)
+    try:
+        for i in range(3):
+            ids = compiled(ids, cache).clone()[:, -1:].argmax(-1)
+            show(f"[{mode}] after compiled step {i}")
+    except RuntimeError as error:
+        show(f"[{mode}] at the error ({str(error)[:90]})")
     ids = step(ids, cache)[:, -1:].argmax(-1)
-    show("after an eager step")
-    print(macopt.explain(model))
+    show(f"[{mode}] after an eager step")
+
+
+def main() -> None:
+    for mode in ("default", "reduce-overhead"):
+        state._STATES.clear()
+        trace(mode)
+        torch._dynamo.reset()
 
 
 if __name__ == "__main__":
