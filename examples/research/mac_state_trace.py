@@ -20,8 +20,9 @@ from macopt._hf_compat import static_cache  # noqa: E402
 
 
 def show(tag: str) -> None:
-    print(tag, {k: (s.method, s.spec, s.buffers.q.data_ptr()) for k, s in state._STATES.items()},
-          flush=True)
+    """Each site's method, spec, ring address and filled slots (pos >= 0)."""
+    print(tag, {k: (s.method, s.spec, s.buffers.q.data_ptr(), int((s.buffers.pos >= 0).sum()))
+                for k, s in state._STATES.items()}, flush=True)
 
 
 @torch.no_grad()
@@ -34,6 +35,8 @@ def trace(mode: str) -> None:
     cache = static_cache(model, 1, 64, torch.float32, "cuda")
     logits = model(input_ids=prompt.cuda(), past_key_values=cache, use_cache=True).logits
     show(f"[{mode}] after prefill")
+    if mode == "default":
+        print(macopt.explain(model), flush=True)
     ids = logits[:, -1:].argmax(-1)
 
     def step(ids, cache):
