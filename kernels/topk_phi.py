@@ -72,6 +72,7 @@ _DECODE_STAGES = 2
 # decode and the share re-reads the retrieved K/V (a 50th of the cache at 2%).
 SEPARATE_SHARE = True  # 243 against 287 us at 128K, batch 16, page 2% on an H100 (BENCHMARKS 16)
 SHARE_WARPS = 4
+SHARE_BLOCK_N = None  # retrieved keys per tile of the share launch (None: the attention's)
 
 
 @triton.jit
@@ -826,9 +827,10 @@ def _decode(
     m, u, t = (x.to(torch.float32).contiguous() for x in summary[:3])
 
     separate = SEPARATE_SHARE if separate_share is None else separate_share
-    share_splits = num_splits
+    share_splits, share_block_n = num_splits, block_n
     if separate:
-        share_splits = _num_splits(batch * n_kv_heads, n_selected, block_n, q.device)
+        share_block_n = min(block_n, SHARE_BLOCK_N or block_n)
+        share_splits = _num_splits(batch * n_kv_heads, n_selected, share_block_n, q.device)
     o_parts = _new_empty((batch, n_q_heads, num_splits, head_dim), dtype=torch.float32,
                          device=q.device)
     lse_parts = _new_empty((batch, n_q_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -839,10 +841,11 @@ def _decode(
     weights = _feature_weights(phi_k, q.device)
     skip_args = _skip_args(skip, batch, n_kv_heads)
     block_g, block_d, block_f = _pow2(group), _pow2(head_dim), _pow2(d_phi)
-    launches = [(num_splits, dict(ATTEND=True, SHARE=not separate), num_warps or 4)]
+    launches = [(num_splits, block_n, dict(ATTEND=True, SHARE=not separate), num_warps or 4)]
     if separate:
-        launches.append((share_splits, dict(ATTEND=False, SHARE=True), SHARE_WARPS))
-    for splits, parts, warps in launches:
+        launches.append((share_splits, share_block_n, dict(ATTEND=False, SHARE=True),
+                         SHARE_WARPS))
+    for splits, tile, parts, warps in launches:
         _decode_split_kernel[(batch * n_kv_heads, splits)](
             q, k, v, starts, ends, summary.mid_start, summary.mid_end, selected, log_phi_q, m,
             *weights, o_parts, lse_parts, sub_u, sub_n,
@@ -850,7 +853,7 @@ def _decode(
             splits, *q.stride(), *k.stride(), *v.stride(), *selected.stride(),
             HAS_MLP=phi_k.has_mlp, UPCAST=interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
             HALF=_half_features(q.dtype), SHARE_PRECISION=_share_precision(q.dtype),
-            BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_F=block_f,
+            BLOCK_G=block_g, BLOCK_N=tile, BLOCK_D=block_d, BLOCK_F=block_f,
             BLOCK_E=_pow2(width), num_warps=warps, **skip_args, **parts,
             num_stages=num_stages or _DECODE_STAGES,
         )

@@ -246,17 +246,20 @@ def test_decode_kernel_matches_the_reference_on_random_problems(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_share_in_its_own_launch_gives_the_fused_state(dtype):
+def test_the_share_in_its_own_launch_gives_the_fused_state(monkeypatch, dtype):
     # The retrieved keys' feature share from a launch of its own (split over the retrieved
     # keys alone, its own split count) against the one launch that makes both; the MLP path.
     p = make_problem(n_q_heads=8, n_kv_heads=2, head_dim=64, d_phi=24, n_keys=150, dtype=dtype,
                      lengths=[140, 77], n_generated=4, seed=21)
     _switch_mlp_on(p)
     selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=40)
-    fused, oracle = _both_decodes(p, selected, num_splits=3, block_n=16, separate_share=False)
-    apart, _ = _both_decodes(p, selected, num_splits=3, block_n=16, separate_share=True)
+    fused, oracle = _both_decodes(p, selected, num_splits=3, block_n=32, separate_share=False)
+    apart, _ = _both_decodes(p, selected, num_splits=3, block_n=32, separate_share=True)
     _assert_states_close(apart, fused, tol=1e-5)
     _assert_states_close(apart, oracle, tol=1e-4 if dtype == torch.float32 else 2e-2)
+    monkeypatch.setattr(topk_phi, "SHARE_BLOCK_N", 16)  # the share's own, smaller tiles
+    small_tiles, _ = _both_decodes(p, selected, num_splits=3, block_n=32, separate_share=True)
+    _assert_states_close(small_tiles, fused, tol=1e-5)
 
 
 @pytest.mark.parametrize("head_dim", [64, 80])

@@ -242,19 +242,20 @@ def _topk_attn_case(rows: list[dict], batch: int, context: int, device: torch.de
     _record_exact_decode(rows, case, x)
     # (keys per tile, warps, pipeline stages (None: the launch's default, 2 since BENCHMARKS
     # 12d), the feature share in its own launch, that launch's warps)
-    for block_n, warps, stages, apart, share_warps in [
-            (64, 4, None, False, 4), (64, 4, None, True, 4), (64, 4, None, True, 8),
-            (64, 8, None, True, 8), (32, 4, None, True, 4), (64, 4, 3, True, 4)]:
+    for block_n, warps, stages, apart, share_warps, share_n in [
+            (64, 4, None, False, 4, None), (64, 4, None, True, 4, None),
+            (64, 4, None, True, 4, 32), (64, 4, None, True, 4, 16),
+            (64, 4, None, True, 2, 16)]:
         def attend(block_n=block_n, warps=warps, stages=stages, apart=apart,
-                   share_warps=share_warps):
-            topk_phi.SHARE_WARPS = share_warps
+                   share_warps=share_warps, share_n=share_n):
+            topk_phi.SHARE_WARPS, topk_phi.SHARE_BLOCK_N = share_warps, share_n
             return topk_phi.topk_phi_decode_state(
                 x.q, x.k, x.v, x.scale, x.starts, x.ends, summary, selected, log_phi_q,
                 folded_k, st.completion, block_n=block_n, num_warps=warps, num_stages=stages,
                 separate_share=apart)
-        share = f" share apart w{share_warps}" if apart else ""
+        share = f" share apart n{share_n or block_n} w{share_warps}" if apart else ""
         _record(rows, case, f"attn n{block_n} w{warps} s{stages}{share}", attend)
-    topk_phi.SHARE_WARPS = 4
+    topk_phi.SHARE_WARPS, topk_phi.SHARE_BLOCK_N = 4, None
 
 
 def profile_topk_small(rows: list[dict]) -> None:
