@@ -30,14 +30,16 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-06, eighth session (BENCHMARKS.md 15): `checks` first (test_gpu_mac's
-# compiled decode with CUDA graphs, after the side stream stopped using record_stream, 15d);
-# `gen32-b2` with CONTEXTS=131072 on an H200 (the unmodified model's own prefill at batch 2,
-# 128K does not fit 80 GB); `sketch-diag` (times the scoring loop's blocks / stages, 15a);
-# `mac-launches`; and, over two calls carrying the GGUF parts, `PACK=1 real_smollm2_gpu.sh ...
-# defaults mac8k topk8k` (the guard's error gate in bf16, SAFE_DEFAULTS 11; issue 18's GPU
-# matrix). A call that carries a GGUF part must leave examples/tiny-lm/model.safetensors out
-# (64 MiB a call).
+# Owed as of 2026-12-06, ninth session (BENCHMARKS.md 16): `python3
+# examples/research/mac_state_trace.py` from /tmp (why a compiled MAC step under
+# mode="reduce-overhead" allocates the rings again: 16d) and `checks` after its fix; `topk-attn`
+# (the share launch's own key tiles, SHARE_BLOCK_N); `gen32-b2` with CONTEXTS=131072 on an H200
+# (the unmodified model's own prefill at batch 2, 128K does not fit 80 GB); `mac-launches`; and,
+# over two calls carrying the GGUF parts, `PACK=1 real_smollm2_gpu.sh ... defaults mac8k
+# topk8k` (the guard's error gate in bf16, SAFE_DEFAULTS 11; retrieval after the sketch's bit
+# trick; issue 18's GPU matrix). A call that carries a GGUF part must leave
+# examples/tiny-lm/model.safetensors out of the tree (64 MiB a call), and no `git commit -a`
+# may run while it is out.
 #
 # Writes logs and JSON under $OUT (the device tool brings them back). Install first with
 # `python3 -m pip`: the machine's bare `pip` belongs to another Python.
