@@ -12,9 +12,11 @@ attention over the same keys (one exact decode, MAC's op only); above :data:`ERR
 (relative L1) it warns once per site, naming it, the error and the remedy. The limit comes
 from SmolLM2 on a 4K passkey prompt (examples/safe_defaults/guard_errors.py,
 docs/SAFE_DEFAULTS.md 11): the defaults' sites measured at most 0.030 and kept the answer;
-forced hits measured 0.057-0.50 (median ~0.2) and lost it. A site the op cannot measure (MAC +
-Top-K + phi) warns on the hit rate alone. The check runs in the ops' Python bodies: under a
-replayed CUDA graph it runs on the steps that are not replays.
+forced hits measured 0.057-0.50 (median ~0.2) and lost it. A MAC + Top-K + phi site is
+measured against the same step with every head missing (Top-K + phi over the prefix, the
+exact tail): what reuse adds to Top-K + phi's own error, which is approximate by design. The
+check runs in the ops' Python bodies: under a replayed CUDA graph it runs on the steps that
+are not replays.
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ def on_prefill(site_id: int, counters: torch.Tensor) -> None:
 
 
 def on_decode(site_id: int, counters: torch.Tensor, config_hint: str = "",
-              measure: Callable[[], float] | None = None) -> None:
+              measure: Callable[[], float] | None = None,
+              against: str = "exact attention") -> None:
     """One decode step at ``site_id``; at the :data:`GUARD_STEPS`-th, check the hit rate.
-    ``measure()``: this step's output error against exact attention, asked only of a site
-    over the hit limit; an error within :data:`ERROR_LIMIT` keeps it quiet."""
+    ``measure()``: this step's output error against ``against`` (what the step computes with
+    no reuse), asked only of a site over the hit limit; an error within :data:`ERROR_LIMIT`
+    keeps it quiet."""
     watch = _WATCH.get(site_id)
     if watch is None or state.capturing():
         return
@@ -72,7 +76,7 @@ def on_decode(site_id: int, counters: torch.Tensor, config_hint: str = "",
         return
     _WARNED.add(site_id)
     measured = "" if error is None else (
-        f" and its output was {error:.0%} away from exact attention (relative L1) at step "
+        f" and its output was {error:.0%} away from {against} (relative L1) at step "
         f"{GUARD_STEPS}")
     warnings.warn(
         f"macopt MAC: {site_name(site_id)} reused a recent query's attention on {rate:.0%} "
@@ -81,6 +85,14 @@ def on_decode(site_id: int, counters: torch.Tensor, config_hint: str = "",
         f"radius='relative' if the config uses 'absolute', or `macopt calibrate --method "
         f"mac`.{config_hint}",
         MACHitRateWarning, stacklevel=2)
+
+
+def measures_next(site_id: int) -> bool:
+    """Whether the next :func:`on_decode` of ``site_id`` is its guard step, where a site over
+    the hit limit is measured (an op that needs a copy of its state for the measurement takes
+    it only then). A host-side count: no sync."""
+    watch = _WATCH.get(site_id)
+    return watch is not None and watch[0] + 1 == GUARD_STEPS and not state.capturing()
 
 
 def site_name(site_id: int) -> str:

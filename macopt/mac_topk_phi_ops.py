@@ -221,11 +221,28 @@ def mac_topk_phi_decode(
         raise ValueError(f"macopt MAC + Top-K + phi: site {site_id}'s state holds a ring of "
                          f"{site.ring.size} slots for {site.ring.q.shape[1]} query heads, the "
                          f"step has ring_size {p.ring_size} and {q.shape[1]} query heads")
-    o, _, _ = decode_step(q, q_pre, k, v, site, positions, key_starts, scale, offset=p.offset,
-                          tau=p.tau, t_min=p.t_min, max_depth=p.max_chain_depth, budget=budget,
-                          page_size=p.page_size, selector=p.selector, counters=found.counters)
-    mac_guard.on_decode(site_id, found.counters)
+    steps = dict(offset=p.offset, t_min=p.t_min, max_depth=p.max_chain_depth, budget=budget,
+                 page_size=p.page_size, selector=p.selector)
+    # the guard's measurement needs the ring as it was before this step updates it
+    before = site.ring.clone() if mac_guard.measures_next(site_id) else None
+    o, _, _ = decode_step(q, q_pre, k, v, site, positions, key_starts, scale, tau=p.tau,
+                          counters=found.counters, **steps)
+    mac_guard.on_decode(site_id, found.counters, measure=lambda: _error_against_misses(
+        o, q, q_pre, k, v, MACTopKPhiSite(before, site.topk), positions, key_starts, scale,
+        steps), against="the same step without reuse (Top-K + phi)")
     return o
+
+
+def _error_against_misses(o: Tensor, q: Tensor, q_pre: Tensor, k: Tensor, v: Tensor,
+                          site: MACTopKPhiSite, positions: Tensor, key_starts: Tensor,
+                          scale: float, steps: dict) -> float:
+    """Relative L1 distance of a MAC + Top-K + phi step's output from the same step with every
+    head missing (tau 1: Top-K + phi over the prefix, the exact tail): what MAC's reuse adds
+    to the Top-K + phi error, the guard's check. ``site``'s ring (a copy) is updated."""
+    want, _, _ = decode_step(q, q_pre, k, v, site, positions, key_starts, scale, tau=1.0,
+                             **steps)
+    want = want.float()
+    return ((o.float() - want).abs().sum() / want.abs().sum().clamp(min=1e-30)).item()
 
 
 @mac_topk_phi_decode.register_fake

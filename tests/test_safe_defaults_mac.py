@@ -76,6 +76,26 @@ def test_guard_is_silent_when_the_reused_attention_stays_close_to_exact():
                         for rate, error in over)
 
 
+# MAC + Top-K + phi: the guard measures a step against the same step with every head missing
+# (Top-K + phi over the prefix, the exact tail), reuse's own share of the error.
+COMPOSED_TOPK = macopt.TopKPhiConfig(budget=0.25, sinks=1, tail=2, page_size=16,
+                                     selector="exact")
+
+
+def test_guard_measures_mac_with_topk_phi_against_its_steps_without_reuse():
+    forced = macopt.MACTopKPhiConfig(FORCED, COMPOSED_TOPK)
+    messages = _warnings_of(forced, sharpen=True)
+    assert 1 <= len(messages) <= 2
+    assert all("without reuse (Top-K + phi)" in m and "self_attn" in m for m in messages)
+    assert all(error > mac_guard.ERROR_LIMIT for _, error in mac_guard.CHECKS.values())
+    # the plain model's nearly uniform attention: reuse stays close to the step without it
+    loose = macopt.MACTopKPhiConfig(LOOSE, COMPOSED_TOPK)
+    assert _warnings_of(loose) == []
+    over = list(mac_guard.CHECKS.values())
+    assert over and all(rate > mac_guard.HIT_LIMIT and error <= mac_guard.ERROR_LIMIT
+                        for rate, error in over)
+
+
 def test_guard_is_silent_when_nothing_matches():
     assert _warnings_of(macopt.MACConfig(ring_size=16, offset=4, tau=1.0, t_min=0,
                                          batch_capacity=3)) == []
