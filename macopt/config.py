@@ -110,8 +110,8 @@ class TopKPhiConfig(MethodConfig):
     cache (SparQ-style). On SmolLM2 the page bounds keep 18% of the attention mass exact Top-K
     keeps at 2% of a 4K prompt, "sketch" 98.8%, "channel" 99.7% (median over heads;
     docs/SAFE_DEFAULTS.md), so "page" loses needles full attention finds. On the H100 at 128K,
-    2% (BENCHMARKS.md 15): "sketch" 2.6x faster than exact decode at batch 16 and 1.08x at
-    batch 1, "exact" 1.19x and 0.84x, "page" 6.2x and 2.1x. Approximate by design.
+    2% (BENCHMARKS.md 16c): "sketch" 3.25x faster than exact decode at batch 16 and 1.21x at
+    batch 1, "exact" 1.21x and 0.85x, "page" 7.0x and 2.2x. Approximate by design.
     ``d_phi`` features per map (None: the head dim, as in the paper).
     ``feature_maps``: a safetensors file of calibrated maps (``macopt calibrate``); None uses
     the parameter-free positive-random-feature initialisation (seeded by ``seed``).

@@ -95,6 +95,12 @@ def measures_next(site_id: int) -> bool:
     return watch is not None and watch[0] + 1 == GUARD_STEPS and not state.capturing()
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``sum |got - want| / sum |want|`` in fp32 (a host sync): what a measurement returns."""
+    want = want.float()
+    return ((got.float() - want).abs().sum() / want.abs().sum().clamp(min=1e-30)).item()
+
+
 def site_name(site_id: int) -> str:
     """The attention module of ``site_id`` (its qualified name while it is optimized)."""
     name = state.label_of(site_id)

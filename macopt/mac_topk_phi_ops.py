@@ -241,8 +241,7 @@ def _error_against_misses(o: Tensor, q: Tensor, q_pre: Tensor, k: Tensor, v: Ten
     to the Top-K + phi error, the guard's check. ``site``'s ring (a copy) is updated."""
     want, _, _ = decode_step(q, q_pre, k, v, site, positions, key_starts, scale, tau=1.0,
                              **steps)
-    want = want.float()
-    return ((o.float() - want).abs().sum() / want.abs().sum().clamp(min=1e-30)).item()
+    return mac_guard.relative_error(o, want)
 
 
 @mac_topk_phi_decode.register_fake

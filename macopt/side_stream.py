@@ -10,11 +10,10 @@ are event waits between the two streams, so a CUDA-graph capture (``torch.compil
 Memory rules. Outputs are allocated on the current stream before the fork (the side stream
 never allocates). Inputs read on the side stream are held until the join: once the current
 stream has waited for the side stream, anything it later queues into their memory runs after
-the side stream's reads, so freeing them then is safe. (``record_stream`` did the same by
-deferring their free to an event the allocator polls later; in a CUDA-graph pool such a block
-still counts as allocated, and torch.compile's CUDA-graph trees refuse a warm-up that leaves
-allocations they do not track: "Detected N tensor(s) in the cudagraph pool not tracked as
-outputs".)
+the side stream's reads, so freeing them then is safe, with no allocator event to poll (what
+``record_stream`` would leave behind in a CUDA-graph pool). The CUDA-graph-tree error a
+user's own ``mode="reduce-overhead"`` compile of MAC still meets is not the stream's: it fails
+with the side stream off too (BENCHMARKS.md 16d).
 
 ``MACOPT_SIDE_STREAM=0`` runs the forked work on the current stream instead (same results;
 for A/B timing and debugging).
