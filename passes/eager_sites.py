@@ -148,7 +148,7 @@ def eager_attention_site(probs: Node, scores: Node, value_matmul: Node) -> Atten
     k_base, v_base = _uncast(k_base), _uncast(v_base)
     reason = (found.reason or q_reason or k_reason or v_reason or out_reason
               or _head_dims_reason(q, v)
-              or _probs_reason(value_matmul.args[0], probs)
+              or _probs_reason(value_matmul.args[0], probs, scores)
               or _layout_reason(found.heads, probs, q, k, v, output)
               or _dtype_reason(q, k_base, v_base, output))
     scale = found.scale * q_scale * k_scale
@@ -383,17 +383,57 @@ def _head_dims_reason(q: Node | None, v: Node | None) -> str | None:
             "(the decode kernels need one head dim for q, k and v)")
 
 
-def _probs_reason(operand: Node, probs: Node) -> str | None:
+def _probs_reason(operand: Node, probs: Node, scores: Node) -> str | None:
     """Why the value matmul does not read exactly ``probs``, or None when it does."""
     node = operand.args[0] if is_call(operand, RESHAPE_OPS) else operand
     while is_call(node, _COPIES) or _is_noop_expand(node):
         node = node.args[0]
+    if _zeroes_masked_rows(node, probs, scores):
+        node = probs
     if node is probs and is_call(operand, RESHAPE_OPS) and _merges(fake(node), fake(operand)):
         return None
     if _touches_random(operand, probs):
         return "attention dropout (training mode) on the probabilities"
     name = getattr(node.target, "__name__", str(node.target)) if isinstance(node, Node) else node
     return f"{name} between the softmax and the value matmul"
+
+
+def _zeroes_masked_rows(node: Node, probs: Node, scores: Node) -> bool:
+    """``node`` is ``where(every score of the row is -inf, 0, probs)``: PyTorch's safe softmax
+    (``aten._safe_softmax``, what SDPA's math backend runs, e.g. for fp32 on CUDA), which gives
+    0 instead of NaN for a query that may attend no key. That is SDPA's own result for such a
+    row, and the one macopt's kernels give, so the match stays exact."""
+    if not (is_call(node, aten.where.self) and node.args[2] is probs):
+        return False
+    zero = node.args[1]
+    if is_call(zero, aten.full.default):  # zeros of the probabilities' shape
+        zero = zero.args[1]
+    if not (is_call(zero, aten.zeros_like.default) or _scalar(zero) == 0):
+        return False
+    return _all_minus_inf(node.args[0], scores)
+
+
+def _all_minus_inf(cond: Node, scores: Node) -> bool:
+    """``cond`` is "every entry of the row of ``scores`` is -inf" (keepdim, over the last dim):
+    ``all(eq(scores, -inf))`` or its decomposition ``not(any(not(eq(scores, -inf))))``."""
+    if is_call(cond, aten.all.dim):
+        reduced, inner_negated = cond, False
+    elif is_call(cond, _NEGATIONS) and is_call(cond.args[0], aten.any.dim):
+        reduced, inner_negated = cond.args[0], True
+    else:
+        return False
+    dim = reduced.args[1] if len(reduced.args) > 1 else None
+    dim = dim[0] if isinstance(dim, list | tuple) and len(dim) == 1 else dim
+    keep = reduced.kwargs.get("keepdim", reduced.args[2] if len(reduced.args) > 2 else False)
+    if not (isinstance(dim, int) and keep and _is_last_dim(reduced.args[0], dim)):
+        return False
+    eq = reduced.args[0]
+    if inner_negated:
+        if not is_call(eq, _NEGATIONS):
+            return False
+        eq = eq.args[0]
+    return (is_call(eq, aten.eq.Scalar) and _uncast(eq.args[0]) is _uncast(scores)
+            and _scalar(eq.args[1]) == float("-inf"))
 
 
 def _touches_random(start: Node, stop: Node) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch.fx import Graph, Node
 
 from macopt.config import MethodConfig
@@ -59,7 +60,7 @@ def rewrite_prefill_site(
 
 
 def _last_query_mask(site: AttentionSite) -> tuple[Node | None, str | None]:
-    """``(mask [Bm,1,Nq,Nk] or None, None)``, or ``(None, reason)``: boolean, or a float graph
+    """``(mask [Bm,1,Nq,Nk] or boolean [Nq,Nk], or None, None)``, or ``(None, reason)``: boolean, or a float graph
     input to check at run time (:func:`.masks.key_mask_source`). No mask is fine only for a
     causal site with as many queries as keys (SDPA aligns is_causal top-left)."""
     if site.attn_mask is None:
@@ -73,6 +74,10 @@ def _last_query_mask(site: AttentionSite) -> tuple[Node | None, str | None]:
     if source is None:
         return None, reason
     val = fake(source)
+    if val.dim() == 2 and val.dtype == torch.bool:
+        # [Nq, Nk], the same for every row and head: what SDPA's math backend builds for
+        # is_causal (fp32 on CUDA, e.g.), a broadcast of [1, 1, Nq, Nk].
+        return source, None
     if val.dim() != 4 or static_int(val.shape[1]) != 1:
         return None, f"attention mask of shape {tuple(val.shape)} (expected [B,1,Nq,Nk])"
     if static_int(val.shape[0]) not in (1, static_int(fake(site.q).shape[0])):
@@ -89,7 +94,7 @@ def _prefill_inputs(
     row_mask = None
     if mask is not None:
         # The last prompt query attends the row's whole prompt: [s0, end).
-        last_row = call(graph, aten.select.int, (mask, 2, -1), site)
+        last_row = call(graph, aten.select.int, (mask, fake(mask).dim() - 2, -1), site)
         flat = call(graph, aten.reshape.default, (last_row, [-1, n_keys]), site)
         row_mask = call(graph, aten.expand.default, (flat, [batch, n_keys]), site)
     first, last = key_range(graph, site, row_mask, batch, n_keys)

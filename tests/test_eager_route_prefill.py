@@ -304,3 +304,36 @@ def test_a_prompt_without_a_mask_keeps_the_topk_phi_state_sized_by_the_cache(sel
     cache_len = model._cache.layers[0].keys.shape[2] if hasattr(model, "_cache") else None
     assert {s.spec[3] for s in seen[1].values()} == {cache_len or FIRST + 3 - 1}
     assert FIRST < (cache_len or FIRST + 3 - 1)  # sized by the cache, not by a prompt
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_sdpa_math_backend_prompt_fills_the_same_mac_rings(family):
+    """SDPA's math backend (what fp32 attention gets on CUDA) traces to a softmax with a
+    ``where`` that zeroes fully masked rows and, for ``is_causal``, a ``[Nq, Nk]`` boolean mask.
+    The prefill site must still be matched: it was skipped on CUDA, the rings stayed empty,
+    and the first compiled decode step allocated them inside a CUDA-graph pool (BENCHMARKS.md
+    17). Both backends' prompts leave the same rings and the unmodified model's logits."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from macopt import state
+
+    reference = _model(family)
+    ids = _ids(1, FIRST)
+    want = _chunks_through(reference, [ids])[0]
+    rings = {}
+    for backend in (SDPBackend.MATH, None):
+        dynamo.reset()
+        state._STATES.clear()
+        model = macopt.optimize(copy.deepcopy(reference), MAC)
+        with sdpa_kernel(backend) if backend is not None else torch.no_grad():
+            got = _chunks_through(model, [ids])[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        decisions = [r.decision for r in macopt.explain(model)]
+        assert decisions and set(decisions) == {"rewritten"}, macopt.explain(model)
+        rings[backend] = [s.buffers for s in state._STATES.values()]
+    math_rings, default_rings = rings[SDPBackend.MATH], rings[None]
+    assert len(math_rings) == len(default_rings) == reference.config.num_hidden_layers
+    for a, b in zip(math_rings, default_rings, strict=True):
+        assert (a.pos >= 0).any()
+        for x, y in zip(a.tensors(), b.tensors(), strict=True):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

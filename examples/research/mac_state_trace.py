@@ -2,7 +2,7 @@
 and after an eager one, on CUDA (BENCHMARKS.md 16: under mode="reduce-overhead" the rings were
 allocated again by the first compiled step's match, inside the CUDA-graph pool).
 
-    cd /tmp && python3 REPO/examples/research/mac_state_trace.py
+    cd /tmp && python3 REPO/examples/research/mac_state_trace.py [DEVICE]   (default cuda)
 """
 
 import copy
@@ -18,6 +18,8 @@ import macopt  # noqa: E402
 from macopt import state  # noqa: E402
 from macopt._hf_compat import static_cache  # noqa: E402
 
+DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+
 
 def show(tag: str) -> None:
     """Each site's method, spec, ring address and filled slots (pos >= 0)."""
@@ -27,13 +29,13 @@ def show(tag: str) -> None:
 
 @torch.no_grad()
 def trace(mode: str) -> None:
-    reference = ZOO["llama"].build().cuda()
+    reference = ZOO["llama"].build().to(DEVICE)
     reference.set_attn_implementation("sdpa")
     config = macopt.MACConfig(ring_size=16, offset=4, tau=1.0, t_min=0, max_chain_depth=2**30)
     model = macopt.optimize(copy.deepcopy(reference), config)
     prompt = torch.randint(2, VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
-    cache = static_cache(model, 1, 64, torch.float32, "cuda")
-    logits = model(input_ids=prompt.cuda(), past_key_values=cache, use_cache=True).logits
+    cache = static_cache(model, 1, 64, torch.float32, DEVICE)
+    logits = model(input_ids=prompt.to(DEVICE), past_key_values=cache, use_cache=True).logits
     show(f"[{mode}] after prefill")
     if mode == "default":
         print(macopt.explain(model), flush=True)
