@@ -6,6 +6,8 @@ new transformers release means editing this file.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -104,6 +106,36 @@ def input_tokens(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The ids (or embeddings) a transformers forward was given, ``[B, L, ...]``, or None."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     return kwargs.get("inputs_embeds") if ids is None else ids
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` for a call of a transformers forward: ``cache`` where the model's
+    forward takes it (transformers 5.25 on, where ``past_key_values`` is deprecated and goes in
+    5.40), else ``past_key_values``. ``model``: the model, its (compiled) forward, or any
+    callable running one (judged by transformers' Llama)."""
+    owner = getattr(model, "_orig_mod", model)
+    owner = getattr(owner, "__self__", owner)  # a bound forward
+    if not isinstance(owner, torch.nn.Module):
+        import transformers
+
+        owner = transformers.LlamaForCausalLM
+    return {_cache_keyword(owner if isinstance(owner, type) else type(owner)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    try:
+        parameters = inspect.signature(model_class.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The cache a transformers forward returned (``cache`` from 5.25, ``past_key_values``
+    before)."""
+    found = getattr(output, "cache", None)
+    return found if found is not None else getattr(output, "past_key_values", None)
 
 
 def cache_argument(kwargs: dict) -> Any:

@@ -67,6 +67,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from macopt._hf_compat import cache_kwargs
 from macopt.config import MACConfig, MethodConfig
 from macopt.evaluation.capture import AttentionCall, AttentionTap
 from macopt.kernels.mac_reference import (
@@ -336,7 +337,7 @@ def exact_window(model: torch.nn.Module, ids: Tensor, settings: MACCalibration) 
     ids = ids.to(device)
     cache = DynamicCache(config=model.config)
     with AttentionTap(model) as tap:
-        model(ids[None, :p], past_key_values=cache, use_cache=True)
+        model(ids[None, :p], **cache_kwargs(model, cache), use_cache=True)
     prefill_calls = {c.layer: c for c in tap.calls}
     # The entries cover [0, E(p)), which moves with S; the nearest distances below do not.
     rings = {offset: {layer: prefill_ring(call, dataclasses.replace(settings.base,
@@ -345,7 +346,7 @@ def exact_window(model: torch.nn.Module, ids: Tensor, settings: MACCalibration) 
              for offset in settings.ring_offsets}
     chunk, targets = ids[None, p:p + d], ids[p + 1:p + d + 1]
     with AttentionTap(model) as tap:
-        logits = model(chunk, past_key_values=cache, use_cache=True).logits
+        logits = model(chunk, **cache_kwargs(model, cache), use_cache=True).logits
     _drop_decode(cache, p)
     distances = {}
     first_step = max(settings.base.t_min - p, 0)
@@ -398,7 +399,7 @@ def simulate_decode(model: torch.nn.Module, window: _Window, configs: dict[int, 
              for layer, config in configs.items() if config.tau < 1.0}
     attention = _MACAttention(rings, configs, prefill)
     with AttentionTap(model, attend=attention, keep=False):
-        logits = model(window.chunk, past_key_values=window.cache, use_cache=True).logits
+        logits = model(window.chunk, **cache_kwargs(model, window.cache), use_cache=True).logits
     _drop_decode(window.cache, prefill)
     return logits, attention
 

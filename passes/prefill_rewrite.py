@@ -60,9 +60,10 @@ def rewrite_prefill_site(
 
 
 def _last_query_mask(site: AttentionSite) -> tuple[Node | None, str | None]:
-    """``(mask [Bm,1,Nq,Nk] or boolean [Nq,Nk], or None, None)``, or ``(None, reason)``: boolean, or a float graph
-    input to check at run time (:func:`.masks.key_mask_source`). No mask is fine only for a
-    causal site with as many queries as keys (SDPA aligns is_causal top-left)."""
+    """``(mask [Bm,1,Nq,Nk] or boolean [Nq,Nk], or None, None)``, or ``(None, reason)``:
+    boolean, or a float graph input to check at run time (:func:`.masks.key_mask_source`). No
+    mask is fine only for a causal site with as many queries as keys (SDPA aligns is_causal
+    top-left)."""
     if site.attn_mask is None:
         q_len, n_keys = fake(site.q).shape[2], fake(site.k).shape[2]
         if site.is_causal and statically_equals(q_len - n_keys, 0):

@@ -90,3 +90,30 @@ def test_explain_after_eager_runs_of_a_stateless_method_says_why_nothing_was_rew
 def test_explain_of_a_model_never_optimized_says_so():
     with pytest.raises(ValueError, match="not optimized"):
         macopt.explain(ZOO["llama"].build())
+
+
+def test_macopt_passes_the_cache_by_the_keyword_the_installed_transformers_takes():
+    """transformers 5.25 renamed a forward's ``past_key_values`` to ``cache`` (the old name
+    warns and goes in 5.40); macopt's own forward calls use whichever the model's forward
+    takes, and read the returned cache under either name."""
+    import inspect
+    from types import SimpleNamespace
+
+    from macopt._hf_compat import cache_kwargs, returned_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None):
+            return input_ids
+
+    assert cache_kwargs(Old(), 7) == {"past_key_values": 7}
+    assert cache_kwargs(New().forward, 7) == {"cache": 7}
+    llama = ZOO["llama"].build()
+    takes = "cache" if "cache" in inspect.signature(type(llama).forward).parameters else (
+        "past_key_values")
+    assert cache_kwargs(llama, 7) == cache_kwargs(torch.compile(llama), 7) == {takes: 7}
+    assert returned_cache(SimpleNamespace(cache=3)) == 3
+    assert returned_cache(SimpleNamespace(past_key_values=4)) == 4

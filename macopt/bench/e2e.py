@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from macopt import method_spec
+from macopt._hf_compat import cache_kwargs
 from macopt.bench import timing
 from macopt.bench.decode import DTYPES, first_line, parse_sizes
 from macopt.bench.e2e_model import CACHE_ROUNDING
@@ -254,7 +255,7 @@ def random_ids(batch: int, length: int, vocab: int, seed: int, device: str) -> T
 
 def forward_last_token(forward: Callable, ids: Tensor, cache: Any) -> Tensor:
     """Run ``ids`` through ``forward`` into ``cache``; the greedy next ids ``[B, 1]``."""
-    out = forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = forward(input_ids=ids, **cache_kwargs(forward, cache), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1:].argmax(-1)
 
 

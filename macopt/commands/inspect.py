@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from macopt._hf_compat import cache_kwargs, returned_cache
 from macopt.config import MethodConfig, method_names
 from macopt.model_source import build_random_model
 from macopt.report import WIDE_COLUMNS
@@ -79,4 +80,4 @@ def _trace_on_own_cache(model: torch.nn.Module, ids: torch.Tensor) -> None:
 
     forward = torch.compile(model.forward, backend=macopt.backend(inductor=False))
     out = forward(ids, use_cache=True)
-    forward(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    forward(ids[:, -1:], **cache_kwargs(model, returned_cache(out)), use_cache=True)

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from macopt._hf_compat import cache_kwargs
 from macopt.config import MACConfig, MACTopKPhiConfig, MethodConfig, TopKPhiConfig
 from macopt.evaluation.tasks import Task, make_tasks
 from macopt.method_spec import UNMODIFIED, Method, parse_method
@@ -472,7 +473,7 @@ class _Runner:
     def _step(self, ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
         # Batch 1, no padding: no attention mask (one input fewer whose shape changes per step).
         position = torch.arange(start, start + ids.shape[1], device=ids.device)
-        out = self.model(input_ids=ids, past_key_values=cache, cache_position=position,
+        out = self.model(input_ids=ids, **cache_kwargs(self.model, cache), cache_position=position,
                          use_cache=True)
         return out.logits[0].float()
 
