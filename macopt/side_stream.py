@@ -11,9 +11,9 @@ Memory rules. Outputs are allocated on the current stream before the fork (the s
 never allocates). Inputs read on the side stream are held until the join: once the current
 stream has waited for the side stream, anything it later queues into their memory runs after
 the side stream's reads, so freeing them then is safe, with no allocator event to poll (what
-``record_stream`` would leave behind in a CUDA-graph pool). The CUDA-graph-tree error a
-user's own ``mode="reduce-overhead"`` compile of MAC still meets is not the stream's: it fails
-with the side stream off too (BENCHMARKS.md 16d).
+``record_stream`` would leave behind in a CUDA-graph pool). (The CUDA-graph-tree error a
+user's own ``mode="reduce-overhead"`` compile of MAC met was not the stream's but a skipped
+prefill: BENCHMARKS.md 17.)
 
 ``MACOPT_SIDE_STREAM=0`` runs the forked work on the current stream instead (same results;
 for A/B timing and debugging).

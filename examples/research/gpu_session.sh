@@ -30,12 +30,10 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-06, ninth session (BENCHMARKS.md 16): `python3
-# examples/research/mac_state_trace.py` from /tmp (why a compiled MAC step under
-# mode="reduce-overhead" allocates the rings again: 16d) and `checks` after its fix; `topk-attn`
-# (the share launch's own key tiles, SHARE_BLOCK_N); `gen32-b2` with CONTEXTS=131072 on an H200
-# (the unmodified model's own prefill at batch 2, 128K does not fit 80 GB); `mac-launches`; and,
-# over two calls carrying the GGUF parts, `PACK=1 real_smollm2_gpu.sh ... defaults mac8k
+# Owed as of 2026-12-06, tenth session (BENCHMARKS.md 17): `gen32-b2` with CONTEXTS=131072 on
+# an H200 (run() with needs_h200: the unmodified model's own prefill at batch 2, 128K does not
+# fit 80 GB); `topk-attn` (the share launch's own key tiles, SHARE_BLOCK_N); `mac-launches`;
+# and, over two calls carrying the GGUF parts, `PACK=1 real_smollm2_gpu.sh ... defaults mac8k
 # topk8k` (the guard's error gate in bf16, SAFE_DEFAULTS 11; retrieval after the sketch's bit
 # trick; issue 18's GPU matrix). A call that carries a GGUF part must leave
 # examples/tiny-lm/model.safetensors out of the tree (64 MiB a call), and no `git commit -a`
