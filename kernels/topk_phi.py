@@ -767,7 +767,7 @@ def topk_phi_decode_state(
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None = None, eps: float = 1e-6, num_splits: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, skip: Tensor | None = None,
-    num_stages: int | None = None, separate_share: bool | None = None,
+    num_stages: int | None = None, separate_share: bool | None = None, complete: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Top-K + phi decode state ``(o fp32 [B, Hq, D], lse fp32 [B, Hq])``.
 
@@ -779,25 +779,28 @@ def topk_phi_decode_state(
     ``skip[B, Hkv]`` (uint8 or bool, optional): groups whose state is not needed (MAC + Top-K
     + phi: every head hits); they read nothing and get the empty state ``(0, -inf)``.
     ``separate_share``: the retrieved keys' feature share in its own launch (default
-    :data:`SEPARATE_SHARE`); the result is the same up to summation order.
+    :data:`SEPARATE_SHARE`); the result is the same up to summation order. ``complete``
+    False: the caller knows (statically) that every head's completion is off: no feature share
+    and no completion are computed (``log_phi_q`` is not read), the result is the same.
 
     >>> o, lse = topk_phi_decode_state(q, k, v, scale, starts, ends, summary, selected,
     ...                                log_phi_q, maps.phi_k.folded())
     """
     return _decode(q, k, v, scale, starts, ends, summary, selected, log_phi_q, phi_k,
                    completion, eps, num_splits, block_n, num_warps, torch.float32, skip,
-                   num_stages, separate_share)
+                   num_stages, separate_share, complete)
 
 
 def topk_phi_decode(
     q: Tensor, k: Tensor, v: Tensor, scale: float, starts: Tensor, ends: Tensor,
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None = None, eps: float = 1e-6, num_splits: int | None = None,
-    block_n: int | None = None, num_warps: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None, complete: bool = True,
 ) -> Tensor:
     """:func:`topk_phi_decode_state`'s output in ``q.dtype`` (same arguments)."""
     return _decode(q, k, v, scale, starts, ends, summary, selected, log_phi_q, phi_k,
-                   completion, eps, num_splits, block_n, num_warps, q.dtype)[0]
+                   completion, eps, num_splits, block_n, num_warps, q.dtype,
+                   complete=complete)[0]
 
 
 def _decode(
@@ -805,7 +808,7 @@ def _decode(
     summary: PhiSummary, selected: Tensor, log_phi_q: Tensor, phi_k: FoldedFeatureMap,
     completion: Tensor | None, eps: float, num_splits: int | None, block_n: int | None,
     num_warps: int | None, out_dtype: torch.dtype, skip: Tensor | None = None,
-    num_stages: int | None = None, separate_share: bool | None = None,
+    num_stages: int | None = None, separate_share: bool | None = None, complete: bool = True,
 ) -> tuple[Tensor, Tensor]:
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
@@ -828,7 +831,9 @@ def _decode(
 
     separate = SEPARATE_SHARE if separate_share is None else separate_share
     share_splits, share_block_n = num_splits, block_n
-    if separate:
+    if not complete:  # no head completes: no share launch, no features in the merge
+        separate, share_splits = True, 0
+    elif separate:
         share_block_n = min(block_n, SHARE_BLOCK_N or block_n)
         share_splits = _num_splits(batch * n_kv_heads, n_selected, share_block_n, q.device)
     o_parts = _new_empty((batch, n_q_heads, num_splits, head_dim), dtype=torch.float32,
@@ -842,7 +847,7 @@ def _decode(
     skip_args = _skip_args(skip, batch, n_kv_heads)
     block_g, block_d, block_f = _pow2(group), _pow2(head_dim), _pow2(d_phi)
     launches = [(num_splits, block_n, dict(ATTEND=True, SHARE=not separate), num_warps or 4)]
-    if separate:
+    if separate and complete:
         launches.append((share_splits, share_block_n, dict(ATTEND=False, SHARE=True),
                          SHARE_WARPS))
     for splits, tile, parts, warps in launches:
@@ -862,8 +867,9 @@ def _decode(
     dim_block = _complete_dim_block(batch * n_kv_heads, block_d, q.device)
     _complete_kernel[(batch * n_kv_heads, triton.cdiv(head_dim, dim_block))](
         o_parts, lse_parts, sub_u, sub_n, log_phi_q, m, u, t, completion.view(torch.uint8),
-        out, lse, n_kv_heads, group, head_dim, d_phi, num_splits, share_splits, eps,
+        out, lse, n_kv_heads, group, head_dim, d_phi if complete else 0, num_splits,
+        share_splits, eps,
         *out.stride(), BLOCK_G=block_g, BLOCK_D=dim_block, BLOCK_F=min(block_f, 32),
-        BLOCK_S=triton.next_power_of_2(share_splits), num_warps=4, **skip_args,
+        BLOCK_S=triton.next_power_of_2(max(share_splits, 1)), num_warps=4, **skip_args,
     )
     return out, lse

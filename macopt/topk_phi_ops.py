@@ -198,7 +198,8 @@ def topk_phi_site_decode(
                            buffers.phi_q, buffers.phi_q_mlp, buffers.phi_k, buffers.phi_k_mlp,
                            buffers.completion, scale, budget, params.page_size,
                            params.selector,
-                           _summary_tokens(params.summary_in_budget, buffers, k.dtype))
+                           _summary_tokens(params.summary_in_budget, buffers, k.dtype),
+                           any(params.completion))
 
 
 def _summary_tokens(summary_in_budget: bool, buffers: TopKPhiState, kv_dtype: torch.dtype

@@ -229,7 +229,7 @@ def topk_phi_decode(
     kmin: Tensor | None, kmax: Tensor | None,
     phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
     completion: Tensor, scale: float, budget: int, page_size: int, selector: str,
-    summary_tokens: int = 0,
+    summary_tokens: int = 0, complete: bool = True,
 ) -> Tensor:
     """Top-K + phi decode attention ``o[B, Hq, D]`` in ``q``'s dtype (approximate).
 
@@ -244,12 +244,17 @@ def topk_phi_decode(
     ``max(0, budget - summary_tokens)`` tokens, a group with every head off the full
     ``budget`` (pages: each rounded up to whole pages). The selection keeps its width (static
     shapes); the slots a group gives up hold -1. 0: every group retrieves ``budget``.
+
+    ``complete`` False: the caller knows (statically, from its config) that ``completion`` is
+    off for every head; the GPU path then computes no query features, no feature share and no
+    completion (a Top-K-only step; the result is the same).
     """
     _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
                   completion, budget, page_size, selector, summary_tokens)
     o, _, _ = decode_impl(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q,
                           phi_q_mlp, phi_k, phi_k_mlp, completion, scale, budget, page_size,
-                          selector, state=False, summary_tokens=summary_tokens)
+                          selector, state=False, summary_tokens=summary_tokens,
+                          complete=complete)
     return o
 
 
@@ -275,7 +280,8 @@ def _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax
 
 @topk_phi_decode.register_fake
 def _(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_q_mlp, phi_k,
-      phi_k_mlp, completion, scale, budget, page_size, selector, summary_tokens=0):
+      phi_k_mlp, completion, scale, budget, page_size, selector, summary_tokens=0,
+      complete=True):
     _check_decode(q, k, v, starts, ends, m, u, t, mid_start, mid_end, kmin, kmax, phi_q, phi_k,
                   completion, budget, page_size, selector, summary_tokens)
     return torch.empty_like(q)
@@ -287,7 +293,7 @@ def decode_impl(
     kmin: Tensor | None, kmax: Tensor | None,
     phi_q: list[Tensor], phi_q_mlp: bool, phi_k: list[Tensor], phi_k_mlp: bool,
     completion: Tensor, scale: float, budget: int, page_size: int, selector: str, *,
-    state: bool, skip: Tensor | None = None, summary_tokens: int = 0,
+    state: bool, skip: Tensor | None = None, summary_tokens: int = 0, complete: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Selection then the decode kernels (inputs already checked): ``(o, lse, selected)``.
 
@@ -301,7 +307,9 @@ def decode_impl(
     summary = ref.PhiSummary(m, u, t, mid_start, mid_end)
     folded_q, folded_k = _folded(phi_q, phi_q_mlp), _folded(phi_k, phi_k_mlp)
     triton_path = _use_triton(q.device)
-    if triton_path:
+    if triton_path and not complete:  # no head completes: the kernels read no features
+        log_phi_q = q.new_empty((*q.shape[:2], 0), dtype=torch.float32)
+    elif triton_path:
         from macopt.kernels.topk_phi import query_log_features
 
         log_phi_q = query_log_features(q, folded_q)
@@ -319,8 +327,9 @@ def decode_impl(
         args = (q, k, v, scale, starts, ends, summary, selected, log_phi_q, folded_k,
                 completion)
         if state:
-            return (*topk_phi.topk_phi_decode_state(*args, skip=skip), selected)
-        return topk_phi.topk_phi_decode(*args), None, selected
+            return (*topk_phi.topk_phi_decode_state(*args, skip=skip, complete=complete),
+                    selected)
+        return topk_phi.topk_phi_decode(*args, complete=complete), None, selected
     o, lse = ref.topk_phi_decode_state(q, k, v, scale, starts, ends, summary, selected,
                                        log_phi_q, log_features(k, folded_k), completion)
     return (o, lse, selected) if state else (o.to(q.dtype), None, selected)

@@ -191,6 +191,30 @@ def test_completion_switch_is_per_query_head():
     _assert_states_close(kernel, oracle)
 
 
+@pytest.mark.parametrize("kind", ["state", "output"])
+def test_no_completion_anywhere_skips_the_features_with_the_same_result(kind):
+    """``complete=False`` (every head's completion off, known statically) launches no feature
+    share and reads no query features (here NaN: any read would show) and no summary moments
+    (NaN too), and gives what the same switches give through the full path."""
+    p = make_problem(head_dim=64)
+    selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=16)
+    off = torch.zeros(p.q.shape[1], dtype=torch.bool, device=DEVICE)
+    log_phi_q, _ = p.log_phi()
+    summary = _kernel_summary(p)
+    run = topk_phi.topk_phi_decode_state if kind == "state" else topk_phi.topk_phi_decode
+    full = run(p.q, p.k, p.v, p.scale, p.starts, p.ends, summary, selected, log_phi_q,
+               p.maps.phi_k.folded(), off)
+    poisoned = ref.PhiSummary(*(torch.full_like(x, float("nan")) for x in summary[:3]),
+                              *summary[3:])
+    skipped = run(p.q, p.k, p.v, p.scale, p.starts, p.ends, poisoned, selected,
+                  torch.full_like(log_phi_q, float("nan"))[..., :0], p.maps.phi_k.folded(),
+                  off, complete=False)
+    for a, b in zip(full if kind == "state" else (full,), skipped if kind == "state" else
+                    (skipped,), strict=True):
+        assert not b.isnan().any()
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
 def test_selection_entries_outside_the_mid_region_are_ignored():
     p = make_problem(head_dim=64)
     selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k=8)
