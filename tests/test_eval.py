@@ -229,6 +229,20 @@ def test_cli_runs_at_a_tiny_size(tmp_path: Path, text):
     assert data["methods"]["exact"]["agreement"]["top1"] == 1.0
 
 
+def test_cli_empty_lengths_runs_no_retrieval_task(tmp_path: Path, text):
+    """``--lengths ""`` means no task (it used to fall back to the context length)."""
+    held_out = tmp_path / "held_out.py"
+    held_out.write_text(text)
+    out = tmp_path / "eval.json"
+    code = main(["eval", "llama", "--methods", "exact", "--context", "96", "--ppl-chunks", "1",
+                 "--ppl-decode", "4", "--lengths", "", "--agreement-steps", "4", "--text",
+                 str(held_out), "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["lengths"] == []
+    assert all(m["tasks"]["items"] == [] for m in data["methods"].values())
+
+
 def test_cli_reports_bad_methods(tmp_path: Path, capsys):
     assert main(["eval", "llama", "--methods", "mac:oops"]) == 2
     assert "mac:oops" in capsys.readouterr().out

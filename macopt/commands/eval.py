@@ -59,7 +59,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ppl-decode", type=int, default=64,
                         help="tokens at each chunk's end scored as decode steps")
     parser.add_argument("--lengths", type=_ints, default=None,
-                        help="task prompt lengths in tokens, comma-separated (default: the "
+                        help="task prompt lengths in tokens, comma-separated; \"\" runs no "
+                        "retrieval task (default: the "
                         "context)")
     parser.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9],
                         help="needle depths in [0, 1], comma-separated")
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         methods = parse_methods(spec, model_name if Path(model_name).is_dir() else None, phi)
         kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
         context = args.context or default_context(methods, args.ppl_decode)
-        lengths = args.lengths or [context]
+        lengths = [context] if args.lengths is None else args.lengths  # "": no tasks
         text = read_text(files)
         dtype = _DTYPES[args.dtype] if args.dtype else (
             torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
