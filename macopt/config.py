@@ -118,7 +118,8 @@ class TopKPhiConfig(MethodConfig):
 
     Completion is on for every head when ``completion`` is True; ``completion_overrides`` maps
     a layer index to a bool (every head of it) or to ``{query head: bool}``: heads whose
-    attention Top-K alone already captures can be switched off.
+    attention Top-K alone already captures can be switched off. A layer with every head off
+    computes no query features and no feature share at decode on the GPU (a Top-K-only step).
 
     ``summary_in_budget``: when True, ``budget`` also pays for the summary's bytes. A KV group
     that reads the summary (any of its query heads has completion on) retrieves
