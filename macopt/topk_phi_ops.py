@@ -199,7 +199,7 @@ def topk_phi_site_decode(
                            buffers.completion, scale, budget, params.page_size,
                            params.selector,
                            _summary_tokens(params.summary_in_budget, buffers, k.dtype),
-                           any(params.completion))
+                           buffers.complete)
 
 
 def _summary_tokens(summary_in_budget: bool, buffers: TopKPhiState, kv_dtype: torch.dtype

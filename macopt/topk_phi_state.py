@@ -361,6 +361,7 @@ class TopKPhiState:
     phi_k: list[Tensor]
     phi_k_mlp: bool
     completion: Tensor
+    complete: bool = True  # any head's completion on (static: off skips the features)
 
     def first_rows(self, batch: int) -> TopKPhiState:
         """The state of the first ``batch`` rows: views at the same addresses, so a state
@@ -425,6 +426,7 @@ class TopKPhiState:
             phi_k=[getattr(folded_k, f).float().contiguous() for f in _FOLDED_FIELDS],
             phi_k_mlp=folded_k.has_mlp,
             completion=torch.tensor(switches, dtype=torch.bool, device=device),
+            complete=any(switches),
         )
 
 
@@ -445,7 +447,7 @@ def decode(state: TopKPhiState, q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
         q, k, v, starts, ends, state.m, state.u, state.t, state.mid_start, state.mid_end,
         state.kmin, state.kmax, state.phi_q, state.phi_q_mlp, state.phi_k, state.phi_k_mlp,
         state.completion, scale, budget, config.page_size, config.selector_spec(),
-        budget_summary_tokens(config, state.t, k.dtype))
+        budget_summary_tokens(config, state.t, k.dtype), state.complete)
 
 
 def budget_summary_tokens(config: TopKPhiConfig, t: Tensor, kv_dtype: torch.dtype) -> int:

@@ -70,10 +70,12 @@ def test_report_has_exact_and_every_method_with_ratios_and_errors(tmp_path):
     assert exact["selector"] is None and exact["median_ms"] > 0
     for r in methods:
         assert r["status"] == "ok" and r["median_ms"] > 0 and r["speedup_vs_exact"] > 0
+        assert r["median_ms_topk_only"] > 0 and r["speedup_topk_only"] > 0
         assert 0 < r["rel_l1_topk"] and 0 < r["rel_l1_topk_phi"]
     assert {r["budget_tokens"] for r in methods} == {13, 32}
-    header, times, errors = topk.table_rows(report)
-    assert len(times) == len(errors) == 1 and len(times[0]) == len(header) == 3 + 4
+    header, times, topk_only, errors = topk.table_rows(report)
+    assert len(times) == len(topk_only) == len(errors) == 1
+    assert len(times[0]) == len(topk_only[0]) == len(header) == 3 + 4
 
 
 def test_cli_runs_end_to_end(tmp_path, capsys):
@@ -85,7 +87,8 @@ def test_cli_runs_end_to_end(tmp_path, capsys):
     assert cli.main(argv) == 0
     report = json.loads(path.read_text())
     assert report["config"]["budgets"] == [0.1] and report["config"]["selectors"] == ["page"]
-    assert "Top-K + phi" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Top-K + phi" in out and "Top-K alone" in out
 
 
 def test_cli_summary_in_budget_reaches_the_measured_config():

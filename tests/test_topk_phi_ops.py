@@ -299,3 +299,30 @@ def test_decode_with_summary_tokens_passes_opcheck_and_its_state_form_is_fp32(se
     assert o.dtype == lse.dtype == torch.float32
     assert o.shape == p.q.shape and lse.shape == p.q.shape[:2]
     torch.testing.assert_close(o.to(p.q.dtype), ops.topk_phi_decode(*args, 9))
+
+
+@pytest.mark.parametrize("selector", ["sketch", "exact", "page"])
+def test_a_state_with_every_completion_off_skips_the_features_with_the_same_output(
+        monkeypatch, selector):
+    """A state allocated with every head's completion off knows it statically (``complete``)
+    and its Triton decode launches no feature work; it answers what the full path answers with
+    the same switches."""
+    monkeypatch.setenv("MACOPT_CPU_KERNELS", "triton")
+    torch.manual_seed(0)
+    batch, q_heads, kv_heads, n, d = 2, 4, 2, 160, 64
+    q, k, v = torch.randn(batch, q_heads, d), *torch.randn(2, batch, kv_heads, n, d)
+    starts = torch.zeros(batch, dtype=torch.int32)
+    ends = torch.full((batch,), n, dtype=torch.int32)
+    config = TopKPhiConfig(sinks=2, tail=8, budget=16, page_size=16, selector=selector,
+                           completion=False)
+    outs = []
+    for full_path in (True, False):
+        state = TopKPhiState.allocate(batch, q_heads, kv_heads, n, d, torch.float32, "cpu",
+                                      page_size=16 if selector == "page" else None,
+                                      completion=(False,) * q_heads,
+                                      sketch=selector == "sketch")
+        assert not state.complete
+        state.complete = full_path
+        prefill(state, k, v, starts, ends, config)
+        outs.append(decode(state, q, k, v, starts, ends, d ** -0.5, config))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)

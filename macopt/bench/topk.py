@@ -97,6 +97,8 @@ class Record:
     tokens_read: int | None = None  # exact keys read per row and KV head (selection rounded)
     median_ms: float | None = None
     speedup_vs_exact: float | None = None
+    median_ms_topk_only: float | None = None  # the same step, every head's completion off
+    speedup_topk_only: float | None = None
     rel_l1_topk: float | None = None
     rel_l1_topk_phi: float | None = None
     status: str = "ok"
@@ -186,6 +188,7 @@ def measure_shape(shape: LayerShape, config: TopKBenchConfig, maps: FeatureMaps,
             try:
                 _measure_method(record, x, shape, method, maps, device, config)
                 record.speedup_vs_exact = exact_ms / record.median_ms
+                record.speedup_topk_only = exact_ms / record.median_ms_topk_only
             except torch.cuda.OutOfMemoryError as err:
                 record.status, record.detail = "oom", str(err).splitlines()[0]
             records.append(record)
@@ -200,13 +203,21 @@ def _measure_method(record: Record, x, shape: LayerShape, method: TopKPhiConfig,
                                      method)
     record.rel_l1_topk, record.rel_l1_topk_phi = (_mean(errors[n]) for n in ("topk",
                                                                               "topk_phi"))
-    state = TopKPhiState.allocate(
-        shape.batch, shape.q_heads, shape.kv_heads, shape.context, shape.head_dim, shape.dtype,
-        device, page_size=method.page_size if method.selector == "page" else None, maps=maps,
-        sketch=method.selector == "sketch")
-    prefill(state, x.k, x.v, x.starts, x.ends, method)
-    record.median_ms, record.timer = _time(
-        lambda: decode(state, x.q, x.k, x.v, x.starts, x.ends, x.scale, method), device, config)
+    for completion in (True, False):  # Top-K + phi, then Top-K alone (no features computed)
+        state = TopKPhiState.allocate(
+            shape.batch, shape.q_heads, shape.kv_heads, shape.context, shape.head_dim,
+            shape.dtype, device, page_size=method.page_size if method.selector == "page" else None,
+            maps=maps, completion=(completion,) * shape.q_heads,
+            sketch=method.selector == "sketch")
+        prefill(state, x.k, x.v, x.starts, x.ends, method)
+        ms, record.timer = _time(
+            lambda state=state: decode(state, x.q, x.k, x.v, x.starts, x.ends, x.scale, method),
+            device, config)
+        if completion:
+            record.median_ms = ms
+        else:
+            record.median_ms_topk_only = ms
+        del state
 
 
 def run(config: TopKBenchConfig, json_path: Path | None = None, echo=print) -> dict:
@@ -273,6 +284,12 @@ def _time_cell(r: dict) -> str:
     return f"{r['median_ms']:.3f}{ratio}"
 
 
+def _topk_only_cell(r: dict) -> str:
+    if r.get("median_ms_topk_only") is None:
+        return r["status"]
+    return f"{r['median_ms_topk_only']:.3f} ({r['speedup_topk_only']:.1f}x)"
+
+
 def _error_cell(r: dict) -> str:
     if r["rel_l1_topk"] is None:
         return r["status"]
@@ -280,7 +297,8 @@ def _error_cell(r: dict) -> str:
 
 
 def table_rows(report: dict) -> tuple[list[str], list[list[str]], list[list[str]]]:
-    """Header, timing rows (ms and speed-up vs exact) and error rows (Top-K / Top-K + phi)."""
+    """Header, timing rows (ms and speed-up vs exact), the same for Top-K alone, and error rows
+    (Top-K / Top-K + phi)."""
     config = report["config"]
     methods = [(s, b) for s in config["selectors"] for b in config["budgets"]]
     header = ["batch", "context", "exact ms",
@@ -288,20 +306,22 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]], list[list[str]
     by_shape: dict[tuple[int, int], dict] = {}
     for r in report["records"]:
         by_shape.setdefault((r["batch"], r["context"]), {})[(r["selector"], r["budget"])] = r
-    times, errors = [], []
+    times, topk_only, errors = [], [], []
     for (batch, context), cells in by_shape.items():
         label = [str(batch), _context_label(context)]
         exact = cells[(None, None)]
         times.append([*label, f"{exact['median_ms']:.3f}",
                       *(_time_cell(cells[m]) if m in cells else "" for m in methods)])
+        topk_only.append([*label, f"{exact['median_ms']:.3f}",
+                          *(_topk_only_cell(cells[m]) if m in cells else "" for m in methods)])
         errors.append([*label, "",
                        *(_error_cell(cells[m]) if m in cells else "" for m in methods)])
-    return header, times, errors
+    return header, times, topk_only, errors
 
 
 def print_report(report: dict) -> None:
     """Two rich tables (plain text without rich): times with ratios, then output errors."""
-    header, times, errors = table_rows(report)
+    header, times, topk_only, errors = table_rows(report)
     env, config = report["environment"], report["config"]
     layout = (f"{config['q_heads']} q / {config['kv_heads']} kv heads, D {config['head_dim']},"
               f" {config['dtype']}, d_phi {config['d_phi']}, page {config['page_size']}")
@@ -314,6 +334,7 @@ def print_report(report: dict) -> None:
         "per KV head per step",
     ]
     tables = [(f"Top-K + phi decode ms, {env['device']}, {layout}", header, times),
+              ("Top-K alone (every head's completion off: no features) ms", header, topk_only),
               ("attention-output error (rel. L1): Top-K / Top-K + phi", header, errors)]
     try:
         from rich.console import Console
