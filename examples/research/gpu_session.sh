@@ -6,7 +6,8 @@
 # Stages:
 #   checks     GPU tests (run from /tmp: the repository root on sys.path is not the user's
 #              path), the README quick start per method                              (~3 min)
-#   topk       macopt bench topk at the safe-defaults bar point (128K, batch 1 and 16, 2%)
+#   topk       macopt bench topk at the safe-defaults bar point (128K, batch 1 and 16, 2%;
+#              Top-K + phi and, since the tenth session, Top-K alone: no feature work)
 #              and the selectors' per-kernel profile (profile_steps topk-sketch)     (~3 min)
 #   topk-attn  the Top-K attention launch alone over tiles / warps / stages / feature chunks
 #              (profile_steps topk-attn; ran in BENCHMARKS.md 12d)                   (~1 min)
@@ -32,7 +33,7 @@
 #
 # Owed as of 2026-12-06, tenth session (BENCHMARKS.md 17): `gen32-b2` with CONTEXTS=131072 on
 # an H200 (run() with needs_h200: the unmodified model's own prefill at batch 2, 128K does not
-# fit 80 GB); `topk-attn` (the share launch's own key tiles, SHARE_BLOCK_N); `mac-launches`;
+# fit 80 GB); `topk` (what Top-K alone saves, SAFE_DEFAULTS 13); `topk-attn` (the share launch's own key tiles, SHARE_BLOCK_N); `mac-launches`;
 # and, over two calls carrying the GGUF parts, `PACK=1 real_smollm2_gpu.sh ... defaults mac8k
 # topk8k` (the guard's error gate in bf16, SAFE_DEFAULTS 11; retrieval after the sketch's bit
 # trick; issue 18's GPU matrix). A call that carries a GGUF part must leave
