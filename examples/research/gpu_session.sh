@@ -33,7 +33,8 @@
 #
 # Owed as of 2026-12-06, tenth session (BENCHMARKS.md 17): `gen32-b2` with CONTEXTS=131072 on
 # an H200 (run() with needs_h200: the unmodified model's own prefill at batch 2, 128K does not
-# fit 80 GB); `topk` (what Top-K alone saves, SAFE_DEFAULTS 13); `topk-attn` (the share launch's own key tiles, SHARE_BLOCK_N); `mac-launches`;
+# fit 80 GB); `topk` (what Top-K alone saves, SAFE_DEFAULTS 13); `topk-attn` (the share
+# launch's own key tiles, SHARE_BLOCK_N); `mac-launches`;
 # and, over two calls carrying the GGUF parts, `PACK=1 real_smollm2_gpu.sh ... defaults mac8k
 # topk8k` (the guard's error gate in bf16, SAFE_DEFAULTS 11; retrieval after the sketch's bit
 # trick; issue 18's GPU matrix). A call that carries a GGUF part must leave
