@@ -213,12 +213,14 @@ def set_linear_map(phi: FeatureMap, weight: Tensor, bias: Tensor, sq_norm: Tenso
     phi.sq_norm.copy_(sq_norm)
 
 
-def save_feature_maps(maps: dict[str, FeatureMaps], path: str | Path) -> None:
-    """Save several sites' maps (keyed by site name) to one safetensors file."""
+def save_feature_maps(maps: dict[str, FeatureMaps], path: str | Path,
+                      extra: dict[str, str] | None = None) -> None:
+    """Save several sites' maps (keyed by site name) to one safetensors file; ``extra``:
+    more string metadata (keys not ending in ``.shape``), e.g. how the maps were made."""
     tensors = {f"{site}.{name}": p.detach().contiguous().cpu()
                for site, m in maps.items() for name, p in m.state_dict().items()}
     metadata = {f"{site}.shape": _shape_tag(m) for site, m in maps.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata={**(extra or {}), **metadata})
 
 
 def load_feature_maps(path: str | Path, device: torch.device | str = "cpu"
@@ -231,6 +233,8 @@ def load_feature_maps(path: str | Path, device: torch.device | str = "cpu"
     tensors = load_file(str(path), device=str(device))
     maps = {}
     for key, tag in metadata.items():
+        if not key.endswith(".shape"):  # other metadata (save_feature_maps' extra)
+            continue
         site = key.removesuffix(".shape")
         n_q, n_kv, head_dim, d_phi, width, hidden = (int(t) for t in tag.split(","))
         module = FeatureMaps(n_q, n_kv, head_dim, d_phi, width, hidden).to(device)

@@ -9,6 +9,10 @@ from pathlib import Path
 from macopt.kernels.feature_maps import FeatureMaps
 
 PHI_FILENAME = "macopt_phi.safetensors"  # the default file, next to the model
+# Metadata key: tokens per calibration sequence (``macopt calibrate --seq-len``). Maps fitted on
+# shorter sequences than a cache holds can fail badly there: on SmolLM2, maps from 2K sequences
+# gave exp(KL) 76-91 at 8K, maps from 8K sequences 1.04-1.10 (docs/REAL_MODEL.md).
+CALIBRATED_TOKENS = "macopt.calibrated_tokens"
 
 
 def site_name(layer: int) -> str:
@@ -29,6 +33,15 @@ def read_feature_maps(path: str | Path) -> dict[str, FeatureMaps]:
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"feature_maps: {path} is not a readable phi maps file "
                          f"({type(err).__name__}: {err})") from None
+
+
+def calibrated_tokens(path: str | Path) -> int | None:
+    """The calibration sequence length a phi file records (None: not recorded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        value = (handle.metadata() or {}).get(CALIBRATED_TOKENS)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def maps_for_kv_heads(maps: FeatureMaps, n_kv_heads: int) -> FeatureMaps:

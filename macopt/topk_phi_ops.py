@@ -18,6 +18,7 @@ cannot tell a rewritten model from one that ran nothing. Keys read are not count
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cache
 
@@ -26,7 +27,7 @@ import torch
 from macopt import distributed, state
 from macopt.config import TopKPhiConfig, check_budget_args, resolve_budget
 from macopt.kernels.feature_maps import FeatureMaps
-from macopt.phi_files import maps_for_kv_heads, read_feature_maps, site_name
+from macopt.phi_files import calibrated_tokens, maps_for_kv_heads, read_feature_maps, site_name
 from macopt.site_params import SiteParams, site_op
 from macopt.topk_phi_select import summary_budget_tokens
 from macopt.topk_phi_state import TopKPhiState, topk_phi_decode, topk_phi_prefill
@@ -98,6 +99,24 @@ def _file_maps(path: str) -> dict[str, FeatureMaps]:
     return read_feature_maps(path)  # errors name the file
 
 
+_WARNED_LENGTHS: set[tuple[str, int]] = set()
+
+
+def warn_beyond_calibration(path: str, n_keys: int) -> None:
+    """Warn once per (file, cache length) when a cache holds more tokens than the phi file's
+    calibration sequences: maps fitted on short sequences can fail badly on longer ones."""
+    calibrated = calibrated_tokens(path)
+    if calibrated is None or n_keys <= calibrated or (path, n_keys) in _WARNED_LENGTHS:
+        return
+    _WARNED_LENGTHS.add((path, n_keys))
+    warnings.warn(
+        f"macopt Top-K + phi: the feature maps in {path} were calibrated on {calibrated}-token "
+        f"sequences and this cache holds {n_keys}. Maps used past their calibration length can "
+        "be far off (SmolLM2: maps from 2K sequences gave exp(KL) 76-91 at 8K; "
+        "docs/REAL_MODEL.md). Calibrate with `macopt calibrate ... --seq-len "
+        f"{n_keys}` (or longer), or run without completion.", stacklevel=2)
+
+
 def site_state(site_id: int, layer: int, q_heads: int, k: Tensor, use_pages: bool,
                page_size: int, d_phi: int, completion: list[bool], feature_maps: str,
                seed: int, sketch: bool = False) -> state.SiteState:
@@ -136,6 +155,7 @@ def allocate_state(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bo
     _, n_kv_heads, n_keys, head_dim = k.shape
     maps = None
     if feature_maps:
+        warn_beyond_calibration(feature_maps, n_keys)
         found = _file_maps(feature_maps)
         if site_name(layer) not in found:
             raise ValueError(f"{feature_maps} holds no maps for {site_name(layer)} "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from model_zoo import ZOO
@@ -17,7 +19,7 @@ from macopt.calibrate_phi import (
     site_name,
 )
 from macopt.kernels.feature_maps import load_feature_maps, save_feature_maps
-from macopt.phi_files import PHI_FILENAME
+from macopt.phi_files import CALIBRATED_TOKENS, PHI_FILENAME, calibrated_tokens
 
 SMALL = CalibrationConfig(d_phi=32, steps=30, lr=1e-2, queries_per_step=8, checkpoint_every=10)
 
@@ -139,7 +141,37 @@ def test_cli_writes_maps_of_the_chosen_init_without_training(tmp_path, init):
             "--seq-len", "128", "--sequences", "2", "--steps", "0", "--d-phi", "8",
             "--init", init, "--out", str(out), "--device", "cpu", "--dtype", "float32"]
     assert cli.main(argv) == 0
+    assert calibrated_tokens(out) == 128  # the file says how long its sequences were
     phi_q = load_feature_maps(out)["layer.0"].phi_q
     expected_sq_norm = 0.0 if init == "probe" else 64**-0.5 / 2  # probe: linear, PRF: s / 2
     assert float(phi_q.sq_norm[0]) == pytest.approx(expected_sq_norm)
     assert cli.main(argv[:-6] + ["--margin", "-1", "--device", "cpu"]) == 2  # refused
+
+
+def test_maps_used_past_their_calibration_length_warn_once(tmp_path):
+    """A cache longer than the phi file's calibration sequences warns (maps from 2K sequences
+    gave exp(KL) 76-91 at 8K on SmolLM2); within it, or with no length recorded, nothing."""
+    from macopt import topk_phi_ops
+    from macopt.kernels.feature_maps import FeatureMaps
+
+    path = tmp_path / "phi.safetensors"
+    maps = {"layer.0": FeatureMaps(4, 2, 16, 8)}
+    save_feature_maps(maps, path, {CALIBRATED_TOKENS: "64"})
+    assert calibrated_tokens(path) == 64 and set(load_feature_maps(path)) == {"layer.0"}
+
+    def allocate(n_keys):
+        k = torch.zeros(1, 2, n_keys, 16)
+        topk_phi_ops.allocate_state(1, 0, 4, k, False, 16, 8, [True] * 4, str(path), 0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        allocate(64)
+    with pytest.warns(UserWarning, match="calibrated on 64-token sequences and this cache "
+                                         "holds 96"):
+        allocate(96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        allocate(96)  # once per file and length
+        unrecorded = tmp_path / "old.safetensors"
+        save_feature_maps(maps, unrecorded)
+        assert calibrated_tokens(unrecorded) is None

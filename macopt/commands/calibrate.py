@@ -230,6 +230,7 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
         capture_attention,
     )
     from macopt.kernels.feature_maps import save_feature_maps
+    from macopt.phi_files import CALIBRATED_TOKENS
 
     out = args.out
     checkpoint = args.checkpoint or out.with_name(out.name + ".ckpt")
@@ -244,13 +245,14 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
     model = model.to(args.device).eval().requires_grad_(False)
     tokens = load_sequences(tokenizer, args.text, args.seq_len, args.sequences)
     console.print(f"capturing attention on {tokens.shape[0]} x {tokens.shape[1]} tokens")
+    provenance = {CALIBRATED_TOKENS: str(tokens.shape[1])}
     captured = capture_attention(model, tokens)
     del model  # the captured queries and keys are all training needs
     if config.steps == 0:  # the default: the init is the result, there is nothing to train
         maps, _ = calibrate_feature_maps(captured, config, checkpoint)
         console.print(f"{config.init} init of {len(maps)} layers, no gradient steps "
                       "(--steps N trains from it)")
-        save_feature_maps({name: m.cpu() for name, m in maps.items()}, out)
+        save_feature_maps({name: m.cpu() for name, m in maps.items()}, out, provenance)
         return out
     columns = (TextColumn("calibrating phi"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total}"), TextColumn("loss {task.fields[loss]:.4f}"),
@@ -262,5 +264,5 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
             on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
         progress.update(task, completed=config.steps,
                         loss=history[-1] if history else float("nan"))
-    save_feature_maps({name: m.cpu() for name, m in maps.items()}, out)
+    save_feature_maps({name: m.cpu() for name, m in maps.items()}, out, provenance)
     return out
