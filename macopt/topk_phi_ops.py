@@ -155,8 +155,8 @@ def allocate_state(rows: int, layer: int, q_heads: int, k: Tensor, use_pages: bo
     _, n_kv_heads, n_keys, head_dim = k.shape
     maps = None
     if feature_maps:
+        found = _file_maps(feature_maps)  # first: its errors name a missing or corrupt file
         warn_beyond_calibration(feature_maps, n_keys)
-        found = _file_maps(feature_maps)
         if site_name(layer) not in found:
             raise ValueError(f"{feature_maps} holds no maps for {site_name(layer)} "
                              f"(it has {sorted(found)[:4]}...)")
