@@ -31,10 +31,19 @@ class _PaddedAttention(CausalSelfAttention):
     __slots__ = tuple(f"_pad{i}" for i in range(57))
 
 
+# Objects allocated beside each new module and kept alive: CPython hands a freed block back
+# only while its pool still holds a live block; a pool left empty can go to another size of
+# object, and the dead module's id was then never reused (seen once in a full suite run).
+_POOL_NEIGHBOURS: list[_PaddedAttention] = []
+
+
 def _attention(dead_id: int | None = None) -> _PaddedAttention:
     """A new attention module; with ``dead_id``, one that reuses that dead module's id."""
     if dead_id is None:
-        return _PaddedAttention(CFG)
+        _POOL_NEIGHBOURS.extend(_PaddedAttention.__new__(_PaddedAttention) for _ in range(2))
+        module = _PaddedAttention(CFG)
+        _POOL_NEIGHBOURS.extend(_PaddedAttention.__new__(_PaddedAttention) for _ in range(2))
+        return module
     tried = []
     for _ in range(10_000):
         module = _PaddedAttention.__new__(_PaddedAttention)  # the object's memory only
