@@ -7,13 +7,13 @@
 #   bash examples/research/gguf_parts.sh stash 01      # call 2: carry .gguf/smol.gguf.xz.part01
 #   bash examples/research/gguf_parts.sh assemble      # prints the GGUF's path, or fails
 #
-# Made here with: xz -9 -c SmolLM2-135M-Instruct.Q4_1.gguf | split -b 45233916 -d - \
+# Made here with (xz 5.4; the parts' checksums depend on the xz version): xz -9 -T1 -c SmolLM2-135M-Instruct.Q4_1.gguf | split -b 45233916 -d - \
 #   .gguf/smol.gguf.xz.part   (.gguf/ is in .git/info/exclude)
 set -eu
 DIR=/tmp/gguf
 declare -A SHA=(
-  [00]=15e5eb1fb52f967bad5ed14a41bb572150d7395bd41aecf06899711232e93baa
-  [01]=894baccda92b3d7d47f508aef9457adf0639bfdca6576f743217044e5447c785
+  [00]=ce59a356b1bb298ae7757352391d40c2814cde1d8818dff1e57eb18dd7dc8a11
+  [01]=bedc453af514accc0fce5c6ed8e2c65a13a3feaaa6fafeaa3a6c77eb81603f8b
 )
 check() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
 mkdir -p $DIR
