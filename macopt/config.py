@@ -116,10 +116,16 @@ class TopKPhiConfig(MethodConfig):
     ``feature_maps``: a safetensors file of calibrated maps (``macopt calibrate``); None uses
     the parameter-free positive-random-feature initialisation (seeded by ``seed``).
 
-    Completion is on for every head when ``completion`` is True; ``completion_overrides`` maps
-    a layer index to a bool (every head of it) or to ``{query head: bool}``: heads whose
-    attention Top-K alone already captures can be switched off. A layer with every head off
-    computes no query features and no feature share at decode on the GPU (a Top-K-only step).
+    ``completion``: True turns the completion on for every head, False off (Top-K alone:
+    sinks, tail and the budget's keys, exactly). None (default): on where ``feature_maps``
+    names a calibrated maps file, off without one. The data-free random features estimate a
+    real model's unselected mass far too small (e^6-e^13 times on SmolLM2 from layer 1 on,
+    docs/REAL_MODEL.md), so without calibration the completion changes no answer and only
+    costs its summary, query features and share launch; ``completion=True`` uses them anyway.
+    ``completion_overrides`` maps a layer index to a bool (every head of it) or to
+    ``{query head: bool}``: heads whose attention Top-K alone already captures can be
+    switched off. A layer with every head off computes no query features and no feature
+    share at decode on the GPU (a Top-K-only step).
 
     ``summary_in_budget``: when True, ``budget`` also pays for the summary's bytes. A KV group
     that reads the summary (any of its query heads has completion on) retrieves
@@ -129,9 +135,12 @@ class TopKPhiConfig(MethodConfig):
     ``budget``: exactly Top-K. The page selector rounds each group's count up to whole pages.
     False (default): every group retrieves ``budget``, the summary comes on top.
 
-    >>> config = TopKPhiConfig(budget=0.02, completion_overrides={0: False, 3: {5: False}})
+    >>> config = TopKPhiConfig(budget=0.02, completion=True,
+    ...                        completion_overrides={0: False, 3: {5: False}})
     >>> config.budget_tokens(131072), config.completion_for(3, 8)
     (2622, (True, True, True, True, True, False, True, True))
+    >>> TopKPhiConfig().completes, TopKPhiConfig(feature_maps="phi.safetensors").completes
+    (False, True)
     >>> TopKPhiConfig(selector="quest")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -152,7 +161,7 @@ class TopKPhiConfig(MethodConfig):
     channels: int | None = None
     rerank: int = 2
     d_phi: int | None = None
-    completion: bool = True
+    completion: bool | None = None
     completion_overrides: Any = ()
     feature_maps: str | None = None
     seed: int = 0
@@ -183,10 +192,12 @@ class TopKPhiConfig(MethodConfig):
         if self.feature_maps is not None and not isinstance(self.feature_maps, str):
             raise ValueError(f"TopKPhiConfig.feature_maps: expected None or the path of a "
                              f"`macopt calibrate` phi file, got {self.feature_maps!r}")
-        for name in ("completion", "summary_in_budget"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TopKPhiConfig.{name}: expected a bool, got "
-                                 f"{getattr(self, name)!r}")
+        if self.completion is not None and not isinstance(self.completion, bool):
+            raise ValueError(f"TopKPhiConfig.completion: expected a bool or None (on with a "
+                             f"calibrated maps file), got {self.completion!r}")
+        if not isinstance(self.summary_in_budget, bool):
+            raise ValueError(f"TopKPhiConfig.summary_in_budget: expected a bool, got "
+                             f"{self.summary_in_budget!r}")
         # Stored as nested sorted tuples: the config stays frozen, hashable and JSON-able.
         object.__setattr__(self, "completion_overrides",
                            _normalise_overrides(self.completion_overrides))
@@ -212,9 +223,15 @@ class TopKPhiConfig(MethodConfig):
             return self.budget, 0.0
         return 0, float(self.budget)
 
+    @property
+    def completes(self) -> bool:
+        """Whether the completion is on before ``completion_overrides``: ``completion``, or
+        when it is None, whether a calibrated maps file is given."""
+        return self.feature_maps is not None if self.completion is None else self.completion
+
     def completion_for(self, layer: int, n_heads: int) -> tuple[bool, ...]:
         """Completion on/off for each of ``n_heads`` query heads of layer ``layer``."""
-        heads = [self.completion] * n_heads
+        heads = [self.completes] * n_heads
         for index, setting in self.completion_overrides:
             if index != layer:
                 continue

@@ -11,8 +11,11 @@ spec                           method
 ``NAME:calibrated``            ``DIR/mac_calibrated.json`` of the model directory: its
                                config and per-layer overrides, as written
 ``NAME:FILE.json``             a config file's config and overrides (its method: NAME)
-``topk_phi``, ``topk_phi:B``   ``TopKPhiConfig`` (budget B: an int is tokens, a float in
-                               (0, 1] a fraction); ``topk[:B]``: the same, no completion
+``topk_phi``, ``topk_phi:B``   ``TopKPhiConfig`` with the completion on (budget B: an int is
+                               tokens, a float in (0, 1] a fraction; random features unless
+                               given maps); ``topk[:B]``: the same, no completion
+``NAME:default``               the config with no arguments, as a user writes it
+                               (``TopKPhiConfig()``: completion only with calibrated maps)
 ``mac_topk_phi[:B[:MAC]]``     ``MACTopKPhiConfig``: Top-K + phi budget B, the MAC part
                                anything ``mac:`` takes (``mac_topk_phi:0.02:calibrated``)
 any other method name          its config's defaults
@@ -23,6 +26,8 @@ ring size, offset and ``t_min`` 0 from their flags.
 
 >>> parse_method("mac:1").config.tau, parse_method("topk_phi:0.02").config.budget
 (1.0, 0.02)
+>>> parse_method("topk_phi").config.completes, parse_method("topk_phi:default").config.completes
+(True, False)
 >>> parse_method("mac_topk_phi:64:0.3").config.mac.tau
 0.3
 """
@@ -80,6 +85,8 @@ def parse_method(spec: str, model_dir: str | Path | None = None,
         return _composed(spec, arg, model_dir, mac)
     if arg == "calibrated" or arg.endswith(".json"):
         return _from_file(spec, name, arg, model_dir)
+    if arg == "default":
+        return Method(spec, MethodConfig.from_dict({"method": name}))
     if name == "exact" and not arg:
         return Method(spec, ExactConfig())
     if name == "mac":

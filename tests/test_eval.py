@@ -124,7 +124,7 @@ def test_composed_method_at_tau_one_with_every_key_retrieved_equals_the_unmodifi
 @pytest.fixture(scope="module")
 def result(text) -> dict:
     methods = [None, macopt.ExactConfig(), macopt.MACConfig(tau=1.0, t_min=0),
-               macopt.TopKPhiConfig(budget=16, page_size=8, tail=4)]
+               macopt.TopKPhiConfig(budget=16, page_size=8, tail=4, completion=True)]
     return evaluate(ZOO["llama"].build(), None, methods, text=text, context=128, ppl_chunks=1,
                     ppl_decode=8, lengths=(400,), depths=(0.5,), agreement_steps=8,
                     topk_queries=4)
@@ -286,7 +286,7 @@ def test_keys_read_charge_the_summary_only_to_groups_that_read_it():
 
     # 1000-key prompt, decode at position 1000: sinks 4 + tail 16 + 1 generated key exact;
     # exact selector: every middle key's K row (980 / 2); d_phi 2, bf16: summary 2.03 (3 whole).
-    base = dict(budget=100, selector="exact", d_phi=2)
+    base = dict(budget=100, selector="exact", d_phi=2, completion=True)
     summary = summary_token_equivalent(128, 2, 2)
     read = lambda config, on: topk_keys_read(config, 1000, 1000, 2048, 128, 2,  # noqa: E731
                                              reads_summary=on)
@@ -302,7 +302,8 @@ def test_keys_read_charge_the_summary_only_to_groups_that_read_it():
     # plus the K rows of rerank (2) x 100 candidates (half a key row each)
     sketched = macopt.TopKPhiConfig(**{**base, "selector": "sketch"})
     assert read(sketched, False) == pytest.approx(21 + 100 + 980 * 16 / 512 + 200 / 2)
-    off_group = macopt.TopKPhiConfig(completion_overrides={0: {0: False, 1: False}})
+    off_group = macopt.TopKPhiConfig(completion=True,
+                                     completion_overrides={0: {0: False, 1: False}})
     assert summary_groups(off_group, 0, 4, 2) == [False, True]
     assert summary_groups(off_group, 1, 4, 2) == [True, True]
 

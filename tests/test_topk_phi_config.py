@@ -12,9 +12,18 @@ def test_defaults_are_the_papers_but_for_the_sketch_selector():
     # fraction of the reads (docs/SAFE_DEFAULTS.md 6, 8) and, on the GPU, the same answers on
     # a real model (BENCHMARKS.md 15).
     config = TopKPhiConfig()
-    assert (config.sinks, config.tail, config.selector, config.completion) == (
-        4, 16, "sketch", True)
+    assert (config.sinks, config.tail, config.selector) == (4, 16, "sketch")
     assert config.method == "topk_phi" and not config.needs_pre_rope_query
+
+
+def test_the_completion_is_on_by_default_only_with_calibrated_maps():
+    # Data-free random features estimate SmolLM2's unselected mass e^6-e^13 too small
+    # (docs/REAL_MODEL.md): without a maps file the default is Top-K alone.
+    assert TopKPhiConfig().completion_for(0, 3) == (False,) * 3
+    assert TopKPhiConfig(feature_maps="phi.safetensors").completion_for(0, 3) == (True,) * 3
+    assert TopKPhiConfig(completion=True).completion_for(0, 3) == (True,) * 3
+    assert TopKPhiConfig(completion=False, feature_maps="phi.safetensors").completion_for(
+        0, 3) == (False,) * 3
 
 
 @pytest.mark.parametrize("budget, n_keys, expected", [
@@ -25,7 +34,8 @@ def test_budget_is_tokens_or_a_fraction_rounded_up(budget, n_keys, expected):
 
 
 def test_completion_overrides_switch_whole_layers_or_single_heads():
-    config = TopKPhiConfig(completion_overrides={1: False, 2: {0: False, 3: False}})
+    config = TopKPhiConfig(completion=True,
+                           completion_overrides={1: False, 2: {0: False, 3: False}})
     assert config.completion_for(0, 4) == (True,) * 4
     assert config.completion_for(1, 4) == (False,) * 4
     assert config.completion_for(2, 4) == (False, True, True, False)
@@ -54,7 +64,7 @@ def test_config_survives_json_and_stays_hashable():
     ({"page_size": 0}, "page_size"),
     ({"sinks": -1}, "sinks"),
     ({"d_phi": 7}, "even"),
-    ({"completion": 1}, "completion: expected a bool"),
+    ({"completion": 1}, "completion: expected a bool or None"),
     ({"completion_overrides": {-1: False}}, "layer index"),
     ({"completion_overrides": {0: {1: "no"}}}, "expected a bool"),
     ({"completion_overrides": [(0, False), (0, True)]}, "listed twice"),

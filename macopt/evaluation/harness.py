@@ -78,7 +78,7 @@ def _with_maps(method: Method, phi: str | Path | None) -> Method:
         return method
 
     def swap(config: MethodConfig | None) -> MethodConfig | None:
-        if isinstance(config, TopKPhiConfig) and config.completion:
+        if isinstance(config, TopKPhiConfig) and config.completion is not False:
             return dataclasses.replace(config, feature_maps=str(phi))
         if isinstance(config, MACTopKPhiConfig):
             return MACTopKPhiConfig(config.mac, swap(config.topk_phi))
@@ -225,7 +225,7 @@ def _name(config: MethodConfig | None) -> str:
     if isinstance(config, MACConfig):
         return f"mac:{config.tau:g}"
     if isinstance(config, TopKPhiConfig):
-        return f"{'topk_phi' if config.completion else 'topk'}:{config.budget:g}"
+        return f"{'topk_phi' if config.completes else 'topk'}:{config.budget:g}"
     if isinstance(config, MACTopKPhiConfig):
         return f"mac_topk_phi:{config.topk_phi.budget:g}:{config.mac.tau:g}"
     return config.method
@@ -284,13 +284,13 @@ def topk_keys_read(config: TopKPhiConfig, prefill: int, position: int, n_keys: i
     page of the middle: one key row per page) or, for the exact selector, every middle key's K
     row (half a key row each), and the summary
     (:func:`macopt.topk_phi_select.summary_token_equivalent`) when the KV group reads it
-    (``reads_summary``: any of its heads has completion on; None: ``config.completion``).
+    (``reads_summary``: any of its heads has completion on; None: ``config.completes``).
     Retrieved: the budget (rounded up to whole pages for the page selector), less the
     summary's whole tokens for a summary-reading group under ``summary_in_budget``
     (:func:`macopt.topk_phi_select.retrieved_tokens`). At most ``position + 1`` exact keys."""
     from macopt.topk_phi_select import retrieved_tokens, summary_budget_tokens
 
-    reads_summary = config.completion if reads_summary is None else reads_summary
+    reads_summary = config.completes if reads_summary is None else reads_summary
     middle = max(prefill - config.sinks - config.tail, 0)
     given_up = 0
     if config.summary_in_budget and reads_summary:
@@ -311,10 +311,10 @@ def topk_lookup_rows(config: TopKPhiConfig, middle: int, head_dim: int, itemsize
     for the sketch selector its 4-bit codes of ``C`` channels per middle key plus the K rows of
     its ``rerank * retrieved`` candidates, and the summary
     (:func:`macopt.topk_phi_select.summary_token_equivalent`) when the group reads it
-    (``reads_summary``; None: ``config.completion``)."""
+    (``reads_summary``; None: ``config.completes``)."""
     from macopt.topk_phi_select import summary_token_equivalent
 
-    reads_summary = config.completion if reads_summary is None else reads_summary
+    reads_summary = config.completes if reads_summary is None else reads_summary
     if config.selector == "page":
         selection = -(-middle // config.page_size)
     elif config.selector == "sketch":
