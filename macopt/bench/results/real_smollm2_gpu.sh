@@ -52,7 +52,7 @@ for stage in $STAGES; do
     for m in mac topk_phi; do
       base="$OUT/real_smollm2_gpu_defaults_$m"
       [ -f "$base.json" ] || $PY -m macopt.cli eval "$M" --device cuda --dtype bfloat16 \
-        --text "$TEXT/evaluation.txt.gz" --phi none --methods $m \
+        --text "$TEXT/evaluation.txt.gz" --phi none --methods $m:default \
         --needles chat --context 8192 --ppl-chunks 1 --ppl-decode 64 --agreement-steps 32 \
         --lengths 2048,4096,8100 --depths 0.1,0.5,0.9 --kinds passkey,multikey --samples 1 \
         --json "$base.json" 2>&1 | grep --line-buffered -v "it/s\]" > "$base.log" &
