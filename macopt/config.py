@@ -141,6 +141,8 @@ class TopKPhiConfig(MethodConfig):
     (2622, (True, True, True, True, True, False, True, True))
     >>> TopKPhiConfig().completes, TopKPhiConfig(feature_maps="phi.safetensors").completes
     (False, True)
+    >>> TopKPhiConfig(feature_maps="phi.safetensors").completion_source()
+    'on: calibrated maps phi.safetensors'
     >>> TopKPhiConfig(selector="quest")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -222,6 +224,19 @@ class TopKPhiConfig(MethodConfig):
         if isinstance(self.budget, int):
             return self.budget, 0.0
         return 0, float(self.budget)
+
+    def completion_source(self) -> str:
+        """Whether this config's sites complete the middle, and why (``macopt.stats``)."""
+        if self.completion is None:
+            state = (f"on: calibrated maps {self.feature_maps}" if self.feature_maps else
+                     "off: no calibrated maps file (Top-K alone; `macopt calibrate --method "
+                     "topk_phi` writes one, completion=True uses random features)")
+        elif self.completion:
+            maps = f"maps {self.feature_maps}" if self.feature_maps else "random features"
+            state = f"on: completion=True, {maps}"
+        else:
+            state = "off: completion=False (Top-K alone)"
+        return state + (", per-layer overrides" if self.completion_overrides else "")
 
     @property
     def completes(self) -> bool:

@@ -44,6 +44,8 @@ class LayerStats:
     keys_full: int | None
     nbytes: int
     tau: str | None = None  # MAC sites: the tau in use and its radius (MACConfig.tau_source)
+    # Top-K + phi sites: whether the completion runs and why (TopKPhiConfig.completion_source)
+    completion: str | None = None
 
     @property
     def read_fraction(self) -> float | None:
@@ -103,20 +105,21 @@ def stats(model: torch.nn.Module, *, gather: bool | None = None) -> Stats:
         site_id = scope.site_id_of(module)
         site = state.get(site_id) if site_id is not None else None
         if found is not None and site is not None:
-            sites.append((found.qualname or name, site, _tau_source(found.config), name))
+            sites.append((found.qualname or name, site, _sources(found.config), name))
     counters = _site_counters(model, sites, gather)
     out = Stats()
-    for (layer, site, tau, _), (flat, nbytes) in zip(sites, counters, strict=True):
+    for (layer, site, sources, _), (flat, nbytes) in zip(sites, counters, strict=True):
         if flat is None:
-            out.append(LayerStats(layer, site.method, None, None, None, (), None, None, nbytes))
+            out.append(LayerStats(layer, site.method, None, None, None, (), None, None, nbytes,
+                                  **sources))
         elif _counts_steps(site):
             steps = dict(zip(STEP_COUNTERS, flat.tolist(), strict=True))
             out.append(LayerStats(layer, site.method, steps["steps"], steps["prefills"], None,
-                                  (), None, None, nbytes))
+                                  (), None, None, nbytes, **sources))
         else:
             rows = dict(zip(COUNTERS, flat.tolist(), strict=True))
             out.append(dataclasses.replace(_layer_stats(layer, site, rows), nbytes=nbytes,
-                                           tau=tau))
+                                           **sources))
     return out
 
 
@@ -154,10 +157,14 @@ def _local_counters(sites: list[state.SiteState]) -> list[tuple[torch.Tensor | N
     return out
 
 
-def _tau_source(config: MethodConfig | None) -> str | None:
-    """Which tau a MAC site uses (its own config: a calibrated override or the model's)."""
+def _sources(config: MethodConfig | None) -> dict[str, str | None]:
+    """Which tau a MAC site uses and whether a Top-K + phi site completes (from the site's own
+    config: a calibrated override or the model's)."""
     mac = getattr(config, "mac", config)
-    return mac.tau_source() if hasattr(mac, "tau_source") else None
+    topk = getattr(config, "topk_phi", config)
+    return {"tau": mac.tau_source() if hasattr(mac, "tau_source") else None,
+            "completion": (topk.completion_source() if hasattr(topk, "completion_source")
+                           else None)}
 
 
 def _has_counters(site: state.SiteState) -> bool:

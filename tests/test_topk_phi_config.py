@@ -24,6 +24,9 @@ def test_the_completion_is_on_by_default_only_with_calibrated_maps():
     assert TopKPhiConfig(completion=True).completion_for(0, 3) == (True,) * 3
     assert TopKPhiConfig(completion=False, feature_maps="phi.safetensors").completion_for(
         0, 3) == (False,) * 3
+    # macopt.stats gives each site this line: a user sees why the completion is off
+    assert TopKPhiConfig().completion_source().startswith("off: no calibrated maps file")
+    assert TopKPhiConfig(completion=False).completion_source().startswith("off: completion=False")
 
 
 @pytest.mark.parametrize("budget, n_keys, expected", [

@@ -27,7 +27,9 @@ BATCHES = (1, 3)
 
 
 def whole_context(selector: str) -> macopt.TopKPhiConfig:
-    return macopt.TopKPhiConfig(sinks=1, tail=2, budget=1.0, page_size=16, selector=selector)
+    # completion=True: without maps the default is Top-K alone; this runs the summary too
+    return macopt.TopKPhiConfig(sinks=1, tail=2, budget=1.0, page_size=16, selector=selector,
+                                completion=True)
 
 
 @functools.cache
@@ -87,6 +89,7 @@ def test_stats_report_the_steps_and_state_bytes_of_topk_phi_sites():
         assert layer.method == "topk_phi"
         assert (layer.decode_steps, layer.prefills) == (DECODE_STEPS - 1, 1)
         assert layer.hit_rate is None and layer.read_fraction is None
+        assert layer.completion == "on: completion=True, random features"
         # at least the summary: m, u [Hkv, F] and t [Hkv, F, D] in fp32 for the one row,
         # F = D by default
         head_dim = model.config.head_dim
