@@ -225,12 +225,21 @@ class TopKPhiConfig(MethodConfig):
             return self.budget, 0.0
         return 0, float(self.budget)
 
+    def _recorded_switch(self) -> dict[int, tuple[bool, ...]] | None:
+        if self.completion is not None or not self.feature_maps:
+            return None
+        from macopt.phi_switch import recorded_switch
+
+        return recorded_switch(self.feature_maps)
+
     def completion_source(self) -> str:
         """Whether this config's sites complete the middle, and why (``macopt.stats``)."""
         if self.completion is None:
             state = (f"on: calibrated maps {self.feature_maps}" if self.feature_maps else
                      "off: no calibrated maps file (Top-K alone; `macopt calibrate --method "
                      "topk_phi` writes one, completion=True uses random features)")
+            if self._recorded_switch() is not None:
+                state += ", on the heads where calibration measured it helps"
         elif self.completion:
             maps = f"maps {self.feature_maps}" if self.feature_maps else "random features"
             state = f"on: completion=True, {maps}"
@@ -245,8 +254,17 @@ class TopKPhiConfig(MethodConfig):
         return self.feature_maps is not None if self.completion is None else self.completion
 
     def completion_for(self, layer: int, n_heads: int) -> tuple[bool, ...]:
-        """Completion on/off for each of ``n_heads`` query heads of layer ``layer``."""
+        """Completion on/off for each of ``n_heads`` query heads of layer ``layer``: with
+        ``completion`` None, the switch the maps file records for that layer
+        (:mod:`macopt.phi_switch`), if any."""
         heads = [self.completes] * n_heads
+        recorded = self._recorded_switch()
+        if recorded is not None and layer in recorded:
+            if len(recorded[layer]) != n_heads:
+                raise ValueError(f"TopKPhiConfig.feature_maps: {self.feature_maps} records a "
+                                 f"completion switch for {len(recorded[layer])} query heads at "
+                                 f"layer {layer}, the site has {n_heads}")
+            heads = list(recorded[layer])
         for index, setting in self.completion_overrides:
             if index != layer:
                 continue

@@ -34,7 +34,7 @@ METHODS = ("topk_phi", "mac")
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from macopt.calibrate_mac import MACCalibration
     from macopt.calibrate_phi import INITS, CalibrationConfig
-    from macopt.config import MACConfig
+    from macopt.config import MACConfig, TopKPhiConfig
 
     defaults, mac = CalibrationConfig(), MACCalibration()
     parser = subparsers.add_parser("calibrate", help="fit a method to a model (phi maps, MAC "
@@ -77,6 +77,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     phi.add_argument("--lr", type=float, default=defaults.lr)
     phi.add_argument("--sinks", type=int, default=defaults.sinks)
     phi.add_argument("--tail", type=int, default=defaults.tail)
+    phi.add_argument("--switch-budget", type=_budget_arg, default=TopKPhiConfig().budget,
+                     help="the budget (tokens, or a fraction of the sequence) at which each "
+                     "head's completion is kept only where it lowers the output error against "
+                     "Top-K alone, recorded in the file (macopt.phi_switch; default "
+                     f"{TopKPhiConfig().budget:g}); 0: no switch, every head completes")
     group = parser.add_argument_group("mac")
     group.add_argument("--target", type=float, default=mac.target,
                        help=f"largest decode-step perplexity increase (default {mac.target})")
@@ -246,13 +251,16 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
     tokens = load_sequences(tokenizer, args.text, args.seq_len, args.sequences)
     console.print(f"capturing attention on {tokens.shape[0]} x {tokens.shape[1]} tokens")
     provenance = {CALIBRATED_TOKENS: str(tokens.shape[1])}
-    captured = capture_attention(model, tokens)
+    switching = args.switch_budget != 0
+    captured = capture_attention(model, tokens, values=switching)  # values: the switch's errors
     del model  # the captured queries and keys are all training needs
     if config.steps == 0:  # the default: the init is the result, there is nothing to train
         maps, _ = calibrate_feature_maps(captured, config, checkpoint)
         console.print(f"{config.init} init of {len(maps)} layers, no gradient steps "
                       "(--steps N trains from it)")
         save_feature_maps({name: m.cpu() for name, m in maps.items()}, out, provenance)
+        if switching:
+            _record_switch(captured, out, args, console)
         return out
     columns = (TextColumn("calibrating phi"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total}"), TextColumn("loss {task.fields[loss]:.4f}"),
@@ -265,4 +273,29 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
         progress.update(task, completed=config.steps,
                         loss=history[-1] if history else float("nan"))
     save_feature_maps({name: m.cpu() for name, m in maps.items()}, out, provenance)
+    if switching:
+        _record_switch(captured, out, args, console)
     return out
+
+
+def _budget_arg(text: str) -> int | float:
+    """``--switch-budget``: tokens (an int) or a fraction in (0, 1]; 0 turns the switch off."""
+    value = int(text) if text.isdigit() else float(text)
+    if value < 0 or (isinstance(value, float) and value > 1):
+        raise argparse.ArgumentTypeError(f"expected tokens or a fraction in (0, 1], got {text}")
+    return value
+
+
+def _record_switch(captured, out: Path, args: argparse.Namespace, console) -> None:
+    """Decide and record per head whether the completion helps (macopt.phi_switch)."""
+    from macopt.config import TopKPhiConfig
+    from macopt.phi_switch import decide_switch, write_switch
+
+    config = TopKPhiConfig(budget=args.switch_budget, sinks=args.sinks, tail=args.tail)
+    switch = decide_switch(captured, out, config)
+    write_switch(out, switch)
+    on = sum(sum(flags) for flags in switch.values())
+    total = sum(len(flags) for flags in switch.values())
+    console.print(f"completion kept on {on} of {total} query heads (where it lowered the output "
+                  f"error against Top-K alone at budget {args.switch_budget:g}, "
+                  f"{config.selector} selection)")

@@ -1,0 +1,103 @@
+"""Per-head completion switches, decided when the feature maps are calibrated.
+
+Calibrated maps do not help every head at every context: on SmolLM2 at 8K, Top-K + phi was
+worse than Top-K alone in exp(KL) at 1, 2 and 5% (docs/REAL_MODEL.md), while at 2K it was
+better. So ``macopt calibrate --method topk_phi`` measures, per (layer, query head), the
+attention-output error of Top-K alone and of Top-K + phi with the new maps, over the same
+selection, on decode queries of its own calibration sequences (the last quarter of each, up to
+256 positions, is decoded against the rest as the prompt), and records the completion on where
+the maps lower it. The decision is made on the calibration text, never on evaluation text.
+
+``TopKPhiConfig(feature_maps=FILE)`` (``completion`` None, the default) follows the record;
+``completion=True`` / ``False`` and ``completion_overrides`` override it. A file without a
+record (written before it existed) completes every head.
+
+>>> switch = decide_switch(captured, phi_file, TopKPhiConfig(budget=0.02))  # doctest: +SKIP
+>>> write_switch(phi_file, switch)                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from macopt.config import TopKPhiConfig
+from macopt.phi_init import CapturedLayer
+
+SWITCH_KEY = "macopt.completion"  # phi-file metadata: {"layer": [bool per query head]}
+_DECODED = 256  # at most this many last positions of a sequence are decode queries
+
+
+def decide_switch(captured: dict[int, CapturedLayer], phi_file: str | Path,
+                  config: TopKPhiConfig, queries: int = 16) -> dict[int, list[bool]]:
+    """Completion on for a head iff Top-K + phi with ``phi_file``'s maps has a lower mean
+    relative-L1 output error than Top-K alone (same selection, ``config``'s budget and
+    selector), over ``queries`` decode positions of each captured sequence (values needed)."""
+    from macopt.evaluation.capture import AttentionCall
+    from macopt.evaluation.topk_error import output_errors
+
+    on = _replace(config, completion=True, feature_maps=str(phi_file))
+    off = _replace(config, completion=False, feature_maps=None)
+    switch = {}
+    for layer, data in captured.items():
+        if data.v is None:
+            raise ValueError("decide_switch: capture the values too (capture_attention(..., "
+                             "values=True))")
+        length = data.q.shape[2]
+        prefill = length - min(length // 4, _DECODED)
+        calls = [AttentionCall(layer, "", data.q[s:s + 1], data.q[s:s + 1], data.k[s:s + 1],
+                               data.v[s:s + 1], data.scale) for s in range(data.q.shape[0])]
+        errors = {}
+        for name, variant in (("phi", on), ("topk", off)):
+            per_sequence = [output_errors([call], variant, prefill, length, queries)["layers"][0]
+                            for call in calls]
+            errors[name] = torch.tensor(per_sequence).mean(dim=0)
+        switch[layer] = (errors["phi"] < errors["topk"]).tolist()
+    return switch
+
+
+def write_switch(phi_file: str | Path, switch: dict[int, list[bool]]) -> None:
+    """Add ``switch`` to ``phi_file``'s metadata (the tensors and other metadata unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(phi_file), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    metadata[SWITCH_KEY] = json.dumps({str(layer): flags for layer, flags in switch.items()})
+    save_file(tensors, str(phi_file), metadata=metadata)
+    recorded_switch.cache_clear()
+
+
+@lru_cache(maxsize=32)
+def _read_switch(path: str, mtime_ns: int) -> dict[int, tuple[bool, ...]] | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            text = (handle.metadata() or {}).get(SWITCH_KEY)
+    except Exception:  # not a readable phi file: the maps' own reader names it
+        return None
+    if text is None:
+        return None
+    return {int(layer): tuple(bool(f) for f in flags) for layer, flags in json.loads(text).items()}
+
+
+def recorded_switch(phi_file: str | Path) -> dict[int, tuple[bool, ...]] | None:
+    """The switch a phi file records, by layer (None: no record, or no such file)."""
+    path = Path(phi_file)
+    if not path.is_file():
+        return None
+    return _read_switch(str(path), path.stat().st_mtime_ns)
+
+
+recorded_switch.cache_clear = _read_switch.cache_clear  # type: ignore[attr-defined]
+
+
+def _replace(config: TopKPhiConfig, **fields) -> TopKPhiConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, completion_overrides=(), **fields)
