@@ -175,3 +175,18 @@ def test_maps_used_past_their_calibration_length_warn_once(tmp_path):
         unrecorded = tmp_path / "old.safetensors"
         save_feature_maps(maps, unrecorded)
         assert calibrated_tokens(unrecorded) is None
+
+
+def test_cli_sequences_default_to_the_models_context(tmp_path):
+    # Maps used on caches longer than their calibration sequences can fail (SmolLM2: exp(KL)
+    # 76-91 at 8K from 2K maps), so the default length is the model's (the zoo's: 256).
+    words = _save_tiny_model_with_tokenizer(tmp_path / "model")
+    gen = torch.Generator().manual_seed(0)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(words[i] for i in torch.randint(0, 200, (600,), generator=gen)))
+    out = tmp_path / "phi.safetensors"
+    argv = ["calibrate", str(tmp_path / "model"), "--method", "topk_phi", "--text", str(text),
+            "--sequences", "2", "--d-phi", "8", "--switch-budget", "0", "--out", str(out),
+            "--device", "cpu", "--dtype", "float32"]
+    assert cli.main(argv) == 0
+    assert calibrated_tokens(out) == 256

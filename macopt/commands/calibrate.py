@@ -59,7 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     phi = parser.add_argument_group("topk_phi")
     phi.add_argument("--checkpoint", type=Path, default=None,
                      help="resumable state (default OUT.ckpt)")
-    phi.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+    phi.add_argument("--seq-len", type=int, default=None,
+                     help="tokens per sequence (default: the model's context, at most 8192: "
+                     "maps fitted on shorter sequences than a cache holds can fail there)")
     phi.add_argument("--sequences", type=int, default=4,
                      help="sequences to capture (mac: calibration windows)")
     phi.add_argument("--init", choices=INITS, default=defaults.init,
@@ -248,7 +250,10 @@ def calibrate_topk_phi(args: argparse.Namespace, console) -> Path:
                                                  dtype=DTYPES[args.dtype or "bfloat16"],
                                                  local_files_only=True)
     model = model.to(args.device).eval().requires_grad_(False)
-    tokens = load_sequences(tokenizer, args.text, args.seq_len, args.sequences)
+    # On SmolLM2, maps from 2K sequences gave exp(KL) 76-91 at 8K (docs/REAL_MODEL.md).
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", 8192)
+    tokens = load_sequences(tokenizer, args.text, args.seq_len or min(context, 8192),
+                            args.sequences)
     console.print(f"capturing attention on {tokens.shape[0]} x {tokens.shape[1]} tokens")
     provenance = {CALIBRATED_TOKENS: str(tokens.shape[1])}
     switching = args.switch_budget != 0
