@@ -18,6 +18,7 @@ record (written before it existed) completes every head.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -69,7 +70,7 @@ def write_switch(phi_file: str | Path, switch: dict[int, list[bool]]) -> None:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     metadata[SWITCH_KEY] = json.dumps({str(layer): flags for layer, flags in switch.items()})
     save_file(tensors, str(phi_file), metadata=metadata)
-    recorded_switch.cache_clear()
+    _read_switch.cache_clear()  # a rewrite within the file system's mtime resolution
 
 
 @lru_cache(maxsize=32)
@@ -94,10 +95,5 @@ def recorded_switch(phi_file: str | Path) -> dict[int, tuple[bool, ...]] | None:
     return _read_switch(str(path), path.stat().st_mtime_ns)
 
 
-recorded_switch.cache_clear = _read_switch.cache_clear  # type: ignore[attr-defined]
-
-
 def _replace(config: TopKPhiConfig, **fields) -> TopKPhiConfig:
-    import dataclasses
-
     return dataclasses.replace(config, completion_overrides=(), **fields)
