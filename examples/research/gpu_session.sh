@@ -117,8 +117,8 @@ for stage in "$@"; do
       cli bench generate --layers 32 --contexts "$C" \
         --batches "${stage#gen32-b}" --methods "${METHODS:-unmodified,exact,mac:all,mac:1}" \
         --new-tokens 32 \
-        --json "$OUT/$stage-${C//,/_}.json" | grep -v '^ *File\|^    ' | tail -20 \
-        | tee "$OUT/$stage-${C//,/_}.log" ;;
+        --json "$OUT/$stage-${C//,/_}.json" | grep --line-buffered -v '^ *File\|^    ' \
+        | tee "$OUT/$stage-${C//,/_}.log" | tail -20 ;;  # the log grows as rows finish
     sanity)  # before a long call: MAC's kernels with mask holes on this GPU, the quick start
       (cd /tmp && timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R/tests/test_mac_kernels.py" -k "holes or random_rings" 2>&1 | tail -3) \
