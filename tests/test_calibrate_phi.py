@@ -116,12 +116,18 @@ def _save_tiny_model_with_tokenizer(directory):
     return words
 
 
-def test_cli_writes_phi_next_to_the_model(tmp_path):
+def _model_and_text(tmp_path, n_words: int = 300):
+    """A saved tiny model with a word-level tokenizer, and a calibration text of its words."""
     words = _save_tiny_model_with_tokenizer(tmp_path / "model")
     gen = torch.Generator().manual_seed(0)
     text = tmp_path / "calib.txt"
-    text.write_text(" ".join(words[i] for i in torch.randint(0, 200, (300,), generator=gen)))
-    argv = ["calibrate", str(tmp_path / "model"), "--method", "topk_phi", "--text", str(text),
+    text.write_text(" ".join(words[i] for i in torch.randint(0, 200, (n_words,), generator=gen)))
+    return tmp_path / "model", text
+
+
+def test_cli_writes_phi_next_to_the_model(tmp_path):
+    model, text = _model_and_text(tmp_path)
+    argv = ["calibrate", str(model), "--method", "topk_phi", "--text", str(text),
             "--seq-len", "128", "--sequences", "2", "--steps", "3", "--d-phi", "16",
             "--device", "cpu", "--dtype", "float32"]
     assert cli.main(argv) == 0
@@ -132,12 +138,9 @@ def test_cli_writes_phi_next_to_the_model(tmp_path):
 
 @pytest.mark.parametrize("init", ["probe", "prf"])
 def test_cli_writes_maps_of_the_chosen_init_without_training(tmp_path, init):
-    words = _save_tiny_model_with_tokenizer(tmp_path / "model")
-    gen = torch.Generator().manual_seed(0)
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(words[i] for i in torch.randint(0, 200, (300,), generator=gen)))
+    model, text = _model_and_text(tmp_path)
     out = tmp_path / "phi.safetensors"
-    argv = ["calibrate", str(tmp_path / "model"), "--method", "topk_phi", "--text", str(text),
+    argv = ["calibrate", str(model), "--method", "topk_phi", "--text", str(text),
             "--seq-len", "128", "--sequences", "2", "--steps", "0", "--d-phi", "8",
             "--init", init, "--out", str(out), "--device", "cpu", "--dtype", "float32"]
     assert cli.main(argv) == 0
@@ -180,12 +183,9 @@ def test_maps_used_past_their_calibration_length_warn_once(tmp_path):
 def test_cli_sequences_default_to_the_models_context(tmp_path):
     # Maps used on caches longer than their calibration sequences can fail (SmolLM2: exp(KL)
     # 76-91 at 8K from 2K maps), so the default length is the model's (the zoo's: 256).
-    words = _save_tiny_model_with_tokenizer(tmp_path / "model")
-    gen = torch.Generator().manual_seed(0)
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(words[i] for i in torch.randint(0, 200, (600,), generator=gen)))
+    model, text = _model_and_text(tmp_path, n_words=600)
     out = tmp_path / "phi.safetensors"
-    argv = ["calibrate", str(tmp_path / "model"), "--method", "topk_phi", "--text", str(text),
+    argv = ["calibrate", str(model), "--method", "topk_phi", "--text", str(text),
             "--sequences", "2", "--d-phi", "8", "--switch-budget", "0", "--out", str(out),
             "--device", "cpu", "--dtype", "float32"]
     assert cli.main(argv) == 0

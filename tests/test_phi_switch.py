@@ -88,14 +88,11 @@ def test_a_recorded_switch_is_what_the_default_completion_follows(maps, tmp_path
 
 
 def test_cli_records_the_switch_unless_told_not_to(tmp_path):
-    from test_calibrate_phi import _save_tiny_model_with_tokenizer
+    from test_calibrate_phi import _model_and_text
 
-    words = _save_tiny_model_with_tokenizer(tmp_path / "model")
-    gen = torch.Generator().manual_seed(0)
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(words[i] for i in torch.randint(0, 200, (300,), generator=gen)))
+    model, text = _model_and_text(tmp_path)
     out = tmp_path / "phi.safetensors"
-    argv = ["calibrate", str(tmp_path / "model"), "--method", "topk_phi", "--text", str(text),
+    argv = ["calibrate", str(model), "--method", "topk_phi", "--text", str(text),
             "--seq-len", "128", "--sequences", "2", "--d-phi", "8", "--out", str(out),
             "--device", "cpu", "--dtype", "float32"]
     assert cli.main(argv + ["--switch-budget", "0.1"]) == 0
