@@ -29,6 +29,7 @@ from macopt.config import TopKPhiConfig
 from macopt.phi_init import CapturedLayer
 
 SWITCH_KEY = "macopt.completion"  # phi-file metadata: {"layer": [bool per query head]}
+SWITCH_BUDGET_KEY = "macopt.completion_budget"  # the budget the switch was decided at
 _DECODED = 256  # at most this many last positions of a sequence are decode queries
 
 
@@ -60,8 +61,10 @@ def decide_switch(captured: dict[int, CapturedLayer], phi_file: str | Path,
     return switch
 
 
-def write_switch(phi_file: str | Path, switch: dict[int, list[bool]]) -> None:
-    """Add ``switch`` to ``phi_file``'s metadata (the tensors and other metadata unchanged)."""
+def write_switch(phi_file: str | Path, switch: dict[int, list[bool]],
+                 budget: int | float | None = None) -> None:
+    """Add ``switch`` (decided at ``budget``) to ``phi_file``'s metadata (the tensors and other
+    metadata unchanged)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -69,6 +72,8 @@ def write_switch(phi_file: str | Path, switch: dict[int, list[bool]]) -> None:
         metadata = dict(handle.metadata() or {})
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     metadata[SWITCH_KEY] = json.dumps({str(layer): flags for layer, flags in switch.items()})
+    if budget is not None:
+        metadata[SWITCH_BUDGET_KEY] = f"{budget:g}"
     save_file(tensors, str(phi_file), metadata=metadata)
     _read_switch.cache_clear()  # a rewrite within the file system's mtime resolution
 

@@ -100,5 +100,13 @@ def test_cli_records_the_switch_unless_told_not_to(tmp_path):
     assert switch is not None and set(switch) == {0, 1}
     assert all(len(flags) == 4 for flags in switch.values())
     assert calibrated_tokens(out) == 128  # the other metadata survives the record
+    assert _metadata(out)["macopt.completion_budget"] == "0.1"
     assert cli.main(argv + ["--switch-budget", "0", "--force"]) == 0
     assert recorded_switch(out) is None
+
+
+def _metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()

@@ -298,7 +298,7 @@ def _record_switch(captured, out: Path, args: argparse.Namespace, console) -> No
 
     config = TopKPhiConfig(budget=args.switch_budget, sinks=args.sinks, tail=args.tail)
     switch = decide_switch(captured, out, config)
-    write_switch(out, switch)
+    write_switch(out, switch, args.switch_budget)
     on = sum(sum(flags) for flags in switch.values())
     total = sum(len(flags) for flags in switch.values())
     console.print(f"completion kept on {on} of {total} query heads (where it lowered the output "
