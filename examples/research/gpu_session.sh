@@ -31,15 +31,14 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-06, tenth session (BENCHMARKS.md 17): `gen32-b2` with CONTEXTS=131072 on
-# an H200 (run() with needs_h200: the unmodified model's own prefill at batch 2, 128K does not
-# fit 80 GB); `topk` (what Top-K alone saves, SAFE_DEFAULTS 13); `topk-attn` (the share
-# launch's own key tiles, SHARE_BLOCK_N); `mac-launches`;
-# and, over two calls carrying the GGUF parts, `PACK=1 real_smollm2_gpu.sh ... defaults mac8k
-# topk8k` (the guard's error gate in bf16, SAFE_DEFAULTS 11; retrieval after the sketch's bit
-# trick; issue 18's GPU matrix). A call that carries a GGUF part must leave
-# examples/tiny-lm/model.safetensors out of the tree (64 MiB a call), and no `git commit -a`
-# may run while it is out.
+# Owed as of 2026-12-06, eleventh session (BENCHMARKS.md 18): `gen32-b2` at 128K on an H200
+# (`METHODS=unmodified,exact,mac:all CONTEXTS=131072`, run() with needs_h200: the unmodified
+# model's own prefill at batch 2, 128K does not fit 80 GB; no H200 started in two sessions);
+# `topk-attn`; `mac-launches`; and, over two calls carrying the GGUF parts, `PACK=1
+# real_smollm2_gpu.sh ... defaults` (TopKPhiConfig() is Top-K alone without maps now: its bf16
+# answers) and `topk8k` with a phi file that records the completion switch. A call that
+# carries a GGUF part must leave examples/tiny-lm/model.safetensors out of the tree (64 MiB a
+# call), and no `git commit -a` may run while it is out.
 #
 # Writes logs and JSON under $OUT (the device tool brings them back). Install first with
 # `python3 -m pip`: the machine's bare `pip` belongs to another Python.
