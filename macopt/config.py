@@ -228,7 +228,7 @@ class TopKPhiConfig(MethodConfig):
     def _recorded_switch(self) -> dict[int, tuple[bool, ...]] | None:
         if self.completion is not None or not self.feature_maps:
             return None
-        from macopt.phi_switch import recorded_switch
+        from macopt.phi_files import recorded_switch
 
         return recorded_switch(self.feature_maps)
 

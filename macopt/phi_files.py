@@ -4,6 +4,8 @@ at run time, without the calibration code (:mod:`macopt.calibrate_phi` writes th
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from pathlib import Path
 
 from macopt.kernels.feature_maps import FeatureMaps
@@ -13,6 +15,10 @@ PHI_FILENAME = "macopt_phi.safetensors"  # the default file, next to the model
 # shorter sequences than a cache holds can fail badly there: on SmolLM2, maps from 2K sequences
 # gave exp(KL) 76-91 at 8K, maps from 8K sequences 1.04-1.10 (docs/REAL_MODEL.md).
 CALIBRATED_TOKENS = "macopt.calibrated_tokens"
+# Metadata keys written by macopt.phi_switch: per layer, the completion on/off per query head,
+# and the budget that was decided at.
+SWITCH_KEY = "macopt.completion"
+SWITCH_BUDGET_KEY = "macopt.completion_budget"
 
 
 def site_name(layer: int) -> str:
@@ -35,13 +41,39 @@ def read_feature_maps(path: str | Path) -> dict[str, FeatureMaps]:
                          f"({type(err).__name__}: {err})") from None
 
 
-def calibrated_tokens(path: str | Path) -> int | None:
-    """The calibration sequence length a phi file records (None: not recorded)."""
+def file_metadata(path: str | Path) -> dict[str, str]:
+    """A phi file's string metadata (how it was made, besides the maps' shapes)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        value = (handle.metadata() or {}).get(CALIBRATED_TOKENS)
+        return dict(handle.metadata() or {})
+
+
+def calibrated_tokens(path: str | Path) -> int | None:
+    """The calibration sequence length a phi file records (None: not recorded)."""
+    value = file_metadata(path).get(CALIBRATED_TOKENS)
     return int(value) if value is not None and value.isdigit() else None
+
+
+def recorded_switch(path: str | Path) -> dict[int, tuple[bool, ...]] | None:
+    """The per-head completion switch a phi file records, by layer (None: no record, or no
+    readable file: the maps' own reader names that)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    found = path.stat()  # a rewritten file is read again (write_switch changes its size)
+    return _read_switch(str(path), found.st_mtime_ns, found.st_size)
+
+
+@lru_cache(maxsize=32)
+def _read_switch(path: str, mtime_ns: int, size: int) -> dict[int, tuple[bool, ...]] | None:
+    try:
+        text = file_metadata(path).get(SWITCH_KEY)
+    except Exception:  # safetensors raises its own error types
+        return None
+    if text is None:
+        return None
+    return {int(layer): tuple(bool(f) for f in flags) for layer, flags in json.loads(text).items()}
 
 
 def maps_for_kv_heads(maps: FeatureMaps, n_kv_heads: int) -> FeatureMaps:

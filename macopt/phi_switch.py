@@ -8,7 +8,8 @@ selection, on decode queries of its own calibration sequences (the last quarter 
 256 positions, is decoded against the rest as the prompt), and records the completion on where
 the maps lower it. The decision is made on the calibration text, never on evaluation text.
 
-``TopKPhiConfig(feature_maps=FILE)`` (``completion`` None, the default) follows the record;
+``TopKPhiConfig(feature_maps=FILE)`` (``completion`` None, the default) follows the record
+(read by :func:`macopt.phi_files.recorded_switch`);
 ``completion=True`` / ``False`` and ``completion_overrides`` override it. A file without a
 record (written before it existed) completes every head.
 
@@ -20,16 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from macopt.config import TopKPhiConfig
+from macopt.phi_files import SWITCH_BUDGET_KEY, SWITCH_KEY, file_metadata
 from macopt.phi_init import CapturedLayer
 
-SWITCH_KEY = "macopt.completion"  # phi-file metadata: {"layer": [bool per query head]}
-SWITCH_BUDGET_KEY = "macopt.completion_budget"  # the budget the switch was decided at
 _DECODED = 256  # at most this many last positions of a sequence are decode queries
 
 
@@ -65,39 +64,13 @@ def write_switch(phi_file: str | Path, switch: dict[int, list[bool]],
                  budget: int | float | None = None) -> None:
     """Add ``switch`` (decided at ``budget``) to ``phi_file``'s metadata (the tensors and other
     metadata unchanged)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
-    with safe_open(str(phi_file), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    metadata, tensors = file_metadata(phi_file), load_file(str(phi_file))
     metadata[SWITCH_KEY] = json.dumps({str(layer): flags for layer, flags in switch.items()})
     if budget is not None:
         metadata[SWITCH_BUDGET_KEY] = f"{budget:g}"
     save_file(tensors, str(phi_file), metadata=metadata)
-    _read_switch.cache_clear()  # a rewrite within the file system's mtime resolution
-
-
-@lru_cache(maxsize=32)
-def _read_switch(path: str, mtime_ns: int) -> dict[int, tuple[bool, ...]] | None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as handle:
-            text = (handle.metadata() or {}).get(SWITCH_KEY)
-    except Exception:  # not a readable phi file: the maps' own reader names it
-        return None
-    if text is None:
-        return None
-    return {int(layer): tuple(bool(f) for f in flags) for layer, flags in json.loads(text).items()}
-
-
-def recorded_switch(phi_file: str | Path) -> dict[int, tuple[bool, ...]] | None:
-    """The switch a phi file records, by layer (None: no record, or no such file)."""
-    path = Path(phi_file)
-    if not path.is_file():
-        return None
-    return _read_switch(str(path), path.stat().st_mtime_ns)
 
 
 def _replace(config: TopKPhiConfig, **fields) -> TopKPhiConfig:

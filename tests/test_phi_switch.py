@@ -10,8 +10,8 @@ from macopt import cli
 from macopt.calibrate_phi import CalibrationConfig, calibrate_feature_maps, capture_attention
 from macopt.config import TopKPhiConfig
 from macopt.kernels.feature_maps import load_feature_maps, save_feature_maps
-from macopt.phi_files import calibrated_tokens
-from macopt.phi_switch import decide_switch, recorded_switch, write_switch
+from macopt.phi_files import calibrated_tokens, file_metadata, recorded_switch
+from macopt.phi_switch import decide_switch, write_switch
 
 
 def _at(budget: float) -> TopKPhiConfig:
@@ -100,13 +100,7 @@ def test_cli_records_the_switch_unless_told_not_to(tmp_path):
     assert switch is not None and set(switch) == {0, 1}
     assert all(len(flags) == 4 for flags in switch.values())
     assert calibrated_tokens(out) == 128  # the other metadata survives the record
-    assert _metadata(out)["macopt.completion_budget"] == "0.1"
+    assert file_metadata(out)["macopt.completion_budget"] == "0.1"
     assert cli.main(argv + ["--switch-budget", "0", "--force"]) == 0
     assert recorded_switch(out) is None
 
-
-def _metadata(path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata()
