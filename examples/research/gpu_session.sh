@@ -20,6 +20,9 @@
 #              hit-rate-0, so a cut run keeps the bar rows); run as `essentials topk`  (~7 min)
 #   selectors  the selectors' GPU tests (exact selector with its radix threshold, sketch), the
 #              README quick start for Top-K + phi                                     (~1 min)
+#   topk-sweep the Top-K-alone step's launches rewritten in session 12 against those before,
+#              per tokens / candidates / warps / splits, then the whole step (topk_speed_sweep)
+#                                                                                     (~4 min)
 #   sketch-diag  the sketch selector's scoring launch against its torch reference per shape,
 #              with the channel tile's floor at 16 and at 32 (BENCHMARKS.md 15)       (~1 min)
 #   pool-debug the compiled-MAC CUDA-graph test with Inductor's allocation history, side
@@ -88,6 +91,9 @@ for stage in "$@"; do
       (cd /tmp && timeout 200 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R/tests/test_gpu_selectors.py" --tb=short -rf 2>&1 | tail -90) | tee "$OUT/selectors.log"
       quickstart topk_phi | tee -a "$OUT/selectors.log" ;;
+    topk-sweep)  # the twelfth session's rewritten launches against the ones before, the step
+      timeout 420 python3 -m examples.research.topk_speed_sweep 2>&1 | grep -v -i warn \
+        | tail -60 | tee "$OUT/topk_sweep.log" ;;
     sketch-diag)  # the sketch's scoring launch against torch per shape, channel tile 16 / 32
       (cd /tmp && timeout 150 python3 "$R/examples/research/sketch_gpu_diag.py" 2>&1 \
         | grep -v -i warn | tail -52) | tee "$OUT/sketch_diag.log" ;;

@@ -67,10 +67,27 @@ def main(argv: list[str] | None = None) -> int:
                  "head_dim": "i32", "n_packed": "i32", "group": "i32", "n_channels": "i32",
                  "n_blocks": "i32", "BLOCK_G": "constexpr", "BLOCK_C": "constexpr",
                  "BLOCK_N": "constexpr"}
-    for block_n in (256, 512, 1024):
-        print(root, f"_sketch_scores_kernel (C 32, {block_n} tokens, 4 warps):",
+    ptx = "PTX" in sketch._sketch_scores_kernel.arg_names  # the unpacking in PTX (session 12)
+    if ptx:
+        signature["PTX"] = "constexpr"
+    for block_n, warps in ((256, 2), (256, 4), (512, 2), (512, 4), (1024, 4)):
+        print(root, f"_sketch_scores_kernel (C 32, {block_n} tokens, {warps} warps):",
               compile_report(sketch._sketch_scores_kernel, signature,
-                             {"BLOCK_G": 16, "BLOCK_C": 32, "BLOCK_N": block_n}, 4))
+                             {"BLOCK_G": 16, "BLOCK_C": 32, "BLOCK_N": block_n,
+                              **({"PTX": True} if ptx else {})}, warps))
+    signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "cand_ptr": "*i32", "mid_start_ptr": "*i32",
+                 "mid_end_ptr": "*i32", "out_ptr": "*fp32", "n_kv_heads": "i32",
+                 "n_cand": "i32", "head_dim": "i32", "group": "i32", "scale": "fp32",
+                 "stride_kb": "i32", "stride_kh": "i32", "stride_kn": "i32",
+                 "stride_kd": "constexpr"}
+    constants = {"stride_kd": 1, "BLOCK_D": 128}
+    if ptx:
+        constants.update(BLOCK_G=16, PRECISION="tf32", UPCAST=False)
+    signature.update({name: "constexpr" for name in constants} | {"BLOCK_R": "constexpr"})
+    for rows, warps in ((64, 4), (128, 4), (128, 8)):
+        print(root, f"_candidate_scores_kernel ({rows} candidates, {warps} warps):",
+              compile_report(sketch._candidate_scores_kernel, signature,
+                             dict(constants, BLOCK_R=rows), warps))
     radix = _module(root, "radix_select")
     signature = {"keys_ptr": "*i32", "state_ptr": "*i64", "hist_ptr": "*i32",
                  "greater_ptr": "*i32", "n_keys": "i32", "n_chunks": "i32"}
