@@ -156,9 +156,9 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
     ``codes[B, Hkv, D, P]`` uint8 (``2 P >= n_keys``), ``dims[B, Hkv, C]`` int32 (the chosen
     channels), ``q_scaled[B, Hkv, g, C]`` fp32 (each query head's value on those channels times
     the channel's dequantisation scale and the softmax scale): the score of token ``n`` for
-    head ``h`` is ``sum_c fp16(q_scaled[h, c]) * (code[dims[c], n] - 8)`` (fp32 sums); the group
-    score is the best head's. Tokens outside ``[mid_start[b], mid_end[b])`` get ``-inf``. ``block_max``:
-    also return each block's best (fp32 ``[B, Hkv, n_blocks]``, what
+    head ``h`` is ``sum_c fp16(q_scaled[h, c]) * (code[dims[c], n] - 8)`` (fp32 sums); the
+    group score is the best head's. Tokens outside ``[mid_start[b], mid_end[b])`` get
+    ``-inf``. ``block_max``: also return each block's best (fp32 ``[B, Hkv, n_blocks]``, what
     :func:`select_candidates` takes)."""
     batch, n_kv_heads, head_dim, n_packed = codes.shape
     group, n_channels = q_scaled.shape[2], q_scaled.shape[3]
@@ -169,9 +169,10 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
                                                                               n_kv_heads):
         raise ValueError(f"dims {tuple(dims.shape)} / q_scaled {tuple(q_scaled.shape)}: "
                          f"expected [{batch}, {n_kv_heads}, C] and [{batch}, {n_kv_heads}, g, C]")
-    # tensor-core products need 16 or more heads and channels (padding heads repeat the group's,
-    # padding channels are zero). At 16 channels (head dim 64) Triton 3.6 miscompiled the product on an H100 (scores off,
-    # every SmolLM2 task lost: BENCHMARKS.md 14c, 15): 32 or more, zero-padded, is exact.
+    # tensor-core products need 16 or more heads and channels (padding heads repeat the
+    # group's, padding channels are zero). At 16 channels (head dim 64) Triton 3.6 miscompiled
+    # the product on an H100 (scores off, every SmolLM2 task lost: BENCHMARKS.md 14c, 15): 32
+    # or more, zero-padded, is exact.
     block_g = max(16, triton.next_power_of_2(group))
     block_c = max(MIN_BLOCK_C, triton.next_power_of_2(n_channels))
     # a [C, BLOCK_N] tile of levels in registers: fewer tokens when many channels are read

@@ -96,7 +96,12 @@ class TopKPhiConfig(MethodConfig):
     in (0, 1] is a fraction of the key capacity the site sees (the cache length of the decode
     step, a shape: choosing K never syncs the host; resolved when the step runs, so it also
     holds when dynamo makes the cache length symbolic, e.g. a second prompt of another
-    length under ``cache_implementation="static"``). ``selector`` "sketch" (default) ranks
+    length under ``cache_implementation="static"``). A fraction never retrieves fewer than
+    ``budget_floor`` keys (default 512; 0: none): at short contexts a fixed fraction leaves
+    too few keys to carry what full attention finds (SmolLM2 in bf16 on an H100 lost a 4K
+    multi-key task at 2%, 82 keys, that exact selection lost too: BENCHMARKS.md 18c), and
+    there reading more keys costs little; from ``budget_floor / budget`` keys on (25,600 at
+    2%) the fraction alone decides. ``selector`` "sketch" (default) ranks
     every middle key by an approximate score from a 4-bit channel-major copy of the prompt's
     keys written at prefill (the ``channels`` query channels of largest magnitude in the KV
     group, None: head dim / 4; it reads ``channels / (4 D)`` of the key bytes, contiguously),
@@ -139,6 +144,8 @@ class TopKPhiConfig(MethodConfig):
     ...                        completion_overrides={0: False, 3: {5: False}})
     >>> config.budget_tokens(131072), config.completion_for(3, 8)
     (2622, (True, True, True, True, True, False, True, True))
+    >>> config.budget_tokens(4096), TopKPhiConfig(budget_floor=0).budget_tokens(4096)
+    (512, 82)
     >>> TopKPhiConfig().completes, TopKPhiConfig(feature_maps="phi.safetensors").completes
     (False, True)
     >>> TopKPhiConfig(feature_maps="phi.safetensors").completion_source()
@@ -158,6 +165,7 @@ class TopKPhiConfig(MethodConfig):
     sinks: int = 4
     tail: int = 16
     budget: int | float = 0.02
+    budget_floor: int = 512
     page_size: int = 32
     selector: str = "sketch"
     channels: int | None = None
@@ -177,6 +185,7 @@ class TopKPhiConfig(MethodConfig):
             raise ValueError(f"TopKPhiConfig.page_size: expected a power of two (a kernel tile),"
                              f" got {self.page_size}")
         _check_budget(self.budget)
+        _check_int(self, "budget_floor", self.budget_floor, least=0)
         if self.selector not in SELECTORS:
             raise ValueError(f"TopKPhiConfig.selector: expected one of {SELECTORS}, "
                              f"got {self.selector!r}")
@@ -212,18 +221,19 @@ class TopKPhiConfig(MethodConfig):
         return f"{self.selector}:{self.channels or 0}:{self.rerank}"
 
     def budget_tokens(self, n_keys: int) -> int:
-        """K for a site whose cache holds ``n_keys`` keys (fractions round up, at least 1)."""
+        """K for a site whose cache holds ``n_keys`` keys (fractions round up, at least 1 and
+        at least ``budget_floor``)."""
         return resolve_budget(*self.budget_args(), n_keys)
 
     def budget_args(self) -> tuple[int, float]:
         """``budget`` as the decode ops take it, ``(K, fraction)``: ``(K, 0.0)`` for K tokens,
-        ``(0, fraction)`` for a fraction, which the op resolves against the cache length of
-        the step it runs (:func:`resolve_budget`): a compiled graph never bakes K in, so a
-        cache length dynamo made symbolic (a second prompt of another length) needs nothing
-        static."""
+        ``(budget_floor, fraction)`` for a fraction, which the op resolves against the cache
+        length of the step it runs (:func:`resolve_budget`): a compiled graph never bakes K
+        in, so a cache length dynamo made symbolic (a second prompt of another length) needs
+        nothing static."""
         if isinstance(self.budget, int):
             return self.budget, 0.0
-        return 0, float(self.budget)
+        return self.budget_floor, float(self.budget)
 
     def _recorded_switch(self) -> dict[int, tuple[bool, ...]] | None:
         if self.completion is not None or not self.feature_maps:
@@ -280,23 +290,30 @@ class TopKPhiConfig(MethodConfig):
 
 
 def resolve_budget(budget: int, fraction: float, n_keys: int) -> int:
-    """K in tokens: ``budget`` when ``fraction`` is 0, else ``max(1, ceil(fraction * n_keys))``
-    for a cache of ``n_keys`` keys (a shape: resolving it never syncs the host).
+    """K in tokens: ``budget`` when ``fraction`` is 0, else ``max(1, budget, ceil(fraction *
+    n_keys))`` for a cache of ``n_keys`` keys (``budget`` is then the floor; a shape: resolving
+    it never syncs the host).
 
     >>> resolve_budget(64, 0.0, 4096), resolve_budget(0, 0.02, 4096), resolve_budget(0, 0.02, 4097)
     (64, 82, 82)
+    >>> resolve_budget(512, 0.02, 4096), resolve_budget(512, 0.02, 131072)
+    (512, 2622)
     """
     if not fraction:
         return budget
-    return max(1, math.ceil(fraction * n_keys))
+    return max(1, budget, math.ceil(fraction * n_keys))
 
 
 def check_budget_args(budget: int, fraction: float) -> None:
-    """The decode ops' ``(budget, budget_fraction)``: K >= 1 tokens, or a fraction in (0, 1]."""
+    """The decode ops' ``(budget, budget_fraction)``: K >= 1 tokens, or a fraction in (0, 1]
+    with a floor of ``budget`` >= 0 tokens."""
     if fraction:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"budget_fraction: expected a fraction in (0, 1] (0: the budget is "
                              f"a number of tokens), got {fraction}")
+        if budget < 0:
+            raise ValueError(f"budget: expected a floor of >= 0 tokens beside a fraction, got "
+                             f"{budget}")
     elif budget < 1:
         raise ValueError(f"budget: expected a number of tokens >= 1, got {budget}")
 

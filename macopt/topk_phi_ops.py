@@ -202,7 +202,7 @@ def topk_phi_site_decode(
     budget pays for the summary (``TopKPhiConfig.summary_in_budget``; its token count from the
     state's shapes and the cache dtype). ``budget_fraction`` > 0: K is that fraction of this
     step's cache length ``k.shape[2]`` (:func:`macopt.config.resolve_budget`; ``budget`` is
-    then unused), resolved here from the shape, so the graph holds no K and a symbolic cache
+    then its floor), resolved here from the shape, so the graph holds no K and a symbolic cache
     length needs no static one."""
     check_budget_args(params.budget, params.budget_fraction)
     budget = resolve_budget(params.budget, params.budget_fraction, k.shape[2])

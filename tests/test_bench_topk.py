@@ -14,7 +14,7 @@ from macopt.kernels.feature_maps import positive_random_features
 
 TINY = dict(batches=(1,), contexts=(256,), budgets=(0.05, 32), q_heads=4, kv_heads=2,
             head_dim=64, d_phi=32, page_size=16, dtype=torch.float32, device="cpu",
-            warmup_ms=1.0, rep_ms=3.0, selectors=("page", "exact"))
+            warmup_ms=1.0, rep_ms=3.0, selectors=("page", "exact"), budget_floor=0)
 
 
 def _inputs(n_keys=192, std=0.5):

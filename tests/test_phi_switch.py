@@ -15,7 +15,7 @@ from macopt.phi_switch import decide_switch, write_switch
 
 
 def _at(budget: float) -> TopKPhiConfig:
-    return TopKPhiConfig(sinks=1, tail=2, selector="exact", budget=budget)
+    return TopKPhiConfig(sinks=1, tail=2, selector="exact", budget=budget, budget_floor=0)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from macopt.config import MethodConfig, TopKPhiConfig
+from macopt.config import MethodConfig, TopKPhiConfig, check_budget_args, resolve_budget
 
 
 def test_defaults_are_the_papers_but_for_the_sketch_selector():
@@ -33,7 +33,27 @@ def test_the_completion_is_on_by_default_only_with_calibrated_maps():
     (64, 131072, 64), (0.01, 131072, 1311), (0.02, 8192, 164), (1.0, 100, 100), (1e-9, 100, 1),
 ])
 def test_budget_is_tokens_or_a_fraction_rounded_up(budget, n_keys, expected):
-    assert TopKPhiConfig(budget=budget).budget_tokens(n_keys) == expected
+    assert TopKPhiConfig(budget=budget, budget_floor=0).budget_tokens(n_keys) == expected
+
+
+@pytest.mark.parametrize("budget, floor, n_keys, expected", [
+    (0.02, 512, 4096, 512), (0.02, 512, 131072, 2622), (0.02, 512, 25600, 512),
+    (0.02, 512, 25601, 513), (64, 512, 4096, 64), (0.5, 512, 100, 512), (0.02, 0, 4096, 82),
+])
+def test_a_fraction_retrieves_at_least_the_floor_and_tokens_ignore_it(budget, floor, n_keys,
+                                                                     expected):
+    config = TopKPhiConfig(budget=budget, budget_floor=floor)
+    assert config.budget_tokens(n_keys) == expected
+    # the decode ops resolve the same K from the (floor, fraction) pair they are given
+    assert resolve_budget(*config.budget_args(), n_keys) == expected
+
+
+def test_the_default_budget_floor_is_512_keys_and_a_bad_floor_is_named():
+    assert TopKPhiConfig().budget_tokens(2048) == 512
+    with pytest.raises(ValueError, match="budget_floor"):
+        TopKPhiConfig(budget_floor=-1)
+    with pytest.raises(ValueError, match="floor"):
+        check_budget_args(-1, 0.02)
 
 
 def test_completion_overrides_switch_whole_layers_or_single_heads():

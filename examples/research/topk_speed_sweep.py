@@ -161,7 +161,7 @@ def launches(report: dict, x, shape: LayerShape) -> tuple[dict, dict]:
               f"max error {r['max_error']:.3g}", flush=True)
     ok = [r for r in rows[1:] if r["max_error"] < 1e-2]
     best_cand = min(ok, key=lambda r: r["us"]) if ok else None
-    del codes, scales, candidates, k_cand
+    del codes, scales, k_cand
     return ({k: best_scoring[k] for k in ("SCORE_TOKENS", "SCORE_WARPS")} if best_scoring
             else {}), ({k: best_cand[k] for k in ("CANDIDATE_ROWS", "CANDIDATE_SCORE_WARPS")}
                        if best_cand else {})
@@ -204,7 +204,7 @@ def main() -> int:
             del x
             torch.cuda.empty_cache()
             x = make_inputs(shape, torch.device(DEVICE), gen)
-        exact = lambda: torch.ops.macopt.decode_attention(  # noqa: E731
+        exact = lambda x=x: torch.ops.macopt.decode_attention(  # noqa: E731
             x.q, x.k, x.v, x.starts, x.ends, None, x.scale)
         exact_us = 1000 * timing.graph_median_ms(exact, 25, 100)
         print(f"b{batch} exact decode {exact_us:7.1f} us", flush=True)

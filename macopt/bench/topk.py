@@ -58,6 +58,7 @@ class TopKBenchConfig:
     head_dim: int = 128
     d_phi: int = 128
     page_size: int = 32
+    budget_floor: int = TopKPhiConfig.budget_floor  # fewest keys a fraction retrieves
     summary_in_budget: bool = False  # TopKPhiConfig's: the budget pays for the summary
     sinks: int = 4
     tail: int = 16
@@ -81,7 +82,8 @@ class TopKBenchConfig:
         name, channels, rerank = parse_selector(selector)
         ranked = {"channels": channels or None, "rerank": rerank} if rerank else {}
         return TopKPhiConfig(sinks=self.sinks, tail=self.tail, budget=budget,
-                             page_size=self.page_size, selector=name, d_phi=self.d_phi,
+                             budget_floor=self.budget_floor, page_size=self.page_size,
+                             selector=name, d_phi=self.d_phi,
                              summary_in_budget=self.summary_in_budget, **ranked)
 
 
@@ -422,6 +424,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_layer_arguments(parser)
     parser.add_argument("--d-phi", type=int, default=128, help="features per map (default 128)")
     parser.add_argument("--page-size", type=int, default=32, help="selector page (default 32)")
+    parser.add_argument("--budget-floor", type=int, default=TopKPhiConfig.budget_floor,
+                        help="fewest keys a fractional budget retrieves (default "
+                             f"{TopKPhiConfig.budget_floor}, TopKPhiConfig's; 0: none)")
     parser.add_argument("--summary-in-budget", action="store_true",
                         help="the budget pays for the summary (TopKPhiConfig.summary_in_budget)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -438,6 +443,7 @@ def config_from_args(args: argparse.Namespace) -> TopKBenchConfig:
         batches=args.batches, contexts=args.contexts, budgets=args.budgets,
         selectors=args.selectors, q_heads=args.heads, kv_heads=args.kv_heads,
         head_dim=args.head_dim, d_phi=args.d_phi, page_size=args.page_size,
+        budget_floor=args.budget_floor,
         summary_in_budget=args.summary_in_budget, dtype=DTYPES[args.dtype], device=args.device,
         cuda_graphs=args.cuda_graphs,
         qk_std=args.qk_std, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, seed=args.seed)
