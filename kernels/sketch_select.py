@@ -412,7 +412,9 @@ def candidate_scores(q: Tensor, k: Tensor, candidates: Tensor, mid_start: Tensor
     out = _new_empty((batch, n_kv_heads, group, n_cand), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    block_r = max(16, min(CANDIDATE_ROWS, triton.next_power_of_2(n_cand)))
+    # fp32 products are CUDA-core FMAs whose [rows, D] tiles spill past 16 rows (sm_90a, offline)
+    rows = 16 if k.dtype == torch.float32 else CANDIDATE_ROWS
+    block_r = max(16, min(rows, triton.next_power_of_2(n_cand)))
     # fp32 caches: fp32 products (tf32 would round the keys to 10 bits); a query of another
     # dtype than the cache is cast to it (the decode ops pass one dtype)
     upcast = interpreting()
