@@ -1,18 +1,18 @@
 """Top-K alone at the safe-defaults bar point on a GPU (128K keys, batch 16, 2%, sketch selector,
-Llama-3.1-8B heads in bf16): the launches rewritten in the twelfth session against the kernels
-before them, then the whole step (BENCHMARKS.md 19).
+Llama-3.1-8B heads in bf16): the launches rewritten in the twelfth session
+(:mod:`examples.research.sketch_kernels_next`) against those of
+:mod:`macopt.kernels.sketch_select`, then the whole step with them (BENCHMARKS.md 19).
 
-1. The sketch's scoring launch: the kernel before (``kernels/sketch_select.py`` at
-   :data:`BEFORE`, read from git: heads as the product's rows, a query pair, the levels
-   unpacked by Triton's integer ops) and the current one (tokens
-   as the rows, an fp16 query, the levels unpacked in PTX) per (tokens, warps) a program; each
-   checked against the torch reference.
-2. The candidates' exact scoring: the CUDA-core kernel before and the tensor-core one per
-   (candidates, warps) a program; each checked against torch.
+1. The sketch's scoring launch: the current kernel (heads as the product's rows, a query pair,
+   the levels unpacked by Triton's integer ops) and the next one (tokens as the rows, an fp16
+   query, the levels unpacked in PTX) per (tokens, warps) a program; each checked against
+   its torch reference.
+2. The candidates' exact scoring: the current CUDA-core kernel and the next tensor-core one
+   per (candidates, warps) a program; each checked against torch.
 3. The attention over the selection per split count (the splits of one (row, KV head)).
-4. The whole decode step (``torch.ops.macopt.topk_phi_decode``, CUDA-graph replays) with the
-   code's settings and with the best of 1-3, at batch 16 and 1, exact decode beside it, and
-   each launch's time (torch profiler).
+4. The whole decode step (``torch.ops.macopt.topk_phi_decode``, CUDA-graph replays) as the
+   code stands and with the next kernels at the best settings of 1-3, at batch 16 and 1,
+   exact decode beside it, and each launch's time (torch profiler).
 
     python3 -m examples.research.topk_speed_sweep      (or: gpu_session.sh topk-sweep)
 """
@@ -20,17 +20,15 @@ before them, then the whole step (BENCHMARKS.md 19).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
 import torch
 import triton
 
 import macopt  # noqa: F401  (registers torch.ops.macopt)
+from examples.research import sketch_kernels_next as nxt
 from examples.research.profile_steps import kernel_us
 from macopt.bench import timing
 from macopt.bench.decode import LayerShape, make_inputs
@@ -49,26 +47,7 @@ from macopt.topk_phi_state import TopKPhiState, decode, prefill
 LAYER = dict(q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
 CONTEXT = 131072
 BUDGET = 0.02
-BEFORE = "6699b00"  # the last commit that changed the kernels this session replaced
 DEVICE = "cuda"  # (a CPU dry run with TRITON_INTERPRET=1 may set "cpu" and a short CONTEXT)
-
-
-def kernels_before():
-    """``kernels/sketch_select.py`` as it was at :data:`BEFORE`, imported from a temporary file
-    (Triton reads a kernel's source from its file)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    source = subprocess.run(["git", "-C", root, "show", f"{BEFORE}:kernels/sketch_select.py"],
-                            check=True, capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "sketch_select_before.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("sketch_select_before", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-v1 = None  # kernels_before(), loaded by main()
 
 
 @contextlib.contextmanager
@@ -94,30 +73,6 @@ def fixed_splits(count: int):
     return splits
 
 
-def scoring_v1(codes, dims, q_scaled, lo, hi, n_keys):
-    batch, n_kv, head_dim, n_packed = codes.shape
-    group, channels = q_scaled.shape[2], q_scaled.shape[3]
-    block_n = 512
-    n_blocks = triton.cdiv(n_keys, block_n)
-    out = torch.empty((batch, n_kv, n_keys), dtype=torch.float16, device=codes.device)
-    maxima = torch.empty((batch, n_kv, n_blocks), dtype=torch.float32, device=codes.device)
-    v1._sketch_scores_kernel[(batch * n_kv, n_blocks)](
-        codes, dims, q_scaled, lo, hi, out, maxima, n_kv, n_keys, head_dim, n_packed, group,
-        channels, n_blocks, BLOCK_G=16, BLOCK_C=32, BLOCK_N=block_n, num_warps=4)
-    return out
-
-
-def candidate_scores_v1(q, k, candidates, lo, hi, scale):
-    batch, n_q, head_dim = q.shape
-    n_kv = k.shape[1]
-    group, n_cand = n_q // n_kv, candidates.shape[-1]
-    out = torch.empty((batch, n_kv, group, n_cand), dtype=torch.float32, device=q.device)
-    v1._candidate_scores_kernel[(batch * n_kv, triton.cdiv(n_cand, 64))](
-        q, k, candidates, lo, hi, out, n_kv, n_cand, head_dim, group, scale, *k.stride(),
-        BLOCK_R=64, BLOCK_D=128, num_warps=4)
-    return out
-
-
 def launches(report: dict, x, shape: LayerShape) -> tuple[dict, dict]:
     """Sections 1-3: each variant's time and error; returns the best scoring and candidate
     settings."""
@@ -132,28 +87,31 @@ def launches(report: dict, x, shape: LayerShape) -> tuple[dict, dict]:
     dims, q_scaled = dims.to(torch.int32).contiguous(), q_scaled.float().contiguous()
     args = (codes, dims, q_scaled, lo, hi, n_keys)
     want = sketch_scores_reference(*args).float()
+    # the next kernel rounds the query to fp16: its reference does too
+    want_next = sketch_scores_reference(codes, dims, q_scaled.half().float(), lo, hi,
+                                        n_keys).float()
     finite = torch.isfinite(want)
 
-    def err(got):
+    def err(got, reference=want):
         got = got.float()
         if not torch.equal(torch.isfinite(got), finite):
             return float("inf")
-        return (got[finite] - want[finite]).abs().max().item()
+        return (got[finite] - reference[finite]).abs().max().item()
 
-    rows = [dict(kernel="before (heads as rows, 512 tokens, 4 warps)",
-                 us=bench_us(lambda: scoring_v1(*args)), max_error=err(scoring_v1(*args)))
-            ] if v1 else []
+    rows = [dict(kernel="current (heads as rows, 512 tokens, 4 warps)",
+                 us=bench_us(lambda: kernels.sketch_scores(*args)),
+                 max_error=err(kernels.sketch_scores(*args)))]
     for tokens, warps in ((256, 2), (256, 4), (512, 2), (512, 4), (1024, 4), (1024, 8)):
-        with patched(kernels, SCORE_TOKENS=tokens, SCORE_WARPS=warps):
-            rows.append(dict(kernel="now", SCORE_TOKENS=tokens, SCORE_WARPS=warps,
-                             us=bench_us(lambda: kernels.sketch_scores(*args)),
-                             max_error=err(kernels.sketch_scores(*args))))
+        with patched(nxt, SCORE_TOKENS=tokens, SCORE_WARPS=warps):
+            rows.append(dict(kernel="next", SCORE_TOKENS=tokens, SCORE_WARPS=warps,
+                             us=bench_us(lambda: nxt.sketch_scores(*args)),
+                             max_error=err(nxt.sketch_scores(*args), want_next)))
     report["scoring"] = rows
     for r in rows:
         print(f"scoring {r['kernel']:44s} {r.get('SCORE_TOKENS', ''):>5} "
               f"{r.get('SCORE_WARPS', ''):>2} | {r['us']:7.1f} us | max error {r['max_error']:.3g}",
               flush=True)
-    ok = [r for r in rows if r["kernel"] == "now" and r["max_error"] < 0.02]
+    ok = [r for r in rows if r["kernel"] == "next" and r["max_error"] < 0.02]
     best_scoring = min(ok, key=lambda r: r["us"]) if ok else None
 
     n_keep = 2 * TopKPhiConfig(budget=BUDGET).budget_tokens(n_keys)
@@ -169,21 +127,20 @@ def launches(report: dict, x, shape: LayerShape) -> tuple[dict, dict]:
         return (got - plain).abs().max().item()
 
     q = x.q.contiguous()
-    rows = [dict(kernel="before (CUDA-core sums per head, 64 candidates, 4 warps)",
-                 us=bench_us(lambda: candidate_scores_v1(q, x.k, candidates, lo, hi, scale)),
-                 max_error=cerr(candidate_scores_v1(q, x.k, candidates, lo, hi, scale)))
-            ] if v1 else []
+    current = lambda: kernels.candidate_scores(q, x.k, candidates, lo, hi, scale)  # noqa: E731
+    rows = [dict(kernel="current (CUDA-core sums per head, 64 candidates, 4 warps)",
+                 us=bench_us(current), max_error=cerr(current()))]
     for cand_rows, warps in ((32, 4), (64, 2), (64, 4), (128, 4), (128, 8)):
-        with patched(kernels, CANDIDATE_ROWS=cand_rows, CANDIDATE_SCORE_WARPS=warps):
-            fn = lambda: kernels.candidate_scores(q, x.k, candidates, lo, hi, scale)  # noqa: E731
-            rows.append(dict(kernel="now", CANDIDATE_ROWS=cand_rows, CANDIDATE_SCORE_WARPS=warps,
+        with patched(nxt, CANDIDATE_ROWS=cand_rows, CANDIDATE_SCORE_WARPS=warps):
+            fn = lambda: nxt.candidate_scores(q, x.k, candidates, lo, hi, scale)  # noqa: E731
+            rows.append(dict(kernel="next", CANDIDATE_ROWS=cand_rows, CANDIDATE_SCORE_WARPS=warps,
                              us=bench_us(fn), max_error=cerr(fn())))
     report["candidate_scores"] = rows
     for r in rows:
         print(f"candidate scores {r['kernel']:58s} {r.get('CANDIDATE_ROWS', ''):>4} "
               f"{r.get('CANDIDATE_SCORE_WARPS', ''):>2} | {r['us']:7.1f} us | "
               f"max error {r['max_error']:.3g}", flush=True)
-    ok = [r for r in rows if r["kernel"] == "now" and r["max_error"] < 1e-2]
+    ok = [r for r in rows if r["kernel"] == "next" and r["max_error"] < 1e-2]
     best_cand = min(ok, key=lambda r: r["us"]) if ok else None
     del codes, scales, k_cand
     return ({k: best_scoring[k] for k in ("SCORE_TOKENS", "SCORE_WARPS")} if best_scoring
@@ -201,11 +158,6 @@ def step_fn(x, shape: LayerShape, completion: bool, maps):
 
 
 def main() -> int:
-    global v1
-    try:
-        v1 = kernels_before()
-    except (subprocess.CalledProcessError, OSError) as err:  # a checkout without that commit
-        print(f"no kernels from {BEFORE} to compare: {err}", flush=True)
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     report: dict = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                         triton=triton.__version__, context=CONTEXT, budget=BUDGET)
@@ -237,12 +189,15 @@ def main() -> int:
             x.q, x.k, x.v, x.starts, x.ends, None, x.scale)
         exact_us = 1000 * timing.graph_median_ms(exact, 25, 100)
         print(f"b{batch} exact decode {exact_us:7.1f} us", flush=True)
-        for label, settings, split in (("code as committed", {}, None),
-                                       ("best of the sweep", {**best_scoring, **best_cand},
-                                        best_split if batch == 16 else None)):
+        swapped = dict(sketch_scores=nxt.sketch_scores, candidate_scores=nxt.candidate_scores)
+        for label, swap, settings, split in (
+                ("code as committed", {}, {}, None),
+                ("next kernels, best", swapped, {**best_scoring, **best_cand},
+                 best_split if batch == 16 else None)):
             for completion in (False, True):
                 extra = {} if split is None else dict(_num_splits=fixed_splits(split))
-                with patched(kernels, **settings), patched(topk_phi, **extra):
+                with patched(kernels, **swap), patched(nxt, **settings), \
+                        patched(topk_phi, **extra):
                     fn = step_fn(x, shape, completion, maps)
                     us = 1000 * timing.graph_median_ms(fn, 25, 100)
                     per_kernel = kernel_us(fn)
@@ -250,7 +205,7 @@ def main() -> int:
                            completion=completion, us=us, exact_us=exact_us,
                            speedup=exact_us / us, kernels_us=per_kernel)
                 steps.append(row)
-                print(f"b{batch} {label:18s} {'+ phi' if completion else 'alone'} "
+                print(f"b{batch} {label:19s} {'+ phi' if completion else 'alone'} "
                       f"{us:7.1f} us  {exact_us / us:5.2f}x exact  {per_kernel}", flush=True)
                 del fn
                 torch.cuda.empty_cache()
