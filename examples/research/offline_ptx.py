@@ -1,6 +1,9 @@
 """Compile the selectors' Triton kernels for an H100 (sm_90a) without a GPU and report, per
-kernel, its global load instructions (vector ``v4`` or single bytes ``b8``), registers and
-spills: what a kernel's loads became, checked before device time is spent timing it.
+kernel, its global load instructions (vector ``v4`` or single bytes ``b8``), registers,
+spills and SASS instructions per warp (static count, Triton's bundled ``nvdisasm``) with the
+most frequent: what a kernel became, checked before device time is spent timing it. The
+sketch's next kernels (``examples/research/sketch_kernels_next.py``) are compiled beside the
+current ones.
 
     python -m examples.research.offline_ptx [REPO_ROOT]
 
@@ -30,6 +33,7 @@ from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas-blackwell"
+NVDISASM = PTXAS.with_name("nvdisasm")
 
 
 def _module(root: Path, name: str):
@@ -46,48 +50,30 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int) -> str
     kernel = triton.compile(ASTSource(fn, signature, constexprs, aligned), target=TARGET,
                             options={"num_warps": num_warps})
     ptx = kernel.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    log = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                         capture_output=True, text=True).stderr
-    os.unlink(f.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx_path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", ptx_path, "-o", cubin],
+                             capture_output=True, text=True).stderr
+        sass = subprocess.run([str(NVDISASM), cubin], capture_output=True, text=True).stdout
     regs = re.findall(r"Used (\d+) registers", log)
     spills = re.findall(r"(\d+) bytes spill stores", log)
     loads = dict(Counter(re.findall(r"ld\.global[\w.]*", ptx)))
+    ops = Counter(op.split(".")[0] for op in re.findall(
+        r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
     return (f"loads {loads} registers {regs or log.strip()[:200]} spill bytes {spills} "
-            f"shared {kernel.metadata.shared} B")
+            f"shared {kernel.metadata.shared} B; SASS {sum(ops.values())} a warp, "
+            f"most {dict(ops.most_common(6))}")
 
 
 def main(argv: list[str] | None = None) -> int:
     root = Path((argv or sys.argv[1:] or [Path(__file__).resolve().parents[2]])[0])
-    sketch = _module(root, "sketch_select")
-    signature = {"codes_ptr": "*u8", "dims_ptr": "*i32", "q_ptr": "*fp32",
-                 "mid_start_ptr": "*i32", "mid_end_ptr": "*i32", "out_ptr": "*fp16",
-                 "block_max_ptr": "*fp32", "n_kv_heads": "i32", "n_keys": "i32",
-                 "head_dim": "i32", "n_packed": "i32", "group": "i32", "n_channels": "i32",
-                 "n_blocks": "i32", "BLOCK_G": "constexpr", "BLOCK_C": "constexpr",
-                 "BLOCK_N": "constexpr"}
-    ptx = "PTX" in sketch._sketch_scores_kernel.arg_names  # the unpacking in PTX (session 12)
-    if ptx:
-        signature["PTX"] = "constexpr"
-    for block_n, warps in ((256, 2), (256, 4), (512, 2), (512, 4), (1024, 4)):
-        print(root, f"_sketch_scores_kernel (C 32, {block_n} tokens, {warps} warps):",
-              compile_report(sketch._sketch_scores_kernel, signature,
-                             {"BLOCK_G": 16, "BLOCK_C": 32, "BLOCK_N": block_n,
-                              **({"PTX": True} if ptx else {})}, warps))
-    signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "cand_ptr": "*i32", "mid_start_ptr": "*i32",
-                 "mid_end_ptr": "*i32", "out_ptr": "*fp32", "n_kv_heads": "i32",
-                 "n_cand": "i32", "head_dim": "i32", "group": "i32", "scale": "fp32",
-                 "stride_kb": "i32", "stride_kh": "i32", "stride_kn": "i32",
-                 "stride_kd": "constexpr"}
-    constants = {"stride_kd": 1, "BLOCK_D": 128}
-    if ptx:
-        constants.update(BLOCK_G=16, PRECISION="tf32", UPCAST=False)
-    signature.update({name: "constexpr" for name in constants} | {"BLOCK_R": "constexpr"})
-    for rows, warps in ((64, 4), (128, 4), (128, 8)):
-        print(root, f"_candidate_scores_kernel ({rows} candidates, {warps} warps):",
-              compile_report(sketch._candidate_scores_kernel, signature,
-                             dict(constants, BLOCK_R=rows), warps))
+    from examples.research import sketch_kernels_next
+
+    for label, sketch in ((root, _module(root, "sketch_select")),
+                          ("next", sketch_kernels_next)):
+        _sketch_reports(label, sketch)
     radix = _module(root, "radix_select")
     signature = {"keys_ptr": "*i32", "state_ptr": "*i64", "hist_ptr": "*i32",
                  "greater_ptr": "*i32", "n_keys": "i32", "n_chunks": "i32"}
@@ -105,6 +91,37 @@ def main(argv: list[str] | None = None) -> int:
               compile_report(topk._decode_split_kernel,
                              *_topk_attention(topk, block_n, ATTEND=attend, SHARE=share), warps))
     return 0
+
+
+def _sketch_reports(label, sketch) -> None:
+    """The sketch's scoring and candidate-scoring launches of ``sketch`` (a module)."""
+    signature = {"codes_ptr": "*u8", "dims_ptr": "*i32", "q_ptr": "*fp32",
+                 "mid_start_ptr": "*i32", "mid_end_ptr": "*i32", "out_ptr": "*fp16",
+                 "block_max_ptr": "*fp32", "n_kv_heads": "i32", "n_keys": "i32",
+                 "head_dim": "i32", "n_packed": "i32", "group": "i32", "n_channels": "i32",
+                 "n_blocks": "i32", "BLOCK_G": "constexpr", "BLOCK_C": "constexpr",
+                 "BLOCK_N": "constexpr"}
+    ptx = "PTX" in sketch._sketch_scores_kernel.arg_names  # the next kernels' (session 12)
+    if ptx:
+        signature["PTX"] = "constexpr"
+    for block_n, warps in ((256, 2), (256, 4), (512, 2), (512, 4), (1024, 4)):
+        print(label, f"_sketch_scores_kernel (C 32, {block_n} tokens, {warps} warps):",
+              compile_report(sketch._sketch_scores_kernel, signature,
+                             {"BLOCK_G": 16, "BLOCK_C": 32, "BLOCK_N": block_n,
+                              **({"PTX": True} if ptx else {})}, warps))
+    signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "cand_ptr": "*i32", "mid_start_ptr": "*i32",
+                 "mid_end_ptr": "*i32", "out_ptr": "*fp32", "n_kv_heads": "i32",
+                 "n_cand": "i32", "head_dim": "i32", "group": "i32", "scale": "fp32",
+                 "stride_kb": "i32", "stride_kh": "i32", "stride_kn": "i32",
+                 "stride_kd": "constexpr"}
+    constants = {"stride_kd": 1, "BLOCK_D": 128}
+    if ptx:
+        constants.update(BLOCK_G=16, PRECISION="tf32", UPCAST=False)
+    signature.update({name: "constexpr" for name in constants} | {"BLOCK_R": "constexpr"})
+    for rows, warps in ((64, 4), (128, 4), (128, 8)):
+        print(label, f"_candidate_scores_kernel ({rows} candidates, {warps} warps):",
+              compile_report(sketch._candidate_scores_kernel, signature,
+                             dict(constants, BLOCK_R=rows), warps))
 
 
 def _topk_attention(topk, block_n: int, **launch) -> tuple[dict, dict]:

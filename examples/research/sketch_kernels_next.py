@@ -1,5 +1,5 @@
 """The sketch selector's scoring and candidate-scoring kernels rewritten in the twelfth session
-(BENCHMARKS.md 19), waiting for a GPU run before they replace those of
+(docs/SAFE_DEFAULTS.md 15), waiting for a GPU run before they replace those of
 :mod:`macopt.kernels.sketch_select`: ``topk_speed_sweep.py`` checks them against torch and
 times them beside the current ones, then the whole step with them patched in.
 
@@ -13,7 +13,7 @@ the levels unpacked in PTX (not pure, so the conversion stays after it, 16-byte 
 stores and ldmatrix loads), tokens as the product's rows (the best head mostly within a
 thread), padding heads repeating the group's (no mask), the query in fp16: ~6.1
 instructions a token. The candidates' exact scores: one tensor-core product instead of a
-CUDA-core reduction per head (~4x fewer instructions).
+CUDA-core reduction per head (~3x fewer instructions at 4 heads a group).
 
 Checked on the CPU interpreter against torch (the interpreter runs the Triton-op levels, not
 the PTX); compiled offline for sm_90a with Triton 3.6; not yet run on a GPU.
@@ -92,7 +92,7 @@ def _sketch_scores_kernel(
     # Every head's score is a tensor-core product, tokens as its rows: [tokens, C] x [C, heads]
     # (summing the channels with CUDA-core reductions took ~25x the bytes' time on an H100,
     # BENCHMARKS.md 13); the best head is then a reduction along each token's row, mostly
-    # within a thread (heads as the rows instead cost ~3x the shuffles: BENCHMARKS.md 19).
+    # within a thread (heads as the rows instead cost ~3x the shuffles: docs/SAFE_DEFAULTS.md 15).
     # The heads past the group repeat its heads (no mask before the maximum). The levels
     # (-8..7) are exact in fp16 and so is each product's fp32 sum; the query is rounded to
     # fp16 (a relative 2^-11, far inside the 4-bit levels' own error). Also writes the block's
@@ -163,7 +163,7 @@ def _candidate_scores_kernel(
     # One program per (row x KV head, block of BLOCK_R candidates): their key rows are read
     # once (each row contiguous) and scored for every query head of the group in one
     # tensor-core product [candidates, D] x [D, heads] (a CUDA-core reduction per head took
-    # ~4x the instructions: BENCHMARKS.md 19). Padding heads repeat the group's.
+    # ~3x the instructions at 4 heads a group: docs/SAFE_DEFAULTS.md 15). Padding heads repeat the group's.
     pid = tl.program_id(0).to(tl.int64)
     batch = pid // n_kv_heads
     kv_head = pid % n_kv_heads

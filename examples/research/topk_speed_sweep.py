@@ -1,7 +1,7 @@
 """Top-K alone at the safe-defaults bar point on a GPU (128K keys, batch 16, 2%, sketch selector,
 Llama-3.1-8B heads in bf16): the launches rewritten in the twelfth session
 (:mod:`examples.research.sketch_kernels_next`) against those of
-:mod:`macopt.kernels.sketch_select`, then the whole step with them (BENCHMARKS.md 19).
+:mod:`macopt.kernels.sketch_select`, then the whole step with them (docs/SAFE_DEFAULTS.md 15).
 
 1. The sketch's scoring launch: the current kernel (heads as the product's rows, a query pair,
    the levels unpacked by Triton's integer ops) and the next one (tokens as the rows, an fp16
