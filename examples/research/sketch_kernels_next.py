@@ -163,7 +163,8 @@ def _candidate_scores_kernel(
     # One program per (row x KV head, block of BLOCK_R candidates): their key rows are read
     # once (each row contiguous) and scored for every query head of the group in one
     # tensor-core product [candidates, D] x [D, heads] (a CUDA-core reduction per head took
-    # ~3x the instructions at 4 heads a group: docs/SAFE_DEFAULTS.md 15). Padding heads repeat the group's.
+    # ~3x the instructions at 4 heads a group: docs/SAFE_DEFAULTS.md 15). Padding heads
+    # repeat the group's.
     pid = tl.program_id(0).to(tl.int64)
     batch = pid // n_kv_heads
     kv_head = pid % n_kv_heads
