@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from macopt.kernels.launch import interpreting
+
 Tensor = torch.Tensor
 
 # Every output and workspace buffer comes from here (tests may swap in a poisoning allocator).
@@ -49,27 +51,74 @@ _CHUNK = 4096  # tokens per program of the candidate passes
 _BLOCK_S = 4096  # tokens a candidate-pass program loads at once (151 us against 163 at 1024
 # for the three passes, 128K batch 16 on an H100; chunks of 16384 and 8 warps slower: BENCHMARKS 16)
 CANDIDATE_WARPS = 4
+CANDIDATE_ROWS = 64  # candidates per program of the exact scoring
+CANDIDATE_SCORE_WARPS = 4
 N_BINS = 256
 BIN_WIDTH = 0.125  # nats of approximate score per bin: 256 bins span 32 nats below the best
+
+
+def _ptx(device: torch.device) -> bool:
+    """Whether a launch may run inline PTX (an NVIDIA GPU, not Triton's interpreter)."""
+    return device.type == "cuda" and torch.version.hip is None and not interpreting()
+
+
+# Four packed bytes -> their low and their high nibbles as fp16 levels n - 8, exactly: a nibble
+# n under 0x6400 is the fp16 1024 + n (minus 1032: n - 8); a high nibble masked in place is
+# 1024 + 16 n (times 1/16, minus 72: n - 8). Two byte permutes, four masks, four half2
+# operations for eight levels; Triton's own integer ops took ~3 instructions a level.
+_UNPACK_PTX = tl.constexpr("""{
+.reg .b32 t0, t1, bias, sixteenth, shift;
+mov.b32 bias, 0x64086408;
+mov.b32 sixteenth, 0x2C002C00;
+mov.b32 shift, 0xD480D480;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $2, t0, 0x00F000F0, 0x64006400, 0xEA;
+lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 $0, $0, bias;
+sub.f16x2 $1, $1, bias;
+fma.rn.f16x2 $2, $2, sixteenth, shift;
+fma.rn.f16x2 $3, $3, sixteenth, shift;
+}""")
+
+
+@triton.jit
+def _levels(byte, PTX: tl.constexpr):
+    """The low and the high nibbles of uint8 ``byte`` as fp16 levels ``n - 8`` (exact)."""
+    if PTX:
+        # not pure: Triton would otherwise move it after the product's layout conversion,
+        # where each thread's bytes are gathered one at a time from shared memory
+        low, high = tl.inline_asm_elementwise(_UNPACK_PTX, "=r,=r,=r,=r,r", [byte],
+                                              dtype=(tl.float16, tl.float16), is_pure=False,
+                                              pack=4)
+    else:  # the interpreter runs no PTX: the same levels from the same fp16 bit patterns
+        wide = byte.to(tl.int16)
+        low = ((wide & 15) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+        high = ((wide >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    return low, high
 
 
 @triton.jit
 def _sketch_scores_kernel(
     codes_ptr, dims_ptr, q_ptr, mid_start_ptr, mid_end_ptr, out_ptr, block_max_ptr,
     n_kv_heads, n_keys, head_dim, n_packed, group, n_channels, n_blocks,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, PTX: tl.constexpr,
 ):
     # One program per (row x KV head, block of BLOCK_N tokens). The C chosen byte rows of
     # BLOCK_N / 2 bytes each are loaded at once as one [C, BLOCK_N / 2] tile, contiguous along
     # the row (wide coalesced loads). A byte holds an even token (low nibble) and the next odd
     # one (high nibble): the low nibbles are the block's even tokens, the high ones its odd.
-    # Every head's score is a tensor-core product [heads, C] x [C, tokens]: summing the
-    # channels with CUDA-core reductions split them over threads and warps (shared memory and
-    # barriers per head), and that took ~25x the bytes' time on an H100 (BENCHMARKS.md 13).
-    # The levels (-8..7) are exact in fp16; the queries go in as an fp16 pair (value + rounding
-    # residue), so the sums keep fp32 precision. Also writes the block's best score, from
-    # which the candidate pass takes the row's best. (A loop over several blocks per program,
-    # pipelined by Triton, was slower at every depth tried: BENCHMARKS.md 16.)
+    # Every head's score is a tensor-core product, tokens as its rows: [tokens, C] x [C, heads]
+    # (summing the channels with CUDA-core reductions took ~25x the bytes' time on an H100,
+    # BENCHMARKS.md 13); the best head is then a reduction along each token's row, mostly
+    # within a thread (heads as the rows instead cost ~3x the shuffles: docs/SAFE_DEFAULTS.md 15).
+    # The heads past the group repeat its heads (no mask before the maximum). The levels
+    # (-8..7) are exact in fp16 and so is each product's fp32 sum; the query is rounded to
+    # fp16 (a relative 2^-11, far inside the 4-bit levels' own error). Also writes the block's
+    # best score, from which the candidate pass takes the row's best. (A loop over several
+    # blocks per program, pipelined by Triton, was slower at every depth tried: BENCHMARKS.md 16.)
     HALF: tl.constexpr = BLOCK_N // 2
     pid = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -77,29 +126,19 @@ def _sketch_scores_kernel(
     chans = tl.arange(0, BLOCK_C)
     chan_ok = chans < n_channels
     dims = tl.load(dims_ptr + pid * n_channels + chans, mask=chan_ok, other=0).to(tl.int64)
-    heads = tl.arange(0, BLOCK_G)
-    head_ok = heads < group
-    q = tl.load(q_ptr + (pid * group + heads[:, None]) * n_channels + chans[None, :],
-                mask=head_ok[:, None] & chan_ok[None, :], other=0.0)
-    q_hi = q.to(tl.float16)
-    q_lo = (q - q_hi.to(tl.float32)).to(tl.float16)
+    heads = tl.arange(0, BLOCK_G) % group
+    q_t = tl.load(q_ptr + (pid * group + heads[None, :]) * n_channels + chans[:, None],
+                  mask=chan_ok[:, None], other=0.0).to(tl.float16)  # [C, heads]
     pairs = block * HALF + tl.arange(0, HALF)
     byte = tl.load(codes_ptr + (pid * head_dim + dims[:, None]) * n_packed + pairs[None, :],
                    mask=chan_ok[:, None] & (pairs < n_packed)[None, :], other=0x88)
-    # A nibble n as the fp16 bits 0x6400 | n is exactly 1024 + n: two bit operations and one
-    # fp16 subtraction per level, where integer-to-float conversions (quarter-rate on the SM)
-    # bound the launch: 272 against 376 us at 128K, batch 16 on an H100 (BENCHMARKS.md 16).
-    wide = byte.to(tl.int16)
-    low = ((wide & 15) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
-    high = ((wide >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    low, high = _levels(byte, PTX)
     # even and odd tokens as two products straight from the loaded tile, stored with a stride
     # of two (joining them into token order first costs a register shuffle: 4% slower on an
     # H100, BENCHMARKS.md 15)
     even = 2 * pairs
-    s_even = tl.dot(q_lo, low, tl.dot(q_hi, low, out_dtype=tl.float32), out_dtype=tl.float32)
-    s_odd = tl.dot(q_lo, high, tl.dot(q_hi, high, out_dtype=tl.float32), out_dtype=tl.float32)
-    b_even = tl.max(tl.where(head_ok[:, None], s_even, float("-inf")), axis=0)
-    b_odd = tl.max(tl.where(head_ok[:, None], s_odd, float("-inf")), axis=0)
+    b_even = tl.max(tl.dot(tl.trans(low), q_t, out_dtype=tl.float32), axis=1)
+    b_odd = tl.max(tl.dot(tl.trans(high), q_t, out_dtype=tl.float32), axis=1)
     lo = tl.load(mid_start_ptr + batch)
     hi = tl.load(mid_end_ptr + batch)
     b_even = tl.where((even >= lo) & (even < hi), b_even, float("-inf")).to(tl.float16)
@@ -118,7 +157,9 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
     channels), ``q_scaled[B, Hkv, g, C]`` fp32 (each query head's value on those channels times
     the channel's dequantisation scale and the softmax scale): the score of token ``n`` for
     head ``h`` is ``sum_c q_scaled[h, c] * (code[dims[c], n] - 8)``; the group score is the
-    best head's. Tokens outside ``[mid_start[b], mid_end[b])`` get ``-inf``. ``block_max``:
+    best head's, summed in fp32 with the query rounded to fp16 (levels are exact in fp16; a
+    relative 2^-11 on the query is far inside the 4-bit levels' own error). Tokens outside
+    ``[mid_start[b], mid_end[b])`` get ``-inf``. ``block_max``:
     also return each block's best (fp32 ``[B, Hkv, n_blocks]``, what
     :func:`select_candidates` takes)."""
     batch, n_kv_heads, head_dim, n_packed = codes.shape
@@ -130,7 +171,8 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
                                                                               n_kv_heads):
         raise ValueError(f"dims {tuple(dims.shape)} / q_scaled {tuple(q_scaled.shape)}: "
                          f"expected [{batch}, {n_kv_heads}, C] and [{batch}, {n_kv_heads}, g, C]")
-    # tensor-core products need 16 or more rows (heads) and channels; the padding is masked.
+    # tensor-core products need 16 or more columns (heads) and channels: padding heads repeat
+    # the group's, padding channels are zero.
     # At 16 channels (head dim 64) Triton 3.6 miscompiled the product on an H100 (scores off,
     # every SmolLM2 task lost: BENCHMARKS.md 14c, 15): 32 or more, zero-padded, is exact.
     block_g = max(16, triton.next_power_of_2(group))
@@ -146,7 +188,7 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
             codes.contiguous(), dims.to(torch.int32).contiguous(), q_scaled.float().contiguous(),
             mid_start, mid_end, out, maxima, n_kv_heads, n_keys, head_dim, n_packed, group,
             n_channels, n_blocks, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_N=block_n,
-            num_warps=SCORE_WARPS)
+            PTX=_ptx(codes.device), num_warps=SCORE_WARPS)
     return (out, maxima) if block_max else out
 
 
@@ -328,10 +370,14 @@ def _candidate_scores_kernel(
     q_ptr, k_ptr, cand_ptr, mid_start_ptr, mid_end_ptr, out_ptr,
     n_kv_heads, n_cand, head_dim, group, scale,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # One program per (row x KV head, block of BLOCK_R candidates): their key rows are read
-    # once (each row contiguous) and scored for every query head of the group.
+    # once (each row contiguous) and scored for every query head of the group in one
+    # tensor-core product [candidates, D] x [D, heads] (a CUDA-core reduction per head took
+    # ~3x the instructions at 4 heads a group: docs/SAFE_DEFAULTS.md 15). Padding heads
+    # repeat the group's.
     pid = tl.program_id(0).to(tl.int64)
     batch = pid // n_kv_heads
     kv_head = pid % n_kv_heads
@@ -339,37 +385,49 @@ def _candidate_scores_kernel(
     slot_ok = slots < n_cand
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
+    heads = tl.arange(0, BLOCK_G)
     token = tl.load(cand_ptr + pid * n_cand + slots, mask=slot_ok, other=0).to(tl.int64)
     keys = tl.load(k_ptr + batch * stride_kb + kv_head * stride_kh
                    + token[:, None] * stride_kn + dims[None, :] * stride_kd,
-                   mask=slot_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+                   mask=slot_ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:  # the interpreter's products in fp32
+        keys = keys.to(tl.float32)
+    q_t = tl.load(q_ptr + (pid * group + heads[None, :] % group) * head_dim + dims[:, None],
+                  mask=dim_ok[:, None], other=0.0).to(keys.dtype)  # [D, heads]
+    scores = tl.dot(keys, q_t, out_dtype=tl.float32, input_precision=PRECISION) * scale
     lo = tl.load(mid_start_ptr + batch)
     hi = tl.load(mid_end_ptr + batch)
     inside = (token >= lo) & (token < hi)
-    for h in range(group):
-        q = tl.load(q_ptr + (pid * group + h) * head_dim + dims, mask=dim_ok,
-                    other=0.0).to(tl.float32)
-        score = tl.sum(keys * q[None, :], axis=1) * scale
-        score = tl.where(inside, score, float("-inf"))
-        tl.store(out_ptr + (pid * group + h) * n_cand + slots, score, mask=slot_ok)
+    scores = tl.where(inside[:, None], scores, float("-inf"))
+    tl.store(out_ptr + (pid * group + heads[None, :]) * n_cand + slots[:, None], scores,
+             mask=slot_ok[:, None] & (heads < group)[None, :])
 
 
 def candidate_scores(q: Tensor, k: Tensor, candidates: Tensor, mid_start: Tensor,
                      mid_end: Tensor, scale: float) -> Tensor:
-    """Exact scores ``[B, Hkv, g, R]`` fp32 (``s q.k``, fp32 products) of ``candidates[B, Hkv,
-    R]`` (token indices < N) for every query head of ``q[B, Hq, D]`` against ``k[B, Hkv, N,
-    D]``; ``-inf`` for candidates outside ``[mid_start[b], mid_end[b])``. One launch."""
+    """Exact scores ``[B, Hkv, g, R]`` fp32 (``s q.k``, fp32 sums of the cache dtype's
+    products) of ``candidates[B, Hkv, R]`` (token indices < N) for every query head of ``q[B,
+    Hq, D]`` against ``k[B, Hkv, N, D]``; ``-inf`` for candidates outside ``[mid_start[b],
+    mid_end[b])``. One launch."""
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     group, n_cand = n_q_heads // n_kv_heads, candidates.shape[-1]
     out = _new_empty((batch, n_kv_heads, group, n_cand), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    block_r = min(64, triton.next_power_of_2(n_cand))
+    # fp32 products are CUDA-core FMAs whose [rows, D] tiles spill past 16 rows (sm_90a, offline)
+    rows = 16 if k.dtype == torch.float32 else CANDIDATE_ROWS
+    block_r = max(16, min(rows, triton.next_power_of_2(n_cand)))
+    # fp32 caches: fp32 products (tf32 would round the keys to 10 bits); a query of another
+    # dtype than the cache is cast to it (the decode ops pass one dtype)
+    upcast = interpreting()
+    precision = "ieee" if k.dtype == torch.float32 or upcast else "tf32"
     _candidate_scores_kernel[(batch * n_kv_heads, triton.cdiv(n_cand, block_r))](
         q.contiguous(), k, candidates.to(torch.int32).contiguous(), mid_start, mid_end, out,
         n_kv_heads, n_cand, head_dim, group, scale, *k.stride(),
-        BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
+        BLOCK_R=block_r, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_G=max(16, triton.next_power_of_2(group)), PRECISION=precision, UPCAST=upcast,
+        num_warps=CANDIDATE_SCORE_WARPS)
     return out
 
 

@@ -243,13 +243,14 @@ def _sketch_query(q: Tensor, scales: Tensor, scale: float, n_kv_heads: int, chan
 
 def sketch_scores_reference(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tensor,
                             mid_end: Tensor, n_keys: int) -> Tensor:
-    """:func:`macopt.kernels.sketch_select.sketch_scores` in torch (fp32 sums, fp16 out)."""
+    """:func:`macopt.kernels.sketch_select.sketch_scores` in torch (the query rounded to fp16
+    as the kernel rounds it, fp32 sums, fp16 out)."""
     batch, n_kv_heads, head_dim, n_packed = codes.shape
     rows = torch.gather(codes, 2, dims.long()[..., None].expand(-1, -1, -1, n_packed))
     low = (rows & 15).float() - 8
     high = (rows >> 4).float() - 8
     level = torch.stack([low, high], dim=-1).flatten(-2)[..., :n_keys]  # [B, Hkv, C, N]
-    scores = torch.matmul(q_scaled.float(), level).amax(dim=2)  # [B, Hkv, N]
+    scores = torch.matmul(q_scaled.half().float(), level).amax(dim=2)  # [B, Hkv, N]
     inside = ref.positions_in(mid_start, mid_end, n_keys)[:, None, :]
     return scores.masked_fill(~inside, float("-inf")).to(torch.float16)
 

@@ -8,7 +8,6 @@ import torch
 from topk_phi_cases import make_problem
 
 import macopt  # noqa: F401  (registers torch.ops.macopt.*)
-from examples.research import sketch_kernels_next
 from macopt.config import TopKPhiConfig
 from macopt.kernels import sketch_select
 from macopt.kernels import topk_phi_reference as ref
@@ -57,14 +56,10 @@ def test_sketch_dequantises_each_middle_key_within_half_a_step(n_keys):
     torch.testing.assert_close(scales * 7, amax)
 
 
-@pytest.mark.parametrize("kernel", ["current", "next"])
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("n_keys", [33, 300])
-def test_sketch_scores_kernel_equals_its_torch_reference(group, n_keys, kernel):
-    # "next": examples/research/sketch_kernels_next.py (the query rounded to fp16), waiting for
-    # a GPU run to replace the current kernel
-    scores, rounded = ((sketch_select.sketch_scores, lambda x: x) if kernel == "current"
-                       else (sketch_kernels_next.sketch_scores, lambda x: x.half().float()))
+def test_sketch_scores_kernel_equals_its_torch_reference(group, n_keys):
+    scores = sketch_select.sketch_scores
     gen = torch.Generator().manual_seed(group * 1000 + n_keys)
     batch, n_kv_heads, head_dim = 2, 2, 64
     k = torch.randn(batch, n_kv_heads, n_keys, head_dim, generator=gen)
@@ -74,7 +69,7 @@ def test_sketch_scores_kernel_equals_its_torch_reference(group, n_keys, kernel):
     for channels in (0, 5, head_dim):
         _, dims, q_scaled = _sketch_query(q, scales, head_dim**-0.5, n_kv_heads, channels)
         got, maxima = scores(codes, dims, q_scaled, lo, hi, n_keys, block_max=True)
-        want = sketch_scores_reference(codes, dims, rounded(q_scaled), lo, hi, n_keys)
+        want = sketch_scores_reference(codes, dims, q_scaled, lo, hi, n_keys)
         assert got.dtype == torch.float16 and got.shape == (batch, n_kv_heads, n_keys)
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         assert torch.equal(torch.isinf(got), ~ref.positions_in(lo, hi, n_keys)[:, None, :]
@@ -323,12 +318,9 @@ def test_query_kernel_picks_the_channels_torch_picks(group, head_dim, channels):
     torch.testing.assert_close(q_scaled, want_q)
 
 
-@pytest.mark.parametrize("kernel", ["current", "next"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_candidate_scores_kernel_equals_torch(dtype, kernel):
-    # "next": examples/research/sketch_kernels_next.py, waiting for a GPU run to replace it
-    candidate_scores = (sketch_select.candidate_scores if kernel == "current"
-                        else sketch_kernels_next.candidate_scores)
+def test_candidate_scores_kernel_equals_torch(dtype):
+    candidate_scores = sketch_select.candidate_scores
     gen = torch.Generator().manual_seed(4)
     batch, n_kv_heads, group, n_keys, head_dim = 2, 2, 3, 90, 64
     q = torch.randn(batch, n_kv_heads * group, head_dim, generator=gen).to(dtype)

@@ -95,7 +95,7 @@ for stage in "$@"; do
       (cd /tmp && timeout 200 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R/tests/test_gpu_selectors.py" --tb=short -rf 2>&1 | tail -90) | tee "$OUT/selectors.log"
       quickstart topk_phi | tee -a "$OUT/selectors.log" ;;
-    topk-sweep)  # the twelfth session's rewritten launches against the ones before, the step
+    topk-sweep)  # the sketch launches per setting, the attention per split count, the step
       timeout 420 python3 -m examples.research.topk_speed_sweep 2>&1 | grep -v -i warn \
         | tail -60 | tee "$OUT/topk_sweep.log" ;;
     sketch-diag)  # the sketch's scoring launch against torch per shape, channel tile 16 / 32

@@ -69,11 +69,7 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int) -> str
 
 def main(argv: list[str] | None = None) -> int:
     root = Path((argv or sys.argv[1:] or [Path(__file__).resolve().parents[2]])[0])
-    from examples.research import sketch_kernels_next
-
-    for label, sketch in ((root, _module(root, "sketch_select")),
-                          ("next", sketch_kernels_next)):
-        _sketch_reports(label, sketch)
+    _sketch_reports(root, _module(root, "sketch_select"))
     radix = _module(root, "radix_select")
     signature = {"keys_ptr": "*i32", "state_ptr": "*i64", "hist_ptr": "*i32",
                  "greater_ptr": "*i32", "n_keys": "i32", "n_chunks": "i32"}

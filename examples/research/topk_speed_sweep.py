@@ -1,18 +1,15 @@
 """Top-K alone at the safe-defaults bar point on a GPU (128K keys, batch 16, 2%, sketch selector,
-Llama-3.1-8B heads in bf16): the launches rewritten in the twelfth session
-(:mod:`examples.research.sketch_kernels_next`) against those of
-:mod:`macopt.kernels.sketch_select`, then the whole step with them (docs/SAFE_DEFAULTS.md 15).
+Llama-3.1-8B heads in bf16): the launches of :mod:`macopt.kernels.sketch_select` rewritten in
+the twelfth session, per setting, then the whole step (docs/SAFE_DEFAULTS.md 15).
 
-1. The sketch's scoring launch: the current kernel (heads as the product's rows, a query pair,
-   the levels unpacked by Triton's integer ops) and the next one (tokens as the rows, an fp16
-   query, the levels unpacked in PTX) per (tokens, warps) a program; each checked against
-   its torch reference.
-2. The candidates' exact scoring: the current CUDA-core kernel and the next tensor-core one
-   per (candidates, warps) a program; each checked against torch.
+1. The sketch's scoring launch (tokens as the product's rows, an fp16 query, the levels
+   unpacked in PTX) per (tokens, warps) a program, each checked against its torch reference.
+2. The candidates' exact scoring (one tensor-core product) per (candidates, warps) a program,
+   each checked against torch.
 3. The attention over the selection per split count (the splits of one (row, KV head)).
 4. The whole decode step (``torch.ops.macopt.topk_phi_decode``, CUDA-graph replays) as the
-   code stands and with the next kernels at the best settings of 1-3, at batch 16 and 1,
-   exact decode beside it, and each launch's time (torch profiler).
+   code stands and at the best settings of 1-3, at batch 16 and 1, exact decode beside it,
+   and each launch's time (torch profiler).
 
     python3 -m examples.research.topk_speed_sweep      (or: gpu_session.sh topk-sweep)
     python3 -m examples.research.topk_speed_sweep --launches   (sections 1-2 only)
@@ -29,7 +26,6 @@ import torch
 import triton
 
 import macopt  # noqa: F401  (registers torch.ops.macopt)
-from examples.research import sketch_kernels_next as nxt
 from examples.research.profile_steps import kernel_us
 from macopt.bench import timing
 from macopt.bench.decode import LayerShape, make_inputs
@@ -88,9 +84,6 @@ def launches(report: dict, x, shape: LayerShape) -> tuple[dict, dict]:
     dims, q_scaled = dims.to(torch.int32).contiguous(), q_scaled.float().contiguous()
     args = (codes, dims, q_scaled, lo, hi, n_keys)
     want = sketch_scores_reference(*args).float()
-    # the next kernel rounds the query to fp16: its reference does too
-    want_next = sketch_scores_reference(codes, dims, q_scaled.half().float(), lo, hi,
-                                        n_keys).float()
     finite = torch.isfinite(want)
 
     def err(got, reference=want):
@@ -99,20 +92,18 @@ def launches(report: dict, x, shape: LayerShape) -> tuple[dict, dict]:
             return float("inf")
         return (got[finite] - reference[finite]).abs().max().item()
 
-    rows = [dict(kernel="current (heads as rows, 512 tokens, 4 warps)",
-                 us=bench_us(lambda: kernels.sketch_scores(*args)),
-                 max_error=err(kernels.sketch_scores(*args)))]
+    rows = []
     for tokens, warps in ((256, 2), (256, 4), (512, 2), (512, 4), (1024, 4), (1024, 8)):
-        with patched(nxt, SCORE_TOKENS=tokens, SCORE_WARPS=warps):
-            rows.append(dict(kernel="next", SCORE_TOKENS=tokens, SCORE_WARPS=warps,
-                             us=bench_us(lambda: nxt.sketch_scores(*args)),
-                             max_error=err(nxt.sketch_scores(*args), want_next)))
+        with patched(kernels, SCORE_TOKENS=tokens, SCORE_WARPS=warps):
+            rows.append(dict(kernel="sketch_scores", SCORE_TOKENS=tokens, SCORE_WARPS=warps,
+                             us=bench_us(lambda: kernels.sketch_scores(*args)),
+                             max_error=err(kernels.sketch_scores(*args))))
     report["scoring"] = rows
     for r in rows:
-        print(f"scoring {r['kernel']:44s} {r.get('SCORE_TOKENS', ''):>5} "
+        print(f"scoring {r['kernel']:14s} {r.get('SCORE_TOKENS', ''):>5} "
               f"{r.get('SCORE_WARPS', ''):>2} | {r['us']:7.1f} us | max error {r['max_error']:.3g}",
               flush=True)
-    ok = [r for r in rows if r["kernel"] == "next" and r["max_error"] < 0.02]
+    ok = [r for r in rows if r["max_error"] < 0.02]
     best_scoring = min(ok, key=lambda r: r["us"]) if ok else None
 
     n_keep = 2 * TopKPhiConfig(budget=BUDGET).budget_tokens(n_keys)
@@ -128,20 +119,19 @@ def launches(report: dict, x, shape: LayerShape) -> tuple[dict, dict]:
         return (got - plain).abs().max().item()
 
     q = x.q.contiguous()
-    current = lambda: kernels.candidate_scores(q, x.k, candidates, lo, hi, scale)  # noqa: E731
-    rows = [dict(kernel="current (CUDA-core sums per head, 64 candidates, 4 warps)",
-                 us=bench_us(current), max_error=cerr(current()))]
+    rows = []
     for cand_rows, warps in ((32, 4), (64, 2), (64, 4), (128, 4), (128, 8)):
-        with patched(nxt, CANDIDATE_ROWS=cand_rows, CANDIDATE_SCORE_WARPS=warps):
-            fn = lambda: nxt.candidate_scores(q, x.k, candidates, lo, hi, scale)  # noqa: E731
-            rows.append(dict(kernel="next", CANDIDATE_ROWS=cand_rows, CANDIDATE_SCORE_WARPS=warps,
+        with patched(kernels, CANDIDATE_ROWS=cand_rows, CANDIDATE_SCORE_WARPS=warps):
+            fn = lambda: kernels.candidate_scores(q, x.k, candidates, lo, hi, scale)  # noqa: E731
+            rows.append(dict(kernel="candidate_scores", CANDIDATE_ROWS=cand_rows,
+                             CANDIDATE_SCORE_WARPS=warps,
                              us=bench_us(fn), max_error=cerr(fn())))
     report["candidate_scores"] = rows
     for r in rows:
-        print(f"candidate scores {r['kernel']:58s} {r.get('CANDIDATE_ROWS', ''):>4} "
+        print(f"{r['kernel']:16s} {r.get('CANDIDATE_ROWS', ''):>4} "
               f"{r.get('CANDIDATE_SCORE_WARPS', ''):>2} | {r['us']:7.1f} us | "
               f"max error {r['max_error']:.3g}", flush=True)
-    ok = [r for r in rows if r["kernel"] == "next" and r["max_error"] < 1e-2]
+    ok = [r for r in rows if r["max_error"] < 1e-2]
     best_cand = min(ok, key=lambda r: r["us"]) if ok else None
     del codes, scales, k_cand
     return ({k: best_scoring[k] for k in ("SCORE_TOKENS", "SCORE_WARPS")} if best_scoring
@@ -193,15 +183,13 @@ def main() -> int:
             x.q, x.k, x.v, x.starts, x.ends, None, x.scale)
         exact_us = 1000 * timing.graph_median_ms(exact, 25, 100)
         print(f"b{batch} exact decode {exact_us:7.1f} us", flush=True)
-        swapped = dict(sketch_scores=nxt.sketch_scores, candidate_scores=nxt.candidate_scores)
-        for label, swap, settings, split in (
-                ("code as committed", {}, {}, None),
-                ("next kernels, best", swapped, {**best_scoring, **best_cand},
+        for label, settings, split in (
+                ("code as committed", {}, None),
+                ("best settings", {**best_scoring, **best_cand},
                  best_split if batch == 16 else None)):
             for completion in (False, True):
                 extra = {} if split is None else dict(_num_splits=fixed_splits(split))
-                with patched(kernels, **swap), patched(nxt, **settings), \
-                        patched(topk_phi, **extra):
+                with patched(kernels, **settings), patched(topk_phi, **extra):
                     fn = step_fn(x, shape, completion, maps)
                     us = 1000 * timing.graph_median_ms(fn, 25, 100)
                     per_kernel = kernel_us(fn)
