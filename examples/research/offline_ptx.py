@@ -1,9 +1,7 @@
 """Compile the selectors' Triton kernels for an H100 (sm_90a) without a GPU and report, per
 kernel, its global load instructions (vector ``v4`` or single bytes ``b8``), registers,
 spills and SASS instructions per warp (static count, Triton's bundled ``nvdisasm``) with the
-most frequent: what a kernel became, checked before device time is spent timing it. The
-sketch's next kernels (``examples/research/sketch_kernels_next.py``) are compiled beside the
-current ones.
+most frequent: what a kernel became, checked before device time is spent timing it.
 
     python -m examples.research.offline_ptx [REPO_ROOT]
 
