@@ -2,6 +2,8 @@
 4-bit sketch written at prefill, and what the selection must keep (approximate by design)."""
 
 import math
+import re
+import struct
 
 import pytest
 import torch
@@ -377,3 +379,55 @@ def test_a_cache_grown_past_the_prompt_selects_from_the_prompts_sketch():
     want = sketch_selection(q, k, codes, scales, scale, lo, hi, 10, triton_path=False)
     assert torch.equal(got.sort(dim=-1).values, want)
     assert (got < 101).all()
+
+
+def _halves(x: int) -> list[float]:
+    """The two fp16 halves of a 32-bit register, low first."""
+    return list(struct.unpack("<2e", x.to_bytes(4, "little")))
+
+
+def _joined(values) -> int:
+    """Two values rounded to fp16 (to nearest even) in one 32-bit register, low first."""
+    return int.from_bytes(struct.pack("<2e", *values), "little")
+
+
+def _run_unpack_ptx(word: int) -> list[int]:
+    """The scoring kernel's nibble-unpacking PTX (``sketch_select._UNPACK_PTX``) run on one
+    32-bit register of four packed bytes by a small emulator of its five instructions (the
+    interpreter runs Triton's integer path instead, so the PTX's constants are checked here);
+    returns the four output registers."""
+    regs = {"$4": word}
+    for line in str(sketch_select._UNPACK_PTX.value).splitlines():
+        parts = re.findall(r"[\w.$]+", line)
+        if not line.rstrip().endswith(";") or parts[0] == ".reg":
+            continue
+        op, dst, *src = parts
+        args = [regs[s] if s in regs else int(s, 0) for s in src]
+        if op == "mov.b32":
+            regs[dst] = args[0]
+        elif op == "prmt.b32":  # default mode: each selector nibble picks one of 8 bytes
+            pool = args[0].to_bytes(4, "little") + args[1].to_bytes(4, "little")
+            regs[dst] = int.from_bytes(bytes(pool[(args[2] >> 4 * i) & 7] for i in range(4)),
+                                       "little")
+        elif op == "lop3.b32":  # bit i of the LUT indexed by (a_i, b_i, c_i)
+            a, b, c, lut = args
+            regs[dst] = sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1)))
+                             & 1) << i for i in range(32))
+        elif op == "sub.f16x2":
+            regs[dst] = _joined(x - y for x, y in zip(*map(_halves, args), strict=True))
+        elif op == "fma.rn.f16x2":
+            regs[dst] = _joined(x * y + z for x, y, z in zip(*map(_halves, args), strict=True))
+        else:
+            raise AssertionError(f"the emulator does not know {op}")
+    return [regs[f"${i}"] for i in range(4)]
+
+
+def test_the_unpacking_ptx_gives_each_nibble_minus_8_in_fp16():
+    for word in (0x00000000, 0xFFFFFFFF, 0x88888888, 0x01234567, 0x89ABCDEF, 0xF00FA55A):
+        nibbles = [(word >> 4 * i) & 15 for i in range(8)]  # byte j: low 2j, high 2j + 1
+        low = [nibbles[2 * j] - 8 for j in range(4)]
+        high = [nibbles[2 * j + 1] - 8 for j in range(4)]
+        got = [_halves(r) for r in _run_unpack_ptx(word)]
+        # outputs 0 and 1: the low nibbles of bytes 0-1 and 2-3; outputs 2 and 3: the high ones
+        assert got[0] + got[1] == low, (hex(word), got)
+        assert got[2] + got[3] == high, (hex(word), got)
