@@ -42,16 +42,17 @@ Tensor = torch.Tensor
 # Every output and workspace buffer comes from here (tests may swap in a poisoning allocator).
 _new_empty = torch.empty
 
-# Tokens and warps per scoring program at C <= 32 channels: 512 and 4 the fastest of 256 /
-# 512 / 1024 x 4 / 8 on an H100 (BENCHMARKS.md 16; 1024 tokens within 1%).
+# Tokens and warps per scoring program at C <= 32 channels: 512 and 2 the fastest of 256 /
+# 512 / 1024 x 2 / 4 / 8 on an H100 (212 us against 254 at 4 warps, 128K, batch 16:
+# BENCHMARKS.md 19).
 SCORE_TOKENS = 512
-SCORE_WARPS = 4
+SCORE_WARPS = 2
 MIN_BLOCK_C = 32  # channels per scoring product, padded (see sketch_scores)
 _CHUNK = 4096  # tokens per program of the candidate passes
 _BLOCK_S = 4096  # tokens a candidate-pass program loads at once (151 us against 163 at 1024
 # for the three passes, 128K batch 16 on an H100; chunks of 16384 and 8 warps slower: BENCHMARKS 16)
 CANDIDATE_WARPS = 4
-CANDIDATE_ROWS = 64  # candidates per program of the exact scoring
+CANDIDATE_ROWS = 32  # candidates per program of the exact scoring (32-128 within 8%: BENCHMARKS 19)
 CANDIDATE_SCORE_WARPS = 4
 N_BINS = 256
 BIN_WIDTH = 0.125  # nats of approximate score per bin: 256 bins span 32 nats below the best
