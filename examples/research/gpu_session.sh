@@ -34,16 +34,13 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-06, twelfth session (no device started; docs/SAFE_DEFAULTS.md 15):
-# `selectors topk-sweep` on an H100 first (checks and times the sketch's next kernels,
-# examples/research/sketch_kernels_next.py, beside the current ones; if they hold, they replace
-# those of macopt.kernels.sketch_select and `topk` re-times the default at the 5x bar);
-# over two calls carrying the GGUF parts, `PACK=1 real_smollm2_gpu.sh ... defaults` (the new
-# budget floor, 512 keys: does TopKPhiConfig() keep the 4K multi-key task in bf16?);
-# `gen32-b2` at 128K on an H200 (`METHODS=unmodified,exact,mac:all CONTEXTS=131072`, run() with
-# needs_h200: the unmodified model's own prefill at batch 2, 128K does not fit 80 GB; no H200
-# started in three sessions); `topk-attn`; `mac-launches`; `topk8k` with a phi file that
-# records the completion switch. A call that carries a GGUF part must leave
+# Owed as of 2026-12-07, thirteenth session (BENCHMARKS.md 19): `gen32-b2` at 128K on an H200
+# (`METHODS=unmodified,exact,mac:all CONTEXTS=131072`, run() with needs_h200: the unmodified
+# model's own prefill at batch 2, 128K does not fit 80 GB; no H200 started in four sessions);
+# `topk` (the 5x bar at 128K batch 16: 4.96x with the sketch's new launches at 2 warps, timed
+# by topk-sweep, not yet by `macopt bench topk` at those settings); `topk-attn`;
+# `mac-launches`; `topk8k` with a phi file that records the completion switch.
+# A call that carries a GGUF part must leave
 # examples/tiny-lm/model.safetensors out of the tree (64 MiB a call), and no `git commit -a`
 # may run while it is out.
 #
