@@ -160,9 +160,8 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
     head ``h`` is ``sum_c q_scaled[h, c] * (code[dims[c], n] - 8)``; the group score is the
     best head's, summed in fp32 with the query rounded to fp16 (levels are exact in fp16; a
     relative 2^-11 on the query is far inside the 4-bit levels' own error). Tokens outside
-    ``[mid_start[b], mid_end[b])`` get ``-inf``. ``block_max``:
-    also return each block's best (fp32 ``[B, Hkv, n_blocks]``, what
-    :func:`select_candidates` takes)."""
+    ``[mid_start[b], mid_end[b])`` get ``-inf``. ``block_max``: also return each block's best
+    (fp32 ``[B, Hkv, n_blocks]``, what :func:`select_candidates` takes)."""
     batch, n_kv_heads, head_dim, n_packed = codes.shape
     group, n_channels = q_scaled.shape[2], q_scaled.shape[3]
     if codes.dtype != torch.uint8 or 2 * n_packed < n_keys:
@@ -173,9 +172,9 @@ def sketch_scores(codes: Tensor, dims: Tensor, q_scaled: Tensor, mid_start: Tens
         raise ValueError(f"dims {tuple(dims.shape)} / q_scaled {tuple(q_scaled.shape)}: "
                          f"expected [{batch}, {n_kv_heads}, C] and [{batch}, {n_kv_heads}, g, C]")
     # tensor-core products need 16 or more columns (heads) and channels: padding heads repeat
-    # the group's, padding channels are zero.
-    # At 16 channels (head dim 64) Triton 3.6 miscompiled the product on an H100 (scores off,
-    # every SmolLM2 task lost: BENCHMARKS.md 14c, 15): 32 or more, zero-padded, is exact.
+    # the group's, padding channels are zero. At 16 channels (head dim 64) Triton 3.6
+    # miscompiled the product on an H100 (scores off, every SmolLM2 task lost: BENCHMARKS.md
+    # 14c, 15): 32 or more, zero-padded, is exact.
     block_g = max(16, triton.next_power_of_2(group))
     block_c = max(MIN_BLOCK_C, triton.next_power_of_2(n_channels))
     # a [C, BLOCK_N] tile of levels in registers: fewer tokens when many channels are read

@@ -61,7 +61,6 @@ def test_sketch_dequantises_each_middle_key_within_half_a_step(n_keys):
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("n_keys", [33, 300])
 def test_sketch_scores_kernel_equals_its_torch_reference(group, n_keys):
-    scores = sketch_select.sketch_scores
     gen = torch.Generator().manual_seed(group * 1000 + n_keys)
     batch, n_kv_heads, head_dim = 2, 2, 64
     k = torch.randn(batch, n_kv_heads, n_keys, head_dim, generator=gen)
@@ -70,7 +69,8 @@ def test_sketch_scores_kernel_equals_its_torch_reference(group, n_keys):
     codes, scales = _sketch(k, lo, hi)
     for channels in (0, 5, head_dim):
         _, dims, q_scaled = _sketch_query(q, scales, head_dim**-0.5, n_kv_heads, channels)
-        got, maxima = scores(codes, dims, q_scaled, lo, hi, n_keys, block_max=True)
+        got, maxima = sketch_select.sketch_scores(codes, dims, q_scaled, lo, hi, n_keys,
+                                                  block_max=True)
         want = sketch_scores_reference(codes, dims, q_scaled, lo, hi, n_keys)
         assert got.dtype == torch.float16 and got.shape == (batch, n_kv_heads, n_keys)
         assert torch.equal(torch.isinf(got), torch.isinf(want))
@@ -86,7 +86,7 @@ def test_sketch_scores_kernel_equals_its_torch_reference(group, n_keys):
                                        got[..., i * block:(i + 1) * block].float().amax(-1))
     # with every channel, the sketch score is q . (dequantised key) * scale, best head
     _, dims, q_scaled = _sketch_query(q, scales, head_dim**-0.5, n_kv_heads, head_dim)
-    got = scores(codes, dims, q_scaled, lo, hi, n_keys).float()
+    got = sketch_select.sketch_scores(codes, dims, q_scaled, lo, hi, n_keys).float()
     keys = sketch_keys(codes, scales, n_keys)
     plain = torch.einsum("bhgd,bhnd->bhgn", q.view(batch, n_kv_heads, group, head_dim),
                          keys).amax(dim=2) * head_dim**-0.5
@@ -322,7 +322,6 @@ def test_query_kernel_picks_the_channels_torch_picks(group, head_dim, channels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_candidate_scores_kernel_equals_torch(dtype):
-    candidate_scores = sketch_select.candidate_scores
     gen = torch.Generator().manual_seed(4)
     batch, n_kv_heads, group, n_keys, head_dim = 2, 2, 3, 90, 64
     q = torch.randn(batch, n_kv_heads * group, head_dim, generator=gen).to(dtype)
@@ -330,7 +329,7 @@ def test_candidate_scores_kernel_equals_torch(dtype):
     cand = torch.stack([torch.randperm(n_keys, generator=gen)[:70] for _ in range(4)])
     cand = cand.view(batch, n_kv_heads, 70).to(torch.int32)
     lo, hi = torch.tensor([3, 10], dtype=torch.int32), torch.tensor([80, 90], dtype=torch.int32)
-    got = candidate_scores(q, k, cand, lo, hi, 0.125)
+    got = sketch_select.candidate_scores(q, k, cand, lo, hi, 0.125)
     k_cand = torch.gather(k.float(), 2, cand.long()[..., None].expand(-1, -1, -1, head_dim))
     want = torch.einsum("bhgd,bhrd->bhgr", q.float().view(batch, n_kv_heads, group, head_dim),
                         k_cand) * 0.125

@@ -95,7 +95,8 @@ def _sketch_reports(label, sketch) -> None:
                  "head_dim": "i32", "n_packed": "i32", "group": "i32", "n_channels": "i32",
                  "n_blocks": "i32", "BLOCK_G": "constexpr", "BLOCK_C": "constexpr",
                  "BLOCK_N": "constexpr"}
-    ptx = "PTX" in sketch._sketch_scores_kernel.arg_names  # the next kernels' (session 12)
+    # the levels unpacked in PTX since the thirteenth session; an older checkout has no switch
+    ptx = "PTX" in sketch._sketch_scores_kernel.arg_names
     if ptx:
         signature["PTX"] = "constexpr"
     for block_n, warps in ((256, 2), (256, 4), (512, 2), (512, 4), (1024, 4)):
