@@ -4,7 +4,7 @@ Approximate by design. At prefill the prompt's keys are quantised to 4 bits per 
 (symmetric, one scale per (row, KV head, channel)) and stored channel-major, two tokens per
 byte: ``codes[B, Hkv, D, ceil(N / 2)]`` uint8 (token ``2j`` in the low nibble of byte ``j``,
 ``2j + 1`` in the high one), so the keys' values on one channel are a contiguous byte row.
-A decode step runs five launches, no host sync, static shapes (CUDA-graph safe):
+A decode step runs five stages, no host sync, static shapes (CUDA-graph safe):
 
 0. :func:`sketch_query` (one program per row x KV head): the ``C`` channels where the group's
    queries are largest and each head's query there, scaled.
@@ -12,11 +12,12 @@ A decode step runs five launches, no host sync, static shapes (CUDA-graph safe):
    rows (``C / (4 D)`` of the bf16 key bytes: 1/16 at ``C = D / 4``), and writes each token's
    group score, the best approximate ``s q.k`` over the group's query heads, as fp16
    (``-inf`` outside the middle ``[mid_start, mid_end)``).
-2. :func:`select_candidates` (three launches over (row, chunk of 4096 tokens) programs): the
-   ``n_keep`` best scores up to a bin of 1/8 nat: a histogram of each token's gap to the row's
-   best score (256 bins), the threshold bin and per-chunk offsets, then a compaction (tokens
+2. :func:`select_candidates` (four launches, mostly over (row, chunk of 4096 tokens)
+   programs): the ``n_keep`` best scores up to a bin of 1/8 nat: histograms of each token's
+   gap to the row's best score (256 bins counted as 32 coarse ones, then the 8 fine ones of
+   the threshold's coarse bin), the threshold bin and per-chunk offsets, then a compaction (tokens
    of the threshold bin in index order until ``n_keep``). The scores (2 bytes a token) are
-   read twice more, from L2 at the sizes that matter.
+   read three times more, from L2 at the sizes that matter.
 3. :func:`candidate_scores`: the candidates' full key rows, scored exactly for every head.
 4. :func:`rerank_select` (one program per row x KV head): a candidate's best log-probability
    over the group's heads (softmax over the candidates), the budget's best exactly, per-group
@@ -56,6 +57,10 @@ CANDIDATE_ROWS = 32  # candidates per program of the exact scoring (32-128 withi
 CANDIDATE_SCORE_WARPS = 4
 N_BINS = 256
 BIN_WIDTH = 0.125  # nats of approximate score per bin: 256 bins span 32 nats below the best
+# The bins are counted in two passes, 32 coarse bins then the 8 fine bins of the threshold's
+# coarse one: tl.histogram's work per token grows with the bins each lane of a warp owns
+# (256 bins: 8, each a chain of bit masks; 32 or fewer: one).
+FINE_BINS = 8
 
 
 def _ptx(device: torch.device) -> bool:
@@ -216,26 +221,45 @@ def _bins_of(scores_ptr, pid, idx, ok, top, n_keys, INV_WIDTH: tl.constexpr,
 
 
 @triton.jit
+def _threshold_bin(counts, n_keep, N: tl.constexpr):
+    """The first of ``N`` bins where the running count of ``counts`` reaches ``n_keep``, and
+    the count in the bins before it."""
+    t = tl.sum((tl.cumsum(counts, axis=0) < n_keep).to(tl.int32), axis=0)
+    return t, tl.sum(tl.where(tl.arange(0, N) < t, counts, 0), axis=0)
+
+
+@triton.jit
 def _bin_histogram_kernel(
-    scores_ptr, block_max_ptr, hist_ptr, n_keys, n_blocks, n_chunks,
-    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
-    INV_WIDTH: tl.constexpr, N_BINS: tl.constexpr,
+    scores_ptr, block_max_ptr, coarse_ptr, hist_ptr, n_keys, n_blocks, n_chunks, n_keep,
+    FINE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_CH: tl.constexpr, INV_WIDTH: tl.constexpr, N_BINS: tl.constexpr,
+    FINE_BINS: tl.constexpr,
 ):
-    # One program per (row, chunk of CHUNK tokens): the chunk's bin counts.
+    # One program per (row, chunk of CHUNK tokens). FINE false: the chunk's counts per coarse
+    # bin (bin // FINE_BINS); true: per fine bin (bin % FINE_BINS) of its tokens in the row's
+    # threshold coarse bin, found here from the coarse counts of every chunk (a few KB).
+    N_COARSE: tl.constexpr = N_BINS // FINE_BINS
     pid = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     top = _row_best(block_max_ptr, pid, n_blocks, BLOCK_M)
-    bins = tl.arange(0, N_BINS)
-    hist = tl.zeros([N_BINS], tl.int32)
+    if FINE:
+        coarse_t, _ = _threshold_bin(
+            summed_histogram(coarse_ptr, pid, n_chunks, BLOCK_CH, N_COARSE), n_keep, N_COARSE)
+        hist = tl.zeros([FINE_BINS], tl.int32)
+    else:
+        hist = tl.zeros([N_COARSE], tl.int32)
     for start in range(0, CHUNK, BLOCK_S):
         idx = chunk * CHUNK + start + tl.arange(0, BLOCK_S)
         ok = idx < n_keys
         b = _bins_of(scores_ptr, pid, idx, ok, top, n_keys, INV_WIDTH, N_BINS)
-        hist += tl.histogram(b, N_BINS)
-        # padding lanes fell in the last bin: take them back out
-        n_pad = tl.sum((~ok).to(tl.int32), axis=0)
-        hist -= tl.where(bins == N_BINS - 1, n_pad, 0)
-    tl.store(hist_ptr + (pid * n_chunks + chunk) * N_BINS + bins, hist)
+        if FINE:
+            hist += tl.histogram(b % FINE_BINS, FINE_BINS, mask=ok & (b // FINE_BINS == coarse_t))
+        else:
+            hist += tl.histogram(b // FINE_BINS, N_COARSE, mask=ok)
+    if FINE:
+        tl.store(hist_ptr + (pid * n_chunks + chunk) * FINE_BINS + tl.arange(0, FINE_BINS), hist)
+    else:
+        tl.store(hist_ptr + (pid * n_chunks + chunk) * N_COARSE + tl.arange(0, N_COARSE), hist)
 
 
 @triton.jit
@@ -254,28 +278,36 @@ def summed_histogram(hist_ptr, row, n_chunks, BLOCK_CH: tl.constexpr, N_BINS: tl
 
 @triton.jit
 def _bin_threshold_kernel(
-    hist_ptr, offsets_ptr, n_chunks, n_keep,
-    BLOCK_CH: tl.constexpr, N_BINS: tl.constexpr,
+    coarse_ptr, fine_ptr, offsets_ptr, n_chunks, n_keep,
+    BLOCK_CH: tl.constexpr, N_BINS: tl.constexpr, FINE_BINS: tl.constexpr,
 ):
     # One program per row: the threshold bin t (fewer than n_keep scores in the bins before
-    # it, at least n_keep up to it) and each chunk's first slot for its above-threshold and
-    # threshold-bin tokens.
+    # it, at least n_keep up to it: its coarse bin, then its fine bin within that) and each
+    # chunk's first slot for its above-threshold and threshold-bin tokens.
+    N_COARSE: tl.constexpr = N_BINS // FINE_BINS
     pid = tl.program_id(0).to(tl.int64)
-    bins = tl.arange(0, N_BINS)
+    coarse_t, coarse_before = _threshold_bin(
+        summed_histogram(coarse_ptr, pid, n_chunks, BLOCK_CH, N_COARSE), n_keep, N_COARSE)
+    fine_t, fine_before = _threshold_bin(
+        summed_histogram(fine_ptr, pid, n_chunks, BLOCK_CH, FINE_BINS), n_keep - coarse_before,
+        FINE_BINS)
+    t = coarse_t * FINE_BINS + fine_t
+    n_before = coarse_before + fine_before
+    coarse_bins = tl.arange(0, N_COARSE)
+    fine_bins = tl.arange(0, FINE_BINS)
     chunks = tl.arange(0, BLOCK_CH)
-    total = summed_histogram(hist_ptr, pid, n_chunks, BLOCK_CH, N_BINS)
-    cum = tl.cumsum(total, axis=0)
-    t = tl.sum((cum < n_keep).to(tl.int32), axis=0)
-    n_before = tl.sum(tl.where(bins < t, total, 0), axis=0)
     above_base = tl.zeros([], tl.int32)
     tie_base = tl.zeros([], tl.int32)
     for start in range(0, n_chunks, BLOCK_CH):
         ch = start + chunks
         ch_ok = ch < n_chunks
-        tile = tl.load(hist_ptr + (pid * n_chunks + ch[:, None]) * N_BINS + bins[None, :],
-                       mask=ch_ok[:, None], other=0)
-        above = tl.sum(tl.where(bins[None, :] < t, tile, 0), axis=1)
-        ties = tl.sum(tl.where(bins[None, :] == t, tile, 0), axis=1)
+        coarse = tl.load(coarse_ptr + (pid * n_chunks + ch[:, None]) * N_COARSE
+                         + coarse_bins[None, :], mask=ch_ok[:, None], other=0)
+        fine = tl.load(fine_ptr + (pid * n_chunks + ch[:, None]) * FINE_BINS
+                       + fine_bins[None, :], mask=ch_ok[:, None], other=0)
+        above = (tl.sum(tl.where(coarse_bins[None, :] < coarse_t, coarse, 0), axis=1)
+                 + tl.sum(tl.where(fine_bins[None, :] < fine_t, fine, 0), axis=1))
+        ties = tl.sum(tl.where(fine_bins[None, :] == fine_t, fine, 0), axis=1)
         above_off = above_base + tl.cumsum(above, axis=0) - above
         tie_off = tie_base + tl.cumsum(ties, axis=0) - ties
         base = offsets_ptr + (pid * n_chunks + ch) * 4
@@ -295,6 +327,7 @@ def _bin_compact_kernel(
 ):
     # One program per (row, chunk): writes its tokens above the threshold bin, then those of
     # the threshold bin whose rank (in index order over the row) is within the budget.
+    tl.static_assert(BLOCK_S < 65536)  # the two running counts share one int32 scan
     pid = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     top = _row_best(block_max_ptr, pid, n_blocks, BLOCK_M)
@@ -309,15 +342,17 @@ def _bin_compact_kernel(
         idx = chunk * CHUNK + start + tl.arange(0, BLOCK_S)
         ok = idx < n_keys
         b = _bins_of(scores_ptr, pid, idx, ok, top, n_keys, INV_WIDTH, N_BINS)
-        above = ((b < t) & ok).to(tl.int32)
-        tie = ((b == t) & ok).to(tl.int32)
-        above_slot = n_above + tl.cumsum(above, axis=0) - 1
-        tie_rank = n_ties + tl.cumsum(tie, axis=0) - 1
-        tl.store(out_ptr + above_slot, idx.to(tl.int32), mask=above != 0)
+        above = (b < t) & ok
+        tie = (b == t) & ok
+        # one scan for both: above-threshold tokens in the low 16 bits, ties in the high 16
+        run = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), axis=0)
+        above_slot = n_above + (run & 0xFFFF) - 1
+        tie_rank = n_ties + (run >> 16) - 1
+        tl.store(out_ptr + above_slot, idx.to(tl.int32), mask=above)
         tl.store(out_ptr + n_before + tie_rank, idx.to(tl.int32),
-                 mask=(tie != 0) & (tie_rank < ties_wanted))
-        n_above += tl.sum(above, axis=0)
-        n_ties += tl.sum(tie, axis=0)
+                 mask=tie & (tie_rank < ties_wanted))
+        n_above += tl.sum(above.to(tl.int32), axis=0)
+        n_ties += tl.sum(tie.to(tl.int32), axis=0)
 
 
 def select_candidates(scores: Tensor, block_max: Tensor, n_keep: int) -> Tensor:
@@ -326,8 +361,9 @@ def select_candidates(scores: Tensor, block_max: Tensor, n_keep: int) -> Tensor:
     of :func:`sketch_scores`) in bins of ``BIN_WIDTH`` (gaps past the last bin share it): every
     token of the bins before the threshold bin, then the threshold bin's in index order until
     ``n_keep``. So the set is a top ``n_keep`` up to one bin's width. Order: the first group
-    ascending, then the second ascending. Three launches (bin counts per chunk of the row, the
-    threshold and each chunk's offsets, the compaction), no host sync."""
+    ascending, then the second ascending. Four launches (coarse bin counts per chunk of the
+    row, fine counts in the threshold's coarse bin, the threshold and each chunk's offsets, the
+    compaction), no host sync."""
     batch, heads, n_keys = scores.shape
     if scores.dtype != torch.float16:
         raise ValueError(f"scores: expected fp16, got {scores.dtype}")
@@ -339,17 +375,20 @@ def select_candidates(scores: Tensor, block_max: Tensor, n_keep: int) -> Tensor:
         return out
     rows, n_blocks = batch * heads, block_max.shape[-1]
     n_chunks = triton.cdiv(n_keys, _CHUNK)
-    hist = _new_empty((rows, n_chunks, N_BINS), dtype=torch.int32, device=device)
+    coarse = _new_empty((rows, n_chunks, N_BINS // FINE_BINS), dtype=torch.int32, device=device)
+    fine = _new_empty((rows, n_chunks, FINE_BINS), dtype=torch.int32, device=device)
     offsets = _new_empty((rows, n_chunks, 4), dtype=torch.int32, device=device)
     scores, block_max = scores.contiguous(), block_max.contiguous()
     common = dict(CHUNK=_CHUNK, BLOCK_S=min(_BLOCK_S, triton.next_power_of_2(n_keys)),
                   BLOCK_M=min(1024, triton.next_power_of_2(n_blocks)),
                   INV_WIDTH=1.0 / BIN_WIDTH, N_BINS=N_BINS)
-    _bin_histogram_kernel[(rows, n_chunks)](scores, block_max, hist, n_keys, n_blocks,
-                                            n_chunks, **common, num_warps=CANDIDATE_WARPS)
-    _bin_threshold_kernel[(rows,)](hist, offsets, n_chunks, n_keep,
-                                   BLOCK_CH=max(16, min(32, triton.next_power_of_2(n_chunks))),
-                                   N_BINS=N_BINS, num_warps=4)
+    block_ch = max(16, min(32, triton.next_power_of_2(n_chunks)))
+    for hist, fine_pass in ((coarse, False), (fine, True)):
+        _bin_histogram_kernel[(rows, n_chunks)](
+            scores, block_max, coarse, hist, n_keys, n_blocks, n_chunks, n_keep, FINE=fine_pass,
+            BLOCK_CH=block_ch, FINE_BINS=FINE_BINS, **common, num_warps=CANDIDATE_WARPS)
+    _bin_threshold_kernel[(rows,)](coarse, fine, offsets, n_chunks, n_keep, BLOCK_CH=block_ch,
+                                   N_BINS=N_BINS, FINE_BINS=FINE_BINS, num_warps=4)
     _bin_compact_kernel[(rows, n_chunks)](scores, block_max, offsets, out, n_keys, n_blocks,
                                           n_chunks, n_keep, **common,
                                           num_warps=CANDIDATE_WARPS)

@@ -23,6 +23,9 @@
 #   topk-sweep the Top-K-alone step's launches rewritten in session 12 against those before,
 #              per tokens / candidates / warps / splits, then the whole step (topk_speed_sweep)
 #                                                                                     (~4 min)
+#   candidates the candidate passes of a copy of sketch_select.py (OLD_SKETCH=path, carried)
+#              against this one's, then the Top-K-alone step with each (candidate_passes_ab)
+#                                                                                     (~2 min)
 #   sketch-diag  the sketch selector's scoring launch against its torch reference per shape,
 #              with the channel tile's floor at 16 and at 32 (BENCHMARKS.md 15)       (~1 min)
 #   pool-debug the compiled-MAC CUDA-graph test with Inductor's allocation history, side
@@ -95,6 +98,9 @@ for stage in "$@"; do
     topk-sweep)  # the sketch launches per setting, the attention per split count, the step
       timeout 420 python3 -m examples.research.topk_speed_sweep 2>&1 | grep -v -i warn \
         | tail -60 | tee "$OUT/topk_sweep.log" ;;
+    candidates)
+      timeout 300 python3 -m examples.research.candidate_passes_ab --old "${OLD_SKETCH:?}" 2>&1 \
+        | grep -v -i warn | cut -c1-400 | tail -20 | tee "$OUT/candidates.log" ;;
     sketch-diag)  # the sketch's scoring launch against torch per shape, channel tile 16 / 32
       (cd /tmp && timeout 150 python3 "$R/examples/research/sketch_gpu_diag.py" 2>&1 \
         | grep -v -i warn | tail -52) | tee "$OUT/sketch_diag.log" ;;

@@ -1,0 +1,114 @@
+"""The sketch selector's candidate passes before and after a change, on a GPU, in one process:
+`select_candidates` of another copy of :mod:`macopt.kernels.sketch_select` (``--old FILE``,
+e.g. a checkout's file carried to the machine) against this one's, on the scores of the
+safe-defaults bar point (128K keys, batch 16, Llama-3.1-8B heads, 2%): equality with the torch
+reference, time, each launch's time, then the whole Top-K-alone step with each (exact decode
+beside it, same process).
+
+    python3 -m examples.research.candidate_passes_ab --old PATH_TO_OLD_sketch_select.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+
+import torch
+
+import macopt  # noqa: F401  (registers torch.ops.macopt)
+from examples.research.profile_steps import kernel_us
+from examples.research.topk_speed_sweep import (
+    BUDGET,
+    CONTEXT,
+    DEVICE,
+    LAYER,
+    bench_us,
+    patched,
+    step_fn,
+)
+from macopt.bench import timing
+from macopt.bench.decode import LayerShape, make_inputs
+from macopt.config import TopKPhiConfig
+from macopt.kernels import sketch_select as kernels
+from macopt.topk_phi_select import _sketch_query, build_sketch, sketch_shapes
+
+
+def load_module(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sketch_scores_of(x, shape: LayerShape):
+    """The fp16 group scores and block maxima a decode step hands the candidate passes."""
+    batch, n_kv, head_dim, n_keys = shape.batch, shape.kv_heads, shape.head_dim, shape.context
+    lo = torch.full((batch,), 4, dtype=torch.int32, device=DEVICE)
+    hi = torch.full((batch,), n_keys - 16, dtype=torch.int32, device=DEVICE)
+    codes_shape, scales_shape = sketch_shapes(batch, n_kv, n_keys, head_dim)
+    codes = torch.zeros(codes_shape, dtype=torch.uint8, device=DEVICE)
+    scales = torch.ones(scales_shape, dtype=torch.float32, device=DEVICE)
+    build_sketch(x.k, lo, hi, codes, scales)
+    _, dims, q_scaled = _sketch_query(x.q, scales, head_dim**-0.5, n_kv, head_dim // 4)
+    return kernels.sketch_scores(codes, dims.to(torch.int32).contiguous(),
+                                 q_scaled.float().contiguous(), lo, hi, n_keys, block_max=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", required=True, help="another copy of sketch_select.py")
+    args = parser.parse_args()
+    old = load_module(args.old, "old_sketch_select")
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    report: dict = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                        context=CONTEXT, budget=BUDGET, passes=[], steps=[])
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    shape = LayerShape(16, CONTEXT, **LAYER)
+    x = make_inputs(shape, torch.device(DEVICE), gen)
+    scores, maxima = sketch_scores_of(x, shape)
+    n_keep = 2 * TopKPhiConfig(budget=BUDGET).budget_tokens(CONTEXT)
+    want = kernels.select_candidates_reference(scores, n_keep)
+
+    variants = [("old", old, {})] + [
+        (f"new warps {w} block {s}", kernels, dict(CANDIDATE_WARPS=w, _BLOCK_S=s))
+        for w in (4, 8) for s in (2048, 4096)]
+    for label, module, settings in variants:
+        with patched(module, **settings):
+            fn = lambda m=module: m.select_candidates(scores, maxima, n_keep)  # noqa: E731
+            row = dict(variant=label, equal_to_reference=torch.equal(fn(), want),
+                       us=bench_us(fn), kernels_us=kernel_us(fn))
+        report["passes"].append(row)
+        print(f"{label:24s} equal {row['equal_to_reference']} {row['us']:7.1f} us  "
+              f"{row['kernels_us']}", flush=True)
+
+    for batch in (16, 1):
+        shape = LayerShape(batch, CONTEXT, **LAYER)
+        if batch != 16:
+            del x
+            torch.cuda.empty_cache()
+            x = make_inputs(shape, torch.device(DEVICE), gen)
+        exact = lambda x=x: torch.ops.macopt.decode_attention(  # noqa: E731
+            x.q, x.k, x.v, x.starts, x.ends, None, x.scale)
+        exact_us = 1000 * timing.graph_median_ms(exact, 25, 100)
+        print(f"b{batch} exact decode {exact_us:7.1f} us", flush=True)
+        for label, select in (("old", old.select_candidates), ("new", kernels.select_candidates)):
+            with patched(kernels, select_candidates=select):
+                fn = step_fn(x, shape, False, None)
+                us = 1000 * timing.graph_median_ms(fn, 25, 100)
+                per_kernel = kernel_us(fn)
+            report["steps"].append(dict(batch=batch, passes=label, us=us, exact_us=exact_us,
+                                        speedup=exact_us / us, kernels_us=per_kernel))
+            print(f"b{batch} Top-K alone, {label} passes {us:7.1f} us  {exact_us / us:5.2f}x "
+                  f"exact  {per_kernel}", flush=True)
+            del fn
+            torch.cuda.empty_cache()
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "candidate_passes_ab.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
