@@ -12,9 +12,9 @@ ties to the lower index. The keys are ordered like fp32 values
 2. the last pick also gives each chunk its first output slot and the ties before it, and
    ``_compact_kernel`` (rows x chunks) writes the keys above the threshold and the first ties.
 
-Why not one program per row (``sketch_select.rerank_select``'s bisection, which this
-replaces for ranked rows): at batch 1 that is 8 programs walking 128K keys 9 times, 0.57 ms on
-an H100 against 0.18 ms for the whole exact decode (BENCHMARKS.md 13).
+Why not one program per row (as ``sketch_select.rerank_select`` ranks a few thousand
+candidates): for every key of a row, at batch 1 that is 8 programs walking 128K keys 9 times,
+0.57 ms on an H100 against 0.18 ms for the whole exact decode (BENCHMARKS.md 13).
 
 >>> chosen = radix_topk(ranks, n_keep, counts=None)     # [R, n_keep] int32
 """

@@ -12,12 +12,11 @@ A decode step runs five stages, no host sync, static shapes (CUDA-graph safe):
    rows (``C / (4 D)`` of the bf16 key bytes: 1/16 at ``C = D / 4``), and writes each token's
    group score, the best approximate ``s q.k`` over the group's query heads, as fp16
    (``-inf`` outside the middle ``[mid_start, mid_end)``).
-2. :func:`select_candidates` (four launches, mostly over (row, chunk of 4096 tokens)
-   programs): the ``n_keep`` best scores up to a bin of 1/8 nat: histograms of each token's
-   gap to the row's best score (256 bins counted as 32 coarse ones, then the 8 fine ones of
-   the threshold's coarse bin), the threshold bin and per-chunk offsets, then a compaction (tokens
+2. :func:`select_candidates` (three launches over (row, chunk of 4096 tokens) programs): the
+   ``n_keep`` best scores up to a bin of 1/8 nat: a histogram of each token's gap to the row's
+   best score (256 bins), the threshold bin and per-chunk offsets, then a compaction (tokens
    of the threshold bin in index order until ``n_keep``). The scores (2 bytes a token) are
-   read three times more, from L2 at the sizes that matter.
+   read twice more, from L2 at the sizes that matter.
 3. :func:`candidate_scores`: the candidates' full key rows, scored exactly for every head.
 4. :func:`rerank_select` (one program per row x KV head): a candidate's best log-probability
    over the group's heads (softmax over the candidates), the budget's best exactly, per-group
@@ -57,10 +56,6 @@ CANDIDATE_ROWS = 32  # candidates per program of the exact scoring (32-128 withi
 CANDIDATE_SCORE_WARPS = 4
 N_BINS = 256
 BIN_WIDTH = 0.125  # nats of approximate score per bin: 256 bins span 32 nats below the best
-# The bins are counted in two passes, 32 coarse bins then the 8 fine bins of the threshold's
-# coarse one: tl.histogram's work per token grows with the bins each lane of a warp owns
-# (256 bins: 8, each a chain of bit masks; 32 or fewer: one).
-FINE_BINS = 8
 
 
 def _ptx(device: torch.device) -> bool:
@@ -221,45 +216,26 @@ def _bins_of(scores_ptr, pid, idx, ok, top, n_keys, INV_WIDTH: tl.constexpr,
 
 
 @triton.jit
-def _threshold_bin(counts, n_keep, N: tl.constexpr):
-    """The first of ``N`` bins where the running count of ``counts`` reaches ``n_keep``, and
-    the count in the bins before it."""
-    t = tl.sum((tl.cumsum(counts, axis=0) < n_keep).to(tl.int32), axis=0)
-    return t, tl.sum(tl.where(tl.arange(0, N) < t, counts, 0), axis=0)
-
-
-@triton.jit
 def _bin_histogram_kernel(
-    scores_ptr, block_max_ptr, coarse_ptr, hist_ptr, n_keys, n_blocks, n_chunks, n_keep,
-    FINE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_CH: tl.constexpr, INV_WIDTH: tl.constexpr, N_BINS: tl.constexpr,
-    FINE_BINS: tl.constexpr,
+    scores_ptr, block_max_ptr, hist_ptr, n_keys, n_blocks, n_chunks,
+    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+    INV_WIDTH: tl.constexpr, N_BINS: tl.constexpr,
 ):
-    # One program per (row, chunk of CHUNK tokens). FINE false: the chunk's counts per coarse
-    # bin (bin // FINE_BINS); true: per fine bin (bin % FINE_BINS) of its tokens in the row's
-    # threshold coarse bin, found here from the coarse counts of every chunk (a few KB).
-    N_COARSE: tl.constexpr = N_BINS // FINE_BINS
+    # One program per (row, chunk of CHUNK tokens): the chunk's bin counts.
     pid = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     top = _row_best(block_max_ptr, pid, n_blocks, BLOCK_M)
-    if FINE:
-        coarse_t, _ = _threshold_bin(
-            summed_histogram(coarse_ptr, pid, n_chunks, BLOCK_CH, N_COARSE), n_keep, N_COARSE)
-        hist = tl.zeros([FINE_BINS], tl.int32)
-    else:
-        hist = tl.zeros([N_COARSE], tl.int32)
+    bins = tl.arange(0, N_BINS)
+    hist = tl.zeros([N_BINS], tl.int32)
     for start in range(0, CHUNK, BLOCK_S):
         idx = chunk * CHUNK + start + tl.arange(0, BLOCK_S)
         ok = idx < n_keys
         b = _bins_of(scores_ptr, pid, idx, ok, top, n_keys, INV_WIDTH, N_BINS)
-        if FINE:
-            hist += tl.histogram(b % FINE_BINS, FINE_BINS, mask=ok & (b // FINE_BINS == coarse_t))
-        else:
-            hist += tl.histogram(b // FINE_BINS, N_COARSE, mask=ok)
-    if FINE:
-        tl.store(hist_ptr + (pid * n_chunks + chunk) * FINE_BINS + tl.arange(0, FINE_BINS), hist)
-    else:
-        tl.store(hist_ptr + (pid * n_chunks + chunk) * N_COARSE + tl.arange(0, N_COARSE), hist)
+        hist += tl.histogram(b, N_BINS)
+        # padding lanes fell in the last bin: take them back out
+        n_pad = tl.sum((~ok).to(tl.int32), axis=0)
+        hist -= tl.where(bins == N_BINS - 1, n_pad, 0)
+    tl.store(hist_ptr + (pid * n_chunks + chunk) * N_BINS + bins, hist)
 
 
 @triton.jit
@@ -278,36 +254,28 @@ def summed_histogram(hist_ptr, row, n_chunks, BLOCK_CH: tl.constexpr, N_BINS: tl
 
 @triton.jit
 def _bin_threshold_kernel(
-    coarse_ptr, fine_ptr, offsets_ptr, n_chunks, n_keep,
-    BLOCK_CH: tl.constexpr, N_BINS: tl.constexpr, FINE_BINS: tl.constexpr,
+    hist_ptr, offsets_ptr, n_chunks, n_keep,
+    BLOCK_CH: tl.constexpr, N_BINS: tl.constexpr,
 ):
     # One program per row: the threshold bin t (fewer than n_keep scores in the bins before
-    # it, at least n_keep up to it: its coarse bin, then its fine bin within that) and each
-    # chunk's first slot for its above-threshold and threshold-bin tokens.
-    N_COARSE: tl.constexpr = N_BINS // FINE_BINS
+    # it, at least n_keep up to it) and each chunk's first slot for its above-threshold and
+    # threshold-bin tokens.
     pid = tl.program_id(0).to(tl.int64)
-    coarse_t, coarse_before = _threshold_bin(
-        summed_histogram(coarse_ptr, pid, n_chunks, BLOCK_CH, N_COARSE), n_keep, N_COARSE)
-    fine_t, fine_before = _threshold_bin(
-        summed_histogram(fine_ptr, pid, n_chunks, BLOCK_CH, FINE_BINS), n_keep - coarse_before,
-        FINE_BINS)
-    t = coarse_t * FINE_BINS + fine_t
-    n_before = coarse_before + fine_before
-    coarse_bins = tl.arange(0, N_COARSE)
-    fine_bins = tl.arange(0, FINE_BINS)
+    bins = tl.arange(0, N_BINS)
     chunks = tl.arange(0, BLOCK_CH)
+    total = summed_histogram(hist_ptr, pid, n_chunks, BLOCK_CH, N_BINS)
+    cum = tl.cumsum(total, axis=0)
+    t = tl.sum((cum < n_keep).to(tl.int32), axis=0)
+    n_before = tl.sum(tl.where(bins < t, total, 0), axis=0)
     above_base = tl.zeros([], tl.int32)
     tie_base = tl.zeros([], tl.int32)
     for start in range(0, n_chunks, BLOCK_CH):
         ch = start + chunks
         ch_ok = ch < n_chunks
-        coarse = tl.load(coarse_ptr + (pid * n_chunks + ch[:, None]) * N_COARSE
-                         + coarse_bins[None, :], mask=ch_ok[:, None], other=0)
-        fine = tl.load(fine_ptr + (pid * n_chunks + ch[:, None]) * FINE_BINS
-                       + fine_bins[None, :], mask=ch_ok[:, None], other=0)
-        above = (tl.sum(tl.where(coarse_bins[None, :] < coarse_t, coarse, 0), axis=1)
-                 + tl.sum(tl.where(fine_bins[None, :] < fine_t, fine, 0), axis=1))
-        ties = tl.sum(tl.where(fine_bins[None, :] == fine_t, fine, 0), axis=1)
+        tile = tl.load(hist_ptr + (pid * n_chunks + ch[:, None]) * N_BINS + bins[None, :],
+                       mask=ch_ok[:, None], other=0)
+        above = tl.sum(tl.where(bins[None, :] < t, tile, 0), axis=1)
+        ties = tl.sum(tl.where(bins[None, :] == t, tile, 0), axis=1)
         above_off = above_base + tl.cumsum(above, axis=0) - above
         tie_off = tie_base + tl.cumsum(ties, axis=0) - ties
         base = offsets_ptr + (pid * n_chunks + ch) * 4
@@ -361,9 +329,8 @@ def select_candidates(scores: Tensor, block_max: Tensor, n_keep: int) -> Tensor:
     of :func:`sketch_scores`) in bins of ``BIN_WIDTH`` (gaps past the last bin share it): every
     token of the bins before the threshold bin, then the threshold bin's in index order until
     ``n_keep``. So the set is a top ``n_keep`` up to one bin's width. Order: the first group
-    ascending, then the second ascending. Four launches (coarse bin counts per chunk of the
-    row, fine counts in the threshold's coarse bin, the threshold and each chunk's offsets, the
-    compaction), no host sync."""
+    ascending, then the second ascending. Three launches (bin counts per chunk of the row, the
+    threshold and each chunk's offsets, the compaction), no host sync."""
     batch, heads, n_keys = scores.shape
     if scores.dtype != torch.float16:
         raise ValueError(f"scores: expected fp16, got {scores.dtype}")
@@ -375,20 +342,17 @@ def select_candidates(scores: Tensor, block_max: Tensor, n_keep: int) -> Tensor:
         return out
     rows, n_blocks = batch * heads, block_max.shape[-1]
     n_chunks = triton.cdiv(n_keys, _CHUNK)
-    coarse = _new_empty((rows, n_chunks, N_BINS // FINE_BINS), dtype=torch.int32, device=device)
-    fine = _new_empty((rows, n_chunks, FINE_BINS), dtype=torch.int32, device=device)
+    hist = _new_empty((rows, n_chunks, N_BINS), dtype=torch.int32, device=device)
     offsets = _new_empty((rows, n_chunks, 4), dtype=torch.int32, device=device)
     scores, block_max = scores.contiguous(), block_max.contiguous()
     common = dict(CHUNK=_CHUNK, BLOCK_S=min(_BLOCK_S, triton.next_power_of_2(n_keys)),
                   BLOCK_M=min(1024, triton.next_power_of_2(n_blocks)),
                   INV_WIDTH=1.0 / BIN_WIDTH, N_BINS=N_BINS)
-    block_ch = max(16, min(32, triton.next_power_of_2(n_chunks)))
-    for hist, fine_pass in ((coarse, False), (fine, True)):
-        _bin_histogram_kernel[(rows, n_chunks)](
-            scores, block_max, coarse, hist, n_keys, n_blocks, n_chunks, n_keep, FINE=fine_pass,
-            BLOCK_CH=block_ch, FINE_BINS=FINE_BINS, **common, num_warps=CANDIDATE_WARPS)
-    _bin_threshold_kernel[(rows,)](coarse, fine, offsets, n_chunks, n_keep, BLOCK_CH=block_ch,
-                                   N_BINS=N_BINS, FINE_BINS=FINE_BINS, num_warps=4)
+    _bin_histogram_kernel[(rows, n_chunks)](scores, block_max, hist, n_keys, n_blocks,
+                                            n_chunks, **common, num_warps=CANDIDATE_WARPS)
+    _bin_threshold_kernel[(rows,)](hist, offsets, n_chunks, n_keep,
+                                   BLOCK_CH=max(16, min(32, triton.next_power_of_2(n_chunks))),
+                                   N_BINS=N_BINS, num_warps=4)
     _bin_compact_kernel[(rows, n_chunks)](scores, block_max, offsets, out, n_keys, n_blocks,
                                           n_chunks, n_keep, **common,
                                           num_warps=CANDIDATE_WARPS)
@@ -558,80 +522,63 @@ def _rank_candidates(scores_ptr, keys_ptr, pid, n_cand, group, BLOCK_G: tl.const
 
 
 @triton.jit
-def _at_least(key, ok, thresholds):
-    """``[BLOCK_R, WAYS]`` 0/1: whether each valid key is at least each threshold."""
-    return ((key[:, None] >= thresholds[None, :]) & ok[:, None]).to(tl.int32)
-
-
-@triton.jit
 def _rerank_select_kernel(
     scores_ptr, cand_ptr, keys_ptr, out_ptr, counts_ptr, n_cand, group, n_keep,
-    HAS_COUNTS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr, WAYS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_COUNTS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     # One program per (row, KV head): each candidate's best log-probability over the group's
-    # heads (softmax over the candidates), then its n_keep best, exactly (8 counting passes of
-    # 16 thresholds over the 32-bit keys; ties to the lower candidate slot).
+    # heads (softmax over the candidates), then its n_keep best, exactly (ties to the lower
+    # candidate slot).
     pid = tl.program_id(0).to(tl.int64)
-    offsets = tl.arange(0, BLOCK_R)
     keys_ptr += pid * n_cand
     width = n_keep
     if HAS_COUNTS:
         n_keep = tl.minimum(tl.maximum(tl.load(counts_ptr + pid), 0), n_keep)
     _rank_candidates(scores_ptr, keys_ptr, pid, n_cand, group, BLOCK_G, BLOCK_T)
 
-    ways = tl.arange(0, WAYS).to(tl.int64)
-    lo = tl.full([], -2147483648, tl.int64)
-    step = tl.full([], 268435456, tl.int64)  # 2^32 / 16
-    n_above = tl.zeros([], tl.int32)
-    for _ in range(8):
-        thresholds = (lo + ways * step).to(tl.int32)  # inside the int32 range [lo, lo + 16 step)
-        # Counted in a [BLOCK_R, WAYS] tile and reduced once per pass: a reduction per block
-        # (across the program's threads, through shared memory) cost ~1 us each, 1024 of them
-        # at 128K keys (1.4 ms at batch 16 on an H100).
-        # Four blocks loaded before any is counted: one program walks all of the row's
-        # candidates, and with one block in flight each step waits a full memory latency (when
-        # this kernel also ranked whole 128K rows: ~2.3 ms at batch 16; BENCHMARKS.md 12).
-        tile = tl.zeros([BLOCK_R, WAYS], tl.int32)
-        for start in range(0, n_cand, 4 * BLOCK_R):
-            idx0 = start + offsets
-            idx1 = idx0 + BLOCK_R
-            idx2 = idx1 + BLOCK_R
-            idx3 = idx2 + BLOCK_R
-            key0 = tl.load(keys_ptr + idx0, mask=idx0 < n_cand, other=0)
-            key1 = tl.load(keys_ptr + idx1, mask=idx1 < n_cand, other=0)
-            key2 = tl.load(keys_ptr + idx2, mask=idx2 < n_cand, other=0)
-            key3 = tl.load(keys_ptr + idx3, mask=idx3 < n_cand, other=0)
-            tile += _at_least(key0, idx0 < n_cand, thresholds)
-            tile += _at_least(key1, idx1 < n_cand, thresholds)
-            tile += _at_least(key2, idx2 < n_cand, thresholds)
-            tile += _at_least(key3, idx3 < n_cand, thresholds)
-        counts = tl.sum(tile, axis=0)
-        best = tl.maximum(tl.sum((counts >= n_keep).to(tl.int32), axis=0) - 1, 0)
-        above = tl.sum(tl.where(ways == best + 1, counts, 0), axis=0)
-        n_above = tl.where(best + 1 < WAYS, above, n_above)
-        lo = lo + best * step
-        step = step // WAYS
-    threshold = lo.to(tl.int32)
+    # The threshold (the n_keep-th largest key) a byte at a time, high byte first: among the
+    # keys whose higher bytes equal the threshold's so far, one histogram of this byte, then
+    # the highest value with at least `wanted` keys at or above it. (Bisection by 16
+    # thresholds a pass, 8 passes each reduced across the program through shared memory,
+    # took ~55 us at any batch: BENCHMARKS.md 20.) Keys as unsigned: key + 2^31, same order.
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([], tl.int64)
+    wanted = n_keep
+    for shift in tl.static_range(24, -1, -8):
+        hist = tl.zeros([256], tl.int32)
+        for start in range(0, n_cand, BLOCK_S):
+            idx = start + tl.arange(0, BLOCK_S)
+            u = tl.load(keys_ptr + idx, mask=idx < n_cand, other=0).to(tl.int64) + 2147483648
+            match = (idx < n_cand) & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
+        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+        digit = tl.maximum(tl.sum((at_least >= wanted).to(tl.int32), axis=0) - 1, 0)
+        wanted -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        prefix += digit.to(tl.int64) << shift
+    threshold = (prefix - 2147483648).to(tl.int32)
 
+    # The keys above the threshold and the first `wanted` of its ties, in candidate order:
+    # one scan counts both (above in the low 16 bits, ties in the high 16).
+    tl.static_assert(BLOCK_S < 65536)
     out_ptr += pid * width
     cand_ptr += pid * n_cand
-    ties_wanted = n_keep - n_above
-    n_taken = tl.zeros([], tl.int32)
+    n_above = tl.zeros([], tl.int32)
     n_ties = tl.zeros([], tl.int32)
-    for start in range(0, n_cand, BLOCK_S):  # wider blocks: fewer scans
+    for start in range(0, n_cand, BLOCK_S):
         idx = start + tl.arange(0, BLOCK_S)
         ok = idx < n_cand
         key = tl.load(keys_ptr + idx, mask=ok, other=0)
-        tie = ((key == threshold) & ok).to(tl.int32)
-        tie_rank = n_ties + tl.cumsum(tie, axis=0) - tie
-        chosen = (((key > threshold) & ok) | ((tie != 0) & (tie_rank < ties_wanted)))
-        chosen = chosen.to(tl.int32)
-        slot = n_taken + tl.cumsum(chosen, axis=0) - 1
-        token = tl.load(cand_ptr + idx, mask=chosen != 0, other=0)
-        tl.store(out_ptr + slot, token, mask=chosen != 0)
-        n_taken += tl.sum(chosen, axis=0)
-        n_ties += tl.sum(tie, axis=0)
+        above = (key > threshold) & ok
+        tie = (key == threshold) & ok
+        run = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), axis=0)
+        ties_so_far = n_ties + (run >> 16)  # this one included
+        chosen = above | (tie & (ties_so_far <= wanted))
+        slot = n_above + (run & 0xFFFF) + tl.minimum(ties_so_far, wanted) - 1
+        token = tl.load(cand_ptr + idx, mask=chosen, other=0)
+        tl.store(out_ptr + slot, token, mask=chosen)
+        n_above += tl.sum(above.to(tl.int32), axis=0)
+        n_ties += tl.sum(tie.to(tl.int32), axis=0)
     for start in range(0, width, BLOCK_S):  # slots past this group's count: -1
         idx = start + tl.arange(0, BLOCK_S)
         tl.store(out_ptr + idx, tl.full([BLOCK_S], -1, tl.int32),
@@ -658,9 +605,7 @@ def rerank_select(scores: Tensor, candidates: Tensor, n_keep: int,
         scores.contiguous(), candidates.to(torch.int32).contiguous(), keys, out,
         None if counts is None else counts.to(torch.int32).contiguous(), n_cand, group,
         n_keep, HAS_COUNTS=counts is not None,
-        BLOCK_R=min(1024, triton.next_power_of_2(n_cand)),
-        BLOCK_S=min(4096, triton.next_power_of_2(n_cand)), WAYS=16,
-        BLOCK_G=triton.next_power_of_2(group),
+        BLOCK_S=min(4096, triton.next_power_of_2(n_cand)), BLOCK_G=triton.next_power_of_2(group),
         BLOCK_T=min(max(16, 2048 // triton.next_power_of_2(group)),
                     triton.next_power_of_2(n_cand)), num_warps=8)
     return out

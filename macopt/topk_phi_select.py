@@ -268,16 +268,16 @@ def sketch_selection(q: Tensor, k: Tensor, codes: Tensor, scales: Tensor, scale:
     score being its best head's; the best ``rerank * top_k`` tokens (fp16 scores, ties to the
     lowest indices) are then scored exactly from the cache and the best ``top_k`` kept, as
     :func:`channel_selection` keeps them. A budget covering the middle keeps every middle key.
-    ``triton_path``: the Triton kernels of :mod:`macopt.kernels.sketch_select` (five launches;
-    the tokens come in candidate order, not sorted), else torch (the reference: same set up to
-    fp32 summation order, ascending). ``counts``: see :func:`select`.
+    ``triton_path``: the Triton kernels of :mod:`macopt.kernels.sketch_select` (seven
+    launches; the tokens come in candidate order, not sorted), else torch (the reference: same
+    set up to fp32 summation order, ascending). ``counts``: see :func:`select`.
     """
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     n_keys = min(n_keys, 2 * codes.shape[-1])  # a growing cache: the sketch covers the prompt
     head_dim = q.shape[-1]
     n_channels = min(channels or max(1, head_dim // 4), head_dim)
     n_candidates = min(rerank * top_k, n_keys)
-    if triton_path:  # five launches; the tokens come in candidate order (not sorted)
+    if triton_path:  # seven launches; the tokens come in candidate order (not sorted)
         from macopt.kernels import sketch_select as kernels
 
         dims, q_scaled = kernels.sketch_query(q, scales, scale, n_channels)

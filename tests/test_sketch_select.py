@@ -368,6 +368,28 @@ def test_rerank_kernel_keeps_the_best_by_group_log_probability(with_counts):
                 assert top <= set(g)
 
 
+@pytest.mark.parametrize("n_cand,n_keep", [(40, 7), (5000, 1234), (9000, 9000)])
+def test_rerank_kernel_breaks_ties_to_the_lower_slot_in_candidate_order(n_cand, n_keep):
+    # Scores on a coarse grid (many equal log-probabilities, some equal in every byte of the
+    # key but the last), a group of one head: the kernel's exact order, ties included.
+    gen = torch.Generator().manual_seed(n_cand)
+    scores = (torch.randint(-6, 7, (2, 2, 1, n_cand), generator=gen) * 0.5).float()
+    scores[0, 0, 0, ::3] = float("-inf")
+    scores[1, 1, 0, 5:9] = torch.tensor([1.0, 1.0000001, 0.9999999, 1.0])
+    cand = torch.randint(0, 10**6, (2, 2, n_cand), generator=gen, dtype=torch.int32)
+    counts = torch.tensor([[n_keep, n_keep // 2], [0, n_keep - 1]], dtype=torch.int32)
+    got = sketch_select.rerank_select(scores, cand, n_keep, counts)
+    rank = (scores - torch.logsumexp(scores, dim=-1, keepdim=True)).amax(dim=2)
+    for b in range(2):
+        for h in range(2):
+            n = int(counts[b, h])
+            # best first, ties to the lower slot (a stable sort), then back in slot order
+            order = torch.sort(-rank[b, h], stable=True).indices[:n].sort().values
+            want = cand[b, h][order].tolist()
+            assert got[b, h, :n].tolist() == want
+            assert got[b, h, n:].tolist() == [-1] * (n_keep - n)
+
+
 def test_a_cache_grown_past_the_prompt_selects_from_the_prompts_sketch():
     # A dynamic cache grows at decode; the sketch covers the prompt it was built from.
     q, k, lo, hi = _selection_case(9, n_keys=101)

@@ -1,9 +1,9 @@
 """The sketch selector's candidate passes before and after a change, on a GPU, in one process:
-`select_candidates` of another copy of :mod:`macopt.kernels.sketch_select` (``--old FILE``,
-e.g. a checkout's file carried to the machine) against this one's, on the scores of the
-safe-defaults bar point (128K keys, batch 16, Llama-3.1-8B heads, 2%): equality with the torch
-reference, time, each launch's time, then the whole Top-K-alone step with each (exact decode
-beside it, same process).
+`select_candidates` and `rerank_select` of another copy of :mod:`macopt.kernels.sketch_select`
+(``--old FILE``, e.g. a checkout's file carried to the machine) against this one's, on the
+inputs of the safe-defaults bar point (128K keys, batch 16, Llama-3.1-8B heads, 2%): equality
+(with the torch reference; between old and new for the rerank), time, each launch's time, then
+the whole Top-K-alone step with each (exact decode beside it, same process).
 
     python3 -m examples.research.candidate_passes_ab --old PATH_TO_OLD_sketch_select.py
 """
@@ -73,7 +73,7 @@ def main() -> int:
 
     variants = [("old", old, {})] + [
         (f"new warps {w} block {s}", kernels, dict(CANDIDATE_WARPS=w, _BLOCK_S=s))
-        for w in (4, 8) for s in (2048, 4096)]
+        for w in (4, 8) for s in (4096,)]
     for label, module, settings in variants:
         with patched(module, **settings):
             fn = lambda m=module: m.select_candidates(scores, maxima, n_keep)  # noqa: E731
@@ -82,6 +82,23 @@ def main() -> int:
         report["passes"].append(row)
         print(f"{label:24s} equal {row['equal_to_reference']} {row['us']:7.1f} us  "
               f"{row['kernels_us']}", flush=True)
+
+    candidates = kernels.select_candidates(scores, maxima, n_keep)
+    k_cand = torch.gather(x.k, 2, candidates.long()[..., None].expand(-1, -1, -1, shape.head_dim))
+    group = shape.q_heads // shape.kv_heads
+    exact = torch.einsum("bhgd,bhrd->bhgr", x.q.view(16, shape.kv_heads, group, -1).float(),
+                         k_cand.float()) * shape.head_dim**-0.5
+    del k_cand
+    top_k = n_keep // 2
+    chosen = {}
+    for label, module in (("old", old), ("new", kernels)):
+        fn = lambda m=module: m.rerank_select(exact, candidates, top_k)  # noqa: E731
+        chosen[label] = fn().sort(dim=-1).values
+        row = dict(variant=f"rerank {label}", us=bench_us(fn), kernels_us=kernel_us(fn))
+        report["passes"].append(row)
+        print(f"rerank {label:17s} {row['us']:7.1f} us  {row['kernels_us']}", flush=True)
+    report["rerank_equal"] = torch.equal(chosen["old"], chosen["new"])
+    print("rerank old and new choose the same keys:", report["rerank_equal"], flush=True)
 
     for batch in (16, 1):
         shape = LayerShape(batch, CONTEXT, **LAYER)
@@ -93,8 +110,9 @@ def main() -> int:
             x.q, x.k, x.v, x.starts, x.ends, None, x.scale)
         exact_us = 1000 * timing.graph_median_ms(exact, 25, 100)
         print(f"b{batch} exact decode {exact_us:7.1f} us", flush=True)
-        for label, select in (("old", old.select_candidates), ("new", kernels.select_candidates)):
-            with patched(kernels, select_candidates=select):
+        for label, module in (("old", old), ("new", kernels)):
+            with patched(kernels, select_candidates=module.select_candidates,
+                         rerank_select=module.rerank_select):
                 fn = step_fn(x, shape, False, None)
                 us = 1000 * timing.graph_median_ms(fn, 25, 100)
                 per_kernel = kernel_us(fn)
