@@ -54,6 +54,7 @@ _BLOCK_S = 4096  # tokens a candidate-pass program loads at once (151 us against
 CANDIDATE_WARPS = 4
 CANDIDATE_ROWS = 32  # candidates per program of the exact scoring (32-128 within 8%: BENCHMARKS 19)
 CANDIDATE_SCORE_WARPS = 4
+RERANK_WARPS = 8
 N_BINS = 256
 BIN_WIDTH = 0.125  # nats of approximate score per bin: 256 bins span 32 nats below the best
 
@@ -607,7 +608,7 @@ def rerank_select(scores: Tensor, candidates: Tensor, n_keep: int,
         n_keep, HAS_COUNTS=counts is not None,
         BLOCK_S=min(4096, triton.next_power_of_2(n_cand)), BLOCK_G=triton.next_power_of_2(group),
         BLOCK_T=min(max(16, 2048 // triton.next_power_of_2(group)),
-                    triton.next_power_of_2(n_cand)), num_warps=8)
+                    triton.next_power_of_2(n_cand)), num_warps=RERANK_WARPS)
     return out
 
 
