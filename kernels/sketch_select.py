@@ -55,6 +55,7 @@ CANDIDATE_WARPS = 4
 CANDIDATE_ROWS = 32  # candidates per program of the exact scoring (32-128 within 8%: BENCHMARKS 19)
 CANDIDATE_SCORE_WARPS = 4
 RERANK_WARPS = 8
+RANK_TILE = 2048  # candidate scores (heads x candidates) the rerank's ranking loads at once
 N_BINS = 256
 BIN_WIDTH = 0.125  # nats of approximate score per bin: 256 bins span 32 nats below the best
 
@@ -607,7 +608,7 @@ def rerank_select(scores: Tensor, candidates: Tensor, n_keep: int,
         None if counts is None else counts.to(torch.int32).contiguous(), n_cand, group,
         n_keep, HAS_COUNTS=counts is not None,
         BLOCK_S=min(4096, triton.next_power_of_2(n_cand)), BLOCK_G=triton.next_power_of_2(group),
-        BLOCK_T=min(max(16, 2048 // triton.next_power_of_2(group)),
+        BLOCK_T=min(max(16, RANK_TILE // triton.next_power_of_2(group)),
                     triton.next_power_of_2(n_cand)), num_warps=RERANK_WARPS)
     return out
 

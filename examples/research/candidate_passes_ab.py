@@ -91,17 +91,17 @@ def main() -> int:
     del k_cand
     top_k = n_keep // 2
     old_choice = None
-    for label, module, warps in (("old", old, 8), ("new", kernels, 4), ("new", kernels, 8),
-                                 ("new", kernels, 16)):
+    for label, module, warps, tile in [("old", old, 8, 2048)] + [
+            ("new", kernels, w, t) for w in (4, 8, 16) for t in (2048, 4096)]:
         fn = lambda m=module: m.rerank_select(exact, candidates, top_k)  # noqa: E731
-        with patched(kernels, RERANK_WARPS=warps):
+        with patched(kernels, RERANK_WARPS=warps, RANK_TILE=tile):
             choice = fn().sort(dim=-1).values
             old_choice = choice if old_choice is None else old_choice
-            row = dict(variant=f"rerank {label} {warps} warps", us=bench_us(fn),
+            row = dict(variant=f"rerank {label} {warps} warps {tile}", us=bench_us(fn),
                        same_keys_as_old=torch.equal(choice, old_choice),
                        kernels_us=kernel_us(fn))
         report["passes"].append(row)
-        print(f"{row['variant']:24s} same as old {row['same_keys_as_old']} {row['us']:7.1f} us  "
+        print(f"{row['variant']:29s} same as old {row['same_keys_as_old']} {row['us']:7.1f} us  "
               f"{row['kernels_us']}", flush=True)
 
     for batch in (16, 1):
