@@ -112,7 +112,7 @@ for stage in "$@"; do
     ncu-topk)  # Nsight Compute over one Top-K + phi step per selector, launch by launch
       timeout 300 ncu --profile-from-start off --clock-control none --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section MemoryWorkloadAnalysis python3 -m examples.research.ncu_topk sketch page \
+        --section MemoryWorkloadAnalysis python3 -m examples.research.ncu_topk ${NCU_SELECTORS:-sketch page} \
         > "$OUT/ncu_topk.txt" 2>&1
       grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occ|Theoretical Occ|Dynamic Shared|Block Limit" \
         "$OUT/ncu_topk.txt" | cut -c1-120 | head -120 ;;
