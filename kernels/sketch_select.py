@@ -51,7 +51,8 @@ MIN_BLOCK_C = 32  # channels per scoring product, padded (see sketch_scores)
 _CHUNK = 4096  # tokens per program of the candidate passes
 _BLOCK_S = 4096  # tokens a candidate-pass program loads at once (151 us against 163 at 1024
 # for the three passes, 128K batch 16 on an H100; chunks of 16384 and 8 warps slower: BENCHMARKS 16)
-CANDIDATE_WARPS = 4
+HISTOGRAM_WARPS = 4
+COMPACT_WARPS = 8  # 58 us against 67 at 4 (the packed scan, 128K batch 16, H100: BENCHMARKS 20)
 CANDIDATE_ROWS = 32  # candidates per program of the exact scoring (32-128 within 8%: BENCHMARKS 19)
 CANDIDATE_SCORE_WARPS = 4
 RERANK_WARPS = 8
@@ -351,13 +352,13 @@ def select_candidates(scores: Tensor, block_max: Tensor, n_keep: int) -> Tensor:
                   BLOCK_M=min(1024, triton.next_power_of_2(n_blocks)),
                   INV_WIDTH=1.0 / BIN_WIDTH, N_BINS=N_BINS)
     _bin_histogram_kernel[(rows, n_chunks)](scores, block_max, hist, n_keys, n_blocks,
-                                            n_chunks, **common, num_warps=CANDIDATE_WARPS)
+                                            n_chunks, **common, num_warps=HISTOGRAM_WARPS)
     _bin_threshold_kernel[(rows,)](hist, offsets, n_chunks, n_keep,
                                    BLOCK_CH=max(16, min(32, triton.next_power_of_2(n_chunks))),
                                    N_BINS=N_BINS, num_warps=4)
     _bin_compact_kernel[(rows, n_chunks)](scores, block_max, offsets, out, n_keys, n_blocks,
                                           n_chunks, n_keep, **common,
-                                          num_warps=CANDIDATE_WARPS)
+                                          num_warps=COMPACT_WARPS)
     return out
 
 

@@ -91,7 +91,7 @@ if __name__ == "__main__":
     keep = kernels.select_candidates(scores, block_max, n_keep).sort(dim=-1).values
     candidate_rows = []
     for chunk, block, warps in itertools.product((4096, 16384), (1024, 4096), (4, 8)):
-        settings = dict(_CHUNK=chunk, _BLOCK_S=block, CANDIDATE_WARPS=warps)
+        settings = dict(_CHUNK=chunk, _BLOCK_S=block, HISTOGRAM_WARPS=warps, COMPACT_WARPS=warps)
         saved = {name: getattr(kernels, name) for name in settings}
         for name, value in settings.items():
             setattr(kernels, name, value)
