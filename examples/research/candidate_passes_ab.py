@@ -25,14 +25,16 @@ from examples.research.topk_speed_sweep import (
     DEVICE,
     LAYER,
     bench_us,
+    exact_decode_us,
+    inputs_at,
     patched,
+    sketch_inputs,
     step_fn,
 )
 from macopt.bench import timing
 from macopt.bench.decode import LayerShape, make_inputs
 from macopt.config import TopKPhiConfig
 from macopt.kernels import sketch_select as kernels
-from macopt.topk_phi_select import _sketch_query, build_sketch, sketch_shapes
 
 
 def load_module(path: str, name: str):
@@ -44,16 +46,8 @@ def load_module(path: str, name: str):
 
 def sketch_scores_of(x, shape: LayerShape):
     """The fp16 group scores and block maxima a decode step hands the candidate passes."""
-    batch, n_kv, head_dim, n_keys = shape.batch, shape.kv_heads, shape.head_dim, shape.context
-    lo = torch.full((batch,), 4, dtype=torch.int32, device=DEVICE)
-    hi = torch.full((batch,), n_keys - 16, dtype=torch.int32, device=DEVICE)
-    codes_shape, scales_shape = sketch_shapes(batch, n_kv, n_keys, head_dim)
-    codes = torch.zeros(codes_shape, dtype=torch.uint8, device=DEVICE)
-    scales = torch.ones(scales_shape, dtype=torch.float32, device=DEVICE)
-    build_sketch(x.k, lo, hi, codes, scales)
-    _, dims, q_scaled = _sketch_query(x.q, scales, head_dim**-0.5, n_kv, head_dim // 4)
-    return kernels.sketch_scores(codes, dims.to(torch.int32).contiguous(),
-                                 q_scaled.float().contiguous(), lo, hi, n_keys, block_max=True)
+    args, _ = sketch_inputs(x, shape)
+    return kernels.sketch_scores(*args, block_max=True)
 
 
 def main() -> int:
@@ -112,14 +106,8 @@ def main() -> int:
 
     for batch in (16, 1):
         shape = LayerShape(batch, CONTEXT, **LAYER)
-        if batch != 16:
-            del x
-            torch.cuda.empty_cache()
-            x = make_inputs(shape, torch.device(DEVICE), gen)
-        exact = lambda x=x: torch.ops.macopt.decode_attention(  # noqa: E731
-            x.q, x.k, x.v, x.starts, x.ends, None, x.scale)
-        exact_us = 1000 * timing.graph_median_ms(exact, 25, 100)
-        print(f"b{batch} exact decode {exact_us:7.1f} us", flush=True)
+        x = inputs_at(shape, x, gen)
+        exact_us = exact_decode_us(x, batch)
         settings = {**best.get("compact", {}), **best.get("rerank", {})}
         report["best_settings"] = settings
         for label, module, extra in (("old", old, {}), ("new", kernels, {}),

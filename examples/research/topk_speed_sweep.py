@@ -70,9 +70,9 @@ def fixed_splits(count: int):
     return splits
 
 
-def launches(report: dict, x, shape: LayerShape) -> tuple[dict, dict]:
-    """Sections 1-3: each variant's time and error; returns the best scoring and candidate
-    settings."""
+def sketch_inputs(x, shape: LayerShape):
+    """The scoring launch's arguments for ``x`` (the middle: all but 4 sinks and a 16-token
+    tail) and the group-major queries: ``(codes, dims, q_scaled, lo, hi, n_keys), grouped``."""
     batch, n_kv, head_dim, n_keys = shape.batch, shape.kv_heads, shape.head_dim, shape.context
     lo = torch.full((batch,), 4, dtype=torch.int32, device=DEVICE)
     hi = torch.full((batch,), n_keys - 16, dtype=torch.int32, device=DEVICE)
@@ -82,7 +82,15 @@ def launches(report: dict, x, shape: LayerShape) -> tuple[dict, dict]:
     build_sketch(x.k, lo, hi, codes, scales)
     grouped, dims, q_scaled = _sketch_query(x.q, scales, head_dim**-0.5, n_kv, head_dim // 4)
     dims, q_scaled = dims.to(torch.int32).contiguous(), q_scaled.float().contiguous()
-    args = (codes, dims, q_scaled, lo, hi, n_keys)
+    return (codes, dims, q_scaled, lo, hi, n_keys), grouped
+
+
+def launches(report: dict, x, shape: LayerShape) -> tuple[dict, dict]:
+    """Sections 1-3: each variant's time and error; returns the best scoring and candidate
+    settings."""
+    head_dim, n_keys = shape.head_dim, shape.context
+    args, grouped = sketch_inputs(x, shape)
+    lo, hi = args[3], args[4]
     want = sketch_scores_reference(*args).float()
     finite = torch.isfinite(want)
 
@@ -133,10 +141,28 @@ def launches(report: dict, x, shape: LayerShape) -> tuple[dict, dict]:
               f"max error {r['max_error']:.3g}", flush=True)
     ok = [r for r in rows if r["max_error"] < 1e-2]
     best_cand = min(ok, key=lambda r: r["us"]) if ok else None
-    del codes, scales, k_cand
+    del k_cand
     return ({k: best_scoring[k] for k in ("SCORE_TOKENS", "SCORE_WARPS")} if best_scoring
             else {}), ({k: best_cand[k] for k in ("CANDIDATE_ROWS", "CANDIDATE_SCORE_WARPS")}
                        if best_cand else {})
+
+
+def inputs_at(shape: LayerShape, x, gen):
+    """The inputs at ``shape``: ``x`` itself at batch 16 (where it was made), else new ones."""
+    if shape.batch == 16:
+        return x
+    del x
+    torch.cuda.empty_cache()
+    return make_inputs(shape, torch.device(DEVICE), gen)
+
+
+def exact_decode_us(x, batch: int) -> float:
+    """Exact decode's time on ``x`` (CUDA-graph replays, median, us), printed."""
+    exact = lambda: torch.ops.macopt.decode_attention(  # noqa: E731
+        x.q, x.k, x.v, x.starts, x.ends, None, x.scale)
+    us = 1000 * timing.graph_median_ms(exact, 25, 100)
+    print(f"b{batch} exact decode {us:7.1f} us", flush=True)
+    return us
 
 
 def step_fn(x, shape: LayerShape, completion: bool, maps):
@@ -175,14 +201,8 @@ def main() -> int:
     steps = []
     for batch in (16, 1):
         shape = LayerShape(batch, CONTEXT, **LAYER)
-        if batch != 16:
-            del x
-            torch.cuda.empty_cache()
-            x = make_inputs(shape, torch.device(DEVICE), gen)
-        exact = lambda x=x: torch.ops.macopt.decode_attention(  # noqa: E731
-            x.q, x.k, x.v, x.starts, x.ends, None, x.scale)
-        exact_us = 1000 * timing.graph_median_ms(exact, 25, 100)
-        print(f"b{batch} exact decode {exact_us:7.1f} us", flush=True)
+        x = inputs_at(shape, x, gen)
+        exact_us = exact_decode_us(x, batch)
         for label, settings, split in (
                 ("code as committed", {}, None),
                 ("best settings", {**best_scoring, **best_cand},
