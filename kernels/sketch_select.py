@@ -52,10 +52,10 @@ _CHUNK = 4096  # tokens per program of the candidate passes
 _BLOCK_S = 4096  # tokens a candidate-pass program loads at once (151 us against 163 at 1024
 # for the three passes, 128K batch 16 on an H100; chunks of 16384 and 8 warps slower: BENCHMARKS 16)
 HISTOGRAM_WARPS = 4
-COMPACT_WARPS = 8  # 58 us against 67 at 4 (the packed scan, 128K batch 16, H100: BENCHMARKS 20)
+COMPACT_WARPS = 8  # 60 us against 68 at 4, 62 at 16 (128K batch 16, H100: BENCHMARKS 20)
 CANDIDATE_ROWS = 32  # candidates per program of the exact scoring (32-128 within 8%: BENCHMARKS 19)
 CANDIDATE_SCORE_WARPS = 4
-RERANK_WARPS = 8
+RERANK_WARPS = 8  # 37 us against 58 at 4, 39 at 16 (the same point, BENCHMARKS 20)
 RANK_TILE = 2048  # candidate scores (heads x candidates) the rerank's ranking loads at once
 N_BINS = 256
 BIN_WIDTH = 0.125  # nats of approximate score per bin: 256 bins span 32 nats below the best
