@@ -33,3 +33,44 @@ def test_summary_gives_each_method_its_ratio_to_exact_and_unmodified():
     rows = summary(records)
     assert "| 1 | 8192 | mac:all | 1.000 | 2.00x | 4.00x | 1.00 |" in rows
     assert "| 1 | 8192 | exact | 2.000 | 1.00x | 2.00x | - |" in rows
+
+
+def test_prefill_chunk_reaches_generate_as_transformers_prefill_chunk_size(monkeypatch):
+    # The bench's generate call, minus the GPU: the option must reach transformers unchanged
+    # (and stay out of the call when 0, the one-shot prefill).
+    import argparse
+
+    from macopt.bench import generate as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["generate", "--prefill-chunk", "16384"])
+    assert args.prefill_chunk == 16384
+
+    seen = []
+
+    class Model:
+        def generate(self, ids, **kwargs):
+            seen.append(kwargs)
+            for processor in kwargs["logits_processor"]:
+                for _ in range(3):
+                    processor(ids, torch.zeros(1))
+            return ids
+
+    class Event:
+        def __init__(self, **_):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    bench.timed_generate(Model(), ids, 3, prefill_chunk=16384)
+    bench.timed_generate(Model(), ids, 3)
+    assert seen[0]["prefill_chunk_size"] == 16384
+    assert "prefill_chunk_size" not in seen[1]

@@ -122,11 +122,12 @@ for stage in "$@"; do
       timeout 150 python3 -m examples.research.profile_steps topk-attn 2>&1 | grep -v -i warn \
         | cut -c1-150 | tail -16 | tee -a "$OUT/profile.log" ;;
     gen32-b1|gen32-b2)  # CONTEXTS=131072 for one context (a b2 run of both may pass 600 s);
+      # PREFILL_CHUNK=16384: every method's prompt prefilled in chunks (128K b2 on 80 GB);
       # METHODS=unmodified,exact,mac:all for the 128K bar rows alone (hit rate 0's bar is at 8K)
       C=${CONTEXTS:-8192,131072}  # (no comma in file names: the device tool drops them)
       cli bench generate --layers 32 --contexts "$C" \
         --batches "${stage#gen32-b}" --methods "${METHODS:-unmodified,exact,mac:all,mac:1}" \
-        --new-tokens 32 \
+        --new-tokens 32 ${PREFILL_CHUNK:+--prefill-chunk $PREFILL_CHUNK} \
         --json "$OUT/$stage-${C//,/_}.json" | grep --line-buffered -v '^ *File\|^    ' \
         | tee "$OUT/$stage-${C//,/_}.log" | tail -20 ;;  # the log grows as rows finish
     sanity)  # before a long call: MAC's kernels with mask holes on this GPU, the quick start

@@ -23,7 +23,10 @@ Tokens against the unmodified model's: equal or not, and where they first differ
 unmodified model's logit margin there beside the largest logit difference of the two runs (from
 the untimed calls, which keep their logits): a near-tie flipped by bf16 rounding has a margin
 within that difference (:func:`first_divergence`). The unmodified model's own row says whether
-its timed call repeats its untimed one.
+its timed call repeats its untimed one. ``--prefill-chunk N``: every method's prompt prefilled
+in chunks of N tokens (transformers' ``prefill_chunk_size``), for prompts whose one-shot
+prefill does not fit the card (the unmodified model's at 128K, batch 2, on 80 GB); macopt's
+state after a chunked prefill is the one-shot prefill's (``tests/test_chunked_prefill.py``).
 
     macopt bench generate --contexts 8192,131072 --batches 1,2 --json generate.json
 """
@@ -65,10 +68,12 @@ class StepClock:
 
 
 def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
-                   keep_logits: bool = False) -> dict:
+                   keep_logits: bool = False, prefill_chunk: int = 0) -> dict:
     """One ``generate`` call as a user makes it; per-step intervals from :class:`StepClock`.
     ``keep_logits``: also return each step's logits ``[steps, B, V]`` on the CPU (the untimed
-    call only: the timed one runs exactly what a user runs)."""
+    call only: the timed one runs exactly what a user runs). ``prefill_chunk``: transformers'
+    ``prefill_chunk_size`` (0: the prompt in one forward)."""
+    chunking = {"prefill_chunk_size": prefill_chunk} if prefill_chunk else {}
     from transformers import LogitsProcessorList
 
     clock = StepClock()
@@ -79,7 +84,8 @@ def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          cache_implementation="static",
                          logits_processor=LogitsProcessorList([clock]),
-                         output_logits=keep_logits, return_dict_in_generate=keep_logits)
+                         output_logits=keep_logits, return_dict_in_generate=keep_logits,
+                         **chunking)
     torch.cuda.synchronize()
     steps = [a.elapsed_time(b) for a, b in zip(clock.events, clock.events[1:], strict=False)]
     sequences = out.sequences if keep_logits else out
@@ -163,12 +169,13 @@ def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
                         generator=torch.Generator("cuda").manual_seed(context))
     torch.cuda.reset_peak_memory_stats()  # the peak of this point's calls alone
     first = time.perf_counter()
-    untimed = timed_generate(model, ids, args.new_tokens, keep_logits=True)
+    untimed = timed_generate(model, ids, args.new_tokens, keep_logits=True,
+                             prefill_chunk=args.prefill_chunk)
     first_s = time.perf_counter() - first
     before, recorded = _compile_counts(), len(recordings)
     stateful = method.config is not None
     hits_before = mac_hits(model) if stateful else (0, 0)
-    result = timed_generate(model, ids, args.new_tokens)
+    result = timed_generate(model, ids, args.new_tokens, prefill_chunk=args.prefill_chunk)
     after = _compile_counts()
     tokens = result.pop("tokens")
     if not stateful:
@@ -178,7 +185,8 @@ def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
     base = unmodified_runs.get((batch, context))
     divergence = None if base is None or not stateful else first_divergence(
         base[0], base[1], untimed["tokens"], untimed["logits"])
-    kernels = decode_kernels(model, ids, args.new_tokens) if args.profile_kernels else None
+    kernels = decode_kernels(model, ids, args.new_tokens, args.prefill_chunk) \
+        if args.profile_kernels else None
     return {
         "method": method.label, "batch": batch, "context": context, **result,
         "first_call_s": round(first_s, 2),
@@ -198,14 +206,14 @@ def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
 
 
 def decode_kernels(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
-                   top: int = 30) -> dict[str, list[float]]:
+                   prefill_chunk: int = 0, top: int = 30) -> dict[str, list[float]]:
     """``{kernel: [launches, us]}`` per decode step of one more ``generate`` call (CUDA
     profiler; the prefill's kernels are spread over the steps too, so profile short prompts),
     the ``top`` largest by time: where a step's time goes, kernel by kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        timed_generate(model, ids, new_tokens)
+        timed_generate(model, ids, new_tokens, prefill_chunk=prefill_chunk)
     steps = max(new_tokens - 1, 1)
     total: dict[str, list[float]] = {}
     for event in prof.events():
@@ -289,6 +297,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="Llama-3.1-8B-shaped layers (default 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prefill the prompt in chunks of this many tokens (transformers' "
+                             "prefill_chunk_size; 0: one forward), for prompts whose one-shot "
+                             "prefill does not fit the card, e.g. 128K at batch 2 on 80 GB; "
+                             "the decode steps timed are the same")
     parser.add_argument("--profile-kernels", action="store_true",
                         help="also record each decode step's kernels (one more profiled call)")
     parser.set_defaults(func=_main)
