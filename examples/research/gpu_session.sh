@@ -37,9 +37,10 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-07, fourteenth session (BENCHMARKS.md 20): `gen32-b2` at 128K on an H200
-# (`METHODS=unmodified,exact,mac:all CONTEXTS=131072`, run() with needs_h200: the unmodified
-# model's own prefill at batch 2, 128K does not fit 80 GB; no H200 started in five sessions);
+# Owed as of 2026-12-07, fourteenth session (BENCHMARKS.md 20): `gen32-b2` at 128K
+# (`PREFILL_CHUNK=16384 METHODS=unmodified,exact,mac:all CONTEXTS=131072`: with the prompt
+# prefilled in chunks it may fit an H100 - untried on a GPU; without, the unmodified model's
+# one-shot prefill at batch 2, 128K does not fit 80 GB, and no H200 started in five sessions);
 # `topk-attn`; `mac-launches`; `topk8k` with a phi file that records the completion switch.
 # A call that carries a GGUF part must leave
 # examples/tiny-lm/model.safetensors out of the tree (64 MiB a call), and no `git commit -a`
