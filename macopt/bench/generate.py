@@ -26,7 +26,8 @@ within that difference (:func:`first_divergence`). The unmodified model's own ro
 its timed call repeats its untimed one. ``--prefill-chunk N``: every method's prompt prefilled
 in chunks of N tokens (transformers' ``prefill_chunk_size``), for prompts whose one-shot
 prefill does not fit the card (the unmodified model's at 128K, batch 2, on 80 GB); macopt's
-state after a chunked prefill is the one-shot prefill's (``tests/test_chunked_prefill.py``).
+state after a chunked prefill is the one-shot prefill's, MAC's when the last chunk covers its
+ring (``tests/test_chunked_prefill.py``; 128K in chunks of 16384 does).
 
     macopt bench generate --contexts 8192,131072 --batches 1,2 --json generate.json
 """
@@ -73,9 +74,9 @@ def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
     ``keep_logits``: also return each step's logits ``[steps, B, V]`` on the CPU (the untimed
     call only: the timed one runs exactly what a user runs). ``prefill_chunk``: transformers'
     ``prefill_chunk_size`` (0: the prompt in one forward)."""
-    chunking = {"prefill_chunk_size": prefill_chunk} if prefill_chunk else {}
     from transformers import LogitsProcessorList
 
+    chunking = {"prefill_chunk_size": prefill_chunk} if prefill_chunk else {}
     clock = StepClock()
     start = torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
