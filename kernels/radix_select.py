@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from macopt.kernels.sketch_select import summed_histogram
+from macopt.kernels.sketch_select import pick_digit, summed_histogram, unsigned_key
 
 Tensor = torch.Tensor
 
@@ -35,12 +35,6 @@ _new_empty = torch.empty
 CHUNK = 4096  # keys per program of the counting and compaction launches (32 a row at 128K)
 _BLOCK = 1024  # keys a program handles at once
 _BINS = 256  # one byte of the key per pass
-
-
-@triton.jit
-def _unsigned(key):
-    """The int32 key as an int64 in [0, 2^32), same order."""
-    return key.to(tl.int64) + 2147483648
 
 
 @triton.jit
@@ -63,7 +57,7 @@ def _digit_histogram_kernel(
     for start in range(0, CHUNK, BLOCK):
         idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
         ok = idx < n_keys
-        u = _unsigned(tl.load(keys_ptr + row * n_keys + idx, mask=ok, other=0))
+        u = unsigned_key(tl.load(keys_ptr + row * n_keys + idx, mask=ok, other=0))
         hi = u >> (SHIFT + 8)
         match = ok & (hi == prefix_hi)
         digit = tl.where(match, (u >> SHIFT) & (BINS - 1), 0).to(tl.int32)
@@ -100,11 +94,8 @@ def _pick_digit_kernel(
     bins = tl.arange(0, BINS)
     chunks = tl.arange(0, BLOCK_CH)
     total = summed_histogram(hist_ptr, row, n_chunks, BLOCK_CH, BINS)
-    # at_least[d]: matching keys whose byte is d or more; the wanted-th largest is in the
-    # highest byte d with at_least[d] >= wanted (the byte 255 when nothing is wanted)
-    at_least = tl.sum(total, axis=0) - tl.cumsum(total, axis=0) + total
-    digit = tl.maximum(tl.sum((at_least >= wanted).to(tl.int32), axis=0) - 1, 0)
-    n_greater = tl.sum(tl.where(bins > digit, total, 0), axis=0).to(tl.int64)
+    digit, n_greater = pick_digit(total, wanted, BINS)  # the wanted-th largest key's byte
+    n_greater = n_greater.to(tl.int64)
     prefix += digit.to(tl.int64) << SHIFT
     wanted -= n_greater
     n_above += n_greater
@@ -155,7 +146,7 @@ def _compact_kernel(
     for start in range(0, CHUNK, BLOCK):
         idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
         ok = idx < n_keys
-        u = _unsigned(tl.load(keys_ptr + row * n_keys + idx, mask=ok, other=0))
+        u = unsigned_key(tl.load(keys_ptr + row * n_keys + idx, mask=ok, other=0))
         tie = (ok & (u == threshold)).to(tl.int32)
         tie_rank = ties_base + tl.cumsum(tie, axis=0) - tie
         chosen = ((ok & (u > threshold)) | ((tie != 0) & (tie_rank < wanted))).to(tl.int32)

@@ -525,6 +525,23 @@ def _rank_candidates(scores_ptr, keys_ptr, pid, n_cand, group, BLOCK_G: tl.const
 
 
 @triton.jit
+def unsigned_key(key):
+    """An int32 key (:func:`_order32`) as an int64 in [0, 2^32), same order: its bytes, high
+    first, order it as an unsigned number (what a radix select picks byte by byte)."""
+    return key.to(tl.int64) + 2147483648
+
+
+@triton.jit
+def pick_digit(counts, wanted, BINS: tl.constexpr):
+    """Radix select's step: ``counts[BINS]`` of one byte among the keys matching the prefix so
+    far; the highest byte value with at least ``wanted`` of them at or above it (the last when
+    nothing is wanted), and how many lie strictly above it."""
+    at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+    digit = tl.maximum(tl.sum((at_least >= wanted).to(tl.int32), axis=0) - 1, 0)
+    return digit, tl.sum(tl.where(tl.arange(0, BINS) > digit, counts, 0), axis=0)
+
+
+@triton.jit
 def _rerank_select_kernel(
     scores_ptr, cand_ptr, keys_ptr, out_ptr, counts_ptr, n_cand, group, n_keep,
     HAS_COUNTS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -544,20 +561,18 @@ def _rerank_select_kernel(
     # keys whose higher bytes equal the threshold's so far, one histogram of this byte, then
     # the highest value with at least `wanted` keys at or above it. (Bisection by 16
     # thresholds a pass, 8 passes each reduced across the program through shared memory,
-    # took ~55 us at any batch: BENCHMARKS.md 20.) Keys as unsigned: key + 2^31, same order.
-    bins = tl.arange(0, 256)
+    # took ~55 us at any batch: BENCHMARKS.md 20.)
     prefix = tl.zeros([], tl.int64)
     wanted = n_keep
     for shift in tl.static_range(24, -1, -8):
         hist = tl.zeros([256], tl.int32)
         for start in range(0, n_cand, BLOCK_S):
             idx = start + tl.arange(0, BLOCK_S)
-            u = tl.load(keys_ptr + idx, mask=idx < n_cand, other=0).to(tl.int64) + 2147483648
+            u = unsigned_key(tl.load(keys_ptr + idx, mask=idx < n_cand, other=0))
             match = (idx < n_cand) & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
             hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
-        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-        digit = tl.maximum(tl.sum((at_least >= wanted).to(tl.int32), axis=0) - 1, 0)
-        wanted -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        digit, n_greater = pick_digit(hist, wanted, 256)
+        wanted -= n_greater
         prefix += digit.to(tl.int64) << shift
     threshold = (prefix - 2147483648).to(tl.int32)
 
