@@ -266,7 +266,16 @@ def test_decode_kernel_matches_the_reference_on_random_problems(
         selected = ref.exact_topk(p.q, p.k, p.scale, p.mid_start, p.mid_end, top_k)
     kernel, oracle = _both_decodes(p, selected, num_splits=num_splits, block_n=16,
                                    separate_share=separate_share)
-    _assert_states_close(kernel, oracle, tol=1e-4)
+    # The completion subtracts the retrieved keys' features from the summary: when (nearly)
+    # every mid key is retrieved, that difference is fp32 rounding, and the fp32 reference is
+    # as far from fp64 as the kernel. Each head gets 4x its fp32 reference's own error.
+    log_phi_q, log_phi_k = p.log_phi()
+    fp32 = ref.topk_phi_decode_state(p.q, p.k, p.v, p.scale, p.starts, p.ends, p.summary(),
+                                     selected, log_phi_q, log_phi_k)
+    conditioning = 4 * (fp32[0].double() - oracle[0]).abs().amax(dim=-1, keepdim=True)
+    error = (kernel[0].double() - oracle[0]).abs()
+    assert torch.all(error <= 1e-4 * (1 + oracle[0].abs()) + conditioning), error.max()
+    torch.testing.assert_close(kernel[1], oracle[1].float(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
