@@ -3,7 +3,8 @@
 ``counters[COUNTER_ROWS, Hq]`` int64 (rows named by :data:`COUNTERS`); a step adds, per query
 head, its hits, the keys it read, the keys full attention would have read (``t - s0 + 1`` per
 row), the rows it decoded and 1 step. One program per head sums over the batch rows, so no two
-programs write the same counter and no atomics are needed.
+programs write the same counter and no atomics are needed. The prefill ops count the rest
+(:func:`macopt.mac_ops.count_prefill_`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
-COUNTERS = ("hits", "keys_read", "keys_full", "queries", "steps", "prefills")
+# _count_kernel writes the first five rows by their index: new rows go at the end
+COUNTERS = ("hits", "keys_read", "keys_full", "queries", "steps", "prefills",
+            "short_continued_chunks")
 COUNTER_ROWS = len(COUNTERS)
 
 

@@ -221,14 +221,26 @@ def mac_prefill(
     the exact entries of the prompt chunk (queries at cache positions ``[ends[b] - N,
     ends[b])``, row ``b``'s sequence ``[key_starts[b], ends[b])``, keys from the whole cache
     ``k``): the reset that starts new sequences. A chunk continuing a sequence fills the slots
-    of its own positions; older ones stay empty (misses until decoding refills them)."""
+    of its own positions; older ones stay empty (misses until decoding refills them), which
+    ``macopt.stats`` counts when the chunk is shorter than the ring (:func:`count_prefill_`)."""
     check_prefill_inputs(attn_out, q_post, q_pre, k, key_starts, ends)
     ring, counters = mac_state.ring_for(site_id, q_pre, params.ring_size, params.batch_capacity)
     write_prefill_entries(ring, q_post, q_pre, k, v, scale, key_starts, ends, params.offset,
                           params.sinks)
-    counters[mac_counters.COUNTERS.index("prefills")] += 1
+    count_prefill_(counters, q_post.shape[2], ring.size, key_starts, ends)
     mac_guard.on_prefill(site_id, counters)
     return attn_out.clone()
+
+
+def count_prefill_(counters: Tensor, chunk_len: int, ring_size: int, key_starts: Tensor,
+                   ends: Tensor) -> None:
+    """Count a prefill in ``counters`` and, if its chunk is shorter than the ring and continues
+    a sequence (some row has keys before the chunk), a short continued chunk: the ring lost the
+    older positions. On the device, in place: no host sync, safe in a CUDA graph."""
+    counters[mac_counters.COUNTERS.index("prefills")] += 1
+    if chunk_len < ring_size:  # a chunk of ring_size or more fills every slot itself
+        continued = (ends.long() - chunk_len > key_starts.long()).any()
+        counters[mac_counters.COUNTERS.index("short_continued_chunks")] += continued
 
 
 def write_prefill_entries(ring: MACRing, q_post: Tensor, q_pre: Tensor, k: Tensor, v: Tensor,

@@ -1,7 +1,7 @@
 """MAC per-site state: one ring per attention site for ``batch_capacity`` rows, and counters.
 
 Memory per site: ``rows * Hq * M * (D * (q bytes + 4) + 12)`` bytes for the ring (pre-RoPE
-queries in the model dtype, fp32 states, lse, position, depth) plus ``6 * Hq`` int64 counters;
+queries in the model dtype, fp32 states, lse, position, depth) plus ``7 * Hq`` int64 counters;
 ``rows`` is ``MACConfig.batch_capacity`` (or the first batch). Nothing grows with the context.
 """
 

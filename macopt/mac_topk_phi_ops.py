@@ -44,7 +44,7 @@ from macopt.exact_ops import _use_triton
 from macopt.kernels import mac_counters, mac_reference
 from macopt.kernels.mac_counters import COUNTER_ROWS
 from macopt.kernels.mac_reference import MACRing
-from macopt.mac_ops import check_prefill_inputs, write_prefill_entries
+from macopt.mac_ops import check_prefill_inputs, count_prefill_, write_prefill_entries
 from macopt.site_params import SiteParams, site_op
 from macopt.topk_phi_ops import TopKPhiPrefillParams
 from macopt.topk_phi_state import TopKPhiState, decode_impl, topk_phi_prefill
@@ -294,7 +294,7 @@ def mac_topk_phi_prefill(
     topk_phi_prefill(k, v, key_starts, ends, topk.phi_k, topk.phi_k_mlp, p.sinks, p.tail,
                      p.page_size, topk.m, topk.u, topk.t, topk.mid_start, topk.mid_end,
                      topk.kmin, topk.kmax)
-    counters[mac_counters.COUNTERS.index("prefills")] += 1
+    count_prefill_(counters, q_post.shape[2], site.ring.size, key_starts, ends)
     mac_guard.on_prefill(site_id, counters)
     return attn_out.clone()
 

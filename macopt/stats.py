@@ -32,6 +32,9 @@ class LayerStats:
     count like MAC; a miss's keys read are its tail plus the keys its Top-K + phi prefix state
     attended (sinks, retrieved, the prompt's last keys before the tail). Top-K + phi sites
     count their ``decode_steps`` and ``prefills`` only: their hit and key counts are None.
+    ``short_continued_chunks`` (MAC sites): prefill chunks shorter than the ring that
+    continued a sequence (``prefill_chunk_size`` < ``ring_size``): each left the ring only its
+    own positions, so decoding missed until it refilled the ring.
     """
 
     layer: str
@@ -46,6 +49,7 @@ class LayerStats:
     tau: str | None = None  # MAC sites: the tau in use and its radius (MACConfig.tau_source)
     # Top-K + phi sites: whether the completion runs and why (TopKPhiConfig.completion_source)
     completion: str | None = None
+    short_continued_chunks: int | None = None
 
     @property
     def read_fraction(self) -> float | None:
@@ -67,9 +71,23 @@ class Stats(list[LayerStats]):
         steps = [(s.hit_rate, s.decode_steps) for s in self if s.decode_steps]
         return sum(r for r, _ in steps) / len(steps) if steps else 0.0
 
+    @property
+    def notes(self) -> list[str]:
+        """What the user should know beyond the table's numbers (printed under it)."""
+        # every chunk passes every MAC site: the most any site counted is the chunks
+        short = max((s.short_continued_chunks or 0 for s in self), default=0)
+        if not short:
+            return []
+        chunks = "chunk" if short == 1 else "chunks"
+        return [f"{short} prefill {chunks} shorter than MAC's ring continued a sequence: the "
+                "ring kept only the last chunk's positions, so decoding missed until it "
+                "refilled the ring; use prefill_chunk_size >= MACConfig.ring_size (512 by "
+                "default)."]
+
     def table(self, title: str = "macopt stats") -> Table:
         # Compact (no edge, one space of padding) so that it fits 80 columns whole.
-        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False,
+                      caption="\n".join(self.notes) or None, caption_justify="left")
         for column in ("layer", "method", "decode\nsteps", "prefills", "hit\nrate",
                        "read /\nfull", "state\nMB"):
             table.add_column(column, no_wrap=True, overflow="fold")
@@ -196,4 +214,5 @@ def _layer_stats(layer: str, site: state.SiteState, c: dict[str, list[int]]) -> 
         keys_read=sum(c["keys_read"]),
         keys_full=sum(c["keys_full"]),
         nbytes=site.nbytes(),
+        short_continued_chunks=c["short_continued_chunks"][0],
     )

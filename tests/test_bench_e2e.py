@@ -89,7 +89,7 @@ def test_kv_bytes_follow_what_each_method_reads(report):
 def test_state_bytes_are_the_method_state(report):
     records = decode_records(report)
     ring_row = HEADS * RING * (HEAD_DIM * (4 + 4) + 12)  # fp32 queries and states
-    counters = 6 * HEADS * 8
+    counters = 7 * HEADS * 8  # the int64 rows of mac_counters.COUNTERS
     for batch in BATCHES:
         mac = records[("mac:all", batch, 64)]
         assert mac["state_bytes"] == LAYERS * (batch * ring_row + counters)

@@ -57,8 +57,8 @@ def test_hits_happen_and_stats_show_them(compiled_hits):
 
 
 def test_ring_memory_is_what_the_config_documents(compiled_hits):
-    # rows * Hq * M * (D * (4 fp32 query + 4 fp32 state) + 12) plus 6 * Hq int64 counters
-    expected = 3 * 4 * 16 * (64 * 8 + 12) + 6 * 4 * 8
+    # rows * Hq * M * (D * (4 fp32 query + 4 fp32 state) + 12) plus 7 * Hq int64 counters
+    expected = 3 * 4 * 16 * (64 * 8 + 12) + 7 * 4 * 8
     assert [layer.nbytes for layer in compiled_hits[1]] == [expected, expected]
 
 

@@ -195,6 +195,26 @@ def test_counters_count_steps_hits_and_keys_without_a_sync():
     assert all(k < full_keys for k in counters["keys_read"])
 
 
+def test_a_prefill_chunk_shorter_than_the_ring_counts_when_it_continues_a_sequence():
+    p, site = _problem(), next(_SITE_IDS)
+    short = mac_counters.COUNTERS.index("short_continued_chunks")
+
+    def chunk(first: tuple[int, int], n: int) -> list[int]:
+        """Prefill row b's positions [first[b], first[b] + n); the count after it."""
+        ends = torch.tensor(first, dtype=torch.int32) + n
+        rows = torch.arange(B)[:, None]
+        positions = torch.tensor(first)[:, None] + torch.arange(n)
+        q, q_pre = (p[x][rows, :, positions].transpose(1, 2) for x in ("q", "q_pre"))
+        ops.mac_prefill(torch.zeros_like(q), q, q_pre, p["k"], p["v"], p["starts"], ends,
+                        SCALE, site, M, S, 0, 0)
+        return state.get(site).counters[short].tolist()
+
+    assert chunk((0, 0), 12) == [0] * HQ  # the ring's size or more: it fills every slot
+    assert chunk((0, 3), 4) == [0] * HQ  # each row's first keys (row 1's after its padding)
+    assert chunk((4, 3), 4) == [1] * HQ  # row 0 has keys before it: they lost their slots
+    assert chunk((4, 7), M) == [1] * HQ  # ring-sized chunk after keys: not counted
+
+
 def test_triton_counter_update_equals_the_reference():
     gen = torch.Generator().manual_seed(3)
     hit = torch.rand(5, 3, generator=gen) > 0.5
