@@ -37,11 +37,12 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-07, fourteenth session (BENCHMARKS.md 20): `gen32-b2` at 128K
-# (`PREFILL_CHUNK=16384 METHODS=unmodified,exact,mac:all CONTEXTS=131072`: with the prompt
-# prefilled in chunks it may fit an H100 - untried on a GPU; without, the unmodified model's
-# one-shot prefill at batch 2, 128K does not fit 80 GB, and no H200 started in five sessions);
-# `topk-attn`; `mac-launches`; `topk8k` with a phi file that records the completion switch.
+# Owed as of 2026-12-07, fifteenth session (BENCHMARKS.md 21): `gen32-b2` at 128K, one method
+# a call, back to back on the same warm machine (each ~310 s: two 128K prefills of ~110 s in
+# chunks, a cold compile): `PREFILL_CHUNK=4096 CONTEXTS=131072 METHODS=unmodified`, then
+# `METHODS=exact`, then `METHODS=mac:all` (chunks of 4096 fit the unmodified model, peak 62.3
+# GiB; 16384 ran out of memory); `topk-attn`; `mac-launches`; `topk8k` with a phi file that
+# records the completion switch.
 # A call that carries a GGUF part must leave
 # examples/tiny-lm/model.safetensors out of the tree (64 MiB a call), and no `git commit -a`
 # may run while it is out.
@@ -123,14 +124,15 @@ for stage in "$@"; do
       timeout 150 python3 -m examples.research.profile_steps topk-attn 2>&1 | grep -v -i warn \
         | cut -c1-150 | tail -16 | tee -a "$OUT/profile.log" ;;
     gen32-b1|gen32-b2)  # CONTEXTS=131072 for one context (a b2 run of both may pass 600 s);
-      # PREFILL_CHUNK=16384: every method's prompt prefilled in chunks (128K b2 on 80 GB);
-      # METHODS=unmodified,exact,mac:all for the 128K bar rows alone (hit rate 0's bar is at 8K)
+      # PREFILL_CHUNK=4096: every method's prompt prefilled in chunks (128K b2 on 80 GB);
+      # METHODS=unmodified (then exact, then mac:all: one a call at 128K b2) for the bar rows
       C=${CONTEXTS:-8192,131072}  # (no comma in file names: the device tool drops them)
-      cli bench generate --layers 32 --contexts "$C" \
-        --batches "${stage#gen32-b}" --methods "${METHODS:-unmodified,exact,mac:all,mac:1}" \
+      M=${METHODS:-unmodified,exact,mac:all,mac:1}
+      cli bench generate --layers 32 --contexts "$C" --batches "${stage#gen32-b}" --methods "$M" \
         --new-tokens 32 ${PREFILL_CHUNK:+--prefill-chunk $PREFILL_CHUNK} \
-        --json "$OUT/$stage-${C//,/_}.json" | grep --line-buffered -v '^ *File\|^    ' \
-        | tee "$OUT/$stage-${C//,/_}.log" | tail -20 ;;  # the log grows as rows finish
+        --json "$OUT/$stage-${C//,/_}-${M//[,:]/_}.json" \
+        | tee "$OUT/$stage-${C//,/_}-${M//[,:]/_}.log" \
+        | grep --line-buffered -v '^ *File\|^    ' | tail -20 ;;  # the log keeps tracebacks
     sanity)  # before a long call: MAC's kernels with mask holes on this GPU, the quick start
       (cd /tmp && timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R/tests/test_mac_kernels.py" -k "holes or random_rings" 2>&1 | tail -3) \

@@ -25,9 +25,11 @@ the untimed calls, which keep their logits): a near-tie flipped by bf16 rounding
 within that difference (:func:`first_divergence`). The unmodified model's own row says whether
 its timed call repeats its untimed one. ``--prefill-chunk N``: every method's prompt prefilled
 in chunks of N tokens (transformers' ``prefill_chunk_size``), for prompts whose one-shot
-prefill does not fit the card (the unmodified model's at 128K, batch 2, on 80 GB); macopt's
-state after a chunked prefill is the one-shot prefill's, MAC's when the last chunk covers its
-ring (``tests/test_chunked_prefill.py``; 128K in chunks of 16384 does).
+prefill does not fit the card (the unmodified model's at 128K, batch 2, on 80 GB: chunks of
+4096 fit, 16384 did not, BENCHMARKS.md 21; the unmodified model's chunked prefill there took
+108 s against ~14 s for a one-shot one at 96K); macopt's state after a chunked prefill is the
+one-shot prefill's, MAC's when the last chunk covers its ring (``tests/test_chunked_prefill.py``;
+128K in chunks of 4096 does).
 
     macopt bench generate --contexts 8192,131072 --batches 1,2 --json generate.json
 """
