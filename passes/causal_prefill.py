@@ -6,15 +6,17 @@ attends through a materialised boolean mask over the whole cache: no causal kern
 KV heads, ~1.6x eager's prefill at 8K tokens on an H100 (BENCHMARKS.md 5b). This pass gives
 every prefill site with a boolean key mask ``[B or 1, 1, C, N]``
 ``macopt::causal_prefill_attention``, which checks the mask at run time
-(``macopt::mask_is_causal``, once per mask node) and makes the SDPA call eager transformers
-makes for that mask (:mod:`macopt.causal_prefill_ops`). Both branches compute SDPA with the
-mask the graph built, so the rewrite is exact; what the method's state builder reads (the
+(``macopt::causal_offset``, once per mask node): a causal mask (a prompt, or a chunk continuing
+one) attends only the keys it reaches through SDPA's causal path, any other the mask as eager
+transformers does (:mod:`macopt.causal_prefill_ops`). Every branch computes SDPA with the mask
+the graph built, so the rewrite is exact; what the method's state builder reads (the
 attention output, q, k, v, the mask) is the same tensor values as before.
 
 A prompt into an empty cache with no padding never gets here with a mask: the routed forward
 has transformers build none for it (:mod:`macopt.prompt_mask`; the mask itself was 16 GiB a row
 at a 128K prompt). This pass serves the prompts that check cannot decide and the masks it must
-keep (a chunk continuing a sequence, left padding).
+keep: a chunk continuing a sequence (in eager transformers it attends the whole static cache
+under the mask; here only the keys before it and its own), left padding.
 
 Every prefill site of the graph qualifies, tagged or not: it is a property of the route (run
 the traced forward as eager would), so the traced control without any tag (``macopt bench
@@ -38,7 +40,8 @@ from macopt.passes.graph_utils import fake, static_int
 from macopt.passes.masks import key_mask_source
 from macopt.passes.sites import AttentionSite, find_attention_sites
 
-REWRITTEN = "SDPA is_causal when the mask is causal (checked at run time), else the mask"
+REWRITTEN = ("SDPA's causal path over the keys a causal mask reaches (checked at run time), "
+             "else the mask")
 
 
 @dataclass(frozen=True)
@@ -132,16 +135,16 @@ def _same(a: object, b: object) -> bool:
 
 def _rewrite(graph: Graph, site: AttentionSite, mask: Node) -> None:
     with graph.inserting_before(site.node):
-        causal = _causal_check(graph, site, mask)
-        args = (site.q, site.k, site.v, mask, causal, site.scale, output_layout(site))
+        offset = _causal_offset(graph, site, mask)
+        args = (site.q, site.k, site.v, mask, offset, site.scale, output_layout(site))
         out = call(graph, causal_prefill_ops.CAUSAL_PREFILL_ATTENTION, args, site)
     site.output.replace_all_uses_with(out)
 
 
-def _causal_check(graph: Graph, site: AttentionSite, mask: Node) -> Node:
-    """The ``mask_is_causal`` node of ``mask``: one per mask, shared by the sites reading it,
+def _causal_offset(graph: Graph, site: AttentionSite, mask: Node) -> Node:
+    """The ``causal_offset`` node of ``mask``: one per mask, shared by the sites reading it,
     placed before the mask's first user so that it precedes them all."""
-    target = causal_prefill_ops.MASK_IS_CAUSAL
+    target = causal_prefill_ops.CAUSAL_OFFSET
     for user in mask.users:
         if user.target is target:
             return user

@@ -2,13 +2,14 @@
 causal, and the ops eager runs as one kernel kept whole.
 
 Traced, transformers builds a boolean mask over the whole static cache where eager passes
-``is_causal=True``; the route checks that mask at run time and makes eager's call
-(``macopt.causal_prefill_ops``, ``passes/causal_prefill.py``). Identities: the check accepts
-exactly SDPA's top-left causal pattern; the op equals SDPA with the mask for any mask; a routed
-prefill gives the unmodified model's logits for a prompt (causal branch), a chunk continuing
-it in a static cache and a left-padded batch (masked branch), on several families. The route
-also keeps SiLU, GELU and layer norm whole (``api.eager_route_decompositions``): decomposed,
-each would be several passes over memory.
+``is_causal=True``; the route checks that mask at run time and attends only the keys a causal
+mask reaches (``macopt.causal_prefill_ops``, ``passes/causal_prefill.py``). Identities: the
+check accepts exactly the causal patterns of a prompt and of a chunk continuing one (its
+offset); the op equals SDPA with the mask for any mask; a routed prefill gives the unmodified
+model's logits for a prompt (causal branch), a chunk continuing it in a static cache (causal
+branch, aligned bottom-right) and a left-padded batch (masked branch), on several families.
+The route also keeps SiLU, GELU and layer norm whole (``api.eager_route_decompositions``):
+decomposed, each would be several passes over memory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from model_zoo import VOCAB, ZOO
+from torch.nn.attention.bias import CausalBias
 
 import macopt
 from macopt import causal_prefill_ops
@@ -39,8 +41,8 @@ def causal_mask(batch: int, queries: int, keys: int, offset: int = 0) -> torch.T
     return (torch.arange(keys)[None, :] <= rows).expand(batch, 1, queries, keys).clone()
 
 
-def is_causal(mask: torch.Tensor) -> bool:
-    return bool(torch.ops.macopt.mask_is_causal(mask))
+def offset_of(mask: torch.Tensor) -> int:
+    return int(torch.ops.macopt.causal_offset(mask))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,34 +50,41 @@ def is_causal(mask: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("block_elements", [1 << 26, 40])  # one block; many blocks of 1-2 rows
-def test_check_accepts_the_top_left_causal_mask(monkeypatch, block_elements):
+def test_check_accepts_the_causal_masks_of_a_prompt_and_a_continuing_chunk(monkeypatch,
+                                                                            block_elements):
     monkeypatch.setattr(causal_prefill_ops, "_CHECK_ELEMENTS", block_elements)
-    assert is_causal(causal_mask(1, 7, 7)) and is_causal(causal_mask(2, 7, 30))
+    assert offset_of(causal_mask(1, 7, 7)) == 0 and offset_of(causal_mask(2, 7, 30)) == 0
+    assert offset_of(causal_mask(2, 7, 30, offset=5)) == 5
+    assert offset_of(causal_mask(1, 7, 30, offset=23)) == 23  # the chunk ends the cache
 
 
 @pytest.mark.parametrize("block_elements", [1 << 26, 40])
-@pytest.mark.parametrize("flip", [(0, 6, 6), (1, 3, 20), (0, 2, 1), (1, 0, 0)])
-def test_check_rejects_a_mask_one_entry_away(monkeypatch, block_elements, flip):
-    """Above the diagonal, in the cache's tail, below the diagonal, the first key; row 1."""
+@pytest.mark.parametrize("offset", [0, 5])
+@pytest.mark.parametrize("flip", [(0, 6, 6), (1, 3, 20), (0, 2, 1), (1, 0, 0), (0, 0, 0)])
+def test_check_rejects_a_mask_one_entry_away(monkeypatch, block_elements, offset, flip):
+    """Above the diagonal, in the cache's tail, below the diagonal, the first key (row 1,
+    then row 0's, whose first query gives the offset); diagonals shifted by ``offset``."""
     monkeypatch.setattr(causal_prefill_ops, "_CHECK_ELEMENTS", block_elements)
-    mask = causal_mask(2, 7, 30)
+    mask = causal_mask(2, 7, 30, offset)
     batch, query, key = flip
+    key = key + offset if key else 0
     mask[batch, 0, query, key] = ~mask[batch, 0, query, key]
-    assert not is_causal(mask)
+    assert offset_of(mask) == -1
 
 
-def test_check_rejects_padding_a_continued_chunk_and_more_queries_than_keys():
+def test_check_rejects_padding_a_chunk_past_the_cache_and_more_queries_than_keys():
     padded = causal_mask(2, 7, 30)
     padded[1, :, :, :2] = False  # row 1 left-padded by two tokens
-    assert not is_causal(padded)
-    assert not is_causal(causal_mask(1, 7, 30, offset=5))
-    assert not is_causal(torch.ones(1, 1, 8, 6, dtype=torch.bool).tril())
+    assert offset_of(padded) == -1
+    assert offset_of(causal_mask(1, 7, 10, offset=5)) == -1  # queries past the last key
+    assert offset_of(torch.ones(1, 1, 8, 6, dtype=torch.bool).tril()) == -1
+    assert offset_of(torch.zeros(1, 1, 1, 6, dtype=torch.bool)) == -1  # a query with no key
 
 
 def test_check_result_is_a_cpu_scalar_and_passes_opcheck():
-    flag = torch.ops.macopt.mask_is_causal(causal_mask(1, 5, 9))
-    assert flag.device.type == "cpu" and flag.dtype == torch.bool and flag.shape == ()
-    torch.library.opcheck(causal_prefill_ops.mask_is_causal, (causal_mask(1, 5, 9),))
+    offset = torch.ops.macopt.causal_offset(causal_mask(1, 5, 9, offset=2))
+    assert offset.device.type == "cpu" and offset.dtype == torch.int64 and offset.shape == ()
+    torch.library.opcheck(causal_prefill_ops.causal_offset, (causal_mask(1, 5, 9),))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,22 +113,22 @@ def _masks(batch: int = 2, queries: int = 7, keys: int = 30) -> dict[str, torch.
 def test_attention_is_sdpa_with_the_mask(group, name):
     q, k, v = _attention_inputs(group)
     mask = _masks()[name]
-    flag = torch.ops.macopt.mask_is_causal(mask)
-    assert bool(flag) == (name in ("causal", "shared by rows"))
+    offset = torch.ops.macopt.causal_offset(mask)
+    assert int(offset) == {"left-padded": -1, "continued chunk": 4}.get(name, 0)
     repeated = [t.repeat_interleave(group, dim=1) for t in (k, v)]
     want = F.scaled_dot_product_attention(q, *repeated, attn_mask=mask, scale=0.3)
     for layout, like in (([0, 2, 1, 3], want.transpose(1, 2).contiguous().transpose(1, 2)),
                          ([0, 1, 2, 3], want.contiguous())):
-        got = torch.ops.macopt.causal_prefill_attention(q, k, v, mask, flag, 0.3, layout)
+        got = torch.ops.macopt.causal_prefill_attention(q, k, v, mask, offset, 0.3, layout)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert got.stride() == like.stride()
 
 
-@pytest.mark.parametrize("name", ["causal", "left-padded"])
+@pytest.mark.parametrize("name", ["causal", "left-padded", "continued chunk"])
 def test_attention_passes_opcheck(name):
     q, k, v = _attention_inputs(2)
     mask = _masks()[name]
-    args = (q, k, v, mask, torch.ops.macopt.mask_is_causal(mask), None, [0, 2, 1, 3])
+    args = (q, k, v, mask, torch.ops.macopt.causal_offset(mask), None, [0, 2, 1, 3])
     torch.library.opcheck(causal_prefill_ops.causal_prefill_attention, args)
 
 
@@ -128,14 +137,17 @@ def test_attention_passes_opcheck(name):
 
 
 @pytest.fixture
-def sdpa_calls(monkeypatch) -> list[bool]:
-    """``is_causal`` of every SDPA call ``causal_prefill_attention`` makes from now on. The
-    spy replaces the op module's reference to ``torch.nn.functional`` only: dynamo, tracing
-    transformers, must not see it (it would trace the spy and replay its list mutation)."""
-    calls: list[bool] = []
+def sdpa_calls(monkeypatch) -> list[str]:
+    """The kind of every SDPA call ``causal_prefill_attention`` makes from now on: "is_causal",
+    "lower_right" (a causal bias aligned bottom-right) or "mask". The spy replaces the op
+    module's reference to ``torch.nn.functional`` only: dynamo, tracing transformers, must not
+    see it (it would trace the spy and replay its list mutation)."""
+    calls: list[str] = []
 
     def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(bool(kwargs.get("is_causal", False)))
+        bias = kwargs.get("attn_mask")
+        calls.append("is_causal" if kwargs.get("is_causal") else
+                     "lower_right" if isinstance(bias, CausalBias) else "mask")
         return F.scaled_dot_product_attention(*args, **kwargs)
 
     monkeypatch.setattr(causal_prefill_ops, "F", SimpleNamespace(scaled_dot_product_attention=spy))
@@ -170,10 +182,13 @@ def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_routed_prompt_builds_no_mask_and_a_chunk_keeps_its_own(family, sdpa_calls, graphs_run):
+def test_routed_prompt_builds_no_mask_and_a_chunk_attends_its_causal_keys(family, sdpa_calls,
+                                                                          graphs_run):
     """A prompt into an empty static cache: transformers builds no ``[B, 1, C, N]`` mask and
     every layer takes SDPA's is_causal, as eager (``macopt.prompt_mask``); then a chunk
-    continuing it (keys already in the cache): its mask, checked at run time, as eager."""
+    continuing it (keys already in the cache): its mask, checked at run time, is causal from
+    the chunk's offset, so each layer attends the keys before the chunk and its own only (eager
+    attends the whole cache under the mask), with the same logits."""
     reference = _model(family)
     ids = _ids(1, FIRST + SECOND)
     chunks = [ids[:, :FIRST], ids[:, FIRST:]]
@@ -186,7 +201,7 @@ def test_routed_prompt_builds_no_mask_and_a_chunk_keeps_its_own(family, sdpa_cal
     torch.testing.assert_close(prompt[0], want[0], atol=1e-4, rtol=1e-4)
     sdpa_calls.clear()
     got = _chunks_through(model, chunks)
-    assert sdpa_calls == [False] * reference.config.num_hidden_layers
+    assert sdpa_calls == ["lower_right"] * reference.config.num_hidden_layers
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
@@ -214,7 +229,7 @@ def test_causal_mask_check_runs_where_the_prompt_check_cannot_decide(monkeypatch
     monkeypatch.setattr(prompt_mask, "fresh_causal_prompt", lambda args, kwargs: False)
     sdpa_calls.clear()
     got = _chunks_through(model, [ids])
-    assert sdpa_calls == [True] * reference.config.num_hidden_layers
+    assert sdpa_calls == ["is_causal"] * reference.config.num_hidden_layers
     assert _square_masks(graphs_run[-1], FIRST)
     torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
 
@@ -229,7 +244,7 @@ def test_routed_left_padded_batch_keeps_its_mask_and_the_unmodified_logits(sdpa_
     model = macopt.optimize(copy.deepcopy(reference), MAC)
     sdpa_calls.clear()
     got = _chunks_through(model, [ids], attention_mask)
-    assert sdpa_calls == [False] * reference.config.num_hidden_layers
+    assert sdpa_calls == ["mask"] * reference.config.num_hidden_layers
     # Pad queries attend no key (transformers leaves them NaN-free only by its own masking):
     # compare the real tokens' logits.
     torch.testing.assert_close(got[0][0], want[0][0], atol=1e-4, rtol=1e-4)
@@ -247,7 +262,7 @@ def test_explain_reports_the_prefill_attention_path():
     prefill = [r.prefill_attention for r in macopt.explain(model) if r.phase == "prefill"]
     assert prefill.count("kept as traced: SDPA is_causal already") == 2
     assert prefill.count(REWRITTEN) == 2
-    assert "attention: SDPA is_causal" in str(macopt.explain(model).table().columns[-1]._cells)
+    assert f"attention: {REWRITTEN}" in str(macopt.explain(model).table().columns[-1]._cells)
 
 
 def test_float_mask_input_is_kept_as_traced_with_the_reason(sdpa_calls):
