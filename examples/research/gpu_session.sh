@@ -18,6 +18,8 @@
 #   essentials one call when only one is possible: the new CUDA-graph test, the quick start per
 #              method, then 8 layers through generate() at batch 1 and 2 (MAC all-hit before
 #              hit-rate-0, so a cut run keeps the bar rows); run as `essentials topk`  (~7 min)
+#   prefill-check  the routed prefill's chunk attention on the GPU (flash, lower-right causal;
+#              tests/test_gpu_prefill.py)                                             (~1 min)
 #   selectors  the selectors' GPU tests (exact selector with its radix threshold, sketch), the
 #              README quick start for Top-K + phi                                     (~1 min)
 #   topk-sweep the Top-K-alone step's launches rewritten in session 12 against those before,
@@ -37,12 +39,13 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-07, fifteenth session (BENCHMARKS.md 21): `gen32-b2` at 128K, one method
-# a call, back to back on the same warm machine (each ~310 s: two 128K prefills of ~110 s in
-# chunks, a cold compile): `PREFILL_CHUNK=4096 CONTEXTS=131072 METHODS=unmodified`, then
-# `METHODS=exact`, then `METHODS=mac:all` (chunks of 4096 fit the unmodified model, peak 62.3
-# GiB; 16384 ran out of memory); `topk-attn`; `mac-launches`; `topk8k` with a phi file that
-# records the completion switch.
+# Owed as of 2026-12-07, fifteenth session (BENCHMARKS.md 21): `gen32-b2` at 128K in two calls
+# back to back on one warm machine: `PREFILL_CHUNK=4096 CONTEXTS=131072 METHODS=unmodified`
+# with `prefill-check` first (~340 s: the unmodified model's chunked 128K prefill takes 108 s,
+# twice, and a cold compile), then `METHODS=exact,mac:all` (macopt's chunks attend only the
+# keys before them since aa6e31f: untimed; if the call is cut, `METHODS=mac:all` alone next).
+# Chunks of 4096 fit the unmodified model (peak 62.3 GiB), 16384 did not. Also owed:
+# `topk-attn`; `mac-launches`; `topk8k` with a phi file that records the completion switch.
 # A call that carries a GGUF part must leave
 # examples/tiny-lm/model.safetensors out of the tree (64 MiB a call), and no `git commit -a`
 # may run while it is out.
@@ -91,6 +94,9 @@ for stage in "$@"; do
         --json "$OUT/topk_128k_b16.json" | tail -12 | tee "$OUT/topk.log"
       timeout 150 python3 -m examples.research.profile_steps topk-sketch 2>&1 | grep -v -i warn \
         | cut -c1-200 | tail -12 | tee -a "$OUT/profile.log" ;;
+    prefill-check)
+      (cd /tmp && timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
+        "$R/tests/test_gpu_prefill.py" --tb=short -rf 2>&1 | tail -30) | tee "$OUT/prefill_check.log" ;;
     selectors)
       (cd /tmp && timeout 200 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R/tests/test_gpu_selectors.py" --tb=short -rf 2>&1 | tail -90) | tee "$OUT/selectors.log"
