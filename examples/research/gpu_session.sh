@@ -96,7 +96,8 @@ for stage in "$@"; do
         | cut -c1-200 | tail -12 | tee -a "$OUT/profile.log" ;;
     prefill-check)
       (cd /tmp && timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
-        "$R/tests/test_gpu_prefill.py" --tb=short -rf 2>&1 | tail -30) | tee "$OUT/prefill_check.log" ;;
+        "$R/tests/test_gpu_prefill.py" --tb=short -rf 2>&1 | tail -30) \
+        | tee "$OUT/prefill_check.log" ;;
     selectors)
       (cd /tmp && timeout 200 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R/tests/test_gpu_selectors.py" --tb=short -rf 2>&1 | tail -90) | tee "$OUT/selectors.log"
@@ -131,7 +132,7 @@ for stage in "$@"; do
         | cut -c1-150 | tail -16 | tee -a "$OUT/profile.log" ;;
     gen32-b1|gen32-b2)  # CONTEXTS=131072 for one context (a b2 run of both may pass 600 s);
       # PREFILL_CHUNK=4096: every method's prompt prefilled in chunks (128K b2 on 80 GB);
-      # METHODS=unmodified (then exact, then mac:all: one a call at 128K b2) for the bar rows
+      # METHODS=unmodified, then exact,mac:all in the next call: the 128K b2 bar rows
       C=${CONTEXTS:-8192,131072}  # (no comma in file names: the device tool drops them)
       M=${METHODS:-unmodified,exact,mac:all,mac:1}
       cli bench generate --layers 32 --contexts "$C" --batches "${stage#gen32-b}" --methods "$M" \
