@@ -2,10 +2,10 @@
 
 The graph passes bake an integer site id into every rewritten graph (one per attention
 module, see :mod:`macopt.passes.scope`, which names each site here and releases its state);
-the ops look their state up here. Site ids are never
-reused, and a module's state is released when the module is garbage collected, so a new model
-never starts from a dead one's state. A site's state is allocated once, at its first use (a
-warm-up step, outside any CUDA-graph capture), and never moves afterwards, so graphs captured
+the ops look their state up here. Site ids are never reused, and a module's state is released
+when the module is garbage collected, so a new model never starts from a dead one's state. A
+site's state is allocated once, at its first use (a warm-up step, outside any CUDA-graph
+capture and outside the graphs' memory pool), and never moves afterwards, so graphs captured
 later keep valid addresses. Allocating while a CUDA graph is being captured is refused with
 an error instead, and so is reallocating a state that a captured graph reads (another spec: a
 new prompt length into a dynamic cache, another batch capacity). Each site also holds
@@ -20,6 +20,7 @@ True
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,9 +72,40 @@ def site_state(
             f"{spec}). Replaying that graph would read freed memory. Keep the state's shape "
             "fixed across sequences: a static cache (its length, not the prompt's, sizes the "
             "Top-K + phi state) and one batch capacity; or optimize and compile a fresh model.")
-    buffers, counters = allocate()
+    buffers, counters = _outside_graph_pools(allocate)
     _STATES[site_id] = SiteState(method, spec, buffers, counters)
     return _STATES[site_id]
+
+
+def _outside_graph_pools(allocate: Callable[[], tuple[Any, Tensor]]) -> tuple[Any, Tensor]:
+    """``allocate()`` with its CUDA memory from the caching allocator's ordinary pool.
+
+    A CUDA-graph tree's warm-up (``torch.compile(mode="reduce-overhead")``, and generate()'s
+    own compile, whose chunked prefill runs the compiled forward) routes every allocation of
+    its thread into the graphs' private pool. A state first allocated there outlives the
+    warm-up untracked, and the tree's next recording stops with "Detected N tensor(s) in the
+    cudagraph pool not tracked as outputs" (BENCHMARKS.md 22). Another thread allocates from
+    the ordinary pool; it waits for its own kernels (the zero fills) before handing over.
+    """
+    if not torch.cuda.is_initialized():
+        return allocate()
+    result: list = []
+
+    def run() -> None:
+        try:
+            buffers, counters = allocate()
+            for device in {t.device for t in (counters, *_tensors(buffers)) if t.is_cuda}:
+                torch.cuda.synchronize(device)
+            result.append((buffers, counters))
+        except BaseException as error:  # re-raised on the caller's thread
+            result.append(error)
+
+    worker = threading.Thread(target=run, name="macopt-state-allocation")
+    worker.start()
+    worker.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def get(site_id: int) -> SiteState | None:

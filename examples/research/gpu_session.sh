@@ -20,6 +20,8 @@
 #              hit-rate-0, so a cut run keeps the bar rows); run as `essentials topk`  (~7 min)
 #   prefill-check  the routed prefill's chunk attention on the GPU (flash, lower-right causal;
 #              tests/test_gpu_prefill.py)                                             (~1 min)
+#   pool-check  MAC and Top-K + phi through generate()'s compile with a chunked prefill: their
+#              state kept out of the CUDA-graph pool (tests/test_gpu_mac.py)          (~1 min)
 #   selectors  the selectors' GPU tests (exact selector with its radix threshold, sketch), the
 #              README quick start for Top-K + phi                                     (~1 min)
 #   topk-sweep the Top-K-alone step's launches rewritten in session 12 against those before,
@@ -98,6 +100,10 @@ for stage in "$@"; do
       (cd /tmp && timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R/tests/test_gpu_prefill.py" --tb=short -rf 2>&1 | tail -30) \
         | tee "$OUT/prefill_check.log" ;;
+    pool-check)  # stateful methods through generate()'s compile with a chunked prefill
+      (cd /tmp && timeout 150 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
+        "$R/tests/test_gpu_mac.py" -k "chunked_prefill or cuda_graphs" --tb=short -rf 2>&1 \
+        | tail -30) | tee "$OUT/pool_check.log" ;;
     selectors)
       (cd /tmp && timeout 200 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R/tests/test_gpu_selectors.py" --tb=short -rf 2>&1 | tail -90) | tee "$OUT/selectors.log"
