@@ -101,9 +101,9 @@ for stage in "$@"; do
         "$R/tests/test_gpu_prefill.py" --tb=short -rf 2>&1 | tail -30) \
         | tee "$OUT/prefill_check.log" ;;
     pool-check)  # stateful methods through generate()'s compile with a chunked prefill
-      (cd /tmp && timeout 150 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
-        "$R/tests/test_gpu_mac.py" -k "chunked_prefill or cuda_graphs" --tb=short -rf 2>&1 \
-        | tail -30) | tee "$OUT/pool_check.log" ;;
+      (cd /tmp && timeout 150 python3 -m pytest -p no:cacheprovider -p no:logging -o addopts="" \
+        -q "$R/tests/test_gpu_mac.py" -k "${POOL_TESTS:-chunked_prefill or cuda_graphs}" \
+        --tb=short -rf 2>&1 | grep -v "DEBUG\|Warning\|warn" | tail -80) | tee "$OUT/pool_check.log" ;;
     selectors)
       (cd /tmp && timeout 200 python3 -m pytest -p no:cacheprovider -o addopts="" -q \
         "$R/tests/test_gpu_selectors.py" --tb=short -rf 2>&1 | tail -90) | tee "$OUT/selectors.log"
