@@ -41,6 +41,9 @@ class MACHitRateWarning(UserWarning):
 
 # site id -> [decode steps since its prefill, (hits, queries) at the prefill on the device]
 _WATCH: dict[int, list] = {}
+# site id -> the device buffer those (hits, queries) are copied into: allocated once, outside
+# any CUDA-graph pool (a copy made in a graph tree's warm-up would stay alive in its pool)
+_BASELINES: dict[int, torch.Tensor] = {}
 _WARNED: set[int] = set()
 # site id -> (hit rate, measured output error or None) of each site checked over the hit limit
 CHECKS: dict[int, tuple[float, float | None]] = {}
@@ -48,8 +51,14 @@ CHECKS: dict[int, tuple[float, float | None]] = {}
 
 def on_prefill(site_id: int, counters: torch.Tensor) -> None:
     """A new sequence starts at ``site_id``: remember its counters (no host sync)."""
-    if site_id not in _WARNED:
-        _WATCH[site_id] = [0, counters[_ROWS].sum(dim=1).clone()]
+    if site_id in _WARNED:
+        return
+    baseline = _BASELINES.get(site_id)
+    if baseline is None or baseline.device != counters.device:
+        baseline = state.outside_graph_pools(lambda: counters.new_zeros(len(_ROWS)))
+        _BASELINES[site_id] = baseline
+    baseline.copy_(counters[_ROWS].sum(dim=1))
+    _WATCH[site_id] = [0, baseline]
 
 
 def on_decode(site_id: int, counters: torch.Tensor, config_hint: str = "",

@@ -72,20 +72,21 @@ def site_state(
             f"{spec}). Replaying that graph would read freed memory. Keep the state's shape "
             "fixed across sequences: a static cache (its length, not the prompt's, sizes the "
             "Top-K + phi state) and one batch capacity; or optimize and compile a fresh model.")
-    buffers, counters = _outside_graph_pools(allocate)
+    buffers, counters = outside_graph_pools(allocate)
     _STATES[site_id] = SiteState(method, spec, buffers, counters)
     return _STATES[site_id]
 
 
-def _outside_graph_pools(allocate: Callable[[], tuple[Any, Tensor]]) -> tuple[Any, Tensor]:
-    """``allocate()`` with its CUDA memory from the caching allocator's ordinary pool.
+def outside_graph_pools(allocate: Callable[[], Any]) -> Any:
+    """``allocate()`` (tensors, or what holds them) with its CUDA memory from the caching
+    allocator's ordinary pool: for what outlives the call that allocates it.
 
     A CUDA-graph tree's warm-up (``torch.compile(mode="reduce-overhead")``, and generate()'s
     own compile, whose chunked prefill runs the compiled forward) routes every allocation of
-    its thread into the graphs' private pool. A state first allocated there outlives the
-    warm-up untracked, and the tree's next recording stops with "Detected N tensor(s) in the
-    cudagraph pool not tracked as outputs" (BENCHMARKS.md 22). Another thread allocates from
-    the ordinary pool; it waits for its own kernels (the zero fills) before handing over.
+    its thread into the graphs' private pool. A tensor first allocated there and kept alive
+    stops the tree's next recording: "Detected N tensor(s) in the cudagraph pool not tracked
+    as outputs" (BENCHMARKS.md 22). Another thread allocates from the ordinary pool; it waits
+    for its own kernels (the zero fills) before handing over.
     """
     if not torch.cuda.is_initialized():
         return allocate()
@@ -93,10 +94,10 @@ def _outside_graph_pools(allocate: Callable[[], tuple[Any, Tensor]]) -> tuple[An
 
     def run() -> None:
         try:
-            buffers, counters = allocate()
-            for device in {t.device for t in (counters, *_tensors(buffers)) if t.is_cuda}:
+            allocated = allocate()
+            for device in {t.device for t in _tensors(allocated) if t.is_cuda}:
                 torch.cuda.synchronize(device)
-            result.append((buffers, counters))
+            result.append(allocated)
         except BaseException as error:  # re-raised on the caller's thread
             result.append(error)
 
