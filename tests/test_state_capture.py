@@ -3,6 +3,8 @@ memory. Capture is simulated (CPU CI has no CUDA graphs) by patching ``state.cap
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -54,3 +56,26 @@ def test_topk_phi_state_of_a_captured_site_refuses_another_prompt_length(monkeyp
     assert buffers(64) is first  # the same prompt length reuses the state
     with pytest.raises(RuntimeError, match="static cache"):
         buffers(80)
+
+
+def test_with_cuda_in_use_a_state_is_allocated_on_a_thread_of_its_own(monkeypatch):
+    # A CUDA-graph tree's warm-up routes its thread's allocations into the graphs' pool, where
+    # a state would stay alive untracked (BENCHMARKS.md 22; tests/test_gpu_mac.py checks it on
+    # a GPU). Here: the allocation leaves the caller's thread and its errors come back.
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(state, "capturing", lambda: False)
+    caller, threads = threading.get_ident(), []
+
+    def allocate():
+        threads.append(threading.get_ident())
+        return _allocate()
+
+    site = state.site_state(SITE, "demo", ("a",), allocate)
+    assert threads and threads[0] != caller
+    assert torch.equal(site.counters, torch.zeros(2, dtype=torch.int64))
+
+    def refuse():
+        raise ValueError("no memory for this demo")
+
+    with pytest.raises(ValueError, match="no memory for this demo"):
+        state.site_state(SITE, "demo", ("b",), refuse)
