@@ -41,12 +41,12 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-07, fifteenth session (BENCHMARKS.md 21): `gen32-b2` at 128K in two calls
-# back to back on one warm machine: `PREFILL_CHUNK=4096 CONTEXTS=131072 METHODS=unmodified`
-# with `prefill-check` first (~340 s: the unmodified model's chunked 128K prefill takes 108 s,
-# twice, and a cold compile), then `METHODS=exact,mac:all` (macopt's chunks attend only the
-# keys before them since aa6e31f: untimed; if the call is cut, `METHODS=mac:all` alone next).
-# Chunks of 4096 fit the unmodified model (peak 62.3 GiB), 16384 did not. Also owed:
+# Owed as of 2026-12-07, sixteenth session (BENCHMARKS.md 22): MAC all-hit at 128K, batch 2,
+# in one call: `pool-check`, then `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+# PREFILL_CHUNK=4096 CONTEXTS=131072 METHODS=mac:all` `gen32-b2` (~400 s: two chunked 128K
+# prefills of ~107 s and a cold compile); on another machine than 22's, `METHODS=exact` in the
+# next call back to back (ratios from one machine only). Chunks of 4096 fit (peak 62.3 GiB),
+# 16384 did not. Also owed:
 # `topk-attn`; `mac-launches`; `topk8k` with a phi file that records the completion switch.
 # A call that carries a GGUF part must leave
 # examples/tiny-lm/model.safetensors out of the tree (64 MiB a call), and no `git commit -a`
