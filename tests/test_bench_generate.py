@@ -74,3 +74,43 @@ def test_prefill_chunk_reaches_generate_as_transformers_prefill_chunk_size(monke
     bench.timed_generate(Model(), ids, 3)
     assert seen[0]["prefill_chunk_size"] == 16384
     assert "prefill_chunk_size" not in seen[1]
+
+
+def test_a_short_warmup_prompt_gets_the_timed_calls_static_cache_and_token_count(monkeypatch):
+    # --warmup-chunks: the untimed call's prompt is the first chunks only, but its static cache
+    # must be the timed call's (same compiled graphs, same CUDA graphs) and it must decode the
+    # same number of tokens. Real transformers generate() on a tiny model, minus CUDA events.
+    from model_zoo import VOCAB, ZOO
+    from transformers.cache_utils import Cache
+
+    from macopt.bench import generate as bench
+
+    class Event:
+        def __init__(self, **_):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    model = ZOO["llama"].build()
+    sizes = []
+
+    def cache_size(module, args, kwargs):
+        caches = [v for v in kwargs.values() if isinstance(v, Cache)]
+        size = getattr(caches[0], "get_max_length", None) or caches[0].get_max_cache_shape
+        sizes.append(size())  # the name differs across transformers versions
+
+    model.register_forward_pre_hook(cache_size, with_kwargs=True)
+    ids = torch.randint(2, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    new_tokens = 5
+    warm = bench.timed_generate(model, ids[:, :16], new_tokens, prefill_chunk=8,
+                                cache_tokens=40 + new_tokens)
+    warm_sizes, sizes[:] = set(sizes), []
+    timed = bench.timed_generate(model, ids, new_tokens, prefill_chunk=8)
+    assert warm["tokens"].shape == timed["tokens"].shape == (2, new_tokens)
+    assert warm_sizes == set(sizes) and len(warm_sizes) == 1

@@ -42,10 +42,10 @@
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
 # Owed as of 2026-12-07, sixteenth session (BENCHMARKS.md 22): MAC all-hit at 128K, batch 2,
-# in one call: `pool-check`, then `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-# PREFILL_CHUNK=4096 CONTEXTS=131072 METHODS=mac:all` `gen32-b2` (~400 s: two chunked 128K
-# prefills of ~107 s and a cold compile); on another machine than 22's, `METHODS=exact` in the
-# next call back to back (ratios from one machine only). Chunks of 4096 fit (peak 62.3 GiB),
+# with exact beside it, in one call: `pool-check`, then `PYTORCH_CUDA_ALLOC_CONF=
+# expandable_segments:True PREFILL_CHUNK=4096 WARMUP_CHUNKS=2 CONTEXTS=131072
+# METHODS=exact,mac:all` `gen32-b2` (~220 s a method: the untimed call prefills 2 chunks, the
+# timed one the whole 128K, ~107 s, and a cold compile). Chunks of 4096 fit (peak 62.3 GiB),
 # 16384 did not. Also owed:
 # `topk-attn`; `mac-launches`; `topk8k` with a phi file that records the completion switch.
 # A call that carries a GGUF part must leave
@@ -143,6 +143,7 @@ for stage in "$@"; do
       M=${METHODS:-unmodified,exact,mac:all,mac:1}
       cli bench generate --layers 32 --contexts "$C" --batches "${stage#gen32-b}" --methods "$M" \
         --new-tokens 32 ${PREFILL_CHUNK:+--prefill-chunk $PREFILL_CHUNK} \
+        ${WARMUP_CHUNKS:+--warmup-chunks $WARMUP_CHUNKS} \
         --json "$OUT/$stage-${C//,/_}-${M//[,:]/_}.json" \
         | tee "$OUT/$stage-${C//,/_}-${M//[,:]/_}.log" \
         | grep --line-buffered -v '^ *File\|^    ' | tail -20 ;;  # the log keeps tracebacks
