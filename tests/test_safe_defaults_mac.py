@@ -193,3 +193,37 @@ def test_head_dim_256_normalised_queries_get_their_own_radius():
         generate(model, 3, compiled=False)
         norms = _ring_query_norms(model)
         assert norms and all(n == pytest.approx(math.sqrt(dim), rel=1e-3) for n in norms)
+
+
+def test_guard_snapshot_reuses_one_buffer_and_indexes_nothing_from_the_host():
+    # Under generate()'s compile a chunked prefill runs in CUDA-graph trees: a snapshot
+    # allocated there would stay alive in their pool, and a list index copies from the host,
+    # which capture refuses (BENCHMARKS.md 22). CPU proxy: the second prefill's snapshot
+    # lands in the first one's buffer, through no index op.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from macopt.kernels.mac_counters import COUNTER_ROWS
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    site = 987_655  # a site id no model in this process uses
+    counters = torch.arange(COUNTER_ROWS * 3, dtype=torch.int64).view(COUNTER_ROWS, 3)
+    mac_guard.on_prefill(site, counters)
+    first = mac_guard._WATCH[site][1]
+    counters += 1
+    with Ops() as ops:
+        mac_guard.on_prefill(site, counters)
+    try:
+        assert mac_guard._WATCH[site][1] is first
+        assert first.tolist() == [int(counters[r].sum()) for r in mac_guard._ROWS]
+        assert not [n for n in ops.names if "index" in n or "lift_fresh" in n], ops.names
+    finally:
+        mac_guard._WATCH.pop(site, None)
+        mac_guard._BASELINES.pop(site, None)
