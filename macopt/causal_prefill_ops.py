@@ -37,6 +37,12 @@ from torch.nn.attention.bias import causal_lower_right
 
 Tensor = torch.Tensor
 
+# Inductor keeps an op with this tag out of its CUDA graphs (it partitions the graph around
+# it): the offset's host sync then runs between graphs instead of breaking a capture, where
+# generate()'s own compile runs prefill chunks (None: a torch without the tag).
+CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+_TAGS = () if CUDAGRAPH_UNSAFE is None else (CUDAGRAPH_UNSAFE,)
+
 _CHECK_ELEMENTS = 1 << 26  # mask entries compared per block: 128 MB of scratch, 17 blocks at 32K
 
 
@@ -46,7 +52,7 @@ def _check_mask(mask: Tensor) -> None:
                          f"{tuple(mask.shape)}")
 
 
-@torch.library.custom_op("macopt::causal_offset", mutates_args=())
+@torch.library.custom_op("macopt::causal_offset", mutates_args=(), tags=_TAGS)
 def causal_offset(mask: Tensor) -> Tensor:
     """A CPU int64 scalar: ``P`` if ``mask[b, 0, i, j] == (j <= P + i)`` for every entry, with
     ``P + C <= N`` (``P`` = 0: SDPA's ``is_causal``, aligned top-left), else -1. ``P`` is read
@@ -103,7 +109,7 @@ def _output_like(q: Tensor, v: Tensor, layout: list[int]) -> Tensor:
     return stored.permute([layout.index(d) for d in range(4)])
 
 
-@torch.library.custom_op("macopt::causal_prefill_attention", mutates_args=())
+@torch.library.custom_op("macopt::causal_prefill_attention", mutates_args=(), tags=_TAGS)
 def causal_prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, offset: Tensor,
                              scale: float | None, layout: list[int]) -> Tensor:
     """``SDPA(q, k, v, attn_mask=mask, scale)`` for ``q[B,Hq,C,D]`` and un-repeated

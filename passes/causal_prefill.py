@@ -1,4 +1,5 @@
-"""``macopt_eager`` only: prefill attention takes SDPA's causal path when its mask is causal.
+"""Prefill attention takes SDPA's causal path when its mask is causal (``macopt_eager``; opt-in
+under Inductor).
 
 Dynamo traces transformers' mask construction with the static cache's write counter as a
 tensor, so where eager passes ``is_causal=True`` (an empty cache, no padding) the traced graph
@@ -21,12 +22,19 @@ under the mask; here only the keys before it and its own), left padding.
 Every prefill site of the graph qualifies, tagged or not: it is a property of the route (run
 the traced forward as eager would), so the traced control without any tag (``macopt bench
 e2e``'s ``unmodified-traced``) runs the same attention as the routed methods. The decision per
-site comes back as a :class:`CausalPrefill`; Inductor compiles never run this pass (its
-host-side branch would break CUDA-graph capture).
+site comes back as a :class:`CausalPrefill`.
+
+Under Inductor (generate()'s own compile runs every prefill chunk through it, BENCHMARKS.md
+22) the pass runs only with ``MACOPT_COMPILED_CAUSAL_PREFILL=1``, only at the sites of
+optimized modules, and only where torch has the ``cudagraph_unsafe`` tag: both ops carry it,
+so Inductor runs them between its CUDA graphs and their host-side branch breaks no capture.
+Opt-in until that is checked on a GPU (``tests/test_gpu_prefill.py``).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Container
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +64,19 @@ class CausalPrefill:
         return REWRITTEN if self.reason is None else f"kept as traced: {self.reason}"
 
 
-def rewrite_causal_prefill(graph: Graph) -> list[CausalPrefill]:
-    """Rewrite every eligible prefill site of ``graph`` (a graph the ``macopt_eager`` backend
-    runs without Inductor); one :class:`CausalPrefill` per prefill site."""
+def under_inductor() -> bool:
+    """Whether Inductor graphs get this pass too (see the module's docstring)."""
+    return (os.environ.get("MACOPT_COMPILED_CAUSAL_PREFILL") == "1"
+            and causal_prefill_ops.CUDAGRAPH_UNSAFE is not None)
+
+
+def rewrite_causal_prefill(graph: Graph, only: Container[Node] | None = None
+                           ) -> list[CausalPrefill]:
+    """Rewrite every eligible prefill site of ``graph`` (``only``: the sites whose attention
+    node is in it, None: all); one :class:`CausalPrefill` per prefill site considered."""
     outcomes = []
     for site in find_attention_sites(graph):
-        if is_decode(site):
+        if is_decode(site) or (only is not None and site.node not in only):
             continue
         mask, reason = causal_skip_reason(site)
         if reason is None:

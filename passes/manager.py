@@ -20,7 +20,7 @@ from torch.fx import Graph
 from macopt.config import MethodConfig
 from macopt.passes import scope
 from macopt.passes._compat import CustomGraphPass, get_hash_for_files
-from macopt.passes.causal_prefill import rewrite_causal_prefill
+from macopt.passes.causal_prefill import rewrite_causal_prefill, under_inductor
 from macopt.passes.decode_rewrite import decode_skip_reason, is_decode, rewrite_decode_site
 from macopt.passes.eager_sites import find_eager_attention_sites
 from macopt.passes.mask_holes import NOTE as MASK_HOLES_NOTE
@@ -72,6 +72,8 @@ def run_passes(graph: Graph, default_config: MethodConfig | None = None,
     ``eager_route`` (the ``macopt_eager`` backend, no Inductor after it): prefill attention
     also takes SDPA's causal path where its mask is causal at run time
     (:mod:`.causal_prefill`), at every prefill site; in-scope sites' reports say what it did.
+    Under Inductor the same, opt-in, at in-scope sites only
+    (:func:`.causal_prefill.under_inductor`).
     """
     reports, seen_ids, fresh_untagged, by_node = [], set(), set(), {}
     for site in find_attention_sites(graph) + find_eager_attention_sites(graph):
@@ -99,8 +101,8 @@ def run_passes(graph: Graph, default_config: MethodConfig | None = None,
     if any(r.rewritten for _, r in reports):
         graph.eliminate_dead_code()
         graph.lint()
-    if eager_route:
-        for outcome in rewrite_causal_prefill(graph):
+    if eager_route or under_inductor():  # Inductor: the optimized modules' sites only
+        for outcome in rewrite_causal_prefill(graph, None if eager_route else set(by_node)):
             index = by_node.get(outcome.site.node)
             if index is not None:
                 module_id, report = reports[index]

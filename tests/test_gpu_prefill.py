@@ -1,11 +1,16 @@
 """The routed prefill's attention on a real GPU: a chunk continuing a sequence attends the keys
-before it and its own through SDPA's flash kernel (skipped on machines without CUDA)."""
+before it and its own through SDPA's flash kernel; opted in, the same under generate()'s own
+compile, between its CUDA graphs (skipped on machines without CUDA)."""
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from model_zoo import VOCAB, ZOO
 
-import macopt  # noqa: F401  (registers torch.ops.macopt)
+import macopt
+from macopt import causal_prefill_ops
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,3 +40,29 @@ def test_a_causal_chunk_runs_flash_and_equals_sdpa_with_its_mask(offset):
     repeated = [t.float().repeat_interleave(q_heads // kv_heads, dim=1) for t in (k, v)]
     want = F.scaled_dot_product_attention(q.float(), *repeated, attn_mask=mask)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", [macopt.ExactConfig(), macopt.MACConfig(ring_size=16)],
+                         ids=["exact", "mac"])
+def test_opted_in_generate_with_chunks_equals_the_traced_chunks(monkeypatch, config):
+    """``MACOPT_COMPILED_CAUSAL_PREFILL=1``: generate()'s compiled prefill chunks take the causal
+    ops, which Inductor runs between its CUDA graphs (their host sync would break a capture);
+    the logits equal those of the chunks as traced (the whole cache under the mask)."""
+    if causal_prefill_ops.CUDAGRAPH_UNSAFE is None:
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    reference = ZOO["llama"].build().cuda()
+    reference.set_attn_implementation("sdpa")
+    prompt = torch.randint(2, VOCAB, (2, 96), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def logits(opt_in):
+        monkeypatch.setenv("MACOPT_COMPILED_CAUSAL_PREFILL", "1" if opt_in else "0")
+        torch._dynamo.reset()
+        model = macopt.optimize(copy.deepcopy(reference), config)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=8, cache_implementation="static",
+                             prefill_chunk_size=32, output_logits=True,
+                             return_dict_in_generate=True)
+        return torch.stack(out.logits, dim=1)
+
+    torch.testing.assert_close(logits(True), logits(False), atol=1e-3, rtol=1e-3)

@@ -42,11 +42,12 @@
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
 # Owed as of 2026-12-07, sixteenth session (BENCHMARKS.md 22): MAC all-hit at 128K, batch 2,
-# with exact beside it, in one call: `pool-check`, then `PYTORCH_CUDA_ALLOC_CONF=
-# expandable_segments:True PREFILL_CHUNK=4096 WARMUP_CHUNKS=2 CONTEXTS=131072
-# METHODS=exact,mac:all` `gen32-b2` (~220 s a method: the untimed call prefills 2 chunks, the
-# timed one the whole 128K, ~107 s, and a cold compile). Chunks of 4096 fit (peak 62.3 GiB),
-# 16384 did not. Also owed:
+# with exact beside it, in one call: `prefill-check pool-check`, then (opted in to the compiled
+# causal prefill only if prefill-check passed: `MACOPT_COMPILED_CAUSAL_PREFILL=1`)
+# `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PREFILL_CHUNK=4096 WARMUP_CHUNKS=2
+# CONTEXTS=131072 METHODS=exact,mac:all` `gen32-b2` (~220 s a method without the opt-in: the
+# untimed call prefills 2 chunks, the timed one the whole 128K, ~107 s, and a cold compile).
+# Chunks of 4096 fit (peak 62.3 GiB), 16384 did not. Also owed:
 # `topk-attn`; `mac-launches`; `topk8k` with a phi file that records the completion switch.
 # A call that carries a GGUF part must leave
 # examples/tiny-lm/model.safetensors out of the tree (64 MiB a call), and no `git commit -a`

@@ -57,6 +57,7 @@ from macopt.bench.e2e import (
     decode_sites_rewritten,
     parse_method,
 )
+from macopt.passes.causal_prefill import under_inductor
 
 DEFAULT_METHODS = ("unmodified", "exact", "mac:all", "mac:1")
 
@@ -288,6 +289,7 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
 
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "transformers": transformers.__version__,
+            "compiled_causal_prefill": under_inductor(),
             "args": {k: v for k, v in vars(args).items() if k != "func"}}
 
 
