@@ -56,3 +56,29 @@ def graphs_run(monkeypatch) -> list:
 
     monkeypatch.setattr(api, "make_boxed_func", spy)
     return seen
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list[str]:
+    """The kind of every SDPA call ``causal_prefill_attention`` makes from now on: "is_causal",
+    "lower_right" (a causal bias aligned bottom-right) or "mask". The spy replaces the op
+    module's reference to ``torch.nn.functional`` only: dynamo, tracing transformers, must not
+    see it (it would trace the spy and replay its list mutation)."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import CausalBias
+
+    from macopt import causal_prefill_ops
+
+    calls: list[str] = []
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        bias = kwargs.get("attn_mask")
+        calls.append("is_causal" if kwargs.get("is_causal") else
+                     "lower_right" if isinstance(bias, CausalBias) else "mask")
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+    monkeypatch.setattr(causal_prefill_ops, "F",
+                        SimpleNamespace(scaled_dot_product_attention=spy))
+    return calls

@@ -16,7 +16,6 @@ import copy
 import pytest
 import torch
 from model_zoo import VOCAB, ZOO
-from test_eager_route_prefill import sdpa_calls  # noqa: F401  (a fixture)
 
 import macopt
 from macopt import causal_prefill_ops
@@ -64,7 +63,7 @@ def test_the_ops_carry_the_tag_that_keeps_them_out_of_cuda_graphs():
 @pytest.mark.parametrize("config", [macopt.ExactConfig(), macopt.MACConfig(ring_size=16)],
                          ids=["exact", "mac"])
 def test_opted_in_a_compiled_chunk_attends_its_causal_keys_with_the_same_logits(
-        monkeypatch, sdpa_calls, config):  # noqa: F811
+        monkeypatch, sdpa_calls, config):
     reference = _reference()
     ids = _ids()
     want = _chunks_through_compiled(reference, ids)
@@ -79,7 +78,7 @@ def test_opted_in_a_compiled_chunk_attends_its_causal_keys_with_the_same_logits(
 
 
 def test_without_the_opt_in_compiled_prefill_sites_stay_as_traced(monkeypatch,
-                                                                  sdpa_calls):  # noqa: F811
+                                                                  sdpa_calls):
     monkeypatch.delenv("MACOPT_COMPILED_CAUSAL_PREFILL", raising=False)
     model = macopt.optimize(_reference(), macopt.ExactConfig())
     _chunks_through_compiled(model, _ids())

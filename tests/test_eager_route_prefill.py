@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from model_zoo import VOCAB, ZOO
-from torch.nn.attention.bias import CausalBias
 
 import macopt
 from macopt import causal_prefill_ops
@@ -134,24 +132,6 @@ def test_attention_passes_opcheck(name):
 
 # ---------------------------------------------------------------------------------------------
 # Routed prefills of whole models
-
-
-@pytest.fixture
-def sdpa_calls(monkeypatch) -> list[str]:
-    """The kind of every SDPA call ``causal_prefill_attention`` makes from now on: "is_causal",
-    "lower_right" (a causal bias aligned bottom-right) or "mask". The spy replaces the op
-    module's reference to ``torch.nn.functional`` only: dynamo, tracing transformers, must not
-    see it (it would trace the spy and replay its list mutation)."""
-    calls: list[str] = []
-
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        bias = kwargs.get("attn_mask")
-        calls.append("is_causal" if kwargs.get("is_causal") else
-                     "lower_right" if isinstance(bias, CausalBias) else "mask")
-        return F.scaled_dot_product_attention(*args, **kwargs)
-
-    monkeypatch.setattr(causal_prefill_ops, "F", SimpleNamespace(scaled_dot_product_attention=spy))
-    return calls
 
 
 @pytest.fixture(autouse=True)
