@@ -85,11 +85,14 @@ def outside_graph_pools(allocate: Callable[[], Any]) -> Any:
     own compile, whose chunked prefill runs the compiled forward) routes every allocation of
     its thread into the graphs' private pool. A tensor first allocated there and kept alive
     stops the tree's next recording: "Detected N tensor(s) in the cudagraph pool not tracked
-    as outputs" (BENCHMARKS.md 22). Another thread allocates from the ordinary pool; it waits
-    for its own kernels (the zero fills) before handing over.
+    as outputs" (BENCHMARKS.md 22). Another thread allocates from the ordinary pool, on its own
+    default stream: it starts after the caller's queued work (what ``allocate`` may read) and
+    waits for its own kernels (the zero fills) before handing over. Never under capture
+    (:func:`site_state` refuses that first).
     """
     if not torch.cuda.is_initialized():
         return allocate()
+    torch.cuda.synchronize()
     result: list = []
 
     def run() -> None:

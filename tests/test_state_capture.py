@@ -65,13 +65,16 @@ def test_with_cuda_in_use_a_state_is_allocated_on_a_thread_of_its_own(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(state, "capturing", lambda: False)
     caller, threads = threading.get_ident(), []
+    # The caller's queued work ends first: the allocation may read what it writes.
+    monkeypatch.setattr(torch.cuda, "synchronize",
+                        lambda device=None: threads.append(("sync", threading.get_ident())))
 
     def allocate():
         threads.append(threading.get_ident())
         return _allocate()
 
     site = state.site_state(SITE, "demo", ("a",), allocate)
-    assert threads and threads[0] != caller
+    assert threads[0] == ("sync", caller) and threads[1] != caller
     assert torch.equal(site.counters, torch.zeros(2, dtype=torch.int64))
 
     def refuse():
