@@ -1,8 +1,27 @@
 """`macopt bench generate`'s CPU-checkable parts (the bench itself needs a CUDA GPU)."""
 
+import pytest
 import torch
 
 from macopt.bench.generate import first_divergence, summary
+
+
+@pytest.fixture
+def no_cuda_events(monkeypatch):
+    """The bench's CUDA events and syncs, as no-ops: its generate calls run on the CPU."""
+
+    class Event:
+        def __init__(self, **_):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
 
 
 def _logits(steps: int, batch: int, vocab: int, seed: int) -> torch.Tensor:
@@ -35,7 +54,7 @@ def test_summary_gives_each_method_its_ratio_to_exact_and_unmodified():
     assert "| 1 | 8192 | exact | 2.000 | 1.00x | 2.00x | - |" in rows
 
 
-def test_prefill_chunk_reaches_generate_as_transformers_prefill_chunk_size(monkeypatch):
+def test_prefill_chunk_reaches_generate_as_transformers_prefill_chunk_size(no_cuda_events):
     # The bench's generate call, minus the GPU: the option must reach transformers unchanged
     # (and stay out of the call when 0, the one-shot prefill).
     import argparse
@@ -57,18 +76,6 @@ def test_prefill_chunk_reaches_generate_as_transformers_prefill_chunk_size(monke
                     processor(ids, torch.zeros(1))
             return ids
 
-    class Event:
-        def __init__(self, **_):
-            pass
-
-        def record(self):
-            pass
-
-        def elapsed_time(self, other):
-            return 1.0
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     ids = torch.zeros(1, 4, dtype=torch.long)
     bench.timed_generate(Model(), ids, 3, prefill_chunk=16384)
     bench.timed_generate(Model(), ids, 3)
@@ -76,7 +83,8 @@ def test_prefill_chunk_reaches_generate_as_transformers_prefill_chunk_size(monke
     assert "prefill_chunk_size" not in seen[1]
 
 
-def test_a_short_warmup_prompt_gets_the_timed_calls_static_cache_and_token_count(monkeypatch):
+def test_a_short_warmup_prompt_gets_the_timed_calls_static_cache_and_token_count(
+        no_cuda_events):
     # --warmup-chunks: the untimed call's prompt is the first chunks only, but its static cache
     # must be the timed call's (same compiled graphs, same CUDA graphs) and it must decode the
     # same number of tokens. Real transformers generate() on a tiny model, minus CUDA events.
@@ -85,18 +93,6 @@ def test_a_short_warmup_prompt_gets_the_timed_calls_static_cache_and_token_count
 
     from macopt.bench import generate as bench
 
-    class Event:
-        def __init__(self, **_):
-            pass
-
-        def record(self):
-            pass
-
-        def elapsed_time(self, other):
-            return 1.0
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     model = ZOO["llama"].build()
     sizes = []
 
