@@ -60,8 +60,10 @@ def test_the_ops_carry_the_tag_that_keeps_them_out_of_cuda_graphs():
         assert causal_prefill_ops.CUDAGRAPH_UNSAFE in op.tags
 
 
-@pytest.mark.parametrize("config", [macopt.ExactConfig(), macopt.MACConfig(ring_size=16)],
-                         ids=["exact", "mac"])
+@pytest.mark.parametrize("config", [
+    macopt.ExactConfig(), macopt.MACConfig(ring_size=16), macopt.TopKPhiConfig(),
+    macopt.MACTopKPhiConfig(macopt.MACConfig(ring_size=16), macopt.TopKPhiConfig()),
+], ids=["exact", "mac", "topk_phi", "mac_topk_phi"])
 def test_opted_in_a_compiled_chunk_attends_its_causal_keys_with_the_same_logits(
         monkeypatch, sdpa_calls, config):
     reference = _reference()
