@@ -75,17 +75,6 @@ class StepClock:
         return scores
 
 
-class StopAfter:
-    """A stopping criterion: done once the sequences are ``length`` tokens long."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length,
-                          dtype=torch.bool, device=input_ids.device)
-
-
 def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
                    keep_logits: bool = False, prefill_chunk: int = 0,
                    cache_tokens: int = 0) -> dict:
@@ -96,12 +85,13 @@ def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
     only): size the static cache for that many tokens (``max_length``) and stop after
     ``new_tokens`` all the same, so that a shorter prompt compiles and records the graphs of
     a longer one (0: ``max_new_tokens``, the cache sized for this prompt)."""
-    from transformers import LogitsProcessorList, StoppingCriteriaList
+    from transformers import LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList
 
     chunking = {"prefill_chunk_size": prefill_chunk} if prefill_chunk else {}
     length = {"max_new_tokens": new_tokens} if not cache_tokens else {
         "max_length": cache_tokens,
-        "stopping_criteria": StoppingCriteriaList([StopAfter(ids.shape[1] + new_tokens)])}
+        # replaces generate()'s own MaxLengthCriteria (from max_length): the cache keeps its size
+        "stopping_criteria": StoppingCriteriaList([MaxLengthCriteria(ids.shape[1] + new_tokens)])}
     clock = StepClock()
     start = torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
