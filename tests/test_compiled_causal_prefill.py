@@ -20,6 +20,7 @@ from model_zoo import VOCAB, ZOO
 import macopt
 from macopt import causal_prefill_ops
 from macopt._hf_compat import static_cache
+from macopt.bench.e2e import prefill_sites_causal
 from macopt.passes._compat import dynamo
 
 CACHE_LEN, FIRST, SECOND = 96, 24, 16
@@ -77,6 +78,11 @@ def test_opted_in_a_compiled_chunk_attends_its_causal_keys_with_the_same_logits(
     assert sdpa_calls == ["is_causal"] * layers + ["lower_right"] * layers
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    # what `macopt bench generate` records of it: every layer's site in each prefill graph
+    # (one or two graphs here: dynamo may already treat the chunk length as dynamic)
+    prefill = [r for r in macopt.explain(model) if r.phase == "prefill"]
+    assert len(prefill) in (layers, 2 * layers)
+    assert prefill_sites_causal(model) == len(prefill)
 
 
 def test_without_the_opt_in_compiled_prefill_sites_stay_as_traced(monkeypatch,
@@ -85,3 +91,4 @@ def test_without_the_opt_in_compiled_prefill_sites_stay_as_traced(monkeypatch,
     model = macopt.optimize(_reference(), macopt.ExactConfig())
     _chunks_through_compiled(model, _ids())
     assert sdpa_calls == []
+    assert prefill_sites_causal(model) == 0

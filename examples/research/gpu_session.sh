@@ -21,6 +21,8 @@
 #   prefill-check  the routed prefill's chunk attention on the GPU (flash, lower-right causal),
 #              and opted in under generate()'s compile (tests/test_gpu_prefill.py)   (~2 min)
 #   owed16     issue 16's last rows, one call (see "Owed" below)                  (~10 min)
+#   prefill-optin  the opted-in compiled causal prefill against generate()'s own, 8 layers,
+#              128K, batch 2, chunks of 4096 (prefill_optin{0,1}.json)              (~6 min)
 #   pool-check  MAC and Top-K + phi through generate()'s compile with a chunked prefill: their
 #              state kept out of the CUDA-graph pool (tests/test_gpu_mac.py)          (~1 min)
 #   selectors  the selectors' GPU tests (exact selector with its radix threshold, sketch), the
@@ -181,6 +183,15 @@ for stage in "$@"; do
         PREFILL_CHUNK=4096 WARMUP_CHUNKS=2 CONTEXTS=131072 METHODS=exact,mac:all \
         bash "$0" gen32-b2
       POOL_TESTS=chunked_prefill bash "$0" pool-check ;;
+    prefill-optin)  # the compiled causal prefill's timing: 8 layers, 128K, batch 2, chunks of
+      # 4096, the untimed call as long as the timed one (no recompile); off, then on
+      for opt_in in 0 1; do
+        M=$([ $opt_in = 0 ] && echo unmodified,exact || echo exact,mac:all)
+        MACOPT_COMPILED_CAUSAL_PREFILL=$opt_in PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+          cli bench generate --layers 8 --contexts 131072 --batches 2 --methods $M \
+          --new-tokens 32 --prefill-chunk 4096 --json "$OUT/prefill_optin$opt_in.json" \
+          | tee "$OUT/prefill_optin$opt_in.log" | grep --line-buffered -v '^ *File\|^    ' | tail -8
+      done ;;
     *) echo "unknown stage: $stage"; exit 2 ;;
   esac
   stamp "$stage"

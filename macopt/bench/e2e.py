@@ -442,6 +442,19 @@ def decode_sites_rewritten(model: torch.nn.Module) -> int:
     return sum(1 for r in reports if r.phase == "decode" and r.rewritten)
 
 
+def prefill_sites_causal(model: torch.nn.Module) -> int:
+    """Prefill sites (one per layer and compiled prefill graph) given the causal prefill ops
+    (:mod:`macopt.passes.causal_prefill`; 0 when none ran)."""
+    import macopt
+    from macopt.passes.causal_prefill import REWRITTEN
+
+    try:
+        reports = macopt.explain(model)
+    except ValueError:
+        return 0
+    return sum(1 for r in reports if r.phase == "prefill" and r.prefill_attention == REWRITTEN)
+
+
 # ---------------------------------------------------------------------------------------------
 # Compile health of one (method, batch) group
 

@@ -56,6 +56,7 @@ from macopt.bench.e2e import (
     build_model,
     decode_sites_rewritten,
     parse_method,
+    prefill_sites_causal,
 )
 from macopt.passes.causal_prefill import under_inductor
 
@@ -214,6 +215,7 @@ def _measure(model: torch.nn.Module, method: Any, batch: int, context: int,
         "cudagraph_recordings_in_timed_call": len(recordings) - recorded,
         "cudagraph_skips_total": after["cudagraph_skips"],
         "decode_sites_rewritten": decode_sites_rewritten(model) if stateful else 0,
+        "prefill_sites_causal": prefill_sites_causal(model) if stateful else 0,
         # a method: its untimed call's tokens against the unmodified model's (the calls the
         # divergence compares); the unmodified model: its timed call against its untimed one
         "tokens_equal_unmodified": None if base is None else (
@@ -260,7 +262,8 @@ def _line(r: dict) -> str:
     hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
     return (f"{r['method']:>11} b{r['batch']} {r['context']:>7}: {r['median_ms']:7.3f} ms/token "
             f"(mean {r['mean_ms']:.3f}) prefill {r['prefill_ms'] / 1000:.2f} s hit {hit} "
-            f"sites {r['decode_sites_rewritten']} recompiles {r['recompiles_in_timed_call']} "
+            f"sites {r['decode_sites_rewritten']} causal-prefill {r['prefill_sites_causal']} "
+            f"recompiles {r['recompiles_in_timed_call']} "
             f"cg-rec {r['cudagraph_recordings_in_timed_call']} cg-skips "
             f"{r['cudagraph_skips_total']} equal {r['tokens_equal_unmodified']}"
             + _divergence_text(r.get("first_divergence")))
