@@ -72,7 +72,7 @@ def run_passes(graph: Graph, default_config: MethodConfig | None = None,
     ``eager_route`` (the ``macopt_eager`` backend, no Inductor after it): prefill attention
     also takes SDPA's causal path where its mask is causal at run time
     (:mod:`.causal_prefill`), at every prefill site; in-scope sites' reports say what it did.
-    Under Inductor the same, opt-in, at in-scope sites only
+    Under Inductor the same, at in-scope sites only, unless turned off
     (:func:`.causal_prefill.under_inductor`).
     """
     reports, seen_ids, fresh_untagged, by_node = [], set(), set(), {}

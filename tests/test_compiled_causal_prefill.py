@@ -1,12 +1,12 @@
-"""The causal prefill rewrite under Inductor (opt-in: ``MACOPT_COMPILED_CAUSAL_PREFILL=1``).
+"""The causal prefill rewrite under Inductor (off with ``MACOPT_COMPILED_CAUSAL_PREFILL=0``).
 
 generate()'s own compile runs every prefill chunk through Inductor, where each chunk attends
-the whole static cache under transformers' mask (BENCHMARKS.md 22). With the opt-in, the
-optimized modules' prefill sites in Inductor graphs get the same ops as the ``macopt_eager``
-route (``passes/causal_prefill.py``), tagged so that Inductor keeps them out of its CUDA graphs.
+the whole static cache under transformers' mask (BENCHMARKS.md 22). The optimized modules'
+prefill sites in Inductor graphs get the same ops as the ``macopt_eager`` route
+(``passes/causal_prefill.py``), tagged so that Inductor keeps them out of its CUDA graphs.
 Here on the CPU (no CUDA graphs): the logits stay the unmodified model's, a continuing chunk
-attends its causal keys only, and without the opt-in, or outside an optimized model, nothing
-changes. ``tests/test_gpu_prefill.py`` checks the GPU path.
+attends its causal keys only, and turned off, or outside an optimized model, nothing changes.
+``tests/test_gpu_prefill.py`` checks the GPU path.
 """
 
 from __future__ import annotations
@@ -65,13 +65,13 @@ def test_the_ops_carry_the_tag_that_keeps_them_out_of_cuda_graphs():
     macopt.ExactConfig(), macopt.MACConfig(ring_size=16), macopt.TopKPhiConfig(),
     macopt.MACTopKPhiConfig(macopt.MACConfig(ring_size=16), macopt.TopKPhiConfig()),
 ], ids=["exact", "mac", "topk_phi", "mac_topk_phi"])
-def test_opted_in_a_compiled_chunk_attends_its_causal_keys_with_the_same_logits(
+def test_a_compiled_chunk_attends_its_causal_keys_with_the_same_logits(
         monkeypatch, sdpa_calls, config):
     reference = _reference()
     ids = _ids()
     want = _chunks_through_compiled(reference, ids)
     assert sdpa_calls == []  # the unmodified model: not in scope, its graphs untouched
-    monkeypatch.setenv("MACOPT_COMPILED_CAUSAL_PREFILL", "1")
+    monkeypatch.delenv("MACOPT_COMPILED_CAUSAL_PREFILL", raising=False)  # the default: on
     model = macopt.optimize(copy.deepcopy(reference), config)
     got = _chunks_through_compiled(model, ids)
     layers = reference.config.num_hidden_layers
@@ -85,9 +85,8 @@ def test_opted_in_a_compiled_chunk_attends_its_causal_keys_with_the_same_logits(
     assert prefill_sites_causal(model) == len(prefill)
 
 
-def test_without_the_opt_in_compiled_prefill_sites_stay_as_traced(monkeypatch,
-                                                                  sdpa_calls):
-    monkeypatch.delenv("MACOPT_COMPILED_CAUSAL_PREFILL", raising=False)
+def test_turned_off_compiled_prefill_sites_stay_as_traced(monkeypatch, sdpa_calls):
+    monkeypatch.setenv("MACOPT_COMPILED_CAUSAL_PREFILL", "0")
     model = macopt.optimize(_reference(), macopt.ExactConfig())
     _chunks_through_compiled(model, _ids())
     assert sdpa_calls == []

@@ -1,5 +1,5 @@
 """The routed prefill's attention on a real GPU: a chunk continuing a sequence attends the keys
-before it and its own through SDPA's flash kernel; opted in, the same under generate()'s own
+before it and its own through SDPA's flash kernel; the same under generate()'s own
 compile, between its CUDA graphs (skipped on machines without CUDA)."""
 
 import copy
@@ -11,6 +11,7 @@ from model_zoo import VOCAB, ZOO
 
 import macopt
 from macopt import causal_prefill_ops
+from macopt.bench.e2e import prefill_sites_causal
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,26 +44,32 @@ def test_a_causal_chunk_runs_flash_and_equals_sdpa_with_its_mask(offset):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("config", [macopt.ExactConfig(), macopt.MACConfig(ring_size=16)],
-                         ids=["exact", "mac"])
-def test_opted_in_generate_with_chunks_equals_the_traced_chunks(monkeypatch, config):
-    """``MACOPT_COMPILED_CAUSAL_PREFILL=1``: generate()'s compiled prefill chunks take the causal
-    ops, which Inductor runs between its CUDA graphs (their host sync would break a capture);
-    the logits equal those of the chunks as traced (the whole cache under the mask)."""
+@pytest.mark.parametrize("config", [macopt.ExactConfig(), macopt.MACConfig(ring_size=16),
+                                    macopt.TopKPhiConfig()], ids=["exact", "mac", "topk_phi"])
+def test_generate_with_chunks_equals_the_traced_chunks(monkeypatch, config):
+    """By default generate()'s compiled prefill chunks take the causal ops, which Inductor runs
+    between its CUDA graphs (their host sync would break a capture); the logits equal those of
+    the chunks as traced (``MACOPT_COMPILED_CAUSAL_PREFILL=0``: the whole cache under the
+    mask)."""
     if causal_prefill_ops.CUDAGRAPH_UNSAFE is None:
         pytest.skip("this torch has no cudagraph_unsafe tag")
     reference = ZOO["llama"].build().cuda()
     reference.set_attn_implementation("sdpa")
     prompt = torch.randint(2, VOCAB, (2, 96), generator=torch.Generator().manual_seed(0)).cuda()
 
-    def logits(opt_in):
-        monkeypatch.setenv("MACOPT_COMPILED_CAUSAL_PREFILL", "1" if opt_in else "0")
+    def logits(causal):
+        if causal:
+            monkeypatch.delenv("MACOPT_COMPILED_CAUSAL_PREFILL", raising=False)
+        else:
+            monkeypatch.setenv("MACOPT_COMPILED_CAUSAL_PREFILL", "0")
         torch._dynamo.reset()
         model = macopt.optimize(copy.deepcopy(reference), config)
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                              max_new_tokens=8, cache_implementation="static",
                              prefill_chunk_size=32, output_logits=True,
                              return_dict_in_generate=True)
+        layers = reference.config.num_hidden_layers
+        assert (prefill_sites_causal(model) >= layers) == causal
         return torch.stack(out.logits, dim=1)
 
     torch.testing.assert_close(logits(True), logits(False), atol=1e-3, rtol=1e-3)

@@ -1,8 +1,9 @@
 """Why a timed generate() with a chunked prefill recompiles after a shorter warm-up call
 (BENCHMARKS.md 23): transformers slices each chunk's ``position_ids`` from the whole prompt's,
-so their stride is the prompt length and dynamo guards on it. A new prompt length recompiles
-the chunk graph, for the unmodified model as for macopt's. CPU, tiny Llama, generate()'s own
-compile forced on with ``compile_config._compile_all_devices`` (it compiles on CUDA only).
+so their stride is the prompt length and dynamo guards on it. The second prompt length
+recompiles the chunk graphs (then dynamo makes that stride dynamic: a third length compiles
+nothing), for the unmodified model as for macopt's. CPU, tiny Llama, generate()'s own compile
+forced on with ``compile_config._compile_all_devices`` (it compiles on CUDA only).
 
     TORCH_LOGS=recompiles python examples/research/chunked_prefill_recompiles.py [exact]
 """
@@ -32,7 +33,7 @@ def main() -> None:
     ids = torch.randint(2, VOCAB, (2, LONG), generator=torch.Generator().manual_seed(0))
     # the bench's --warmup-chunks 4: a short prompt into the long call's cache, then the long
     for label, length, size in (("warm-up", 4 * CHUNK, LONG + NEW), ("timed", LONG, 0),
-                                ("timed again", LONG, 0)):
+                                ("timed again", LONG, 0), ("third length", 7 * CHUNK, 0)):
         before = _compile_counts()["graphs"]
         kwargs = {"max_new_tokens": NEW} if not size else {
             "max_length": size,

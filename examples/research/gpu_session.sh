@@ -19,10 +19,9 @@
 #              method, then 8 layers through generate() at batch 1 and 2 (MAC all-hit before
 #              hit-rate-0, so a cut run keeps the bar rows); run as `essentials topk`  (~7 min)
 #   prefill-check  the routed prefill's chunk attention on the GPU (flash, lower-right causal),
-#              and opted in under generate()'s compile (tests/test_gpu_prefill.py)   (~2 min)
-#   owed16     issue 16's last rows, one call (see "Owed" below)                  (~10 min)
-#   prefill-optin  the opted-in compiled causal prefill against generate()'s own, 8 layers,
-#              128K, batch 2, chunks of 4096 (prefill_optin{0,1}.json)              (~6 min)
+#              and under generate()'s compile (tests/test_gpu_prefill.py)           (~2 min)
+#   prefill-optin  the compiled causal prefill off (MACOPT_COMPILED_CAUSAL_PREFILL=0) and on,
+#              8 layers, 128K, batch 2, chunks of 4096 (prefill_optin{0,1}.json)    (~7 min)
 #   pool-check  MAC and Top-K + phi through generate()'s compile with a chunked prefill: their
 #              state kept out of the CUDA-graph pool (tests/test_gpu_mac.py)          (~1 min)
 #   selectors  the selectors' GPU tests (exact selector with its radix threshold, sketch), the
@@ -44,11 +43,10 @@
 #   same-speed one-layer benches of the code before the restructuring (OLD=path of a
 #              checkout of 9e3c110, carried) and of this one, same machine            (~3 min)
 #
-# Owed as of 2026-12-07, sixteenth session (BENCHMARKS.md 22): `owed16`, one call (~10 min at
-# most): prefill-check; exact and MAC all-hit at 128K, batch 2, in chunks of 4096 with the
-# untimed call prefilling 2 chunks (opted in to the compiled causal prefill only if
-# prefill-check passed; without it ~220 s a method); then MAC's and Top-K + phi's chunked
-# generate() on the GPU (pool-check). Chunks of 4096 fit (peak 62.3 GiB), 16384 did not.
+# Owed as of 2026-12-07, seventeenth session (BENCHMARKS.md 23): `prefill-check pool-check`
+# (~3 min) with the compiled causal prefill on by default since 23 (its Top-K + phi case has
+# run on the CPU only). Issue 16's rows are all measured (the 128K batch-2 ones: `gen32-b2`
+# with PREFILL_CHUNK=4096 WARMUP_CHUNKS=2 CONTEXTS=131072, ~230 s a method).
 # Also owed:
 # `topk-attn`; `mac-launches`; `topk8k` with a phi file that records the completion switch.
 # A call that carries a GGUF part must leave
@@ -173,16 +171,6 @@ for stage in "$@"; do
          timeout 60 python3 -m macopt.cli bench topk --contexts 131072 --batches 16 --budgets 2% \
            --selectors page --json "$OUT/same_topk_$side.json" 2>&1 | tail -4)
       done 2>&1 | grep -v -i warn | tee "$OUT/same_speed.log" ;;
-    owed16)  # issue 16's last rows in one call (BENCHMARKS.md 22): exact and MAC all-hit at
-      # 128K, batch 2; the compiled causal prefill opted in only if its GPU tests passed first
-      bash "$0" prefill-check
-      grep -q " passed" "$OUT/prefill_check.log" && ! grep -q "failed\|error" \
-        "$OUT/prefill_check.log" && opt_in=1 || opt_in=0
-      echo "== MACOPT_COMPILED_CAUSAL_PREFILL=$opt_in"
-      MACOPT_COMPILED_CAUSAL_PREFILL=$opt_in PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-        PREFILL_CHUNK=4096 WARMUP_CHUNKS=2 CONTEXTS=131072 METHODS=exact,mac:all \
-        bash "$0" gen32-b2
-      POOL_TESTS=chunked_prefill bash "$0" pool-check ;;
     prefill-optin)  # the compiled causal prefill's timing: 8 layers, 128K, batch 2, chunks of
       # 4096, the untimed call as long as the timed one (no recompile); off, then on
       for opt_in in 0 1; do
