@@ -118,6 +118,17 @@ def site_name(site_id: int) -> str:
         f"attention site {name!r} (site {site_id})")
 
 
+def forget(site_id: int) -> None:
+    """Drop ``site_id``'s watch, baseline buffer and check (its module was released)."""
+    _WATCH.pop(site_id, None)
+    _BASELINES.pop(site_id, None)
+    _WARNED.discard(site_id)
+    CHECKS.pop(site_id, None)
+
+
+state.on_release(forget)
+
+
 def reset() -> None:
     """Forget every watch, check and warning (tests; a re-optimized model warns again)."""
     _WATCH.clear()

@@ -133,10 +133,21 @@ def note_capture(state: SiteState) -> None:
         state.captured = True
 
 
+_RELEASE_HOOKS: list[Callable[[int], None]] = []
+
+
+def on_release(hook: Callable[[int], None]) -> None:
+    """Call ``hook(site_id)`` whenever a site is released: for modules that keep entries of
+    their own per site (:mod:`macopt.mac_guard`)."""
+    _RELEASE_HOOKS.append(hook)
+
+
 def release(site_id: int) -> None:
     """Drop the state of ``site_id`` (its memory is freed once no graph holds it)."""
     _STATES.pop(site_id, None)
     _LABELS.pop(site_id, None)
+    for hook in _RELEASE_HOOKS:
+        hook(site_id)
 
 
 def label(site_id: int, name: str) -> None:

@@ -227,3 +227,19 @@ def test_guard_snapshot_reuses_one_buffer_and_indexes_nothing_from_the_host():
     finally:
         mac_guard._WATCH.pop(site, None)
         mac_guard._BASELINES.pop(site, None)
+
+
+def test_a_released_site_leaves_no_guard_entries():
+    # A garbage-collected module's site is released (macopt.passes.scope): the guard's watch,
+    # baseline buffer and check go with it.
+    from macopt import state
+    from macopt.kernels.mac_counters import COUNTER_ROWS
+
+    site = 987_656  # a site id no model in this process uses
+    mac_guard.on_prefill(site, torch.zeros(COUNTER_ROWS, 2, dtype=torch.int64))
+    mac_guard.CHECKS[site] = (1.0, None)
+    assert site in mac_guard._WATCH and site in mac_guard._BASELINES
+    state.release(site)
+    assert site not in mac_guard._WATCH
+    assert site not in mac_guard._BASELINES
+    assert site not in mac_guard.CHECKS
