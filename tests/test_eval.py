@@ -115,7 +115,7 @@ def test_composed_method_at_tau_one_with_every_key_retrieved_equals_the_unmodifi
     entry, base = result["methods"]["mac_topk_phi:1:1"], result["methods"]["unmodified"]
     ratio = entry["perplexity"]["decode_perplexity"] / base["perplexity"]["decode_perplexity"]
     assert abs(ratio - 1) < 1e-4 and entry["agreement"]["top1"] == 1.0
-    assert entry["sites"] == {"rewritten": 2, "skipped": []}
+    assert entry["sites"] == {"rewritten": 2, "modules": 2, "skipped": []}
     keys = entry["keys"]  # every key, plus each miss's page bounds and summary
     assert keys["hit_rate"] == 0.0 and keys["read_fraction"] > 1.0
     assert set(bar(result)) == {"mac_topk_phi:1:1"}
@@ -169,9 +169,9 @@ def test_decode_sites_rewritten_are_recorded_and_a_method_that_rewrote_none_fail
 
     methods = result["methods"]
     assert methods["unmodified"]["sites"] is None
-    assert methods["mac:1"]["sites"] == {"rewritten": 2, "skipped": []}
+    assert methods["mac:1"]["sites"] == {"rewritten": 2, "modules": 2, "skipped": []}
     patched = {**result, "methods": {**methods, "mac:1": {
-        **methods["mac:1"], "sites": {"rewritten": 0, "skipped": ["a reason"]}}}}
+        **methods["mac:1"], "sites": {"rewritten": 0, "modules": 0, "skipped": ["a reason"]}}}}
     assert report.bar(result)["mac:1"]["decode_sites_rewritten"] == 2
     assert report.bar(patched)["mac:1"]["met"] is False
 

@@ -542,12 +542,16 @@ def _agreement(run: _Runner, prompt: list[int], reference: dict) -> dict:
 def _decode_sites(model: torch.nn.Module) -> dict:
     """How many decode attention sites the passes rewrote, and why others were skipped: a
     method that rewrote none measured the unmodified model (stateless methods run eagerly
-    without the passes; a skipped site says why)."""
+    without the passes; a skipped site says why). ``modules``: how many modules those
+    rewritten sites belong to (one per attention layer, unless a layer had two decode graphs
+    with different reports)."""
     from macopt.passes import scope
 
-    reports = [r for m in model.modules() for r in scope.reports_of(m) if r.phase == "decode"]
-    return {"rewritten": sum(r.decision == "rewritten" for r in reports),
-            "skipped": sorted({r.reason for r in reports if r.decision != "rewritten"})}
+    reports = [(m, r) for m in model.modules() for r in scope.reports_of(m)
+               if r.phase == "decode"]
+    rewritten = [m for m, r in reports if r.decision == "rewritten"]
+    return {"rewritten": len(rewritten), "modules": len({id(m) for m in rewritten}),
+            "skipped": sorted({r.reason for _, r in reports if r.decision != "rewritten"})}
 
 
 def _stats(model: torch.nn.Module) -> list[dict]:
