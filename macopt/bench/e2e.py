@@ -431,28 +431,28 @@ def _state_prefills(model: torch.nn.Module) -> int | None:
     return sum(s.prefills or 0 for s in macopt.stats(model) if s.method == "mac")
 
 
-def decode_sites_rewritten(model: torch.nn.Module) -> int:
-    """Attention sites whose decode graph macopt's passes rewrote (0 when none ran)."""
+def _reports(model: torch.nn.Module) -> list:
+    """``macopt.explain(model)``, empty when no pass ran on this model (unmodified)."""
     import macopt
 
     try:
-        reports = macopt.explain(model)
-    except ValueError:  # no pass ran on this model (unmodified)
-        return 0
-    return sum(1 for r in reports if r.phase == "decode" and r.rewritten)
+        return list(macopt.explain(model))
+    except ValueError:
+        return []
+
+
+def decode_sites_rewritten(model: torch.nn.Module) -> int:
+    """Attention sites whose decode graph macopt's passes rewrote (0 when none ran)."""
+    return sum(1 for r in _reports(model) if r.phase == "decode" and r.rewritten)
 
 
 def prefill_sites_causal(model: torch.nn.Module) -> int:
     """Prefill sites (one per layer and compiled prefill graph) given the causal prefill ops
     (:mod:`macopt.passes.causal_prefill`; 0 when none ran)."""
-    import macopt
     from macopt.passes.causal_prefill import REWRITTEN
 
-    try:
-        reports = macopt.explain(model)
-    except ValueError:
-        return 0
-    return sum(1 for r in reports if r.phase == "prefill" and r.prefill_attention == REWRITTEN)
+    return sum(1 for r in _reports(model)
+               if r.phase == "prefill" and r.prefill_attention == REWRITTEN)
 
 
 # ---------------------------------------------------------------------------------------------
